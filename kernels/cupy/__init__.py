@@ -1,0 +1,4 @@
+"""cupy backends; declared here, imported on first use."""
+from kernels.registry import Backend  # noqa: F401
+
+BACKENDS: list = []

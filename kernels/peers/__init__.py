@@ -1,0 +1,22 @@
+"""Peers: implementations written elsewhere, wrapped to the lab's API so they are measured beside ours and
+cross-check the references. Never chosen by "auto"."""
+from kernels.registry import Backend
+
+BACKENDS = [
+    # transformers' pure-torch Gated DeltaNet (chunked and token-by-token) and eager experts
+    Backend("gated_delta_rule", "transformers", "kernels.peers.linear_attention:transformers_gated_delta_rule",
+            ("cpu", "cuda"), requires=("transformers",), peer=True),
+    Backend("moe", "transformers", "kernels.peers.moe:transformers_moe", ("cpu", "cuda"),
+            requires=("transformers",), peer=True),
+    # flash-linear-attention's Triton kernels (GPU only)
+    Backend("gated_delta_rule", "fla", "kernels.peers.linear_attention:fla_gated_delta_rule", ("cuda",),
+            requires=("fla",), peer=True),
+    Backend("linear_attention", "fla", "kernels.peers.linear_attention:fla_linear_attention", ("cuda",),
+            requires=("fla",), peer=True),
+    # quadratic attention baselines
+    Backend("attention", "sdpa", "kernels.peers.attention:sdpa_attention", ("cpu", "cuda"), peer=True),
+    Backend("attention", "flash_attn", "kernels.peers.attention:flash_attn_attention", ("cuda",),
+            requires=("flash_attn",), peer=True),
+    # torch's grouped GEMM
+    Backend("grouped_gemm", "torch_grouped_mm", "kernels.peers.moe:torch_grouped_mm", ("cpu", "cuda"), peer=True),
+]

@@ -1,0 +1,176 @@
+"""Which implementation of which op runs where.
+
+Each toolchain package (kernels/torch, kernels/triton, ...) declares its backends in a list
+`BACKENDS` of `Backend` records in its `__init__.py`, without importing its heavy dependencies;
+the implementation module is imported the first time the backend is asked for.
+
+A backend implementation takes the op's arguments by keyword, already checked and normalised by
+`kernels.validate` (scale a float, mode "chunk" or "recurrent"), plus any extra keywords it defines.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from kernels import validate
+
+OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute",
+       "grouped_gemm", "moe")
+TOOLCHAINS = ("kernels.torch", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba", "kernels.peers")
+ALL_DTYPES = validate.FLOAT_DTYPES
+
+# "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto".
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch", "cupy", "numba_cuda", "reference"),
+    "cpu": ("torch", "numba", "reference"),
+}
+# Ops where measurement says another order wins on a device: {(op, device type): order}.
+AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run on this machine or on these inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    target:   "package.module:function", imported on first use.
+    places:   where it runs: "cpu", "cuda" (a CUDA GPU is present), "interpret" (CPU tensors under
+              TRITON_INTERPRET=1), "cudasim" (CPU tensors under NUMBA_ENABLE_CUDASIM=1).
+    requires: modules that must be importable.
+    dtypes:   input dtypes it accepts (others are a ValueError naming the backend).
+    peer:     code written elsewhere (fla, transformers, ...), measured beside ours, never "auto".
+    """
+
+    op: str
+    name: str
+    target: str
+    places: tuple[str, ...]
+    requires: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    peer: bool = False
+
+    def devices(self) -> tuple[str, ...]:
+        """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""
+        found = []
+        for place in self.places:
+            if place == "cuda" and _cuda_available():
+                found.append("cuda")
+            elif place == "cpu" or (place == "interpret" and os.environ.get("TRITON_INTERPRET") == "1") or (
+                    place == "cudasim" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"):
+                found.append("cpu")
+        return tuple(dict.fromkeys(found))
+
+    def unavailable_reason(self) -> str | None:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"backend {self.name!r} of {self.op} needs the package(s) {', '.join(missing)}, not installed"
+        if not self.devices():
+            return (f"backend {self.name!r} of {self.op} runs on {' or '.join(self.places)}, none of which is "
+                    f"here (no CUDA GPU; TRITON_INTERPRET / NUMBA_ENABLE_CUDASIM not set)")
+        return None
+
+    @property
+    def impl(self):
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@cache
+def _table() -> dict[str, dict[str, Backend]]:
+    table: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+    for backend in _reference_backends():
+        table[backend.op][backend.name] = backend
+    for package in TOOLCHAINS:
+        for backend in importlib.import_module(package).BACKENDS:
+            if backend.op not in table:
+                raise RuntimeError(f"{package} registers unknown op {backend.op!r}")
+            if backend.name in table[backend.op]:
+                raise RuntimeError(f"{package} registers {backend.op}/{backend.name} twice")
+            table[backend.op][backend.name] = backend
+    return table
+
+
+def _reference_backends():
+    modules = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule",
+               "attention": "attention", "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe",
+               "grouped_gemm": "moe", "moe": "moe"}
+    return [Backend(op, "reference", f"reference.{module}:{op}", ("cpu", "cuda")) for op, module in modules.items()]
+
+
+def _check_op(op):
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+
+
+def registered(op: str) -> dict[str, Backend]:
+    """Every backend of op, whether or not it runs here."""
+    _check_op(op)
+    return dict(_table()[op])
+
+
+def backends(op: str, device: str | torch.device | None = None) -> list[str]:
+    """Names of op's backends that run on this machine (on tensors of `device` when given)."""
+    _check_op(op)
+    kind = None if device is None else torch.device(device).type
+    return [name for name, b in _table()[op].items()
+            if b.unavailable_reason() is None and (kind is None or kind in b.devices())]
+
+
+def auto_backend(op: str, device: str | torch.device) -> str:
+    """The name "auto" resolves to for op on tensors of `device`."""
+    kind = torch.device(device).type
+    runnable = set(backends(op, kind))
+    order = AUTO_ORDER_BY_OP.get((op, kind), AUTO_ORDER.get(kind, ("reference",)))
+    for name in order:
+        if name in runnable:
+            return name
+    raise BackendUnavailable(f"no backend of {op} runs on {kind} tensors here")
+
+
+def _lookup(op: str, name: str) -> Backend:
+    table = _table()[op]
+    if name not in table:
+        raise BackendUnavailable(f"{op} has no backend {name!r}; registered: {', '.join(table)}")
+    reason = table[name].unavailable_reason()
+    if reason:
+        raise BackendUnavailable(reason)
+    return table[name]
+
+
+def get(op: str, name: str = "auto"):
+    """The callable for op's backend `name` (or "auto"), with the op's public signature minus `backend`.
+
+    It checks its inputs (ValueError naming the argument), then runs the implementation."""
+    _check_op(op)
+    fixed = None if name == "auto" else _lookup(op, name)
+    check = getattr(validate, op)
+    api_names = set(inspect.signature(check).parameters)
+
+    def call(*args, **kwargs):
+        api = {key: kwargs.pop(key) for key in list(kwargs) if key in api_names}
+        checked = check(*args, **api)
+        tensor = next(iter(checked.values()))  # every op's first argument is a tensor
+        backend = fixed or _lookup(op, auto_backend(op, tensor.device))
+        if tensor.device.type not in backend.devices():
+            raise BackendUnavailable(f"backend {backend.name!r} of {op} does not run on {tensor.device.type} "
+                                     f"tensors here (runs on: {', '.join(backend.devices()) or 'nothing here'})")
+        if tensor.dtype not in backend.dtypes:
+            raise ValueError(f"backend {backend.name!r} of {op} does not take {tensor.dtype} inputs")
+        return backend.impl(**checked, **kwargs)
+
+    call.__name__ = f"{op}[{name}]"
+    call.__doc__ = f"{op} through backend {name!r}; see kernels.{op}."
+    return call

@@ -1,0 +1,48 @@
+"""Triton backends: CUDA GPUs, or CPU tensors under TRITON_INTERPRET=1.
+
+Each kernel module also lists `AOT_SPECS`: its kernels at production configurations, which
+`profiling.static` compiles ahead of time for sm_90 (no GPU needed) to report registers, spills and
+shared memory.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.registry import Backend
+
+_PLACES = ("cuda", "interpret")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One @triton.jit kernel at one configuration, for triton.compile(ASTSource(...), target=sm_90).
+
+    name:       a label for the table, e.g. "gdr_chunk_h[K=128,V=128,bf16]".
+    kernel:     "package.module:attr" of the @triton.jit function.
+    signature:  argument name -> Triton type ("*bf16", "*fp32", "i32", "fp32", "constexpr").
+    constexprs: values of the constexpr arguments.
+    """
+
+    name: str
+    kernel: str
+    signature: dict
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _backend(op, module):
+    return Backend(op, "triton", f"kernels.triton.{module}:{op}", _PLACES, requires=("triton",), dtypes=_DTYPES)
+
+
+BACKENDS = [
+    _backend("linear_attention", "linear_attention"),
+    _backend("gated_delta_rule", "gated_delta_rule"),
+    _backend("attention", "attention"),
+    _backend("route", "moe"),
+    _backend("moe_permute", "moe"),
+    _backend("moe_unpermute", "moe"),
+    _backend("grouped_gemm", "moe"),
+    _backend("moe", "moe"),
+]

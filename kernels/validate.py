@@ -1,0 +1,242 @@
+"""Input checks shared by every backend.
+
+One function per op, with the op's public signature (API.md) minus `backend`. Each raises ValueError
+naming the offending argument, and otherwise returns the arguments as a dict of keywords, normalised
+(scale resolved to a float, mode resolved to "chunk" or "recurrent"), ready for a backend's
+implementation. Nothing is computed and nothing is written before every check has passed.
+
+Checks on tensor *values* (ids in range, monotone offsets) read the tensor on the host. On a GPU
+that is a synchronisation, so they are skipped while a CUDA graph is being captured and when the
+environment sets KERNELS_TRUST_INPUTS=1 (benchmarks of the launch path set it).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from kernels.types import Permutation
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+# Below this many tokens per sequence, "auto" runs the gated delta rule token by token (decode).
+RECURRENT_MAX_T = 64
+
+
+def _check_values() -> bool:
+    if os.environ.get("KERNELS_TRUST_INPUTS") == "1":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _tensor(name, x, ndim, dtypes=FLOAT_DTYPES):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
+    return x
+
+
+def _shape(name, x, expected, described):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {described} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def _same_device(ref_name, ref, **tensors):
+    for name, x in tensors.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _same_dtype(ref_name, ref, **tensors):
+    for name, x in tensors.items():
+        if x.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _scale(scale, head_dim):
+    if scale is None:
+        return head_dim ** -0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _offsets(name, offsets, total, what):
+    """offsets: int [n + 1] with offsets[0] = 0, offsets[-1] = total, non-decreasing."""
+    _tensor(name, offsets, 1, INDEX_DTYPES)
+    if offsets.shape[0] < 2:
+        raise ValueError(f"{name} must have at least 2 entries, got {offsets.shape[0]}")
+    if _check_values():
+        host = offsets.tolist()
+        if host[0] != 0 or host[-1] != total:
+            raise ValueError(f"{name} must start at 0 and end at {what} = {total}, got {host[0]} .. {host[-1]}")
+        if any(b < a for a, b in zip(host, host[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {host}")
+
+
+def _state(initial_state, expected, described):
+    if initial_state is None:
+        return
+    _tensor("initial_state", initial_state, 4, STATE_DTYPES)
+    _shape("initial_state", initial_state, expected, described)
+
+
+def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, **per_step):
+    """Shared checks of the two linear-attention recurrences; returns the number of sequences N."""
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    B, T, H, K = q.shape
+    _shape("k", k, (B, T, H, K), "[B, T, H, K] of q")
+    _same_dtype("q", q, k=k, v=v)
+    _same_device("q", q, k=k, v=v, initial_state=initial_state, cu_seqlens=cu_seqlens, **per_step)
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"v must have batch and time {(B, T)} of q, got shape {tuple(v.shape)}")
+    Hv, V = v.shape[2], v.shape[3]
+    if Hv % heads_k != 0:
+        raise ValueError(f"v has {Hv} heads, not a multiple of the {heads_k} heads of q and k (Hv % Hk != 0)")
+    for name, x in per_step.items():
+        if x is not None:
+            _tensor(name, x, 3)
+            _shape(name, x, (B, T, Hv), "[B, T, Hv]")
+    if min(B, T, H, K, V) == 0:
+        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along time), got B = {B}")
+        _offsets("cu_seqlens", cu_seqlens, T, "T")
+        N = cu_seqlens.shape[0] - 1
+    else:
+        N = B
+    _state(initial_state, (N, Hv, K, V), "[N, Hv, K, V]")
+    return N
+
+
+def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
+                      initial_state, cu_seqlens, g=g)
+    if v.shape[2] != q.shape[2]:
+        raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
+    return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+                output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                     use_qk_l2norm=False, cu_seqlens=None, mode="auto"):
+    if g is None:
+        raise ValueError("g must be a tensor [B, T, Hv], got None")
+    if beta is None:
+        raise ValueError("beta must be a tensor [B, T, Hv], got None")
+    heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
+    _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, g=g, beta=beta)
+    if mode not in ("auto", "chunk", "recurrent"):
+        raise ValueError(f"mode must be 'auto', 'chunk' or 'recurrent', got {mode!r}")
+    if mode == "auto":
+        longest = q.shape[1] if cu_seqlens is None else q.shape[1] // max(1, cu_seqlens.shape[0] - 1)
+        mode = "recurrent" if longest <= RECURRENT_MAX_T else "chunk"
+    return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+                output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
+                cu_seqlens=cu_seqlens, mode=mode)
+
+
+def attention(q, k, v, causal=True, scale=None):
+    """Also accepts k, v longer than q (a KV cache): query i then sits at key position Tk - Tq + i."""
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    _same_dtype("q", q, k=k, v=v)
+    _same_device("q", q, k=k, v=v)
+    B, Tq, Hq, D = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    Bk, Tk, Hkv, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"k must have batch {B} and head dim {D} of q, got shape {tuple(k.shape)}")
+    if Tk < Tq:
+        raise ValueError(f"k and v must have at least the {Tq} positions of q, got {Tk}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"q has {Hq} heads, not a multiple of the {Hkv} heads of k and v")
+    if min(B, Tq, Hq, D) == 0:
+        raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
+    return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D))
+
+
+def route(router_logits, top_k, renormalize=True):
+    _tensor("router_logits", router_logits, 2)
+    N, E = router_logits.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    return dict(router_logits=router_logits, top_k=top_k, renormalize=bool(renormalize))
+
+
+def _ids(ids, num_tokens, num_experts):
+    _tensor("ids", ids, 2, INDEX_DTYPES)
+    if ids.shape[0] != num_tokens:
+        raise ValueError(f"ids must have {num_tokens} rows (one per token), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("ids must have at least one column (top_k >= 1)")
+    if _check_values() and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"ids must lie in [-1, {num_experts}) (-1 = no expert), got values in [{lo}, {hi}]")
+
+
+def _num_experts(num_experts):
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+
+
+def moe_permute(x, ids, num_experts):
+    _tensor("x", x, 2)
+    _num_experts(num_experts)
+    _ids(ids, x.shape[0], num_experts)
+    _same_device("x", x, ids=ids)
+    return dict(x=x, ids=ids, num_experts=num_experts)
+
+
+def moe_unpermute(y_sorted, p, weights):
+    if not isinstance(p, Permutation):
+        raise ValueError(f"p must be a kernels.Permutation (from moe_permute), got {type(p).__name__}")
+    _tensor("y_sorted", y_sorted, 2)
+    if y_sorted.shape[0] != p.source.shape[0]:
+        raise ValueError(f"y_sorted must have the {p.source.shape[0]} rows of p, got {y_sorted.shape[0]}")
+    _tensor("weights", weights, 2)
+    _shape("weights", weights, (p.num_tokens, p.top_k), "[N, top_k] of p")
+    _same_device("y_sorted", y_sorted, weights=weights, **{"p.source": p.source})
+    return dict(y_sorted=y_sorted, p=p, weights=weights)
+
+
+def grouped_gemm(x, w, offsets):
+    _tensor("x", x, 2)
+    _tensor("w", w, 3)
+    _same_dtype("x", x, w=w)
+    _same_device("x", x, w=w, offsets=offsets)
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"w must be [E, N, K] with K = {x.shape[1]} (x's columns), got shape {tuple(w.shape)}")
+    _offsets("offsets", offsets, x.shape[0], "M (x's rows)")
+    if offsets.shape[0] != w.shape[0] + 1:
+        raise ValueError(f"offsets must have E + 1 = {w.shape[0] + 1} entries (E = w.shape[0]), got {offsets.shape[0]}")
+    return dict(x=x, w=w, offsets=offsets)
+
+
+def moe(x, weights, ids, w_gate_up, w_down):
+    _tensor("x", x, 2)
+    _tensor("w_gate_up", w_gate_up, 3)
+    _tensor("w_down", w_down, 3)
+    _tensor("weights", weights, 2)
+    _same_dtype("x", x, w_gate_up=w_gate_up, w_down=w_down)
+    _same_device("x", x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+    N, D = x.shape
+    E, two_I, D_in = w_gate_up.shape
+    if D_in != D or two_I % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, D] with D = {D}, got shape {tuple(w_gate_up.shape)}")
+    _shape("w_down", w_down, (E, D, two_I // 2), "[E, D, I]")
+    _ids(ids, N, E)
+    _shape("weights", weights, ids.shape, "[N, top_k] of ids")
+    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)

@@ -1,0 +1,104 @@
+"""Shared machinery of the parity suite.
+
+Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET=1) and numba.cuda kernels under
+the simulator (NUMBA_ENABLE_CUDASIM=1); both must be set before those packages are imported, hence here.
+"""
+import os
+import secrets
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+
+# ||out - ref|| / ||ref|| against the float64 reference, by the dtype of the backend's inputs.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+# Triton and cuBLAS may use tf32 for float32 matmuls on a GPU.
+TOLERANCE_TF32 = 1e-3
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None, help="replay a failing case with this seed")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on machines without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test case, printed with the test's report so a failure can be replayed (--seed)."""
+    value = request.config.getoption("--seed")
+    value = secrets.randbelow(2**31) if value is None else value
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm()
+    return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
+
+
+def assert_close(out, ref, dtype, what, seed, tol=None):
+    """out matches ref within the tolerance of dtype; NaN anywhere (a poisoned, unwritten element) fails."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)} (seed={seed})"
+    assert torch.isfinite(out.detach().double()).all(), f"{what}: non-finite or unwritten elements (seed={seed})"
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} for {dtype} (seed={seed})"
+
+
+_POISON_INT = -77777
+
+
+def _poison(t):
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype in (torch.int32, torch.int64, torch.int16):
+        return t.fill_(_POISON_INT)
+    return t
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within the block, every torch.empty / empty_like / new_empty / empty_strided is filled with NaN
+    (floats) or -77777 (ints), so an element a kernel forgets to write shows up in the comparison."""
+    originals = (torch.empty, torch.empty_like, torch.Tensor.new_empty, torch.empty_strided)
+    torch.empty = lambda *a, **k: _poison(originals[0](*a, **k))
+    torch.empty_like = lambda *a, **k: _poison(originals[1](*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: _poison(originals[2](self, *a, **k))
+    torch.empty_strided = lambda *a, **k: _poison(originals[3](*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty, torch.empty_strided = originals
+
+
+def to_float64(inputs):
+    """The same inputs in float64 (floating tensors only), for the reference run."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def lab_backends(op, device="cpu"):
+    """Every backend of op that runs on `device` tensors here, the reference excluded."""
+    return [name for name in kernels.backends(op, device) if name != "reference"]
