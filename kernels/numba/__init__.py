@@ -1,4 +1,16 @@
-"""numba backends; declared here, imported on first use."""
-from kernels.registry import Backend  # noqa: F401
+"""numba backends; declared here, imported on first use.
 
-BACKENDS: list = []
+"numba": CPU kernels (numba.njit(parallel=True)). "numba_cuda": numba.cuda kernels, on a CUDA GPU or on CPU
+tensors under the simulator (NUMBA_ENABLE_CUDASIM=1, slow: tiny sizes only).
+"""
+from kernels.registry import Backend
+
+_CPU = ("cpu",)
+_CUDA = ("cuda", "cudasim")
+
+BACKENDS = [
+    Backend("gated_delta_rule", "numba", "kernels.numba.gated_delta_rule:gated_delta_rule", _CPU, requires=("numba",)),
+    Backend("moe_permute", "numba", "kernels.numba.moe:moe_permute", _CPU, requires=("numba",)),
+    Backend("moe_unpermute", "numba", "kernels.numba.moe:moe_unpermute", _CPU, requires=("numba",)),
+    Backend("moe", "numba", "kernels.numba.moe:moe", _CPU, requires=("numba",)),
+]
