@@ -1,0 +1,243 @@
+"""The blocks of the Qwen3.5-MoE text decoder, as transformers defines them (modeling_qwen3_5_moe.py).
+
+Every token mixer and expert call goes through the lab's ops (`kernels`), with the backend chosen at load:
+`ops.gated_delta_rule`, `ops.attention`, `ops.route`, `ops.moe` are `kernels.get(op, backend)`, the callables
+behind `kernels.gated_delta_rule(..., backend=...)` & co, looked up once instead of on every call.
+Shapes: B batch, T new tokens, D hidden size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, in float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: rms(x) * (1 + weight) in float32. x [..., dim]."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return (rms(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    """weight * rms(x) * silu(gate), per value head (not zero-centred). x, gate [..., dim]."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, gate):
+        return (self.weight * rms(x, self.eps).to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+@dataclass
+class LinearAttentionState:
+    """Cache of a Gated DeltaNet layer: the last (kernel - 1) conv inputs [B, C, kernel - 1] and the
+    recurrent state [B, Hv, K, V] (float32). Its size does not grow with the context."""
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+
+@dataclass
+class KVState:
+    """Cache of an attention layer: keys and values [B, max_len, Hkv, Dh], filled up to the current position."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def append(self, k, v, start: int):
+        """Writes k, v [B, T, Hkv, Dh] at positions start..start+T; returns every key and value so far."""
+        end = start + k.shape[1]
+        if end > self.k.shape[1]:
+            raise ValueError(f"KV cache holds {self.k.shape[1]} positions, asked to write up to {end}")
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule.
+
+    x [B, T, D] -> in_proj -> [q k v | z | b | a]; q k v through a causal depthwise conv1d + SiLU;
+    q, k [B, T, Hk, K] (l2-normalised in the kernel), v [B, T, Hv, V]; g = -exp(A_log) softplus(a + dt_bias),
+    beta = sigmoid(b); o = gated_delta_rule(...) [B, T, Hv, V]; gated RMSNorm with z; out_proj -> [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.K, self.V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.Hk * self.K, self.Hv * self.V
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel_size = cfg.linear_conv_kernel_dim
+        # transformers' in_proj_qkv, in_proj_z, in_proj_b, in_proj_a stacked: one GEMM
+        self.in_proj = nn.Linear(cfg.hidden_size, self.conv_dim + self.value_dim + 2 * self.Hv, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.Hv))
+        self.dt_bias = nn.Parameter(torch.ones(self.Hv))
+        self.norm = GatedRMSNorm(self.V, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+
+    def new_state(self, batch: int, dtype, device) -> LinearAttentionState:
+        return LinearAttentionState(
+            conv=torch.zeros(batch, self.conv_dim, self.kernel_size - 1, dtype=dtype, device=device),
+            recurrent=torch.zeros(batch, self.Hv, self.K, self.V, dtype=torch.float32, device=device))
+
+    def causal_conv(self, x, state: LinearAttentionState | None):
+        """Depthwise causal conv1d + SiLU over time. x [B, C, T] -> [B, C, T]; updates state.conv."""
+        if state is None:
+            window = F.pad(x, (self.kernel_size - 1, 0))
+        else:
+            window = torch.cat([state.conv, x], dim=-1)  # the previous inputs stand in for the zero padding
+            state.conv.copy_(window[:, :, -(self.kernel_size - 1):])
+        return F.silu(F.conv1d(window, self.conv1d.weight, groups=self.conv_dim))
+
+    def forward(self, x, state: LinearAttentionState | None = None):
+        B, T, _ = x.shape
+        qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_dim, self.Hv, self.Hv], dim=-1)
+        qkv = self.causal_conv(qkv.transpose(1, 2), state).transpose(1, 2)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: exp(A_log) overflows fp16
+        # decode (one token, a state to continue) runs token by token; everything else chunked
+        mode = "recurrent" if T == 1 and state is not None else "chunk"
+        o, final = self.ops.gated_delta_rule(
+            q.reshape(B, T, self.Hk, self.K), k.reshape(B, T, self.Hk, self.K), v.reshape(B, T, self.Hv, self.V),
+            g, b.sigmoid(), initial_state=None if state is None else state.recurrent,
+            output_final_state=state is not None, use_qk_l2norm=True, mode=mode)
+        if state is not None:
+            state.recurrent = final
+        o = self.norm(o, z.reshape(B, T, self.Hv, self.V))
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Attention(nn.Module):
+    """Gated softmax attention with grouped KV heads.
+
+    x [B, T, D] -> q_proj gives [q | gate] per head; q, k [.., Dh] get a zero-centred RMSNorm and rotary
+    embedding on their first rotary_dim dims; o = attention(q, k, v) [B, T, Hq, Dh]; o * sigmoid(gate);
+    o_proj -> [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.Hq, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, 2 * self.Hq * self.Dh, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=bias)
+        self.o_proj = nn.Linear(self.Hq * self.Dh, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+
+    def new_state(self, batch: int, max_len: int, dtype, device) -> KVState:
+        shape = (batch, max_len, self.Hkv, self.Dh)
+        return KVState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(self, x, rope, start: int = 0, state: KVState | None = None):
+        """rope: (cos, sin) [T, rotary_dim] of positions start..start+T."""
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.Hq, 2 * self.Dh).chunk(2, dim=-1)
+        q = self.q_norm(q)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.Hkv, self.Dh))
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if state is not None:
+            k, v = state.append(k, v, start)
+        o = self.ops.attention(q, k, v, causal=True).reshape(B, T, self.Hq * self.Dh)
+        return self.o_proj(o * torch.sigmoid(gate.reshape(B, T, -1)))
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding of the first rotary_dim dims of x [B, T, H, Dh]; cos, sin [T, rotary_dim]."""
+    rot = cos.shape[-1]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+class Experts(nn.Module):
+    """E experts stored fused, as transformers does: gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.zeros(E, D, I))
+
+
+class SharedExpert(nn.Module):
+    """A SwiGLU MLP whose gate and up projections are stacked: gate_up_proj [2I, D], down_proj [D, I]."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoe(nn.Module):
+    """x [N, D] -> top_k of E routed experts (softmax router, renormalised weights) plus a shared expert
+    scaled by sigmoid(shared_expert_gate(x)) -> [N, D]."""
+
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.experts = Experts(cfg)
+        self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x):
+        weights, ids = self.ops.route(self.gate(x), self.top_k)
+        routed = self.ops.moe(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
+        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
+class DecoderLayer(nn.Module):
+    """x + mixer(norm(x)), then + moe(norm(x)); the mixer is a GatedDeltaNet or an Attention layer."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, ops):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg, ops)
+        else:
+            self.self_attn = Attention(cfg, ops)
+        self.mlp = SparseMoe(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, start: int = 0, state=None):
+        h = self.input_layernorm(x)
+        if self.kind == "linear_attention":
+            x = x + self.linear_attn(h, state)
+        else:
+            x = x + self.self_attn(h, rope, start, state)
+        B, T, D = x.shape
+        return x + self.mlp(self.post_attention_layernorm(x).reshape(B * T, D)).reshape(B, T, D)
