@@ -1,0 +1,48 @@
+"""Config selection shared by the Triton kernels.
+
+On a GPU, `autotune` is `triton.autotune` keyed on head dims only (never on T, so one tuning serves every
+sequence length). Under TRITON_INTERPRET=1 there is nothing to time: the first config that `prune` keeps
+is launched directly.
+"""
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dot_precision(dtype):
+    """tl.dot input precision: exact ("ieee") for float32 inputs, whose users expect float32 accuracy;
+    fp16 / bf16 operands are exact in tf32 anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _FirstConfig:
+    """Stands in for triton.autotune under the interpreter: kernel[grid](**kwargs) runs the first kept config."""
+
+    def __init__(self, fn, configs, prune):
+        self.fn, self.configs, self.prune = fn, configs, prune
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            configs = self.prune(self.configs, {}, **kwargs) if self.prune else self.configs
+            config = configs[0]
+            return self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps,
+                                 num_stages=config.num_stages)
+        return launch
+
+
+def autotune(configs, key, prune=None):
+    """Decorator: triton.autotune(configs, key) on a GPU, the first config kept by prune under the interpreter.
+
+    prune(configs, named_args, **kwargs) -> the configs valid for this launch (e.g. a state tile that fits
+    the register file for this K). Launch with keyword arguments only."""
+    def wrap(fn):
+        if INTERPRET:
+            return _FirstConfig(fn, configs, prune)
+        return triton.autotune(configs, key=key,
+                               prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+    return wrap
