@@ -1,0 +1,136 @@
+"""MoE routing, token permutation, grouped GEMM and the expert layer in vectorised PyTorch (CPU and CUDA).
+
+Shapes: N tokens, D hidden, E experts, top_k slots per token, I expert size, M = number of slots with an
+expert (ids >= 0). A slot is the flat index n * top_k + j.
+
+Precision: GEMMs run in the inputs' dtype with float32 accumulation (BLAS on CPU and cuBLAS both accumulate
+half-precision products in float32: the result is the float32 product rounded once); the gate activation and
+the weighted sum over a token's slots run in float32 (float64 for float64 inputs).
+
+Determinism: nothing accumulates with atomics. Expert outputs are written once into a per-slot buffer
+[N * top_k, D], then each token sums its top_k rows in slot order.
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels.types import Permutation
+
+# Up to this many slots (N * top_k), `moe` groups the slots by expert on the host (decode: no sort, no
+# permutation tensors); above it, a stable sort on the device groups them.
+HOST_GROUPING_MAX_SLOTS = 256
+
+
+def _accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def route(router_logits, top_k, renormalize):
+    """router_logits [N, E] -> softmax in float32 -> top_k (descending) -> (renormalize) divide by their sum.
+    Returns weights float32 [N, top_k] and ids int32 [N, top_k]."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def _group_slots(ids, num_experts):
+    """ids [N, top_k] in [-1, E) -> (offsets int32 [E + 1], source int64 [M]): the slots with an expert,
+    sorted by expert, stable in the slot index. One host synchronisation (M)."""
+    flat = ids.reshape(-1)
+    # counts[0] = slots with no expert (-1), counts[1 + e] = slots of expert e
+    counts = torch.bincount((flat + 1).to(torch.int64), minlength=num_experts + 1)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    torch.cumsum(counts[1:], 0, out=offsets[1:])
+    dropped = flat.numel() - int(offsets[-1])
+    # -1 sorts first; a stable sort keeps ascending slot order within an expert
+    source = torch.sort(flat, stable=True).indices[dropped:]
+    return offsets, source
+
+
+def moe_permute(x, ids, num_experts):
+    """x [N, D]; ids [N, top_k] int32/int64 in [-1, E). Returns Permutation(x [M, D], offsets int32 [E + 1],
+    source int64 [M], N, top_k): the rows x[n] of every slot with an expert, grouped by expert in ascending
+    order, stable in the slot index."""
+    N, top_k = ids.shape
+    offsets, source = _group_slots(ids, num_experts)
+    return Permutation(x.index_select(0, source // top_k), offsets, source, num_tokens=N, top_k=top_k)
+
+
+def _weighted_sum(per_slot, source, weights, num_tokens, top_k, dtype):
+    """per_slot [N * top_k, D] (the output of every slot, 0 where it has none); source int64 [M] (the slots with
+    an expert); weights [N, top_k] -> y [N, D] in `dtype`, y[n] = sum_j weights[n, j] * per_slot[n * top_k + j]
+    summed in slot order. Weights of slots without an expert are zeroed, so a NaN there cannot leak into y."""
+    slot_weights = torch.zeros(num_tokens * top_k, dtype=per_slot.dtype, device=per_slot.device)
+    slot_weights.index_copy_(0, source, weights.reshape(-1).index_select(0, source).to(per_slot.dtype))
+    y = torch.bmm(slot_weights.view(num_tokens, 1, top_k), per_slot.view(num_tokens, top_k, -1))
+    return y.view(num_tokens, -1).to(dtype)
+
+
+def moe_unpermute(y_sorted, p, weights):
+    """y_sorted [M, D'] (rows in the order of p); weights [N, top_k]. y[n] = sum over slots (n, j) with an
+    expert of weights[n, j] * y_sorted[row of (n, j)]. Returns [N, D'] in y_sorted's dtype, rows of tokens
+    with no expert 0."""
+    per_slot = torch.zeros(p.num_tokens * p.top_k, y_sorted.shape[1], dtype=_accumulation_dtype(y_sorted.dtype),
+                           device=y_sorted.device)
+    per_slot.index_copy_(0, p.source, y_sorted.to(per_slot.dtype))
+    return _weighted_sum(per_slot, p.source, weights, p.num_tokens, p.top_k, y_sorted.dtype)
+
+
+def grouped_gemm(x, w, offsets):
+    """x [M, K] grouped by expert; w [E, Nout, K]; offsets int32 [E + 1]. y[offsets[e]:offsets[e + 1]] =
+    x[same rows] @ w[e]^T, one matmul per non-empty group on views of x and w. Returns [M, Nout] in x's dtype."""
+    y = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            torch.mm(x[start:end], w[e].T, out=y[start:end])
+    return y
+
+
+def _expert_mlp(x, w_gate_up, w_down):
+    """x [n, D]; w_gate_up [2I, D]; w_down [D, I] (one expert's views). silu(x W_g^T) * (x W_u^T) W_down^T,
+    [n, D] in float32 (float64 for float64 inputs); the GEMMs run in x's dtype."""
+    acc = _accumulation_dtype(x.dtype)
+    gate, up = F.linear(x, w_gate_up).to(acc).chunk(2, dim=-1)
+    return F.linear((F.silu(gate) * up).to(x.dtype), w_down).to(acc)
+
+
+def _host_groups(ids):
+    """ids [N, top_k] -> (experts, bounds, source): the active experts in ascending order, the bounds of their
+    slots in source, and source int64 [M] the slots grouped by expert (reads ids on the host: small N)."""
+    groups = {}
+    for slot, expert in enumerate(ids.reshape(-1).tolist()):
+        if expert >= 0:
+            groups.setdefault(expert, []).append(slot)
+    experts = sorted(groups)
+    bounds = [0]
+    for expert in experts:
+        bounds.append(bounds[-1] + len(groups[expert]))
+    source = torch.tensor([slot for expert in experts for slot in groups[expert]], dtype=torch.int64)
+    return experts, bounds, source.to(ids.device)
+
+
+def moe(x, weights, ids, w_gate_up, w_down):
+    """The Qwen3.5 experts. x [N, D]; weights [N, top_k]; ids [N, top_k] in [-1, E); w_gate_up [E, 2I, D];
+    w_down [E, D, I]. For each slot (n, j) with e = ids[n, j] >= 0:
+    y[n] += weights[n, j] * (silu(x[n] W_g^T) * (x[n] W_u^T)) W_down[e]^T, W_g = w_gate_up[e, :I],
+    W_u = w_gate_up[e, I:]. Returns [N, D] in x's dtype.
+
+    Each active expert runs once on the rows of the tokens routed to it, through views of its weights (no
+    weight copies), and writes its outputs into their slots. Small N (decode) groups the slots on the host;
+    large N sorts them on the device."""
+    N, top_k = ids.shape
+    if N * top_k <= HOST_GROUPING_MAX_SLOTS:
+        experts, bounds, source = _host_groups(ids)
+    else:
+        offsets, source = _group_slots(ids, w_gate_up.shape[0])
+        bounds = offsets.tolist()
+        experts = range(w_gate_up.shape[0])
+    per_slot = torch.zeros(N * top_k, x.shape[1], dtype=_accumulation_dtype(x.dtype), device=x.device)
+    tokens = source // top_k
+    for expert, start, end in zip(experts, bounds, bounds[1:]):
+        if end > start:
+            rows = x.index_select(0, tokens[start:end])
+            per_slot.index_copy_(0, source[start:end], _expert_mlp(rows, w_gate_up[expert], w_down[expert]))
+    return _weighted_sum(per_slot, source, weights, N, top_k, x.dtype)
