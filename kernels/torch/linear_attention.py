@@ -1,0 +1,187 @@
+"""Scalar-gated linear attention in vectorised PyTorch (CPU and GPU), and the chunk machinery it shares with
+the gated delta rule (kernels/torch/gated_delta_rule.py).
+
+Chunk-major layout: a tensor [B, T, H, *D] is re-laid as [NC, N, H, C, *D]: chunk index first (the sequential
+pass walks it), then sequence, head, position in the chunk. Packed sequences (cu_seqlens) each start a new chunk
+and run in lockstep: step j of the pass advances chunk j of every sequence. Positions past a sequence's end are
+zeros (k = v = 0, g = 0, beta = 0), which leave the state unchanged; their outputs are dropped. The same layout
+with C = 1 is the time-major layout of the token-by-token (recurrent) mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_SIZE = 64
+# Up to this many tokens per sequence, mode="auto" runs token by token (as kernels.validate does for the GDR).
+RECURRENT_MAX_T = 64
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (fp16 and bf16 are widened)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class ChunkLayout:
+    """Where every token of [B, T] sits in the chunk-major layout [num_chunks, num_seqs, ..., size, ...].
+
+    chunk, seq, pos: int64 [B * T] (None when the layout is a plain reshape: no cu_seqlens and T % size == 0)."""
+
+    batch: int
+    time: int
+    size: int
+    num_chunks: int
+    num_seqs: int
+    chunk: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, size: int, device) -> ChunkLayout:
+        if cu_seqlens is None:
+            num_chunks = -(-T // size)
+            if T % size == 0:
+                return cls(B, T, size, num_chunks, B)
+            seq = torch.arange(B, device=device).repeat_interleave(T)
+            offset = torch.arange(T, device=device).repeat(B)
+        else:
+            bounds = cu_seqlens.tolist()
+            lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+            num_chunks = max(1, -(-max(lengths) // size))
+            starts = cu_seqlens[:-1].to(device=device, dtype=torch.int64)
+            seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                          torch.tensor(lengths, device=device), output_size=T)
+            offset = torch.arange(T, device=device) - starts[seq]
+        return cls(B, T, size, num_chunks, len(lengths) if cu_seqlens is not None else B,
+                   offset // size, seq, offset % size)
+
+    def to_chunks(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x [B, T, H, *D] -> [NC, N, H, C, *D] in dtype, contiguous, zero past each sequence's end."""
+        B, T, H, *D = x.shape
+        NC, N, C = self.num_chunks, self.num_seqs, self.size
+        if self.chunk is None:  # always a copy: callers update the result in place
+            out = torch.empty(NC, N, H, C, *D, dtype=dtype, device=x.device)
+            return out.copy_(x.view(B, NC, C, H, *D).transpose(2, 3).transpose(0, 1))
+        out = torch.zeros(NC, N, H, C, *D, dtype=dtype, device=x.device)
+        out.transpose(2, 3)[self.chunk, self.seq, self.pos] = x.reshape(B * T, H, *D).to(dtype)
+        return out
+
+    def from_chunks(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y [NC, N, H, C, *D] -> [B, T, H, *D] in dtype."""
+        NC, N, H, C, *D = y.shape
+        B, T = self.batch, self.time
+        if self.chunk is None:
+            out = torch.empty(B, T, H, *D, dtype=dtype, device=y.device)
+            out.view(B, NC, C, H, *D).copy_(y.transpose(0, 1).transpose(2, 3))
+            return out
+        return y.transpose(2, 3)[self.chunk, self.seq, self.pos].to(dtype).view(B, T, H, *D)
+
+
+def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
+    """gcum [..., C] (within-chunk cumulative log decay) -> [..., C, C]: exp(gcum_i - gcum_j) for j <= i, else 0.
+    Masked before the exp so that the (positive) upper triangle cannot overflow."""
+    C = gcum.shape[-1]
+    upper = torch.ones(C, C, dtype=torch.bool, device=gcum.device).triu_(1)
+    return (gcum[..., :, None] - gcum[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+
+
+def state_pass(reads: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor,
+               state: torch.Tensor, delta: bool) -> torch.Tensor:
+    """The sequential pass over chunks: the only state-dependent work, one fused read and one write per chunk.
+
+    reads [NC, M, R, K]: rows multiplied by the state at each chunk's start (M = sequences x value heads);
+    keys [NC, M, C, K], values [NC, M, C, V]: the chunk's write, S <- chunk_decay S + keys^T values;
+    chunk_decay [NC, M]; state [M, K, V], updated in place.
+    delta: the first C reads are w (the delta rule): values -= w S before the write (values updated in place).
+    Returns reads @ S for every chunk, [NC, M, R, V]."""
+    NC, M, R, _ = reads.shape
+    C = keys.shape[2]
+    out = torch.empty(NC, M, R, state.shape[-1], dtype=state.dtype, device=state.device)
+    decay = chunk_decay[..., None, None]
+    for j in range(NC):
+        torch.matmul(reads[j], state, out=out[j])
+        if delta:
+            values[j].sub_(out[j, :, :C])
+        state.mul_(decay[j]).baddbmm_(keys[j].transpose(1, 2), values[j])
+    return out
+
+
+def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                   beta: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """Token by token, time-major. q (already scaled), k [T, N, Hk, K]; v [T, N, Hk, G, V]; g, beta [T, N, Hk, G];
+    state [N, Hk, K, G, V] (the G value heads of a key head side by side, so q and k are never repeated),
+    updated in place. beta None: linear attention, S = exp(g) S + k v^T; else the delta rule,
+    u = beta (v - k^T S'), S = S' + k u^T with S' = exp(g) S. Returns o [T, N, Hk, G, V]."""
+    T, N, Hk, K = k.shape
+    G, V = v.shape[-2:]
+    # Both reads of the decayed state in one matmul: o = q^T S' + (q . k) u, since S = S' + k u^T.
+    reads = torch.stack([k, q], dim=-2) if beta is not None else q.unsqueeze(-2)
+    qk = (q * k).sum(-1)[..., None, None]
+    gamma = g.exp()[:, :, :, None, :, None]
+    flat = state.view(N * Hk, K, G * V)
+    o = torch.empty_like(v)
+    for t in range(T):
+        state.mul_(gamma[t])
+        read = torch.matmul(reads[t], state.view(N, Hk, K, G * V)).view(N, Hk, -1, G, V)
+        u = v[t] if beta is None else (v[t] - read[:, :, 0]).mul_(beta[t][..., None])
+        torch.addcmul(read[:, :, -1], qk[t], u, out=o[t])
+        flat.baddbmm_(k[t].reshape(N * Hk, K, 1), u.reshape(N * Hk, 1, G * V))
+    return o
+
+
+def l2norm_(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x <- scale * x / sqrt(sum(x^2) + 1e-6) over the last dim, in place."""
+    return x.mul_(torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6).mul_(scale))
+
+
+def initial_states(initial_state, N, H, K, V, dtype, device) -> torch.Tensor:
+    """A fresh [N, H, K, V] state in dtype: a copy of initial_state (never written), or zeros."""
+    if initial_state is None:
+        return torch.zeros(N, H, K, V, dtype=dtype, device=device)
+    return initial_state.to(dtype=dtype, copy=True)
+
+
+def chunked(q, k, v, g, state, C):
+    """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
+    g [NC, N, H, C]; state [N, H, K, V], updated in place. Returns o [NC, N, H, C, V]."""
+    NC, N, H, _, K = k.shape
+    V = v.shape[-1]
+    gcum = g.cumsum(-1)
+    gamma = gcum.exp()
+    attn = torch.matmul(q, k.transpose(-1, -2)).mul_(decay_matrix(gcum))
+    reads = (q * gamma[..., None]).view(NC, N * H, C, K)
+    keys = (k * (gcum[..., -1:] - gcum).exp_()[..., None]).view(NC, N * H, C, K)
+    out = state_pass(reads, keys, v.view(NC, N * H, C, V), gamma[..., -1].reshape(NC, N * H),
+                     state.view(N * H, K, V), delta=False)
+    return out.view(NC, N, H, C, V).add_(attn @ v)
+
+
+@torch.no_grad()
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode="auto",
+                     chunk_size=CHUNK_SIZE, **_):
+    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V].
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk", "recurrent" or "auto"
+    (recurrent up to RECURRENT_MAX_T tokens per sequence). Returns o [B, T, H, V] in v's dtype and the final
+    state [N, H, K, V] (float32, float64 for float64 inputs) or None."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = compute_dtype(v)
+    if g is None:
+        g = torch.zeros(B, T, H, dtype=dtype, device=q.device)
+    if mode == "auto":
+        mode = "recurrent" if T <= RECURRENT_MAX_T else "chunk"
+    C = chunk_size if mode == "chunk" else 1
+    layout = ChunkLayout.of(B, T, cu_seqlens, C, q.device)
+    qc = layout.to_chunks(q, dtype).mul_(scale)
+    kc, vc, gc = (layout.to_chunks(x, dtype) for x in (k, v, g))
+    N = layout.num_seqs
+    state = initial_states(initial_state, N, H, K, V, dtype, q.device)
+    if mode == "chunk":
+        o = chunked(qc, kc, vc, gc, state, C)
+    else:
+        o = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0], None,
+                           state.view(N, H, 1, K, V).transpose(2, 3))
+        o = o.view(-1, N, H, 1, V)
+    return layout.from_chunks(o, v.dtype), state if output_final_state else None
