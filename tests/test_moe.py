@@ -1,0 +1,386 @@
+"""Parity of every MoE backend (route, moe_permute, moe_unpermute, grouped_gemm, moe) with the float64 reference,
+over the MoE edge cases, plus the checks every backend shares on bad input.
+
+Shapes stay small (N <= 64, D <= 64, E <= 16): Triton runs here under its interpreter."""
+import pytest
+import torch
+
+import kernels
+from bench import inputs
+from kernels import registry
+from tests.conftest import (TOLERANCE, TOLERANCE_TF32, assert_close, lab_backends, poisoned_allocations,
+                            rel_err, to_float64)
+
+DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# The MoE edge cases, as keywords of the bench.inputs makers (N tokens, E experts, top_k slots per token).
+ROUTINGS = {
+    "one_token": dict(N=1, E=4, top_k=2),
+    "uniform": dict(N=37, E=8, top_k=2),
+    "skewed_empty_experts": dict(N=64, E=16, top_k=4, routing="skewed"),
+    "every_token_on_one_expert": dict(N=33, E=8, top_k=1, routing="one_expert"),
+    "top_k_equals_E": dict(N=16, E=4, top_k=4, id_dtype=torch.int64),
+    "dropped_slots": dict(N=40, E=8, top_k=3, drop=0.3, id_dtype=torch.int64),
+    "all_slots_dropped": dict(N=5, E=4, top_k=2, drop=1.0),
+}
+NO_ID_DTYPE = ("id_dtype",)
+
+
+def _without(case, *keys):
+    return {k: v for k, v in case.items() if k not in keys}
+
+
+def _gpu_names(op):
+    """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
+    return [name for name, b in registry.registered(op).items() if name != "reference" and "cuda" in b.places]
+
+
+def _tolerance(dtype, device):
+    return TOLERANCE_TF32 if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
+
+
+def _tensors(args):
+    """The caller's tensors among the arguments, by name (a Permutation's fields too); meta tensors hold nothing."""
+    found = {}
+    for key, value in args.items():
+        if isinstance(value, kernels.Permutation):
+            found |= {f"{key}.{field}": getattr(value, field) for field in ("x", "offsets", "source")}
+        elif isinstance(value, torch.Tensor):
+            found[key] = value
+    return {key: value for key, value in found.items() if value.device.type != "meta"}
+
+
+def _snapshot(args):
+    return {key: value.clone() for key, value in _tensors(args).items()}
+
+
+def _assert_unchanged(args, before, what=""):
+    now = _tensors(args)
+    for key, value in before.items():
+        torch.testing.assert_close(now[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{what}{key} was written")
+
+
+# ----------------------------------------------------------------------------------------------- route
+
+def _check_route(backend, args, seed):
+    with poisoned_allocations():
+        weights, ids = kernels.route(**args, backend=backend)
+    logits, top_k = args["router_logits"], args["top_k"]
+    N = logits.shape[0]
+    assert weights.shape == ids.shape == (N, top_k)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    probs = torch.softmax(logits.double(), dim=-1)
+    ref_ids = kernels.route(**args, backend="reference")[1]
+    if logits.dtype == torch.float32:
+        assert torch.equal(ids.cpu(), ref_ids.cpu()), f"ids differ from the reference (seed={seed})"
+    else:  # half-precision logits tie: the chosen probabilities must be the top_k largest, in descending order
+        chosen = probs.gather(1, ids.long()).cpu()
+        assert torch.equal(chosen, probs.topk(top_k, dim=-1).values.cpu()), f"ids are not the top_k (seed={seed})"
+        assert (ids.sort(-1).values.diff(dim=-1) > 0).all(), f"repeated expert in a token's ids (seed={seed})"
+    ref_weights = probs.gather(1, ids.long())
+    if args["renormalize"]:
+        ref_weights = ref_weights / ref_weights.sum(-1, keepdim=True)
+    # the softmax runs in float32 whatever the logits' dtype
+    assert_close(weights, ref_weights, torch.float32, "weights", seed)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROUTINGS, ids=str)
+@pytest.mark.parametrize("backend", lab_backends("route"))
+def test_route(backend, case, dtype, renormalize, seed):
+    shape = _without(ROUTINGS[case], "drop", "id_dtype")
+    _check_route(backend, inputs.make("route", **shape, dtype=dtype, seed=seed, renormalize=renormalize), seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("backend", _gpu_names("route"))
+def test_route_gpu(backend, dtype, seed):
+    args = inputs.make("route", N=300, E=64, top_k=8, dtype=dtype, seed=seed, device="cuda")
+    _check_route(backend, args, seed)
+
+
+# ------------------------------------------------------------------------------------------ moe_permute
+
+def _check_permute(backend, args, seed):
+    before = _snapshot(args)
+    with poisoned_allocations():
+        p = kernels.moe_permute(**args, backend=backend)
+    _assert_unchanged(args, before)
+    ref = kernels.moe_permute(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
+                              backend="reference")
+    assert isinstance(p, kernels.Permutation)
+    assert (p.num_tokens, p.top_k) == tuple(args["ids"].shape)
+    assert p.offsets.dtype == torch.int32, f"offsets must be int32, got {p.offsets.dtype}"
+    assert p.source.dtype in (torch.int32, torch.int64)
+    assert p.x.dtype == args["x"].dtype and p.x.device == args["x"].device
+    assert torch.equal(p.offsets.cpu(), ref.offsets), f"offsets differ (seed={seed})"
+    assert torch.equal(p.source.cpu().long(), ref.source), f"source differs (seed={seed})"
+    assert torch.equal(p.x.cpu(), ref.x), f"rows differ (seed={seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROUTINGS, ids=str)
+@pytest.mark.parametrize("backend", lab_backends("moe_permute"))
+def test_moe_permute(backend, case, dtype, seed):
+    _check_permute(backend, inputs.make("moe_permute", **ROUTINGS[case], D=24, dtype=dtype, seed=seed), seed)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("backend", lab_backends("moe_permute"))
+def test_moe_permute_id_dtypes(backend, id_dtype, seed):
+    args = inputs.make("moe_permute", N=29, E=8, top_k=2, drop=0.2, id_dtype=id_dtype, seed=seed)
+    _check_permute(backend, args, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["uniform", "dropped_slots", "every_token_on_one_expert"], ids=str)
+@pytest.mark.parametrize("backend", _gpu_names("moe_permute"))
+def test_moe_permute_gpu(backend, case, dtype, seed):
+    shape = ROUTINGS[case] | dict(N=500, E=64)
+    _check_permute(backend, inputs.make("moe_permute", **shape, D=128, dtype=dtype, seed=seed, device="cuda"), seed)
+
+
+# ---------------------------------------------------------------------------------------- moe_unpermute
+
+def _dropped_slots(p):
+    """bool [N, top_k]: the slots with no row in p (ids == -1)."""
+    dropped = torch.ones(p.num_tokens * p.top_k, dtype=torch.bool)
+    dropped[p.source.cpu().long()] = False
+    return dropped.view(p.num_tokens, p.top_k)
+
+
+def _check_unpermute(backend, args, seed, device="cpu"):
+    # the weight of a slot with no expert must not reach y, even when it is NaN
+    args["weights"][_dropped_slots(args["p"]).to(args["weights"].device)] = float("nan")
+    before = _snapshot(args)
+    with poisoned_allocations():
+        y = kernels.moe_unpermute(**args, backend=backend)
+    _assert_unchanged(args, before)
+    dtype = args["y_sorted"].dtype
+    assert y.dtype == dtype and y.device == args["y_sorted"].device
+    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
+    assert_close(y, ref, dtype, "y", seed, tol=_tolerance(dtype, device))
+    assert (y[_dropped_slots(args["p"]).all(1).to(y.device)] == 0).all(), f"tokens with no expert not 0 (seed={seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROUTINGS, ids=str)
+@pytest.mark.parametrize("backend", lab_backends("moe_unpermute"))
+def test_moe_unpermute(backend, case, dtype, seed):
+    _check_unpermute(backend, inputs.make("moe_unpermute", **ROUTINGS[case], D=40, dtype=dtype, seed=seed), seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["uniform", "dropped_slots", "top_k_equals_E"], ids=str)
+@pytest.mark.parametrize("backend", _gpu_names("moe_unpermute"))
+def test_moe_unpermute_gpu(backend, case, dtype, seed):
+    shape = ROUTINGS[case] | dict(N=500)
+    args = inputs.make("moe_unpermute", **shape, D=256, dtype=dtype, seed=seed, device="cuda")
+    _check_unpermute(backend, args, seed, device="cuda")
+
+
+# ----------------------------------------------------------------------------------------- grouped_gemm
+
+def _check_grouped_gemm(backend, args, seed, device="cpu"):
+    before = _snapshot(args)
+    with poisoned_allocations():
+        y = kernels.grouped_gemm(**args, backend=backend)
+    _assert_unchanged(args, before)
+    dtype = args["x"].dtype
+    assert y.dtype == dtype and y.device == args["x"].device
+    ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
+    assert_close(y, ref, dtype, "y", seed, tol=_tolerance(dtype, device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROUTINGS, ids=str)
+@pytest.mark.parametrize("backend", lab_backends("grouped_gemm"))
+def test_grouped_gemm(backend, case, dtype, seed):
+    shape = _without(ROUTINGS[case], *NO_ID_DTYPE)
+    _check_grouped_gemm(backend, inputs.make("grouped_gemm", **shape, K=32, Nout=48, dtype=dtype, seed=seed), seed)
+
+
+@pytest.mark.parametrize("K, Nout", [(64, 16), (8, 40)])
+@pytest.mark.parametrize("backend", lab_backends("grouped_gemm"))
+def test_grouped_gemm_shapes(backend, K, Nout, seed):
+    _check_grouped_gemm(backend, inputs.make("grouped_gemm", N=45, E=8, top_k=2, K=K, Nout=Nout, seed=seed), seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["uniform", "skewed_empty_experts", "every_token_on_one_expert"], ids=str)
+@pytest.mark.parametrize("backend", _gpu_names("grouped_gemm"))
+def test_grouped_gemm_gpu(backend, case, dtype, seed):
+    shape = _without(ROUTINGS[case], *NO_ID_DTYPE) | dict(N=700)
+    args = inputs.make("grouped_gemm", **shape, K=256, Nout=384, dtype=dtype, seed=seed, device="cuda")
+    _check_grouped_gemm(backend, args, seed, device="cuda")
+
+
+# -------------------------------------------------------------------------------------------------- moe
+
+def _check_moe(backend, args, seed, device="cpu"):
+    args["weights"][args["ids"] < 0] = float("nan")  # a slot with no expert contributes nothing
+    before = _snapshot(args)
+    with poisoned_allocations():
+        y = kernels.moe(**args, backend=backend)
+    _assert_unchanged(args, before)
+    dtype = args["x"].dtype
+    assert y.dtype == dtype and y.device == args["x"].device
+    ref = kernels.moe(**to_float64(args), backend="reference")
+    assert_close(y, ref, dtype, "y", seed, tol=_tolerance(dtype, device))
+    assert (y[(args["ids"] < 0).all(1)] == 0).all(), f"tokens with no expert must be 0 (seed={seed})"
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROUTINGS, ids=str)
+@pytest.mark.parametrize("backend", lab_backends("moe"))
+def test_moe(backend, case, dtype, seed):
+    _check_moe(backend, inputs.make("moe", **ROUTINGS[case], D=32, I=16, dtype=dtype, seed=seed), seed)
+
+
+@pytest.mark.parametrize("D, I", [(64, 8), (16, 48)])
+@pytest.mark.parametrize("backend", lab_backends("moe"))
+def test_moe_shapes(backend, D, I, seed):
+    _check_moe(backend, inputs.make("moe", N=50, E=16, top_k=4, D=D, I=I, seed=seed), seed)
+
+
+@pytest.mark.parametrize("backend", lab_backends("moe"))
+def test_moe_is_deterministic(backend, seed):
+    args = inputs.make("moe", N=48, E=4, top_k=4, D=32, I=16, seed=seed)
+    assert torch.equal(kernels.moe(**args, backend=backend), kernels.moe(**args, backend=backend))
+
+
+@pytest.mark.parametrize("case", ["uniform", "dropped_slots", "all_slots_dropped", "skewed_empty_experts"])
+def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
+    """The torch backend groups slots on the host for small N and by a device sort above: same result, bitwise."""
+    from kernels.torch import moe as torch_moe
+
+    args = inputs.make("moe", **ROUTINGS[case], D=32, I=16, seed=seed)
+    monkeypatch.setattr(torch_moe, "HOST_GROUPING_MAX_SLOTS", 10**9)
+    on_host = _check_moe("torch", args, seed)
+    monkeypatch.setattr(torch_moe, "HOST_GROUPING_MAX_SLOTS", 0)
+    on_device = _check_moe("torch", args, seed)
+    assert torch.equal(on_host, on_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["one_token", "uniform", "dropped_slots", "every_token_on_one_expert"], ids=str)
+@pytest.mark.parametrize("backend", _gpu_names("moe"))
+def test_moe_gpu(backend, case, dtype, seed):
+    shape = ROUTINGS[case] | (dict() if case == "one_token" else dict(N=300, E=32))
+    args = inputs.make("moe", **shape, D=256, I=128, dtype=dtype, seed=seed, device="cuda")
+    _check_moe(backend, args, seed, device="cuda")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def _route_bad(seed):
+    good = inputs.make("route", N=6, E=4, top_k=2, seed=seed)
+    logits = good["router_logits"]
+    return {
+        "logits rank 1": dict(good, router_logits=logits[0]),
+        "logits rank 3": dict(good, router_logits=logits[None]),
+        "logits int": dict(good, router_logits=logits.to(torch.int32)),
+        "top_k 0": dict(good, top_k=0),
+        "top_k > E": dict(good, top_k=5),
+        "top_k bool": dict(good, top_k=True),
+        "top_k float": dict(good, top_k=2.0),
+    }
+
+
+def _moe_permute_bad(seed):
+    good = inputs.make("moe_permute", N=6, D=8, E=4, top_k=2, seed=seed)
+    x, ids = good["x"], good["ids"]
+    return {
+        "x rank 1": dict(good, x=x[0]),
+        "x rank 3": dict(good, x=x[None]),
+        "x int": dict(good, x=x.to(torch.int32)),
+        "ids rank 1": dict(good, ids=ids[:, 0]),
+        "ids float": dict(good, ids=ids.float()),
+        "ids rows != N": dict(good, ids=ids[:5]),
+        "ids no columns": dict(good, ids=ids[:, :0]),
+        "ids >= E": dict(good, ids=torch.where(ids == ids.max(), 4, ids)),
+        "ids < -1": dict(good, ids=torch.where(ids == ids.max(), -2, ids)),
+        "num_experts 0": dict(good, num_experts=0),
+        "num_experts float": dict(good, num_experts=4.0),
+        "x on another device": dict(good, x=x.to("meta")),
+    }
+
+
+def _moe_unpermute_bad(seed):
+    good = inputs.make("moe_unpermute", N=6, D=8, E=4, top_k=2, seed=seed)
+    y, p, weights = good["y_sorted"], good["p"], good["weights"]
+    return {
+        "p not a Permutation": dict(good, p=(p.x, p.offsets, p.source)),
+        "y_sorted rank 1": dict(good, y_sorted=y[:, 0]),
+        "y_sorted rows != M": dict(good, y_sorted=y[1:]),
+        "y_sorted int": dict(good, y_sorted=y.to(torch.int32)),
+        "weights shape": dict(good, weights=weights[:, :1]),
+        "weights rank 1": dict(good, weights=weights.reshape(-1)),
+        "weights int": dict(good, weights=weights.to(torch.int32)),
+        "weights on another device": dict(good, weights=weights.to("meta")),
+    }
+
+
+def _grouped_gemm_bad(seed):
+    good = inputs.make("grouped_gemm", N=12, E=4, top_k=2, K=8, Nout=16, seed=seed)
+    x, w, offsets = good["x"], good["w"], good["offsets"]
+    swapped = offsets.clone()
+    swapped[1], swapped[2] = offsets[2] + 1, offsets[1]
+    return {
+        "x rank 3": dict(good, x=x[None]),
+        "w rank 2": dict(good, w=w[0]),
+        "w dtype != x": dict(good, w=w.half()),
+        "w K != x K": dict(good, w=w[:, :, :4]),
+        "offsets non-monotone": dict(good, offsets=swapped),
+        "offsets wrong length": dict(good, offsets=torch.cat([offsets, offsets[-1:]])),
+        "offsets end != M": dict(good, offsets=torch.cat([offsets[:-1], offsets[-1:] + 1])),
+        "offsets start != 0": dict(good, offsets=torch.cat([offsets[:1] + 1, offsets[1:]])),
+        "offsets float": dict(good, offsets=offsets.float()),
+        "offsets rank 2": dict(good, offsets=offsets[None]),
+        "w on another device": dict(good, w=w.to("meta")),
+    }
+
+
+def _moe_bad(seed):
+    good = inputs.make("moe", N=6, D=8, E=4, I=4, top_k=2, seed=seed)
+    x, weights, ids, w_gate_up, w_down = (good[k] for k in ("x", "weights", "ids", "w_gate_up", "w_down"))
+    return {
+        "x rank 1": dict(good, x=x[0]),
+        "x int": dict(good, x=x.to(torch.int32)),
+        "w_gate_up odd rows": dict(good, w_gate_up=w_gate_up[:, :7]),
+        "w_gate_up D != x D": dict(good, w_gate_up=w_gate_up[:, :, :4]),
+        "w_down shape": dict(good, w_down=w_down[:, :, :3]),
+        "w_down experts": dict(good, w_down=w_down[:3]),
+        "w_down dtype": dict(good, w_down=w_down.half()),
+        "ids >= E": dict(good, ids=torch.where(ids == ids.max(), 4, ids)),
+        "ids < -1": dict(good, ids=torch.where(ids == ids.max(), -2, ids)),
+        "ids float": dict(good, ids=ids.float()),
+        "ids rows != N": dict(good, ids=ids[:5], weights=weights[:5]),
+        "weights shape": dict(good, weights=weights[:, :1]),
+        "w_down on another device": dict(good, w_down=w_down.to("meta")),
+    }
+
+
+BAD_INPUTS = {"route": _route_bad, "moe_permute": _moe_permute_bad, "moe_unpermute": _moe_unpermute_bad,
+              "grouped_gemm": _grouped_gemm_bad, "moe": _moe_bad}
+
+
+@pytest.mark.parametrize("op, backend", [(op, name) for op in BAD_INPUTS for name in kernels.backends(op, "cpu")])
+def test_bad_input_raises_value_error_and_writes_nothing(op, backend, seed):
+    for what, args in BAD_INPUTS[op](seed).items():
+        before = _snapshot(args)
+        try:
+            kernels.get(op, backend)(**args)
+        except ValueError:
+            pass
+        else:
+            pytest.fail(f"{op}[{backend}] accepted bad input: {what} (seed={seed})")
+        _assert_unchanged(args, before, f"{op}[{backend}], {what}: ")
