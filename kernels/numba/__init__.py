@@ -13,4 +13,9 @@ BACKENDS = [
     Backend("moe_permute", "numba", "kernels.numba.moe:moe_permute", _CPU, requires=("numba",)),
     Backend("moe_unpermute", "numba", "kernels.numba.moe:moe_unpermute", _CPU, requires=("numba",)),
     Backend("moe", "numba", "kernels.numba.moe:moe", _CPU, requires=("numba",)),
+    Backend("gated_delta_rule", "numba_cuda", "kernels.numba.gpu_gated_delta_rule:gated_delta_rule", _CUDA,
+            requires=("numba",)),
+    Backend("moe_permute", "numba_cuda", "kernels.numba.gpu_moe:moe_permute", _CUDA, requires=("numba",)),
+    Backend("moe_unpermute", "numba_cuda", "kernels.numba.gpu_moe:moe_unpermute", _CUDA, requires=("numba",)),
+    Backend("grouped_gemm", "numba_cuda", "kernels.numba.gpu_moe:grouped_gemm", _CUDA, requires=("numba",)),
 ]

@@ -36,3 +36,19 @@ def sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None):
     bounds = cu_seqlens.to(torch.int64).cpu().numpy()
     N = bounds.shape[0] - 1
     return np.zeros(N, dtype=np.int64), bounds[:-1].copy(), bounds[1:].copy()
+
+
+def device_array(x: torch.Tensor):
+    """A numba.cuda view of a contiguous tensor without a copy: through __cuda_array_interface__ on a GPU, the
+    NumPy view on CPU tensors (what the simulator, NUMBA_ENABLE_CUDASIM=1, takes)."""
+    if x.is_cuda:
+        from numba import cuda
+
+        return cuda.as_cuda_array(x)
+    return x.numpy()
+
+
+def float32_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x as a contiguous float32 tensor on its device (the numba.cuda kernels compute in float32: numba has no
+    bfloat16 arrays, so half-precision inputs are converted at the edge)."""
+    return None if x is None else x.to(torch.float32).contiguous()
