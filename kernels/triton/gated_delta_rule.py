@@ -1,0 +1,368 @@
+"""The gated delta rule in Triton: chunked (prefill, WY/UT form) and recurrent (decode).
+
+Per value head h (key head h // (Hv // Hk)):
+    S' = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S'^T k_t);  S_t = S' + k_t u_t^T;  o_t = scale S_t^T q_t.
+
+Chunked, chunk BT = 64, G = within-chunk cumsum of g, S the state at the chunk start:
+    L = strictly lower (diag(beta) K K^T * exp(G_i - G_j)),  T = (I + L)^{-1}      (chunk_kkt_solve_kernel)
+    w = T (beta exp(G) K),  u = T (beta V)                                          (chunk_wy_kernel)
+    v_new = u - w S;  S_next = exp(G_last) S + K^T (exp(G_last - G) v_new)          (_chunk.chunk_state_kernel)
+    o = scale (exp(G) Q S + (causal(Q K^T) * exp(G_i - G_j)) v_new)                (_chunk.chunk_output_kernel)
+The inverse is computed as fla does: forward substitution on the four 16 x 16 diagonal blocks, then the
+block merge. Recurrent: one program per (sequence, value head, V tile) holds its state slice in registers
+and walks its tokens (recurrent_kernel).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton import AotSpec
+from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
+from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, aot_specs, chunk_cumsum, chunk_output,
+                                   chunk_state, num_chunks, prepare_chunk_layout)
+
+L2NORM_EPS = 1e-6
+SUB = 16  # the diagonal blocks of the forward substitution
+
+
+@triton.jit
+def l2norm_kernel(x, y, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr):
+    """y = x / sqrt(sum(x^2) + EPS) over the last dim, for x [rows, D]. Grid (cdiv(rows, BR),)."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    mask = (o_r < rows)[:, None] & (o_d < D)[None, :]
+    b_x = tl.load(x + o_r[:, None] * D + o_d[None, :], mask=mask, other=0.).to(tl.float32)
+    b_y = b_x / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)[:, None]
+    tl.store(y + o_r[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=mask)
+
+
+def l2norm(x):
+    """x [..., D] divided by sqrt(sum(x^2) + 1e-6) over its last dim, in x's dtype."""
+    D = x.shape[-1]
+    y = torch.empty_like(x)
+    rows = x.numel() // D
+    BD = triton.next_power_of_2(D)
+    BR = max(1, 4096 // BD)
+    l2norm_kernel[(triton.cdiv(rows, BR),)](x, y, rows, D=D, BD=BD, BR=BR, EPS=L2NORM_EPS, num_warps=4)
+    return y
+
+
+@triton.jit
+def _gated_block(b_A, b_gi, b_gj, b_bi, m_i, m_j, DIAG: tl.constexpr):
+    """One [SUB, SUB] block of L: beta_i exp(G_i - G_j) (k_i . k_j), zero outside the valid rows and columns
+    (and on and above the diagonal for a diagonal block)."""
+    mask = m_i[:, None] & m_j[None, :]
+    if DIAG:
+        o_i = tl.arange(0, b_A.shape[0])
+        mask &= o_i[:, None] > o_i[None, :]
+    return b_A * tl.exp(tl.where(mask, b_gi[:, None] - b_gj[None, :], float("-inf"))) * b_bi[:, None]
+
+
+@triton.jit
+def _diagonal_inverse(b_L, BC: tl.constexpr):
+    """(I + L)^{-1} of a strictly lower [BC, BC] block, by forward substitution row by row:
+    row i of Y = (I + L)^{-1} - I is -L_i - sum_{j < i} L_ij Y_j (rows 0 and 1 need no work)."""
+    o_i = tl.arange(0, BC)
+    b_Y = -b_L
+    for i in range(2, BC):
+        b_y = tl.sum(tl.where((o_i == i)[:, None], -b_L, 0.), 0)
+        b_y = tl.where(o_i < i, b_y, 0.)
+        b_y += tl.sum(b_y[:, None] * b_Y, 0)
+        b_Y = tl.where((o_i == i)[:, None], b_y[None, :], b_Y)
+    return b_Y + tl.where(o_i[:, None] == o_i[None, :], 1., 0.)
+
+
+@triton.jit
+def _load_rows(x, rows, H, i_h, o_d, D, mask):
+    """x[rows, i_h, o_d] of a [.., H, D] tensor, zero where masked."""
+    return tl.load(x + (rows * H + i_h)[:, None] * D + o_d[None, :], mask=mask[:, None] & (o_d < D)[None, :],
+                   other=0.)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_kkt_solve_kernel(k, g, beta, A, cu_seqlens, chunk_indices, T, H: tl.constexpr, HK: tl.constexpr,
+                           K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                           IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+    """A = (I + L)^{-1} per chunk, L = strictly lower(diag(beta) K K^T * exp(G_i - G_j)). Grid (chunks, B * H).
+
+    k [B, T, HK, K]; g [B, T, H] float32 within-chunk cumsum; beta [B, T, H]; writes A [B, T, H, BT] on and
+    below the diagonal of each chunk (the rest is never read). BT = 4 BC: ten [BC, BC] blocks of K K^T
+    accumulate over K tiles of BK, the four diagonal blocks are inverted by forward substitution, then merged.
+    """
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
+    if i_t < 0:
+        return
+    o_i = tl.arange(0, BC)
+    t0 = i_t * BT + o_i
+    t1, t2, t3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
+    m0, m1, m2, m3 = t0 < T, t1 < T, t2 < T, t3 < T
+    r0, r1, r2, r3 = bos + t0, bos + t1, bos + t2, bos + t3
+
+    b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A20 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A21 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A30 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A31 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A32 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k0 = _load_rows(k, r0, HK, i_hk, o_k, K, m0)
+        b_k1 = _load_rows(k, r1, HK, i_hk, o_k, K, m1)
+        b_k2 = _load_rows(k, r2, HK, i_hk, o_k, K, m2)
+        b_k3 = _load_rows(k, r3, HK, i_hk, o_k, K, m3)
+        b_A00 = tl.dot(b_k0, tl.trans(b_k0), b_A00, input_precision=PRECISION)
+        b_A10 = tl.dot(b_k1, tl.trans(b_k0), b_A10, input_precision=PRECISION)
+        b_A11 = tl.dot(b_k1, tl.trans(b_k1), b_A11, input_precision=PRECISION)
+        b_A20 = tl.dot(b_k2, tl.trans(b_k0), b_A20, input_precision=PRECISION)
+        b_A21 = tl.dot(b_k2, tl.trans(b_k1), b_A21, input_precision=PRECISION)
+        b_A22 = tl.dot(b_k2, tl.trans(b_k2), b_A22, input_precision=PRECISION)
+        b_A30 = tl.dot(b_k3, tl.trans(b_k0), b_A30, input_precision=PRECISION)
+        b_A31 = tl.dot(b_k3, tl.trans(b_k1), b_A31, input_precision=PRECISION)
+        b_A32 = tl.dot(b_k3, tl.trans(b_k2), b_A32, input_precision=PRECISION)
+        b_A33 = tl.dot(b_k3, tl.trans(b_k3), b_A33, input_precision=PRECISION)
+
+    b_g0 = tl.load(g + r0 * H + i_h, mask=m0, other=0.)
+    b_g1 = tl.load(g + r1 * H + i_h, mask=m1, other=0.)
+    b_g2 = tl.load(g + r2 * H + i_h, mask=m2, other=0.)
+    b_g3 = tl.load(g + r3 * H + i_h, mask=m3, other=0.)
+    b_b0 = tl.load(beta + r0 * H + i_h, mask=m0, other=0.).to(tl.float32)
+    b_b1 = tl.load(beta + r1 * H + i_h, mask=m1, other=0.).to(tl.float32)
+    b_b2 = tl.load(beta + r2 * H + i_h, mask=m2, other=0.).to(tl.float32)
+    b_b3 = tl.load(beta + r3 * H + i_h, mask=m3, other=0.).to(tl.float32)
+    b_A00 = _gated_block(b_A00, b_g0, b_g0, b_b0, m0, m0, True)
+    b_A10 = _gated_block(b_A10, b_g1, b_g0, b_b1, m1, m0, False)
+    b_A11 = _gated_block(b_A11, b_g1, b_g1, b_b1, m1, m1, True)
+    b_A20 = _gated_block(b_A20, b_g2, b_g0, b_b2, m2, m0, False)
+    b_A21 = _gated_block(b_A21, b_g2, b_g1, b_b2, m2, m1, False)
+    b_A22 = _gated_block(b_A22, b_g2, b_g2, b_b2, m2, m2, True)
+    b_A30 = _gated_block(b_A30, b_g3, b_g0, b_b3, m3, m0, False)
+    b_A31 = _gated_block(b_A31, b_g3, b_g1, b_b3, m3, m1, False)
+    b_A32 = _gated_block(b_A32, b_g3, b_g2, b_b3, m3, m2, False)
+    b_A33 = _gated_block(b_A33, b_g3, b_g3, b_b3, m3, m3, True)
+
+    b_Ai00 = _diagonal_inverse(b_A00, BC)
+    b_Ai11 = _diagonal_inverse(b_A11, BC)
+    b_Ai22 = _diagonal_inverse(b_A22, BC)
+    b_Ai33 = _diagonal_inverse(b_A33, BC)
+    # Block forward substitution: Ai_rc = -Ai_rr sum_{c <= j < r} L_rj Ai_jc.
+    b_Ai10 = -tl.dot(tl.dot(b_Ai11, b_A10, input_precision=PRECISION), b_Ai00, input_precision=PRECISION)
+    b_Ai21 = -tl.dot(tl.dot(b_Ai22, b_A21, input_precision=PRECISION), b_Ai11, input_precision=PRECISION)
+    b_Ai32 = -tl.dot(tl.dot(b_Ai33, b_A32, input_precision=PRECISION), b_Ai22, input_precision=PRECISION)
+    b_Ai20 = -tl.dot(b_Ai22, tl.dot(b_A20, b_Ai00, input_precision=PRECISION)
+                     + tl.dot(b_A21, b_Ai10, input_precision=PRECISION), input_precision=PRECISION)
+    b_Ai31 = -tl.dot(b_Ai33, tl.dot(b_A31, b_Ai11, input_precision=PRECISION)
+                     + tl.dot(b_A32, b_Ai21, input_precision=PRECISION), input_precision=PRECISION)
+    b_Ai30 = -tl.dot(b_Ai33, tl.dot(b_A30, b_Ai00, input_precision=PRECISION)
+                     + tl.dot(b_A31, b_Ai10, input_precision=PRECISION)
+                     + tl.dot(b_A32, b_Ai20, input_precision=PRECISION), input_precision=PRECISION)
+
+    dtype = A.dtype.element_ty
+    tl.store(A + (r0 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai00.to(dtype), mask=m0[:, None])
+    tl.store(A + (r1 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai10.to(dtype), mask=m1[:, None])
+    tl.store(A + (r1 * H + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai11.to(dtype), mask=m1[:, None])
+    tl.store(A + (r2 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai20.to(dtype), mask=m2[:, None])
+    tl.store(A + (r2 * H + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai21.to(dtype), mask=m2[:, None])
+    tl.store(A + (r2 * H + i_h)[:, None] * BT + 2 * BC + o_i[None, :], b_Ai22.to(dtype), mask=m2[:, None])
+    tl.store(A + (r3 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai30.to(dtype), mask=m3[:, None])
+    tl.store(A + (r3 * H + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai31.to(dtype), mask=m3[:, None])
+    tl.store(A + (r3 * H + i_h)[:, None] * BT + 2 * BC + o_i[None, :], b_Ai32.to(dtype), mask=m3[:, None])
+    tl.store(A + (r3 * H + i_h)[:, None] * BT + 3 * BC + o_i[None, :], b_Ai33.to(dtype), mask=m3[:, None])
+
+
+_kkt_solve_tuned = autotune(
+    configs=[triton.Config({"BK": BK}, num_warps=num_warps) for BK in (64, 32) for num_warps in (4, 2)],
+    key=["H", "HK", "K"])(chunk_kkt_solve_kernel)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_wy_kernel(k, v, beta, g, A, w, u, cu_seqlens, chunk_indices, T, H: tl.constexpr, HK: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+    """w = A (beta exp(G) K), u = A (beta V) per chunk. Grid (chunks, B * H).
+
+    k [B, T, HK, K]; v [B, T, H, V]; beta [B, T, H]; g [B, T, H] float32 cumsum; A [B, T, H, BT] from
+    chunk_kkt_solve_kernel (only its lower triangle is read); writes w [B, T, H, K], u [B, T, H, V].
+    """
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
+    if i_t < 0:
+        return
+    o_t = tl.arange(0, BT)
+    m_t = i_t * BT + o_t < T
+    rows = bos + i_t * BT + o_t
+    b_A = tl.load(A + (rows * H + i_h)[:, None] * BT + o_t[None, :],
+                  mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.)
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_v = _load_rows(v, rows, H, i_h, o_v, V, m_t)
+        b_u = tl.dot(b_A, (b_v * b_beta[:, None]).to(b_A.dtype), input_precision=PRECISION)
+        tl.store(u + (rows * H + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty),
+                 mask=m_t[:, None] & (o_v < V)[None, :])
+    b_kscale = b_beta * tl.exp(b_g)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = _load_rows(k, rows, HK, i_hk, o_k, K, m_t)
+        b_w = tl.dot(b_A, (b_k * b_kscale[:, None]).to(b_A.dtype), input_precision=PRECISION)
+        tl.store(w + (rows * H + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty),
+                 mask=m_t[:, None] & (o_k < K)[None, :])
+
+
+_wy_tuned = autotune(
+    configs=[triton.Config({"BK": 64, "BV": 64}, num_warps=num_warps, num_stages=num_stages)
+             for num_warps in (4, 8) for num_stages in (2, 3)],
+    key=["H", "HK", "K", "V"])(chunk_wy_kernel)
+
+
+def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, layout):
+    B, T, HK, K = k.shape
+    H = v.shape[2]
+    chunk_indices, chunk_offsets = layout if cu_seqlens is not None else (None, None)
+    g_cum = chunk_cumsum(g, cu_seqlens, chunk_indices)
+    grid = (num_chunks(B, T, cu_seqlens), B * H)
+    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, HK=HK, K=K, BT=CHUNK,
+                  IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(k.dtype))
+    A = k.new_empty(B, T, H, CHUNK)
+    _kkt_solve_tuned[grid](k=k, g=g_cum, beta=beta, A=A, BC=SUB, **common)
+    w = k.new_empty(B, T, H, K)
+    u = torch.empty_like(v)
+    _wy_tuned[grid](k=k, v=v, beta=beta, g=g_cum, A=A, w=w, u=u, V=v.shape[3], **common)
+    h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w)
+    o = chunk_output(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices)
+    return o, final
+
+
+@triton.jit(do_not_specialize=["T"])
+def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, H: tl.constexpr, HK: tl.constexpr,
+                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Token by token. One program per (V tile, sequence, value head) reads its state slice [BK, BV] once,
+    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * H).
+
+    q, k [B, T, HK, K]; v [B, T, H, V]; g, beta [B, T, H]; o [B, T, H, V]; h0, ht float32 [N, H, K, V].
+    """
+    i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = i_n * T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    state_offsets = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.)
+    for t in range(T):
+        row = bos + t
+        b_q = tl.load(q + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_k = tl.load(k + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + (row * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_g = tl.load(g + row * H + i_h).to(tl.float32)
+        b_beta = tl.load(beta + row * H + i_h).to(tl.float32)
+        if USE_QK_L2NORM:
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+        b_h *= tl.exp(b_g)
+        b_u = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
+        b_h += b_k[:, None] * b_u[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], 0) * scale
+        tl.store(o + (row * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    if STORE_FINAL_STATE:
+        tl.store(ht + state_offsets, b_h, mask=m_kv)
+
+
+def _fits_recurrent_tile(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if args["BK"] * c.kwargs["BV"] <= STATE_TILE
+            and c.kwargs["BV"] <= max(8, triton.next_power_of_2(args["V"]))]
+    return kept or configs[-1:]
+
+
+_recurrent_tuned = autotune(
+    configs=[triton.Config({"BV": BV}, num_warps=num_warps) for BV in (32, 16, 8, 64) for num_warps in (4, 2, 8)],
+    key=["H", "HK", "K", "V"], prune=_fits_recurrent_tile)(recurrent_kernel)
+
+
+def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                                cu_seqlens):
+    B, T, HK, K = k.shape
+    H, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = torch.empty_like(v)
+    final = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
+    _recurrent_tuned[grid](
+        q=q, k=k, v=v, g=g, beta=beta, o=o, h0=initial_state, ht=final, cu_seqlens=cu_seqlens, scale=scale, T=T,
+        H=H, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state, USE_QK_L2NORM=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None)
+    return o, final
+
+
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
+                     chunk_layout=None):
+    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or float32 [N, Hv, K, V];
+    cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout: optional precomputed
+    `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
+    Returns (o [B, T, Hv, V] in v's dtype, final state float32 [N, Hv, K, V] or None)."""
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    if mode == "recurrent":
+        return _recurrent_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm,
+                                           cu_seqlens)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if cu_seqlens is not None and chunk_layout is None:
+        chunk_layout = prepare_chunk_layout(cu_seqlens, q.shape[1])
+    return _chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, chunk_layout)
+
+
+def _aot_specs(Hk, Hv, K, V, dtype):
+    dt = TRITON_DTYPE[dtype]
+    module = "kernels.triton.gated_delta_rule"
+    label = f"K={K},V={V},Hk={Hk},Hv={Hv},{dt}"
+    common = dict(H=Hv, HK=Hk, K=K, BT=CHUNK, IS_VARLEN=False, PRECISION=dot_precision(dtype))
+    chunked = dict(cu_seqlens="*i32", chunk_indices="*i32", T="i32", H="constexpr", HK="constexpr",
+                   K="constexpr", BT="constexpr")
+    flags = dict(IS_VARLEN="constexpr", PRECISION="constexpr")
+    return [
+        AotSpec(f"gated_delta_rule.l2norm[K={K},{dt}]", f"{module}:l2norm_kernel",
+                dict(x=f"*{dt}", y=f"*{dt}", rows="i32", D="constexpr", BD="constexpr", BR="constexpr",
+                     EPS="constexpr"),
+                dict(D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K), EPS=L2NORM_EPS)),
+        AotSpec(f"gated_delta_rule.chunk_kkt_solve[{label},BK=64]", f"{module}:chunk_kkt_solve_kernel",
+                dict(k=f"*{dt}", g="*fp32", beta="*fp32", A=f"*{dt}", **chunked, BC="constexpr", BK="constexpr",
+                     **flags),
+                dict(common, BC=SUB, BK=64), num_warps=4),
+        AotSpec(f"gated_delta_rule.chunk_wy[{label},BK=64,BV=64]", f"{module}:chunk_wy_kernel",
+                dict(k=f"*{dt}", v=f"*{dt}", beta="*fp32", g="*fp32", A=f"*{dt}", w=f"*{dt}", u=f"*{dt}",
+                     **chunked, V="constexpr", BK="constexpr", BV="constexpr", **flags),
+                dict(common, V=V, BK=64, BV=64), num_warps=4, num_stages=2),
+        *aot_specs("gated_delta_rule.", H=Hv, HK=Hk, K=K, V=V, dtype=dtype, use_w=True, use_g=True),
+        AotSpec(f"gated_delta_rule.recurrent[{label},BV=32]", f"{module}:recurrent_kernel",
+                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", g="*fp32", beta="*fp32", o=f"*{dt}", h0="*fp32",
+                     ht="*fp32", cu_seqlens="*i32", scale="fp32", T="i32", H="constexpr", HK="constexpr",
+                     K="constexpr", V="constexpr", BK="constexpr", BV="constexpr", USE_INITIAL_STATE="constexpr",
+                     STORE_FINAL_STATE="constexpr", USE_QK_L2NORM="constexpr", IS_VARLEN="constexpr"),
+                dict(H=Hv, HK=Hk, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
+                     STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True), num_warps=4),
+    ]
+
+
+# Qwen3.5-35B-A3B (Hk 16, Hv 32) and Qwen3.5-397B-A17B (Hk 16, Hv 64) at TP1, K = V = 128, bf16.
+AOT_SPECS = _aot_specs(16, 32, 128, 128, torch.bfloat16) + _aot_specs(16, 64, 128, 128, torch.bfloat16)
