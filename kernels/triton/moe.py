@@ -238,7 +238,7 @@ def _block_table(offsets, row_map, max_blocks, block_m, contiguous):
     num_experts = offsets.numel() - 1
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=offsets.device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=offsets.device)
-    block_b = 64
+    block_b = max(8, 1024 // block_m)
     _align_kernel[(triton.cdiv(max_blocks, block_b),)](
         offsets, row_map, block_expert, num_blocks, num_experts, max_blocks, CONTIGUOUS=contiguous,
         BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_E=triton.next_power_of_2(num_experts))
@@ -448,11 +448,12 @@ def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, row_map_ptr, block_expert_ptr, n
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates per BLOCK_M, for the GPU autotuner. The gated variant
-# holds two accumulators, so BLOCK_N stays <= 128.
+# holds two accumulators and streams two weight tiles: with 128 x 128 tiles it spills at 4 warps and exceeds
+# sm_90's shared memory at BLOCK_K = 128 (checked with the AOT specs below), so those are left out.
 GEMM_CONFIGS = {
     16: [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4)],
     64: [(128, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3)],
-    128: [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3)],
 }
 
 
@@ -542,3 +543,78 @@ def moe(x, weights, ids, w_gate_up, w_down, path="auto"):
     _launch_gemm(h, w_down, y_slots, row_map, block_expert, num_blocks, N=D, K=I, block_m=block_m,
                  a_mapped=False, out_mapped=True, row_scale=weights.to(torch.float32).reshape(-1).contiguous())
     return _combine(y_slots, ids.reshape(-1), None, N, top_k, rows_are_slots=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time specs: every kernel at the Qwen3.5-35B-A3B layer shape in bf16 (hidden 2048, 256 experts, top-8,
+# expert size 512), for profiling.static. Unit strides are constexpr 1, as Triton specialises them at launch.
+
+
+def _spec(name, kernel, signature, constexprs, num_warps=4, num_stages=3):
+    types = {arg: "constexpr" if arg in constexprs else kind for arg, kind in signature.items()}
+    return AotSpec(name, f"kernels.triton.moe:{kernel}", types, constexprs, num_warps, num_stages)
+
+
+def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
+    block_e = triton.next_power_of_2(E)
+    i32 = "i32"
+    specs = [
+        _spec(f"moe.route[E={E},top_k={top_k},{dt}]", "_route_kernel",
+              dict(logits_ptr=f"*{dt}", weights_ptr="*fp32", ids_ptr="*i32", N=i32, E=i32, stride_ln=i32,
+                   stride_le=i32),
+              dict(stride_le=1, TOP_K=top_k, RENORMALIZE=True, BLOCK_N=max(1, min(16, 4096 // block_e)),
+                   BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k))),
+        _spec(f"moe.count[E={E}]", "_count_kernel",
+              dict(ids_ptr="*i32", chunk_counts_ptr="*i32", num_slots=i32, E=i32, slots_per_chunk=i32),
+              dict(BLOCK_S=SLOT_BLOCK, BLOCK_E=block_e)),
+        _spec(f"moe.scan[E={E}]", "_scan_kernel",
+              dict(chunk_counts_ptr="*i32", offsets_ptr="*i32", num_chunks=i32, E=i32),
+              dict(BLOCK_C=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e)),
+        _spec("moe.invert", "_invert_kernel", dict(source_ptr="*i64", row_of_slot_ptr="*i32", num_rows=i32),
+              dict(BLOCK=256)),
+        _spec(f"moe.gather_rows[D={D},{dt}]", "_gather_rows_kernel",
+              dict(x_ptr=f"*{dt}", source_ptr="*i64", out_ptr=f"*{dt}", num_rows=i32, D=i32, top_k=i32,
+                   stride_xn=i32, stride_xd=i32, stride_om=i32, stride_od=i32),
+              dict(stride_xd=1, stride_od=1, BLOCK_R=4, BLOCK_D=512)),
+    ]
+    for dest, align_m in (("*i64", 0), ("*i32", DECODE_BLOCK_M), ("*i32", 128)):
+        specs.append(_spec(f"moe.scatter[E={E},ALIGN_M={align_m}]", "_scatter_kernel",
+                           dict(ids_ptr="*i32", chunk_prefix_ptr="*i32", offsets_ptr="*i32", dest_ptr=dest,
+                                num_slots=i32, E=i32, slots_per_chunk=i32, dest_size=i32),
+                           dict(ALIGN_M=align_m, BLOCK_S=SLOT_BLOCK, BLOCK_E=block_e)))
+    for contiguous, block_m in ((False, DECODE_BLOCK_M), (False, 128), (True, 128)):
+        specs.append(_spec(f"moe.align[E={E},BLOCK_M={block_m},contiguous={contiguous}]", "_align_kernel",
+                           dict(offsets_ptr="*i32", row_map_ptr="*i32", block_expert_ptr="*i32",
+                                num_blocks_ptr="*i32", E=i32, max_blocks=i32),
+                           dict(CONTIGUOUS=contiguous, BLOCK_M=block_m, BLOCK_B=max(8, 1024 // block_m),
+                                BLOCK_E=block_e)))
+    for label, slot_map, rows_are_slots in (("unpermute", "*i32", False), ("layer", "*i32", True)):
+        specs.append(_spec(f"moe.combine[{label},D={D},{dt}]", "_combine_kernel",
+                           dict(y_ptr=f"*{dt}", slot_map_ptr=slot_map, weights_ptr="*fp32", out_ptr=f"*{dt}",
+                                N=i32, D=i32, top_k=i32, stride_ym=i32, stride_yd=i32, stride_on=i32,
+                                stride_od=i32),
+                           dict(stride_yd=1, stride_od=1, ROWS_ARE_SLOTS=rows_are_slots,
+                                WEIGHTED=not rows_are_slots, BLOCK_T=1, BLOCK_D=1024)))
+    gemm_signature = dict(a_ptr=f"*{dt}", w_ptr=f"*{dt}", out_ptr=f"*{dt}", row_map_ptr="*i32",
+                          block_expert_ptr="*i32", num_blocks_ptr="*i32", row_scale_ptr="*fp32", N=i32, K=i32,
+                          a_row_div=i32, up_offset=i32, stride_am=i32, stride_ak=i32, stride_we=i32, stride_wn=i32,
+                          stride_wk=i32, stride_om=i32, stride_on=i32)
+    unit = dict(stride_ak=1, stride_wk=1, stride_on=1)
+    gate_up = dict(A_MAPPED=True, OUT_MAPPED=False, GATED=True, SCALED=False)
+    down = dict(A_MAPPED=False, OUT_MAPPED=True, GATED=False, SCALED=True)
+    plain = dict(A_MAPPED=True, OUT_MAPPED=True, GATED=False, SCALED=False)
+    variants = [("gate_up", gate_up, block_m, config) for block_m in (DECODE_BLOCK_M, 128)
+                for config in GEMM_CONFIGS[block_m]]
+    variants += [("down", down, block_m, config) for block_m in (DECODE_BLOCK_M, 128)
+                 for config in GEMM_CONFIGS[block_m]]
+    variants += [("grouped", plain, 128, GEMM_CONFIGS[128][0])]
+    shapes = {"gate_up": f"N={I},K={D}", "down": f"N={D},K={I}", "grouped": f"N={2 * I},K={D}"}
+    for label, flags, block_m, (block_n, block_k, warps, stages) in variants:
+        specs.append(_spec(f"moe.gemm[{label},{shapes[label]},{dt},BM={block_m},BN={block_n},BK={block_k},"
+                           f"w={warps},s={stages}]", "_grouped_gemm_kernel", gemm_signature,
+                           dict(unit, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                           num_warps=warps, num_stages=stages))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
