@@ -9,18 +9,20 @@ state S0 at the chunk's start (see fla's chunk_gated_delta_rule and the DeltaNet
   S1 = exp(gcum_C) S0 + (k exp(gcum_C - gcum))^T v_new
 Everything but v_new, o's first term and S1 is computed for all chunks at once; k k^T and q k^T once per key
 head (value head h reads key head h // (Hv // Hk)), never on repeated keys. The sequential pass over chunks does
-two matmuls per chunk: [w; gamma q] S0 fused in one, then the state write (kernels/torch/linear_attention.py).
+two matmuls per chunk, v_new and the state write, and keeps every chunk's starting state, so that the outputs'
+reads of the state are one batched matmul afterwards (as fla's chunk_fwd_h / chunk_fwd_o split the work).
 """
 import torch
 
-from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_matrix, initial_states,
-                                            l2norm_, recurrent_pass, state_pass)
+from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_matrix, l2norm_,
+                                            recurrent_pass, state_buffer, state_pass)
 
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-               state: torch.Tensor) -> torch.Tensor:
+               initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V];
-    g, beta [NC, N, Hk, G, C]; state [N, Hk * G, K, V], updated in place. Returns o [NC, N, Hk, G, C, V]."""
+    g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V].
+    Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
@@ -28,21 +30,24 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     gamma = gcum.exp()
     decay = decay_matrix(gcum)  # [NC, N, Hk, G, C, C]
     kt = k.transpose(-1, -2)
-    attn = torch.matmul(q, kt).unsqueeze(3) * decay
-    # Only the strict lower triangle of A - I is read (unitriangular solve): no mask needed on the diagonal.
+    attn = torch.matmul(q, kt).unsqueeze(3).mul(decay)
+    # Only the strict lower triangle of A - I is read (unitriangular): no mask needed on the diagonal.
     lower = decay.mul_(torch.matmul(k, kt).unsqueeze(3)).mul_(beta[..., None])
+    # A^-1 once, then u and w by one matmul: a batched triangular solve with 64 right-hand sides is much faster
+    # on CPU than one with V + K of them.
+    eye = torch.eye(C, dtype=k.dtype, device=k.device).expand_as(lower)
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
     rhs = torch.empty(NC, N, Hk, G, C, V + K, dtype=v.dtype, device=v.device)
     torch.mul(v, beta[..., None], out=rhs[..., :V])
     torch.mul(k.unsqueeze(3), (beta * gamma)[..., None], out=rhs[..., V:])
-    uw = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    reads = torch.empty(NC, N, Hk, G, 2 * C, K, dtype=v.dtype, device=v.device)
-    reads[..., :C, :] = uw[..., V:]
-    torch.mul(q.unsqueeze(3), gamma[..., None], out=reads[..., C:, :])
-    keys = k.unsqueeze(3) * (gcum[..., -1:] - gcum).exp_()[..., None]
-    values = uw[..., :V]
-    out = state_pass(reads.view(NC, M, 2 * C, K), keys.view(NC, M, C, K), values.view(NC, M, C, V),
-                     gamma[..., -1].reshape(NC, M), state.view(M, K, V), delta=True)
-    return out.view(NC, N, Hk, G, 2 * C, V)[..., C:, :].add_(torch.matmul(attn, values))
+    uw = torch.matmul(inverse, rhs).view(NC, M, C, V + K)
+    u, w = uw[..., :V], uw[..., V:]
+    keys = (k.unsqueeze(3) * (gcum[..., -1:] - gcum).exp_()[..., None]).view(NC, M, C, K)
+    states = state_buffer(initial_state, NC, N, Hk * G, K, V, v.dtype, v.device)
+    state_pass(keys, u, gamma[..., -1].reshape(NC, M), states, w=w)  # u becomes v_new
+    o = torch.matmul((q.unsqueeze(3) * gamma[..., None]).view(NC, M, C, K), states[:NC])
+    o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), u.view(NC * M, C, V))
+    return o.view(NC, N, Hk, G, C, V), states[NC]
 
 
 @torch.no_grad()
@@ -66,12 +71,12 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
         qc.mul_(scale)
     vc = layout.to_chunks(v, dtype).view(NC, N, Hk, G, C, V)
     gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, G, C) for x in (g, beta))
-    state = initial_states(initial_state, N, Hv, K, V, dtype, q.device)
     if mode == "chunk":
-        o = wy_chunked(qc, kc, vc, gc, bc, state)
+        o, state = wy_chunked(qc, kc, vc, gc, bc, initial_state)
+        state = state.view(N, Hv, K, V).clone() if output_final_state else None
     else:
+        state = state_buffer(initial_state, 0, N, Hv, K, V, dtype, q.device)[0]
         by_key_head = state.view(N, Hk, G, K, V).transpose(2, 3).contiguous()  # [N, Hk, K, G, V]
         o = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], by_key_head)
-        state.view(N, Hk, G, K, V).copy_(by_key_head.transpose(2, 3))
-    o = layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype)
-    return o, state if output_final_state else None
+        state = by_key_head.transpose(2, 3).reshape(N, Hv, K, V) if output_final_state else None
+    return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state

@@ -87,25 +87,20 @@ def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
     return (gcum[..., :, None] - gcum[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
 
 
-def state_pass(reads: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor,
-               state: torch.Tensor, delta: bool) -> torch.Tensor:
-    """The sequential pass over chunks: the only state-dependent work, one fused read and one write per chunk.
+def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, states: torch.Tensor,
+               w: torch.Tensor | None = None) -> None:
+    """The sequential pass over chunks: the only state-dependent work, two matmuls per chunk at most.
 
-    reads [NC, M, R, K]: rows multiplied by the state at each chunk's start (M = sequences x value heads);
-    keys [NC, M, C, K], values [NC, M, C, V]: the chunk's write, S <- chunk_decay S + keys^T values;
-    chunk_decay [NC, M]; state [M, K, V], updated in place.
-    delta: the first C reads are w (the delta rule): values -= w S before the write (values updated in place).
-    Returns reads @ S for every chunk, [NC, M, R, V]."""
-    NC, M, R, _ = reads.shape
-    C = keys.shape[2]
-    out = torch.empty(NC, M, R, state.shape[-1], dtype=state.dtype, device=state.device)
+    keys [NC, M, C, K], values [NC, M, C, V] (M = sequences x value heads): chunk j writes
+    S_{j+1} = chunk_decay_j S_j + keys_j^T values_j; chunk_decay [NC, M].
+    states [NC + 1, M, K, V]: states[0] holds the initial state; fills states[j] = S_j, the state at the start
+    of chunk j (the outputs then read all of them in one batched matmul), and states[NC], the final state.
+    w [NC, M, C, K] (the delta rule): values_j -= w_j S_j before the write (values updated in place)."""
     decay = chunk_decay[..., None, None]
-    for j in range(NC):
-        torch.matmul(reads[j], state, out=out[j])
-        if delta:
-            values[j].sub_(out[j, :, :C])
-        state.mul_(decay[j]).baddbmm_(keys[j].transpose(1, 2), values[j])
-    return out
+    for j in range(keys.shape[0]):
+        if w is not None:
+            values[j].baddbmm_(w[j], states[j], alpha=-1)
+        torch.mul(states[j], decay[j], out=states[j + 1]).baddbmm_(keys[j].transpose(1, 2), values[j])
 
 
 def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -136,26 +131,31 @@ def l2norm_(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return x.mul_(torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6).mul_(scale))
 
 
-def initial_states(initial_state, N, H, K, V, dtype, device) -> torch.Tensor:
-    """A fresh [N, H, K, V] state in dtype: a copy of initial_state (never written), or zeros."""
+def state_buffer(initial_state, NC, N, H, K, V, dtype, device) -> torch.Tensor:
+    """[NC + 1, N * H, K, V] in dtype for state_pass, states[0] = initial_state (copied, never written) or 0."""
+    states = torch.empty(NC + 1, N * H, K, V, dtype=dtype, device=device)
     if initial_state is None:
-        return torch.zeros(N, H, K, V, dtype=dtype, device=device)
-    return initial_state.to(dtype=dtype, copy=True)
+        states[0].zero_()
+    else:
+        states[0].copy_(initial_state.view(N * H, K, V))
+    return states
 
 
-def chunked(q, k, v, g, state, C):
+def chunked(q, k, v, g, initial_state):
     """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
-    g [NC, N, H, C]; state [N, H, K, V], updated in place. Returns o [NC, N, H, C, V]."""
-    NC, N, H, _, K = k.shape
+    g [NC, N, H, C]; initial_state None or [N, H, K, V]. Returns o [NC, N, H, C, V] and the final state
+    [N * H, K, V]."""
+    NC, N, H, C, K = k.shape
     V = v.shape[-1]
+    M = N * H
     gcum = g.cumsum(-1)
     gamma = gcum.exp()
     attn = torch.matmul(q, k.transpose(-1, -2)).mul_(decay_matrix(gcum))
-    reads = (q * gamma[..., None]).view(NC, N * H, C, K)
-    keys = (k * (gcum[..., -1:] - gcum).exp_()[..., None]).view(NC, N * H, C, K)
-    out = state_pass(reads, keys, v.view(NC, N * H, C, V), gamma[..., -1].reshape(NC, N * H),
-                     state.view(N * H, K, V), delta=False)
-    return out.view(NC, N, H, C, V).add_(attn @ v)
+    keys = k * (gcum[..., -1:] - gcum).exp_()[..., None]
+    states = state_buffer(initial_state, NC, N, H, K, V, q.dtype, q.device)
+    state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M), states)
+    o = torch.matmul((q * gamma[..., None]).view(NC, M, C, K), states[:NC])
+    return o.baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V)).view(NC, N, H, C, V), states[NC]
 
 
 @torch.no_grad()
@@ -177,11 +177,11 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
     qc = layout.to_chunks(q, dtype).mul_(scale)
     kc, vc, gc = (layout.to_chunks(x, dtype) for x in (k, v, g))
     N = layout.num_seqs
-    state = initial_states(initial_state, N, H, K, V, dtype, q.device)
     if mode == "chunk":
-        o = chunked(qc, kc, vc, gc, state, C)
+        o, state = chunked(qc, kc, vc, gc, initial_state)
     else:
+        state = state_buffer(initial_state, 0, N, H, K, V, dtype, q.device)[0]
         o = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0], None,
                            state.view(N, H, 1, K, V).transpose(2, 3))
         o = o.view(-1, N, H, 1, V)
-    return layout.from_chunks(o, v.dtype), state if output_final_state else None
+    return layout.from_chunks(o, v.dtype), state.view(N, H, K, V).clone() if output_final_state else None
