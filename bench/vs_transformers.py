@@ -1,0 +1,149 @@
+"""The issue's measurement on CPU: the lab's torch backend against transformers' pure-torch Qwen3.5 code.
+
+    python -m bench.vs_transformers [--parts gdr moe] [--repeats 5]
+
+(a) Chunked gated delta rule, B = 1, Hk = 2, Hv = 4, K = V = 128, float32, T = 2048 and 8192, q/k l2-normalised,
+    final state written: kernels' torch backend (mode="chunk") vs transformers' torch_chunk_gated_delta_rule.
+(b) The MoE experts at N = 1 and N = 512 tokens (hidden 2048, 256 experts, top-8, expert size 512, float32):
+    kernels' torch backend vs transformers' eager Qwen3_5MoeExperts.
+
+Each pair: median, p20 and p80 of --repeats timed calls after a warm-up call, under
+torch.inference_mode; the speedup of medians; the relative difference of their outputs (parity). The copy
+bandwidth and matmul rate of the machine are measured first: timings on a shared machine are noisy.
+Exits non-zero when a part could not run (e.g. the torch gated delta rule backend is missing).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import torch
+
+import kernels
+from bench import inputs
+from bench.timing import Timing, copy_gbps, device_name, matmul_tflops, time_cpu
+
+GDR_SHAPE = dict(B=1, Hk=2, Hv=4, K=128, V=128)
+GDR_LENGTHS = (2048, 8192)
+MOE_SHAPE = dict(D=2048, E=256, top_k=8, I=512)
+MOE_TOKENS = (1, 512)
+
+
+def _rel_diff(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def _line(label, timing: Timing):
+    return (f"  {label:<14} median {timing.median_ms:10.2f} ms   p20 {timing.p20_ms:10.2f}   "
+            f"p80 {timing.p80_ms:10.2f}   ({timing.repeats} runs)")
+
+
+def _compare(title, ours, theirs, args, parity):
+    """Times ours() and theirs() (a warm-up call each, then args.repeats calls) and prints the pair."""
+    print(title)
+    # an endless budget: exactly max_repeats timed calls, however long each one takes
+    timed = dict(budget_s=float("inf"), min_repeats=args.repeats, max_repeats=args.repeats, warmup=0)
+    with torch.inference_mode():
+        ours_out, theirs_out = ours(), theirs()
+        t_ours = time_cpu(ours, **timed)
+        t_theirs = time_cpu(theirs, **timed)
+    print(_line("kernels.torch", t_ours))
+    print(_line("transformers", t_theirs))
+    print(f"  speedup (median) {t_theirs.median_ms / t_ours.median_ms:.2f}x   parity: {parity(ours_out, theirs_out)}")
+    return t_ours, t_theirs
+
+
+def _transformers_chunk_gdr():
+    """transformers' pure-torch chunked gated delta rule (the original under its hub-kernel decorator)."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as qwen
+
+    fn = qwen.torch_chunk_gated_delta_rule
+    return getattr(fn, "__wrapped__", fn)
+
+
+def gated_delta_rule_part(args):
+    ours_fn = kernels.get("gated_delta_rule", "torch")  # BackendUnavailable / ImportError if missing
+    theirs_fn = _transformers_chunk_gdr()
+    for T in GDR_LENGTHS:
+        x = inputs.make("gated_delta_rule", **GDR_SHAPE, T=T, seed=T, use_qk_l2norm=True, output_final_state=True)
+
+        def ours():
+            return ours_fn(**x, mode="chunk")
+
+        def theirs():
+            return theirs_fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=None,
+                             output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+        def parity(a, b):
+            return f"rel diff o {_rel_diff(a[0], b[0]):.1e}, final state {_rel_diff(a[1], b[1]):.1e}"
+
+        _compare(f"gated delta rule, chunk, T = {T}, {GDR_SHAPE}, float32", ours, theirs, args, parity)
+
+
+def _expert_weights(D, E, I, seed=0):
+    """w_gate_up [E, 2I, D], w_down [E, D, I] drawn directly in float32 (bench.inputs.moe draws float64 first,
+    which at this size is 6.4 GB), scaled like nn.Linear's init."""
+    gen = torch.Generator().manual_seed(seed)
+    w_gate_up = torch.randn(E, 2 * I, D, generator=gen).mul_(D ** -0.5)
+    w_down = torch.randn(E, D, I, generator=gen).mul_(I ** -0.5)
+    return w_gate_up, w_down
+
+
+def moe_part(args):
+    D, E, top_k, I = (MOE_SHAPE[k] for k in ("D", "E", "top_k", "I"))
+    w_gate_up, w_down = _expert_weights(D, E, I)
+    ours_fn, theirs_fn = kernels.get("moe", "torch"), kernels.get("moe", "transformers")
+    for N in MOE_TOKENS:
+        weights, ids = inputs.routing_ids(N, E, top_k, seed=N)
+        x = torch.randn(N, D, generator=torch.Generator().manual_seed(N + 1))
+        active = int(ids.unique().numel())
+        floor_ms = active * 3 * D * I * 4 / (args.copy_gbps * 1e9) * 1e3
+        flops = 2 * N * top_k * 3 * D * I
+
+        def ours():
+            return ours_fn(x, weights, ids, w_gate_up, w_down)
+
+        def theirs():
+            return theirs_fn(x, weights, ids, w_gate_up, w_down)
+
+        def parity(a, b):
+            return f"rel diff y {_rel_diff(a, b):.1e}"
+
+        t_ours, _ = _compare(f"MoE experts, N = {N}, {MOE_SHAPE}, float32 ({active} active experts)",
+                             ours, theirs, args, parity)
+        print(f"  kernels.torch: {flops / t_ours.median_ms / 1e6:.1f} GFLOP/s (matmul ceiling "
+              f"{args.matmul_gflops:.0f}); weights floor {floor_ms:.2f} ms at {args.copy_gbps:.1f} GB/s "
+              f"({floor_ms / t_ours.median_ms:.0%} of it)")
+
+
+PARTS = {"gdr": gated_delta_rule_part, "moe": moe_part}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant, after a warm-up call")
+    args = parser.parse_args(argv)
+
+    print(f"device: {device_name('cpu')}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    args.copy_gbps = copy_gbps("cpu")
+    args.matmul_gflops = matmul_tflops(torch.float32, "cpu") * 1e3
+    print(f"measured now: copy {args.copy_gbps:.1f} GB/s (read + write), float32 matmul "
+          f"{args.matmul_gflops:.0f} GFLOP/s\n")
+    failed = []
+    for name in args.parts:
+        try:
+            PARTS[name](args)
+        except Exception:  # report the part that could not run, then go on with the others
+            print(f"PART {name!r} FAILED:\n{traceback.format_exc()}")
+            failed.append(name)
+        print()
+    if failed:
+        print(f"failed parts: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
