@@ -1,0 +1,118 @@
+"""Flash attention (forward) in Triton, with grouped KV heads: the quadratic baseline on the same toolchain.
+
+o_t = softmax(scale q_t K^T + causal mask) V. One program per (BM query rows, batch, query head) streams the
+keys and values of its KV head in blocks of BN with an online softmax (running max m, running sum l) in
+float32. Causal: key blocks past the last query row are skipped, and only the blocks that cross the diagonal
+pay for the mask. K, V longer than q (a KV cache) align bottom-right: query i sits at key position Tk - Tq + i.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton import AotSpec
+from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _attend_block(b_q, k, v, o_n, o_m, o_d, b_acc, b_m, b_l, qk_scale, shift, Tk, HKV, D: tl.constexpr,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block: scores in log2 units (qk_scale = scale * log2(e)), online-softmax update of
+    (b_acc [BM, BD], b_m, b_l). k, v point at the (batch, KV head) row 0; o_n are the block's key positions."""
+    m_n = o_n < Tk
+    b_k = tl.load(k + o_n[:, None] * HKV * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    if MASK:
+        visible = m_n[None, :]
+        if CAUSAL:
+            visible &= o_n[None, :] <= shift + o_m[:, None]
+        b_s = tl.where(visible, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_p = tl.math.exp2(b_s - b_m_new[:, None])
+    b_alpha = tl.math.exp2(b_m - b_m_new)
+    b_v = tl.load(v + o_n[:, None] * HKV * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.)
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
+    return b_acc, b_m_new, b_l * b_alpha + tl.sum(b_p, 1)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk"])
+def attention_kernel(q, k, v, o, qk_scale, Tq, Tk, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                     BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D]; o [B, Tq, HQ, D]; qk_scale = scale * log2(e).
+    Grid (cdiv(Tq, BM), B * HQ). BD = D padded to a power of two."""
+    i_m, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // (HQ // HKV)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_md = (o_m < Tq)[:, None] & (o_d < D)[None, :]
+    q_offsets = ((i_b * Tq + o_m) * HQ + i_h)[:, None] * D + o_d[None, :]
+    b_q = tl.load(q + q_offsets, mask=m_md, other=0.)
+    k += (i_b * Tk * HKV + i_hk) * D
+    v += (i_b * Tk * HKV + i_hk) * D
+
+    shift = Tk - Tq  # query row i sits at key position shift + i
+    if CAUSAL:
+        # Keys up to the first row's position are visible to the whole block: no mask before `unmasked_end`.
+        unmasked_end = (shift + i_m * BM + 1) // BN * BN
+        end = tl.minimum(Tk, shift + (i_m + 1) * BM)
+    else:
+        unmasked_end = Tk // BN * BN
+        end = Tk
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    for start in range(0, unmasked_end, BN):
+        b_acc, b_m, b_l = _attend_block(b_q, k, v, start + tl.arange(0, BN), o_m, o_d, b_acc, b_m, b_l, qk_scale,
+                                        shift, Tk, HKV, D, False, CAUSAL, PRECISION)
+    for start in range(unmasked_end, end, BN):
+        b_acc, b_m, b_l = _attend_block(b_q, k, v, start + tl.arange(0, BN), o_m, o_d, b_acc, b_m, b_l, qk_scale,
+                                        shift, Tk, HKV, D, True, CAUSAL, PRECISION)
+    # Every row sees key 0 at least, so b_l > 0 (padding rows past Tq too: they are not stored).
+    tl.store(o + q_offsets, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_md)
+
+
+def _fits_head_dim(configs, named_args, **kwargs):
+    """Keep the block shapes whose [BM, BD] accumulator and [BN, BD] tiles suit this head dim."""
+    BD = {**named_args, **kwargs}["BD"]
+    kept = [c for c in configs if c.kwargs["BM"] * BD <= 64 * 256 and c.kwargs["BN"] * BD <= 64 * 256]
+    return kept or configs[-1:]
+
+
+_attention_tuned = autotune(
+    configs=[triton.Config({"BM": BM, "BN": BN}, num_warps=num_warps, num_stages=num_stages)
+             for BM, BN in ((64, 64), (128, 64), (64, 32), (128, 32)) for num_warps in (4, 8)
+             for num_stages in (2, 3)],
+    key=["HQ", "HKV", "D", "CAUSAL"], prune=_fits_head_dim)(attention_kernel)
+
+
+def attention(q, k, v, causal, scale):
+    """q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] (Tk >= Tq, Hq % Hkv == 0). Returns o [B, Tq, Hq, D] in v's dtype."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, Tq, HQ, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    o = torch.empty_like(q, dtype=v.dtype)
+    grid = lambda meta: (triton.cdiv(Tq, meta["BM"]), B * HQ)  # noqa: E731
+    _attention_tuned[grid](q=q, k=k, v=v, o=o, qk_scale=scale * LOG2E, Tq=Tq, Tk=Tk, HQ=HQ, HKV=HKV, D=D,
+                           BD=triton.next_power_of_2(D), CAUSAL=causal, PRECISION=dot_precision(q.dtype))
+    return o
+
+
+def _aot_spec(HQ, HKV, D, BM, BN, num_warps, dtype=torch.bfloat16):
+    dt = TRITON_DTYPE[dtype]
+    return AotSpec(f"attention[Hq={HQ},Hkv={HKV},D={D},{dt},BM={BM},BN={BN}]",
+                   "kernels.triton.attention:attention_kernel",
+                   dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", o=f"*{dt}", qk_scale="fp32", Tq="i32", Tk="i32",
+                        HQ="constexpr", HKV="constexpr", D="constexpr", BD="constexpr", BM="constexpr",
+                        BN="constexpr", CAUSAL="constexpr", PRECISION="constexpr"),
+                   dict(HQ=HQ, HKV=HKV, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, CAUSAL=True,
+                        PRECISION=dot_precision(dtype)), num_warps=num_warps, num_stages=2)
+
+
+# Qwen3.5-35B-A3B's attention layers (Hq 16, Hkv 2, D 256) and Qwen3-30B-A3B's (Hq 32, Hkv 4, D 128).
+AOT_SPECS = [_aot_spec(16, 2, 256, 64, 64, 8), _aot_spec(16, 2, 256, 64, 32, 4), _aot_spec(32, 4, 128, 128, 64, 8),
+             _aot_spec(32, 4, 128, 64, 64, 4)]
