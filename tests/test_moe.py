@@ -384,3 +384,14 @@ def test_bad_input_raises_value_error_and_writes_nothing(op, backend, seed):
         else:
             pytest.fail(f"{op}[{backend}] accepted bad input: {what} (seed={seed})")
         _assert_unchanged(args, before, f"{op}[{backend}], {what}: ")
+
+
+def test_transformers_peer_holds_the_callers_weights():
+    """The transformers peer wraps the given expert weights without copying them."""
+    pytest.importorskip("transformers")
+    from kernels.peers.moe import _transformers_experts
+
+    args = inputs.make("moe", N=4, E=4, top_k=2, D=16, I=8)
+    experts = _transformers_experts(args["w_gate_up"], args["w_down"])
+    assert experts.gate_up_proj.data_ptr() == args["w_gate_up"].data_ptr()
+    assert experts.down_proj.data_ptr() == args["w_down"].data_ptr()
