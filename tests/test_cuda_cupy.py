@@ -1,0 +1,176 @@
+"""The cuda (CUDA C++ through NVRTC) and cupy backends.
+
+Without a GPU: every kernels/cuda/*.cu compiles with nvcc for sm_90 with no register spills in its main kernels,
+the grouped GEMM is built on tensor-core instructions, and the host-side part of the cuda chunked gated delta
+rule (torch's WY solve and outputs around the CUDA state pass) is exact when a torch model of the kernel stands in
+for it. On a GPU (marked gpu): parity of every cuda and cupy backend with the float64 reference in float32,
+float16 and bfloat16, edge cases included.
+"""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from bench import inputs
+from kernels import registry
+from kernels.cuda import SOURCES
+from profiling.static import parse_ptxas
+from tests.conftest import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
+
+CUDA_DIR = Path(kernels.__file__).parent / "cuda"
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) not found on this machine")
+
+
+def _nvcc(source, *flags):
+    result = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-I", str(CUDA_DIR), *flags, str(CUDA_DIR / source)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"nvcc failed on {source}:\n{result.stderr[-3000:]}"
+    return result
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_cu_compiles_for_sm90_without_spills(source, tmp_path):
+    report = _nvcc(source, "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "kernel.cubin"))
+    entries = parse_ptxas(report.stdout + report.stderr)
+    for prefix in SOURCES[source]:
+        found = {name: entry for name, entry in entries.items() if prefix in name}
+        assert found, f"{source}: no instantiation of {prefix} in the cubin"
+        for name, entry in found.items():
+            assert entry["spill_store_bytes"] == 0 and entry["spill_load_bytes"] == 0, f"{name} spills: {entry}"
+            assert entry["stack_bytes"] == 0, f"{name} uses a stack frame (local memory): {entry}"
+
+
+@needs_nvcc
+def test_grouped_gemm_runs_on_tensor_cores(tmp_path):
+    """Every instantiation of moe_grouped_gemm issues warp-level MMA (wmma.mma.sync in PTX, HMMA in SASS)."""
+    _nvcc("moe.cu", "-ptx", "-o", str(tmp_path / "moe.ptx"))
+    ptx = (tmp_path / "moe.ptx").read_text()
+    bodies = re.split(r"\.visible \.entry ", ptx)[1:]
+    gemms = {body.split("(", 1)[0]: body for body in bodies if "moe_grouped_gemm" in body.split("(", 1)[0]}
+    assert len(gemms) == 3, f"expected float, half and bfloat16 instantiations, got {list(gemms)}"
+    for name, body in gemms.items():
+        assert "wmma.mma.sync" in body, f"{name} has no tensor-core MMA"
+
+
+def _torch_state_pass(k, w, u, gcum, h0):
+    """What gdr_chunk_state computes, in torch (kernels/cuda/gated_delta_rule.cu documents it)."""
+    from kernels.cuda.gated_delta_rule import CHUNK
+
+    N, Hv, Tp, K = k.shape
+    S = torch.zeros(N, Hv, K, u.shape[-1]) if h0 is None else h0.clone()
+    states, values = [], []
+    for start in range(0, Tp, CHUNK):
+        span = slice(start, start + CHUNK)
+        states.append(S.clone())
+        v_new = u[:, :, span] - w[:, :, span] @ S
+        values.append(v_new)
+        last = gcum[:, :, start + CHUNK - 1]
+        decay = (last[..., None] - gcum[:, :, span]).exp()
+        S = last.exp()[..., None, None] * S + (k[:, :, span] * decay[..., None]).transpose(-1, -2) @ v_new
+    return torch.stack(states, 2), torch.cat(values, 2), S
+
+
+GDR_CASES = {
+    "one_token": dict(T=1),
+    "chunk_tail_initial_state": dict(T=70, initial_state=True),
+    "packed_with_length_one": dict(seqlens=[5, 1, 130], initial_state=True),
+    "strong_decay_beta_high_no_l2norm": dict(B=2, T=64, gate="strong", beta="high", use_qk_l2norm=False),
+    "no_decay_beta_low": dict(T=40, gate="zero", beta="low"),
+}
+
+
+@pytest.mark.parametrize("case", GDR_CASES.values(), ids=GDR_CASES.keys())
+def test_cuda_chunk_host_side_on_cpu(case, seed):
+    from kernels.cuda.gated_delta_rule import chunk_gated_delta_rule
+
+    args = kernels.validate.gated_delta_rule(**inputs.gated_delta_rule(seed=seed, **case))
+    ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
+    del args["mode"]
+    o, s = chunk_gated_delta_rule(**args, state_pass=_torch_state_pass)
+    assert_close(o, ref_o, torch.float32, "chunk o", seed)
+    assert_close(s, ref_s, torch.float32, "chunk final state", seed)
+
+
+# ---- GPU parity (skipped without a CUDA GPU) ----
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_BACKENDS = [name for name in ("cuda", "cupy") if name in registry.registered("moe_permute")]
+
+
+def _names(op):
+    return [name for name in GPU_BACKENDS if name in registry.registered(op)]
+
+
+def _tolerance(dtype):
+    return TOLERANCE_TF32 if dtype == torch.float32 else TOLERANCE[dtype]
+
+
+GPU_GDR_CASES = dict(GDR_CASES, decode_batch=dict(B=64, T=1, Hk=16, Hv=32, K=128, V=128, initial_state=True),
+                     head_dim_128=dict(B=2, T=200, Hk=2, Hv=4, K=128, V=128, initial_state=True),
+                     odd_head_dims=dict(T=9, K=24, V=40))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["recurrent", "chunk"])
+@pytest.mark.parametrize("case", GPU_GDR_CASES.values(), ids=GPU_GDR_CASES.keys())
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("backend", _names("gated_delta_rule"))
+def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
+    args = inputs.gated_delta_rule(dtype=dtype, seed=seed, device="cuda", **case)
+    ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
+    before = None if args["initial_state"] is None else args["initial_state"].clone()
+    with poisoned_allocations():
+        o, s = kernels.gated_delta_rule(**args, mode=mode, backend=backend)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    # the chunked host side runs float32 matmuls, which may use tf32
+    tol = max(_tolerance(dtype), TOLERANCE_TF32) if mode == "chunk" else TOLERANCE[dtype]
+    assert_close(o, ref_o, dtype, f"{backend} {mode} o", seed, tol=tol)
+    assert_close(s, ref_s, torch.float32, f"{backend} {mode} state", seed, tol=max(tol, TOLERANCE[torch.float32]))
+    if before is not None:
+        assert torch.equal(args["initial_state"], before), "the caller's initial state was written"
+
+
+MOE_CASES = {
+    "one_token": dict(N=1, E=4, top_k=2),
+    "uniform": dict(N=300, E=8, top_k=2),
+    "skewed_empty_experts": dict(N=64, E=16, top_k=4, routing="skewed"),
+    "one_expert": dict(N=33, E=8, top_k=1, routing="one_expert"),
+    "top_k_equals_E_int64": dict(N=16, E=4, top_k=4, id_dtype=torch.int64),
+    "dropped_slots_int64": dict(N=600, E=8, top_k=3, drop=0.3, id_dtype=torch.int64),
+    "all_dropped": dict(N=5, E=4, top_k=2, drop=1.0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MOE_CASES.values(), ids=MOE_CASES.keys())
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("backend", _names("moe_permute"))
+def test_moe_kernels_on_gpu(backend, dtype, case, seed):
+    args = inputs.moe_permute(D=72, dtype=dtype, seed=seed, device="cuda", **case)
+    expected = kernels.moe_permute(**args, backend="reference")
+    with poisoned_allocations():
+        p = kernels.moe_permute(**args, backend=backend)
+    assert torch.equal(p.x, expected.x), f"{backend}: permuted rows differ (seed={seed})"
+    assert torch.equal(p.offsets.cpu(), expected.offsets.cpu()) and p.offsets.dtype == torch.int32
+    assert torch.equal(p.source.cpu(), expected.source.cpu())
+    args = inputs.moe_unpermute(D=72, dtype=dtype, seed=seed, device="cuda", **case)
+    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
+    with poisoned_allocations():
+        out = kernels.moe_unpermute(**args, backend=backend)
+    assert_close(out, ref, dtype, f"{backend} unpermute", seed)
+    gemm_case = {k: v for k, v in case.items() if k != "id_dtype"}
+    args = inputs.grouped_gemm(K=96, Nout=80, dtype=dtype, seed=seed, device="cuda", **gemm_case)
+    ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
+    with poisoned_allocations():
+        out = kernels.grouped_gemm(**args, backend=backend)
+    assert_close(out, ref, dtype, f"{backend} grouped_gemm", seed, tol=_tolerance(dtype))
+    args = inputs.moe(D=64, I=48, dtype=dtype, seed=seed, device="cuda", **case)
+    ref = kernels.moe(**to_float64(args), backend="reference")
+    with poisoned_allocations():
+        out = kernels.moe(**args, backend=backend)
+    assert_close(out, ref, dtype, f"{backend} moe", seed, tol=_tolerance(dtype))
