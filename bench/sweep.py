@@ -1,0 +1,473 @@
+"""The sweep CLI: every backend of an op over its shape axes, checked, timed and written to a CSV.
+
+    python -m bench.sweep --op gated_delta_rule [--backend torch ...] [--device cpu|cuda]
+                          [--dtype float32 ...] [--quick] [--preset Qwen3.5-35B-A3B] [--out DIR] [--list]
+
+For each shape (bench.presets) and dtype, the inputs come from the op's bench.inputs maker, seeded by the
+shape. Each backend of the op that runs on the device (kernels.backends: new backends join by registering)
+is first checked against a float64 yardstick (the reference; where its token loop is too slow, the torch
+backend on float64 inputs, or for the MoE layer the reference on the first tokens: the row says which),
+then timed (bench.timing). A backend that fails the check, or raises, gets its error in its row and no
+speedup, and the sweep goes on.
+
+Results go to DIR/results.csv (default reports/<device>/), one long-format row per (op, backend, shape,
+dtype, device): a rerun replaces its own rows and keeps every other. The ceilings measured at the start
+of the run are stored in each row and in DIR/ceilings.json. Plots and README.md are then regenerated from
+the CSV (bench.report).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import kernels
+from bench import cost, inputs as bench_inputs, presets, timing
+from kernels.types import Permutation
+
+# CLI op -> registry op; "model" is bench.model's sweep.
+OPS = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
+       "moe_permute": "moe_permute", "moe_gemm": "grouped_gemm", "moe": "moe", "model": None}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# ||out - ref|| / ||ref|| allowed, by input dtype (the parity suite's standards); float32 on a GPU may use tf32.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+TOLERANCE_TF32 = 1e-3
+# Tokens of the MoE layer checked against the reference when the whole batch is too slow for its loop.
+CHECK_TOKENS = 64
+
+KEY = ["op", "backend", "shape", "dtype", "device"]
+COLUMNS = (["op", "backend", "peer", "device", "device_name", "dtype", "shape", "preset", *presets.ALL_AXES,
+            "median_ms", "p20_ms", "p80_ms", "repeats", "cuda_graph", "flops", "bytes", "tflops", "gbps",
+            "peak_tflops", "peak_gbps", "floor_ms", "bound", "roofline_fraction", "rel_err", "checked_against",
+            "error", "speedup_vs_reference", "best_peer", "speedup_vs_best_peer"]
+           + ["threads", "torch_version", "commit", "timestamp"])
+PEER_PREFIX = "speedup_vs_"
+
+
+@functools.cache
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def seed_of(op: str, shape: str) -> int:
+    """The inputs' seed: fixed per (op, shape), so every backend and every rerun sees the same numbers."""
+    return zlib.crc32(f"{op}|{shape}".encode()) & 0x7FFFFFFF
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+def _tensors(out) -> dict:
+    if isinstance(out, Permutation):
+        return {"x": out.x, "offsets": out.offsets, "source": out.source}
+    if isinstance(out, (tuple, list)):
+        return {f"output {i}": t for i, t in enumerate(out) if t is not None}
+    return {"output": out}
+
+
+def compare(out, ref) -> tuple[float, str]:
+    """(largest ||out - ref|| / ||ref|| over the output tensors, a problem or ""). Integer outputs must match
+    exactly; a non-finite element (unwritten, or overflow) is a problem."""
+    got, want = _tensors(out), _tensors(ref)
+    worst = 0.0
+    for name, expected in want.items():
+        actual = got.get(name)
+        if actual is None:
+            return math.nan, f"{name} missing"
+        if tuple(actual.shape) != tuple(expected.shape):
+            return math.nan, f"{name} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        if not expected.is_floating_point():
+            if not torch.equal(actual.cpu().long(), expected.cpu().long()):
+                return math.nan, f"{name} differs from the yardstick"
+            continue
+        a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
+        if not torch.isfinite(a).all():
+            return math.nan, f"{name} has non-finite elements"
+        norm = b.norm()
+        err = float((a - b).norm() / norm) if norm > 0 else float((a - b).norm())
+        worst = max(worst, err)
+    return worst, ""
+
+
+def reference_affordable(case: presets.Case, quick: bool = False) -> bool:
+    """Whether the slow reference (token loops, per-slot loops, full float64 score matrices) fits a few seconds
+    (about one second in a quick sweep)."""
+    s = case.shape
+    if case.op in ("linear_attention", "gated_delta_rule"):
+        heads = s["H"] if case.op == "linear_attention" else s["Hv"]
+        return s["B"] * s["T"] * heads * s["K"] * s["V"] <= (2**26 if quick else 2**29)
+    if case.op == "attention":
+        return s["B"] * s["Hq"] * s["T"] ** 2 <= 2**26
+    if case.op == "moe_permute":
+        return s["N"] * s["top_k"] * s["E"] <= 4_000_000
+    if case.op == "grouped_gemm":
+        return presets.input_gigabytes(case, 8) <= 2
+    return s["N"] * s["top_k"] * 3 * s["I"] * s["D"] <= 2_000_000_000
+
+
+def _float64(inputs: dict) -> dict:
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.double()
+        elif isinstance(value, Permutation):
+            value = Permutation(value.x.double(), value.offsets, value.source, value.num_tokens, value.top_k)
+        out[key] = value
+    return out
+
+
+@contextmanager
+def one_thread():
+    """Untimed float64 work runs on one thread: on a loaded machine, torch's threads wait on each other
+    (seen: the reference's token loop 15x slower on 2 threads than on 1 with 8 processes on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def yardstick(case: presets.Case, inputs: dict, extra: dict, max_check_gb: float, quick: bool = False):
+    """(label, float64 output, how to cut a backend's output to the yardstick's rows, seconds of the reference
+    on the whole case or None). The reference's own time is its row's time (its one call is the check)."""
+    if reference_affordable(case, quick):
+        start = time.perf_counter()
+        ref = kernels.get(case.op, "reference")(**_float64(inputs), **extra)
+        timing.synchronize(inputs_device(inputs))
+        return "reference", ref, None, time.perf_counter() - start
+    if case.op == "moe":
+        head = {k: (v[:CHECK_TOKENS] if k in ("x", "weights", "ids") else v) for k, v in inputs.items()}
+        return (f"reference (first {CHECK_TOKENS} tokens)",
+                kernels.get("moe", "reference")(**_float64(head), **extra), lambda out: out[:CHECK_TOKENS], None)
+    if "torch" in kernels.backends(case.op, inputs_device(inputs)) and \
+            2 * presets.input_gigabytes(case, 8) <= max_check_gb:
+        return "torch-f64", kernels.get(case.op, "torch")(**_float64(inputs), **extra), None, None
+    return "none (too large for a float64 yardstick)", None, None, None
+
+
+def inputs_device(inputs: dict) -> torch.device:
+    return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
+
+
+def tolerance(dtype: torch.dtype, device: str) -> float:
+    if dtype == torch.float32 and device == "cuda":
+        return TOLERANCE_TF32
+    return TOLERANCE[dtype]
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+def metrics(flops: float, nbytes: float, median_ms: float, peak_tflops: float, peak_gbps: float) -> dict:
+    """Rates and the roofline: floor = max(flops / peak, bytes / bandwidth); fraction = floor / time."""
+    seconds = median_ms * 1e-3
+    compute_s, memory_s = flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9)
+    floor_s = max(compute_s, memory_s)
+    return dict(tflops=flops / seconds / 1e12, gbps=nbytes / seconds / 1e9, floor_ms=floor_s * 1e3,
+                bound="compute" if compute_s >= memory_s else "memory", roofline_fraction=floor_s / seconds)
+
+
+def base_row(cli_op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict) -> dict:
+    """The columns every row has, whoever times it (bench.model fills the rest the same way)."""
+    return dict(op=cli_op, backend=backend, device=device, device_name=ceil["device_name"], dtype=dtype_name(dtype),
+                peak_tflops=ceil["matmul_tflops"].get(dtype_name(dtype), math.nan), peak_gbps=ceil["copy_gbps"],
+                threads=torch.get_num_threads(), torch_version=torch.__version__, commit=commit(),
+                timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), error="")
+
+
+@contextmanager
+def trusted_inputs():
+    """While timing: skip the host-side value checks of kernels.validate (a sync on a GPU); the check
+    before timing ran them on the same inputs."""
+    before = os.environ.get("KERNELS_TRUST_INPUTS")
+    os.environ["KERNELS_TRUST_INPUTS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["KERNELS_TRUST_INPUTS"]
+        else:
+            os.environ["KERNELS_TRUST_INPUTS"] = before
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def run_backend(case, backend, inputs, extra, check, dtype, device, budget_s, cuda_graph) -> dict:
+    """Check one backend on one case, then time it. Returns the measured columns (or an error)."""
+    label, ref, cut, _ = check
+    fn = kernels.get(case.op, backend)
+    out = fn(**inputs, **extra)  # also the warm-up: compilation and autotuning happen here
+    found = dict(checked_against=label, rel_err=math.nan)
+    if ref is not None:
+        err, problem = compare(cut(out) if cut else out, ref)
+        found["rel_err"] = err
+        if problem or err > tolerance(dtype, device):
+            found["error"] = f"parity vs {label}: " + (problem or f"rel_err {err:.2e} > {tolerance(dtype, device):.0e}")
+            return found
+    del out
+    with trusted_inputs():
+        call = lambda: fn(**inputs, **extra)  # noqa: E731
+        measured = timing.time_call(call, device, budget_s)
+        graph = False
+        if device == "cuda" and cuda_graph != "off" and (cuda_graph == "on" or measured.median_ms < 0.05):
+            try:
+                measured, graph = timing.time_cuda(call, budget_s, cuda_graph=True, device=device), True
+            except RuntimeError:  # a backend that syncs with the host cannot be captured: keep the eager time
+                pass
+    found.update(median_ms=measured.median_ms, p20_ms=measured.p20_ms, p80_ms=measured.p80_ms,
+                 repeats=measured.repeats, threads=measured.threads, cuda_graph=graph)
+    return found
+
+
+def _reference_row(seconds: float) -> dict:
+    """The reference's row: the time of its one float64 call on the case (on one thread), which was the check."""
+    ms = seconds * 1e3
+    return dict(median_ms=ms, p20_ms=ms, p80_ms=ms, repeats=1, threads=1, cuda_graph=False, rel_err=0.0,
+                checked_against="(is the yardstick: one float64 call, 1 thread)")
+
+
+def sweep_backends(op: str, device: str, wanted: list[str] | None) -> list[str]:
+    """Backends of op to sweep on device: those asked for (an unavailable one gets a row saying why), else
+    every one that runs there, except on CPU those that reach it only through the Triton interpreter or the
+    numba.cuda simulator (their times mean nothing)."""
+    if wanted:
+        return wanted
+    registered = kernels.registry.registered(op)
+    return [name for name in kernels.backends(op, device) if device != "cpu" or "cpu" in registered[name].places]
+
+
+def sweep(cli_op: str, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
+          preset: str | None = None, budget_s: float | None = None, cuda_graph: str = "auto",
+          max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True) -> list[dict]:
+    """Check and time every backend of cli_op over its cases; one row dict per (case, dtype, backend)."""
+    from tqdm import tqdm
+
+    op = OPS[cli_op]
+    ceil = ceil or timing.ceilings(device, dtypes)
+    budget_s = budget_s if budget_s is not None else (0.1 if quick else 0.5)
+    names = sweep_backends(op, device, wanted)
+    registered = kernels.registry.registered(op)
+    cases = presets.cases(op, device, quick, preset)
+    rows = []
+    bar = tqdm(total=len(cases) * len(dtypes) * len(names), desc=f"{cli_op} on {device}", disable=not progress,
+               unit="run")
+    for case in cases:
+        for dtype in dtypes:
+            shape = case.key
+            inputs = bench_inputs.make(op, **presets.maker_kwargs(case), dtype=dtype, device=device,
+                                       seed=seed_of(op, shape))
+            extra = presets.call_kwargs(case)
+            flops, nbytes = cost.cost(op, inputs | extra)
+            try:
+                with one_thread():
+                    check = yardstick(case, inputs, extra, max_check_gb, quick)
+            except Exception as exc:  # noqa: BLE001 - a broken yardstick is recorded, the backends still run
+                check = (f"none (yardstick failed: {_error_text(exc)})", None, None, None)
+            for name in names:
+                bar.set_postfix_str(f"{name} {shape}", refresh=False)
+                bar.update()
+                if name in registered and dtype not in registered[name].dtypes:
+                    continue
+                row = base_row(cli_op, name, device, dtype, ceil) | dict(
+                    shape=shape, preset=case.preset, flops=flops, bytes=nbytes,
+                    peer=bool(name in registered and registered[name].peer), **case.shape)
+                if name == "reference":
+                    if check[3] is None:
+                        continue  # its loops would take minutes here: no reference row
+                    row.update(_reference_row(check[3]))
+                    row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
+                    rows.append(row)
+                    continue
+                try:
+                    row.update(run_backend(case, name, inputs, extra, check, dtype, device, budget_s, cuda_graph))
+                except Exception as exc:  # noqa: BLE001 - BackendUnavailable, OOM, a crash: in the row, go on
+                    row["error"] = _error_text(exc)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                if not row.get("error"):
+                    row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
+                rows.append(row)
+            del inputs, check
+    bar.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- CSV
+
+def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
+    """speedup_vs_reference, speedup_vs_<peer> for every peer and speedup_vs_best_peer, from the rows of the
+    same (op, shape, dtype, device) that passed their check. Rows with an error get none."""
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith(PEER_PREFIX)] + ["best_peer"],
+                       errors="ignore")
+    ok = frame["error"].fillna("").eq("") & frame["median_ms"].notna()
+    group = ["op", "shape", "dtype", "device"]
+    peer = frame["peer"].astype(str).str.lower().eq("true")
+    frame["speedup_vs_reference"] = math.nan
+    frame["best_peer"] = ""
+    frame["speedup_vs_best_peer"] = math.nan
+    for _, rows in frame[ok].groupby(group):
+        times = dict(zip(rows["backend"], rows["median_ms"]))
+        peers = {b: t for b, t in times.items() if peer[rows.index[rows["backend"] == b][0]]}
+        for index, backend, median in zip(rows.index, rows["backend"], rows["median_ms"]):
+            if "reference" in times and backend != "reference":
+                frame.loc[index, "speedup_vs_reference"] = times["reference"] / median
+            others = {b: t for b, t in peers.items() if b != backend}
+            for name, t in others.items():
+                frame.loc[index, PEER_PREFIX + name] = t / median
+            if others:
+                best = min(others, key=others.get)
+                frame.loc[index, "best_peer"] = best
+                frame.loc[index, "speedup_vs_best_peer"] = others[best] / median
+    return frame
+
+
+def ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = math.nan if column not in ("error", "best_peer", "preset") else ""
+    peers = sorted(c for c in frame.columns if c.startswith(PEER_PREFIX) and c not in COLUMNS)
+    rest = [c for c in frame.columns if c not in COLUMNS and c not in peers]
+    frame = frame[COLUMNS[:COLUMNS.index("speedup_vs_best_peer") + 1] + peers
+                  + COLUMNS[COLUMNS.index("speedup_vs_best_peer") + 1:] + rest]
+    return frame.sort_values(["op", "dtype", "shape", "backend"], kind="stable").reset_index(drop=True)
+
+
+def merge(path: Path, rows: list[dict]) -> pd.DataFrame:
+    """Write rows into the CSV at path: rows with the same (op, backend, shape, dtype, device) are replaced,
+    all others kept; speedups recomputed over the whole table."""
+    new = pd.DataFrame(rows)
+    if path.exists():
+        old = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        old["error"] = old["error"].fillna("") if "error" in old else ""
+        keys = set(map(tuple, new[KEY].astype(str).values)) if len(new) else set()
+        keep = [tuple(k) not in keys for k in old[KEY].astype(str).values]
+        new = pd.concat([old[keep], new], ignore_index=True) if len(new) else old
+    for column in ("error", "preset", "best_peer"):
+        if column in new:
+            new[column] = new[column].fillna("").astype(str)
+    frame = ordered(add_speedups(ordered(new)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def save_ceilings(out: Path, ceil: dict) -> None:
+    """Append this run's ceilings to out/ceilings.json (a list, newest last)."""
+    path = out / "ceilings.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append(ceil | {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "commit": commit(), "torch_version": torch.__version__})
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def list_everything() -> str:
+    lines = ["ops (CLI name -> registry op): backends registered [runs here on cpu / cuda]"]
+    for cli_op, op in OPS.items():
+        if op is None:
+            lines.append(f"  {cli_op}: bench.model's sweep ({'present' if _has_model_bench() else 'not written yet'})")
+            continue
+        here = {d: set(kernels.backends(op, d)) for d in ("cpu", "cuda")}
+        described = []
+        for name, b in kernels.registry.registered(op).items():
+            where = "/".join(d for d in ("cpu", "cuda") if name in here[d]) or "not here"
+            described.append(f"{name}{' (peer)' if b.peer else ''} [{where}]")
+        lines.append(f"  {cli_op} -> {op}: {', '.join(described)}")
+    lines.append("presets (ANCHORS.md shapes): " + ", ".join(presets.MODELS))
+    lines.append("dtypes: " + ", ".join(DTYPES))
+    return "\n".join(lines)
+
+
+def _has_model_bench() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bench.model") is not None
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=list(OPS))
+    parser.add_argument("--backend", nargs="+", help="only these backends (default: every one that runs here)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--quick", action="store_true", help="a small CPU-sized sweep of every axis")
+    parser.add_argument("--preset", choices=list(presets.MODELS), help="only this model's shapes")
+    parser.add_argument("--out", type=Path, help="results folder (default reports/<device>)")
+    parser.add_argument("--budget", type=float, help="seconds of timed calls per backend and shape")
+    parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                        help="time CUDA-graph replays (auto: for calls under 50 us)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before the run")
+    parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
+    parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
+    args = parser.parse_args(argv)
+    if not args.list and not args.op:
+        parser.error("--op is required (or --list)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.list:
+        print(list_everything())
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU on this machine", file=sys.stderr)
+        return 2
+    out = args.out or Path(__file__).resolve().parent.parent / "reports" / args.device
+    out.mkdir(parents=True, exist_ok=True)
+    dtypes = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
+    if args.op == "model":
+        if not _has_model_bench():
+            print("bench.model is missing: the model sweep is not written yet (bench/model.py)", file=sys.stderr)
+            return 2
+        from bench import model as model_bench
+
+        ceil = timing.ceilings(args.device, dtypes)
+        rows = model_bench.sweep(quick=args.quick, device=args.device, out=out)
+    else:
+        ceil = timing.ceilings(args.device, dtypes)
+        rows = sweep(args.op, args.device, dtypes, args.quick, args.backend, args.preset, args.budget,
+                     args.cuda_graph, ceil=ceil)
+    save_ceilings(out, ceil)
+    frame = merge(out / "results.csv", rows)
+    failed = [r for r in rows if r.get("error")]
+    print(f"{len(rows)} rows ({len(failed)} with an error) -> {out / 'results.csv'} ({len(frame)} rows in all)")
+    for row in failed:
+        print(f"  {row['backend']} {row['shape']} {row['dtype']}: {row['error']}")
+    if not args.no_report:
+        from bench import report
+
+        report.write(out, args.device)
+        print(f"plots and report -> {out}")
+    if rows and len(failed) == len(rows):
+        print("every backend failed on every shape: nothing was measured", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

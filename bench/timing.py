@@ -1,0 +1,160 @@
+"""Timers a kernel engineer can trust, and the ceilings of the device at hand.
+
+CPU: time.perf_counter around each call, after a warm-up call; repeats adapt to a time budget; the
+median with p20 and p80 is reported, with the number of torch threads.
+GPU: CUDA events around each call; the L2 cache is flushed before every timed call by writing a
+256 MB buffer (so each call reads its inputs from HBM, as in a model); short kernels can be timed
+as CUDA-graph replays (launch overhead out). The warm-up call keeps compilation and autotuning out of
+the timed region.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+@dataclass
+class Timing:
+    """Milliseconds per call: median, 20th and 80th percentiles over `repeats` timed calls."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    threads: int
+
+
+def _summary(samples_ms: list[float]) -> Timing:
+    p20, p80 = np.percentile(samples_ms, [20, 80])
+    return Timing(statistics.median(samples_ms), float(p20), float(p80), len(samples_ms), torch.get_num_threads())
+
+
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(fn, budget_s: float = 0.5, min_repeats: int = 3, max_repeats: int = 200, warmup: int = 1) -> Timing:
+    """Time fn() on the CPU: `warmup` untimed calls, then timed calls until `budget_s` is spent (at least
+    `min_repeats`, at most `max_repeats`; a single call longer than the budget is timed min_repeats times
+    only if that fits in 5 budgets, else once more)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        spent = time.perf_counter() - start
+        if spent >= budget_s and (len(samples) >= min_repeats or spent + samples[-1] / 1e3 > 5 * budget_s):
+            break
+    return _summary(samples)
+
+
+class _L2Flush:
+    """Writes a 256 MB device buffer: evicts the inputs of the previous call from the L2 cache."""
+
+    def __init__(self, device):
+        self.buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        self.buffer.zero_()
+
+
+def time_cuda(fn, budget_s: float = 0.5, min_repeats: int = 10, max_repeats: int = 1000, warmup: int = 2,
+              flush_l2: bool = True, cuda_graph: bool = False, device="cuda") -> Timing:
+    """Time fn() on a CUDA device with events, the L2 flushed before each call (outside the events).
+
+    cuda_graph: capture fn() once (after the warm-up, so compilation and autotuning are done) and time
+    graph replays, which removes the CPU launch overhead of short kernels."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    run = fn
+    if cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()  # first call on the side stream, as torch's graph docs ask
+            torch.cuda.current_stream(device).synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        run = graph.replay
+    flush = _L2Flush(device) if flush_l2 else None
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats:
+        if flush:
+            flush()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end))
+        if time.perf_counter() - start >= budget_s and len(samples) >= min_repeats:
+            break
+    return _summary(samples)
+
+
+def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False) -> Timing:
+    """The timer of the device: time_cuda on CUDA, time_cpu otherwise."""
+    if torch.device(device).type == "cuda":
+        return time_cuda(fn, budget_s=budget_s, cuda_graph=cuda_graph, device=device)
+    return time_cpu(fn, budget_s=budget_s)
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def matmul_tflops(dtype: torch.dtype, device, budget_s: float = 0.5) -> float:
+    """Measured rate of one large square matmul in dtype (torch's default settings), TFLOP/s at the median."""
+    device = torch.device(device)
+    n = 8192 if device.type == "cuda" else 1024
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype).to(device)
+    b = torch.randn(n, n, generator=gen).to(dtype).to(device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    timing = time_call(lambda: torch.matmul(a, b, out=out), device, budget_s)
+    return 2 * n**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+def copy_gbps(device, budget_s: float = 0.5) -> float:
+    """Measured bandwidth of a large device copy, counting the bytes read plus the bytes written, GB/s."""
+    device = torch.device(device)
+    nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = time_call(lambda: dst.copy_(src), device, budget_s)
+    return 2 * nbytes / (timing.median_ms * 1e-3) / 1e9
+
+
+def ceilings(device, dtypes, budget_s: float = 0.5) -> dict:
+    """{"matmul_tflops": {dtype name: TFLOP/s}, "copy_gbps": GB/s, "device_name", "threads"} measured now."""
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    return {"device_name": device_name(device), "threads": torch.get_num_threads(),
+            "matmul_tflops": {name(d): matmul_tflops(d, device, budget_s) for d in dtypes},
+            "copy_gbps": copy_gbps(device, budget_s)}

@@ -1,0 +1,174 @@
+"""The benchmark harness on tiny cases: CSV schema, keyed append, the correctness gate, the cost model, plots."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import kernels
+from bench import cost, inputs, plots, presets, report, sweep, timing
+from kernels.registry import Backend
+
+CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
+TINY = {
+    "gated_delta_rule": presets.Case("gated_delta_rule", dict(B=1, T=40, seqs=2, Hk=1, Hv=2, K=16, V=16, mode="chunk")),
+    "attention": presets.Case("attention", dict(B=1, T=32, Hq=2, Hkv=1, D=16)),
+    "moe": presets.Case("moe", dict(N=8, D=16, E=4, I=8, top_k=2, routing="uniform")),
+}
+
+
+def wrong_moe(x, weights, ids, w_gate_up, w_down, **_):
+    """A deliberately wrong MoE layer: ignores the routing weights."""
+    from reference.moe import moe
+
+    return moe(x, torch.ones_like(weights), ids, w_gate_up, w_down)
+
+
+def exploding_moe(**_):
+    raise RuntimeError("out of memory (simulated)")
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """Registers two fake moe backends (wrong output, raising) in the registry's table for this test."""
+    table = {op: dict(backends) for op, backends in kernels.registry._table().items()}
+    table["moe"]["wrong"] = Backend("moe", "wrong", "tests.test_bench:wrong_moe", ("cpu",))
+    table["moe"]["exploding"] = Backend("moe", "exploding", "tests.test_bench:exploding_moe", ("cpu",))
+    monkeypatch.setattr(kernels.registry, "_table", lambda: table)
+    return table
+
+
+def _tiny_sweep(monkeypatch, op, backends, case=None):
+    case = case or TINY[op]
+    monkeypatch.setattr(presets, "cases", lambda *a, **k: [case])
+    cli_op = {"grouped_gemm": "moe_gemm"}.get(op, op)
+    return sweep.sweep(cli_op, "cpu", (torch.float32,), quick=True, wanted=backends, budget_s=0.01,
+                       ceil=CEILINGS, progress=False)
+
+
+def test_gate_records_wrong_and_raising_backends_and_goes_on(monkeypatch, fake_backends):
+    rows = {r["backend"]: r for r in _tiny_sweep(monkeypatch, "moe", ["reference", "wrong", "exploding", "torch"])}
+    assert set(rows) == {"reference", "wrong", "exploding", "torch"}
+    assert rows["wrong"]["error"].startswith("parity vs reference: rel_err")
+    assert rows["wrong"]["rel_err"] > 1e-3 and "median_ms" not in rows["wrong"]
+    assert rows["exploding"]["error"] == "RuntimeError: out of memory (simulated)"
+    torch_row = rows["torch"]
+    if not torch_row["error"]:  # the torch backend is someone else's: if it fails, its error is in its row
+        assert torch_row["rel_err"] <= 5e-5 and torch_row["median_ms"] > 0
+    frame = sweep.add_speedups(sweep.ordered(pd.DataFrame(list(rows.values()))))
+    by_backend = frame.set_index("backend")
+    assert math.isnan(by_backend.loc["wrong", "speedup_vs_reference"])
+    assert math.isnan(by_backend.loc["exploding", "speedup_vs_reference"])
+
+
+def test_unavailable_backend_is_a_row(monkeypatch):
+    rows = _tiny_sweep(monkeypatch, "attention", ["no_such_backend"])
+    assert rows[0]["error"].startswith("BackendUnavailable")
+
+
+def test_row_metrics_and_schema(monkeypatch, tmp_path):
+    rows = _tiny_sweep(monkeypatch, "gated_delta_rule", ["reference"])
+    (row,) = rows
+    assert row["checked_against"].startswith("(is the yardstick")
+    flops, nbytes = row["flops"], row["bytes"]
+    floor = max(flops / 0.1e12, nbytes / 20e9)
+    assert row["roofline_fraction"] == pytest.approx(floor / (row["median_ms"] * 1e-3))
+    assert row["tflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e12)
+    frame = sweep.merge(tmp_path / "results.csv", rows)
+    required = ["op", "backend", "device", "dtype", "shape", "B", "T", "Hk", "Hv", "K", "V", "median_ms", "p20_ms",
+                "p80_ms", "flops", "bytes", "tflops", "gbps", "peak_tflops", "peak_gbps", "roofline_fraction",
+                "rel_err", "error", "speedup_vs_reference", "threads", "torch_version", "commit", "timestamp",
+                "device_name"]
+    written = pd.read_csv(tmp_path / "results.csv")
+    assert set(required) <= set(written.columns)
+    assert list(written.columns) == list(frame.columns)
+    assert written.loc[0, "shape"] == "B=1,T=40,seqs=2,Hk=1,Hv=2,K=16,V=16,mode=chunk"
+
+
+def _row(backend, shape, median, op="moe", peer=False, error=""):
+    return dict(op=op, backend=backend, shape=shape, dtype="float32", device="cpu", median_ms=median, peer=peer,
+                error=error, device_name="test cpu")
+
+
+def test_keyed_append_replaces_own_rows_only(tmp_path):
+    path = tmp_path / "results.csv"
+    sweep.merge(path, [_row("reference", "N=1", 10.0), _row("torch", "N=1", 2.0), _row("torch", "N=2", 4.0),
+                       _row("transformers", "N=1", 5.0, peer=True)])
+    frame = sweep.merge(path, [_row("torch", "N=1", 1.0), _row("torch", "N=3", 3.0)])
+    assert len(frame) == 5
+    torch_rows = frame[frame["backend"] == "torch"].set_index("shape")
+    assert torch_rows.loc["N=1", "median_ms"] == 1.0 and torch_rows.loc["N=2", "median_ms"] == 4.0
+    assert torch_rows.loc["N=1", "speedup_vs_reference"] == pytest.approx(10.0)
+    assert torch_rows.loc["N=1", "speedup_vs_transformers"] == pytest.approx(5.0)
+    assert torch_rows.loc["N=1", "best_peer"] == "transformers"
+    assert math.isnan(torch_rows.loc["N=3", "speedup_vs_reference"])
+    # another device's CSV row in the same file survives, and a failed rerun loses its speedup
+    frame = sweep.merge(path, [dict(_row("torch", "N=1", 9.0), device="cuda"),
+                               _row("torch", "N=1", math.nan, error="parity vs reference: rel_err 1e-1")])
+    assert len(frame) == 6
+    failed = frame[(frame["backend"] == "torch") & (frame["shape"] == "N=1") & (frame["device"] == "cpu")]
+    assert failed["error"].iloc[0].startswith("parity") and math.isnan(failed["speedup_vs_reference"].iloc[0])
+
+
+def test_cost_model():
+    gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
+    flops, nbytes = cost.cost("gated_delta_rule", gdr | {"mode": "chunk"})
+    assert flops == 128 * 2 * 9.5 * 128**2  # ANCHORS.md: 9.5 d^2 per token per head at d = 128, chunk 64
+    state = 2 * 128 * 128 * 4
+    inputs_bytes = 4 * 128 * (2 * 128 + 2 * 128 + 2 * 2)  # q, k, v, g, beta in float32
+    assert nbytes == inputs_bytes + 4 * 128 * 2 * 128 + 2 * state  # + o, + initial and final state
+    att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
+    assert cost.cost("attention", att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
+    moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
+    flops, nbytes = cost.cost("moe", moe)
+    assert flops == 2 * (6 * 16 * 4 + 5 * 4 + 2 * 16)
+    assert nbytes >= 2 * 3 * 4 * 16 * 4  # the two active experts' weights
+    gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
+    active = int((gg["offsets"][1:] > gg["offsets"][:-1]).sum())
+    assert cost.cost("grouped_gemm", gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
+
+
+def test_compare_catches_unwritten_and_wrong_indices():
+    ref = torch.randn(3, 4, dtype=torch.float64)
+    assert sweep.compare(ref.float(), ref)[1] == ""
+    bad = ref.clone()
+    bad[1, 2] = float("nan")
+    assert "non-finite" in sweep.compare(bad, ref)[1]
+    p = kernels.Permutation(ref, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
+    q = kernels.Permutation(ref, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
+    assert "offsets differs" in sweep.compare(q, p)[1]
+
+
+def test_timer_and_ceilings():
+    measured = timing.time_cpu(lambda: torch.ones(100).sum(), budget_s=0.01, min_repeats=5)
+    assert measured.repeats >= 5 and measured.p20_ms <= measured.median_ms <= measured.p80_ms
+    ceil = timing.ceilings("cpu", [torch.float32], budget_s=0.01)
+    assert ceil["matmul_tflops"]["float32"] > 0 and ceil["copy_gbps"] > 0
+
+
+def test_every_op_has_quick_cases_with_all_axes():
+    for op, axes in presets.AXES.items():
+        found = presets.cases(op, "cpu", quick=True)
+        assert found and all(set(c.shape) == set(axes) for c in found), op
+        assert len({c.key for c in found}) == len(found)
+        varied = {a for a in axes if len({c.shape[a] for c in found}) > 1}
+        assert varied >= set(axes) - {"V", "Hkv", "Hk", "mode", "seqs"} - ({"H"} if op != "linear_attention" else set()), op
+
+
+def test_plots_and_report_from_csv(tmp_path):
+    rows = []
+    for T in (256, 512, 1024):
+        rows += [dict(_row("torch", f"T={T}", T / 100, op="gated_delta_rule"), B=1, T=T, seqs=1, Hk=2, Hv=4, K=128,
+                      V=128, mode="chunk", p20_ms=T / 110, p80_ms=T / 90, flops=1e9, bytes=1e6, tflops=0.1, gbps=1.0,
+                      peak_tflops=0.1, peak_gbps=20.0, roofline_fraction=0.5, bound="compute", floor_ms=1.0),
+                 dict(_row("torch", f"T={T}", T * T / 5e4, op="attention"), B=1, T=T, Hq=4, Hkv=2, D=128,
+                      p20_ms=1.0, p80_ms=2.0, flops=1e9, bytes=1e6, tflops=0.1, gbps=1.0, peak_tflops=0.1,
+                      peak_gbps=20.0, roofline_fraction=0.2, bound="compute", floor_ms=1.0)]
+    sweep.merge(tmp_path / "results.csv", rows)
+    found = plots.linear_vs_quadratic(plots.load(tmp_path / "results.csv"))
+    assert found["crossover"][("gated_delta_rule", "attention")] == 512  # 5.12 <= 5.24 ms at 512, 2.56 > 1.31 at 256
+    readme = report.write(tmp_path, "cpu")
+    assert (tmp_path / "linear_vs_quadratic.png").stat().st_size > 0
+    assert (tmp_path / "gated_delta_rule_T.png").exists() and (tmp_path / "attention_roofline.png").exists()
+    text = readme.read_text()
+    assert "## gated_delta_rule" in text and "Where the time goes" in text and "FlashQLA" in text
