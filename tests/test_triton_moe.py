@@ -253,8 +253,8 @@ print(json.dumps(found))
 
 
 def test_aot_specs_name_every_kernel_and_compile_for_sm90():
-    """Every @triton.jit kernel of the module (named *_kernel) has a spec; the fused prefill GEMM reaches wgmma and the decode one
-    mma.sync in bf16 (a compile without GPU; the full table is profiling.static's)."""
+    """Every @triton.jit kernel of the module (named *_kernel) has a spec; the fused prefill GEMM reaches wgmma and
+    the decode one mma.sync in bf16 (a compile without GPU; the full table is profiling.static's)."""
     jitted = {name for name, value in vars(tm).items() if isinstance(value, tm.triton.runtime.KernelInterface)
               and name.endswith("_kernel")}  # helpers called from kernels (e.g. _padded_starts) are inlined
     assert jitted == {spec.kernel.split(":")[1] for spec in tm.AOT_SPECS}

@@ -37,8 +37,14 @@ DECODE_MAX_TOKENS = 64
 DECODE_BLOCK_M = 16
 # Slots handled by one program of the count and scatter kernels (a multiple of SLOT_BLOCK). Small under the
 # interpreter so that the tests cross chunk boundaries at small N.
-SLOT_BLOCK = 16 if INTERPRET else 32
+GPU_SLOT_BLOCK = 32
+SLOT_BLOCK = 16 if INTERPRET else GPU_SLOT_BLOCK
 SLOTS_PER_CHUNK = 4 * SLOT_BLOCK if INTERPRET else 1024
+
+
+def _slot_block(block_e, largest=SLOT_BLOCK):
+    """Slots per step of the count and scatter kernels: their [slots, experts] one-hot tile stays <= 8192."""
+    return min(largest, max(8, 8192 // block_e))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,14 +213,15 @@ def _align_kernel(offsets_ptr, row_map_ptr, block_expert_ptr, num_blocks_ptr, E,
 
 
 def _chunk_counts(ids_flat, num_experts):
-    """Launches count + scan. Returns offsets int32 [E + 1] and chunk_prefix int32 [C, E]."""
+    """Launches count + scan. Returns offsets int32 [E + 1] and chunk_prefix int32 [C, E]. With no slots there
+    are no chunks, and the one-program scan still writes offsets = 0."""
     num_slots = ids_flat.numel()
     num_chunks = triton.cdiv(num_slots, SLOTS_PER_CHUNK)
     block_e = triton.next_power_of_2(num_experts)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=ids_flat.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids_flat.device)
     _count_kernel[(num_chunks,)](ids_flat, chunk_counts, num_slots, num_experts, SLOTS_PER_CHUNK,
-                                 BLOCK_S=SLOT_BLOCK, BLOCK_E=block_e)
+                                 BLOCK_S=_slot_block(block_e), BLOCK_E=block_e)
     _scan_kernel[(1,)](chunk_counts, offsets, num_chunks, num_experts,
                        BLOCK_C=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e)
     return offsets, chunk_counts
@@ -222,9 +229,10 @@ def _chunk_counts(ids_flat, num_experts):
 
 def _scatter(ids_flat, offsets, chunk_prefix, dest, align_m):
     num_slots, num_experts = ids_flat.numel(), offsets.numel() - 1
+    block_e = triton.next_power_of_2(num_experts)
     _scatter_kernel[(chunk_prefix.shape[0],)](ids_flat, chunk_prefix, offsets, dest, num_slots, num_experts,
                                               SLOTS_PER_CHUNK, dest.numel(), ALIGN_M=align_m,
-                                              BLOCK_S=SLOT_BLOCK, BLOCK_E=triton.next_power_of_2(num_experts))
+                                              BLOCK_S=_slot_block(block_e), BLOCK_E=block_e)
 
 
 def max_aligned_blocks(num_rows, num_experts, block_m):
@@ -239,7 +247,7 @@ def _block_table(offsets, row_map, max_blocks, block_m, contiguous):
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=offsets.device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=offsets.device)
     block_b = max(8, 1024 // block_m)
-    _align_kernel[(triton.cdiv(max_blocks, block_b),)](
+    _align_kernel[(max(1, triton.cdiv(max_blocks, block_b)),)](  # program 0 always writes num_blocks
         offsets, row_map, block_expert, num_blocks, num_experts, max_blocks, CONTIGUOUS=contiguous,
         BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_E=triton.next_power_of_2(num_experts))
     return block_expert, num_blocks
@@ -349,8 +357,7 @@ def moe_permute(x, ids, num_experts, max_rows=None):
     moe_unpermute ignores them. Rows past max_rows, if the bound is too small, are dropped."""
     N, top_k = ids.shape
     ids_flat = ids.reshape(-1)
-    offsets, chunk_prefix = _chunk_counts(ids_flat, num_experts) if ids_flat.numel() else (
-        torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device), None)
+    offsets, chunk_prefix = _chunk_counts(ids_flat, num_experts)
     if max_rows is None:
         rows = int(offsets[-1])
         source = torch.empty(rows, dtype=torch.int64, device=ids.device)
@@ -490,7 +497,9 @@ def _launch_gemm(a, w, out, row_map, block_expert, num_blocks, *, N, K, block_m,
         block_k = min(64, max(16, triton.next_power_of_2(K)))
         _grouped_gemm_kernel[(min(4, max_tiles),)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k)
     else:
-        programs = min(_num_sms(a.device.index or 0), max_tiles)
+        # Decode tiles are small and memory-bound: two resident programs per SM keep more loads in flight.
+        per_sm = 2 if block_m == DECODE_BLOCK_M else 1
+        programs = min(per_sm * _num_sms(a.device.index or 0), max_tiles)
         _tuned_gemm(block_m)[(programs,)](*args, **flags)
 
 
@@ -566,7 +575,7 @@ def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
                    BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k))),
         _spec(f"moe.count[E={E}]", "_count_kernel",
               dict(ids_ptr="*i32", chunk_counts_ptr="*i32", num_slots=i32, E=i32, slots_per_chunk=i32),
-              dict(BLOCK_S=SLOT_BLOCK, BLOCK_E=block_e)),
+              dict(BLOCK_S=_slot_block(block_e, GPU_SLOT_BLOCK), BLOCK_E=block_e)),
         _spec(f"moe.scan[E={E}]", "_scan_kernel",
               dict(chunk_counts_ptr="*i32", offsets_ptr="*i32", num_chunks=i32, E=i32),
               dict(BLOCK_C=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e)),
@@ -581,7 +590,8 @@ def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
         specs.append(_spec(f"moe.scatter[E={E},ALIGN_M={align_m}]", "_scatter_kernel",
                            dict(ids_ptr="*i32", chunk_prefix_ptr="*i32", offsets_ptr="*i32", dest_ptr=dest,
                                 num_slots=i32, E=i32, slots_per_chunk=i32, dest_size=i32),
-                           dict(ALIGN_M=align_m, BLOCK_S=SLOT_BLOCK, BLOCK_E=block_e)))
+                           dict(ALIGN_M=align_m, BLOCK_S=_slot_block(block_e, GPU_SLOT_BLOCK),
+                                BLOCK_E=block_e)))
     for contiguous, block_m in ((False, DECODE_BLOCK_M), (False, 128), (True, 128)):
         specs.append(_spec(f"moe.align[E={E},BLOCK_M={block_m},contiguous={contiguous}]", "_align_kernel",
                            dict(offsets_ptr="*i32", row_map_ptr="*i32", block_expert_ptr="*i32",
