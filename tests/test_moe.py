@@ -269,6 +269,14 @@ def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
     assert torch.equal(on_host, on_device)
 
 
+def test_torch_moe_takes_zero_tokens(seed):
+    args = inputs.make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
+    assert kernels.moe(**args, backend="torch").shape == (0, 16)
+    p = kernels.moe_permute(args["x"], args["ids"], 4, backend="torch")
+    assert p.x.shape == (0, 16) and p.offsets.tolist() == [0] * 5
+    assert kernels.moe_unpermute(p.x, p, args["weights"], backend="torch").shape == (0, 16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["one_token", "uniform", "dropped_slots", "every_token_on_one_expert"], ids=str)

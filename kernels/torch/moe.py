@@ -41,7 +41,7 @@ def _group_slots(ids, num_experts):
     # counts[0] = slots with no expert (-1), counts[1 + e] = slots of expert e
     counts = torch.bincount((flat + 1).to(torch.int64), minlength=num_experts + 1)
     offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-    torch.cumsum(counts[1:], 0, out=offsets[1:])
+    offsets[1:] = counts[1:].cumsum(0)
     dropped = flat.numel() - int(offsets[-1])
     # -1 sorts first; a stable sort keeps ascending slot order within an expert
     source = torch.sort(flat, stable=True).indices[dropped:]
@@ -63,8 +63,9 @@ def _weighted_sum(per_slot, source, weights, num_tokens, top_k, dtype):
     summed in slot order. Weights of slots without an expert are zeroed, so a NaN there cannot leak into y."""
     slot_weights = torch.zeros(num_tokens * top_k, dtype=per_slot.dtype, device=per_slot.device)
     slot_weights.index_copy_(0, source, weights.reshape(-1).index_select(0, source).to(per_slot.dtype))
-    y = torch.bmm(slot_weights.view(num_tokens, 1, top_k), per_slot.view(num_tokens, top_k, -1))
-    return y.view(num_tokens, -1).to(dtype)
+    D = per_slot.shape[1]
+    y = torch.bmm(slot_weights.view(num_tokens, 1, top_k), per_slot.view(num_tokens, top_k, D))
+    return y.view(num_tokens, D).to(dtype)
 
 
 def moe_unpermute(y_sorted, p, weights):
