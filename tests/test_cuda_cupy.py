@@ -174,3 +174,80 @@ def test_moe_kernels_on_gpu(backend, dtype, case, seed):
     with poisoned_allocations():
         out = kernels.moe(**args, backend=backend)
     assert_close(out, ref, dtype, f"{backend} moe", seed, tol=_tolerance(dtype))
+
+
+# ---- the cupy programs on CPU tensors: the same array code through NumPy (the fused CuPy kernels' bodies are
+# checked only on a GPU) ----
+CUPY_CASES = [
+    ("gated_delta_rule", dict(T=1), dict(mode="chunk")),
+    ("gated_delta_rule", dict(T=70, initial_state=True), dict(mode="chunk")),
+    ("gated_delta_rule", dict(seqlens=[5, 1, 130], initial_state=True), dict(mode="chunk")),
+    ("gated_delta_rule", dict(B=2, T=64, gate="strong", beta="high", use_qk_l2norm=False), dict(mode="chunk")),
+    ("gated_delta_rule", dict(T=33, gate="zero", beta="low", Hk=3, Hv=3), dict(mode="chunk")),
+    ("gated_delta_rule", dict(T=1), dict(mode="recurrent")),
+    ("gated_delta_rule", dict(seqlens=[5, 1, 20], initial_state=True), dict(mode="recurrent")),
+    ("gated_delta_rule", dict(B=2, T=9, gate="strong", beta="high"), dict(mode="recurrent")),
+    ("linear_attention", dict(T=1), {}),
+    ("linear_attention", dict(T=70, initial_state=True), {}),
+    ("linear_attention", dict(seqlens=[5, 1, 130], initial_state=True), {}),
+    ("linear_attention", dict(T=65, gate=None), {}),
+    ("linear_attention", dict(B=2, T=64, gate="strong"), {}),
+    ("attention", dict(T=1), {}),
+    ("attention", dict(T=37), {}),
+    ("attention", dict(T=5, Tk=20), {}),
+    ("attention", dict(T=9, causal=False), {}),
+    ("attention", dict(T=16, Hq=4, Hkv=1), {}),
+    ("route", dict(N=20, E=8, top_k=3), {}),
+    ("route", dict(N=1, E=4, top_k=4, renormalize=False), {}),
+    *[(op, case, {}) for op in ("moe_permute", "moe_unpermute", "grouped_gemm", "moe") for case in (
+        dict(N=1, E=4, top_k=2), dict(N=37, E=8, top_k=3, drop=0.3), dict(N=16, E=8, top_k=1, routing="one_expert"),
+        dict(N=16, E=4, top_k=4), dict(N=5, E=4, top_k=2, drop=1.0), dict(N=64, E=16, top_k=4, routing="skewed"))],
+]
+
+
+def _outputs(result):
+    if isinstance(result, kernels.Permutation):
+        return dict(x=result.x, offsets=result.offsets, source=result.source)
+    return dict(enumerate(result)) if isinstance(result, tuple) else {0: result}
+
+
+@pytest.mark.parametrize("op, case, extra", CUPY_CASES, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(CUPY_CASES)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cupy_programs_through_numpy(op, case, extra, dtype, seed):
+    if op == "route" and dtype == torch.bfloat16:
+        dtype = torch.float16  # route's logits: a second half-precision dtype instead
+    args = getattr(kernels.validate, op)(**inputs.make(op, dtype=dtype, seed=seed, **case), **extra)
+    exact = op == "moe_permute"  # rows are moved, not computed: compared with the reference on the same dtype
+    reference = _outputs(kernels.get(op, "reference")(**(args if exact else to_float64(args))))
+    with poisoned_allocations():
+        result = _outputs(registry.registered(op)["cupy"].impl(**args))
+    for key, ref in reference.items():
+        if ref is None:
+            assert result[key] is None
+        elif not ref.is_floating_point() or exact:  # ids, offsets, source, permuted rows
+            assert torch.equal(result[key].cpu(), ref.cpu()), f"cupy {op} {key} differs (seed={seed})"
+            assert result[key].dtype == ref.dtype
+        else:
+            assert result[key].dtype == (torch.float32 if key == 1 or op == "route" else dtype)
+            assert_close(result[key], ref, torch.float32 if key == 1 or op == "route" else dtype,
+                         f"cupy {op} {key}", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, case, extra", CUPY_CASES, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(CUPY_CASES)])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cupy_on_gpu(op, case, extra, dtype, seed):
+    args = inputs.make(op, dtype=dtype, seed=seed, device="cuda", **case)
+    exact = op == "moe_permute"
+    reference = _outputs(kernels.get(op, "reference")(**(args if exact else to_float64(args)), **extra))
+    with poisoned_allocations():
+        result = _outputs(kernels.get(op, "cupy")(**args, **extra))
+    for key, ref in reference.items():
+        if ref is None:
+            assert result[key] is None
+        elif not ref.is_floating_point() or exact:
+            assert torch.equal(result[key].cpu(), ref.cpu()), f"cupy {op} {key} differs (seed={seed})"
+        else:
+            wide = key == 1 or op == "route"
+            assert_close(result[key], ref, torch.float32 if wide else dtype, f"cupy {op} {key}", seed,
+                         tol=TOLERANCE_TF32 if wide or dtype == torch.float32 else TOLERANCE[dtype])
