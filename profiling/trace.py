@@ -1,0 +1,228 @@
+"""A torch.profiler trace of a few calls of one backend of one op.
+
+    python -m profiling.trace --op gated_delta_rule --backend torch --shape T=1024 --shape Hv=8 [--dtype float32]
+                              [--device cpu|cuda] [--calls 5] [--warmup 2] [--out DIR] [--plain]
+
+Inputs come from `bench.inputs.make(op, **shape)` (seed 0), so a shape means the same numbers as in the tests
+and the sweeps. Writes under --out (default reports/<device>/traces/):
+- trace_<op>_<backend>.json: the Chrome trace (open in chrome://tracing or https://ui.perfetto.dev);
+- top_<op>_<backend>.txt / .csv: the operators, functions and kernels that take the most time (self time, on
+  the GPU for a CUDA run);
+and prints the table. On a GPU it also prints the Nsight Compute command line for the kernels found, with
+`--clock-control none` (leave the card's clocks as they are) and a kernel-name filter; `--plain` is the mode that
+command runs: the same calls without torch.profiler, which would otherwise compete with ncu for the counters.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
+# CLI names of the sweep that differ from the registry's.
+OP_ALIASES = {"moe_gemm": "grouped_gemm"}
+
+
+def parse_value(text: str):
+    """A --shape value: an int, float, bool, None, a comma list ("3,1,4" -> [3, 1, 4]) or a string."""
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part]
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_shape(items: list[str]) -> dict:
+    """["T=1024", "seqlens=1,7,64"] -> {"T": 1024, "seqlens": [1, 7, 64]}."""
+    shape = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--shape takes key=value, got {item!r}")
+        shape[key] = parse_value(value)
+    return shape
+
+
+def _kernel_base_name(name: str) -> str:
+    """The function name Nsight Compute matches by default: without return type, template and parameters."""
+    name = name.removeprefix("void ")
+    return re.split(r"[<(]", name, maxsplit=1)[0].strip()
+
+
+def ncu_command(kernel_names: list[str], launches_to_skip: int, launches: int, report: Path, rerun: list[str]) -> str:
+    """The `ncu` command line that profiles `kernel_names` (the first `launches` launches after the warm-up's
+    `launches_to_skip`) of the program `rerun`, leaving the GPU clocks alone."""
+    bases = sorted({_kernel_base_name(n) for n in kernel_names if _kernel_base_name(n)})
+    pattern = "regex:^(" + "|".join(re.escape(b) for b in bases) + ")$"
+    cmd = ["ncu", "--clock-control", "none", "--target-processes", "all", "--set", "full",
+           "--kernel-name", pattern, "--launch-skip", str(launches_to_skip), "--launch-count", str(launches),
+           "-o", str(report), *rerun]
+    return shlex.join(cmd)
+
+
+def top_rows(averages, device: str, limit: int) -> list[dict]:
+    """The `limit` events with the most self time (device time for CUDA runs), as dicts in microseconds."""
+    on_gpu = device == "cuda"
+    key = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in averages) or 1.0
+    rows = []
+    for event in sorted(averages, key=key, reverse=True)[:limit]:
+        if key(event) <= 0:
+            break
+        rows.append(dict(name=event.key, calls=event.count, self_us=round(key(event), 3),
+                         self_percent=round(100 * key(event) / total, 2),
+                         total_cpu_us=round(event.cpu_time_total, 3),
+                         total_device_us=round(getattr(event, "device_time_total", 0.0), 3)))
+    return rows
+
+
+def _format_table(rows: list[dict], device: str) -> str:
+    head = f"{'self ' + ('GPU' if device == 'cuda' else 'CPU') + ' us':>14} {'%':>6} {'calls':>6}  name"
+    lines = [head, "-" * len(head)]
+    lines += [f"{r['self_us']:>14.1f} {r['self_percent']:>6.1f} {r['calls']:>6}  {r['name'][:110]}" for r in rows]
+    return "\n".join(lines)
+
+
+def _prepare_environment(device: str):
+    """Without a GPU, Triton kernels run under the interpreter and numba.cuda under the simulator; both must be
+    chosen before those packages are imported (as the tests do)."""
+    if device == "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+
+def make_call(op: str, backend: str, shape: dict, dtype_name: str, device: str):
+    """A no-argument function that runs kernels.<op> through `backend` once on fixed inputs, and the inputs."""
+    import torch
+
+    import kernels
+    from bench import inputs as bench_inputs
+
+    op = OP_ALIASES.get(op, op)
+    dtype = getattr(torch, DTYPE_NAMES[dtype_name])
+    made = bench_inputs.make(op, dtype=dtype, device=device, seed=0, **shape)
+    fn = kernels.get(op, backend)
+
+    def call():
+        return fn(**made)
+
+    return call, made
+
+
+def _synchronize(device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def trace(op: str, backend: str, shape: dict, dtype_name: str = "float32", device: str = "cpu", calls: int = 5,
+          warmup: int = 2, out: Path | None = None, limit: int = 20) -> dict:
+    """Profile `calls` calls after `warmup` unprofiled ones. Returns paths and the table's rows (and the ncu
+    command on a GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    out = Path(out) if out is not None else ROOT / "reports" / device / "traces"
+    out.mkdir(parents=True, exist_ok=True)
+    call, _ = make_call(op, backend, shape, dtype_name, device)
+    for _ in range(warmup):  # compilation, autotuning and allocator growth stay out of the trace
+        call()
+    _synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for index in range(calls):
+            with record_function(f"{op}[{backend}] call {index}"):
+                call()
+            _synchronize(device)
+    stem = f"{op}_{backend}"
+    trace_path = out / f"trace_{stem}.json"
+    prof.export_chrome_trace(str(trace_path))
+    averages = prof.key_averages()
+    # The per-call ranges we recorded would top every self-time list on CPU only as wrappers: leave them out.
+    rows = top_rows([e for e in averages if not e.key.startswith(f"{op}[{backend}] call")], device, limit)
+    table = _format_table(rows, device)
+    header = (f"{op} backend={backend} device={device} dtype={dtype_name} shape={shape} calls={calls} "
+              f"warmup={warmup} torch={torch.__version__}")
+    (out / f"top_{stem}.txt").write_text(header + "\n\n" + table + "\n")
+    with (out / f"top_{stem}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["name", "calls", "self_us", "self_percent", "total_cpu_us",
+                                               "total_device_us"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = dict(trace=trace_path, table=out / f"top_{stem}.txt", csv=out / f"top_{stem}.csv", rows=rows,
+                  text=header + "\n\n" + table, ncu=None)
+    if device == "cuda":
+        kernels_seen = [e for e in averages if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+        if kernels_seen:
+            launches_per_call = max(1, round(sum(e.count for e in kernels_seen) / calls))
+            rerun = [sys.executable, "-m", "profiling.trace", "--op", op, "--backend", backend, "--device", device,
+                     "--dtype", dtype_name, "--calls", "1", "--warmup", str(warmup), "--plain",
+                     *(arg for key, value in shape.items() for arg in ("--shape", f"{key}={_unparse(value)}"))]
+            result["ncu"] = ncu_command([e.key for e in kernels_seen], warmup * launches_per_call, launches_per_call,
+                                        out / f"ncu_{stem}", rerun)
+    return result
+
+
+def _unparse(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m profiling.trace", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", required=True, help="an op of kernels (linear_attention, gated_delta_rule, ...)")
+    parser.add_argument("--backend", required=True, help="a backend name (kernels.backends(op) lists them)")
+    parser.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword of the op's bench.inputs maker (repeatable); lists as 1,7,64")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls")
+    parser.add_argument("--warmup", type=int, default=2, help="unprofiled calls first")
+    parser.add_argument("--rows", type=int, default=20, help="rows of the table")
+    parser.add_argument("--out", type=Path, default=None, help="default reports/<device>/traces")
+    parser.add_argument("--plain", action="store_true", help="run the calls without the profiler (for ncu)")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU on this machine", file=sys.stderr)
+        return 2
+    _prepare_environment(device)
+    shape = parse_shape(args.shape)
+    if args.plain:
+        call, _ = make_call(args.op, args.backend, shape, args.dtype, device)
+        for _ in range(args.warmup + args.calls):
+            call()
+        _synchronize(device)
+        return 0
+    result = trace(args.op, args.backend, shape, args.dtype, device, args.calls, args.warmup, args.out, args.rows)
+    print(result["text"])
+    print(f"\nChrome trace: {result['trace']}\ntable: {result['table']}")
+    if result["ncu"]:
+        print(f"\nNsight Compute, for the kernels above:\n  {result['ncu']}")
+    elif device == "cpu":
+        print("\n(no ncu command: a CPU run; on a GPU this prints one)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
