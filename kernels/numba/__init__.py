@@ -3,6 +3,8 @@
 "numba": CPU kernels (numba.njit(parallel=True)). "numba_cuda": numba.cuda kernels, on a CUDA GPU or on CPU
 tensors under the simulator (NUMBA_ENABLE_CUDASIM=1, slow: tiny sizes only).
 """
+from dataclasses import dataclass
+
 import torch
 
 from kernels.registry import Backend
@@ -10,6 +12,21 @@ from kernels.registry import Backend
 _CPU = ("cpu",)
 _CUDA = ("cuda", "cudasim")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # computed in float32: no float64 yardstick runs
+
+
+
+@dataclass(frozen=True)
+class NumbaAotSpec:
+    """One numba.cuda kernel at one signature, for profiling.static (numba.cuda.compile_ptx for sm_90, then ptxas).
+
+    name: a label for the table; kernel: "package.module:attr" of the @cuda.jit kernel; signature: a numba
+    signature string; threads: threads per block of its launches."""
+
+    name: str
+    kernel: str
+    signature: str
+    threads: int | None = None
+
 
 BACKENDS = [
     Backend("gated_delta_rule", "numba", "kernels.numba.gated_delta_rule:gated_delta_rule", _CPU, requires=("numba",)),

@@ -12,10 +12,15 @@ import numpy as np
 import torch
 from numba import cuda, float32
 
+from kernels.numba import NumbaAotSpec
 from kernels.numba._edge import device_array, float32_contiguous, sequence_bounds
 
 BV = 32  # state columns per block (one warp)
-MAX_K = 256  # the key head dim the shared state tile is sized for
+MAX_K = 128  # the key head dim the shared state tile is sized for (Qwen3.5's; 16 KB of shared memory)
+_F4 = "float32[:, :, :, ::1]"
+AOT_SPECS = [NumbaAotSpec("gdr_recurrent[numba_cuda]", f"{__name__}:_recurrent_kernel",
+                          f"void({_F4}, {_F4}, {_F4}, float32[:, :, ::1], float32[:, :, ::1], int64[::1], int64[::1], "
+                          f"int64[::1], {_F4}, {_F4}, float32, boolean)", threads=BV)]
 
 
 @cuda.jit
@@ -74,7 +79,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                      mode, **extra):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
     Returns o [B, T, Hv, V] in v's dtype and the float32 state [N, Hv, K, V] (or None). Both modes run the
-    token-by-token kernel (there is no chunked numba.cuda kernel); K <= 256."""
+    token-by-token kernel (there is no chunked numba.cuda kernel); K <= 128."""
     B, T, Hv, V = v.shape
     K = q.shape[3]
     if K > MAX_K:

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from numba import cuda, float32, int64
 
+from kernels.numba import NumbaAotSpec
 from kernels.numba._edge import device_array, float32_contiguous
 from kernels.types import Permutation
 
 TILE = 128  # slots per permutation tile
 MAX_EXPERTS = 1024  # experts the scan block handles (one thread each)
 TM = TN = TK = 16  # grouped GEMM tile
+TK_PADDED = 17  # shared tile rows padded by one word against bank conflicts (a literal: numba sizes shared arrays)
 
 
 @cuda.jit
@@ -104,8 +106,8 @@ def _unpermute(y_sorted, row_of_slot, weights, out):
 def _grouped_gemm(x, w, tile_expert, tile_row, offsets, y):
     """y[rows of e] = x[rows of e] @ w[e]^T for the tile (tile_expert[b], tile_row[b]) of block b.x and columns
     b.y * TN ...; x [M, K], w [E, N, K], y [M, N] float32. Block (TN, TM) threads, one output each."""
-    xs = cuda.shared.array((TM, TK + 1), float32)  # +1: no bank conflicts on the transposed reads
-    ws = cuda.shared.array((TN, TK + 1), float32)
+    xs = cuda.shared.array((TM, TK_PADDED), float32)
+    ws = cuda.shared.array((TN, TK_PADDED), float32)
     e = tile_expert[cuda.blockIdx.x]
     row0 = tile_row[cuda.blockIdx.x]
     row_end = offsets[e + 1]
@@ -189,3 +191,15 @@ def grouped_gemm(x, w, offsets, **extra):
                                           offsets.to(torch.int64).contiguous(), y)]
         _grouped_gemm[(len(tile_expert), _cdiv(Nout, TN)), (TN, TM)](*args)
     return y.to(x.dtype)
+
+
+_I1, _I2, _F2 = "int64[::1]", "int64[:, ::1]", "float32[:, ::1]"
+AOT_SPECS = [NumbaAotSpec(f"{name}[numba_cuda]", f"{__name__}:{name}", signature, threads) for name, signature, threads in (
+    ("_tile_counts", f"void({_I1}, int64, {_I2})", TILE),
+    ("_scan_counts", f"void({_I2}, {_I2}, {_I1})", MAX_EXPERTS),
+    ("_place", f"void({_I1}, {_I2}, {_I1}, {_I1})", TILE),
+    ("_gather_rows", f"void({_F2}, {_I1}, int64, {_F2})", 128),
+    ("_invert_source", f"void({_I1}, {_I1})", 128),
+    ("_unpermute", f"void({_F2}, {_I1}, {_F2}, {_F2})", 128),
+    ("_grouped_gemm", f"void({_F2}, float32[:, :, ::1], {_I1}, {_I1}, {_I1}, {_F2})", TM * TN),
+)]
