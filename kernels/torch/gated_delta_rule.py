@@ -33,15 +33,15 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     attn = torch.matmul(q, kt).unsqueeze(3).mul(decay)
     # Only the strict lower triangle of A - I is read (unitriangular): no mask needed on the diagonal.
     lower = decay.mul_(torch.matmul(k, kt).unsqueeze(3)).mul_(beta[..., None])
-    # A^-1 once, then u and w by one matmul: a batched triangular solve with 64 right-hand sides is much faster
-    # on CPU than one with V + K of them.
+    # A^-1 once, then u and w by matmuls: a batched triangular solve with C right-hand sides is much faster on
+    # CPU than one with V + K. beta (and gamma) scale A^-1's columns rather than v and k (C^2 < C V elements),
+    # and w = (A^-1 diag(beta gamma)) k takes the G value heads of a key head as one [G C, C] @ [C, K] matmul.
     eye = torch.eye(C, dtype=k.dtype, device=k.device).expand_as(lower)
     inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-    rhs = torch.empty(NC, N, Hk, G, C, V + K, dtype=v.dtype, device=v.device)
-    torch.mul(v, beta[..., None], out=rhs[..., :V])
-    torch.mul(k.unsqueeze(3), (beta * gamma)[..., None], out=rhs[..., V:])
-    uw = torch.matmul(inverse, rhs).view(NC, M, C, V + K)
-    u, w = uw[..., :V], uw[..., V:]
+    # (the solve returns column-major matrices: write the scaled copy row-major, so G rows of blocks stack)
+    scaled = torch.mul(inverse, (beta * gamma)[..., None, :], out=torch.empty_like(lower))
+    w = torch.matmul(scaled.view(NC, N, Hk, G * C, C), k).view(NC, M, C, K)
+    u = torch.matmul(inverse.mul_(beta[..., None, :]), v).view(NC, M, C, V)
     keys = (k.unsqueeze(3) * (gcum[..., -1:] - gcum).exp_()[..., None]).view(NC, M, C, K)
     states = state_buffer(initial_state, NC, N, Hk * G, K, V, v.dtype, v.device)
     state_pass(keys, u, gamma[..., -1].reshape(NC, M), states, w=w)  # u becomes v_new

@@ -81,10 +81,9 @@ class ChunkLayout:
 
 def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
     """gcum [..., C] (within-chunk cumulative log decay) -> [..., C, C]: exp(gcum_i - gcum_j) for j <= i, else 0.
-    Masked before the exp so that the (positive) upper triangle cannot overflow."""
-    C = gcum.shape[-1]
-    upper = torch.ones(C, C, dtype=torch.bool, device=gcum.device).triu_(1)
-    return (gcum[..., :, None] - gcum[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+    The upper triangle may overflow to inf before tril_ overwrites it (never multiplied); masking it with -inf
+    before the exp instead is ten times slower on CPU (exp's slow path for infinities)."""
+    return (gcum[..., :, None] - gcum[..., None, :]).exp_().tril_()
 
 
 def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, states: torch.Tensor,
@@ -128,7 +127,8 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
 
 def l2norm_(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """x <- scale * x / sqrt(sum(x^2) + 1e-6) over the last dim, in place."""
-    return x.mul_(torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6).mul_(scale))
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.mul_(norm.square_().add_(1e-6).rsqrt_().mul_(scale))
 
 
 def state_buffer(initial_state, NC, N, H, K, V, dtype, device) -> torch.Tensor:
