@@ -9,9 +9,14 @@
 `python -m tests.test_numba` prints the CPU timings of the issue's targets (MoE decode against the memory floor,
 recurrent gated delta rule against the reference).
 """
+import csv
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +150,24 @@ def test_numba_cuda_moe_kernels(case, seed):
     with poisoned_allocations():
         out = kernels.grouped_gemm(**args, backend="numba_cuda")
     assert_close(out, ref, dtype, "numba_cuda grouped_gemm", seed)
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None and not Path("/usr/local/cuda/bin/ptxas").exists(),
+                    reason="ptxas (CUDA toolkit) not found on this machine")
+def test_numba_cuda_kernels_compile_for_sm90(tmp_path):
+    """The simulator accepts code the real compiler rejects (shared arrays sized by expressions, for one): every
+    numba.cuda kernel compiles for sm_90 through profiling.static (its AOT_SPECS), with no spills."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-m", "profiling.static", "--only", "kernels/numba/gpu_", "--out",
+                             str(tmp_path), "--workers", "1", "--force"], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).parent.parent, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (tmp_path / "kernels.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 8, f"expected every numba.cuda kernel, got {[row['kernel'] for row in rows]}"
+    for row in rows:
+        assert row["status"] == "ok", f"{row['kernel']}: {row['status']}"
+        assert row["spill_store_bytes"] in ("0", ""), f"{row['kernel']} spills"
 
 
 @pytest.mark.gpu
