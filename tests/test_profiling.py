@@ -236,3 +236,190 @@ def test_static_table_covers_every_gpu_kernel(tmp_path):
     cu_files = sorted(str(p.relative_to(static.ROOT)) for p in (static.ROOT / "kernels" / "cuda").glob("*.cu"))
     compiled = {row["source"] for row in rows if row["toolchain"] == "cuda" and row["status"] == "ok"}
     assert [f for f in cu_files if f not in compiled] == []
+
+
+# ---------------------------------------------------------------------------------------------- trace
+
+def test_parse_shape_values():
+    from profiling.trace import parse_shape
+
+    assert parse_shape(["T=1024", "seqlens=1,7,64", "gate=strong", "initial_state=true", "scale=0.5"]) == dict(
+        T=1024, seqlens=[1, 7, 64], gate="strong", initial_state=True, scale=0.5)
+    with pytest.raises(SystemExit):
+        parse_shape(["T"])
+
+
+def test_ncu_command_filters_kernels_and_keeps_clocks():
+    from profiling.trace import ncu_command
+
+    cmd = ncu_command(["void moe_place<int>(int const*, long long)", "chunk_output"], 6, 3, Path("/tmp/r"),
+                      ["python", "-m", "profiling.trace", "--plain"])
+    assert "--clock-control none" in cmd
+    assert "'regex:^(chunk_output|moe_place)$'" in cmd
+    assert "--launch-skip 6 --launch-count 3" in cmd and cmd.endswith("--plain")
+
+
+def test_trace_on_cpu(tmp_path):
+    """A real torch.profiler run of the torch backend: Chrome trace, top table with aten ops, no ncu line."""
+    from profiling import trace
+
+    result = trace.trace("gated_delta_rule", "torch", dict(T=40, Hk=1, Hv=2, K=16, V=16), "float32", "cpu",
+                         calls=2, warmup=1, out=tmp_path, limit=10)
+    events = json.loads(result["trace"].read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("gated_delta_rule[torch] call") for e in events)
+    assert result["rows"] and all(row["self_us"] > 0 for row in result["rows"])
+    assert any(row["name"].startswith("aten::") for row in result["rows"])
+    assert result["ncu"] is None
+    with result["csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == len(result["rows"])
+    assert "self CPU us" in result["table"].read_text()
+
+
+# ---------------------------------------------------------------------------------------------- roofline
+
+def _sweep_csv(path, device="cpu", errors=("",) * 5):
+    """A small CSV shaped like bench.sweep's: two backends, two ops, measured ceilings, one failed row."""
+    header = ["op", "backend", "device", "device_name", "dtype", "shape", "median_ms", "flops", "bytes", "tflops",
+              "gbps", "peak_tflops", "peak_gbps", "roofline_fraction", "error"]
+    rows = [
+        ["moe", "torch", device, "test cpu", "float32", "N=1", 2.0, 2e6, 4e6, 1e-3, 2.0, 0.1, 20.0, 0.1, errors[0]],
+        ["moe", "numba", device, "test cpu", "float32", "N=1", 1.0, 2e6, 4e6, 2e-3, 4.0, 0.1, 20.0, 0.2, errors[1]],
+        ["moe", "torch", device, "test cpu", "float32", "N=4096", 50.0, 4e9, 1e8, 0.08, 2.0, 0.1, 20.0, 0.8, errors[2]],
+        ["gated_delta_rule", "torch", device, "test cpu", "float32", "T=1024", 10.0, 5e8, 2e7, 0.05, 2.0, 0.1, 20.0,
+         0.5, errors[3]],
+        ["gated_delta_rule", "numba", device, "test cpu", "float32", "T=1024", 1.0, 5e8, 2e7, 0.5, 20.0, 0.1, 20.0,
+         0.5, errors[4]],
+    ]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_roofline_from_synthetic_csv(tmp_path):
+    from profiling import roofline
+
+    path = _sweep_csv(tmp_path / "results.csv", errors=("", "", "", "", "parity: relative error 1e-1"))
+    frame = roofline.load(path)
+    measured = roofline.points(frame)
+    assert len(measured) == 4  # the failed row is left out
+    assert measured["intensity"].tolist()[:1] == [0.5]
+    assert measured["flops_per_s"].tolist()[:1] == [1e9]  # 2e6 FLOP in 2 ms
+    assert roofline.ceilings(frame) == {"float32": (0.1e12, 20e9)}
+    written = roofline.write(path, "cpu")
+    assert written == [tmp_path / "roofline.png"]
+    assert written[0].read_bytes()[:4] == b"\x89PNG" and written[0].stat().st_size > 10_000
+    assert roofline.main(["--csv", str(path), "--out", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "other" / "roofline.png").exists()
+    with pytest.raises(ValueError, match="no rows of device"):
+        roofline.write(path, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check
+
+def test_gpu_slug():
+    from bench.gpu_check import gpu_slug
+
+    assert gpu_slug("NVIDIA H200") == "h200"
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert gpu_slug("") == "gpu"
+
+
+def test_gpu_check_without_gpu_exits_3(monkeypatch, tmp_path, capsys):
+    from bench import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == gpu_check.EXIT_NO_GPU == 3
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+_JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="5">
+<testcase classname="tests.test_moe" name="test_moe_gpu[torch.bfloat16-triton]" time="0.1"/>
+<testcase classname="tests.test_moe" name="test_moe_gpu[torch.float16-triton]" time="0.1"/>
+<testcase classname="tests.test_moe" name="test_moe_gpu[torch.float32-triton]" time="0.1">{failure}</testcase>
+<testcase classname="tests.test_gdr" name="test_gdr_gpu[bf16-cuda]" time="0.1"/>
+<testcase classname="tests.test_gdr" name="test_gdr_gpu_decode" time="0.1"><skipped message="x"/></testcase>
+</testsuite></testsuites>"""
+
+
+def _fake_runner(failing_test=False, sweep_error="", timeout_step=None):
+    """Stands for run_step: writes what each real step would write (pytest log and XML, the sweep's CSV)."""
+    def run(step, limit, log):
+        step.log, step.seconds = log, 1.0
+        out = Path(step.cmd[step.cmd.index("--out") + 1]) if "--out" in step.cmd else log.parent
+        if step.name == "parity tests":
+            failure = '<failure message="relative error 3e-2 &gt; 1.5e-2"/>' if failing_test else ""
+            (log.parent / "pytest.xml").write_text(_JUNIT.format(failure=failure))
+            lines = (["FAILED tests/test_moe.py::test_moe_gpu[torch.float32-triton] - AssertionError"]
+                     if failing_test else []) + [f"{3 if failing_test else 4} passed, {1 if failing_test else 0} "
+                                                 "failed, 1 skipped in 12.34s"]
+            log.write_text("\n".join(lines) + "\n")
+            step.rc = 1 if failing_test else 0
+        elif step.name.startswith("sweep"):
+            op = step.cmd[step.cmd.index("--op") + 1]
+            results = out / "results.csv"
+            if not results.exists():
+                _sweep_csv(results, device="cuda", errors=("", sweep_error, "", "", ""))
+            log.write_text(f"swept {op}\n")
+            step.rc = 0
+        else:
+            log.write_text("ok\n")
+            step.rc = 0
+        if step.name == timeout_step:
+            step.rc, step.timed_out = -9, True
+        return step
+    return run
+
+
+_MACHINE = dict(name="NVIDIA H200", time="2026-11-29T06:00:00+00:00", torch="2.x", cuda="13.0")
+
+
+def test_gpu_check_summary_and_exit_codes(tmp_path):
+    from bench import gpu_check
+
+    ops = ["gated_delta_rule", "moe"]
+    code, summary = gpu_check.check(tmp_path / "ok", ops, 480, False, _fake_runner(), _MACHINE)
+    text = summary.read_text()
+    assert code == gpu_check.EXIT_OK and "PASSED" in text
+    assert "4 passed, 0 failed, 1 skipped in 12.34s" in text
+    assert "| bfloat16 | 2 | 0 | 0 |" in text and "| float32 | 1 | 0 | 0 |" in text and "| other | 0 | 0 | 1 |" in text
+    assert "### moe" in text and "### gated_delta_rule" in text and "| numba | float32 | N=1 | 1 |" in text
+    assert "sweep moe" in text and "bench.sweep --op moe --device cuda --preset Qwen3.5-35B-A3B" in text
+
+    code, summary = gpu_check.check(tmp_path / "bad", ops, 480, False, _fake_runner(failing_test=True), _MACHINE)
+    text = summary.read_text()
+    assert code == gpu_check.EXIT_PARITY and "PARITY FAILED" in text
+    assert "FAILED tests/test_moe.py::test_moe_gpu[torch.float32-triton]" in text and "| float32 | 0 | 1 | 0 |" in text
+
+    code, _ = gpu_check.check(tmp_path / "sweep", ops, 480, True, _fake_runner(sweep_error="parity: 2e-1"), _MACHINE)
+    assert code == gpu_check.EXIT_PARITY
+
+    code, summary = gpu_check.check(tmp_path / "slow", ops, 480, False, _fake_runner(timeout_step="sweep moe"),
+                                    _MACHINE)
+    assert code == gpu_check.EXIT_STEP and "timed out" in summary.read_text()
+
+
+def test_gpu_check_budget(tmp_path):
+    """Tests get at most TESTS_LIMIT_S, the sweeps share the rest less the report's reserve, nothing overruns."""
+    from bench import gpu_check
+
+    limits, now = {}, [0.0]
+
+    def run_to_the_limit(step, limit, log):  # the worst case: every step runs until it is killed
+        limits[step.name] = limit
+        now[0] += limit
+        step.rc, step.log = 0, log
+        return step
+
+    steps = gpu_check.execute(gpu_check.plan(tmp_path, [op for op, _ in gpu_check.SWEEPS], False), tmp_path, 480,
+                              run_to_the_limit, clock=lambda: now[0])
+    assert limits["parity tests"] == gpu_check.TESTS_LIMIT_S
+    sweeps = [v for k, v in limits.items() if k.startswith("sweep")]
+    assert len(sweeps) == len(gpu_check.SWEEPS) and min(sweeps) > 30
+    assert sum(sweeps) == pytest.approx(480 - gpu_check.TESTS_LIMIT_S - gpu_check.REPORT_RESERVE_S)
+    assert now[0] == pytest.approx(480) and all(step.rc == 0 for step in steps)
+    starved = gpu_check.execute(gpu_check.plan(tmp_path, ["moe"], False), tmp_path, 3, run_to_the_limit)
+    assert all(step.rc is None for step in starved)
+    assert gpu_check.verdict(starved, gpu_check.parity_by_dtype(tmp_path / "none.xml"), []) == gpu_check.EXIT_STEP
