@@ -159,13 +159,14 @@ def _check_block_aligned(row_map, block_expert, num_blocks, ids_flat, E, block_m
         start += n
 
 
+@pytest.mark.parametrize("one_program", [False, True], ids=["spread", "one_program"])
 @pytest.mark.parametrize("block_m", [16, 64])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_block_aligned_layout_invariants(case, block_m, seed):
+def test_block_aligned_layout_invariants(case, block_m, one_program, seed):
     weights, ids = inputs.routing_ids(**CASES[case], seed=seed, device=DEVICE)
     E = CASES[case]["E"]
     with poisoned_allocations(), NoHostSync():
-        row_map, block_expert, num_blocks, offsets = tm.align_slots(ids, E, block_m)
+        row_map, block_expert, num_blocks, offsets = tm.align_slots(ids, E, block_m, one_program=one_program)
     _check_block_aligned(row_map, block_expert, num_blocks, ids.reshape(-1), E, block_m)
     assert torch.equal(offsets.cpu(), inputs.group_offsets(ids.cpu(), E))
 
@@ -185,7 +186,7 @@ def test_block_table_of_grouped_rows(seed):
 def test_decode_layout_does_not_pad_to_the_prefill_tile():
     """One token, top-8 of 256 experts: 8 blocks of 16 rows (128), not 8 x 64 = 512."""
     ids = torch.randperm(256)[:8].to(torch.int32).view(1, 8).to(DEVICE)
-    row_map, block_expert, num_blocks, _ = tm.align_slots(ids, 256, tm.DECODE_BLOCK_M)
+    row_map, block_expert, num_blocks, _ = tm.align_slots(ids, 256, tm.DECODE_BLOCK_M, one_program=True)
     assert int(num_blocks) == 8 and row_map.numel() <= 9 * 16
 
 
@@ -261,7 +262,7 @@ def test_aot_specs_name_every_kernel_and_compile_for_sm90():
     def representative(name):
         prefill_gemm = name.startswith(("moe.gemm[gate_up,", "moe.gemm[down,")) and ",w=8,s=3]" in name
         decode_gemm = name.startswith("moe.gemm[down,") and "BM=16,BN=64,BK=128" in name
-        return prefill_gemm or decode_gemm or name.startswith(("moe.route", "moe.scatter[E=256,ALIGN_M=16]"))
+        return prefill_gemm or decode_gemm or name.startswith(("moe.route", "moe.align_one_program"))
 
     picks = [spec.name for spec in tm.AOT_SPECS if representative(spec.name)]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}

@@ -106,17 +106,75 @@ def route(router_logits, top_k, renormalize=True):
 
 
 @triton.jit
+def _count_slots(ids_ptr, first, last, num_slots, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Rows per expert among the slots first..last of ids (flat [num_slots]): int32 [BLOCK_E]."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(first, last, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        expert = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1).to(tl.int32)
+        counts += tl.sum((expert[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    return counts
+
+
+@triton.jit
+def _scatter_slots(ids_ptr, dest_ptr, base, first, last, num_slots, dest_size,
+                   BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """dest[base[e] + rank] = s for the slots s of first..last with ids[s] = e >= 0, rank counting the earlier
+    slots of e in that range (stable). base: int32 [BLOCK_E]. Positions >= dest_size are dropped."""
+    experts = tl.arange(0, BLOCK_E)
+    for start in range(first, last, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        expert = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1).to(tl.int32)
+        onehot = (expert[:, None] == experts[None, :]).to(tl.int32)
+        position = tl.sum((base[None, :] + tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+        tl.store(dest_ptr + position, slots, mask=(expert >= 0) & (position < dest_size))
+        base += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _padded(counts, BLOCK_M: tl.constexpr):
+    """Rows per expert rounded up to a multiple of BLOCK_M."""
+    return (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+
+
+@triton.jit
+def _write_block_table(blocks, starts, counts, E, row_map_ptr, block_expert_ptr, max_blocks,
+                       CONTIGUOUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """For the blocks `blocks` [BLOCK_B] of the block-aligned layout of experts with rows starts[e] +
+    [0, counts[e]) ([BLOCK_E] each): block_expert (-1 past the used blocks) and, at the used blocks, row_map: -1
+    at padding positions and, when CONTIGUOUS, starts[e] + i at the i-th position of expert e."""
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < E
+    padded = _padded(counts, BLOCK_M)
+    padded_ends = tl.cumsum(padded, axis=0)
+    first = blocks * BLOCK_M
+    # A block belongs to the first expert whose padded rows end after the block's first position.
+    block_expert = tl.sum(((padded_ends[None, :] <= first[:, None]) & expert_ok[None, :]).to(tl.int32), axis=1)
+    used = blocks < tl.sum(padded, axis=0) // BLOCK_M
+    tl.store(block_expert_ptr + blocks, tl.where(used, block_expert, -1), mask=blocks < max_blocks)
+    mine = experts[None, :] == block_expert[:, None]
+    local = first - tl.sum(tl.where(mine, padded_ends - padded, 0), axis=1)  # position of the block in its expert
+    count = tl.sum(tl.where(mine, counts, 0), axis=1)
+    start = tl.sum(tl.where(mine, starts, 0), axis=1)
+    i = local[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    real = i < count[:, None]
+    ptrs = row_map_ptr + first.to(tl.int64)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    if CONTIGUOUS:
+        tl.store(ptrs, tl.where(real, start[:, None] + i, -1), mask=used[:, None])
+    else:
+        tl.store(ptrs, tl.full([blocks.shape[0], BLOCK_M], -1, tl.int32), mask=used[:, None] & ~real)
+
+
+@triton.jit
 def _count_kernel(ids_ptr, chunk_counts_ptr, num_slots, E, slots_per_chunk,
                   BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
     """chunk_counts[c, e] = number of slots of chunk c routed to expert e. ids: flat [num_slots]."""
     chunk = tl.program_id(0).to(tl.int64)
-    experts = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     first = chunk * slots_per_chunk
-    for start in range(first, tl.minimum(first + slots_per_chunk, num_slots), BLOCK_S):
-        slots = start + tl.arange(0, BLOCK_S)
-        expert = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1).to(tl.int32)
-        counts += tl.sum((expert[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    counts = _count_slots(ids_ptr, first, tl.minimum(first + slots_per_chunk, num_slots), num_slots,
+                          BLOCK_S, BLOCK_E)
+    experts = tl.arange(0, BLOCK_E)
     tl.store(chunk_counts_ptr + chunk * E + experts, counts, mask=experts < E)
 
 
@@ -140,76 +198,61 @@ def _scan_kernel(chunk_counts_ptr, offsets_ptr, num_chunks, E, BLOCK_C: tl.const
 
 
 @triton.jit
-def _padded_starts(offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """First position of each expert when every expert's rows are padded to a multiple of BLOCK_M: [BLOCK_E]."""
-    experts = tl.arange(0, BLOCK_E)
-    expert_ok = experts < E
-    counts = (tl.load(offsets_ptr + 1 + experts, mask=expert_ok, other=0)
-              - tl.load(offsets_ptr + experts, mask=expert_ok, other=0)).to(tl.int32)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    return tl.cumsum(padded, axis=0) - padded
-
-
-@triton.jit
 def _scatter_kernel(ids_ptr, chunk_prefix_ptr, offsets_ptr, dest_ptr, num_slots, E, slots_per_chunk, dest_size,
                     ALIGN_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
     """dest[position of slot s] = s for every slot with ids[s] >= 0: experts ascending, slots ascending within
-    an expert (stable). Positions start at offsets[e] (ALIGN_M = 0) or at the padded starts (ALIGN_M > 0).
-    Positions >= dest_size are dropped (a caller's row bound too small)."""
+    an expert (stable). Positions start at offsets[e] (ALIGN_M = 0) or at the starts of the layout padded to
+    multiples of ALIGN_M. Positions >= dest_size are dropped (a caller's row bound too small)."""
     chunk = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < E
+    starts = tl.load(offsets_ptr + experts, mask=expert_ok, other=0).to(tl.int32)
     if ALIGN_M > 0:
-        base = _padded_starts(offsets_ptr, E, ALIGN_M, BLOCK_E)
-    else:
-        base = tl.load(offsets_ptr + experts, mask=expert_ok, other=0).to(tl.int32)
-    base += tl.load(chunk_prefix_ptr + chunk * E + experts, mask=expert_ok, other=0)
+        padded = _padded(tl.load(offsets_ptr + 1 + experts, mask=expert_ok, other=0).to(tl.int32) - starts, ALIGN_M)
+        starts = tl.cumsum(padded, axis=0) - padded
+    base = starts + tl.load(chunk_prefix_ptr + chunk * E + experts, mask=expert_ok, other=0)
     first = chunk * slots_per_chunk
-    for start in range(first, tl.minimum(first + slots_per_chunk, num_slots), BLOCK_S):
-        slots = start + tl.arange(0, BLOCK_S)
-        expert = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1).to(tl.int32)
-        onehot = (expert[:, None] == experts[None, :]).to(tl.int32)
-        # Rank within the expert = earlier slots of this expert in this sub-block + those before it (base).
-        position = tl.sum((base[None, :] + tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
-        tl.store(dest_ptr + position, slots, mask=(expert >= 0) & (position < dest_size))
-        base += tl.sum(onehot, axis=0)
+    _scatter_slots(ids_ptr, dest_ptr, base, first, tl.minimum(first + slots_per_chunk, num_slots), num_slots,
+                   dest_size, BLOCK_S, BLOCK_E)
 
 
 @triton.jit
 def _align_kernel(offsets_ptr, row_map_ptr, block_expert_ptr, num_blocks_ptr, E, max_blocks,
                   CONTIGUOUS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The block table of the block-aligned layout, for BLOCK_B blocks per program.
-
-    offsets [E + 1]: rows of each expert. Writes block_expert [max_blocks] (-1 past the used blocks),
-    num_blocks [1], and row_map [max_blocks * BLOCK_M] at the used blocks: -1 at padding positions and, when
-    CONTIGUOUS (grouped_gemm: rows already grouped), offsets[e] + i at the i-th position of expert e. Without
-    CONTIGUOUS the scatter kernel writes the real positions."""
+    """The block table of the block-aligned layout, for BLOCK_B blocks per program (see _write_block_table).
+    offsets [E + 1]: rows of each expert. Program 0 writes num_blocks [1]. Without CONTIGUOUS the scatter
+    kernel writes the real positions of row_map."""
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < E
     starts = tl.load(offsets_ptr + experts, mask=expert_ok, other=0).to(tl.int32)
     counts = tl.load(offsets_ptr + 1 + experts, mask=expert_ok, other=0).to(tl.int32) - starts
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_ends = tl.cumsum(padded, axis=0)
-    num_blocks = tl.sum(padded, axis=0) // BLOCK_M
     if tl.program_id(0) == 0:
-        tl.store(num_blocks_ptr, num_blocks)
+        tl.store(num_blocks_ptr, tl.sum(_padded(counts, BLOCK_M), axis=0) // BLOCK_M)
     blocks = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    first = blocks * BLOCK_M
-    # A block belongs to the first expert whose padded rows end after the block's first position.
-    block_expert = tl.sum(((padded_ends[None, :] <= first[:, None]) & expert_ok[None, :]).to(tl.int32), axis=1)
-    used = blocks < num_blocks
-    tl.store(block_expert_ptr + blocks, tl.where(used, block_expert, -1), mask=blocks < max_blocks)
-    mine = experts[None, :] == block_expert[:, None]
-    local = first - tl.sum(tl.where(mine, padded_ends - padded, 0), axis=1)  # position of the block in its expert
-    count = tl.sum(tl.where(mine, counts, 0), axis=1)
-    start = tl.sum(tl.where(mine, starts, 0), axis=1)
-    i = local[:, None] + tl.arange(0, BLOCK_M)[None, :]
-    real = i < count[:, None]
-    ptrs = row_map_ptr + first.to(tl.int64)[:, None] + tl.arange(0, BLOCK_M)[None, :]
-    if CONTIGUOUS:
-        tl.store(ptrs, tl.where(real, start[:, None] + i, -1), mask=used[:, None])
-    else:
-        tl.store(ptrs, tl.full([BLOCK_B, BLOCK_M], -1, tl.int32), mask=used[:, None] & ~real)
+    _write_block_table(blocks, starts, counts, E, row_map_ptr, block_expert_ptr, max_blocks, CONTIGUOUS,
+                       BLOCK_M, BLOCK_E)
+
+
+@triton.jit
+def _align_one_program_kernel(ids_ptr, offsets_ptr, row_map_ptr, block_expert_ptr, num_blocks_ptr, num_slots, E,
+                              max_blocks, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_E: tl.constexpr):
+    """Decode: count, prefix sum, block table and stable scatter of align_slots in one program (one launch in
+    place of four; at most a few hundred slots). ids flat [num_slots]; writes offsets [E + 1], num_blocks [1],
+    block_expert [max_blocks] and row_map."""
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < E
+    counts = _count_slots(ids_ptr, 0, num_slots, num_slots, BLOCK_S, BLOCK_E)
+    ends = tl.cumsum(counts, axis=0)
+    tl.store(offsets_ptr + 1 + experts, ends, mask=expert_ok)
+    tl.store(offsets_ptr + experts, ends - counts, mask=experts == 0)
+    padded = _padded(counts, BLOCK_M)
+    tl.store(num_blocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)
+    for first_block in range(0, max_blocks, BLOCK_B):
+        _write_block_table(first_block + tl.arange(0, BLOCK_B), ends - counts, counts, E, row_map_ptr,
+                           block_expert_ptr, max_blocks, False, BLOCK_M, BLOCK_E)
+    _scatter_slots(ids_ptr, row_map_ptr, tl.cumsum(padded, axis=0) - padded, 0, num_slots, num_slots,
+                   max_blocks * BLOCK_M, BLOCK_S, BLOCK_E)
 
 
 def _chunk_counts(ids_flat, num_experts):
@@ -241,19 +284,24 @@ def max_aligned_blocks(num_rows, num_experts, block_m):
     return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
 
 
+def _block_b(block_m):
+    """Blocks per step of the block-table kernels: their [blocks, BLOCK_M] row tile stays <= 1024 entries."""
+    return max(8, 1024 // block_m)
+
+
 def _block_table(offsets, row_map, max_blocks, block_m, contiguous):
     """Launches the align kernel; returns (block_expert int32 [max_blocks], num_blocks int32 [1])."""
     num_experts = offsets.numel() - 1
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=offsets.device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=offsets.device)
-    block_b = max(8, 1024 // block_m)
+    block_b = _block_b(block_m)
     _align_kernel[(max(1, triton.cdiv(max_blocks, block_b)),)](  # program 0 always writes num_blocks
         offsets, row_map, block_expert, num_blocks, num_experts, max_blocks, CONTIGUOUS=contiguous,
         BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_E=triton.next_power_of_2(num_experts))
     return block_expert, num_blocks
 
 
-def align_slots(ids, num_experts, block_m):
+def align_slots(ids, num_experts, block_m, one_program=False):
     """The block-aligned layout of the slots of ids [N, top_k] (int32 or int64, -1 = no expert).
 
     Returns (row_map, block_expert, num_blocks, offsets):
@@ -263,13 +311,23 @@ def align_slots(ids, num_experts, block_m):
       block_expert int32 [max_blocks]: the expert of each block of block_m positions, -1 past num_blocks;
       num_blocks   int32 [1] (on device: no synchronisation);
       offsets      int32 [E + 1] of the unpadded layout.
-    max_blocks = max_aligned_blocks(N * top_k, E, block_m)."""
+    max_blocks = max_aligned_blocks(N * top_k, E, block_m). one_program: a single launch (decode batches)
+    instead of count, scan, block table and scatter spread over the slots."""
     ids_flat = ids.reshape(-1)
     max_blocks = max_aligned_blocks(ids_flat.numel(), num_experts, block_m)
     row_map = torch.empty(max_blocks * block_m, dtype=torch.int32, device=ids.device)
-    offsets, chunk_prefix = _chunk_counts(ids_flat, num_experts)
-    block_expert, num_blocks = _block_table(offsets, row_map, max_blocks, block_m, contiguous=False)
-    _scatter(ids_flat, offsets, chunk_prefix, row_map, block_m)
+    if not one_program:
+        offsets, chunk_prefix = _chunk_counts(ids_flat, num_experts)
+        block_expert, num_blocks = _block_table(offsets, row_map, max_blocks, block_m, contiguous=False)
+        _scatter(ids_flat, offsets, chunk_prefix, row_map, block_m)
+        return row_map, block_expert, num_blocks, offsets
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
+    num_blocks = torch.empty(1, dtype=torch.int32, device=ids.device)
+    block_e = triton.next_power_of_2(num_experts)
+    _align_one_program_kernel[(1,)](ids_flat, offsets, row_map, block_expert, num_blocks, ids_flat.numel(),
+                                    num_experts, max_blocks, BLOCK_M=block_m, BLOCK_S=_slot_block(block_e),
+                                    BLOCK_B=_block_b(block_m), BLOCK_E=block_e)
     return row_map, block_expert, num_blocks, offsets
 
 
@@ -545,7 +603,7 @@ def moe(x, weights, ids, w_gate_up, w_down, path="auto"):
         path = "decode" if N <= DECODE_MAX_TOKENS else "prefill"
     num_slots = N * top_k
     block_m = DECODE_BLOCK_M if path == "decode" else max(64, _gemm_block_m(num_slots / E))
-    row_map, block_expert, num_blocks, _ = align_slots(ids, E, block_m)
+    row_map, block_expert, num_blocks, _ = align_slots(ids, E, block_m, one_program=path == "decode")
     h = torch.empty(row_map.numel(), I, dtype=x.dtype, device=x.device)
     _launch_gemm(x, w_gate_up, h, row_map, block_expert, num_blocks, N=I, K=D, block_m=block_m, a_mapped=True,
                  a_row_div=top_k, out_mapped=False, gated=True, up_offset=I)
@@ -597,8 +655,13 @@ def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
         specs.append(_spec(f"moe.align[E={E},BLOCK_M={block_m},contiguous={contiguous}]", "_align_kernel",
                            dict(offsets_ptr="*i32", row_map_ptr="*i32", block_expert_ptr="*i32",
                                 num_blocks_ptr="*i32", E=i32, max_blocks=i32),
-                           dict(CONTIGUOUS=contiguous, BLOCK_M=block_m, BLOCK_B=max(8, 1024 // block_m),
+                           dict(CONTIGUOUS=contiguous, BLOCK_M=block_m, BLOCK_B=_block_b(block_m),
                                 BLOCK_E=block_e)))
+    specs.append(_spec(f"moe.align_one_program[E={E},BLOCK_M={DECODE_BLOCK_M}]", "_align_one_program_kernel",
+                       dict(ids_ptr="*i32", offsets_ptr="*i32", row_map_ptr="*i32", block_expert_ptr="*i32",
+                            num_blocks_ptr="*i32", num_slots=i32, E=i32, max_blocks=i32),
+                       dict(BLOCK_M=DECODE_BLOCK_M, BLOCK_S=_slot_block(block_e, GPU_SLOT_BLOCK),
+                            BLOCK_B=_block_b(DECODE_BLOCK_M), BLOCK_E=block_e)))
     for label, slot_map, rows_are_slots in (("unpermute", "*i32", False), ("layer", "*i32", True)):
         specs.append(_spec(f"moe.combine[{label},D={D},{dt}]", "_combine_kernel",
                            dict(y_ptr=f"*{dt}", slot_map_ptr=slot_map, weights_ptr="*fp32", out_ptr=f"*{dt}",
