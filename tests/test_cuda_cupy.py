@@ -59,7 +59,8 @@ def test_grouped_gemm_runs_on_tensor_cores(tmp_path):
 
 
 def _torch_state_pass(k, w, u, gcum, h0):
-    """What gdr_chunk_state computes, in torch (kernels/cuda/gated_delta_rule.cu documents it)."""
+    """What gdr_chunk_state computes, in torch (kernels/cuda/gated_delta_rule.cu documents it); w None: linear
+    attention's state pass."""
     from kernels.cuda.gated_delta_rule import CHUNK
 
     N, Hv, Tp, K = k.shape
@@ -68,7 +69,7 @@ def _torch_state_pass(k, w, u, gcum, h0):
     for start in range(0, Tp, CHUNK):
         span = slice(start, start + CHUNK)
         states.append(S.clone())
-        v_new = u[:, :, span] - w[:, :, span] @ S
+        v_new = u[:, :, span] if w is None else u[:, :, span] - w[:, :, span] @ S
         values.append(v_new)
         last = gcum[:, :, start + CHUNK - 1]
         decay = (last[..., None] - gcum[:, :, span]).exp()
@@ -86,15 +87,41 @@ GDR_CASES = {
 
 
 @pytest.mark.parametrize("case", GDR_CASES.values(), ids=GDR_CASES.keys())
-def test_cuda_chunk_host_side_on_cpu(case, seed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_chunk_host_side_on_cpu(case, dtype, seed):
     from kernels.cuda.gated_delta_rule import chunk_gated_delta_rule
 
-    args = kernels.validate.gated_delta_rule(**inputs.gated_delta_rule(seed=seed, **case))
+    args = kernels.validate.gated_delta_rule(**inputs.gated_delta_rule(dtype=dtype, seed=seed, **case))
     ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
     del args["mode"]
-    o, s = chunk_gated_delta_rule(**args, state_pass=_torch_state_pass)
-    assert_close(o, ref_o, torch.float32, "chunk o", seed)
+    with poisoned_allocations():
+        o, s = chunk_gated_delta_rule(**args, state_pass=_torch_state_pass)
+    assert o.dtype == dtype
+    assert_close(o, ref_o, dtype, "chunk o", seed)
     assert_close(s, ref_s, torch.float32, "chunk final state", seed)
+
+
+LA_CASES = {
+    "one_token": dict(T=1),
+    "chunk_tail_initial_state": dict(T=70, initial_state=True),
+    "packed_with_length_one": dict(seqlens=[5, 1, 130], initial_state=True),
+    "no_gate": dict(B=2, T=65, gate=None),
+    "strong_decay": dict(T=64, gate="strong"),
+}
+
+
+@pytest.mark.parametrize("case", LA_CASES.values(), ids=LA_CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_linear_attention_host_side_on_cpu(case, dtype, seed):
+    from kernels.cuda.linear_attention import linear_attention
+
+    args = kernels.validate.linear_attention(**inputs.linear_attention(dtype=dtype, seed=seed, **case))
+    ref_o, ref_s = kernels.get("linear_attention", "reference")(**to_float64(args))
+    with poisoned_allocations():
+        o, s = linear_attention(**args, state_pass=_torch_state_pass)
+    assert o.dtype == dtype
+    assert_close(o, ref_o, dtype, "linear attention o", seed)
+    assert_close(s, ref_s, torch.float32, "linear attention final state", seed)
 
 
 # ---- GPU parity (skipped without a CUDA GPU) ----
@@ -133,6 +160,21 @@ def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
     assert_close(s, ref_s, torch.float32, f"{backend} {mode} state", seed, tol=max(tol, TOLERANCE[torch.float32]))
     if before is not None:
         assert torch.equal(args["initial_state"], before), "the caller's initial state was written"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LA_CASES.values(), ids=LA_CASES.keys())
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("backend", _names("linear_attention"))
+def test_linear_attention_on_gpu(backend, dtype, case, seed):
+    args = inputs.linear_attention(dtype=dtype, seed=seed, device="cuda", **case)
+    ref_o, ref_s = kernels.get("linear_attention", "reference")(**to_float64(args))
+    with poisoned_allocations():
+        o, s = kernels.linear_attention(**args, backend=backend)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    tol = max(_tolerance(dtype), TOLERANCE_TF32)  # float32 matmuls around the kernel may use tf32
+    assert_close(o, ref_o, dtype, f"{backend} o", seed, tol=tol)
+    assert_close(s, ref_s, torch.float32, f"{backend} state", seed, tol=TOLERANCE_TF32)
 
 
 MOE_CASES = {

@@ -23,6 +23,7 @@ def _backend(op, module):
 
 
 BACKENDS = [
+    _backend("linear_attention", "linear_attention"),
     _backend("gated_delta_rule", "gated_delta_rule"),
     _backend("moe_permute", "moe"),
     _backend("moe_unpermute", "moe"),

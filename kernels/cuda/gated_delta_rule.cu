@@ -108,7 +108,8 @@ gdr_recurrent(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
 // sequence n and value head h, with S the state entering it:
 //   h_out[c] = S;  v_new = u - w S  [C, V];  S = e^{G_last} S + sum_t e^{G_last - G_t} k_t v_new_t^T.
 // k, w [N, Hv, Tp, K], u, v_new [N, Hv, Tp, V], gcum [N, Hv, Tp] (log decay summed within each chunk), all
-// float32; h_out [N, Hv, Tp / C, K, V]; h0, ht [N, Hv, K, V] (h0 may be null).
+// float32; h_out [N, Hv, Tp / C, K, V]; h0, ht [N, Hv, K, V] (h0 may be null). With w and v_new null it is the
+// state pass of plain (scalar-gated) linear attention: v_new = u = v.
 // Grid (cdiv(V, BV), Hv, N); block (BV, ROWS). The state tile [K, BV] stays in shared memory across chunks;
 // thread (x, y) owns column x, chunk rows y, y + ROWS, ... of v_new and state rows y, y + ROWS, ....
 template <int K, int BV, int ROWS, int C>
@@ -134,13 +135,15 @@ gdr_chunk_state(const float* __restrict__ k, const float* __restrict__ w, const 
             for (int i = ty; i < K; i += ROWS) h_chunk[(long long)i * V] = S[i][tx];
         }
         for (int t = ty; t < C; t += ROWS) {
-            const float* w_row = w + (tok0 + t) * K;  // the same address across the warp: one broadcast load
             float wS = 0.f;
+            if (w != nullptr) {
+                const float* w_row = w + (tok0 + t) * K;  // the same address across the warp: one broadcast load
 #pragma unroll 8
-            for (int i = 0; i < K; ++i) wS += w_row[i] * S[i][tx];
+                for (int i = 0; i < K; ++i) wS += w_row[i] * S[i][tx];
+            }
             const float value = active ? u[(tok0 + t) * V + col] - wS : 0.f;
             vn[t][tx] = value;
-            if (active) v_new[(tok0 + t) * V + col] = value;
+            if (active && v_new != nullptr) v_new[(tok0 + t) * V + col] = value;
         }
         const float g_last = gcum[tok0 + C - 1];
         for (int t = tx + ty * BV; t < C; t += BV * ROWS) decay_to_end[t] = expf(g_last - gcum[tok0 + t]);

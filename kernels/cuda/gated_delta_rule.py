@@ -58,14 +58,14 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_q
 def chunk_state_pass(k, w, u, gcum, h0):
     """The kernel: k, w [N, Hv, Tp, K]; u [N, Hv, Tp, V]; gcum [N, Hv, Tp] (float32, Tp a multiple of CHUNK);
     h0 [N, Hv, K, V] or None. Returns h [N, Hv, Tp / CHUNK, K, V] (the state entering each chunk),
-    v_new [N, Hv, Tp, V] and the final state [N, Hv, K, V]."""
+    v_new [N, Hv, Tp, V] and the final state [N, Hv, K, V]. w None: linear attention's pass (v_new is u)."""
     N, Hv, Tp, K = k.shape
     V = u.shape[-1]
     Kp = _padded_dim(K, CHUNK_HEAD_DIMS)
-    k, w = (_pad_last(t, Kp).contiguous() for t in (k, w))
+    k, w = (None if t is None else _pad_last(t, Kp).contiguous() for t in (k, w))
     h0 = None if h0 is None else F.pad(h0, (0, 0, 0, Kp - K)).contiguous()
     h = torch.empty(N, Hv, Tp // CHUNK, Kp, V, dtype=torch.float32, device=k.device)
-    v_new = torch.empty(N, Hv, Tp, V, dtype=torch.float32, device=k.device)
+    v_new = None if w is None else torch.empty(N, Hv, Tp, V, dtype=torch.float32, device=k.device)
     ht = torch.empty(N, Hv, Kp, V, dtype=torch.float32, device=k.device)
     u, gcum = u.contiguous(), gcum.contiguous()
     kernel = module(SOURCE, NAMES).get_function(f"gdr_chunk_state<{Kp}, {CHUNK_BV}, {CHUNK_ROWS}, {CHUNK}>")
@@ -73,7 +73,7 @@ def chunk_state_pass(k, w, u, gcum, h0):
         kernel((cdiv(V, CHUNK_BV), Hv, N), (CHUNK_BV, CHUNK_ROWS), (
             ptr(k), ptr(w), ptr(u), ptr(gcum), ptr(h0), ptr(h), ptr(v_new), ptr(ht), np.int32(Tp), np.int32(Hv),
             np.int32(V)))
-    return h[:, :, :, :K], v_new, ht[:, :, :K]
+    return h[:, :, :, :K], (u if v_new is None else v_new), ht[:, :, :K]
 
 
 def _token_index(B, T, cu_seqlens, device):
@@ -95,7 +95,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
     """The chunked algorithm (module docstring) with `state_pass` carrying the state across chunks. Returns
     o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] float32 (or None)."""
     B, T, Hk, K = q.shape
-    Hv, V = v.shape[2], v.shape[3]
+    Hv, V, out_dtype = v.shape[2], v.shape[3], v.dtype
     q, k, v, g, beta = (t.to(torch.float32) for t in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
@@ -125,9 +125,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
     v_new = v_new.reshape(N, Hv, nC, C, V)
     o = (qc * gcum.exp()[..., None]) @ h + ((qc @ kc.transpose(-1, -2)) * gate) @ v_new
     o = (scale * o).reshape(N, Hv, Tp, V).movedim(1, 2)  # [N, Tp, Hv, V]
-    out = torch.empty(B * T, Hv, V, dtype=v.dtype, device=v.device)
-    out[index[valid]] = o[valid]
-    return out.reshape(B, T, Hv, V).to(v.dtype), (final if output_final_state else None)
+    out = torch.empty(B * T, Hv, V, dtype=out_dtype, device=v.device)
+    out[index[valid]] = o[valid].to(out_dtype)
+    return out.reshape(B, T, Hv, V), (final if output_final_state else None)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
