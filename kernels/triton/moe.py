@@ -15,7 +15,8 @@ Pipeline of the fused layer (`moe`), all on device, no host synchronisation:
 block table from its offsets, and all GEMMs run one persistent kernel that walks the (block, N-tile) pairs
 of every group, so empty experts cost nothing and a 1-row expert costs one BLOCK_M tile.
 
-Decode (N <= 64 tokens) uses BLOCK_M = 16, so 8 real rows are padded to 16, not to the prefill tile.
+Decode (N <= 64 tokens) uses BLOCK_M = 16, so 8 real rows are padded to 16, not to the prefill tile, and one
+program does the count, scan, block table and scatter (four launches become one).
 Row indices and program ids are cast to int64 before they multiply a stride (tensors past 2^31 elements).
 On a GPU the GEMM tiles are autotuned (key: N, K, BLOCK_M and the variant, never the token count); under
 TRITON_INTERPRET=1 one small config is used directly.
@@ -271,6 +272,7 @@ def _chunk_counts(ids_flat, num_experts):
 
 
 def _scatter(ids_flat, offsets, chunk_prefix, dest, align_m):
+    """Launches the scatter kernel: dest[position of slot s] = s (unpadded, or padded to align_m)."""
     num_slots, num_experts = ids_flat.numel(), offsets.numel() - 1
     block_e = triton.next_power_of_2(num_experts)
     _scatter_kernel[(chunk_prefix.shape[0],)](ids_flat, chunk_prefix, offsets, dest, num_slots, num_experts,
