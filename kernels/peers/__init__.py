@@ -1,22 +1,26 @@
 """Peers: implementations written elsewhere, wrapped to the lab's API so they are measured beside ours and
 cross-check the references. Never chosen by "auto"."""
+import torch
+
 from kernels.registry import Backend
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)  # peers that compute in float32 at best
 
 BACKENDS = [
     # transformers' pure-torch Gated DeltaNet (chunked and token-by-token) and eager experts
     Backend("gated_delta_rule", "transformers", "kernels.peers.linear_attention:transformers_gated_delta_rule",
-            ("cpu", "cuda"), requires=("transformers",), peer=True),
+            ("cpu", "cuda"), requires=("transformers",), dtypes=_LOW, peer=True),
     Backend("moe", "transformers", "kernels.peers.moe:transformers_moe", ("cpu", "cuda"),
             requires=("transformers",), peer=True),
     # flash-linear-attention's Triton kernels (GPU only)
     Backend("gated_delta_rule", "fla", "kernels.peers.linear_attention:fla_gated_delta_rule", ("cuda",),
-            requires=("fla",), peer=True),
+            requires=("fla",), dtypes=_LOW, peer=True),
     Backend("linear_attention", "fla", "kernels.peers.linear_attention:fla_linear_attention", ("cuda",),
-            requires=("fla",), peer=True),
+            requires=("fla",), dtypes=_LOW, peer=True),
     # quadratic attention baselines
     Backend("attention", "sdpa", "kernels.peers.attention:sdpa_attention", ("cpu", "cuda"), peer=True),
     Backend("attention", "flash_attn", "kernels.peers.attention:flash_attn_attention", ("cuda",),
-            requires=("flash_attn",), peer=True),
+            requires=("flash_attn",), dtypes=(torch.float16, torch.bfloat16), peer=True),
     # torch's grouped GEMM
     Backend("grouped_gemm", "torch_grouped_mm", "kernels.peers.moe:torch_grouped_mm", ("cpu", "cuda"), peer=True),
 ]

@@ -155,7 +155,8 @@ def chunked(q, k, v, g, initial_state):
     states = state_buffer(initial_state, NC, N, H, K, V, q.dtype, q.device)
     state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M), states)
     o = torch.matmul((q * gamma[..., None]).view(NC, M, C, K), states[:NC])
-    return o.baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V)).view(NC, N, H, C, V), states[NC]
+    o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V))
+    return o.view(NC, N, H, C, V), states[NC]
 
 
 @torch.no_grad()
