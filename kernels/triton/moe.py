@@ -525,6 +525,11 @@ GEMM_CONFIGS = {
 }
 
 
+# Weight matrices smaller than this (toy and test shapes) take the first config: compiling every candidate would
+# cost more than it saves. The Qwen3.5 experts (512 x 2048 and up) are autotuned.
+AUTOTUNE_MIN_NK = 1 << 20
+
+
 @functools.cache
 def _tuned_gemm(block_m):
     configs = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
@@ -561,7 +566,12 @@ def _launch_gemm(a, w, out, row_map, block_expert, num_blocks, *, N, K, block_m,
         # Decode tiles are small and memory-bound: two resident programs per SM keep more loads in flight.
         per_sm = 2 if block_m == DECODE_BLOCK_M else 1
         programs = min(per_sm * _num_sms(a.device.index or 0), max_tiles)
-        _tuned_gemm(block_m)[(programs,)](*args, **flags)
+        if N * K >= AUTOTUNE_MIN_NK:
+            _tuned_gemm(block_m)[(programs,)](*args, **flags)
+        else:
+            block_n, block_k, warps, stages = GEMM_CONFIGS[block_m][0]
+            _grouped_gemm_kernel[(programs,)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                              num_stages=stages)
 
 
 def grouped_gemm(x, w, offsets, block_m=None):
