@@ -102,7 +102,7 @@ def plot(frame: pd.DataFrame, device: str, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("operational intensity (FLOP / byte of compulsory traffic)")
     ax.set_ylabel("achieved FLOP/s")
-    subtitle = f"{len(measured)} measured points" + (f", {failed} rows failed their check (left out)" if failed else "")
+    subtitle = f"{len(measured)} measured points" + (f", {failed} row{'s' if failed != 1 else ''} failed its check (left out)" if failed else "")
     ax.set_title(f"Roofline on {_device_title(rows, device)}\n{subtitle}", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -73,13 +73,22 @@ def ncu_command(kernel_names: list[str], launches_to_skip: int, launches: int, r
     return shlex.join(cmd)
 
 
+def gpu_kernels(averages) -> list:
+    """The GPU kernels among the profiler's averaged events (not the CPU operators that launched them, whose
+    device time counts the same kernels again, nor our per-call annotations)."""
+    return [e for e in averages if e.device_type.name == "CUDA" and not e.is_user_annotation
+            and e.self_device_time_total > 0]
+
+
 def top_rows(averages, device: str, limit: int) -> list[dict]:
-    """The `limit` events with the most self time (device time for CUDA runs), as dicts in microseconds."""
+    """The `limit` events with the most self time, as dicts in microseconds: on a GPU the kernels by device time,
+    on the CPU the operators and our per-call ranges by CPU time."""
     on_gpu = device == "cuda"
+    events = gpu_kernels(averages) if on_gpu else list(averages)
     key = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
-    total = sum(key(e) for e in averages) or 1.0
+    total = sum(key(e) for e in events) or 1.0
     rows = []
-    for event in sorted(averages, key=key, reverse=True)[:limit]:
+    for event in sorted(events, key=key, reverse=True)[:limit]:
         if key(event) <= 0:
             break
         rows.append(dict(name=event.key, calls=event.count, self_us=round(key(event), 3),
@@ -147,16 +156,17 @@ def trace(op: str, backend: str, shape: dict, dtype_name: str = "float32", devic
     _synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        for index in range(calls):
-            with record_function(f"{op}[{backend}] call {index}"):
+        for _ in range(calls):
+            # One name for every call: its self time is what the backend spends outside torch operators
+            # (Python, the Triton interpreter, launches of non-torch kernels).
+            with record_function(f"{op}[{backend}]"):
                 call()
             _synchronize(device)
     stem = f"{op}_{backend}"
     trace_path = out / f"trace_{stem}.json"
     prof.export_chrome_trace(str(trace_path))
     averages = prof.key_averages()
-    # The per-call ranges we recorded would top every self-time list on CPU only as wrappers: leave them out.
-    rows = top_rows([e for e in averages if not e.key.startswith(f"{op}[{backend}] call")], device, limit)
+    rows = top_rows(averages, device, limit)
     table = _format_table(rows, device)
     header = (f"{op} backend={backend} device={device} dtype={dtype_name} shape={shape} calls={calls} "
               f"warmup={warmup} torch={torch.__version__}")
@@ -169,7 +179,7 @@ def trace(op: str, backend: str, shape: dict, dtype_name: str = "float32", devic
     result = dict(trace=trace_path, table=out / f"top_{stem}.txt", csv=out / f"top_{stem}.csv", rows=rows,
                   text=header + "\n\n" + table, ncu=None)
     if device == "cuda":
-        kernels_seen = [e for e in averages if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+        kernels_seen = gpu_kernels(averages)
         if kernels_seen:
             launches_per_call = max(1, round(sum(e.count for e in kernels_seen) / calls))
             rerun = [sys.executable, "-m", "profiling.trace", "--op", op, "--backend", backend, "--device", device,

@@ -259,6 +259,24 @@ def test_ncu_command_filters_kernels_and_keeps_clocks():
     assert "--launch-skip 6 --launch-count 3" in cmd and cmd.endswith("--plain")
 
 
+def test_top_rows_on_gpu_lists_kernels_only():
+    """On a GPU the table ranks kernels by device time; the operators that launched them and our annotations
+    (which carry the same device time again) stay out. Fake profiler events stand in for a CUDA run."""
+    from types import SimpleNamespace
+
+    from profiling.trace import top_rows
+
+    def event(key, kind, device_us, annotation=False):
+        return SimpleNamespace(key=key, device_type=SimpleNamespace(name=kind), is_user_annotation=annotation,
+                               self_device_time_total=device_us, self_cpu_time_total=5.0, count=2,
+                               cpu_time_total=0.0 if kind == "CUDA" else 9.0, device_time_total=device_us)
+
+    averages = [event("aten::mm", "CPU", 300.0), event("moe[triton]", "CUDA", 400.0, annotation=True),
+                event("_grouped_gemm_kernel", "CUDA", 300.0), event("_route_kernel", "CUDA", 100.0)]
+    rows = top_rows(averages, "cuda", 10)
+    assert [(r["name"], r["self_percent"]) for r in rows] == [("_grouped_gemm_kernel", 75.0), ("_route_kernel", 25.0)]
+
+
 def test_trace_on_cpu(tmp_path):
     """A real torch.profiler run of the torch backend: Chrome trace, top table with aten ops, no ncu line."""
     from profiling import trace
@@ -266,7 +284,7 @@ def test_trace_on_cpu(tmp_path):
     result = trace.trace("gated_delta_rule", "torch", dict(T=40, Hk=1, Hv=2, K=16, V=16), "float32", "cpu",
                          calls=2, warmup=1, out=tmp_path, limit=10)
     events = json.loads(result["trace"].read_text())["traceEvents"]
-    assert any(e.get("name", "").startswith("gated_delta_rule[torch] call") for e in events)
+    assert sum(e.get("name") == "gated_delta_rule[torch]" for e in events) == 2  # one range per profiled call
     assert result["rows"] and all(row["self_us"] > 0 for row in result["rows"])
     assert any(row["name"].startswith("aten::") for row in result["rows"])
     assert result["ncu"] is None
