@@ -293,3 +293,55 @@ def test_cupy_on_gpu(op, case, extra, dtype, seed):
             wide = key == 1 or op == "route"
             assert_close(result[key], ref, torch.float32 if wide else dtype, f"cupy {op} {key}", seed,
                          tol=TOLERANCE_TF32 if wide or dtype == torch.float32 else TOLERANCE[dtype])
+
+
+def measure_gpu_targets(hbm_bytes_per_s=4.8e12):
+    """The issue's GPU targets, printed: the cuda recurrent gated delta rule at decode (B = 64, Hv = 32, d = 128)
+    against HBM bandwidth on the state bytes, and every custom kernel against its cupy baseline (and numba_cuda).
+    `python -m tests.test_cuda_cupy` on a GPU machine (H200 bandwidth by default)."""
+    import os
+    import statistics
+
+    os.environ["KERNELS_TRUST_INPUTS"] = "1"  # no host reads of ids / offsets inside the timed calls
+
+    def milliseconds(fn, repeats=50):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    decode = inputs.gated_delta_rule(B=64, T=1, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
+                                     initial_state=True)
+    state_bytes = 2 * 64 * 32 * 128 * 128 * 4
+    for name in ("cuda", "cupy", "numba_cuda"):
+        ms = milliseconds(lambda: kernels.gated_delta_rule(**decode, mode="recurrent", backend=name))
+        print(f"gated_delta_rule decode [{name}]: {ms * 1e3:.1f} us, {state_bytes / ms / 1e9:.0f} GB/s on the "
+              f"state = {state_bytes / ms * 1e3 / hbm_bytes_per_s:.0%} of HBM")
+    prefill = inputs.gated_delta_rule(B=1, T=4096, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
+                                      initial_state=True)
+    for name in ("cuda", "cupy"):
+        print(f"gated_delta_rule chunk T=4096 [{name}]: "
+              f"{milliseconds(lambda: kernels.gated_delta_rule(**prefill, mode='chunk', backend=name), 10):.3f} ms")
+    shapes = dict(N=4096, E=256, top_k=8)
+    cases = {
+        "moe_permute": inputs.moe_permute(D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
+        "moe_unpermute": inputs.moe_unpermute(D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
+        "grouped_gemm": inputs.grouped_gemm(K=2048, Nout=1024, dtype=torch.bfloat16, device="cuda", **shapes),
+        "moe": inputs.moe(D=2048, I=512, dtype=torch.bfloat16, device="cuda", **shapes),
+    }
+    for op, args in cases.items():
+        for name in ("cuda", "cupy", "numba_cuda"):
+            if name in registry.registered(op):
+                print(f"{op} N=4096 E=256 top-8 bf16 [{name}]: "
+                      f"{milliseconds(lambda: kernels.get(op, name)(**args), 10):.3f} ms")
+
+
+if __name__ == "__main__":
+    measure_gpu_targets()
