@@ -6,6 +6,9 @@ sum of the log decay g and S the state [K, V] at the chunk start:
     output:      o_i = scale (exp(G_i) S^T q_i + sum_{j <= i} exp(G_i - G_j) (q_i . k_j) u_j)
 where u = v (linear attention) or u = v_new = u_wy - w S (gated delta rule, w and u_wy from the WY form).
 
+With use_qk_l2norm, q and k stay as given and their inverse norms (float32, one per row) scale the products
+in float32 (q_scale, k_scale), so no normalised copy is rounded to the input dtype.
+
 Layout is BTHD throughout. Packed sequences (cu_seqlens) are described on the device by a chunk layout,
 built with torch ops only (no host synchronisation): see `prepare_chunk_layout`.
 """
@@ -95,16 +98,16 @@ def _fits_state_tile(configs, named_args, **kwargs):
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_state_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, H: tl.constexpr,
+def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, H: tl.constexpr,
                        HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, USE_W: tl.constexpr, USE_G: tl.constexpr,
+                       BV: tl.constexpr, USE_W: tl.constexpr, USE_G: tl.constexpr, USE_K_SCALE: tl.constexpr,
                        USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
                        IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """The sequential pass over chunks. One program per (V tile, sequence, value head) keeps the state
     [BK = K padded, BV] in float32 registers and walks its sequence chunk by chunk.
 
     k [B, T, HK, K]; v [B, T, H, V] (u of the WY form when USE_W); w [B, T, H, K]; g [B, T, H] float32
-    within-chunk cumsum; writes h [chunks, H, K, V] (state at each chunk start, in k's dtype), v_new
+    within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, H, K, V] (state at each chunk start, in k's dtype), v_new
     [B, T, H, V] = v - w S (when USE_W), ht [N, H, K, V] float32. h0 [N, H, K, V] float32.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -145,6 +148,8 @@ def chunk_state_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, 
             b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.)
             b_v *= tl.where(m_t, tl.exp(b_g_last - b_g), 0.)[:, None]
             b_h *= tl.exp(b_g_last)
+        if USE_K_SCALE:
+            b_v *= tl.load(k_scale + rows * HK + i_hk, mask=m_t, other=0.)[:, None]
         b_h = tl.dot(tl.trans(b_k), b_v.to(b_k.dtype), b_h, input_precision=PRECISION)
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh * K * V + state_offsets, b_h, mask=m_kv)
@@ -153,12 +158,13 @@ def chunk_state_kernel(k, v, w, g, h, v_new, h0, ht, cu_seqlens, chunk_offsets, 
 _chunk_state_tuned = autotune(
     configs=[triton.Config({"BV": BV}, num_warps=num_warps, num_stages=num_stages)
              for BV in (64, 32, 16) for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["H", "HK", "K", "V", "USE_W", "USE_G"], prune=_fits_state_tile)(chunk_state_kernel)
+    key=["H", "HK", "K", "V", "USE_W", "USE_G", "USE_K_SCALE"], prune=_fits_state_tile)(chunk_state_kernel)
 
 
-def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=None):
+def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=None, k_scale=None):
     """k [B, T, HK, K]; v [B, T, H, V]; g None or float32 [B, T, H] (within-chunk cumsum); w None or
-    [B, T, H, K] (gated delta rule: v is then u of the WY form and v_new = v - w S is returned).
+    [B, T, H, K] (gated delta rule: v is then u of the WY form and v_new = v - w S is returned); k_scale None or
+    float32 [B, T, HK], the inverse norms of k's rows.
     Returns h [chunks, H, K, V] in k's dtype, v_new [B, T, H, V] or None, final state [N, H, K, V] float32 or None.
     """
     B, T, HK, K = k.shape
@@ -169,22 +175,23 @@ def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_of
     final = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
     _chunk_state_tuned[grid](
-        k=k, v=v, w=w, g=g, h=h, v_new=v_new, h0=initial_state, ht=final, cu_seqlens=cu_seqlens,
+        k=k, v=v, w=w, g=g, k_scale=k_scale, h=h, v_new=v_new, h0=initial_state, ht=final, cu_seqlens=cu_seqlens,
         chunk_offsets=chunk_offsets, T=T, H=H, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
-        USE_W=w is not None, USE_G=g is not None, USE_INITIAL_STATE=initial_state is not None,
+        USE_W=w is not None, USE_G=g is not None, USE_K_SCALE=k_scale is not None, USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(k.dtype))
     return h, v_new, final
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_output_kernel(q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
+def chunk_output_kernel(q, k, v, h, g, q_scale, k_scale, o, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
                         HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+                        BV: tl.constexpr, USE_G: tl.constexpr, USE_QK_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr,
                         PRECISION: tl.constexpr):
     """o = scale (exp(G) Q S + (causal(Q K^T) * exp(G_i - G_j)) U) per chunk. Grid (V tiles, chunks, B * H).
 
     q, k [B, T, HK, K]; v [B, T, H, V] (u or v_new); h [chunks, H, K, V]; g [B, T, H] float32 cumsum;
-    o [B, T, H, V]. K is read in tiles of BK, V in tiles of BV.
+    q_scale, k_scale [B, T, HK] float32 inverse row norms (when USE_QK_SCALE); o [B, T, H, V]. K is read in
+    tiles of BK, V in tiles of BV.
     """
     i_v, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -216,6 +223,10 @@ def chunk_output_kernel(q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T, H
         b_A *= tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf")))  # exp(-inf) = 0, no overflow
     else:
         b_A = tl.where(causal, b_A, 0.)
+    if USE_QK_SCALE:
+        b_rq = tl.load(q_scale + rows * HK + i_hk, mask=m_t, other=0.)
+        b_o *= b_rq[:, None]
+        b_A *= b_rq[:, None] * tl.load(k_scale + rows * HK + i_hk, mask=m_t, other=0.)[None, :]
     b_v = tl.load(v + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
     b_o = tl.dot(b_A.to(b_v.dtype), b_v, b_o, input_precision=PRECISION)
     tl.store(o + (rows * H + i_h)[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
@@ -223,26 +234,28 @@ def chunk_output_kernel(q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T, H
 
 _chunk_output_tuned = autotune(
     configs=[triton.Config({"BK": BK, "BV": BV}, num_warps=num_warps, num_stages=num_stages)
-             for BK, BV in ((64, 64), (64, 128), (32, 64)) for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["H", "HK", "K", "V", "USE_G"])(chunk_output_kernel)
+             for BK, BV in ((32, 64), (64, 64), (32, 128)) for num_warps in (8, 4) for num_stages in (2, 3)],
+    key=["H", "HK", "K", "V", "USE_G", "USE_QK_SCALE"])(chunk_output_kernel)
 
 
-def chunk_output(q, k, v, h, g, scale, cu_seqlens, chunk_indices):
+def chunk_output(q, k, v, h, g, scale, cu_seqlens, chunk_indices, q_scale=None, k_scale=None):
     """q, k [B, T, HK, K]; v [B, T, H, V]; h [chunks, H, K, V]; g None or float32 [B, T, H] cumsum.
-    Returns o [B, T, H, V] in v's dtype."""
+    q_scale, k_scale: None or float32 [B, T, HK] inverse row norms. Returns o [B, T, H, V] in v's dtype."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     o = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), num_chunks(B, T, cu_seqlens), B * H)  # noqa: E731
     _chunk_output_tuned[grid](
-        q=q, k=k, v=v, h=h, g=g, o=o, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T,
-        H=H, HK=HK, K=K, V=V, BT=CHUNK, USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        q=q, k=k, v=v, h=h, g=g, q_scale=q_scale, k_scale=k_scale, o=o, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T,
+        H=H, HK=HK, K=K, V=V, BT=CHUNK, USE_G=g is not None, USE_QK_SCALE=q_scale is not None, IS_VARLEN=cu_seqlens is not None,
         PRECISION=dot_precision(q.dtype))
     return o
 
 
-def aot_specs(prefix, H, HK, K, V, dtype, use_w, use_g):
-    """AotSpecs of the shared chunk kernels at one production configuration (fixed lengths, bf16)."""
+def aot_specs(prefix, H, HK, K, V, dtype, use_w, use_g, use_qk_scale):
+    """AotSpecs of the shared chunk kernels at one production configuration, with the configs that compile
+    for sm_90 without spills (BV = 16 also gives the state pass 8 programs per head on one long sequence; the
+    output kernel's K tiles of 64 reach 255 registers and spill, those of 32 take 142)."""
     dt = TRITON_DTYPE[dtype]
     module = "kernels.triton._chunk"
     label = f"K={K},V={V},H={H},HK={HK},{dt}"
@@ -252,18 +265,18 @@ def aot_specs(prefix, H, HK, K, V, dtype, use_w, use_g):
                 dict(g="*fp32", g_cum="*fp32", cu_seqlens="*i32", chunk_indices="*i32", T="i32", H="constexpr",
                      BH="constexpr", BT="constexpr", IS_VARLEN="constexpr"),
                 dict(H=H, BH=triton.next_power_of_2(H), BT=CHUNK, IS_VARLEN=False), num_warps=4),
-        AotSpec(f"{prefix}chunk_state[{label},BV=32]", f"{module}:chunk_state_kernel",
-                dict(k=f"*{dt}", v=f"*{dt}", w=f"*{dt}", g="*fp32", h=f"*{dt}", v_new=f"*{dt}", h0="*fp32",
+        AotSpec(f"{prefix}chunk_state[{label},BV=16]", f"{module}:chunk_state_kernel",
+                dict(k=f"*{dt}", v=f"*{dt}", w=f"*{dt}", g="*fp32", k_scale="*fp32", h=f"*{dt}", v_new=f"*{dt}", h0="*fp32",
                      ht="*fp32", cu_seqlens="*i32", chunk_offsets="*i32", T="i32", H="constexpr",
                      HK="constexpr", K="constexpr", V="constexpr", BT="constexpr", BK="constexpr", BV="constexpr",
-                     USE_W="constexpr", USE_G="constexpr", USE_INITIAL_STATE="constexpr",
+                     USE_W="constexpr", USE_G="constexpr", USE_K_SCALE="constexpr", USE_INITIAL_STATE="constexpr",
                      STORE_FINAL_STATE="constexpr", IS_VARLEN="constexpr", PRECISION="constexpr"),
-                {**common, "BK": triton.next_power_of_2(K), "BV": 32, "USE_W": use_w, "USE_G": use_g,
+                {**common, "BK": triton.next_power_of_2(K), "BV": 16, "USE_W": use_w, "USE_G": use_g, "USE_K_SCALE": use_qk_scale,
                  "USE_INITIAL_STATE": True, "STORE_FINAL_STATE": True}, num_warps=4, num_stages=2),
-        AotSpec(f"{prefix}chunk_output[{label},BK=64,BV=64]", f"{module}:chunk_output_kernel",
-                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", h=f"*{dt}", g="*fp32", o=f"*{dt}", cu_seqlens="*i32",
+        AotSpec(f"{prefix}chunk_output[{label},BK=32,BV=64,w8]", f"{module}:chunk_output_kernel",
+                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", h=f"*{dt}", g="*fp32", q_scale="*fp32", k_scale="*fp32", o=f"*{dt}", cu_seqlens="*i32",
                      chunk_indices="*i32", scale="fp32", T="i32", H="constexpr", HK="constexpr", K="constexpr",
                      V="constexpr", BT="constexpr", BK="constexpr", BV="constexpr", USE_G="constexpr",
-                     IS_VARLEN="constexpr", PRECISION="constexpr"),
-                {**common, "BK": 64, "BV": 64, "USE_G": use_g}, num_warps=4, num_stages=2),
+                     USE_QK_SCALE="constexpr", IS_VARLEN="constexpr", PRECISION="constexpr"),
+                {**common, "BK": 32, "BV": 64, "USE_G": use_g, "USE_QK_SCALE": use_qk_scale}, num_warps=8, num_stages=2),
     ]

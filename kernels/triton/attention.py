@@ -76,18 +76,11 @@ def attention_kernel(q, k, v, o, qk_scale, Tq, Tk, HQ: tl.constexpr, HKV: tl.con
     tl.store(o + q_offsets, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_md)
 
 
-def _fits_head_dim(configs, named_args, **kwargs):
-    """Keep the block shapes whose [BM, BD] accumulator and [BN, BD] tiles suit this head dim."""
-    BD = {**named_args, **kwargs}["BD"]
-    kept = [c for c in configs if c.kwargs["BM"] * BD <= 64 * 256 and c.kwargs["BN"] * BD <= 64 * 256]
-    return kept or configs[-1:]
-
-
 _attention_tuned = autotune(
     configs=[triton.Config({"BM": BM, "BN": BN}, num_warps=num_warps, num_stages=num_stages)
-             for BM, BN in ((64, 64), (128, 64), (64, 32), (128, 32)) for num_warps in (4, 8)
+             for BM, BN in ((64, 64), (64, 32)) for num_warps in (4, 8)
              for num_stages in (2, 3)],
-    key=["HQ", "HKV", "D", "CAUSAL"], prune=_fits_head_dim)(attention_kernel)
+    key=["HQ", "HKV", "D", "CAUSAL"])(attention_kernel)
 
 
 def attention(q, k, v, causal, scale):
@@ -104,7 +97,7 @@ def attention(q, k, v, causal, scale):
 
 def _aot_spec(HQ, HKV, D, BM, BN, num_warps, dtype=torch.bfloat16):
     dt = TRITON_DTYPE[dtype]
-    return AotSpec(f"attention[Hq={HQ},Hkv={HKV},D={D},{dt},BM={BM},BN={BN}]",
+    return AotSpec(f"attention[Hq={HQ},Hkv={HKV},D={D},{dt},BM={BM},BN={BN},w{num_warps}]",
                    "kernels.triton.attention:attention_kernel",
                    dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", o=f"*{dt}", qk_scale="fp32", Tq="i32", Tk="i32",
                         HQ="constexpr", HKV="constexpr", D="constexpr", BD="constexpr", BM="constexpr",
@@ -114,5 +107,4 @@ def _aot_spec(HQ, HKV, D, BM, BN, num_warps, dtype=torch.bfloat16):
 
 
 # Qwen3.5-35B-A3B's attention layers (Hq 16, Hkv 2, D 256) and Qwen3-30B-A3B's (Hq 32, Hkv 4, D 128).
-AOT_SPECS = [_aot_spec(16, 2, 256, 64, 64, 8), _aot_spec(16, 2, 256, 64, 32, 4), _aot_spec(32, 4, 128, 128, 64, 8),
-             _aot_spec(32, 4, 128, 64, 64, 4)]
+AOT_SPECS = [_aot_spec(16, 2, 256, 64, 32, 4), _aot_spec(32, 4, 128, 64, 64, 4)]

@@ -9,7 +9,8 @@ Chunked, chunk BT = 64, G = within-chunk cumsum of g, S the state at the chunk s
     v_new = u - w S;  S_next = exp(G_last) S + K^T (exp(G_last - G) v_new)          (_chunk.chunk_state_kernel)
     o = scale (exp(G) Q S + (causal(Q K^T) * exp(G_i - G_j)) v_new)                (_chunk.chunk_output_kernel)
 The inverse is computed as fla does: forward substitution on the four 16 x 16 diagonal blocks, then the
-block merge. Recurrent: one program per (sequence, value head, V tile) holds its state slice in registers
+block merge. With use_qk_l2norm the chunked kernels read q and k as given and apply their inverse row norms
+(float32, inverse_norm_kernel) to the products, instead of rounding normalised copies to the input dtype. Recurrent: one program per (sequence, value head, V tile) holds its state slice in registers
 and walks its tokens (recurrent_kernel).
 """
 import torch
@@ -26,36 +27,36 @@ SUB = 16  # the diagonal blocks of the forward substitution
 
 
 @triton.jit
-def l2norm_kernel(x, y, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr):
-    """y = x / sqrt(sum(x^2) + EPS) over the last dim, for x [rows, D]. Grid (cdiv(rows, BR),)."""
+def inverse_norm_kernel(x, r, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr):
+    """r = 1 / sqrt(sum(x^2) + EPS) over the last dim, for x [rows, D]; r float32 [rows]. Grid (cdiv(rows, BR),)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     mask = (o_r < rows)[:, None] & (o_d < D)[None, :]
     b_x = tl.load(x + o_r[:, None] * D + o_d[None, :], mask=mask, other=0.).to(tl.float32)
-    b_y = b_x / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)[:, None]
-    tl.store(y + o_r[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=mask)
+    tl.store(r + o_r, 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS), mask=o_r < rows)
 
 
-def l2norm(x):
-    """x [..., D] divided by sqrt(sum(x^2) + 1e-6) over its last dim, in x's dtype."""
+def inverse_norms(x):
+    """x [B, T, H, D] -> float32 [B, T, H]: 1 / sqrt(sum(x^2) + 1e-6) over the last dim (x / that is l2norm(x))."""
     D = x.shape[-1]
-    y = torch.empty_like(x)
-    rows = x.numel() // D
+    r = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
+    rows = r.numel()
     BD = triton.next_power_of_2(D)
     BR = max(1, 4096 // BD)
-    l2norm_kernel[(triton.cdiv(rows, BR),)](x, y, rows, D=D, BD=BD, BR=BR, EPS=L2NORM_EPS, num_warps=4)
-    return y
+    inverse_norm_kernel[(triton.cdiv(rows, BR),)](x, r, rows, D=D, BD=BD, BR=BR, EPS=L2NORM_EPS, num_warps=4)
+    return r
 
 
 @triton.jit
-def _gated_block(b_A, b_gi, b_gj, b_bi, m_i, m_j, DIAG: tl.constexpr):
-    """One [SUB, SUB] block of L: beta_i exp(G_i - G_j) (k_i . k_j), zero outside the valid rows and columns
-    (and on and above the diagonal for a diagonal block)."""
+def _gated_block(b_A, b_gi, b_gj, b_si, b_sj, m_i, m_j, DIAG: tl.constexpr):
+    """One [SUB, SUB] block of L: s_i s_j exp(G_i - G_j) (k_i . k_j) with s_i = beta_i r_i and s_j = r_j (r the
+    inverse norms of k, or 1), zero outside the valid rows and columns (and on and above the diagonal for a
+    diagonal block)."""
     mask = m_i[:, None] & m_j[None, :]
     if DIAG:
         o_i = tl.arange(0, b_A.shape[0])
         mask &= o_i[:, None] > o_i[None, :]
-    return b_A * tl.exp(tl.where(mask, b_gi[:, None] - b_gj[None, :], float("-inf"))) * b_bi[:, None]
+    return b_A * tl.exp(tl.where(mask, b_gi[:, None] - b_gj[None, :], float("-inf"))) * b_si[:, None] * b_sj[None, :]
 
 
 @triton.jit
@@ -74,6 +75,15 @@ def _diagonal_inverse(b_L, n_rows, BC: tl.constexpr):
 
 
 @triton.jit
+def _load_scale(x, rows, H, i_h, mask, USE: tl.constexpr):
+    """x[rows, i_h] of a float32 [.., H] tensor (zero where masked), or ones when not USE."""
+    if USE:
+        return tl.load(x + rows * H + i_h, mask=mask, other=0.)
+    else:
+        return tl.full(rows.shape, 1., tl.float32)
+
+
+@triton.jit
 def _load_rows(x, rows, H, i_h, o_d, D, mask):
     """x[rows, i_h, o_d] of a [.., H, D] tensor, zero where masked."""
     return tl.load(x + (rows * H + i_h)[:, None] * D + o_d[None, :], mask=mask[:, None] & (o_d < D)[None, :],
@@ -81,12 +91,13 @@ def _load_rows(x, rows, H, i_h, o_d, D, mask):
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_kkt_solve_kernel(k, g, beta, A, cu_seqlens, chunk_indices, T, H: tl.constexpr, HK: tl.constexpr,
+def chunk_kkt_solve_kernel(k, g, beta, k_scale, A, cu_seqlens, chunk_indices, T, H: tl.constexpr, HK: tl.constexpr,
                            K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                           IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+                           USE_K_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """A = (I + L)^{-1} per chunk, L = strictly lower(diag(beta) K K^T * exp(G_i - G_j)). Grid (chunks, B * H).
 
-    k [B, T, HK, K]; g [B, T, H] float32 within-chunk cumsum; beta [B, T, H]; writes A [B, T, H, BT] on and
+    k [B, T, HK, K]; g [B, T, H] float32 within-chunk cumsum; beta [B, T, H]; k_scale [B, T, HK] float32
+    inverse row norms of k (when USE_K_SCALE); writes A [B, T, H, BT] on and
     below the diagonal of each chunk (the rest is never read). BT = 4 BC: ten [BC, BC] blocks of K K^T
     accumulate over K tiles of BK, the four diagonal blocks are inverted by forward substitution, then merged.
     """
@@ -133,20 +144,24 @@ def chunk_kkt_solve_kernel(k, g, beta, A, cu_seqlens, chunk_indices, T, H: tl.co
     b_g1 = tl.load(g + r1 * H + i_h, mask=m1, other=0.)
     b_g2 = tl.load(g + r2 * H + i_h, mask=m2, other=0.)
     b_g3 = tl.load(g + r3 * H + i_h, mask=m3, other=0.)
-    b_b0 = tl.load(beta + r0 * H + i_h, mask=m0, other=0.).to(tl.float32)
-    b_b1 = tl.load(beta + r1 * H + i_h, mask=m1, other=0.).to(tl.float32)
-    b_b2 = tl.load(beta + r2 * H + i_h, mask=m2, other=0.).to(tl.float32)
-    b_b3 = tl.load(beta + r3 * H + i_h, mask=m3, other=0.).to(tl.float32)
-    b_A00 = _gated_block(b_A00, b_g0, b_g0, b_b0, m0, m0, True)
-    b_A10 = _gated_block(b_A10, b_g1, b_g0, b_b1, m1, m0, False)
-    b_A11 = _gated_block(b_A11, b_g1, b_g1, b_b1, m1, m1, True)
-    b_A20 = _gated_block(b_A20, b_g2, b_g0, b_b2, m2, m0, False)
-    b_A21 = _gated_block(b_A21, b_g2, b_g1, b_b2, m2, m1, False)
-    b_A22 = _gated_block(b_A22, b_g2, b_g2, b_b2, m2, m2, True)
-    b_A30 = _gated_block(b_A30, b_g3, b_g0, b_b3, m3, m0, False)
-    b_A31 = _gated_block(b_A31, b_g3, b_g1, b_b3, m3, m1, False)
-    b_A32 = _gated_block(b_A32, b_g3, b_g2, b_b3, m3, m2, False)
-    b_A33 = _gated_block(b_A33, b_g3, b_g3, b_b3, m3, m3, True)
+    b_s0 = _load_scale(k_scale, r0, HK, i_hk, m0, USE_K_SCALE)
+    b_s1 = _load_scale(k_scale, r1, HK, i_hk, m1, USE_K_SCALE)
+    b_s2 = _load_scale(k_scale, r2, HK, i_hk, m2, USE_K_SCALE)
+    b_s3 = _load_scale(k_scale, r3, HK, i_hk, m3, USE_K_SCALE)
+    b_b0 = tl.load(beta + r0 * H + i_h, mask=m0, other=0.).to(tl.float32) * b_s0
+    b_b1 = tl.load(beta + r1 * H + i_h, mask=m1, other=0.).to(tl.float32) * b_s1
+    b_b2 = tl.load(beta + r2 * H + i_h, mask=m2, other=0.).to(tl.float32) * b_s2
+    b_b3 = tl.load(beta + r3 * H + i_h, mask=m3, other=0.).to(tl.float32) * b_s3
+    b_A00 = _gated_block(b_A00, b_g0, b_g0, b_b0, b_s0, m0, m0, True)
+    b_A10 = _gated_block(b_A10, b_g1, b_g0, b_b1, b_s0, m1, m0, False)
+    b_A11 = _gated_block(b_A11, b_g1, b_g1, b_b1, b_s1, m1, m1, True)
+    b_A20 = _gated_block(b_A20, b_g2, b_g0, b_b2, b_s0, m2, m0, False)
+    b_A21 = _gated_block(b_A21, b_g2, b_g1, b_b2, b_s1, m2, m1, False)
+    b_A22 = _gated_block(b_A22, b_g2, b_g2, b_b2, b_s2, m2, m2, True)
+    b_A30 = _gated_block(b_A30, b_g3, b_g0, b_b3, b_s0, m3, m0, False)
+    b_A31 = _gated_block(b_A31, b_g3, b_g1, b_b3, b_s1, m3, m1, False)
+    b_A32 = _gated_block(b_A32, b_g3, b_g2, b_b3, b_s2, m3, m2, False)
+    b_A33 = _gated_block(b_A33, b_g3, b_g3, b_b3, b_s3, m3, m3, True)
 
     b_Ai00 = _diagonal_inverse(b_A00, T - i_t * BT - 0 * BC, BC)
     b_Ai11 = _diagonal_inverse(b_A11, T - i_t * BT - 1 * BC, BC)
@@ -179,14 +194,15 @@ def chunk_kkt_solve_kernel(k, g, beta, A, cu_seqlens, chunk_indices, T, H: tl.co
 
 _kkt_solve_tuned = autotune(
     configs=[triton.Config({"BK": BK}, num_warps=num_warps) for BK in (64, 32) for num_warps in (4, 2)],
-    key=["H", "HK", "K"])(chunk_kkt_solve_kernel)
+    key=["H", "HK", "K", "USE_K_SCALE"])(chunk_kkt_solve_kernel)
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_wy_kernel(k, v, beta, g, A, w, u, cu_seqlens, chunk_indices, T, H: tl.constexpr, HK: tl.constexpr,
-                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
-    """w = A (beta exp(G) K), u = A (beta V) per chunk. Grid (chunks, B * H).
+def chunk_wy_kernel(k, v, beta, g, k_scale, A, w, u, cu_seqlens, chunk_indices, T, H: tl.constexpr,
+                    HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, USE_K_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+    """w = A (beta exp(G) K), u = A (beta V) per chunk (K's rows scaled by k_scale when USE_K_SCALE).
+    Grid (chunks, B * H).
 
     k [B, T, HK, K]; v [B, T, H, V]; beta [B, T, H]; g [B, T, H] float32 cumsum; A [B, T, H, BT] from
     chunk_kkt_solve_kernel (only its lower triangle is read); writes w [B, T, H, K], u [B, T, H, V].
@@ -210,7 +226,7 @@ def chunk_wy_kernel(k, v, beta, g, A, w, u, cu_seqlens, chunk_indices, T, H: tl.
         b_u = tl.dot(b_A, (b_v * b_beta[:, None]).to(b_A.dtype), input_precision=PRECISION)
         tl.store(u + (rows * H + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty),
                  mask=m_t[:, None] & (o_v < V)[None, :])
-    b_kscale = b_beta * tl.exp(b_g)
+    b_kscale = b_beta * tl.exp(b_g) * _load_scale(k_scale, rows, HK, i_hk, m_t, USE_K_SCALE)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = _load_rows(k, rows, HK, i_hk, o_k, K, m_t)
@@ -222,24 +238,29 @@ def chunk_wy_kernel(k, v, beta, g, A, w, u, cu_seqlens, chunk_indices, T, H: tl.
 _wy_tuned = autotune(
     configs=[triton.Config({"BK": 64, "BV": 64}, num_warps=num_warps, num_stages=num_stages)
              for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["H", "HK", "K", "V"])(chunk_wy_kernel)
+    key=["H", "HK", "K", "V", "USE_K_SCALE"])(chunk_wy_kernel)
 
 
-def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, layout):
+def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
+                            layout):
     B, T, HK, K = k.shape
     H = v.shape[2]
     chunk_indices, chunk_offsets = layout if cu_seqlens is not None else (None, None)
     g_cum = chunk_cumsum(g, cu_seqlens, chunk_indices)
+    q_scale, k_scale = (inverse_norms(q), inverse_norms(k)) if use_qk_l2norm else (None, None)
     grid = (num_chunks(B, T, cu_seqlens), B * H)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, HK=HK, K=K, BT=CHUNK,
                   IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(k.dtype))
     A = k.new_empty(B, T, H, CHUNK)
-    _kkt_solve_tuned[grid](k=k, g=g_cum, beta=beta, A=A, BC=SUB, **common)
+    _kkt_solve_tuned[grid](k=k, g=g_cum, beta=beta, k_scale=k_scale, A=A, BC=SUB, USE_K_SCALE=use_qk_l2norm,
+                           **common)
     w = k.new_empty(B, T, H, K)
     u = torch.empty_like(v)
-    _wy_tuned[grid](k=k, v=v, beta=beta, g=g_cum, A=A, w=w, u=u, V=v.shape[3], **common)
-    h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w)
-    o = chunk_output(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices)
+    _wy_tuned[grid](k=k, v=v, beta=beta, g=g_cum, k_scale=k_scale, A=A, w=w, u=u, V=v.shape[3],
+                    USE_K_SCALE=use_qk_l2norm, **common)
+    h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w,
+                                  k_scale=k_scale)
+    o = chunk_output(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, q_scale=q_scale, k_scale=k_scale)
     return o, final
 
 
@@ -326,11 +347,10 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     if mode == "recurrent":
         return _recurrent_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm,
                                            cu_seqlens)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
     if cu_seqlens is not None and chunk_layout is None:
         chunk_layout = prepare_chunk_layout(cu_seqlens, q.shape[1])
-    return _chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, chunk_layout)
+    return _chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm, cu_seqlens,
+                                   chunk_layout)
 
 
 def _aot_specs(Hk, Hv, K, V, dtype):
@@ -342,19 +362,21 @@ def _aot_specs(Hk, Hv, K, V, dtype):
                    K="constexpr", BT="constexpr")
     flags = dict(IS_VARLEN="constexpr", PRECISION="constexpr")
     return [
-        AotSpec(f"gated_delta_rule.l2norm[K={K},{dt}]", f"{module}:l2norm_kernel",
-                dict(x=f"*{dt}", y=f"*{dt}", rows="i32", D="constexpr", BD="constexpr", BR="constexpr",
+        AotSpec(f"gated_delta_rule.inverse_norm[K={K},{dt}]", f"{module}:inverse_norm_kernel",
+                dict(x=f"*{dt}", r="*fp32", rows="i32", D="constexpr", BD="constexpr", BR="constexpr",
                      EPS="constexpr"),
                 dict(D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K), EPS=L2NORM_EPS)),
         AotSpec(f"gated_delta_rule.chunk_kkt_solve[{label},BK=64]", f"{module}:chunk_kkt_solve_kernel",
-                dict(k=f"*{dt}", g="*fp32", beta="*fp32", A=f"*{dt}", **chunked, BC="constexpr", BK="constexpr",
+                dict(k=f"*{dt}", g="*fp32", beta="*fp32", k_scale="*fp32", A=f"*{dt}", **chunked, BC="constexpr",
+                     BK="constexpr", USE_K_SCALE="constexpr", **flags),
+                dict(common, BC=SUB, BK=64, USE_K_SCALE=True), num_warps=4),
+        AotSpec(f"gated_delta_rule.chunk_wy[{label},BK=64,BV=64,w8]", f"{module}:chunk_wy_kernel",
+                dict(k=f"*{dt}", v=f"*{dt}", beta="*fp32", g="*fp32", k_scale="*fp32", A=f"*{dt}", w=f"*{dt}",
+                     u=f"*{dt}", **chunked, V="constexpr", BK="constexpr", BV="constexpr", USE_K_SCALE="constexpr",
                      **flags),
-                dict(common, BC=SUB, BK=64), num_warps=4),
-        AotSpec(f"gated_delta_rule.chunk_wy[{label},BK=64,BV=64]", f"{module}:chunk_wy_kernel",
-                dict(k=f"*{dt}", v=f"*{dt}", beta="*fp32", g="*fp32", A=f"*{dt}", w=f"*{dt}", u=f"*{dt}",
-                     **chunked, V="constexpr", BK="constexpr", BV="constexpr", **flags),
-                dict(common, V=V, BK=64, BV=64), num_warps=4, num_stages=2),
-        *aot_specs("gated_delta_rule.", H=Hv, HK=Hk, K=K, V=V, dtype=dtype, use_w=True, use_g=True),
+                dict(common, V=V, BK=64, BV=64, USE_K_SCALE=True), num_warps=8, num_stages=2),
+        *aot_specs("gated_delta_rule.", H=Hv, HK=Hk, K=K, V=V, dtype=dtype, use_w=True, use_g=True,
+                    use_qk_scale=True),
         AotSpec(f"gated_delta_rule.recurrent[{label},BV=32]", f"{module}:recurrent_kernel",
                 dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", g="*fp32", beta="*fp32", o=f"*{dt}", h0="*fp32",
                      ht="*fp32", cu_seqlens="*i32", scale="fp32", T="i32", H="constexpr", HK="constexpr",
