@@ -1,0 +1,181 @@
+"""Parity of every linear_attention backend with the float64 reference over the edge cases, the torch backend's
+two modes, and the checks on bad input. Also home of the helpers the three attention-family test files share
+(test_gated_delta_rule.py and test_attention.py import them).
+
+Shapes stay small (T <= 130, K, V in {16, 32}): Triton runs here under its interpreter."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from bench import inputs
+from kernels import registry
+from tests.conftest import TOLERANCE, TOLERANCE_TF32, assert_close, lab_backends, poisoned_allocations, to_float64
+
+DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------- shared helpers
+
+def backend_dtypes(names, op, dtypes):
+    """(backend, dtype) pairs of names x dtypes that the backend's registration admits."""
+    registered = registry.registered(op)
+    return [pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
+            for name in names for dtype in dtypes if dtype in registered[name].dtypes]
+
+
+def gpu_names(op):
+    """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
+    return [name for name, b in registry.registered(op).items() if name != "reference" and "cuda" in b.places]
+
+
+def tolerance(dtype, device):
+    return TOLERANCE_TF32 if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
+
+
+def snapshot(args):
+    """Copies of the caller's tensors among args (meta tensors hold nothing to compare)."""
+    return {key: value.clone() for key, value in args.items()
+            if isinstance(value, torch.Tensor) and value.device.type != "meta"}
+
+
+def assert_unchanged(args, before):
+    for key, value in before.items():
+        torch.testing.assert_close(args[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{key} was written")
+
+
+def check_recurrent_op(op, backend, args, seed, tol=None, **extra):
+    """Run op through backend on args (poisoned allocations), compare o and the final state with the float64
+    reference on the same inputs, and check dtypes, the None state and that no input was written."""
+    before = snapshot(args)
+    with poisoned_allocations():
+        o, state = getattr(kernels, op)(**args, backend=backend, **extra)
+    assert_unchanged(args, before)
+    ref_o, ref_state = getattr(kernels, op)(**to_float64(args), backend="reference")
+    dtype = args["v"].dtype
+    tol = tolerance(dtype, args["v"].device.type) if tol is None else tol
+    assert o.dtype == dtype, f"o has dtype {o.dtype}, v has {dtype}"
+    assert_close(o, ref_o, dtype, f"{backend} o", seed, tol)
+    if not args["output_final_state"]:
+        assert state is None, "the final state must be None unless output_final_state"
+        return
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    assert state.dtype == wide, f"final state has dtype {state.dtype}, expected {wide}"
+    assert_close(state, ref_state, dtype, f"{backend} final state", seed, tol)
+
+
+def check_bad_input(op, backend, args, match):
+    """op raises ValueError naming the problem (match) and writes none of the caller's tensors."""
+    before = snapshot(args)
+    with pytest.raises(ValueError, match=match):
+        getattr(kernels, op)(**args, backend=backend)
+    assert_unchanged(args, before)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+# The edge cases, as keywords of bench.inputs.linear_attention (chunk 64 in the chunked backends).
+CASES = {
+    "T1": dict(T=1),
+    "one_chunk": dict(T=64, initial_state=True),
+    "T_not_multiple_of_chunk": dict(T=130, initial_state=True),
+    "batch2": dict(B=2, T=70, initial_state=True),
+    "packed_unequal": dict(seqlens=[37, 1, 70], initial_state=True),
+    "packed_no_initial_state": dict(seqlens=[1, 64, 5]),
+    "no_gate": dict(T=80, gate=None, initial_state=True),
+    "g_zero": dict(T=80, gate="zero"),
+    "strong_decay": dict(T=80, gate="strong", initial_state=True),
+    "K16_V32": dict(T=70, K=16, V=32, initial_state=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(lab_backends("linear_attention"), "linear_attention",
+                                                          DTYPES))
+def test_matches_reference(backend, dtype, case, seed):
+    check_recurrent_op("linear_attention", backend, inputs.make("linear_attention", dtype=dtype, seed=seed,
+                                                                **CASES[case]), seed)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("case", CASES)
+def test_torch_modes(mode, case, seed):
+    """The torch backend's chunked and token-by-token paths (its extra keyword `mode`)."""
+    args = inputs.make("linear_attention", seed=seed, **CASES[case])
+    check_recurrent_op("linear_attention", "torch", args, seed, mode=mode)
+
+
+@pytest.mark.parametrize("backend", lab_backends("linear_attention"))
+def test_custom_scale_and_no_final_state(backend, seed):
+    args = inputs.make("linear_attention", T=70, seed=seed, initial_state=True, output_final_state=False)
+    check_recurrent_op("linear_attention", backend, args | dict(scale=0.3), seed)
+
+
+def test_torch_float64(seed):
+    """float64 inputs: computed and returned in float64 (the state too)."""
+    args = inputs.make("linear_attention", T=100, dtype=torch.float64, seed=seed, initial_state=True)
+    check_recurrent_op("linear_attention", "torch", args, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "no_gate"])
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_names("linear_attention"), "linear_attention",
+                                                          GPU_DTYPES))
+def test_matches_reference_gpu(backend, dtype, case, seed):
+    args = inputs.make("linear_attention", dtype=dtype, device="cuda", seed=seed, **CASES[case])
+    check_recurrent_op("linear_attention", backend, args, seed)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def _bad_inputs(args):
+    """(name, changed arguments, message) for every kind of bad input of API.md."""
+    q, k, v, g, s0 = args["q"], args["k"], args["v"], args["g"], args["initial_state"]
+    B, T, H, K = q.shape
+    return [
+        ("q_rank", dict(q=q[0]), "q must have 4 dimensions"),
+        ("k_shape", dict(k=k[..., :-1]), "k must have shape"),
+        ("v_time", dict(v=v[:, :-1]), "v must have batch and time"),
+        ("v_heads", dict(v=torch.cat([v, v], dim=2), g=torch.cat([g, g], dim=2), initial_state=None),
+         "v must have the"),
+        ("g_shape", dict(g=g[..., :1]), "g must have shape"),
+        ("dtype_mismatch", dict(k=k.half()), "k has dtype"),
+        ("int_dtype", dict(q=q.long(), k=k.long(), v=v.long()), "q must have dtype"),
+        ("device_mismatch", dict(v=v.to("meta")), "v is on meta"),
+        ("state_shape", dict(initial_state=s0[:, :, :-1]), "initial_state must have shape"),
+        ("state_dtype", dict(initial_state=s0.half()), "initial_state must have dtype"),
+        ("cu_seqlens_batch", dict(cu_seqlens=inputs.cu_seqlens_of([T])), "cu_seqlens needs batch size 1"),
+        ("scale_nan", dict(scale=math.nan), "scale must be"),
+    ]
+
+
+def _bad_packed_inputs(args):
+    T = args["q"].shape[1]
+    return [
+        ("cu_seqlens_not_monotone", dict(cu_seqlens=torch.tensor([0, 30, 10, T], dtype=torch.int32)),
+         "cu_seqlens must be non-decreasing"),
+        ("cu_seqlens_end", dict(cu_seqlens=torch.tensor([0, 10, T - 1], dtype=torch.int32)), "cu_seqlens must start"),
+        ("cu_seqlens_float", dict(cu_seqlens=torch.tensor([0.0, T])), "cu_seqlens must have dtype"),
+        ("state_count", dict(initial_state=args["initial_state"][:2]), "initial_state must have shape"),
+    ]
+
+
+@pytest.mark.parametrize("backend", lab_backends("linear_attention"))
+def test_bad_input_raises_and_writes_nothing(backend, seed):
+    args = inputs.make("linear_attention", B=2, T=40, seed=seed, initial_state=True)
+    for name, change, match in _bad_inputs(args):
+        check_bad_input("linear_attention", backend, args | change, match)
+    packed = inputs.make("linear_attention", seqlens=[20, 1, 19], seed=seed, initial_state=True)
+    for name, change, match in _bad_packed_inputs(packed):
+        check_bad_input("linear_attention", backend, packed | change, match)
+
+
+def test_unknown_and_unavailable_backends():
+    args = inputs.make("linear_attention", T=8)
+    with pytest.raises(kernels.BackendUnavailable, match="no backend 'nope'"):
+        kernels.linear_attention(**args, backend="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(kernels.BackendUnavailable):
+            kernels.linear_attention(**args, backend="fla")
