@@ -2,7 +2,11 @@
 cross-check the references. Never chosen by "auto"."""
 import torch
 
+import torch
+
 from kernels.registry import Backend
+
+_NO_FLOAT64 = (torch.float32, torch.float16, torch.bfloat16)
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)  # peers that compute in float32 at best
 
@@ -22,5 +26,6 @@ BACKENDS = [
     Backend("attention", "flash_attn", "kernels.peers.attention:flash_attn_attention", ("cuda",),
             requires=("flash_attn",), dtypes=(torch.float16, torch.bfloat16), peer=True),
     # torch's grouped GEMM
-    Backend("grouped_gemm", "torch_grouped_mm", "kernels.peers.moe:torch_grouped_mm", ("cpu", "cuda"), peer=True),
+    Backend("grouped_gemm", "torch_grouped_mm", "kernels.peers.moe:torch_grouped_mm", ("cpu", "cuda"),
+            dtypes=_NO_FLOAT64, peer=True),
 ]
