@@ -114,34 +114,60 @@ class Transformers:
         return None  # its DynamicCache grows by concatenation: not comparable tensor for tensor
 
 
-def measure(runner, backend, variant, cfg, contexts, device, dtype, budget_s, params):
-    """Rows of prefill and decode timings of one model at each context (bench.timing's timer: a warm-up
-    call, then repeats within budget_s; decode steps extend the same cache by one token each)."""
-    rows = []
-    shape = (f"B1 D{cfg.hidden_size} L{cfg.num_hidden_layers} E{cfg.num_experts}k{cfg.num_experts_per_tok} "
-             f"GDN({cfg.linear_num_key_heads},{cfg.linear_num_value_heads})x{cfg.linear_key_head_dim} "
-             f"ATT({cfg.num_attention_heads},{cfg.num_key_value_heads})x{cfg.head_dim}")
-    base = dict(op="model", backend=backend, device=device, dtype=str(dtype).removeprefix("torch."), shape=shape,
-                variant=variant, params=params,
-                backends=";".join(f"{op}={name}" for op, name in getattr(runner.m, "backends", {}).items()))
+def shape_label(cfg) -> str:
+    return (f"B1 D{cfg.hidden_size} L{cfg.num_hidden_layers} E{cfg.num_experts}k{cfg.num_experts_per_tok} "
+            f"GDN({cfg.linear_num_key_heads},{cfg.linear_num_value_heads})x{cfg.linear_key_head_dim} "
+            f"ATT({cfg.num_attention_heads},{cfg.num_key_value_heads})x{cfg.head_dim}")
+
+
+def measure(runner, ids, device, budget_s) -> list[dict]:
+    """Prefill of ids [1, T] into a fresh cache, then decode steps extending that cache by one token each
+    (bench.timing's timer: a warm-up call, then repeats within the budget). Two rows."""
+    context = ids.shape[1]
+    prefill = timing.time_call(lambda: runner.prefill(ids), device, budget_s)
+    _, cache = runner.prefill(ids)
+    size = runner.cache_bytes(cache)
+    token = ids[:, -1:]
+    decode = timing.time_call(lambda: runner.decode(token, cache), device, budget_s / 4)
+    return [dict(context=context, phase=phase, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                 repeats=t.repeats, threads=t.threads, tokens_per_s=tokens / (t.median_ms / 1e3), cache_bytes=size)
+            for phase, t, tokens in (("prefill", prefill, context), ("decode", decode, 1))]
+
+
+def _error(exc) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def measure_variant(path, variant, makers, contexts, device, dtype, budget_s) -> list[dict]:
+    """Every runner on one checkpoint, context by context, the runners taking turns at each context (so a
+    change in the machine's load hits all of them alike). A runner that fails leaves an error row."""
+    cfg = model.ModelConfig.from_folder(path)
+    common = dict(op="model", device=device, dtype=str(dtype).removeprefix("torch."), shape=shape_label(cfg),
+                  variant=variant, params=_params(path))
+    runners, rows = {}, []
+    for name, make in makers.items():
+        try:
+            runners[name] = make(path)
+        except Exception as exc:
+            rows.append(dict(common, backend=name, error=_error(exc)))
     gen = torch.Generator().manual_seed(0)
     for context in contexts:
         ids = torch.randint(cfg.vocab_size, (1, context), generator=gen).to(device)
-        prefill = timing.time_call(lambda: runner.prefill(ids), device, budget_s)
-        _, cache = runner.prefill(ids)
-        size = runner.cache_bytes(cache)
-        token = ids[:, -1:]
-        decode = timing.time_call(lambda: runner.decode(token, cache), device, budget_s / 4)
-        for phase, t, tokens in (("prefill", prefill, context), ("decode", decode, 1)):
-            rows.append(dict(base, context=context, phase=phase, median_ms=t.median_ms, p20_ms=t.p20_ms,
-                             p80_ms=t.p80_ms, repeats=t.repeats, threads=t.threads,
-                             tokens_per_s=tokens / (t.median_ms / 1e3), cache_bytes=size))
-        print(f"  {backend:>12} {variant:>13} T={context:>5}: prefill {rows[-2]['tokens_per_s']:8.0f} tok/s, "
-              f"decode {rows[-1]['tokens_per_s']:7.1f} tok/s", flush=True)
+        for name, runner in list(runners.items()):
+            base = dict(common, backend=name, backends=";".join(
+                f"{op}={b}" for op, b in getattr(runner.m, "backends", {}).items()))
+            try:
+                rows += [dict(base, **r) for r in measure(runner, ids, device, budget_s)]
+                print(f"  {name:>12} {variant:>13} T={context:>5}: prefill {rows[-2]['tokens_per_s']:8.1f} tok/s,"
+                      f" decode {rows[-1]['tokens_per_s']:7.2f} tok/s", flush=True)
+            except Exception as exc:  # one backend failing must not lose the others' rows
+                rows.append(dict(base, context=context, error=_error(exc)))
+                print(f"  {name:>12} {variant:>13} T={context:>5}: {rows[-1]['error']}", flush=True)
+                del runners[name]
     return rows
 
 
-def memory_rows(paths, cfgs, device, dtype):
+def memory_rows(paths, device, dtype):
     """Cache bytes against context, measured on allocated caches (zero pages: nothing is touched) and, for
     the real Qwen3.5-35B-A3B shape, computed from the config."""
     rows = []
@@ -149,7 +175,7 @@ def memory_rows(paths, cfgs, device, dtype):
         m = model.from_pretrained(path, backend="reference", dtype=dtype, device=device)
         for context in MEMORY_CONTEXTS:
             measured = m.new_cache(1, context).nbytes()
-            assert measured == cache_bytes_from_shapes(cfgs[variant], 1, context, m.embed_tokens.weight.element_size())
+            assert measured == cache_bytes_from_shapes(m.config, 1, context, m.embed_tokens.weight.element_size())
             rows.append(dict(op="model", backend="any", device=device, dtype=str(dtype).removeprefix("torch."),
                              shape="bench config", context=context, phase="cache", variant=variant,
                              cache_bytes=measured, how="measured"))
@@ -173,7 +199,7 @@ def plot(rows, out: Path):
     for shape in ("bench config", "Qwen3.5-35B-A3B"):
         for variant, style in (("hybrid", "-o"), ("all_attention", "--s")):
             pts = [(r["context"], r["cache_bytes"] / 2**20) for r in rows
-                   if r["phase"] == "cache" and r["shape"] == shape and r["variant"] == variant]
+                   if r.get("phase") == "cache" and r["shape"] == shape and r["variant"] == variant]
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{shape}, {variant}")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache (MiB, batch 1)",
@@ -185,10 +211,10 @@ def plot(rows, out: Path):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, phase in zip(axes, ("prefill", "decode")):
-        series = sorted({(r["backend"], r["variant"]) for r in rows if r["phase"] == phase})
+        series = sorted({(r["backend"], r["variant"]) for r in rows if r.get("phase") == phase})
         for backend, variant in series:
             pts = [(r["context"], r["tokens_per_s"]) for r in rows
-                   if r["phase"] == phase and r["backend"] == backend and r["variant"] == variant]
+                   if r.get("phase") == phase and r["backend"] == backend and r["variant"] == variant]
             ax.plot(*zip(*pts), "-o" if variant == "hybrid" else "--s", label=f"{backend}, {variant}")
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s", title=phase)
         ax.legend(fontsize=7)
@@ -217,27 +243,22 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     contexts = QUICK_CONTEXTS if quick else CONTEXTS
     budget_s = 0.5 if quick else 2.0
-    folder = Path(tempfile.mkdtemp(prefix="bench-model-"))
-    all_attention = ("full_attention",) * BENCH_CONFIG["num_hidden_layers"]
-    paths = {"hybrid": write_random_checkpoint(folder / "hybrid", **BENCH_CONFIG),
-             "all_attention": write_random_checkpoint(folder / "all_attention", **BENCH_CONFIG,
-                                                      layer_types=list(all_attention))}
-    cfgs = {variant: model.ModelConfig.from_folder(path) for variant, path in paths.items()}
     # the lab's backends: every CPU (or GPU) backend of the gated delta rule but the slow reference
     names = backends or [n for n in kernels.backends("gated_delta_rule", device)
                          if n != "reference" and not kernels.registry.registered("gated_delta_rule")[n].peer]
+    makers = {name: (lambda path, name=name: Lab(path, name, device, dtype)) for name in names}
+    if device == "cpu":
+        makers["transformers"] = lambda path: Transformers(path, device, dtype)
     rows = []
-    with torch.inference_mode():
-        for variant, path in paths.items():
-            params = _params(path)
-            for name in names:
-                rows += measure(Lab(path, name, device, dtype), name, variant, cfgs[variant], contexts, device,
-                                dtype, budget_s, params)
-            if device == "cpu":
-                with transformers_torch_path():
-                    rows += measure(Transformers(path, device, dtype), "transformers", variant, cfgs[variant],
-                                    contexts, device, dtype, budget_s, params)
-        rows += memory_rows(paths, cfgs, device, dtype)
+    all_attention = ["full_attention"] * BENCH_CONFIG["num_hidden_layers"]
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as folder:
+        paths = {"hybrid": write_random_checkpoint(Path(folder) / "hybrid", **BENCH_CONFIG),
+                 "all_attention": write_random_checkpoint(Path(folder) / "all_attention", **BENCH_CONFIG,
+                                                          layer_types=all_attention)}
+        with torch.inference_mode(), transformers_torch_path():
+            for variant, path in paths.items():
+                rows += measure_variant(path, variant, makers, contexts, device, dtype, budget_s)
+            rows += memory_rows(paths, device, dtype)
     plot(rows, out)
     return rows
 
@@ -245,17 +266,17 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
 def summary(rows) -> list[str]:
     """The targets: ours / transformers at the longest context (prefill, decode), cache at 32K."""
     lines = []
-    longest = max(r["context"] for r in rows if r["phase"] == "prefill")
+    longest = max((r["context"] for r in rows if r.get("phase") == "prefill"), default=None)
     for phase in ("prefill", "decode"):
         at = {r["backend"]: r["tokens_per_s"] for r in rows
-              if r["phase"] == phase and r["context"] == longest and r["variant"] == "hybrid"}
+              if r.get("phase") == phase and r["context"] == longest and r["variant"] == "hybrid"}
         for backend, tps in at.items():
             if backend != "transformers" and "transformers" in at:
                 lines.append(f"{phase} at {longest}: {backend} {tps:.1f} tok/s = {tps / at['transformers']:.2f}x "
                              f"transformers ({at['transformers']:.1f} tok/s)")
     for shape in ("bench config", "Qwen3.5-35B-A3B"):
         mem = {r["variant"]: r["cache_bytes"] for r in rows
-               if r["phase"] == "cache" and r["context"] == 32768 and r["shape"] == shape}
+               if r.get("phase") == "cache" and r["context"] == 32768 and r["shape"] == shape}
         if len(mem) == 2:
             lines.append(f"cache at 32K ({shape}): hybrid {mem['hybrid'] / 2**20:.1f} MiB, all-attention "
                          f"{mem['all_attention'] / 2**20:.1f} MiB, ratio {mem['hybrid'] / mem['all_attention']:.3f}")
@@ -268,7 +289,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="output folder (default reports/<device>)")
     parser.add_argument("--backend", action="append", help="lab backend(s) to run (default: every one here)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out or f"reports/{args.device}")
     rows = sweep(args.quick, args.device, out, args.backend)
     import pandas as pd
