@@ -93,6 +93,9 @@ def _chunk_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o, sca
         S = state[n, h]
         qc = np.empty((C, K), state.dtype)
         kc = np.empty((C, K), state.dtype)
+        kT = np.empty((K, C), state.dtype)
+        kk = np.empty((C, C), state.dtype)  # k_i . k_j
+        qk = np.empty((C, C), state.dtype)  # q_i . k_j
         U = np.empty((C, V), state.dtype)
         O = np.empty((C, V), state.dtype)
         G = np.empty(C, state.dtype)
@@ -120,23 +123,30 @@ def _chunk_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o, sca
                 for j in range(V):
                     U[i, j] = bi * (v[b, c0 + i, h, j] - eg * ks[j])
                     O[i, j] = eg * qs[j]
+            # Gram matrices, summed over a with unit-stride (vectorised) rows of k^T
+            for i in range(L):
+                for a in range(K):
+                    kT[a, i] = kc[i, a]
+            for i in range(L):
+                kk[i, :i] = 0
+                qk[i, :i + 1] = 0
+                for a in range(K):
+                    ka = kc[i, a]
+                    qa = qc[i, a]
+                    for jj in range(i + 1):
+                        kk[i, jj] += ka * kT[a, jj]
+                        qk[i, jj] += qa * kT[a, jj]
             # forward substitution of the unit lower-triangular system
             for i in range(1, L):
                 bi = beta[b, c0 + i, h]
                 for jj in range(i):
-                    kk = 0.0
-                    for a in range(K):
-                        kk += kc[i, a] * kc[jj, a]
-                    coef = bi * np.exp(G[i] - G[jj]) * kk
+                    coef = bi * np.exp(G[i] - G[jj]) * kk[i, jj]
                     for j in range(V):
                         U[i, j] -= coef * U[jj, j]
             # intra-chunk output
             for i in range(L):
                 for jj in range(i + 1):
-                    qk = 0.0
-                    for a in range(K):
-                        qk += qc[i, a] * kc[jj, a]
-                    coef = np.exp(G[i] - G[jj]) * qk
+                    coef = np.exp(G[i] - G[jj]) * qk[i, jj]
                     for j in range(V):
                         O[i, j] += coef * U[jj, j]
                 for j in range(V):
