@@ -2,7 +2,7 @@
 
 - <op>_<axis>[_<n>].png: latency (median, p20-p80 bars) and throughput (TFLOP/s, or GB/s for ops without
   FLOPs) against one shape axis, one line per backend, the other axes held fixed (one file per fixed group
-  with at least three points on the axis).
+  with at least two points on the axis).
 - <op>_roofline.png: the fraction of the roofline floor each backend reaches, every shape.
 - linear_vs_quadratic.png: the fastest lab backend of linear attention, the gated delta rule and softmax
   attention against sequence length at matched heads, the crossover marked.
@@ -34,8 +34,8 @@ MAX_GROUPS_PER_AXIS = 6
 
 def load(path) -> pd.DataFrame:
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    for column in ("error", "preset", "best_peer"):
-        frame[column] = frame[column].fillna("").astype(str) if column in frame else ""
+    for column in ("error", "preset", "best_peer", "checked_against"):
+        frame[column] = ["" if pd.isna(v) else str(v) for v in frame[column]] if column in frame else ""
     frame["peer"] = frame["peer"].astype(str).str.lower().eq("true")
     return frame
 
@@ -54,11 +54,11 @@ def _label(values):
 
 
 def _groups(rows, op, columns):
-    """Groups of rows with every other axis (and dtype) equal and >= 3 distinct values on `columns`."""
+    """Groups of rows with every other axis (and dtype) equal and >= 2 distinct values on `columns`."""
     fixed = ["dtype"] + [a for a in _axes_of(op) if a not in columns and a in rows]
     found = []
     for key, group in rows.groupby(fixed, dropna=False):
-        if group[columns].drop_duplicates().shape[0] >= 3:
+        if group[columns].drop_duplicates().shape[0] >= 2:
             found.append((dict(zip(fixed, key if isinstance(key, tuple) else (key,))), group))
     found.sort(key=lambda item: -item[1][columns].drop_duplicates().shape[0])
     return found[:MAX_GROUPS_PER_AXIS]
@@ -206,13 +206,13 @@ def plot_linear_vs_quadratic(frame: pd.DataFrame, out: Path) -> Path | None:
         values = found.get(key)
         if values is not None and len(values):
             ax.plot(values.index, values.values, style, marker="o", color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     for i, ((name, against), T) in enumerate(found["crossover"].items()):
         if T is not None and against == "attention":
             ax.axvline(T, color="C0" if name == "gated_delta_rule" else "C1", ls=":", lw=1.2)
-            ax.annotate(f"{name} crossover: T={int(T)}", (T, ax.get_ylim()[0]), xytext=(4, 10 + 14 * i),
-                        textcoords="offset points", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+            ax.annotate(f"{name} crossover: T={int(T)}", (T, 0.03 + 0.04 * i), xycoords=("data", "axes fraction"),
+                        xytext=(4, 0), textcoords="offset points", fontsize=8)
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("ms per call (median)")
     ax.set_title(f"linear vs quadratic attention, {found['shape']}, {found['dtype']}\n{found['device_name']}",

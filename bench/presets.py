@@ -203,7 +203,8 @@ def _moe_cases(op, scale):
         elif scale == "cuda":
             base = dict(N=4096, D=2048, E=256, I=512, top_k=8, routing="uniform")
         cases = (_vary(op, base, "N", TOKENS[scale]) + _vary(op, base, "E", (8, 64, 256) if small else (8, 64, 256, 512))
-                 + _vary(op, base, "I", (64, 128, 256, 512)) + _vary(op, base, "D", (256, 512, 1024, 2048)))
+                 + _vary(op, base, "I", (64, 128, 256) if small else (64, 128, 256, 512))
+                 + _vary(op, base, "D", (256, 512, 1024) if small else (256, 512, 1024, 2048)))
     cases += _vary(op, base, "top_k", (1, 2, 4, 8, 10)) + _vary(op, base, "routing", ("uniform", "skewed"))
     if not small:
         cases += _moe_presets(op, scale)

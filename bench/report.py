@@ -158,6 +158,10 @@ def where_time_goes(rows, op) -> list[str]:
         return [f"No lab backend measured{': ' + errors['error'].iloc[0] if not errors.empty else ''}."]
     lines = []
     work = lab["flops"].where(lab["flops"] > 0, lab["bytes"])
+    if work.isna().all():  # rows without a cost model (the model's): only the ranking
+        wins = lab.loc[lab.groupby(["shape", "dtype"])["median_ms"].idxmin(), "backend"].value_counts()
+        return ["No FLOP or byte model for these rows. Fastest lab backend per shape: "
+                + ", ".join(f"`{b}` {n}x" for b, n in wins.items()) + "."]
     heavy_shape = lab.loc[work.idxmax(), "shape"]
     heavy = lab[lab["shape"] == heavy_shape]
     best = heavy.loc[heavy["median_ms"].idxmin()]
@@ -302,7 +306,8 @@ def write(out: Path, device: str) -> Path:
         md += [f"## {op}", "", "### Where the time goes", "", *[f"- {line}" for line in where_time_goes(rows, op)], ""]
         if op == "gated_delta_rule":
             md += [f"FLOP model: {REFERENCE_CHUNK_MODEL} (9.5 d^2 at d = 128), 6 K V in recurrent mode.", ""]
-        for path in written.get(op, []):
+        extra = sorted(out.glob("model_*.png")) if op == "model" else []  # drawn by bench.model
+        for path in written.get(op, []) + extra:
             md.append(f"![{path.stem}]({path.name})")
         md += ["", _rows_table(rows), ""]
     readme = out / "README.md"

@@ -121,7 +121,7 @@ def reference_affordable(case: presets.Case, quick: bool = False) -> bool:
         return s["N"] * s["top_k"] * s["E"] <= 4_000_000
     if case.op == "grouped_gemm":
         return presets.input_gigabytes(case, 8) <= 2
-    return s["N"] * s["top_k"] * 3 * s["I"] * s["D"] <= 2_000_000_000
+    return s["N"] * s["top_k"] * 3 * s["I"] * s["D"] <= (200_000_000 if quick else 2_000_000_000)
 
 
 def _float64(inputs: dict) -> dict:
@@ -228,7 +228,7 @@ def run_backend(case, backend, inputs, extra, check, dtype, device, budget_s, cu
     del out
     with trusted_inputs():
         call = lambda: fn(**inputs, **extra)  # noqa: E731
-        measured = timing.time_call(call, device, budget_s)
+        measured = timing.time_call(call, device, budget_s, warmup=0 if device == "cpu" else 2)  # warm: checked
         graph = False
         if device == "cuda" and cuda_graph != "off" and (cuda_graph == "on" or measured.median_ms < 0.05):
             try:
@@ -353,19 +353,23 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["op", "dtype", "shape", "backend"], kind="stable").reset_index(drop=True)
 
 
+def text_column(values: pd.Series) -> list[str]:
+    """A column of text with "" for missing values (read_csv makes an all-empty column float NaN)."""
+    return ["" if pd.isna(v) else str(v) for v in values]
+
+
 def merge(path: Path, rows: list[dict]) -> pd.DataFrame:
     """Write rows into the CSV at path: rows with the same (op, backend, shape, dtype, device) are replaced,
     all others kept; speedups recomputed over the whole table."""
     new = pd.DataFrame(rows)
     if path.exists():
         old = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        old["error"] = old["error"].fillna("") if "error" in old else ""
         keys = set(map(tuple, new[KEY].astype(str).values)) if len(new) else set()
         keep = [tuple(k) not in keys for k in old[KEY].astype(str).values]
         new = pd.concat([old[keep], new], ignore_index=True) if len(new) else old
     for column in ("error", "preset", "best_peer"):
         if column in new:
-            new[column] = new[column].fillna("").astype(str)
+            new[column] = text_column(new[column])
     frame = ordered(add_speedups(ordered(new)))
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
@@ -406,6 +410,18 @@ def _has_model_bench() -> bool:
     return importlib.util.find_spec("bench.model") is not None
 
 
+def set_threads(threads: int) -> None:
+    """Threads of torch and of numba's parallel loops (on a shared machine, 1 thread gives steady medians:
+    with 2 threads and 8 busy processes on 2 cores, torch calls were seen to stall 100x at its barriers)."""
+    torch.set_num_threads(threads)
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is not None:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", choices=list(OPS))
@@ -418,7 +434,7 @@ def parse(argv=None):
     parser.add_argument("--budget", type=float, help="seconds of timed calls per backend and shape")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                         help="time CUDA-graph replays (auto: for calls under 50 us)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads before the run")
+    parser.add_argument("--threads", type=int, help="threads of torch and numba (default: theirs)")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
     parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
     args = parser.parse_args(argv)
@@ -433,7 +449,7 @@ def main(argv=None) -> int:
         print(list_everything())
         return 0
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA GPU on this machine", file=sys.stderr)
         return 2
@@ -447,7 +463,11 @@ def main(argv=None) -> int:
         from bench import model as model_bench
 
         ceil = timing.ceilings(args.device, dtypes)
-        rows = model_bench.sweep(quick=args.quick, device=args.device, out=out)
+        rows = model_bench.sweep(quick=args.quick, device=args.device, out=out, backends=args.backend)
+        for row in rows:  # columns the model's rows may leave out, filled the way every other row has them
+            for column, value in base_row("model", row["backend"], args.device, dtypes[0], ceil).items():
+                if column not in ("dtype",) and row.get(column) in (None, ""):
+                    row[column] = value
     else:
         ceil = timing.ceilings(args.device, dtypes)
         rows = sweep(args.op, args.device, dtypes, args.quick, args.backend, args.preset, args.budget,

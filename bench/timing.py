@@ -108,11 +108,11 @@ def time_cuda(fn, budget_s: float = 0.5, min_repeats: int = 10, max_repeats: int
     return _summary(samples)
 
 
-def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False) -> Timing:
+def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False, warmup: int = 1) -> Timing:
     """The timer of the device: time_cuda on CUDA, time_cpu otherwise."""
     if torch.device(device).type == "cuda":
-        return time_cuda(fn, budget_s=budget_s, cuda_graph=cuda_graph, device=device)
-    return time_cpu(fn, budget_s=budget_s)
+        return time_cuda(fn, budget_s=budget_s, cuda_graph=cuda_graph, device=device, warmup=warmup)
+    return time_cpu(fn, budget_s=budget_s, warmup=warmup)
 
 
 def device_name(device) -> str:
