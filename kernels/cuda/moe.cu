@@ -122,12 +122,12 @@ template <> struct MmaTraits<float> {
 // num_tiles exit: the grid is sized from an upper bound, so nothing is read back on the host). Each warp owns a
 // 32 x 32 quarter (2 x 2 fragments). x and w tiles are staged in shared memory (rows padded by 8 elements
 // against bank conflicts), then the fp32 accumulators go through shared memory to guarded, converted stores.
-// x [M, K], w [E, N, K], y [M, N], all T.
+// x [M, K], w [E, N, K], y [M, N], all T. vector_loads: K is a multiple of 16 bytes and x, w are 16-byte aligned.
 template <typename T>
 __global__ void __launch_bounds__(GEMM_WARPS * 32)
 moe_grouped_gemm(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ offsets,
                  const int* __restrict__ tile_expert, const int* __restrict__ tile_row,
-                 const int* __restrict__ num_tiles, int K, int N, T* __restrict__ y) {
+                 const int* __restrict__ num_tiles, int K, int N, int vector_loads, T* __restrict__ y) {
     using namespace nvcuda;
     using Traits = MmaTraits<T>;
     constexpr int LDS = GEMM_BK + 8;
@@ -150,13 +150,30 @@ moe_grouped_gemm(const T* __restrict__ x, const T* __restrict__ w, const int* __
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
+    constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte load
     for (int k0 = 0; k0 < K; k0 += GEMM_BK) {
         // consecutive threads read consecutive k: coalesced; out-of-range elements are zero
-        for (int idx = threadIdx.x; idx < GEMM_BM * GEMM_BK; idx += GEMM_WARPS * 32) {
-            const int r = idx / GEMM_BK, kk = idx % GEMM_BK;
-            const bool in_k = k0 + kk < K;
-            xs[r * LDS + kk] = (r < rows && in_k) ? x[(long long)(row0 + r) * K + k0 + kk] : lab::from_float<T>(0.f);
-            ws[r * LDS + kk] = (col0 + r < N && in_k) ? w_e[(long long)(col0 + r) * K + k0 + kk] : lab::from_float<T>(0.f);
+        if (vector_loads) {  // K % VEC == 0 and 16-byte aligned rows: one 16-byte load per VEC elements
+#pragma unroll 1
+            for (int idx = threadIdx.x; idx < GEMM_BM * GEMM_BK / VEC; idx += GEMM_WARPS * 32) {
+                const int r = idx / (GEMM_BK / VEC), kk = (idx % (GEMM_BK / VEC)) * VEC;
+                const bool in_k = k0 + kk < K;
+                uint4 x_vec = make_uint4(0u, 0u, 0u, 0u), w_vec = make_uint4(0u, 0u, 0u, 0u);
+                if (r < rows && in_k) x_vec = *reinterpret_cast<const uint4*>(x + (long long)(row0 + r) * K + k0 + kk);
+                if (col0 + r < N && in_k)
+                    w_vec = *reinterpret_cast<const uint4*>(w_e + (long long)(col0 + r) * K + k0 + kk);
+                *reinterpret_cast<uint4*>(xs + r * LDS + kk) = x_vec;
+                *reinterpret_cast<uint4*>(ws + r * LDS + kk) = w_vec;
+            }
+        } else {
+#pragma unroll 4
+            for (int idx = threadIdx.x; idx < GEMM_BM * GEMM_BK; idx += GEMM_WARPS * 32) {
+                const int r = idx / GEMM_BK, kk = idx % GEMM_BK;
+                const bool in_k = k0 + kk < K;
+                xs[r * LDS + kk] = (r < rows && in_k) ? x[(long long)(row0 + r) * K + k0 + kk] : lab::from_float<T>(0.f);
+                ws[r * LDS + kk] = (col0 + r < N && in_k) ? w_e[(long long)(col0 + r) * K + k0 + kk]
+                                                          : lab::from_float<T>(0.f);
+            }
         }
         __syncthreads();
 #pragma unroll
@@ -204,7 +221,7 @@ template __global__ void moe_gather_rows<unsigned short>(const unsigned short*, 
 #define LAB_MOE_DTYPE(T) \
     template __global__ void moe_unpermute<T>(const T*, const long long*, const float*, int, int, T*); \
     template __global__ void moe_grouped_gemm<T>(const T*, const T*, const int*, const int*, const int*, \
-                                                 const int*, int, int, T*);
+                                                 const int*, int, int, int, T*);
 LAB_MOE_DTYPE(float)
 LAB_MOE_DTYPE(__half)
 LAB_MOE_DTYPE(__nv_bfloat16)

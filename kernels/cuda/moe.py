@@ -89,9 +89,10 @@ def grouped_gemm(x, w, offsets, **extra):
     with on_torch_stream(x.device):
         _kernel("moe_tile_schedule")((1,), (1,), (ptr(offsets), np.int32(E), ptr(tile_expert), ptr(tile_row),
                                                   ptr(num_tiles)))
+        vector_loads = (K * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
         _kernel(f"moe_grouped_gemm<{ctype(x.dtype)}>")((max_tiles, cdiv(N, GEMM_BN)), (GEMM_THREADS,), (
             ptr(x), ptr(w), ptr(offsets), ptr(tile_expert), ptr(tile_row), ptr(num_tiles), np.int32(K),
-            np.int32(N), ptr(y)))
+            np.int32(N), np.int32(vector_loads), ptr(y)))
     return y
 
 
