@@ -172,3 +172,26 @@ def test_plots_and_report_from_csv(tmp_path):
     assert (tmp_path / "gated_delta_rule_T.png").exists() and (tmp_path / "attention_roofline.png").exists()
     text = readme.read_text()
     assert "## gated_delta_rule" in text and "Where the time goes" in text and "FlashQLA" in text
+
+
+def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
+    import types
+
+    seen = {}
+
+    def fake_sweep(quick, device, out, backends=None):
+        seen.update(quick=quick, device=device, out=out)
+        return [dict(op="model", backend="torch", device=device, dtype="float32", shape="ctx=64,phase=prefill",
+                     median_ms=3.0, p20_ms=2.9, p80_ms=3.1, phase="prefill")]
+
+    monkeypatch.setitem(__import__("sys").modules, "bench.model", types.SimpleNamespace(sweep=fake_sweep))
+    monkeypatch.setattr(sweep, "_has_model_bench", lambda: True)
+    monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
+    assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
+    assert seen == dict(quick=True, device="cpu", out=tmp_path)
+    row = pd.read_csv(tmp_path / "results.csv").iloc[0]
+    assert row["op"] == "model" and row["phase"] == "prefill" and row["device_name"] == "test cpu"
+
+    monkeypatch.setattr(sweep, "_has_model_bench", lambda: False)
+    assert sweep.main(["--op", "model", "--out", str(tmp_path)]) == 2
+    assert "bench.model is missing" in capsys.readouterr().err
