@@ -23,7 +23,8 @@ def _attend_block(b_q, k, v, o_n, o_m, o_d, b_acc, b_m, b_l, qk_scale, shift, Tk
     """One key block: scores in log2 units (qk_scale = scale * log2(e)), online-softmax update of
     (b_acc [BM, BD], b_m, b_l). k, v point at the (batch, KV head) row 0; o_n are the block's key positions."""
     m_n = o_n < Tk
-    b_k = tl.load(k + o_n[:, None] * HKV * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.)
+    rows = o_n.to(tl.int64)  # Tk * HKV * D may pass 2^31 on long caches
+    b_k = tl.load(k + rows[:, None] * HKV * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
     if MASK:
         visible = m_n[None, :]
@@ -33,7 +34,7 @@ def _attend_block(b_q, k, v, o_n, o_m, o_d, b_acc, b_m, b_l, qk_scale, shift, Tk
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_p = tl.math.exp2(b_s - b_m_new[:, None])
     b_alpha = tl.math.exp2(b_m - b_m_new)
-    b_v = tl.load(v + o_n[:, None] * HKV * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.)
+    b_v = tl.load(v + rows[:, None] * HKV * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :], other=0.)
     b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
     return b_acc, b_m_new, b_l * b_alpha + tl.sum(b_p, 1)
 

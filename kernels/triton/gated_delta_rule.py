@@ -26,7 +26,7 @@ L2NORM_EPS = 1e-6
 SUB = 16  # the diagonal blocks of the forward substitution
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def inverse_norm_kernel(x, r, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr):
     """r = 1 / sqrt(sum(x^2) + EPS) over the last dim, for x [rows, D]; r float32 [rows]. Grid (cdiv(rows, BR),)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
