@@ -577,6 +577,29 @@ def _cell(value) -> str:
     return str(value)
 
 
+def findings(rows: list[dict]) -> list[str]:
+    """Markdown bullets for what a kernel engineer should look at first: failures, spills and local memory,
+    kernels that do not fit on an SM, and matrix kernels that missed Hopper's wgmma (HMMA only)."""
+    notes = []
+    for row in rows:
+        name = f"`{row['kernel']}` ({row['config']})"
+        if row["status"].startswith("error"):
+            notes.append(f"- {name}: {row['status']}")
+            continue
+        if row["status"] != "ok":
+            continue
+        spilled = (row["spill_store_bytes"] or 0) + (row["spill_load_bytes"] or 0)
+        if spilled or row["local_ops"]:
+            notes.append(f"- {name}: spills {row['spill_store_bytes']} B stored / {row['spill_load_bytes']} B "
+                         f"loaded, {row['local_ops']} local-memory instructions at {row['registers']} registers")
+        if row["limiter"] and str(row["limiter"]).startswith("does not fit"):
+            notes.append(f"- {name}: {row['limiter']} with {row['shared_bytes']} B of shared memory")
+        ops = str(row["tensor_ops"] or "")
+        if "HMMA" in ops and "HGMMA" not in ops:
+            notes.append(f"- {name}: matrix products on mma.sync (HMMA), not Hopper's wgmma (HGMMA)")
+    return notes
+
+
 def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
     """kernels.csv (every column) and kernels.md (a readable table and the notes) under out."""
     out.mkdir(parents=True, exist_ok=True)
@@ -601,6 +624,7 @@ def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in shown) + " |")
+    lines += ["", "## Worth a look", "", *(findings(rows) or ["Nothing: no spills, no local memory, everything fits."])]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 

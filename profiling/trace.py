@@ -10,7 +10,8 @@ and the sweeps. Writes under --out (default reports/<device>/traces/):
   the GPU for a CUDA run);
 and prints the table. On a GPU it also prints the Nsight Compute command line for the kernels found, with
 `--clock-control none` (leave the card's clocks as they are) and a kernel-name filter; `--plain` is the mode that
-command runs: the same calls without torch.profiler, which would otherwise compete with ncu for the counters.
+command runs: the same calls without torch.profiler (which would compete with ncu for the counters), the
+profiled ones between cudaProfilerStart and cudaProfilerStop so that warm-up and autotuning stay out.
 """
 from __future__ import annotations
 
@@ -62,14 +63,14 @@ def _kernel_base_name(name: str) -> str:
     return re.split(r"[<(]", name, maxsplit=1)[0].strip()
 
 
-def ncu_command(kernel_names: list[str], launches_to_skip: int, launches: int, report: Path, rerun: list[str]) -> str:
-    """The `ncu` command line that profiles `kernel_names` (the first `launches` launches after the warm-up's
-    `launches_to_skip`) of the program `rerun`, leaving the GPU clocks alone."""
+def ncu_command(kernel_names: list[str], launches: int, report: Path, rerun: list[str]) -> str:
+    """The `ncu` command line that profiles the first `launches` launches of `kernel_names` inside the
+    cudaProfilerStart/Stop region of the program `rerun` (its warm-up, autotuning included, stays outside),
+    leaving the GPU clocks alone."""
     bases = sorted({_kernel_base_name(n) for n in kernel_names if _kernel_base_name(n)})
     pattern = "regex:^(" + "|".join(re.escape(b) for b in bases) + ")$"
-    cmd = ["ncu", "--clock-control", "none", "--target-processes", "all", "--set", "full",
-           "--kernel-name", pattern, "--launch-skip", str(launches_to_skip), "--launch-count", str(launches),
-           "-o", str(report), *rerun]
+    cmd = ["ncu", "--clock-control", "none", "--target-processes", "all", "--profile-from-start", "off",
+           "--set", "full", "--kernel-name", pattern, "--launch-count", str(launches), "-o", str(report), *rerun]
     return shlex.join(cmd)
 
 
@@ -185,8 +186,7 @@ def trace(op: str, backend: str, shape: dict, dtype_name: str = "float32", devic
             rerun = [sys.executable, "-m", "profiling.trace", "--op", op, "--backend", backend, "--device", device,
                      "--dtype", dtype_name, "--calls", "1", "--warmup", str(warmup), "--plain",
                      *(arg for key, value in shape.items() for arg in ("--shape", f"{key}={_unparse(value)}"))]
-            result["ncu"] = ncu_command([e.key for e in kernels_seen], warmup * launches_per_call, launches_per_call,
-                                        out / f"ncu_{stem}", rerun)
+            result["ncu"] = ncu_command([e.key for e in kernels_seen], launches_per_call, out / f"ncu_{stem}", rerun)
     return result
 
 
@@ -220,9 +220,16 @@ def main(argv=None) -> int:
     shape = parse_shape(args.shape)
     if args.plain:
         call, _ = make_call(args.op, args.backend, shape, args.dtype, device)
-        for _ in range(args.warmup + args.calls):
+        for _ in range(args.warmup):
             call()
         _synchronize(device)
+        if device == "cuda":  # the region `ncu --profile-from-start off` profiles
+            torch.cuda.profiler.start()
+        for _ in range(args.calls):
+            call()
+        _synchronize(device)
+        if device == "cuda":
+            torch.cuda.profiler.stop()
         return 0
     result = trace(args.op, args.backend, shape, args.dtype, device, args.calls, args.warmup, args.out, args.rows)
     print(result["text"])

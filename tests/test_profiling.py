@@ -77,6 +77,19 @@ def test_occupancy_needs_threads():
     assert static.occupancy(32, 0, None)["warps_per_sm"] is None
 
 
+def test_findings_flag_spills_misfits_and_mma_sync():
+    base = dict(config="c", status="ok", spill_store_bytes=0, spill_load_bytes=0, local_ops=0, registers=64,
+                limiter="warps", shared_bytes=0, tensor_ops="none")
+    rows = [dict(base, kernel="clean"), dict(base, kernel="spilly", spill_store_bytes=8, spill_load_bytes=8, local_ops=4),
+            dict(base, kernel="huge", limiter="does not fit (shared memory)", shared_bytes=240000),
+            dict(base, kernel="old_mma", tensor_ops="HMMA:16"), dict(base, kernel="wgmma", tensor_ops="HGMMA:8 HMMA:2"),
+            dict(base, kernel="broken", status="error: ptxas failed")]
+    notes = "\n".join(static.findings(rows))
+    assert "clean" not in notes and "wgmma`" not in notes
+    assert "`spilly` (c): spills 8 B stored / 8 B loaded, 4 local-memory" in notes
+    assert "`huge`" in notes and "`old_mma` (c): matrix products on mma.sync" in notes and "ptxas failed" in notes
+
+
 def test_cuda_aot_lines():
     configs = static.cuda_configs("// aot: decode threads=128 dynamic_smem=4096 -DK=128 -DV=128\n__global__ ...")
     assert configs == [dict(label="decode", threads=128, dynamic_smem=4096, flags=["-DK=128", "-DV=128"])]
@@ -252,11 +265,11 @@ def test_parse_shape_values():
 def test_ncu_command_filters_kernels_and_keeps_clocks():
     from profiling.trace import ncu_command
 
-    cmd = ncu_command(["void moe_place<int>(int const*, long long)", "chunk_output"], 6, 3, Path("/tmp/r"),
+    cmd = ncu_command(["void moe_place<int>(int const*, long long)", "chunk_output"], 3, Path("/tmp/r"),
                       ["python", "-m", "profiling.trace", "--plain"])
-    assert "--clock-control none" in cmd
+    assert "--clock-control none" in cmd and "--profile-from-start off" in cmd
     assert "'regex:^(chunk_output|moe_place)$'" in cmd
-    assert "--launch-skip 6 --launch-count 3" in cmd and cmd.endswith("--plain")
+    assert "--launch-count 3" in cmd and cmd.endswith("--plain")
 
 
 def test_top_rows_on_gpu_lists_kernels_only():
