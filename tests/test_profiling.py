@@ -454,3 +454,17 @@ def test_gpu_check_budget(tmp_path):
     starved = gpu_check.execute(gpu_check.plan(tmp_path, ["moe"], False), tmp_path, 3, run_to_the_limit)
     assert all(step.rc is None for step in starved)
     assert gpu_check.verdict(starved, gpu_check.parity_by_dtype(tmp_path / "none.xml"), []) == gpu_check.EXIT_STEP
+
+
+def test_gpu_check_commands_match_the_sweep_cli(tmp_path):
+    """Every sweep command of the plan parses with bench.sweep's own argument parser (so a change of its CLI
+    fails here, not on the GPU machine), for every op the sweep knows."""
+    from bench import gpu_check, sweep
+
+    steps = gpu_check.plan(tmp_path, [op for op, _ in gpu_check.SWEEPS], skip_tests=False)
+    assert {op for op, _ in gpu_check.SWEEPS} == set(sweep.OPS) - {"model"}
+    for step in steps:
+        if step.name.startswith("sweep"):
+            args = sweep.parse(step.cmd[3:])
+            assert args.device == "cuda" and args.out == tmp_path and args.no_report
+    assert steps[0].cmd[1:4] == ["-m", "pytest", "-m"] and "gpu" in steps[0].cmd
