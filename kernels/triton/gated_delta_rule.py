@@ -22,18 +22,18 @@ from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
 from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, aot_specs, chunk_cumsum, chunk_output,
                                    chunk_state, num_chunks, prepare_chunk_layout)
 
-L2NORM_EPS = 1e-6
+L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
 SUB = 16  # the diagonal blocks of the forward substitution
 
 
 @triton.jit(do_not_specialize=["rows"])
-def inverse_norm_kernel(x, r, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr):
-    """r = 1 / sqrt(sum(x^2) + EPS) over the last dim, for x [rows, D]; r float32 [rows]. Grid (cdiv(rows, BR),)."""
+def inverse_norm_kernel(x, r, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """r = 1 / sqrt(sum(x^2) + L2NORM_EPS) over the last dim, for x [rows, D]; r float32 [rows]. Grid (cdiv(rows, BR),)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     mask = (o_r < rows)[:, None] & (o_d < D)[None, :]
     b_x = tl.load(x + o_r[:, None] * D + o_d[None, :], mask=mask, other=0.).to(tl.float32)
-    tl.store(r + o_r, 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS), mask=o_r < rows)
+    tl.store(r + o_r, 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) + L2NORM_EPS), mask=o_r < rows)
 
 
 def inverse_norms(x):
@@ -43,7 +43,7 @@ def inverse_norms(x):
     rows = r.numel()
     BD = triton.next_power_of_2(D)
     BR = max(1, 4096 // BD)
-    inverse_norm_kernel[(triton.cdiv(rows, BR),)](x, r, rows, D=D, BD=BD, BR=BR, EPS=L2NORM_EPS, num_warps=4)
+    inverse_norm_kernel[(triton.cdiv(rows, BR),)](x, r, rows, D=D, BD=BD, BR=BR, num_warps=4)
     return r
 
 
@@ -298,8 +298,8 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, H: tl.co
         b_g = tl.load(g + row * H + i_h).to(tl.float32)
         b_beta = tl.load(beta + row * H + i_h).to(tl.float32)
         if USE_QK_L2NORM:
-            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
-            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2NORM_EPS)
         b_h *= tl.exp(b_g)
         b_u = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
         b_h += b_k[:, None] * b_u[None, :]
@@ -363,9 +363,8 @@ def _aot_specs(Hk, Hv, K, V, dtype):
     flags = dict(IS_VARLEN="constexpr", PRECISION="constexpr")
     return [
         AotSpec(f"gated_delta_rule.inverse_norm[K={K},{dt}]", f"{module}:inverse_norm_kernel",
-                dict(x=f"*{dt}", r="*fp32", rows="i32", D="constexpr", BD="constexpr", BR="constexpr",
-                     EPS="constexpr"),
-                dict(D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K), EPS=L2NORM_EPS)),
+                dict(x=f"*{dt}", r="*fp32", rows="i32", D="constexpr", BD="constexpr", BR="constexpr"),
+                dict(D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K))),
         AotSpec(f"gated_delta_rule.chunk_kkt_solve[{label},BK=64]", f"{module}:chunk_kkt_solve_kernel",
                 dict(k=f"*{dt}", g="*fp32", beta="*fp32", k_scale="*fp32", A=f"*{dt}", **chunked, BC="constexpr",
                      BK="constexpr", USE_K_SCALE="constexpr", **flags),
