@@ -28,7 +28,7 @@ def load(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     if "error" not in frame:
         frame["error"] = ""
-    frame["error"] = frame["error"].fillna("").astype(str)
+    frame["error"] = frame["error"].astype("string").fillna("").astype(str)
     return frame
 
 
