@@ -181,27 +181,44 @@ AOT_SPECS = [SimpleNamespace(name="double[fp32]", kernel="profiling_sample_numba
 needs_nvcc = pytest.mark.skipif(static.find_tool("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 
 
+def _sample_module(tmp_path, monkeypatch, name, text):
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
+    return static.Job("triton" if "triton" in name else "numba", f"{name}.py", dict(module=name))
+
+
+def test_static_table_of_a_sample_triton_module(tmp_path, monkeypatch):
+    """Our own small Triton kernels through the whole pipeline: AOT compile for sm_90 in a worker process (no
+    GPU, no CUDA toolkit: Triton bundles ptxas and cuobjdump), ptxas report, SASS, occupancy, the CSV and
+    Markdown files, and the cache."""
+    jobs = [_sample_module(tmp_path, monkeypatch, "profiling_sample_triton", _TRITON_SAMPLE)]
+    rows = static.build_table(jobs, {}, workers=1)
+    assert [row["status"] for row in rows] == ["ok", "ok"], rows
+    matmul, scale = rows
+    assert matmul["kernel"] == "tile_matmul[64x64x32,bf16]" and matmul["toolchain"] == "triton"
+    assert matmul["threads"] == 128 and matmul["registers"] > 0 and matmul["shared_bytes"] > 0
+    assert matmul["tensor_ops"].startswith("HGMMA"), matmul  # Triton uses wgmma on sm_90
+    assert scale["tensor_ops"] == "none" and scale["occupancy"] > 0 and scale["spill_store_bytes"] == 0
+
+    csv_path, md_path = static.write_table(rows, tmp_path / "out")
+    assert "tile_matmul[64x64x32,bf16]" in md_path.read_text()
+    cache = static.load_cache(csv_path)
+    assert cache[matmul["source_hash"]][0]["registers"] == matmul["registers"]
+    # A second run takes every compiled row from the cache: same rows, no compile.
+    assert static.build_table(jobs, cache, workers=1) == [cache[r["source_hash"]][0] for r in rows]
+
+
 @needs_nvcc
-def test_static_table_of_sample_kernels(tmp_path, monkeypatch):
-    """Our own small kernels, one per toolchain, through the whole pipeline: compile for sm_90 in worker
-    processes, ptxas report, SASS, occupancy, the CSV and Markdown files, and the cache."""
-    (tmp_path / "profiling_sample_triton.py").write_text(_TRITON_SAMPLE)
-    (tmp_path / "profiling_sample_numba.py").write_text(_NUMBA_SAMPLE)
+def test_static_table_of_sample_cuda_and_numba_kernels(tmp_path, monkeypatch):
+    """A .cu file with two `// aot:` configurations (nvcc -cubin -Xptxas -v) and a numba.cuda module with one
+    kernel named by AOT_SPECS and one not (numba.cuda.compile_ptx for sm_90, then ptxas)."""
     cu = tmp_path / "sample.cu"
     cu.write_text(_CUDA_SAMPLE)
-    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
-    jobs = [static.Job("triton", "profiling_sample_triton.py", dict(module="profiling_sample_triton")),
-            static.Job("numba", "profiling_sample_numba.py", dict(module="profiling_sample_numba")),
+    jobs = [_sample_module(tmp_path, monkeypatch, "profiling_sample_numba", _NUMBA_SAMPLE),
             *(static.Job("cuda", str(cu), config) for config in static.cuda_configs(_CUDA_SAMPLE))]
     rows = static.build_table(jobs, {}, workers=2)
     by_name = {(row["kernel"], row["config"]): row for row in rows}
     assert all(row["status"] == "ok" for row in rows if row["kernel"] != "profiling_sample_numba.without_spec"), rows
-
-    matmul = next(row for row in rows if row["kernel"] == "tile_matmul[64x64x32,bf16]")
-    assert matmul["threads"] == 128 and matmul["registers"] > 0 and matmul["shared_bytes"] > 0
-    assert matmul["tensor_ops"].startswith("HGMMA"), matmul  # Triton uses wgmma on sm_90
-    scale = next(row for row in rows if row["kernel"] == "scale[1024,fp32]")
-    assert scale["tensor_ops"] == "none" and scale["occupancy"] > 0
 
     assert by_name[("wmma_tile", "small -DTILE=16")]["tensor_ops"] == "HMMA:2"
     assert by_name[("wmma_tile", "small -DTILE=16")]["threads"] == 128  # from the aot line
@@ -210,17 +227,9 @@ def test_static_table_of_sample_kernels(tmp_path, monkeypatch):
     assert by_name[("shared_copy", "small -DTILE=16")]["shared_bytes"] == 16 * 16 * 4
     assert by_name[("shared_copy", "large -DTILE=64")]["shared_bytes"] == 64 * 64 * 4
 
-    numba_row = next(row for row in rows if row["kernel"] == "double[fp32]")
-    assert numba_row["registers"] > 0 and numba_row["threads"] == 256
-    assert next(row for row in rows if row["kernel"].endswith("without_spec"))["status"].startswith("skipped")
-
-    csv_path, md_path = static.write_table(rows, tmp_path / "out")
-    assert "tile_matmul[64x64x32,bf16]" in md_path.read_text()
-    cache = static.load_cache(csv_path)
-    assert cache[matmul["source_hash"]][0]["registers"] == matmul["registers"]
-    # A second run takes every compiled row from the cache.
-    again = static.build_table(jobs[:1], cache, workers=1)
-    assert [row["source_hash"] for row in again] == [matmul["source_hash"], scale["source_hash"]]
+    numba_row = by_name[("double[fp32]", "void(float32[:], float32[:])")]
+    assert numba_row["registers"] > 0 and numba_row["threads"] == 256 and numba_row["occupancy"] > 0
+    assert by_name[("profiling_sample_numba.without_spec", "-")]["status"].startswith("skipped")
 
 
 def _registered_triton_specs():
@@ -234,20 +243,31 @@ def _registered_triton_specs():
     return expected
 
 
-@needs_nvcc
-def test_static_table_covers_every_gpu_kernel(tmp_path):
-    """Every AotSpec of every Triton module and every .cu file of the lab compiles for sm_90 and has a row.
-    Rows of the committed table are reused when their source hash still matches."""
+def _table_of(toolchain, tmp_path):
+    """The rows of one toolchain's kernels, reusing rows of the committed table whose source hash still matches."""
     committed = static.DEFAULT_OUT / "kernels.csv"
-    rows = static.build_table(static.discover(), static.load_cache(committed), workers=2)
+    jobs = [job for job in static.discover() if job.toolchain == toolchain]
+    rows = static.build_table(jobs, static.load_cache(committed), workers=2)
     static.write_table(rows, tmp_path)
     failed = [f"{row['kernel']} ({row['source']}): {row['status']}" for row in rows if row["status"].startswith("error")]
     assert not failed, "\n".join(failed)
-    have = {(row["source"], row["kernel"]) for row in rows if row["toolchain"] == "triton"}
+    return rows
+
+
+def test_static_table_covers_every_triton_kernel(tmp_path):
+    """Every AotSpec of every kernels/triton module compiles for sm_90 and has its row."""
+    rows = _table_of("triton", tmp_path)
+    have = {(row["source"], row["kernel"]) for row in rows if row["status"] == "ok"}
     missing = [spec for spec in _registered_triton_specs() if spec not in have]
     assert not missing, f"Triton kernels missing from the table: {missing}"
+
+
+@needs_nvcc
+def test_static_table_covers_every_cu_file(tmp_path):
+    """Every kernels/cuda/*.cu compiles with nvcc for sm_90 and contributes at least one kernel row."""
+    rows = _table_of("cuda", tmp_path)
     cu_files = sorted(str(p.relative_to(static.ROOT)) for p in (static.ROOT / "kernels" / "cuda").glob("*.cu"))
-    compiled = {row["source"] for row in rows if row["toolchain"] == "cuda" and row["status"] == "ok"}
+    compiled = {row["source"] for row in rows if row["status"] == "ok" and row["registers"] is not None}
     assert [f for f in cu_files if f not in compiled] == []
 
 
