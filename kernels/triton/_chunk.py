@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
 from kernels.triton import AotSpec
+from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
 
 CHUNK = 64
 # fp32 elements of a [BK, BV] state tile kept in registers by one program (64 registers per thread at 4 warps).
@@ -107,7 +107,8 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
     [BK = K padded, BV] in float32 registers and walks its sequence chunk by chunk.
 
     k [B, T, HK, K]; v [B, T, H, V] (u of the WY form when USE_W); w [B, T, H, K]; g [B, T, H] float32
-    within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, H, K, V] (state at each chunk start, in k's dtype), v_new
+    within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, H, K, V]
+    (state at each chunk start, in k's dtype), v_new
     [B, T, H, V] = v - w S (when USE_W), ht [N, H, K, V] float32. h0 [N, H, K, V] float32.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -177,7 +178,8 @@ def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_of
     _chunk_state_tuned[grid](
         k=k, v=v, w=w, g=g, k_scale=k_scale, h=h, v_new=v_new, h0=initial_state, ht=final, cu_seqlens=cu_seqlens,
         chunk_offsets=chunk_offsets, T=T, H=H, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
-        USE_W=w is not None, USE_G=g is not None, USE_K_SCALE=k_scale is not None, USE_INITIAL_STATE=initial_state is not None,
+        USE_W=w is not None, USE_G=g is not None, USE_K_SCALE=k_scale is not None,
+        USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(k.dtype))
     return h, v_new, final
 
@@ -246,8 +248,9 @@ def chunk_output(q, k, v, h, g, scale, cu_seqlens, chunk_indices, q_scale=None, 
     o = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), num_chunks(B, T, cu_seqlens), B * H)  # noqa: E731
     _chunk_output_tuned[grid](
-        q=q, k=k, v=v, h=h, g=g, q_scale=q_scale, k_scale=k_scale, o=o, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, T=T,
-        H=H, HK=HK, K=K, V=V, BT=CHUNK, USE_G=g is not None, USE_QK_SCALE=q_scale is not None, IS_VARLEN=cu_seqlens is not None,
+        q=q, k=k, v=v, h=h, g=g, q_scale=q_scale, k_scale=k_scale, o=o, cu_seqlens=cu_seqlens,
+        chunk_indices=chunk_indices, scale=scale, T=T, H=H, HK=HK, K=K, V=V, BT=CHUNK, USE_G=g is not None,
+        USE_QK_SCALE=q_scale is not None, IS_VARLEN=cu_seqlens is not None,
         PRECISION=dot_precision(q.dtype))
     return o
 
@@ -266,17 +269,21 @@ def aot_specs(prefix, H, HK, K, V, dtype, use_w, use_g, use_qk_scale):
                      BH="constexpr", BT="constexpr", IS_VARLEN="constexpr"),
                 dict(H=H, BH=triton.next_power_of_2(H), BT=CHUNK, IS_VARLEN=False), num_warps=4),
         AotSpec(f"{prefix}chunk_state[{label},BV=16]", f"{module}:chunk_state_kernel",
-                dict(k=f"*{dt}", v=f"*{dt}", w=f"*{dt}", g="*fp32", k_scale="*fp32", h=f"*{dt}", v_new=f"*{dt}", h0="*fp32",
+                dict(k=f"*{dt}", v=f"*{dt}", w=f"*{dt}", g="*fp32", k_scale="*fp32", h=f"*{dt}", v_new=f"*{dt}",
+                     h0="*fp32",
                      ht="*fp32", cu_seqlens="*i32", chunk_offsets="*i32", T="i32", H="constexpr",
                      HK="constexpr", K="constexpr", V="constexpr", BT="constexpr", BK="constexpr", BV="constexpr",
                      USE_W="constexpr", USE_G="constexpr", USE_K_SCALE="constexpr", USE_INITIAL_STATE="constexpr",
                      STORE_FINAL_STATE="constexpr", IS_VARLEN="constexpr", PRECISION="constexpr"),
-                {**common, "BK": triton.next_power_of_2(K), "BV": 16, "USE_W": use_w, "USE_G": use_g, "USE_K_SCALE": use_qk_scale,
+                {**common, "BK": triton.next_power_of_2(K), "BV": 16, "USE_W": use_w, "USE_G": use_g,
+                 "USE_K_SCALE": use_qk_scale,
                  "USE_INITIAL_STATE": True, "STORE_FINAL_STATE": True}, num_warps=4, num_stages=2),
         AotSpec(f"{prefix}chunk_output[{label},BK=32,BV=64,w8]", f"{module}:chunk_output_kernel",
-                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", h=f"*{dt}", g="*fp32", q_scale="*fp32", k_scale="*fp32", o=f"*{dt}", cu_seqlens="*i32",
+                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", h=f"*{dt}", g="*fp32", q_scale="*fp32", k_scale="*fp32",
+                     o=f"*{dt}", cu_seqlens="*i32",
                      chunk_indices="*i32", scale="fp32", T="i32", H="constexpr", HK="constexpr", K="constexpr",
                      V="constexpr", BT="constexpr", BK="constexpr", BV="constexpr", USE_G="constexpr",
                      USE_QK_SCALE="constexpr", IS_VARLEN="constexpr", PRECISION="constexpr"),
-                {**common, "BK": 32, "BV": 64, "USE_G": use_g, "USE_QK_SCALE": use_qk_scale}, num_warps=8, num_stages=2),
+                {**common, "BK": 32, "BV": 64, "USE_G": use_g, "USE_QK_SCALE": use_qk_scale}, num_warps=8,
+                num_stages=2),
     ]

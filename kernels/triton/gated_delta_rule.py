@@ -10,7 +10,8 @@ Chunked, chunk BT = 64, G = within-chunk cumsum of g, S the state at the chunk s
     o = scale (exp(G) Q S + (causal(Q K^T) * exp(G_i - G_j)) v_new)                (_chunk.chunk_output_kernel)
 The inverse is computed as fla does: forward substitution on the four 16 x 16 diagonal blocks, then the
 block merge. With use_qk_l2norm the chunked kernels read q and k as given and apply their inverse row norms
-(float32, inverse_norm_kernel) to the products, instead of rounding normalised copies to the input dtype. Recurrent: one program per (sequence, value head, V tile) holds its state slice in registers
+(float32, inverse_norm_kernel) to the products, instead of rounding normalised copies to the input dtype.
+Recurrent: one program per (sequence, value head, V tile) holds its state slice in registers
 and walks its tokens (recurrent_kernel).
 """
 import torch
@@ -28,7 +29,8 @@ SUB = 16  # the diagonal blocks of the forward substitution
 
 @triton.jit(do_not_specialize=["rows"])
 def inverse_norm_kernel(x, r, rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    """r = 1 / sqrt(sum(x^2) + L2NORM_EPS) over the last dim, for x [rows, D]; r float32 [rows]. Grid (cdiv(rows, BR),)."""
+    """r = 1 / sqrt(sum(x^2) + L2NORM_EPS) over the last dim, for x [rows, D]; r float32 [rows].
+    Grid (cdiv(rows, BR),)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     mask = (o_r < rows)[:, None] & (o_d < D)[None, :]

@@ -11,7 +11,8 @@ from kernels.triton._chunk import aot_specs, chunk_cumsum, chunk_output, chunk_s
 def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_layout=None):
     """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or float32 [N, H, K, V];
     cu_seqlens None or int [N + 1] (B = 1). chunk_layout: optional precomputed
-    `_chunk.prepare_chunk_layout(cu_seqlens, T)`, to share between calls. Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
+    `_chunk.prepare_chunk_layout(cu_seqlens, T)`, to share between calls.
+    Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     chunk_indices = chunk_offsets = None
