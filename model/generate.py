@@ -60,7 +60,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a busy machine 1 avoids oversubscription)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import model
 
@@ -72,11 +76,19 @@ def main(argv=None):
     print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}")
     m.generate(prompt[:, :8], 2)  # warm-up
     start = time.perf_counter()
+    m.generate(prompt, 1)  # the prefill (and one token from its logits)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
     out = m.generate(prompt, args.new_tokens)
-    seconds = time.perf_counter() - start
+    total_s = time.perf_counter() - start
     print("new tokens:", out[:, args.prompt_len:].tolist())
-    print(f"{args.batch * args.new_tokens / seconds:.1f} tokens/s (prefill {args.prompt_len} tokens included, "
-          f"{seconds:.3f} s)")
+    print(f"prefill: {args.batch * args.prompt_len / prefill_s:.1f} tokens/s ({prefill_s * 1e3:.1f} ms for "
+          f"{args.batch} x {args.prompt_len} tokens)")
+    if args.new_tokens > 1:
+        decode_s = max(total_s - prefill_s, 1e-9)
+        print(f"decode:  {args.batch * (args.new_tokens - 1) / decode_s:.1f} tokens/s "
+              f"({decode_s * 1e3 / (args.new_tokens - 1):.2f} ms per step, batch {args.batch})")
+    print(f"overall: {args.batch * args.new_tokens / total_s:.1f} new tokens/s ({total_s:.3f} s)")
 
 
 if __name__ == "__main__":
