@@ -9,7 +9,10 @@ one H100/H200 SM, and the tensor-core instructions found in the machine code.
 Where the kernels come from:
 - Triton: every module `kernels/triton/<name>.py` (names not starting with "_") lists `AOT_SPECS`, a list of
   `kernels.triton.AotSpec`. Each is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
-  32))`; the ptxas report is the one Triton's own ptxas run prints (TRITON_DUMP_PTXAS_LOG).
+  32))`; the ptxas report is the one Triton's own ptxas run prints (TRITON_DUMP_PTXAS_LOG). As at launch,
+  pointers are specialised as 16-byte aligned; integers only where the spec says they are multiples of 16
+  ("i32:16" in the signature, Triton's AOT notation, or a `divisible_by_16` attribute): without that the code
+  can differ a lot from what runs (no vector loads, other pipelining, spills).
 - CUDA C: every `kernels/cuda/*.cu` through `nvcc -arch=sm_90 -cubin -Xptxas -v -I kernels/cuda`. A .cu file may
   declare configurations in comment lines, one per line:
       // aot: <label> [threads=N] [dynamic_smem=BYTES] [nvcc flags such as -DBLOCK_K=64 or -gencode=...]
@@ -382,10 +385,33 @@ def compile_triton_module(job: Job, cache: dict[str, list[dict]]) -> list[dict]:
     return [_compile_triton_spec(spec, job.source, cache, versions) for spec in specs]
 
 
+# Bump when the way specs are compiled changes, so cached rows of the old way are recompiled.
+TRITON_POLICY = "pointers-16-aligned,int-hints"
+
+
+def triton_signature(spec) -> tuple[dict, list[str]]:
+    """The spec's signature as triton.compile takes it, and the arguments to specialise as divisible by 16.
+
+    At launch Triton specialises every pointer that is 16-byte aligned (every torch allocation is) and every
+    integer that is a multiple of 16; ahead of time it cannot see the values, so: pointers are taken as aligned,
+    and integers are marked by the spec, either with Triton's own AOT notation "i32:16" in the signature or by
+    naming them in an optional `divisible_by_16` attribute of the spec."""
+    signature, divisible = {}, []
+    for name, kind in spec.signature.items():
+        kind, _, hint = str(kind).partition(":")
+        signature[name] = kind
+        if kind.startswith("*") or hint == "16" or name in getattr(spec, "divisible_by_16", ()):
+            divisible.append(name)
+    return signature, divisible
+
+
 def _triton_config(spec) -> str:
+    signature, divisible = triton_signature(spec)
     constexprs = ",".join(f"{k}={v}" for k, v in spec.constexprs.items())
-    types = sorted({t for t in spec.signature.values() if t.startswith("*")})
-    return f"warps={spec.num_warps} stages={spec.num_stages} {' '.join(types)} {constexprs}".strip()
+    types = sorted({t for t in signature.values() if t.startswith("*")})
+    integers = [name for name in divisible if not signature[name].startswith("*")]
+    hints = f" div16={','.join(integers)}" if integers else ""
+    return f"warps={spec.num_warps} stages={spec.num_stages} {' '.join(types)} {constexprs}{hints}".strip()
 
 
 def _compile_triton_spec(spec, source: str, cache: dict[str, list[dict]], versions) -> dict:
@@ -397,7 +423,9 @@ def _compile_triton_spec(spec, source: str, cache: dict[str, list[dict]], versio
     config = _triton_config(spec)
     try:
         fn = _jit_function(_resolve(spec.kernel))
-        key = _hash(fn.cache_key, repr(spec), *versions)
+        signature, divisible = triton_signature(spec)
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+        key = _hash(fn.cache_key, repr(spec), TRITON_POLICY, *versions)
     except Exception as error:
         return _error_row(spec.name, "triton", source, config, error)
     if key in cache:
@@ -409,7 +437,7 @@ def _compile_triton_spec(spec, source: str, cache: dict[str, list[dict]], versio
         knobs.nvidia.dump_ptxas_log = True
         try:
             with contextlib.redirect_stdout(log):
-                compiled = triton.compile(ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs),
+                compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=spec.constexprs, attrs=attrs),
                                           target=GPUTarget("cuda", 90, 32),
                                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         except Exception as error:
@@ -578,25 +606,28 @@ def _cell(value) -> str:
 
 
 def findings(rows: list[dict]) -> list[str]:
-    """Markdown bullets for what a kernel engineer should look at first: failures, spills and local memory,
-    kernels that do not fit on an SM, and matrix kernels that missed Hopper's wgmma (HMMA only)."""
+    """Markdown bullets, one per kernel, for what a kernel engineer should look at first: failures, spills and
+    local memory, kernels that do not fit on an SM, and matrix kernels that missed Hopper's wgmma (HMMA only)."""
     notes = []
     for row in rows:
-        name = f"`{row['kernel']}` ({row['config']})"
+        name = f"`{row['kernel']}`" + (f" ({row['config']})" if row.get("toolchain") == "cuda"
+                                       and row["config"] != "default" else "")
         if row["status"].startswith("error"):
             notes.append(f"- {name}: {row['status']}")
             continue
         if row["status"] != "ok":
             continue
-        spilled = (row["spill_store_bytes"] or 0) + (row["spill_load_bytes"] or 0)
-        if spilled or row["local_ops"]:
-            notes.append(f"- {name}: spills {row['spill_store_bytes']} B stored / {row['spill_load_bytes']} B "
-                         f"loaded, {row['local_ops']} local-memory instructions at {row['registers']} registers")
+        found = []
+        if (row["spill_store_bytes"] or 0) + (row["spill_load_bytes"] or 0) or row["local_ops"]:
+            found.append(f"spills {row['spill_store_bytes']} B stored / {row['spill_load_bytes']} B loaded, "
+                         f"{row['local_ops']} local-memory instructions at {row['registers']} registers")
         if row["limiter"] and str(row["limiter"]).startswith("does not fit"):
-            notes.append(f"- {name}: {row['limiter']} with {row['shared_bytes']} B of shared memory")
+            found.append(f"{row['limiter']} with {row['shared_bytes']} B of shared memory")
         ops = str(row["tensor_ops"] or "")
         if "HMMA" in ops and "HGMMA" not in ops:
-            notes.append(f"- {name}: matrix products on mma.sync (HMMA), not Hopper's wgmma (HGMMA)")
+            found.append("matrix products on mma.sync (HMMA), not Hopper's wgmma (HGMMA)")
+        if found:
+            notes.append(f"- {name}: {'; '.join(found)}")
     return notes
 
 
@@ -620,11 +651,16 @@ def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
              "otherwise not visible).",
              "- local_ops: LDL + STL instructions in the SASS (local memory: spills or arrays indexed at run time).",
              "- tensor_ops: HGMMA (Hopper wgmma), HMMA (mma.sync / WMMA) and other matrix instructions with counts; "
-             "none means the kernel does its products on the CUDA cores.", "",
-             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+             "none means the kernel does its products on the CUDA cores.",
+             "- threads: from the Triton config (num_warps x 32), `__launch_bounds__`, or the `threads=` of an "
+             "`// aot:` line; empty (and no occupancy) when none says.",
+             "- Triton configs: pointers are compiled as 16-byte aligned (as Triton specialises them at launch); "
+             "`div16=` lists the integer arguments the spec declares multiples of 16 (\"i32:16\"). Integers not "
+             "declared are compiled as arbitrary values, which can cost vector loads and pipelining.", "",
+             "## Worth a look", "", *(findings(rows) or ["Nothing: no spills, no local memory, everything fits."]),
+             "", "## All kernels", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in shown) + " |")
-    lines += ["", "## Worth a look", "", *(findings(rows) or ["Nothing: no spills, no local memory, everything fits."])]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 

@@ -86,8 +86,23 @@ def test_findings_flag_spills_misfits_and_mma_sync():
             dict(base, kernel="broken", status="error: ptxas failed")]
     notes = "\n".join(static.findings(rows))
     assert "clean" not in notes and "wgmma`" not in notes
-    assert "`spilly` (c): spills 8 B stored / 8 B loaded, 4 local-memory" in notes
-    assert "`huge`" in notes and "`old_mma` (c): matrix products on mma.sync" in notes and "ptxas failed" in notes
+    assert "`spilly`: spills 8 B stored / 8 B loaded, 4 local-memory" in notes
+    assert "`huge`" in notes and "`old_mma`: matrix products on mma.sync" in notes and "ptxas failed" in notes
+    both = static.findings([dict(base, kernel="k", toolchain="cuda", config="big -DT=64", spill_store_bytes=4,
+                                 tensor_ops="HMMA:1")])
+    assert both == ["- `k` (big -DT=64): spills 4 B stored / 0 B loaded, 0 local-memory instructions at 64 "
+                    "registers; matrix products on mma.sync (HMMA), not Hopper's wgmma (HGMMA)"]
+
+
+def test_triton_signature_hints():
+    """Pointers are aligned as at launch; integers only when the spec says so ("i32:16" or divisible_by_16)."""
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(signature={"x": "*bf16", "n": "i32:16", "t": "i32", "s": "i64", "B": "constexpr"},
+                           divisible_by_16=("s",))
+    signature, divisible = static.triton_signature(spec)
+    assert signature == {"x": "*bf16", "n": "i32", "t": "i32", "s": "i64", "B": "constexpr"}
+    assert divisible == ["x", "n", "s"]
 
 
 def test_cuda_aot_lines():
@@ -121,7 +136,7 @@ def scale(x, y, n, alpha, BLOCK: tl.constexpr):
 
 AOT_SPECS = [
     AotSpec("tile_matmul[64x64x32,bf16]", "profiling_sample_triton:tile_matmul",
-            {"a": "*bf16", "b": "*bf16", "c": "*bf16", "K": "i32", "BM": "constexpr", "BN": "constexpr",
+            {"a": "*bf16", "b": "*bf16", "c": "*bf16", "K": "i32:16", "BM": "constexpr", "BN": "constexpr",
              "BK": "constexpr"}, dict(BM=64, BN=64, BK=32), num_warps=4, num_stages=2),
     AotSpec("scale[1024,fp32]", "profiling_sample_triton:scale",
             {"x": "*fp32", "y": "*fp32", "n": "i32", "alpha": "fp32", "BLOCK": "constexpr"}, dict(BLOCK=1024),
@@ -196,6 +211,7 @@ def test_static_table_of_a_sample_triton_module(tmp_path, monkeypatch):
     assert [row["status"] for row in rows] == ["ok", "ok"], rows
     matmul, scale = rows
     assert matmul["kernel"] == "tile_matmul[64x64x32,bf16]" and matmul["toolchain"] == "triton"
+    assert matmul["config"].endswith("div16=K")
     assert matmul["threads"] == 128 and matmul["registers"] > 0 and matmul["shared_bytes"] > 0
     assert matmul["tensor_ops"].startswith("HGMMA"), matmul  # Triton uses wgmma on sm_90
     assert scale["tensor_ops"] == "none" and scale["occupancy"] > 0 and scale["spill_store_bytes"] == 0
