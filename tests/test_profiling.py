@@ -504,3 +504,17 @@ def test_gpu_check_commands_match_the_sweep_cli(tmp_path):
             args = sweep.parse(step.cmd[3:])
             assert args.device == "cuda" and args.out == tmp_path and args.no_report
     assert steps[0].cmd[1:4] == ["-m", "pytest", "-m"] and "gpu" in steps[0].cmd
+
+
+def test_gpu_check_run_step_logs_and_kills_at_timeout(tmp_path):
+    import sys
+
+    from bench.gpu_check import Step, run_step
+
+    done = run_step(Step("echo", [sys.executable, "-c", "print('hello from the step')"]), 60, tmp_path / "a.log")
+    assert (done.rc, done.timed_out, done.outcome) == (0, False, "ok")
+    assert "hello from the step" in (tmp_path / "a.log").read_text()
+    slow = run_step(Step("slow", [sys.executable, "-c", "import time; print('start', flush=True); time.sleep(60)"]),
+                    2, tmp_path / "b.log")
+    assert slow.timed_out and slow.seconds < 30 and slow.outcome.startswith("timed out")
+    assert "start" in (tmp_path / "b.log").read_text()
