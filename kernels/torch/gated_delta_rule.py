@@ -20,8 +20,8 @@ from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dty
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V];
-    g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V].
+    """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V] (overwritten: it holds
+    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V].
     Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
@@ -38,14 +38,16 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     # and w = (A^-1 diag(beta gamma)) k takes the G value heads of a key head as one [G C, C] @ [C, K] matmul.
     eye = torch.eye(C, dtype=k.dtype, device=k.device).expand_as(lower)
     inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-    # (the solve returns column-major matrices: write the scaled copy row-major, so G rows of blocks stack)
-    scaled = torch.mul(inverse, (beta * gamma)[..., None, :], out=torch.empty_like(lower))
+    # (the solve returns column-major matrices: write the scaled copy row-major, so G rows of blocks stack;
+    # buffers whose contents are spent are reused: fresh ones cost page faults on CPU)
+    scaled = torch.mul(inverse, (beta * gamma)[..., None, :], out=lower)
     w = torch.matmul(scaled.view(NC, N, Hk, G * C, C), k).view(NC, M, C, K)
     u = torch.matmul(inverse.mul_(beta[..., None, :]), v).view(NC, M, C, V)
     keys = (k.unsqueeze(3) * (gcum[..., -1:] - gcum).exp_()[..., None]).view(NC, M, C, K)
     states = state_buffer(initial_state, NC, N, Hk * G, K, V, v.dtype, v.device)
     state_pass(keys, u, gamma[..., -1].reshape(NC, M), states, w=w)  # u becomes v_new
-    o = torch.matmul((q.unsqueeze(3) * gamma[..., None]).view(NC, M, C, K), states[:NC])
+    q_decayed = torch.mul(q.unsqueeze(3), gamma[..., None], out=w.view(NC, N, Hk, G, C, K)).view(NC, M, C, K)
+    o = torch.matmul(q_decayed, states[:NC], out=v.view(NC, M, C, V))
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), u.view(NC * M, C, V))
     return o.view(NC, N, Hk, G, C, V), states[NC]
 
