@@ -77,8 +77,6 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
         o, state = wy_chunked(qc, kc, vc, gc, bc, initial_state)
         state = state.view(N, Hv, K, V).clone() if output_final_state else None
     else:
-        state = state_buffer(initial_state, 0, N, Hv, K, V, dtype, q.device)[0]
-        by_key_head = state.view(N, Hk, G, K, V).transpose(2, 3).contiguous()  # [N, Hk, K, G, V]
-        o = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], by_key_head)
-        state = by_key_head.transpose(2, 3).reshape(N, Hv, K, V) if output_final_state else None
+        o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state)
+        state = state.reshape(N, Hv, K, V) if output_final_state else None
     return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state

@@ -102,15 +102,21 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
         torch.mul(states[j], decay[j], out=states[j + 1]).baddbmm_(keys[j].transpose(1, 2), values[j])
 
 
-def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                   beta: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
+                   initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token, time-major. q (already scaled), k [T, N, Hk, K]; v [T, N, Hk, G, V]; g, beta [T, N, Hk, G];
-    state [N, Hk, K, G, V] (the G value heads of a key head side by side, so q and k are never repeated),
-    updated in place. beta None: linear attention, S = exp(g) S + k v^T; else the delta rule,
-    u = beta (v - k^T S'), S = S' + k u^T with S' = exp(g) S. Returns o [T, N, Hk, G, V]."""
+    initial_state None or [N, Hk * G, K, V] (never written). beta None: linear attention, S = exp(g) S + k v^T;
+    else the delta rule, u = beta (v - S'^T k), S = S' + k u^T with S' = exp(g) S.
+    The state is kept as [N, Hk, K, G, V] (the G value heads of a key head side by side), so that q and k are
+    never repeated. Returns o [T, N, Hk, G, V] and the final state [N, Hk, G, K, V] (a strided view)."""
     T, N, Hk, K = k.shape
     G, V = v.shape[-2:]
-    # Both reads of the decayed state in one matmul: o = q^T S' + (q . k) u, since S = S' + k u^T.
+    state = torch.empty(N, Hk, K, G, V, dtype=v.dtype, device=v.device)
+    if initial_state is None:
+        state.zero_()
+    else:
+        state.copy_(initial_state.view(N, Hk, G, K, V).transpose(2, 3))
+    # Both reads of the decayed state in one matmul: o = S'^T q + (q . k) u, since S = S' + k u^T.
     reads = torch.stack([k, q], dim=-2) if beta is not None else q.unsqueeze(-2)
     qk = (q * k).sum(-1)[..., None, None]
     gamma = g.exp()[:, :, :, None, :, None]
@@ -122,7 +128,7 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         u = v[t] if beta is None else (v[t] - read[:, :, 0]).mul_(beta[t][..., None])
         torch.addcmul(read[:, :, -1], qk[t], u, out=o[t])
         flat.baddbmm_(k[t].reshape(N * Hk, K, 1), u.reshape(N * Hk, 1, G * V))
-    return o
+    return o, state.transpose(2, 3)
 
 
 def l2norm_(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -181,8 +187,7 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
     if mode == "chunk":
         o, state = chunked(qc, kc, vc, gc, initial_state)
     else:
-        state = state_buffer(initial_state, 0, N, H, K, V, dtype, q.device)[0]
-        o = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0], None,
-                           state.view(N, H, 1, K, V).transpose(2, 3))
+        o, state = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0],
+                                  None, initial_state)
         o = o.view(-1, N, H, 1, V)
-    return layout.from_chunks(o, v.dtype), state.view(N, H, K, V).clone() if output_final_state else None
+    return layout.from_chunks(o, v.dtype), state.reshape(N, H, K, V).clone() if output_final_state else None
