@@ -10,8 +10,10 @@ model_cache_memory.png and model_tokens_per_s.png into out.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import math
+import multiprocessing
 import tempfile
 from pathlib import Path
 
@@ -115,7 +117,10 @@ class Transformers:
 
 
 def shape_label(cfg) -> str:
-    return (f"B1 D{cfg.hidden_size} L{cfg.num_hidden_layers} E{cfg.num_experts}k{cfg.num_experts_per_tok} "
+    """e.g. "B1 D512 L8(6 GDN + 2 ATT) E32k4 GDN(4,8)x128 ATT(4,1)x256"."""
+    linear = sum(kind == "linear_attention" for kind in cfg.layer_types)
+    return (f"B1 D{cfg.hidden_size} L{cfg.num_hidden_layers}({linear} GDN + {cfg.num_hidden_layers - linear} ATT) "
+            f"E{cfg.num_experts}k{cfg.num_experts_per_tok} "
             f"GDN({cfg.linear_num_key_heads},{cfg.linear_num_value_heads})x{cfg.linear_key_head_dim} "
             f"ATT({cfg.num_attention_heads},{cfg.num_key_value_heads})x{cfg.head_dim}")
 
@@ -138,32 +143,31 @@ def _error(exc) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
-def measure_variant(path, variant, makers, contexts, device, dtype, budget_s) -> list[dict]:
-    """Every runner on one checkpoint, context by context, the runners taking turns at each context (so a
-    change in the machine's load hits all of them alike). A runner that fails leaves an error row."""
+def measure_runner(path, variant, name, contexts, device, dtype, budget_s, threads) -> list[dict]:
+    """One runner ("transformers" or a lab backend name) on one checkpoint at every context. Runs in a
+    process of its own (see sweep), with `threads` torch threads."""
+    torch.set_num_threads(threads)
     cfg = model.ModelConfig.from_folder(path)
-    common = dict(op="model", device=device, dtype=str(dtype).removeprefix("torch."), shape=shape_label(cfg),
-                  variant=variant, params=_params(path))
-    runners, rows = {}, []
-    for name, make in makers.items():
+    base = dict(op="model", backend=name, device=device, dtype=str(dtype).removeprefix("torch."),
+                shape=shape_label(cfg), variant=variant, params=_params(path))
+    rows = []
+    with torch.inference_mode(), transformers_torch_path():
         try:
-            runners[name] = make(path)
+            runner = Transformers(path, device, dtype) if name == "transformers" else Lab(path, name, device, dtype)
         except Exception as exc:
-            rows.append(dict(common, backend=name, error=_error(exc)))
-    gen = torch.Generator().manual_seed(0)
-    for context in contexts:
-        ids = torch.randint(cfg.vocab_size, (1, context), generator=gen).to(device)
-        for name, runner in list(runners.items()):
-            base = dict(common, backend=name, backends=";".join(
-                f"{op}={b}" for op, b in getattr(runner.m, "backends", {}).items()))
+            return [dict(base, error=_error(exc))]
+        base["backends"] = ";".join(f"{op}={b}" for op, b in getattr(runner.m, "backends", {}).items())
+        gen = torch.Generator().manual_seed(0)
+        for context in contexts:
+            ids = torch.randint(cfg.vocab_size, (1, context), generator=gen).to(device)
             try:
                 rows += [dict(base, **r) for r in measure(runner, ids, device, budget_s)]
-                print(f"  {name:>12} {variant:>13} T={context:>5}: prefill {rows[-2]['tokens_per_s']:8.1f} tok/s,"
-                      f" decode {rows[-1]['tokens_per_s']:7.2f} tok/s", flush=True)
-            except Exception as exc:  # one backend failing must not lose the others' rows
+            except Exception as exc:  # a failing context must not lose the others' rows
                 rows.append(dict(base, context=context, error=_error(exc)))
                 print(f"  {name:>12} {variant:>13} T={context:>5}: {rows[-1]['error']}", flush=True)
-                del runners[name]
+                break
+            print(f"  {name:>12} {variant:>13} T={context:>5}: prefill {rows[-2]['tokens_per_s']:8.1f} tok/s,"
+                  f" decode {rows[-1]['tokens_per_s']:7.2f} tok/s", flush=True)
     return rows
 
 
@@ -246,18 +250,22 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     # the lab's backends: every CPU (or GPU) backend of the gated delta rule but the slow reference
     names = backends or [n for n in kernels.backends("gated_delta_rule", device)
                          if n != "reference" and not kernels.registry.registered("gated_delta_rule")[n].peer]
-    makers = {name: (lambda path, name=name: Lab(path, name, device, dtype)) for name in names}
-    if device == "cpu":
-        makers["transformers"] = lambda path: Transformers(path, device, dtype)
+    runners = names + (["transformers"] if device == "cpu" else [])
     rows = []
     all_attention = ["full_attention"] * BENCH_CONFIG["num_hidden_layers"]
     with tempfile.TemporaryDirectory(prefix="bench-model-") as folder:
         paths = {"hybrid": write_random_checkpoint(Path(folder) / "hybrid", **BENCH_CONFIG),
                  "all_attention": write_random_checkpoint(Path(folder) / "all_attention", **BENCH_CONFIG,
                                                           layer_types=all_attention)}
-        with torch.inference_mode(), transformers_torch_path():
-            for variant, path in paths.items():
-                rows += measure_variant(path, variant, makers, contexts, device, dtype, budget_s)
+        # One process per runner: numba's thread pool, once started, slows every later torch call in its
+        # process (measured: transformers' prefill 6x slower after a numba run), so no runner follows another.
+        spawn = multiprocessing.get_context("spawn")
+        for variant, path in paths.items():
+            for name in runners:
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    rows += pool.submit(measure_runner, path, variant, name, contexts, device, dtype, budget_s,
+                                        torch.get_num_threads()).result()
+        with torch.inference_mode():
             rows += memory_rows(paths, device, dtype)
     plot(rows, out)
     return rows
