@@ -77,8 +77,8 @@ def ncu_command(kernel_names: list[str], launches: int, report: Path, rerun: lis
 def gpu_kernels(averages) -> list:
     """The GPU kernels among the profiler's averaged events (not the CPU operators that launched them, whose
     device time counts the same kernels again, nor our per-call annotations)."""
-    return [e for e in averages if e.device_type.name == "CUDA" and not e.is_user_annotation
-            and e.self_device_time_total > 0]
+    return [e for e in averages if not e.is_user_annotation and e.self_device_time_total > 0
+            and (e.device_type.name == "CUDA" or e.cpu_time_total == 0)]  # kernels take no CPU time
 
 
 def top_rows(averages, device: str, limit: int) -> list[dict]:
