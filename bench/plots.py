@@ -2,7 +2,7 @@
 
 - <op>_<axis>[_<n>].png: latency (median, p20-p80 bars) and throughput (TFLOP/s, or GB/s for ops without
   FLOPs) against one shape axis, one line per backend, the other axes held fixed (one file per fixed group
-  with at least two points on the axis).
+  with at least three points on a numeric axis, two on another).
 - <op>_roofline.png: the fraction of the roofline floor each backend reaches, every shape.
 - linear_vs_quadratic.png: the fastest lab backend of linear attention, the gated delta rule and softmax
   attention against sequence length at matched heads, the crossover marked.
@@ -29,7 +29,7 @@ PLOT_AXES = {
     "moe": {"N": ["N"], "D": ["D"], "E": ["E"], "I": ["I"], "top_k": ["top_k"], "routing": ["routing"]},
 }
 REGISTRY_OP = {"moe_gemm": "grouped_gemm"}
-MAX_GROUPS_PER_AXIS = 6
+MAX_GROUPS_PER_AXIS = 3
 
 
 def load(path) -> pd.DataFrame:
@@ -54,11 +54,13 @@ def _label(values):
 
 
 def _groups(rows, op, columns):
-    """Groups of rows with every other axis (and dtype) equal and >= 2 distinct values on `columns`."""
+    """Groups of rows with every other axis (and dtype) equal and >= 3 distinct values on a numeric axis (>= 2
+    on a categorical or compound one), the largest first."""
     fixed = ["dtype"] + [a for a in _axes_of(op) if a not in columns and a in rows]
     found = []
     for key, group in rows.groupby(fixed, dropna=False):
-        if group[columns].drop_duplicates().shape[0] >= 2:
+        categorical = len(columns) > 1 or not pd.api.types.is_numeric_dtype(group[columns[0]])
+        if group[columns].drop_duplicates().shape[0] >= (2 if categorical else 3):
             found.append((dict(zip(fixed, key if isinstance(key, tuple) else (key,))), group))
     found.sort(key=lambda item: -item[1][columns].drop_duplicates().shape[0])
     return found[:MAX_GROUPS_PER_AXIS]
@@ -229,6 +231,10 @@ def plot_linear_vs_quadratic(frame: pd.DataFrame, out: Path) -> Path | None:
 def plot_all(frame: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     """Every plot of every op in frame; {op: [paths]} plus "linear_vs_quadratic"."""
     out.mkdir(parents=True, exist_ok=True)
+    for op in PLOT_AXES:  # this function's earlier plots: a smaller table may draw fewer
+        for stale in out.glob(f"{op}_*.png"):
+            stale.unlink()
+    (out / "linear_vs_quadratic.png").unlink(missing_ok=True)
     written = {}
     for op in frame["op"].unique():
         paths = []

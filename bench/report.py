@@ -178,8 +178,9 @@ def where_time_goes(rows, op) -> list[str]:
         bounds = per_shape["bound"].value_counts().to_dict()
         lines.append(f"Over {len(per_shape)} shapes the fastest lab backend reaches a median {fractions.median():.0%} of the "
                      f"roofline floor ({', '.join(f'{v} {k}-bound' for k, v in bounds.items())}); lowest at `{worst['shape']}` "
-                     f"({worst['roofline_fraction']:.1%}, {worst['median_ms']:.3g} ms against a {worst['floor_ms']:.3g} ms floor: "
-                     "fixed costs such as launches, Python and small-matrix overheads dominate there).")
+                     f"({worst['roofline_fraction']:.1%}, {worst['median_ms']:.3g} ms against a {worst['floor_ms']:.3g} ms floor"
+                     + ("; one of the smaller shapes, where fixed per-call costs weigh most)."
+                        if worst["flops"] + worst["bytes"] <= (per_shape["flops"] + per_shape["bytes"]).median() else ")."))
     wins = per_shape["backend"].value_counts()
     lines.append("Fastest lab backend per shape: " + ", ".join(f"`{b}` {n}x" for b, n in wins.items()) + ".")
     speed = lab.dropna(subset=["speedup_vs_best_peer"])
