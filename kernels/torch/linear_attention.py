@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.validate import RECURRENT_MAX_T
+
 CHUNK_SIZE = 64
-# Up to this many tokens per sequence, mode="auto" runs token by token (as kernels.validate does for the GDR).
-RECURRENT_MAX_T = 64
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,21 +41,19 @@ class ChunkLayout:
     @classmethod
     def of(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, size: int, device) -> ChunkLayout:
         if cu_seqlens is None:
-            num_chunks = -(-T // size)
             if T % size == 0:
-                return cls(B, T, size, num_chunks, B)
+                return cls(B, T, size, T // size, B)
+            lengths = [T] * B
             seq = torch.arange(B, device=device).repeat_interleave(T)
             offset = torch.arange(T, device=device).repeat(B)
         else:
             bounds = cu_seqlens.tolist()
             lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-            num_chunks = max(1, -(-max(lengths) // size))
-            starts = cu_seqlens[:-1].to(device=device, dtype=torch.int64)
             seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
                                           torch.tensor(lengths, device=device), output_size=T)
-            offset = torch.arange(T, device=device) - starts[seq]
-        return cls(B, T, size, num_chunks, len(lengths) if cu_seqlens is not None else B,
-                   offset // size, seq, offset % size)
+            offset = torch.arange(T, device=device) - cu_seqlens.to(device=device, dtype=torch.int64)[seq]
+        num_chunks = max(1, -(-max(lengths) // size))
+        return cls(B, T, size, num_chunks, len(lengths), offset // size, seq, offset % size)
 
     def to_chunks(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x [B, T, H, *D] -> [NC, N, H, C, *D] in dtype, contiguous, zero past each sequence's end."""
@@ -177,8 +175,9 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
     dtype = compute_dtype(v)
     if g is None:
         g = torch.zeros(B, T, H, dtype=dtype, device=q.device)
-    if mode == "auto":
-        mode = "recurrent" if T <= RECURRENT_MAX_T else "chunk"
+    if mode == "auto":  # the gated delta rule's rule (kernels.validate)
+        longest = T if cu_seqlens is None else T // (cu_seqlens.shape[0] - 1)
+        mode = "recurrent" if longest <= RECURRENT_MAX_T else "chunk"
     C = chunk_size if mode == "chunk" else 1
     layout = ChunkLayout.of(B, T, cu_seqlens, C, q.device)
     qc = layout.to_chunks(q, dtype).mul_(scale)
