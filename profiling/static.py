@@ -38,6 +38,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "reports" / "static"
 
 # One Hopper SM (H100 / H200, compute capability 9.0).
-SM90 = dict(registers=65536, register_unit=256, max_registers_per_thread=255, shared_bytes=233472,
+SM90 = dict(registers=65536, register_unit=256, shared_bytes=233472,
             max_shared_per_block=232448, reserved_shared_per_block=1024, shared_unit=128, max_warps=64,
             max_blocks=32)
 # Matrix instructions in SASS: HGMMA = Hopper warpgroup MMA (wgmma), HMMA = mma.sync / WMMA on half types,

@@ -2,8 +2,6 @@
 import csv
 import importlib
 import json
-import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
