@@ -469,6 +469,9 @@ def main(argv=None) -> int:
                 if column not in ("dtype",) and row.get(column) in (None, ""):
                     row[column] = value
     else:
+        if not presets.cases(OPS[args.op], args.device, args.quick, args.preset):
+            print(f"no shapes of {args.op} for preset {args.preset}", file=sys.stderr)
+            return 2
         ceil = timing.ceilings(args.device, dtypes)
         rows = sweep(args.op, args.device, dtypes, args.quick, args.backend, args.preset, args.budget,
                      args.cuda_graph, ceil=ceil)
