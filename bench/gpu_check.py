@@ -96,20 +96,30 @@ def run_step(step: Step, timeout: float, log: Path) -> Step:
     return step
 
 
-def parity_by_dtype(junit_xml: Path) -> dict[str, dict[str, int]]:
-    """dtype ("bfloat16", "float16", "float32", "other") -> counts of passed / failed / skipped test cases."""
+def _dtype_of(test_name: str) -> str:
+    tokens = set(re.split(r"[^a-z0-9]+", test_name.lower()))
+    return next((d for d, names in DTYPE_TOKENS.items() if tokens & names), "other")
+
+
+_VERBOSE_RESULT = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def parity_by_dtype(junit_xml: Path, log: Path | None = None) -> dict[str, dict[str, int]]:
+    """dtype ("bfloat16", "float16", "float32", "other") -> counts of passed / failed / skipped test cases, from
+    pytest's JUnit XML; when pytest was killed before writing it, from the PASSED / FAILED lines of its -v log."""
     counts = {d: dict(passed=0, failed=0, skipped=0) for d in (*DTYPE_TOKENS, "other")}
-    if not junit_xml.exists():
-        return counts
-    for case in ElementTree.parse(junit_xml).iter("testcase"):
-        tokens = set(re.split(r"[^a-z0-9]+", case.get("name", "").lower()))
-        dtype = next((d for d, names in DTYPE_TOKENS.items() if tokens & names), "other")
-        if case.find("failure") is not None or case.find("error") is not None:
-            counts[dtype]["failed"] += 1
-        elif case.find("skipped") is not None:
-            counts[dtype]["skipped"] += 1
-        else:
-            counts[dtype]["passed"] += 1
+    if junit_xml.exists():
+        for case in ElementTree.parse(junit_xml).iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                outcome = "failed"
+            else:
+                outcome = "skipped" if case.find("skipped") is not None else "passed"
+            counts[_dtype_of(case.get("name", ""))][outcome] += 1
+    elif log is not None and log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            if m := _VERBOSE_RESULT.match(line):
+                outcome = {"PASSED": "passed", "XFAIL": "passed", "SKIPPED": "skipped"}.get(m.group(2), "failed")
+                counts[_dtype_of(m.group(1).rsplit("::", 1)[-1])][outcome] += 1
     return counts
 
 
@@ -214,7 +224,7 @@ def plan(out: Path, ops: list[str], skip_tests: bool) -> list[Step]:
     python = sys.executable
     steps = []
     if not skip_tests:
-        steps.append(Step("parity tests", [python, "-m", "pytest", "-m", "gpu", "tests/", "-q", "-rfE",
+        steps.append(Step("parity tests", [python, "-m", "pytest", "-m", "gpu", "tests/", "-v", "-rfE",
                                            "-p", "no:cacheprovider", f"--junitxml={out / 'pytest.xml'}"]))
     for op, args in SWEEPS:
         if op in ops:
@@ -264,8 +274,8 @@ def check(out: Path, ops: list[str], budget: float, skip_tests: bool, runner=run
     """The whole run; returns (exit code, SUMMARY.md path)."""
     out.mkdir(parents=True, exist_ok=True)
     steps = execute(plan(out, ops, skip_tests), out, budget, runner)
-    parity = parity_by_dtype(out / "pytest.xml")
     tests = next((s for s in steps if s.name == "parity tests"), None)
+    parity = parity_by_dtype(out / "pytest.xml", tests.log if tests else None)
     pytest_lines = pytest_result_lines(tests.log) if tests and tests.log else []
     swept = [op for op, _ in SWEEPS if op in ops]
     failures = sweep_failures(out / "results.csv", swept)

@@ -504,6 +504,20 @@ def test_gpu_check_commands_match_the_sweep_cli(tmp_path):
     assert steps[0].cmd[1:4] == ["-m", "pytest", "-m"] and "gpu" in steps[0].cmd
 
 
+def test_parity_from_the_log_when_pytest_was_killed(tmp_path):
+    """No JUnit XML (pytest killed at its timeout): the per-dtype counts come from the -v lines written so far."""
+    from bench.gpu_check import parity_by_dtype
+
+    log = tmp_path / "parity_tests.log"
+    log.write_text("tests/test_moe.py::test_moe_gpu[torch.bfloat16-triton] PASSED          [  1%]\n"
+                   "tests/test_moe.py::test_moe_gpu[torch.float16-cuda] FAILED             [  2%]\n"
+                   "tests/test_numba.py::test_numba_cuda_on_gpu[dtype2] SKIPPED (x)       [  3%]\n"
+                   "tests/test_gdr.py::test_gdr_gpu[fp32-triton] PASSED                   [  4%]\n")
+    counts = parity_by_dtype(tmp_path / "missing.xml", log)
+    assert counts["bfloat16"]["passed"] == 1 and counts["float16"]["failed"] == 1
+    assert counts["other"]["skipped"] == 1 and counts["float32"]["passed"] == 1
+
+
 def test_gpu_check_run_step_logs_and_kills_at_timeout(tmp_path):
     import sys
 
