@@ -504,6 +504,23 @@ def test_gpu_check_commands_match_the_sweep_cli(tmp_path):
     assert steps[0].cmd[1:4] == ["-m", "pytest", "-m"] and "gpu" in steps[0].cmd
 
 
+def test_sweep_table_keeps_this_runs_gpu_rows(tmp_path):
+    import datetime
+
+    from bench.gpu_check import sweep_table
+
+    path = tmp_path / "results.csv"
+    path.write_text("op,backend,device,dtype,shape,median_ms,error,timestamp\n"
+                    "moe,triton,cuda,bfloat16,N=1,0.5,,2026-11-29T05:00:00Z\n"
+                    "moe,triton,cuda,bfloat16,N=4,0.7,,2026-11-29T06:00:05Z\n"
+                    "moe,torch,cpu,float32,N=4,9.0,,2026-11-29T06:00:05Z\n"
+                    "attention,sdpa,cuda,bfloat16,T=8,0.1,,2026-11-29T06:00:05Z\n")
+    since = datetime.datetime(2026, 11, 29, 6, 0, 0, 500000, tzinfo=datetime.timezone.utc)
+    rows = sweep_table(path, ["moe"], since=since)
+    assert [(r["backend"], r["shape"], r["median_ms"], r["error"]) for r in rows] == [("triton", "N=4", 0.7, "")]
+    assert len(sweep_table(path, ["moe", "attention"])) == 3
+
+
 def test_parity_from_the_log_when_pytest_was_killed(tmp_path):
     """No JUnit XML (pytest killed at its timeout): the per-dtype counts come from the -v lines written so far."""
     from bench.gpu_check import parity_by_dtype
