@@ -2,10 +2,11 @@
 Qwen3.5-MoE layer pattern and for the same model with every layer full attention; cache memory (recurrent
 state + KV cache) against context; on CPU, transformers' own Qwen3_5MoeForCausalLM on the same checkpoint.
 
-    python -m bench.model [--quick] [--device cpu] [--out reports/cpu]
+    python -m bench.model [--quick] [--device cpu] [--out reports/cpu] [--threads 1] [--backend torch]
 
 `sweep(quick, device, out)` returns the rows (bench.sweep --op model calls it) and writes
-model_cache_memory.png and model_tokens_per_s.png into out.
+model_cache_memory.png and model_tokens_per_s.png into out. Each runner (a lab backend, or transformers)
+runs in a process of its own; cache_bytes is measured on the lab's cache tensors.
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ import kernels
 import model
 from bench import timing
 from model.generate import write_random_checkpoint
-from model.model import OPS
 
-# The Qwen3.5-35B-A3B proportions at a quarter of the width, so a 2-core CPU runs 2K-token prefills:
-# Gated DeltaNet key dim = hidden, value dim = 2 x hidden (Hv = 2 Hk, head dim 128); attention 2 x hidden
-# of query heads (head dim 256, one KV head per 4 query heads... here 4:1); 3 linear : 1 full.
+# Qwen3.5-35B-A3B's proportions at a quarter of its width, so a 2-core CPU runs 2K-token prefills: Gated
+# DeltaNet key dim = hidden, value dim = 2 x hidden (Hv = 2 Hk, head dim 128); attention queries 2 x hidden
+# (head dim 256, rotary on a quarter; 4 query heads per KV head where the real model has 8); 3 linear : 1 full.
 BENCH_CONFIG = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_attention_heads=4,
                     num_key_value_heads=1, head_dim=256, linear_num_key_heads=4, linear_num_value_heads=8,
                     linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
@@ -90,7 +90,8 @@ class Lab:
         return self.m(token, cache)
 
     def cache_bytes(self, cache):
-        return cache.nbytes()
+        """Bytes of a cache sized for exactly the tokens seen (the timed one has room for decode steps)."""
+        return self.m.new_cache(1, cache.position).nbytes()
 
 
 class Transformers:
