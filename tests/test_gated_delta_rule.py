@@ -60,6 +60,20 @@ def test_torch_float64(mode, seed):
     check_recurrent_op("gated_delta_rule", "torch", args | dict(mode=mode), seed)
 
 
+@pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay"])
+@pytest.mark.parametrize("chunk_size", [2, 3])
+def test_torch_small_chunks(chunk_size, case, seed):
+    """The torch backend's chunk_size keyword: many chunks, so that several groups of chunks (CHUNK_GROUP) run
+    one after the other, as they do from T = 1024 at chunk 64."""
+    from kernels.torch.gated_delta_rule import CHUNK_GROUP
+
+    args = inputs.make("gated_delta_rule", seed=seed, **CASES[case])
+    cu = args["cu_seqlens"]
+    longest = args["q"].shape[1] if cu is None else int(cu.diff().max())
+    assert longest / chunk_size > CHUNK_GROUP + 1, "the case must span more than one group of chunks"
+    check_recurrent_op("gated_delta_rule", "torch", args | dict(mode="chunk"), seed, chunk_size=chunk_size)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "Hv_equals_Hk",

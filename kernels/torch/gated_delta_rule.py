@@ -17,6 +17,8 @@ import torch
 from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_matrix, l2norm_,
                                             recurrent_pass, state_buffer, state_pass)
 
+CHUNK_GROUP = 16  # chunks computed together (1024 tokens at chunk 64)
+
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,13 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     vc = layout.to_chunks(v, dtype).view(NC, N, Hk, G, C, V)
     gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, G, C) for x in (g, beta))
     if mode == "chunk":
-        o, state = wy_chunked(qc, kc, vc, gc, bc, initial_state)
+        # Groups of chunks one after the other, each from the last one's final state: the intermediates of a
+        # group (a few MB) stay in cache instead of streaming through memory. The output overwrites vc.
+        state = initial_state
+        for start in range(0, NC, CHUNK_GROUP):
+            group = slice(start, start + CHUNK_GROUP)
+            o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state)
+        o = vc
         state = state.view(N, Hv, K, V).clone() if output_final_state else None
     else:
         o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state)
