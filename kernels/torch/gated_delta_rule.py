@@ -11,6 +11,7 @@ Everything but v_new, o's first term and S1 is computed for all chunks at once; 
 head (value head h reads key head h // (Hv // Hk)), never on repeated keys. The sequential pass over chunks does
 two matmuls per chunk, v_new and the state write, and keeps every chunk's starting state, so that the outputs'
 reads of the state are one batched matmul afterwards (as fla's chunk_fwd_h / chunk_fwd_o split the work).
+All of this runs on groups of CHUNK_GROUP chunks in turn, so that a group's intermediates stay in cache.
 """
 import torch
 
