@@ -181,6 +181,20 @@ def _same_logits(folder, checkpoint, seed):
     assert rel_err(model.from_pretrained(folder, backend="reference")(ids), ref) == 0.0
 
 
+def test_tied_embeddings(tmp_path, torch_path_calls, seed):
+    """tie_word_embeddings: the LM head is the embedding matrix (save_pretrained stores it once)."""
+    from transformers import Qwen3_5MoeForCausalLM
+
+    folder = write_random_checkpoint(tmp_path / "tied", seed=seed, tie_word_embeddings=True)
+    hf = Qwen3_5MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = _ids(seed, batch=1, length=9)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    m = model.from_pretrained(folder, backend="reference")
+    assert m.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()
+    assert rel_err(m(ids), ref) <= LOGITS_TOL
+
+
 def test_sharded_checkpoint(checkpoint, tmp_path, seed):
     from transformers import Qwen3_5MoeForCausalLM
 
