@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -257,22 +258,32 @@ def sweep_backends(op: str, device: str, wanted: list[str] | None) -> list[str]:
     return [name for name in kernels.backends(op, device) if device != "cpu" or "cpu" in registered[name].places]
 
 
-def sweep(cli_op: str, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
+def interleaved(plans: list[list]) -> list:
+    """Round-robin over several ops' case lists: their T sweeps come first and in the same order, so attention
+    and the linear ops are timed at each sequence length within moments of each other (the load of a shared
+    machine drifts over minutes)."""
+    return [item for group in itertools.zip_longest(*plans) for item in group if item is not None]
+
+
+def sweep(cli_ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
           preset: str | None = None, budget_s: float | None = None, cuda_graph: str = "auto",
           max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True) -> list[dict]:
-    """Check and time every backend of cli_op over its cases; one row dict per (case, dtype, backend)."""
+    """Check and time every backend of each CLI op of cli_ops (one name or several, whose cases are then
+    interleaved) over its cases; one row dict per (case, dtype, backend)."""
     from tqdm import tqdm
 
-    op = OPS[cli_op]
+    cli_ops = [cli_ops] if isinstance(cli_ops, str) else list(cli_ops)
     ceil = ceil or timing.ceilings(device, dtypes)
     budget_s = budget_s if budget_s is not None else (0.1 if quick else 0.5)
-    names = sweep_backends(op, device, wanted)
-    registered = kernels.registry.registered(op)
-    cases = presets.cases(op, device, quick, preset)
+    names = {cli_op: sweep_backends(OPS[cli_op], device, wanted) for cli_op in cli_ops}
+    plan = interleaved([[(cli_op, case) for case in presets.cases(OPS[cli_op], device, quick, preset)]
+                        for cli_op in cli_ops])
     rows = []
-    bar = tqdm(total=len(cases) * len(dtypes) * len(names), desc=f"{cli_op} on {device}", disable=not progress,
-               unit="run")
-    for case in cases:
+    bar = tqdm(total=sum(len(names[cli_op]) for cli_op, _ in plan) * len(dtypes),
+               desc=f"{'+'.join(cli_ops)} on {device}", disable=not progress, unit="run")
+    for cli_op, case in plan:
+        op = OPS[cli_op]
+        registered = kernels.registry.registered(op)
         for dtype in dtypes:
             shape = case.key
             inputs = bench_inputs.make(op, **presets.maker_kwargs(case), dtype=dtype, device=device,
@@ -284,7 +295,7 @@ def sweep(cli_op: str, device: str = "cpu", dtypes=(torch.float32,), quick: bool
                     check = yardstick(case, inputs, extra, max_check_gb, quick)
             except Exception as exc:  # noqa: BLE001 - a broken yardstick is recorded, the backends still run
                 check = (f"none (yardstick failed: {_error_text(exc)})", None, None, None)
-            for name in names:
+            for name in names[cli_op]:
                 bar.set_postfix_str(f"{name} {shape}", refresh=False)
                 bar.update()
                 if name in registered and dtype not in registered[name].dtypes:
@@ -424,7 +435,8 @@ def set_threads(threads: int) -> None:
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=list(OPS))
+    parser.add_argument("--op", nargs="+", choices=list(OPS),
+                        help="one op, or several (not model) whose cases are interleaved, e.g. the attention ops")
     parser.add_argument("--backend", nargs="+", help="only these backends (default: every one that runs here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
@@ -440,6 +452,8 @@ def parse(argv=None):
     args = parser.parse_args(argv)
     if not args.list and not args.op:
         parser.error("--op is required (or --list)")
+    if args.op and "model" in args.op and len(args.op) > 1:
+        parser.error("--op model runs alone")
     return args
 
 
@@ -456,7 +470,7 @@ def main(argv=None) -> int:
     out = args.out or Path(__file__).resolve().parent.parent / "reports" / args.device
     out.mkdir(parents=True, exist_ok=True)
     dtypes = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
-    if args.op == "model":
+    if args.op == ["model"]:
         if not _has_model_bench():
             print("bench.model is missing: the model sweep is not written yet (bench/model.py)", file=sys.stderr)
             return 2
@@ -469,8 +483,8 @@ def main(argv=None) -> int:
                 if column not in ("dtype",) and row.get(column) in (None, ""):
                     row[column] = value
     else:
-        if not presets.cases(OPS[args.op], args.device, args.quick, args.preset):
-            print(f"no shapes of {args.op} for preset {args.preset}", file=sys.stderr)
+        if not any(presets.cases(OPS[op], args.device, args.quick, args.preset) for op in args.op):
+            print(f"no shapes of {' '.join(args.op)} for preset {args.preset}", file=sys.stderr)
             return 2
         ceil = timing.ceilings(args.device, dtypes)
         rows = sweep(args.op, args.device, dtypes, args.quick, args.backend, args.preset, args.budget,

@@ -195,3 +195,12 @@ def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sweep, "_has_model_bench", lambda: False)
     assert sweep.main(["--op", "model", "--out", str(tmp_path)]) == 2
     assert "bench.model is missing" in capsys.readouterr().err
+
+
+def test_several_ops_are_interleaved_by_sequence_length():
+    plans = [[("attention", c) for c in presets.cases("attention", "cpu", quick=True)],
+             [("gated_delta_rule", c) for c in presets.cases("gated_delta_rule", "cpu", quick=True)]]
+    plan = sweep.interleaved(plans)
+    assert len(plan) == sum(map(len, plans))
+    first = [(op, case.shape["T"]) for op, case in plan[:4]]
+    assert first == [("attention", 256), ("gated_delta_rule", 256), ("attention", 512), ("gated_delta_rule", 512)]
