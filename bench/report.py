@@ -196,7 +196,20 @@ def where_time_goes(rows, op) -> list[str]:
     return lines
 
 
+MODEL_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "median_ms", "p20_ms", "p80_ms",
+                 "tokens_per_s", "cache_bytes", "error"]
+
+
+def _model_table(rows) -> str:
+    """The model's rows carry their own columns (bench.model): those that have a value."""
+    columns = [c for c in MODEL_COLUMNS if c in rows and rows[c].astype(str).str.strip().replace("nan", "").ne("").any()]
+    sort = [c for c in ("variant", "phase", "context", "backend") if c in columns]
+    return _table(columns, rows.sort_values(sort)[columns].values.tolist())
+
+
 def _rows_table(rows) -> str:
+    if rows["op"].eq("model").all():
+        return _model_table(rows)
     header = ["backend", "dtype", "shape", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "roofline", "bound",
               "rel err (vs)", "x ref", "x best peer", "error"]
     body = []
