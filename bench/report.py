@@ -291,9 +291,9 @@ def write(out: Path, device: str) -> Path:
                "confirm a number.", ""]
     over = ok[ok["roofline_fraction"] > 1]
     if len(over):
-        md += [f"{len(over)} rows run faster than their roofline floor (fraction > 1): the ceilings measured at the "
-               "start of their run were low for the load the machine had later; read their fractions as upper "
-               "estimates of the truth only relative to each other.", ""]
+        md += [f"{len(over)} rows run faster than their roofline floor (fraction > 1): their working set fits in a "
+               "cache while the copy bandwidth is measured on a buffer far larger than the caches, or the load of "
+               "the machine dropped after the ceilings were measured at the start of their run.", ""]
     md += ["Columns: median, p20, p80 over adaptive repeats (bench.timing); TFLOP/s and GB/s from the analytic "
            "models of bench/cost.py; roofline = max(FLOPs / matmul ceiling, bytes / copy bandwidth) / time, with the "
            f"ceilings measured at the start of the run; `rel err (vs)`: relative Frobenius error against the float64 "
