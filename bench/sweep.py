@@ -37,14 +37,12 @@ import torch
 import kernels
 from bench import cost, inputs as bench_inputs, presets, timing
 from kernels.types import Permutation
+from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err
 
 # CLI op -> registry op; "model" is bench.model's sweep.
 OPS = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
        "moe_permute": "moe_permute", "moe_gemm": "grouped_gemm", "moe": "moe", "model": None}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# ||out - ref|| / ||ref|| allowed, by input dtype (the parity suite's standards); float32 on a GPU may use tf32.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
-TOLERANCE_TF32 = 1e-3
 # Tokens of the MoE layer checked against the reference when the whole batch is too slow for its loop.
 CHECK_TOKENS = 64
 
@@ -100,12 +98,9 @@ def compare(out, ref) -> tuple[float, str]:
             if not torch.equal(actual.cpu().long(), expected.cpu().long()):
                 return math.nan, f"{name} differs from the yardstick"
             continue
-        a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
-        if not torch.isfinite(a).all():
+        if not torch.isfinite(actual.detach().double()).all():
             return math.nan, f"{name} has non-finite elements"
-        norm = b.norm()
-        err = float((a - b).norm() / norm) if norm > 0 else float((a - b).norm())
-        worst = max(worst, err)
+        worst = max(worst, rel_err(actual, expected))
     return worst, ""
 
 

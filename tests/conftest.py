@@ -17,11 +17,8 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
+from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err  # noqa: E402,F401 (re-exported to tests)
 
-# ||out - ref|| / ||ref|| against the float64 reference, by the dtype of the backend's inputs.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
-# Triton and cuBLAS may use tf32 for float32 matmuls on a GPU.
-TOLERANCE_TF32 = 1e-3
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -50,13 +47,6 @@ def seed(request):
     request.node.user_properties.append(("seed", value))
     print(f"seed={value}")
     return value
-
-
-def rel_err(out, ref):
-    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm()
-    return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
 
 
 def assert_close(out, ref, dtype, what, seed, tol=None):

@@ -1,0 +1,14 @@
+"""How close to the float64 reference a backend must come: one table for the tests and the sweep's gate."""
+import torch
+
+# ||out - ref|| / ||ref|| allowed, by the dtype of the backend's inputs.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+# float32 matmuls on a GPU may run in tf32 (Triton's default, cuBLAS when allowed).
+TOLERANCE_TF32 = 1e-3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (the plain norm of the difference when ref is zero)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm()
+    return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
