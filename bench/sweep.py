@@ -37,7 +37,7 @@ import torch
 import kernels
 from bench import cost, inputs as bench_inputs, presets, timing
 from kernels.types import Permutation
-from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err
+from reference.tolerance import rel_err, tolerance
 
 # CLI op -> registry op; "model" is bench.model's sweep.
 OPS = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
@@ -163,12 +163,6 @@ def yardstick(case: presets.Case, inputs: dict, extra: dict, max_check_gb: float
 
 def inputs_device(inputs: dict) -> torch.device:
     return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
-
-
-def tolerance(dtype: torch.dtype, device: str) -> float:
-    if dtype == torch.float32 and device == "cuda":
-        return TOLERANCE_TF32
-    return TOLERANCE[dtype]
 
 
 # ------------------------------------------------------------------------------------------------ rows

@@ -7,6 +7,11 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 5e-3, tor
 TOLERANCE_TF32 = 1e-3
 
 
+def tolerance(dtype: torch.dtype, device: str) -> float:
+    """The allowed relative error for inputs of dtype on a device type ("cpu" or "cuda")."""
+    return TOLERANCE_TF32 if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (the plain norm of the difference when ref is zero)."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -17,7 +17,7 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
-from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err  # noqa: E402,F401 (re-exported to tests)
+from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: E402,F401 (for the tests)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -96,3 +96,30 @@ def lab_backends(op, device="cpu", simulated=False):
     registered = kernels.registry.registered(op)
     return [name for name in kernels.backends(op, device) if name != "reference"
             and (simulated or device != "cpu" or registered[name].places != ("cuda", "cudasim"))]
+
+
+def gpu_backends(op):
+    """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
+    return [name for name, b in kernels.registry.registered(op).items() if name != "reference" and "cuda" in b.places]
+
+
+def _caller_tensors(args):
+    """The caller's tensors among the arguments, by name (a Permutation's fields too); meta tensors hold nothing."""
+    found = {}
+    for key, value in args.items():
+        if isinstance(value, kernels.Permutation):
+            found |= {f"{key}.{field}": getattr(value, field) for field in ("x", "offsets", "source")}
+        elif isinstance(value, torch.Tensor):
+            found[key] = value
+    return {key: value for key, value in found.items() if value.device.type != "meta"}
+
+
+def snapshot(args):
+    """Copies of the caller's tensors among args, to show later that a call wrote none of them."""
+    return {key: value.clone() for key, value in _caller_tensors(args).items()}
+
+
+def assert_unchanged(args, before, what=""):
+    now = _caller_tensors(args)
+    for key, value in before.items():
+        torch.testing.assert_close(now[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{what}{key} was written")

@@ -11,7 +11,7 @@ import kernels
 from bench import inputs
 from tests.conftest import assert_close, lab_backends, poisoned_allocations, to_float64
 from tests.test_linear_attention import (DTYPES, GPU_DTYPES, assert_unchanged, backend_dtypes, check_bad_input,
-                                         gpu_names, snapshot, tolerance)
+                                         gpu_backends, snapshot, tolerance)
 
 # As keywords of bench.inputs.attention (Hq = 4, Hkv = 2, D = 32 unless said).
 CASES = {
@@ -58,7 +58,7 @@ def test_torch_float64(seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["T_odd", "kv_cache_causal", "decode_with_cache", "not_causal"])
-@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_names("attention"), "attention", GPU_DTYPES))
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("attention"), "attention", GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, seed):
     _check(backend, inputs.make("attention", dtype=dtype, device="cuda", seed=seed, **CASES[case]), seed)
 

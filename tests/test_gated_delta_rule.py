@@ -11,7 +11,7 @@ import kernels
 from bench import inputs
 from tests.conftest import lab_backends
 from tests.test_linear_attention import (DTYPES, GPU_DTYPES, backend_dtypes, check_bad_input, check_recurrent_op,
-                                         gpu_names)
+                                         gpu_backends)
 
 MODES = ["chunk", "recurrent"]
 
@@ -78,7 +78,7 @@ def test_torch_small_chunks(chunk_size, case, seed):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "Hv_equals_Hk",
                                   "beta_near_1_no_l2norm"])
-@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_names("gated_delta_rule"), "gated_delta_rule",
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("gated_delta_rule"), "gated_delta_rule",
                                                           GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, mode, seed):
     args = inputs.make("gated_delta_rule", dtype=dtype, device="cuda", seed=seed, **CASES[case])

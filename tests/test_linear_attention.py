@@ -11,7 +11,8 @@ import torch
 import kernels
 from bench import inputs
 from kernels import registry
-from tests.conftest import TOLERANCE, TOLERANCE_TF32, assert_close, lab_backends, poisoned_allocations, to_float64
+from tests.conftest import (assert_close, assert_unchanged, gpu_backends, lab_backends,
+                            poisoned_allocations, snapshot, to_float64, tolerance)
 
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,26 +25,6 @@ def backend_dtypes(names, op, dtypes):
     registered = registry.registered(op)
     return [pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
             for name in names for dtype in dtypes if dtype in registered[name].dtypes]
-
-
-def gpu_names(op):
-    """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
-    return [name for name, b in registry.registered(op).items() if name != "reference" and "cuda" in b.places]
-
-
-def tolerance(dtype, device):
-    return TOLERANCE_TF32 if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
-
-
-def snapshot(args):
-    """Copies of the caller's tensors among args (meta tensors hold nothing to compare)."""
-    return {key: value.clone() for key, value in args.items()
-            if isinstance(value, torch.Tensor) and value.device.type != "meta"}
-
-
-def assert_unchanged(args, before):
-    for key, value in before.items():
-        torch.testing.assert_close(args[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{key} was written")
 
 
 def check_recurrent_op(op, backend, args, seed, tol=None, **extra):
@@ -121,7 +102,7 @@ def test_torch_float64(seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "no_gate"])
-@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_names("linear_attention"), "linear_attention",
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("linear_attention"), "linear_attention",
                                                           GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, seed):
     args = inputs.make("linear_attention", dtype=dtype, device="cuda", seed=seed, **CASES[case])

@@ -7,9 +7,8 @@ import torch
 
 import kernels
 from bench import inputs
-from kernels import registry
-from tests.conftest import (TOLERANCE, TOLERANCE_TF32, assert_close, lab_backends, poisoned_allocations,
-                            rel_err, to_float64)
+from tests.conftest import (assert_close, assert_unchanged, gpu_backends, lab_backends,
+                            poisoned_allocations, snapshot, to_float64, tolerance)
 
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,36 +28,6 @@ NO_ID_DTYPE = ("id_dtype",)
 
 def _without(case, *keys):
     return {k: v for k, v in case.items() if k not in keys}
-
-
-def _gpu_names(op):
-    """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
-    return [name for name, b in registry.registered(op).items() if name != "reference" and "cuda" in b.places]
-
-
-def _tolerance(dtype, device):
-    return TOLERANCE_TF32 if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
-
-
-def _tensors(args):
-    """The caller's tensors among the arguments, by name (a Permutation's fields too); meta tensors hold nothing."""
-    found = {}
-    for key, value in args.items():
-        if isinstance(value, kernels.Permutation):
-            found |= {f"{key}.{field}": getattr(value, field) for field in ("x", "offsets", "source")}
-        elif isinstance(value, torch.Tensor):
-            found[key] = value
-    return {key: value for key, value in found.items() if value.device.type != "meta"}
-
-
-def _snapshot(args):
-    return {key: value.clone() for key, value in _tensors(args).items()}
-
-
-def _assert_unchanged(args, before, what=""):
-    now = _tensors(args)
-    for key, value in before.items():
-        torch.testing.assert_close(now[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{what}{key} was written")
 
 
 # ----------------------------------------------------------------------------------------------- route
@@ -96,7 +65,7 @@ def test_route(backend, case, dtype, renormalize, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("backend", _gpu_names("route"))
+@pytest.mark.parametrize("backend", gpu_backends("route"))
 def test_route_gpu(backend, dtype, seed):
     args = inputs.make("route", N=300, E=64, top_k=8, dtype=dtype, seed=seed, device="cuda")
     _check_route(backend, args, seed)
@@ -105,10 +74,10 @@ def test_route_gpu(backend, dtype, seed):
 # ------------------------------------------------------------------------------------------ moe_permute
 
 def _check_permute(backend, args, seed):
-    before = _snapshot(args)
+    before = snapshot(args)
     with poisoned_allocations():
         p = kernels.moe_permute(**args, backend=backend)
-    _assert_unchanged(args, before)
+    assert_unchanged(args, before)
     ref = kernels.moe_permute(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
                               backend="reference")
     assert isinstance(p, kernels.Permutation)
@@ -138,7 +107,7 @@ def test_moe_permute_id_dtypes(backend, id_dtype, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["uniform", "dropped_slots", "every_token_on_one_expert"], ids=str)
-@pytest.mark.parametrize("backend", _gpu_names("moe_permute"))
+@pytest.mark.parametrize("backend", gpu_backends("moe_permute"))
 def test_moe_permute_gpu(backend, case, dtype, seed):
     shape = ROUTINGS[case] | dict(N=500, E=64)
     _check_permute(backend, inputs.make("moe_permute", **shape, D=128, dtype=dtype, seed=seed, device="cuda"), seed)
@@ -156,14 +125,14 @@ def _dropped_slots(p):
 def _check_unpermute(backend, args, seed, device="cpu"):
     # the weight of a slot with no expert must not reach y, even when it is NaN
     args["weights"][_dropped_slots(args["p"]).to(args["weights"].device)] = float("nan")
-    before = _snapshot(args)
+    before = snapshot(args)
     with poisoned_allocations():
         y = kernels.moe_unpermute(**args, backend=backend)
-    _assert_unchanged(args, before)
+    assert_unchanged(args, before)
     dtype = args["y_sorted"].dtype
     assert y.dtype == dtype and y.device == args["y_sorted"].device
     ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
-    assert_close(y, ref, dtype, "y", seed, tol=_tolerance(dtype, device))
+    assert_close(y, ref, dtype, "y", seed, tol=tolerance(dtype, device))
     assert (y[_dropped_slots(args["p"]).all(1).to(y.device)] == 0).all(), f"tokens with no expert not 0 (seed={seed})"
 
 
@@ -177,7 +146,7 @@ def test_moe_unpermute(backend, case, dtype, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["uniform", "dropped_slots", "top_k_equals_E"], ids=str)
-@pytest.mark.parametrize("backend", _gpu_names("moe_unpermute"))
+@pytest.mark.parametrize("backend", gpu_backends("moe_unpermute"))
 def test_moe_unpermute_gpu(backend, case, dtype, seed):
     shape = ROUTINGS[case] | dict(N=500)
     args = inputs.make("moe_unpermute", **shape, D=256, dtype=dtype, seed=seed, device="cuda")
@@ -187,14 +156,14 @@ def test_moe_unpermute_gpu(backend, case, dtype, seed):
 # ----------------------------------------------------------------------------------------- grouped_gemm
 
 def _check_grouped_gemm(backend, args, seed, device="cpu"):
-    before = _snapshot(args)
+    before = snapshot(args)
     with poisoned_allocations():
         y = kernels.grouped_gemm(**args, backend=backend)
-    _assert_unchanged(args, before)
+    assert_unchanged(args, before)
     dtype = args["x"].dtype
     assert y.dtype == dtype and y.device == args["x"].device
     ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
-    assert_close(y, ref, dtype, "y", seed, tol=_tolerance(dtype, device))
+    assert_close(y, ref, dtype, "y", seed, tol=tolerance(dtype, device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -214,7 +183,7 @@ def test_grouped_gemm_shapes(backend, K, Nout, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["uniform", "skewed_empty_experts", "every_token_on_one_expert"], ids=str)
-@pytest.mark.parametrize("backend", _gpu_names("grouped_gemm"))
+@pytest.mark.parametrize("backend", gpu_backends("grouped_gemm"))
 def test_grouped_gemm_gpu(backend, case, dtype, seed):
     shape = _without(ROUTINGS[case], *NO_ID_DTYPE) | dict(N=700)
     args = inputs.make("grouped_gemm", **shape, K=256, Nout=384, dtype=dtype, seed=seed, device="cuda")
@@ -225,14 +194,14 @@ def test_grouped_gemm_gpu(backend, case, dtype, seed):
 
 def _check_moe(backend, args, seed, device="cpu"):
     args["weights"][args["ids"] < 0] = float("nan")  # a slot with no expert contributes nothing
-    before = _snapshot(args)
+    before = snapshot(args)
     with poisoned_allocations():
         y = kernels.moe(**args, backend=backend)
-    _assert_unchanged(args, before)
+    assert_unchanged(args, before)
     dtype = args["x"].dtype
     assert y.dtype == dtype and y.device == args["x"].device
     ref = kernels.moe(**to_float64(args), backend="reference")
-    assert_close(y, ref, dtype, "y", seed, tol=_tolerance(dtype, device))
+    assert_close(y, ref, dtype, "y", seed, tol=tolerance(dtype, device))
     assert (y[(args["ids"] < 0).all(1)] == 0).all(), f"tokens with no expert must be 0 (seed={seed})"
     return y
 
@@ -280,7 +249,7 @@ def test_torch_moe_takes_zero_tokens(seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["one_token", "uniform", "dropped_slots", "every_token_on_one_expert"], ids=str)
-@pytest.mark.parametrize("backend", _gpu_names("moe"))
+@pytest.mark.parametrize("backend", gpu_backends("moe"))
 def test_moe_gpu(backend, case, dtype, seed):
     shape = ROUTINGS[case] | (dict() if case == "one_token" else dict(N=300, E=32))
     args = inputs.make("moe", **shape, D=256, I=128, dtype=dtype, seed=seed, device="cuda")
@@ -384,14 +353,14 @@ BAD_INPUTS = {"route": _route_bad, "moe_permute": _moe_permute_bad, "moe_unpermu
 @pytest.mark.parametrize("op, backend", [(op, name) for op in BAD_INPUTS for name in kernels.backends(op, "cpu")])
 def test_bad_input_raises_value_error_and_writes_nothing(op, backend, seed):
     for what, args in BAD_INPUTS[op](seed).items():
-        before = _snapshot(args)
+        before = snapshot(args)
         try:
             kernels.get(op, backend)(**args)
         except ValueError:
             pass
         else:
             pytest.fail(f"{op}[{backend}] accepted bad input: {what} (seed={seed})")
-        _assert_unchanged(args, before, f"{op}[{backend}], {what}: ")
+        assert_unchanged(args, before, f"{op}[{backend}], {what}: ")
 
 
 def test_transformers_peer_holds_the_callers_weights():
