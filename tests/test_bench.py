@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+import bench
 import kernels
 from bench import cost, inputs, plots, presets, report, sweep, timing
 from kernels.registry import Backend
@@ -184,7 +185,10 @@ def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
         return [dict(op="model", backend="torch", device=device, dtype="float32", shape="ctx=64,phase=prefill",
                      median_ms=3.0, p20_ms=2.9, p80_ms=3.1, phase="prefill")]
 
-    monkeypatch.setitem(__import__("sys").modules, "bench.model", types.SimpleNamespace(sweep=fake_sweep))
+    fake = types.SimpleNamespace(sweep=fake_sweep)
+    # both routes to it: the module table, and the package attribute an earlier real import may have set
+    monkeypatch.setitem(__import__("sys").modules, "bench.model", fake)
+    monkeypatch.setattr(bench, "model", fake, raising=False)
     monkeypatch.setattr(sweep, "_has_model_bench", lambda: True)
     monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
     assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
