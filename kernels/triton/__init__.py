@@ -22,6 +22,8 @@ class AotSpec:
     kernel:     "package.module:attr" of the @triton.jit function.
     signature:  argument name -> Triton type ("*bf16", "*fp32", "i32", "fp32", "constexpr").
     constexprs: values of the constexpr arguments.
+    divisible_by_16: integer arguments that are multiples of 16 at this configuration (Triton specialises such
+                values at launch; without the hint the AOT build is not the code that runs).
     """
 
     name: str
@@ -30,6 +32,7 @@ class AotSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple = ()
 
 
 def _backend(op, module):

@@ -630,9 +630,9 @@ def moe(x, weights, ids, w_gate_up, w_down, path="auto"):
 # expert size 512), for profiling.static. Unit strides are constexpr 1, as Triton specialises them at launch.
 
 
-def _spec(name, kernel, signature, constexprs, num_warps=4, num_stages=3):
+def _spec(name, kernel, signature, constexprs, num_warps=4, num_stages=3, divisible_by_16=()):
     types = {arg: "constexpr" if arg in constexprs else kind for arg, kind in signature.items()}
-    return AotSpec(name, f"kernels.triton.moe:{kernel}", types, constexprs, num_warps, num_stages)
+    return AotSpec(name, f"kernels.triton.moe:{kernel}", types, constexprs, num_warps, num_stages, divisible_by_16)
 
 
 def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
@@ -686,6 +686,8 @@ def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
                           a_row_div=i32, up_offset=i32, stride_am=i32, stride_ak=i32, stride_we=i32, stride_wn=i32,
                           stride_wk=i32, stride_om=i32, stride_on=i32)
     unit = dict(stride_ak=1, stride_wk=1, stride_on=1)
+    # at this shape every size and stride is a multiple of 16 but a_row_div (top_k = 8, or 1)
+    multiples_of_16 = ("N", "K", "up_offset", "stride_am", "stride_we", "stride_wn", "stride_om")
     gate_up = dict(A_MAPPED=True, OUT_MAPPED=False, GATED=True, SCALED=False)
     down = dict(A_MAPPED=False, OUT_MAPPED=True, GATED=False, SCALED=True)
     plain = dict(A_MAPPED=True, OUT_MAPPED=True, GATED=False, SCALED=False)
@@ -699,7 +701,7 @@ def _aot_specs(D=2048, E=256, top_k=8, I=512, dt="bf16"):
         specs.append(_spec(f"moe.gemm[{label},{shapes[label]},{dt},BM={block_m},BN={block_n},BK={block_k},"
                            f"w={warps},s={stages}]", "_grouped_gemm_kernel", gemm_signature,
                            dict(unit, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
-                           num_warps=warps, num_stages=stages))
+                           num_warps=warps, num_stages=stages, divisible_by_16=multiples_of_16))
     return specs
 
 
