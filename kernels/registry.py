@@ -22,6 +22,9 @@ from kernels import validate
 
 OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute",
        "grouped_gemm", "moe")
+# One file per op family: the module of each op inside reference/ and inside every toolchain package.
+OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
+             "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe"}
 TOOLCHAINS = ("kernels.torch", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba", "kernels.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES
 
@@ -84,6 +87,11 @@ class Backend:
         return getattr(importlib.import_module(module), attr)
 
 
+def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, **options) -> list[Backend]:
+    """Backend `name` of every op in ops, each implemented at package.<OP_MODULE[op]>:<op>."""
+    return [Backend(op, name, f"{package}.{OP_MODULE[op]}:{op}", places, **options) for op in ops]
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -104,10 +112,7 @@ def _table() -> dict[str, dict[str, Backend]]:
 
 
 def _reference_backends():
-    modules = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule",
-               "attention": "attention", "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe",
-               "grouped_gemm": "moe", "moe": "moe"}
-    return [Backend(op, "reference", f"reference.{module}:{op}", ("cpu", "cuda")) for op, module in modules.items()]
+    return family_backends("reference", "reference", ("cpu", "cuda"))
 
 
 def _check_op(op):

@@ -6,10 +6,7 @@ SOURCES lists them with the kernels whose ptxas report must show no spills.
 """
 import torch
 
-from kernels.registry import Backend
-
-_PLACES = ("cuda",)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from kernels.registry import family_backends
 
 # .cu file -> name prefixes of its main kernels (zero spills asserted for every instantiation)
 SOURCES = {
@@ -18,15 +15,7 @@ SOURCES = {
 }
 
 
-def _backend(op, module):
-    return Backend(op, "cuda", f"kernels.cuda.{module}:{op}", _PLACES, requires=("cupy",), dtypes=_DTYPES)
-
-
-BACKENDS = [
-    _backend("linear_attention", "linear_attention"),
-    _backend("gated_delta_rule", "gated_delta_rule"),
-    _backend("moe_permute", "moe"),
-    _backend("moe_unpermute", "moe"),
-    _backend("grouped_gemm", "moe"),
-    _backend("moe", "moe"),
-]
+BACKENDS = family_backends("kernels.cuda", "cuda", ("cuda",), requires=("cupy",),
+                           dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                           ops=("linear_attention", "gated_delta_rule", "moe_permute", "moe_unpermute",
+                                "grouped_gemm", "moe"))

@@ -3,22 +3,7 @@ possible, plus fused ElementwiseKernel / ReductionKernel parts). Declared here, 
 programs run on NumPy arrays for CPU tensors (tests/test_cuda_cupy.py checks them that way without a GPU)."""
 import torch
 
-from kernels.registry import Backend
+from kernels.registry import family_backends
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _backend(op, module):
-    return Backend(op, "cupy", f"kernels.cupy.{module}:{op}", ("cuda",), requires=("cupy",), dtypes=_DTYPES)
-
-
-BACKENDS = [
-    _backend("linear_attention", "linear_attention"),
-    _backend("gated_delta_rule", "gated_delta_rule"),
-    _backend("attention", "attention"),
-    _backend("route", "moe"),
-    _backend("moe_permute", "moe"),
-    _backend("moe_unpermute", "moe"),
-    _backend("grouped_gemm", "moe"),
-    _backend("moe", "moe"),
-]
+BACKENDS = family_backends("kernels.cupy", "cupy", ("cuda",), requires=("cupy",),
+                           dtypes=(torch.float32, torch.float16, torch.bfloat16))

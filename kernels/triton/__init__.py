@@ -8,11 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.registry import Backend
-
-_PLACES = ("cuda", "interpret")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
+from kernels.registry import family_backends
 
 @dataclass(frozen=True)
 class AotSpec:
@@ -35,17 +31,5 @@ class AotSpec:
     divisible_by_16: tuple = ()
 
 
-def _backend(op, module):
-    return Backend(op, "triton", f"kernels.triton.{module}:{op}", _PLACES, requires=("triton",), dtypes=_DTYPES)
-
-
-BACKENDS = [
-    _backend("linear_attention", "linear_attention"),
-    _backend("gated_delta_rule", "gated_delta_rule"),
-    _backend("attention", "attention"),
-    _backend("route", "moe"),
-    _backend("moe_permute", "moe"),
-    _backend("moe_unpermute", "moe"),
-    _backend("grouped_gemm", "moe"),
-    _backend("moe", "moe"),
-]
+BACKENDS = family_backends("kernels.triton", "triton", ("cuda", "interpret"), requires=("triton",),
+                           dtypes=(torch.float32, torch.float16, torch.bfloat16))
