@@ -10,8 +10,8 @@ import torch
 import kernels
 from bench import inputs
 from tests.conftest import lab_backends
-from tests.test_linear_attention import (DTYPES, GPU_DTYPES, backend_dtypes, check_bad_input, check_recurrent_op,
-                                         gpu_backends)
+from tests.test_linear_attention import (DTYPES, GPU_DTYPES, backend_dtypes, bad_packed_inputs, check_bad_input,
+                                         check_recurrent_op, gpu_backends)
 
 MODES = ["chunk", "recurrent"]
 
@@ -112,24 +112,13 @@ def _bad_inputs(args):
     ]
 
 
-def _bad_packed_inputs(args):
-    T = args["q"].shape[1]
-    return [
-        ("cu_seqlens_not_monotone", dict(cu_seqlens=torch.tensor([0, 30, 10, T], dtype=torch.int32)),
-         "cu_seqlens must be non-decreasing"),
-        ("cu_seqlens_end", dict(cu_seqlens=torch.tensor([0, 10, T + 1], dtype=torch.int32)), "cu_seqlens must start"),
-        ("cu_seqlens_float", dict(cu_seqlens=torch.tensor([0.0, T])), "cu_seqlens must have dtype"),
-        ("state_count", dict(initial_state=args["initial_state"][:2]), "initial_state must have shape"),
-    ]
-
-
 @pytest.mark.parametrize("backend", lab_backends("gated_delta_rule"))
 def test_bad_input_raises_and_writes_nothing(backend, seed):
     args = inputs.make("gated_delta_rule", B=2, T=40, seed=seed, initial_state=True)
     for name, change, match in _bad_inputs(args):
         check_bad_input("gated_delta_rule", backend, args | change, match)
     packed = inputs.make("gated_delta_rule", seqlens=[20, 1, 19], seed=seed, initial_state=True)
-    for name, change, match in _bad_packed_inputs(packed):
+    for name, change, match in bad_packed_inputs(packed):
         check_bad_input("gated_delta_rule", backend, packed | change, match)
 
 

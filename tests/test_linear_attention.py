@@ -132,12 +132,17 @@ def _bad_inputs(args):
     ]
 
 
-def _bad_packed_inputs(args):
+def bad_packed_inputs(args):
+    """(name, change, message) of bad packing for args made with seqlens=[...] and an initial state; shared by the
+    recurrent ops (the gated delta rule's tests import it)."""
     T = args["q"].shape[1]
     return [
         ("cu_seqlens_not_monotone", dict(cu_seqlens=torch.tensor([0, 30, 10, T], dtype=torch.int32)),
          "cu_seqlens must be non-decreasing"),
-        ("cu_seqlens_end", dict(cu_seqlens=torch.tensor([0, 10, T - 1], dtype=torch.int32)), "cu_seqlens must start"),
+        ("cu_seqlens_end_short", dict(cu_seqlens=torch.tensor([0, 10, T - 1], dtype=torch.int32)),
+         "cu_seqlens must start"),
+        ("cu_seqlens_end_long", dict(cu_seqlens=torch.tensor([0, 10, T + 1], dtype=torch.int32)),
+         "cu_seqlens must start"),
         ("cu_seqlens_float", dict(cu_seqlens=torch.tensor([0.0, T])), "cu_seqlens must have dtype"),
         ("state_count", dict(initial_state=args["initial_state"][:2]), "initial_state must have shape"),
     ]
@@ -149,7 +154,7 @@ def test_bad_input_raises_and_writes_nothing(backend, seed):
     for name, change, match in _bad_inputs(args):
         check_bad_input("linear_attention", backend, args | change, match)
     packed = inputs.make("linear_attention", seqlens=[20, 1, 19], seed=seed, initial_state=True)
-    for name, change, match in _bad_packed_inputs(packed):
+    for name, change, match in bad_packed_inputs(packed):
         check_bad_input("linear_attention", backend, packed | change, match)
 
 
