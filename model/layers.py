@@ -15,6 +15,8 @@ from torch import nn
 
 from model.config import ModelConfig
 
+CONV_TILE = 64  # time steps per tile of the causal conv (64 x 2048 channels x 4 bytes: 0.5 MB)
+
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dim, in float32."""
@@ -101,20 +103,29 @@ class GatedDeltaNet(nn.Module):
             recurrent=torch.zeros(batch, self.Hv, self.K, self.V, dtype=torch.float32, device=device))
 
     def causal_conv(self, x, state: LinearAttentionState | None):
-        """Depthwise causal conv1d + SiLU over time. x [B, C, T] -> [B, C, T]; updates state.conv."""
-        if state is None:
-            window = F.pad(x, (self.kernel_size - 1, 0))
-        else:
-            window = torch.cat([state.conv, x], dim=-1)  # the previous inputs stand in for the zero padding
-            state.conv.copy_(window[:, :, -(self.kernel_size - 1):])
-            if x.shape[-1] == 1:  # decode: one dot product per channel, cheaper than a conv1d call
-                return F.silu((window * self.conv1d.weight[:, 0]).sum(-1, keepdim=True))
-        return F.silu(F.conv1d(window, self.conv1d.weight, groups=self.conv_dim))
+        """Depthwise causal conv1d + SiLU over time. x [B, T, C] -> [B, T, C]; updates state.conv.
+        Computed as kernel_size shifted multiply-adds on the time-major layout: no transposes of x, and several
+        times faster on CPU than conv1d's depthwise path."""
+        B, T, C = x.shape
+        weight = self.conv1d.weight[:, 0].t().contiguous()  # [kernel, C]: contiguous rows vectorise
+        history = self.kernel_size - 1
+        past = x.new_zeros(B, history, C) if state is None else state.conv.transpose(1, 2)
+        window = torch.cat([past, x], dim=1)  # [B, history + T, C]: the previous inputs stand in for zero padding
+        if state is not None:
+            state.conv.copy_(window[:, T:].transpose(1, 2))
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for start in range(0, T, CONV_TILE):  # tiles of time steps, so that each tile's passes hit the cache
+            end = min(start + CONV_TILE, T)
+            tile = torch.mul(window[:, start + history:end + history], weight[history], out=out[:, start:end])
+            for i in range(history):
+                tile.addcmul_(window[:, start + i:end + i], weight[i])
+            F.silu(tile, inplace=True)
+        return out
 
     def forward(self, x, state: LinearAttentionState | None = None):
         B, T, _ = x.shape
         qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_dim, self.Hv, self.Hv], dim=-1)
-        qkv = self.causal_conv(qkv.transpose(1, 2), state).transpose(1, 2)
+        qkv = self.causal_conv(qkv, state)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: exp(A_log) overflows fp16
         # decode (one token, a state to continue) runs token by token; everything else chunked

@@ -100,6 +100,27 @@ def test_torch_float64(seed):
     check_recurrent_op("linear_attention", "torch", args, seed)
 
 
+
+def test_torch_decay_factors_flush_to_zero_not_subnormal(seed):
+    """The torch backends' decay factors: exp(x) down to the floor, exactly 0 below it (no subnormal numbers,
+    which slow CPU matmuls a hundredfold); flush_tiny_ zeroes magnitudes under 2^-60 and keeps the rest."""
+    from kernels.torch.linear_attention import LOG_DECAY_FLOOR, decay_exp_, decay_matrix, flush_tiny_
+
+    gen = torch.Generator().manual_seed(seed)
+    log_decay = -torch.rand(1000, generator=gen) * 3 * abs(LOG_DECAY_FLOOR)
+    decay = decay_exp_(log_decay.clone())
+    kept = log_decay >= LOG_DECAY_FLOOR
+    assert torch.equal(decay[kept], log_decay[kept].exp()) and kept.any()
+    assert (decay[~kept] == 0).all() and (~kept).any()
+    gcum = (-torch.rand(8, 64, generator=gen) * 5).cumsum(-1)  # strong decay: the floor is crossed in a chunk
+    matrix = decay_matrix(gcum)
+    assert torch.equal(matrix.triu(1), torch.zeros_like(matrix))
+    expected = (gcum[:, :, None] - gcum[:, None, :]).exp().tril()
+    expected[expected < math.exp(LOG_DECAY_FLOOR)] = 0
+    assert torch.equal(matrix, expected)
+    x = torch.tensor([1.0, -2.0 ** -59, 2.0 ** -61, -1e-40, 0.5])
+    assert flush_tiny_(x).tolist() == [1.0, -2.0 ** -59, 0.0, 0.0, 0.5]
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "no_gate"])
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("linear_attention"), "linear_attention",

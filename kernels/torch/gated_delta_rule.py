@@ -15,8 +15,8 @@ All of this runs on groups of CHUNK_GROUP chunks in turn, so that a group's inte
 """
 import torch
 
-from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_matrix, l2norm_,
-                                            recurrent_pass, state_buffer, state_pass)
+from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_exp_, decay_matrix,
+                                            flush_tiny_, l2norm_, recurrent_pass, state_buffer, state_pass)
 
 CHUNK_GROUP = 16  # chunks computed together (1024 tokens at chunk 64)
 
@@ -30,7 +30,7 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
     gcum = g.cumsum(-1)
-    gamma = gcum.exp()
+    gamma = decay_exp_(gcum.clone())
     decay = decay_matrix(gcum)  # [NC, N, Hk, G, C, C]
     kt = k.transpose(-1, -2)
     attn = torch.matmul(q, kt).unsqueeze(3).mul(decay)
@@ -43,10 +43,10 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
     # (the solve returns column-major matrices: write the scaled copy row-major, so G rows of blocks stack;
     # buffers whose contents are spent are reused: fresh ones cost page faults on CPU)
-    scaled = torch.mul(inverse, (beta * gamma)[..., None, :], out=lower)
+    scaled = flush_tiny_(torch.mul(inverse, (beta * gamma)[..., None, :], out=lower))
     w = torch.matmul(scaled.view(NC, N, Hk, G * C, C), k).view(NC, M, C, K)
-    u = torch.matmul(inverse.mul_(beta[..., None, :]), v).view(NC, M, C, V)
-    keys = (k.unsqueeze(3) * (gcum[..., -1:] - gcum).exp_()[..., None]).view(NC, M, C, K)
+    u = torch.matmul(flush_tiny_(inverse.mul_(beta[..., None, :])), v).view(NC, M, C, V)
+    keys = (k.unsqueeze(3) * decay_exp_(gcum[..., -1:] - gcum)[..., None]).view(NC, M, C, K)
     states = state_buffer(initial_state, NC, N, Hk * G, K, V, v.dtype, v.device)
     state_pass(keys, u, gamma[..., -1].reshape(NC, M), states, w=w)  # u becomes v_new
     q_decayed = torch.mul(q.unsqueeze(3), gamma[..., None], out=w.view(NC, N, Hk, G, C, K)).view(NC, M, C, K)

@@ -9,6 +9,7 @@ with C = 1 is the time-major layout of the token-by-token (recurrent) mode.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,11 @@ import torch
 from kernels.validate import RECURRENT_MAX_T
 
 CHUNK_SIZE = 64
+# Decay factors exp(x) with x below this log decay are flushed to exactly 0. Next to float32's 2^-24 rounding
+# they are invisible, but left in they make subnormal numbers (below 1.2e-38) in the products that follow,
+# which x86 CPUs compute up to a hundred times slower: heads that decay fast (g of -5 to -10 per token, as in
+# real checkpoints) reach them within a chunk. Subnormal states slowed a whole model's prefill by a quarter.
+LOG_DECAY_FLOOR = -40.0
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -77,11 +83,24 @@ class ChunkLayout:
         return y.transpose(2, 3)[self.chunk, self.seq, self.pos].to(dtype).view(B, T, H, *D)
 
 
+def decay_exp_(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp(x) in place for log decays x <= 0, exactly 0 below LOG_DECAY_FLOOR. Arguments are clamped into
+    [LOG_DECAY_FLOOR - 1, 0] first: exp's slow paths (overflow, underflow, infinities) are never taken."""
+    decay = log_decay.clamp_(LOG_DECAY_FLOOR - 1, 0.0).exp_()
+    return torch.nn.functional.threshold_(decay, math.exp(LOG_DECAY_FLOOR), 0.0)
+
+
+def flush_tiny_(x: torch.Tensor) -> torch.Tensor:
+    """Sets the entries of x below 2^-60 in magnitude to 0, in place, so that x's products with numbers of the
+    same floor stay normal. For matmul operands built from many small decays (the triangular solve's inverse):
+    a matmul with subnormal products crawls."""
+    return x.masked_fill_(x.abs() < 2.0 ** -60, 0.0)
+
+
 def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
-    """gcum [..., C] (within-chunk cumulative log decay) -> [..., C, C]: exp(gcum_i - gcum_j) for j <= i, else 0.
-    The upper triangle may overflow to inf before tril_ overwrites it (never multiplied); masking it with -inf
-    before the exp instead is ten times slower on CPU (exp's slow path for infinities)."""
-    return (gcum[..., :, None] - gcum[..., None, :]).exp_().tril_()
+    """gcum [..., C] (within-chunk cumulative log decay) -> [..., C, C]: exp(gcum_i - gcum_j) for j <= i, else 0
+    (decay_exp_: the upper triangle is clamped to exp(0) before tril_ clears it)."""
+    return decay_exp_(gcum[..., :, None] - gcum[..., None, :]).tril_()
 
 
 def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, states: torch.Tensor,
@@ -117,7 +136,7 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     # Both reads of the decayed state in one matmul: o = S'^T q + (q . k) u, since S = S' + k u^T.
     reads = torch.stack([k, q], dim=-2) if beta is not None else q.unsqueeze(-2)
     qk = (q * k).sum(-1)[..., None, None]
-    gamma = g.exp()[:, :, :, None, :, None]
+    gamma = decay_exp_(g.clone())[:, :, :, None, :, None]
     flat = state.view(N * Hk, K, G * V)
     o = torch.empty_like(v)
     for t in range(T):
@@ -153,9 +172,9 @@ def chunked(q, k, v, g, initial_state):
     V = v.shape[-1]
     M = N * H
     gcum = g.cumsum(-1)
-    gamma = gcum.exp()
+    gamma = decay_exp_(gcum.clone())
     attn = torch.matmul(q, k.transpose(-1, -2)).mul_(decay_matrix(gcum))
-    keys = k * (gcum[..., -1:] - gcum).exp_()[..., None]
+    keys = k * decay_exp_(gcum[..., -1:] - gcum)[..., None]
     states = state_buffer(initial_state, NC, N, H, K, V, q.dtype, q.device)
     state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M), states)
     o = torch.matmul((q * gamma[..., None]).view(NC, M, C, K), states[:NC])
