@@ -16,6 +16,7 @@ import contextlib
 import math
 import multiprocessing
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -126,17 +127,36 @@ def shape_label(cfg) -> str:
             f"ATT({cfg.num_attention_heads},{cfg.num_key_value_heads})x{cfg.head_dim}")
 
 
+def dense_share(fn) -> float:
+    """Fraction of one call of fn spent in nn.Linear (aten::linear and the GEMM under it), from torch.profiler:
+    the dense projections (mixers' in/out projections, router, shared expert, lm_head), the same GEMMs on the same
+    weights in every implementation of the model. By Amdahl's law no implementation beats this one by more than
+    1 / share while it runs those GEMMs as fast (the profiler's own overhead makes the share an underestimate)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        start = time.perf_counter()
+        fn()
+        wall_s = time.perf_counter() - start
+    linear_us = sum(event.cpu_time_total for event in prof.key_averages() if event.key == "aten::linear")
+    return linear_us / 1e6 / wall_s
+
+
 def measure(runner, ids, device, budget_s) -> list[dict]:
     """Prefill of ids [1, T] into a fresh cache, then decode steps extending that cache by one token each
-    (bench.timing's timer: a warm-up call, then repeats within the budget). Two rows."""
+    (bench.timing's timer: a warm-up call, then repeats within the budget). Two rows; on CPU each with the share
+    of a call's time in dense projections (dense_share)."""
     context = ids.shape[1]
     prefill = timing.time_call(lambda: runner.prefill(ids), device, budget_s)
     _, cache = runner.prefill(ids)
     size = runner.cache_bytes(cache)
     token = ids[:, -1:]
     decode = timing.time_call(lambda: runner.decode(token, cache), device, budget_s / 4)
+    shares = {"prefill": dense_share(lambda: runner.prefill(ids)), "decode": dense_share(
+        lambda: runner.decode(token, cache))} if torch.device(device).type == "cpu" else {}
     return [dict(context=context, phase=phase, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                 repeats=t.repeats, threads=t.threads, tokens_per_s=tokens / (t.median_ms / 1e3), cache_bytes=size)
+                 repeats=t.repeats, threads=t.threads, tokens_per_s=tokens / (t.median_ms / 1e3), cache_bytes=size,
+                 dense_share=shares.get(phase))
             for phase, t, tokens in (("prefill", prefill, context), ("decode", decode, 1))]
 
 
@@ -283,6 +303,12 @@ def summary(rows) -> list[str]:
             if backend != "transformers" and "transformers" in at:
                 lines.append(f"{phase} at {longest}: {backend} {tps:.1f} tok/s = {tps / at['transformers']:.2f}x "
                              f"transformers ({at['transformers']:.1f} tok/s)")
+        share = next((r.get("dense_share") for r in rows if r.get("phase") == phase and r["context"] == longest
+                      and r["variant"] == "hybrid" and r["backend"] == "transformers"), None)
+        if share is not None and share == share:  # not NaN
+            lines.append(f"{phase} at {longest}: transformers spends {share:.0%} of its time in dense projections "
+                         f"(nn.Linear), the same GEMMs in any implementation: at most {1 / share:.1f}x faster "
+                         f"while they run as fast")
     for shape in ("bench config", "Qwen3.5-35B-A3B"):
         mem = {r["variant"]: r["cache_bytes"] for r in rows
                if r.get("phase") == "cache" and r["context"] == 32768 and r["shape"] == shape}

@@ -160,8 +160,13 @@ def where_time_goes(rows, op) -> list[str]:
     work = lab["flops"].where(lab["flops"] > 0, lab["bytes"])
     if work.isna().all():  # rows without a cost model (the model's): only the ranking
         wins = lab.loc[lab.groupby(["shape", "dtype"])["median_ms"].idxmin(), "backend"].value_counts()
-        return ["No FLOP or byte model for these rows. Fastest lab backend per shape: "
-                + ", ".join(f"`{b}` {n}x" for b, n in wins.items()) + "."]
+        lines = ["No FLOP or byte model for these rows. Fastest lab backend per shape: "
+                 + ", ".join(f"`{b}` {n}x" for b, n in wins.items()) + "."]
+        if op == "model":  # the targets, and the share of dense projections that bounds any speedup
+            from bench.model import summary
+
+            lines += [line + "." for line in summary(rows.to_dict("records"))]
+        return lines
     heavy_shape = lab.loc[work.idxmax(), "shape"]
     heavy = lab[lab["shape"] == heavy_shape]
     best = heavy.loc[heavy["median_ms"].idxmin()]
@@ -197,7 +202,7 @@ def where_time_goes(rows, op) -> list[str]:
 
 
 MODEL_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "median_ms", "p20_ms", "p80_ms",
-                 "tokens_per_s", "cache_bytes", "error"]
+                 "tokens_per_s", "dense_share", "cache_bytes", "error"]
 
 
 def _model_table(rows) -> str:

@@ -61,15 +61,20 @@ class ChunkLayout:
         num_chunks = max(1, -(-max(lengths) // size))
         return cls(B, T, size, num_chunks, len(lengths), offset // size, seq, offset % size)
 
-    def to_chunks(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x [B, T, H, *D] -> [NC, N, H, C, *D] in dtype, contiguous, zero past each sequence's end."""
+    def to_chunks(self, x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H, *D] (times scale [B, T, H, 1], in the same pass) -> [NC, N, H, C, *D] in dtype, contiguous,
+        zero past each sequence's end."""
         B, T, H, *D = x.shape
         NC, N, C = self.num_chunks, self.num_seqs, self.size
         if self.chunk is None:  # always a copy: callers update the result in place
             out = torch.empty(NC, N, H, C, *D, dtype=dtype, device=x.device)
-            return out.copy_(x.view(B, NC, C, H, *D).transpose(2, 3).transpose(0, 1))
+            chunk_major = x.view(B, NC, C, H, *D).transpose(2, 3).transpose(0, 1)
+            if scale is None:
+                return out.copy_(chunk_major)
+            return torch.mul(chunk_major, scale.view(B, NC, C, H, 1).transpose(2, 3).transpose(0, 1), out=out)
         out = torch.zeros(NC, N, H, C, *D, dtype=dtype, device=x.device)
-        out.transpose(2, 3)[self.chunk, self.seq, self.pos] = x.reshape(B * T, H, *D).to(dtype)
+        rows = x.reshape(B * T, H, *D) if scale is None else x.reshape(B * T, H, *D) * scale.reshape(B * T, H, 1)
+        out.transpose(2, 3)[self.chunk, self.seq, self.pos] = rows.to(dtype)
         return out
 
     def from_chunks(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -112,11 +117,13 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
     states [NC + 1, M, K, V]: states[0] holds the initial state; fills states[j] = S_j, the state at the start
     of chunk j (the outputs then read all of them in one batched matmul), and states[NC], the final state.
     w [NC, M, C, K] (the delta rule): values_j -= w_j S_j before the write (values updated in place)."""
-    decay = chunk_decay[..., None, None]
-    for j in range(keys.shape[0]):
-        if w is not None:
-            values[j].baddbmm_(w[j], states[j], alpha=-1)
-        torch.mul(states[j], decay[j], out=states[j + 1]).baddbmm_(keys[j].transpose(1, 2), values[j])
+    # unbound once: cheaper than indexing every tensor anew in each step
+    steps = zip(states.unbind(0), states[1:].unbind(0), keys.transpose(-1, -2).unbind(0), values.unbind(0),
+                chunk_decay[..., None, None].unbind(0), (w.unbind(0) if w is not None else [None] * keys.shape[0]))
+    for state, next_state, keys_t, value, decay, delta in steps:
+        if delta is not None:
+            value.baddbmm_(delta, state, alpha=-1)
+        torch.mul(state, decay, out=next_state).baddbmm_(keys_t, value)
 
 
 def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
@@ -148,10 +155,11 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     return o, state.transpose(2, 3)
 
 
-def l2norm_(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """x <- scale * x / sqrt(sum(x^2) + 1e-6) over the last dim, in place."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x.mul_(norm.square_().add_(1e-6).rsqrt_().mul_(scale))
+def l2norm_scale(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """The factor scale / sqrt(sum(x^2) + 1e-6) over x's last dim, [..., 1] in dtype: x times it is x
+    l2-normalised and scaled."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype)
+    return norm.square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
 def state_buffer(initial_state, NC, N, H, K, V, dtype, device) -> torch.Tensor:
