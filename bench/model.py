@@ -144,7 +144,7 @@ def dense_share(fn) -> float:
 
 def measure(runner, ids, device, budget_s) -> list[dict]:
     """Prefill of ids [1, T] into a fresh cache, then decode steps extending that cache by one token each
-    (bench.timing's timer: a warm-up call, then repeats within the budget). Two rows; on CPU each with the share
+    (bench.timing's timer: a warm-up call, then repeats within the budget). Two rows; transformers' with the share
     of a call's time in dense projections (dense_share)."""
     context = ids.shape[1]
     prefill = timing.time_call(lambda: runner.prefill(ids), device, budget_s)
@@ -152,8 +152,9 @@ def measure(runner, ids, device, budget_s) -> list[dict]:
     size = runner.cache_bytes(cache)
     token = ids[:, -1:]
     decode = timing.time_call(lambda: runner.decode(token, cache), device, budget_s / 4)
+    # transformers' share only: its experts (grouped_mm) and Gated DeltaNet (matmul) are not nn.Linear calls
     shares = {"prefill": dense_share(lambda: runner.prefill(ids)), "decode": dense_share(
-        lambda: runner.decode(token, cache))} if torch.device(device).type == "cpu" else {}
+        lambda: runner.decode(token, cache))} if isinstance(runner, Transformers) else {}
     return [dict(context=context, phase=phase, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                  repeats=t.repeats, threads=t.threads, tokens_per_s=tokens / (t.median_ms / 1e3), cache_bytes=size,
                  dense_share=shares.get(phase))

@@ -9,14 +9,14 @@ state S0 at the chunk's start (see fla's chunk_gated_delta_rule and the DeltaNet
   S1 = exp(gcum_C) S0 + (k exp(gcum_C - gcum))^T v_new
 Everything but v_new, o's first term and S1 is computed for all chunks at once; k k^T and q k^T once per key
 head (value head h reads key head h // (Hv // Hk)), never on repeated keys. The sequential pass over chunks does
-two matmuls per chunk, v_new and the state write, and keeps every chunk's starting state, so that the outputs'
-reads of the state are one batched matmul afterwards (as fla's chunk_fwd_h / chunk_fwd_o split the work).
+three matmuls per chunk, v_new, the output's read of the state (o's first term) and the state write, with the
+state in two buffers in turn (in cache).
 All of this runs on groups of CHUNK_GROUP chunks in turn, so that a group's intermediates stay in cache.
 """
 import torch
 
 from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_exp_, decay_matrix,
-                                            flush_tiny_, l2norm_scale, recurrent_pass, state_buffer, state_pass)
+                                            flush_tiny_, l2norm_scale, recurrent_pass, state_pass)
 
 # On CPU the intra-chunk work (C^2 per token and head: decay matrices, triangular solve, k k^T) costs more than a
 # twice longer sequential pass: chunks of 32 measured 20% faster than 64 at T = 8192, K = V = 128 (linear
@@ -51,12 +51,11 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     w = torch.matmul(scaled.view(NC, N, Hk, G * C, C), k).view(NC, M, C, K)
     u = torch.matmul(flush_tiny_(inverse.mul_(beta[..., None, :])), v).view(NC, M, C, V)
     keys = (k.unsqueeze(3) * decay_exp_(gcum[..., -1:] - gcum)[..., None]).view(NC, M, C, K)
-    states = state_buffer(initial_state, NC, N, Hk * G, K, V, v.dtype, v.device)
-    state_pass(keys, u, gamma[..., -1].reshape(NC, M), states, w=w)  # u becomes v_new
-    q_decayed = torch.mul(q.unsqueeze(3), gamma[..., None], out=w.view(NC, N, Hk, G, C, K)).view(NC, M, C, K)
-    o = torch.matmul(q_decayed, states[:NC], out=v.view(NC, M, C, V))
+    q_decayed = (q.unsqueeze(3) * gamma[..., None]).view(NC, M, C, K)
+    o = v.view(NC, M, C, V)  # v is spent (u holds it): the output takes its place
+    state = state_pass(keys, u, gamma[..., -1].reshape(NC, M), q_decayed, o, initial_state, w=w)  # u: v_new
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), u.view(NC * M, C, V))
-    return o.view(NC, N, Hk, G, C, V), states[NC]
+    return o.view(NC, N, Hk, G, C, V), state
 
 
 @torch.no_grad()

@@ -108,22 +108,33 @@ def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
     return decay_exp_(gcum[..., :, None] - gcum[..., None, :]).tril_()
 
 
-def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, states: torch.Tensor,
-               w: torch.Tensor | None = None) -> None:
-    """The sequential pass over chunks: the only state-dependent work, two matmuls per chunk at most.
+def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, reads: torch.Tensor,
+               out: torch.Tensor, initial_state: torch.Tensor | None, w: torch.Tensor | None = None) -> torch.Tensor:
+    """The sequential pass over chunks: the only state-dependent work, three matmuls per chunk at most.
 
-    keys [NC, M, C, K], values [NC, M, C, V] (M = sequences x value heads): chunk j writes
-    S_{j+1} = chunk_decay_j S_j + keys_j^T values_j; chunk_decay [NC, M].
-    states [NC + 1, M, K, V]: states[0] holds the initial state; fills states[j] = S_j, the state at the start
-    of chunk j (the outputs then read all of them in one batched matmul), and states[NC], the final state.
-    w [NC, M, C, K] (the delta rule): values_j -= w_j S_j before the write (values updated in place)."""
+    keys [NC, M, C, K], values [NC, M, C, V] (M = sequences x value heads); with S_j the state at the start of
+    chunk j (S_0 = initial_state [M, K, V], or 0):
+      w [NC, M, C, K] (the delta rule): values_j -= w_j S_j                  (values updated in place)
+      out_j = reads_j S_j                                                  (reads [NC, M, C, K], out [NC, M, C, V])
+      S_{j+1} = chunk_decay_j S_j + keys_j^T values_j                      (chunk_decay [NC, M])
+    Returns the final state [M, K, V]. Two state buffers in turn: the state stays in cache, and the outputs' reads
+    of it (out) happen here rather than from a stored state per chunk."""
+    NC, M, C, K = keys.shape
+    state = torch.zeros(M, K, values.shape[-1], dtype=values.dtype, device=values.device)
+    if initial_state is not None:
+        state.copy_(initial_state.view(state.shape))
+    spare = torch.empty_like(state)
     # unbound once: cheaper than indexing every tensor anew in each step
-    steps = zip(states.unbind(0), states[1:].unbind(0), keys.transpose(-1, -2).unbind(0), values.unbind(0),
-                chunk_decay[..., None, None].unbind(0), (w.unbind(0) if w is not None else [None] * keys.shape[0]))
-    for state, next_state, keys_t, value, decay, delta in steps:
+    deltas = w.unbind(0) if w is not None else [None] * NC
+    for keys_t, value, read, out_j, decay, delta in zip(keys.transpose(-1, -2).unbind(0), values.unbind(0),
+                                                         reads.unbind(0), out.unbind(0),
+                                                         chunk_decay[..., None, None].unbind(0), deltas):
         if delta is not None:
             value.baddbmm_(delta, state, alpha=-1)
-        torch.mul(state, decay, out=next_state).baddbmm_(keys_t, value)
+        torch.bmm(read, state, out=out_j)
+        torch.mul(state, decay, out=spare).baddbmm_(keys_t, value)
+        state, spare = spare, state
+    return state
 
 
 def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
@@ -162,16 +173,6 @@ def l2norm_scale(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> tor
     return norm.square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
-def state_buffer(initial_state, NC, N, H, K, V, dtype, device) -> torch.Tensor:
-    """[NC + 1, N * H, K, V] in dtype for state_pass, states[0] = initial_state (copied, never written) or 0."""
-    states = torch.empty(NC + 1, N * H, K, V, dtype=dtype, device=device)
-    if initial_state is None:
-        states[0].zero_()
-    else:
-        states[0].copy_(initial_state.view(N * H, K, V))
-    return states
-
-
 def chunked(q, k, v, g, initial_state):
     """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
     g [NC, N, H, C]; initial_state None or [N, H, K, V]. Returns o [NC, N, H, C, V] and the final state
@@ -183,11 +184,11 @@ def chunked(q, k, v, g, initial_state):
     gamma = decay_exp_(gcum.clone())
     attn = torch.matmul(q, k.transpose(-1, -2)).mul_(decay_matrix(gcum))
     keys = k * decay_exp_(gcum[..., -1:] - gcum)[..., None]
-    states = state_buffer(initial_state, NC, N, H, K, V, q.dtype, q.device)
-    state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M), states)
-    o = torch.matmul((q * gamma[..., None]).view(NC, M, C, K), states[:NC])
+    o = torch.empty(NC, M, C, V, dtype=v.dtype, device=v.device)
+    state = state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M),
+                       (q * gamma[..., None]).view(NC, M, C, K), o, initial_state)
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V))
-    return o.view(NC, N, H, C, V), states[NC]
+    return o.view(NC, N, H, C, V), state
 
 
 @torch.no_grad()
