@@ -296,7 +296,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
 def summary(rows) -> list[str]:
     """The targets: ours / transformers at the longest context (prefill, decode), cache at 32K."""
     lines = []
-    longest = max((r["context"] for r in rows if r.get("phase") == "prefill"), default=None)
+    longest = max((int(r["context"]) for r in rows if r.get("phase") == "prefill"), default=None)
     for phase in ("prefill", "decode"):
         at = {r["backend"]: r["tokens_per_s"] for r in rows
               if r.get("phase") == phase and r["context"] == longest and r["variant"] == "hybrid"}
