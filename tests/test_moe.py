@@ -238,6 +238,13 @@ def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
     assert torch.equal(on_host, on_device)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 64, 65, 130])
+def test_torch_moe_expert_row_counts(rows, seed):
+    """Every token on one expert: rows on both sides of the bounds of the torch backend's transposed expert MLP
+    (TRANSPOSED_ROWS), so that each GEMM form is checked."""
+    _check_moe("torch", inputs.make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=32, I=16, seed=seed), seed)
+
+
 def test_torch_moe_takes_zero_tokens(seed):
     args = inputs.make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
     assert kernels.moe(**args, backend="torch").shape == (0, 16)

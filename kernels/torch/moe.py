@@ -90,10 +90,20 @@ def grouped_gemm(x, w, offsets):
     return y
 
 
+# Rows of one expert for which its MLP runs transposed (W x^T): measured on CPU (MKL, float32, 2048 x 1024
+# weights), x W^T packs the weight for every call from 4 rows on, while W x^T streams it: 1.2 ms instead of 1.6 at
+# 8 rows, 1.6 instead of 2.1 at 32; from about 100 rows the packed form wins. Up to 4 rows both read the weight
+# once (matrix-vector kernels).
+TRANSPOSED_ROWS = range(5, 65)
+
+
 def _expert_mlp(x, w_gate_up, w_down):
     """x [n, D]; w_gate_up [2I, D]; w_down [D, I] (one expert's views). silu(x W_g^T) * (x W_u^T) W_down^T,
     [n, D] in float32 (float64 for float64 inputs); the GEMMs run in x's dtype."""
     acc = _accumulation_dtype(x.dtype)
+    if x.device.type == "cpu" and x.shape[0] in TRANSPOSED_ROWS:
+        gate, up = torch.mm(w_gate_up, x.T).to(acc).chunk(2, dim=0)  # [I, n] each
+        return torch.mm(w_down, F.silu(gate).mul_(up).to(x.dtype)).to(acc).T
     gate, up = F.linear(x, w_gate_up).to(acc).chunk(2, dim=-1)
     return F.linear(F.silu(gate).mul_(up).to(x.dtype), w_down).to(acc)
 
