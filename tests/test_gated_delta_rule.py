@@ -18,6 +18,7 @@ MODES = ["chunk", "recurrent"]
 # The edge cases, as keywords of bench.inputs.gated_delta_rule (Hk = 2, Hv = 4 unless said; chunk 64).
 CASES = {
     "T1": dict(T=1),
+    "T1_batch2_no_l2norm": dict(B=2, T=1, initial_state=True, use_qk_l2norm=False),
     "one_chunk": dict(T=64, initial_state=True),
     "T_not_multiple_of_chunk": dict(T=130, initial_state=True),
     "batch2": dict(B=2, T=70, initial_state=True),

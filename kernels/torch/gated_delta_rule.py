@@ -58,6 +58,31 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     return o.view(NC, N, Hk, G, C, V), state
 
 
+def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
+    """The recurrence's step for one token per sequence (decode: T = 1, no packing) on [B Hv, K, V] states, in a
+    dozen batched ops: the token loop's layout changes cost more than the step itself. q, k [B, 1, Hk, K];
+    v [B, 1, Hv, V]; g, beta [B, 1, Hv]; initial_state None or [B, Hv, K, V] (never written). With S' = exp(g) S:
+    u = beta (v - S'^T k), S = S' + k u^T, o = S^T q = S'^T q + (q . k) u.
+    Returns o [B, 1, Hv, V] in v's dtype and the state [B, Hv, K, V] in dtype."""
+    B, _, Hk, K = q.shape
+    Hv, V = v.shape[2], v.shape[3]
+    kq = torch.stack([k[:, 0], q[:, 0]], dim=2).to(dtype)  # [B, Hk, 2, K]
+    if use_qk_l2norm:
+        kq.mul_(l2norm_scale(kq, dtype))
+    kq[:, :, 1].mul_(scale)
+    kq = kq.repeat_interleave(Hv // Hk, dim=1).view(B * Hv, 2, K)  # value head h reads key head h // (Hv // Hk)
+    if initial_state is None:
+        state = torch.zeros(B * Hv, K, V, dtype=dtype, device=v.device)
+    else:
+        state = initial_state.reshape(B * Hv, K, V).to(dtype, copy=True)
+    state.mul_(decay_exp_(g.reshape(B * Hv, 1, 1).to(dtype, copy=True)))
+    read = torch.bmm(kq, state)  # [B Hv, 2, V]: S'^T k and S'^T q
+    u = torch.sub(v.reshape(B * Hv, V), read[:, 0]).mul_(beta.reshape(B * Hv, 1))
+    state.baddbmm_(kq[:, :1].transpose(1, 2), u[:, None])
+    o = read[:, 1].addcmul_(kq.prod(dim=1).sum(-1, keepdim=True), u)
+    return o.view(B, 1, Hv, V).to(v.dtype), state.view(B, Hv, K, V)
+
+
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                      chunk_size=None, **_):
@@ -70,6 +95,9 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     Hv, V = v.shape[2], v.shape[3]
     G = Hv // Hk
     dtype = compute_dtype(v)
+    if mode == "recurrent" and T == 1 and cu_seqlens is None:
+        o, state = decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype)
+        return o, state if output_final_state else None
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
     layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size if mode == "chunk" else 1, q.device)
     NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
@@ -89,7 +117,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
             group = slice(start, start + CHUNK_GROUP)
             o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state)
         o = vc
-        state = state.view(N, Hv, K, V).clone() if output_final_state else None
+        state = state.view(N, Hv, K, V) if output_final_state else None  # state_pass's own buffer
     else:
         o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state)
         state = state.reshape(N, Hv, K, V) if output_final_state else None
