@@ -18,10 +18,10 @@ from model.config import ModelConfig
 CONV_TILE = 64  # time steps per tile of the causal conv (64 x 2048 channels x 4 bytes: 0.5 MB)
 
 
-def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dim, in float32."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def rms(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) (times weight) over the last dim, in float32: torch's fused rms_norm, one pass
+    instead of five."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return (rms(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
+        return rms(x, self.eps, 1.0 + self.weight.float()).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -45,7 +45,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, gate):
-        return (self.weight * rms(x, self.eps).to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+        return (self.weight * rms(x, self.eps).to(x.dtype)).mul_(F.silu(gate.float())).to(x.dtype)
 
 
 @dataclass
