@@ -239,10 +239,15 @@ def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 64, 65, 130])
-def test_torch_moe_expert_row_counts(rows, seed):
-    """Every token on one expert: rows on both sides of the bounds of the torch backend's transposed expert MLP
-    (TRANSPOSED_ROWS), so that each GEMM form is checked."""
+def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
+    """Every token on one expert: rows on both sides of the bounds of the torch backend's transposed GEMMs
+    (TRANSPOSED_ROWS), so that each GEMM form is checked, in the layer and in grouped_gemm."""
+    from kernels.torch import moe as torch_moe
+
+    monkeypatch.setattr(torch_moe, "STREAMED_WEIGHT_BYTES", 0)  # small test weights take the streamed form too
     _check_moe("torch", inputs.make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=32, I=16, seed=seed), seed)
+    _check_grouped_gemm("torch", inputs.make("grouped_gemm", N=rows, E=2, top_k=1, routing="one_expert", K=32,
+                                             Nout=24, seed=seed), seed)
 
 
 def test_torch_moe_takes_zero_tokens(seed):

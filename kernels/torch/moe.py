@@ -79,33 +79,45 @@ def moe_unpermute(y_sorted, p, weights):
     return _weighted_sum(per_slot, p.source, weights, p.num_tokens, p.top_k, y_sorted.dtype)
 
 
+# Rows of one expert for which its GEMMs run transposed, (W x^T)^T, when the weight is larger than a core's L2:
+# measured on CPU (MKL, float32, 2048 x 1024 weights), x W^T packs the weight for every call from 4 rows on,
+# while W x^T streams it: 1.2 ms instead of 1.6 at 8 rows, 1.6 instead of 2.1 at 32; from about 100 rows the
+# packed form wins, and so it does for weights that stay in cache. Up to 4 rows both read the weight once.
+TRANSPOSED_ROWS = range(5, 65)
+STREAMED_WEIGHT_BYTES = 2 * 2**20
+
+
+def _streams_weight(x, w):
+    return (x.device.type == "cpu" and x.shape[0] in TRANSPOSED_ROWS
+            and w.numel() * w.element_size() >= STREAMED_WEIGHT_BYTES)
+
+
+def _linear(x, w):
+    """x [n, K] @ w [Nout, K]^T -> [n, Nout] (F.linear), as a transposed view of w x^T where _streams_weight: a
+    second _linear on that view (or on elementwise results that keep its strides) reads it without a copy."""
+    return torch.mm(w, x.T).T if _streams_weight(x, w) else F.linear(x, w)
+
+
 def grouped_gemm(x, w, offsets):
     """x [M, K] grouped by expert; w [E, Nout, K]; offsets int32 [E + 1]. y[offsets[e]:offsets[e + 1]] =
-    x[same rows] @ w[e]^T, one matmul per non-empty group on views of x and w. Returns [M, Nout] in x's dtype."""
+    x[same rows] @ w[e]^T, one matmul per non-empty group on views of x and w (transposed for _streams_weight
+    groups). Returns [M, Nout] in x's dtype."""
     y = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
     bounds = offsets.tolist()
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        if end > start:
+        if _streams_weight(x[start:end], w[e]):
+            y[start:end] = _linear(x[start:end], w[e])
+        elif end > start:
             torch.mm(x[start:end], w[e].T, out=y[start:end])
     return y
-
-
-# Rows of one expert for which its MLP runs transposed (W x^T): measured on CPU (MKL, float32, 2048 x 1024
-# weights), x W^T packs the weight for every call from 4 rows on, while W x^T streams it: 1.2 ms instead of 1.6 at
-# 8 rows, 1.6 instead of 2.1 at 32; from about 100 rows the packed form wins. Up to 4 rows both read the weight
-# once (matrix-vector kernels).
-TRANSPOSED_ROWS = range(5, 65)
 
 
 def _expert_mlp(x, w_gate_up, w_down):
     """x [n, D]; w_gate_up [2I, D]; w_down [D, I] (one expert's views). silu(x W_g^T) * (x W_u^T) W_down^T,
     [n, D] in float32 (float64 for float64 inputs); the GEMMs run in x's dtype."""
     acc = _accumulation_dtype(x.dtype)
-    if x.device.type == "cpu" and x.shape[0] in TRANSPOSED_ROWS:
-        gate, up = torch.mm(w_gate_up, x.T).to(acc).chunk(2, dim=0)  # [I, n] each
-        return torch.mm(w_down, F.silu(gate).mul_(up).to(x.dtype)).to(acc).T
-    gate, up = F.linear(x, w_gate_up).to(acc).chunk(2, dim=-1)
-    return F.linear(F.silu(gate).mul_(up).to(x.dtype), w_down).to(acc)
+    gate, up = _linear(x, w_gate_up).to(acc).chunk(2, dim=-1)
+    return _linear(F.silu(gate).mul_(up).to(x.dtype), w_down).to(acc)
 
 
 def _host_groups(ids):
