@@ -15,7 +15,8 @@ from tests.test_linear_attention import (DTYPES, GPU_DTYPES, backend_dtypes, bad
 
 MODES = ["chunk", "recurrent"]
 
-# The edge cases, as keywords of bench.inputs.gated_delta_rule (Hk = 2, Hv = 4 unless said; chunk 64).
+# The edge cases, as keywords of bench.inputs.gated_delta_rule (Hk = 2, Hv = 4 unless said). Lengths are named
+# for chunks of 64 (the GPU kernels'); the torch backend on CPU runs chunks of 32, so "one_chunk" is two there.
 CASES = {
     "T1": dict(T=1),
     "T1_batch2_no_l2norm": dict(B=2, T=1, initial_state=True, use_qk_l2norm=False),

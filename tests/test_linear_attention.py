@@ -100,7 +100,6 @@ def test_torch_float64(seed):
     check_recurrent_op("linear_attention", "torch", args, seed)
 
 
-
 def test_torch_decay_factors_flush_to_zero_not_subnormal(seed):
     """The torch backends' decay factors: exp(x) down to the floor, exactly 0 below it (no subnormal numbers,
     which slow CPU matmuls a hundredfold); flush_tiny_ zeroes magnitudes under 2^-60 and keeps the rest."""
@@ -120,6 +119,7 @@ def test_torch_decay_factors_flush_to_zero_not_subnormal(seed):
     assert torch.equal(matrix, expected)
     x = torch.tensor([1.0, -2.0 ** -59, 2.0 ** -61, -1e-40, 0.5])
     assert flush_tiny_(x).tolist() == [1.0, -2.0 ** -59, 0.0, 0.0, 0.5]
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "no_gate"])

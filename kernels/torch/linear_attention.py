@@ -73,7 +73,9 @@ class ChunkLayout:
                 return out.copy_(chunk_major)
             return torch.mul(chunk_major, scale.view(B, NC, C, H, 1).transpose(2, 3).transpose(0, 1), out=out)
         out = torch.zeros(NC, N, H, C, *D, dtype=dtype, device=x.device)
-        rows = x.reshape(B * T, H, *D) if scale is None else x.reshape(B * T, H, *D) * scale.reshape(B * T, H, 1)
+        rows = x.reshape(B * T, H, *D)
+        if scale is not None:
+            rows = rows * scale.reshape(B * T, H, 1)
         out.transpose(2, 3)[self.chunk, self.seq, self.pos] = rows.to(dtype)
         return out
 
@@ -120,9 +122,10 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
     Returns the final state [M, K, V]. Two state buffers in turn: the state stays in cache, and the outputs' reads
     of it (out) happen here rather than from a stored state per chunk."""
     NC, M, C, K = keys.shape
-    state = torch.zeros(M, K, values.shape[-1], dtype=values.dtype, device=values.device)
-    if initial_state is not None:
-        state.copy_(initial_state.view(state.shape))
+    if initial_state is None:
+        state = torch.zeros(M, K, values.shape[-1], dtype=values.dtype, device=values.device)
+    else:
+        state = initial_state.reshape(M, K, values.shape[-1]).to(values.dtype, copy=True)
     spare = torch.empty_like(state)
     # unbound once: cheaper than indexing every tensor anew in each step
     deltas = w.unbind(0) if w is not None else [None] * NC

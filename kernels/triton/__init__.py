@@ -10,6 +10,7 @@ import torch
 
 from kernels.registry import family_backends
 
+
 @dataclass(frozen=True)
 class AotSpec:
     """One @triton.jit kernel at one configuration, for triton.compile(ASTSource(...), target=sm_90).
