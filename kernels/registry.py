@@ -25,13 +25,13 @@ OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permut
 # One file per op family: the module of each op inside reference/ and inside every toolchain package.
 OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
              "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe"}
-TOOLCHAINS = ("kernels.torch", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba", "kernels.peers")
+TOOLCHAINS = ("kernels.torch", "kernels.mkl", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba", "kernels.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES
 
 # "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto".
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch", "cupy", "numba_cuda", "reference"),
-    "cpu": ("torch", "numba", "reference"),
+    "cpu": ("torch", "mkl", "numba", "reference"),
 }
 # Ops where measurement says another order wins on a device: {(op, device type): order}.
 AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -51,6 +51,8 @@ class Backend:
     requires: modules that must be importable.
     dtypes:   input dtypes it accepts (others are a ValueError naming the backend).
     peer:     code written elsewhere (fla, transformers, ...), measured beside ours, never "auto".
+    probe:    "module:function" returning why it cannot run here (None when it can), for needs that no
+              importable module names (a library inside torch's build).
     """
 
     op: str
@@ -60,6 +62,7 @@ class Backend:
     requires: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     peer: bool = False
+    probe: str | None = None
 
     def devices(self) -> tuple[str, ...]:
         """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""
@@ -76,6 +79,8 @@ class Backend:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             return f"backend {self.name!r} of {self.op} needs the package(s) {', '.join(missing)}, not installed"
+        if self.probe and (reason := _import(self.probe)()):
+            return f"backend {self.name!r} of {self.op}: {reason}"
         if not self.devices():
             return (f"backend {self.name!r} of {self.op} runs on {' or '.join(self.places)}, none of which is "
                     f"here (no CUDA GPU; TRITON_INTERPRET / NUMBA_ENABLE_CUDASIM not set)")
@@ -83,8 +88,13 @@ class Backend:
 
     @property
     def impl(self):
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _import(self.target)
+
+
+def _import(target: str):
+    """The object named by "package.module:attribute"."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, **options) -> list[Backend]:

@@ -250,6 +250,27 @@ def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
                                              Nout=24, seed=seed), seed)
 
 
+@pytest.mark.skipif("mkl" not in kernels.backends("moe"), reason="torch here is built without MKL")
+def test_mkl_packed_weights_follow_their_tensor(seed):
+    """The mkl backend packs expert weights once per weight tensor: an in-place write to them, or other tensors,
+    must be seen by the next call; the cache lets go of a tensor's packs when the tensor dies."""
+    from kernels.mkl import packed
+
+    args = inputs.make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
+    _check_moe("mkl", args, seed)
+    args["w_gate_up"].mul_(-0.5)
+    args["w_down"][1].add_(0.25)  # through a view: one version counter for the whole tensor
+    _check_moe("mkl", args, seed)
+    _check_moe("mkl", dict(args, w_down=args["w_down"].clone()), seed)
+    gg = inputs.make("grouped_gemm", N=30, E=4, top_k=2, K=32, Nout=24, seed=seed)
+    _check_grouped_gemm("mkl", gg, seed)
+    gg["w"][2].neg_()
+    _check_grouped_gemm("mkl", gg, seed)
+    cached = len(packed._CACHE)
+    del gg
+    assert len(packed._CACHE) == cached - 1
+
+
 def test_torch_moe_takes_zero_tokens(seed):
     args = inputs.make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
     assert kernels.moe(**args, backend="torch").shape == (0, 16)
