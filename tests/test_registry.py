@@ -49,6 +49,17 @@ def test_gpu_only_backend_names_why():
         kernels.get("gated_delta_rule", "fla")
 
 
+def test_a_probe_says_why_a_backend_cannot_run(monkeypatch):
+    """mkl's probe: without MKL's packed GEMM in torch's build the backend is not listed, and asking for it
+    names the reason."""
+    from kernels.mkl import packed
+
+    monkeypatch.setattr(packed, "_library", lambda: None)
+    assert "mkl" not in kernels.backends("moe") and "mkl" in registry.registered("moe")
+    with pytest.raises(kernels.BackendUnavailable, match="needs torch built with MKL"):
+        kernels.get("moe", "mkl")(**inputs.make("moe", N=4, E=2, top_k=1, D=8, I=4))
+
+
 CALLS = []
 
 
