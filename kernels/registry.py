@@ -25,13 +25,15 @@ OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permut
 # One file per op family: the module of each op inside reference/ and inside every toolchain package.
 OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
              "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe"}
-TOOLCHAINS = ("kernels.torch", "kernels.mkl", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba", "kernels.peers")
+TOOLCHAINS = ("kernels.torch", "kernels.mkl", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba",
+              "kernels.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES
 
-# "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto".
+# "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto", nor
+# does mkl (its packed weight copies cost memory: asked for by name).
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch", "cupy", "numba_cuda", "reference"),
-    "cpu": ("torch", "mkl", "numba", "reference"),
+    "cpu": ("torch", "numba", "reference"),
 }
 # Ops where measurement says another order wins on a device: {(op, device type): order}.
 AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {}
