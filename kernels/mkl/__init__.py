@@ -1,6 +1,9 @@
-"""CPU backends on MKL's packed GEMM (the MKL inside torch's x86 CPU build): expert weights packed once per weight
-tensor and reused by every call. Not an "auto" choice: the packed copies add to the weights' memory."""
+"""CPU backends on MKL (the MKL inside torch's x86 CPU build): expert GEMMs on weights packed once per weight
+tensor, and the chunked linear attentions' pass over chunks as one numba-compiled loop of MKL GEMM calls.
+The MoE ops are not an "auto" choice: their packed copies add to the weights' memory."""
 from kernels.registry import family_backends
 
-BACKENDS = family_backends("kernels.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"),
-                           probe="kernels.mkl.packed:unavailable_reason")
+_PROBE = "kernels.mkl.packed:unavailable_reason"
+BACKENDS = (family_backends("kernels.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"), probe=_PROBE)
+            + family_backends("kernels.mkl", "mkl", ("cpu",), ops=("linear_attention", "gated_delta_rule"),
+                              requires=("numba",), probe=_PROBE))
