@@ -269,6 +269,10 @@ def test_mkl_packed_weights_follow_their_tensor(seed):
     cached = len(packed._CACHE)
     del gg
     assert len(packed._CACHE) == cached - 1
+    with torch.inference_mode():  # inference tensors have no version counter: not packed, still right
+        frozen = inputs.make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
+        _check_moe("mkl", frozen, seed)
+    assert len(packed._CACHE) == cached - 1
 
 
 def test_torch_moe_takes_zero_tokens(seed):

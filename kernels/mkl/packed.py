@@ -45,9 +45,11 @@ def unavailable_reason():
 
 
 def packable(x, w):
-    """Whether x @ w[e]^T runs on packed weights: float32 CPU tensors with something to multiply."""
+    """Whether x @ w[e]^T runs on packed weights: float32 CPU tensors with something to multiply, w not an
+    inference tensor (made under torch.inference_mode: it has no version counter, so an in-place write to it
+    could not be seen)."""
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.numel() > 0
-            and _library() is not None)
+            and not w.is_inference() and _library() is not None)
 
 
 class PackedExperts:
