@@ -250,7 +250,8 @@ def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
                                              Nout=24, seed=seed), seed)
 
 
-@pytest.mark.skipif("mkl" not in kernels.backends("moe"), reason="torch here is built without MKL")
+@pytest.mark.skipif("mkl" not in kernels.backends("moe"),
+                    reason="needs torch built with MKL, as its x86 CPU builds are (not ARM ones)")
 def test_mkl_packed_weights_follow_their_tensor(seed):
     """The mkl backend packs expert weights once per weight tensor: an in-place write to them, or other tensors,
     must be seen by the next call; the cache lets go of a tensor's packs when the tensor dies."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kernels.mkl.packed import _library
+from kernels.torch.linear_attention import start_state
 from kernels.torch.linear_attention import state_pass as torch_state_pass
 
 _sgemm = _library().sgemm_
@@ -48,15 +49,11 @@ def state_pass(keys, values, chunk_decay, reads, out, initial_state, w=None):
     """kernels.torch.linear_attention.state_pass's contract: keys, reads, w [NC, M, C, K]; values, out
     [NC, M, C, V] (values updated in place: v_new); chunk_decay [NC, M]; initial_state None or [M, K, V].
     Returns the final state [M, K, V]."""
-    in_place = (values, out, keys, reads) + ((w,) if w is not None else ())
-    if values.dtype != torch.float32 or values.device.type != "cpu" or not all(x.is_contiguous() for x in in_place):
+    operands = (values, out, keys, reads) + ((w,) if w is not None else ())
+    if values.dtype != torch.float32 or values.device.type != "cpu" or not all(x.is_contiguous() for x in operands):
         return torch_state_pass(keys, values, chunk_decay, reads, out, initial_state, w=w)
-    NC, M, C, K = keys.shape
-    V = values.shape[-1]
-    if initial_state is None:
-        state = torch.zeros(M, K, V, dtype=torch.float32)
-    else:
-        state = initial_state.reshape(M, K, V).to(torch.float32, copy=True)
+    _, M, _, K = keys.shape
+    state = start_state(initial_state, (M, K, values.shape[-1]), torch.float32, "cpu")
     delta = (w if w is not None else keys).numpy()
     _pass(keys.numpy(), values.numpy(), chunk_decay.to(torch.float32).contiguous().numpy(), reads.numpy(), delta,
           out.numpy(), state.numpy(), w is not None, _NO_TRANSPOSE, _TRANSPOSE)

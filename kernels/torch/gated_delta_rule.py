@@ -16,7 +16,7 @@ All of this runs on groups of CHUNK_GROUP chunks in turn, so that a group's inte
 import torch
 
 from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_exp_, decay_matrix,
-                                            flush_tiny_, l2norm_scale, recurrent_pass, state_pass)
+                                            flush_tiny_, l2norm_scale, recurrent_pass, start_state, state_pass)
 
 # On CPU the intra-chunk work (C^2 per token and head: decay matrices, triangular solve, k k^T) costs more than a
 # twice longer sequential pass: chunks of 32 measured 20% faster than 64 at T = 8192, K = V = 128 (linear
@@ -71,10 +71,7 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
         kq.mul_(l2norm_scale(kq, dtype))
     kq[:, :, 1].mul_(scale)
     kq = kq.repeat_interleave(Hv // Hk, dim=1).view(B * Hv, 2, K)  # value head h reads key head h // (Hv // Hk)
-    if initial_state is None:
-        state = torch.zeros(B * Hv, K, V, dtype=dtype, device=v.device)
-    else:
-        state = initial_state.reshape(B * Hv, K, V).to(dtype, copy=True)
+    state = start_state(initial_state, (B * Hv, K, V), dtype, v.device)
     state.mul_(decay_exp_(g.reshape(B * Hv, 1, 1).to(dtype, copy=True)))
     read = torch.bmm(kq, state)  # [B Hv, 2, V]: S'^T k and S'^T q
     u = torch.sub(v.reshape(B * Hv, V), read[:, 0]).mul_(beta.reshape(B * Hv, 1))

@@ -110,6 +110,14 @@ def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
     return decay_exp_(gcum[..., :, None] - gcum[..., None, :]).tril_()
 
 
+def start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh state of `shape` in dtype for a pass to update in place: a copy of initial_state (the caller's,
+    never written) or zeros."""
+    if initial_state is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return initial_state.reshape(shape).to(dtype, copy=True)
+
+
 def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, reads: torch.Tensor,
                out: torch.Tensor, initial_state: torch.Tensor | None, w: torch.Tensor | None = None) -> torch.Tensor:
     """The sequential pass over chunks: the only state-dependent work, three matmuls per chunk at most.
@@ -122,10 +130,7 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
     Returns the final state [M, K, V]. Two state buffers in turn: the state stays in cache, and the outputs' reads
     of it (out) happen here rather than from a stored state per chunk."""
     NC, M, C, K = keys.shape
-    if initial_state is None:
-        state = torch.zeros(M, K, values.shape[-1], dtype=values.dtype, device=values.device)
-    else:
-        state = initial_state.reshape(M, K, values.shape[-1]).to(values.dtype, copy=True)
+    state = start_state(initial_state, (M, K, values.shape[-1]), values.dtype, values.device)
     spare = torch.empty_like(state)
     # unbound once: cheaper than indexing every tensor anew in each step
     deltas = w.unbind(0) if w is not None else [None] * NC
