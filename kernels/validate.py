@@ -25,6 +25,13 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 RECURRENT_MAX_T = 64
 
 
+def auto_mode(T: int, cu_seqlens) -> str:
+    """The linear attentions' mode "auto": "recurrent" for RECURRENT_MAX_T tokens per sequence or fewer (T tokens,
+    packed into cu_seqlens' sequences when given), else "chunk"."""
+    per_sequence = T if cu_seqlens is None else T // max(1, cu_seqlens.shape[0] - 1)
+    return "recurrent" if per_sequence <= RECURRENT_MAX_T else "chunk"
+
+
 def _check_values() -> bool:
     if os.environ.get("KERNELS_TRUST_INPUTS") == "1":
         return False
@@ -138,8 +145,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     if mode not in ("auto", "chunk", "recurrent"):
         raise ValueError(f"mode must be 'auto', 'chunk' or 'recurrent', got {mode!r}")
     if mode == "auto":
-        longest = q.shape[1] if cu_seqlens is None else q.shape[1] // max(1, cu_seqlens.shape[0] - 1)
-        mode = "recurrent" if longest <= RECURRENT_MAX_T else "chunk"
+        mode = auto_mode(q.shape[1], cu_seqlens)
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
                 cu_seqlens=cu_seqlens, mode=mode)

@@ -76,6 +76,17 @@ def test_torch_small_chunks(chunk_size, case, seed):
     check_recurrent_op("gated_delta_rule", "torch", args | dict(mode="chunk"), seed, chunk_size=chunk_size)
 
 
+@pytest.mark.skipif("mkl" not in kernels.backends("gated_delta_rule"), reason="needs torch built with MKL (x86)")
+@pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "Hv_4Hk",
+                                  "beta_near_1_no_l2norm", "T1"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_mkl_chunk_sizes(chunk_size, case, seed):
+    """mkl's chunked loop at other chunk sizes: one token, a size that divides nothing, one longer than some
+    sequences (the last chunk of a sequence is short; nothing is padded)."""
+    args = inputs.make("gated_delta_rule", seed=seed, **CASES[case])
+    check_recurrent_op("gated_delta_rule", "mkl", args | dict(mode="chunk"), seed, chunk_size=chunk_size)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "Hv_equals_Hk",

@@ -82,10 +82,21 @@ def test_matches_reference(backend, dtype, case, seed):
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_modes(mode, case, seed):
-    """The torch backend's chunked and token-by-token paths (its extra keyword `mode`)."""
+@pytest.mark.parametrize("backend", [b for b in ("torch", "mkl") if b in kernels.backends("linear_attention")])
+def test_cpu_modes(backend, mode, case, seed):
+    """The torch and mkl backends' chunked and token-by-token paths (their extra keyword `mode`): "auto" runs
+    short sequences token by token, so the parity test above alone would not reach their chunked code on them."""
     args = inputs.make("linear_attention", seed=seed, **CASES[case])
-    check_recurrent_op("linear_attention", "torch", args, seed, mode=mode)
+    check_recurrent_op("linear_attention", backend, args, seed, mode=mode)
+
+
+@pytest.mark.skipif("mkl" not in kernels.backends("linear_attention"), reason="needs torch built with MKL (x86)")
+@pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "no_gate", "strong_decay"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_mkl_chunk_sizes(chunk_size, case, seed):
+    """mkl's chunked loop at other chunk sizes (see the gated delta rule's test of the same name)."""
+    args = inputs.make("linear_attention", seed=seed, **CASES[case])
+    check_recurrent_op("linear_attention", "mkl", args, seed, mode="chunk", chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("backend", lab_backends("linear_attention"))

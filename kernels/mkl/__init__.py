@@ -1,5 +1,5 @@
 """CPU backends on MKL (the MKL inside torch's x86 CPU build): expert GEMMs on weights packed once per weight
-tensor, and the chunked linear attentions' pass over chunks as one numba-compiled loop of MKL GEMM calls.
+tensor, and the chunked linear attentions as one numba-compiled loop of MKL calls (kernels/mkl/chunked.py).
 The MoE ops are not an "auto" choice: their packed copies add to the weights' memory."""
 from kernels.registry import family_backends
 

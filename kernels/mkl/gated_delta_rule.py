@@ -1,10 +1,18 @@
-"""The gated delta rule on CPU: the torch backend's algorithm with the pass over chunks run by
-kernels.mkl.state_pass (one compiled loop of MKL GEMMs). The token-by-token mode is the torch backend's."""
-from kernels.mkl.state_pass import state_pass
+"""The gated delta rule on CPU: chunks by kernels.mkl.chunked (float32; the WY form as one compiled loop of MKL
+calls on the inputs where they lie). float64 inputs and the token-by-token mode run the torch backend's code."""
+import torch
+
+from kernels.mkl.chunked import chunked
 from kernels.torch import gated_delta_rule as torch_gdr
 
 
-def gated_delta_rule(**kwargs):
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
+                     chunk_size=None, **kwargs):
     """As kernels.torch.gated_delta_rule.gated_delta_rule: q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta
-    [B, T, Hv]; initial_state None or [N, Hv, K, V]. Returns (o [B, T, Hv, V], final state or None)."""
-    return torch_gdr.gated_delta_rule(**kwargs, sequential_pass=state_pass)
+    [B, T, Hv]; initial_state None or [N, Hv, K, V]. Returns o [B, T, Hv, V] in v's dtype and the final state
+    [N, Hv, K, V] (float32; float64 for float64 inputs) or None. chunk_size: default kernels.mkl.chunked's."""
+    if mode != "chunk" or v.dtype == torch.float64:
+        return torch_gdr.gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                                          cu_seqlens, mode, chunk_size=chunk_size, **kwargs)
+    o, state = chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size)
+    return o, state if output_final_state else None

@@ -19,12 +19,12 @@ _int, _ptr = ctypes.c_int, ctypes.c_void_p
 
 @cache
 def _library():
-    """torch's CPU library with MKL's packed-GEMM entry points and sgemm typed, or None without MKL."""
+    """torch's CPU library with MKL's packed-GEMM entry points, sgemm and strsm typed, or None without MKL."""
     if not torch.backends.mkl.is_available():
         return None
     library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     if not all(hasattr(library, name) for name in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack",
-                                                   "cblas_sgemm_compute", "sgemm_")):
+                                                   "cblas_sgemm_compute", "sgemm_", "strsm_")):
         return None
     library.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
     library.cblas_sgemm_pack_get_size.argtypes = [_int] * 4
@@ -32,15 +32,17 @@ def _library():
     library.cblas_sgemm_pack.argtypes = [_int] * 6 + [ctypes.c_float, _ptr, _int, _ptr]
     library.cblas_sgemm_compute.restype = None
     library.cblas_sgemm_compute.argtypes = [_int] * 6 + [_ptr, _int, _ptr, _int, ctypes.c_float, _ptr, _int]
-    library.sgemm_.restype = None  # the Fortran sgemm, every argument by pointer: callable from numba code
+    # the Fortran sgemm and strsm, every argument by pointer: callable from numba code
+    library.sgemm_.restype = library.strsm_.restype = None
     library.sgemm_.argtypes = [_ptr] * 13
+    library.strsm_.argtypes = [_ptr] * 11
     return library
 
 
 def unavailable_reason():
     if _library() is None:
-        return ("needs torch built with MKL (cblas_sgemm_pack / cblas_sgemm_compute / sgemm_ in libtorch_cpu), "
-                "absent here")
+        return ("needs torch built with MKL (cblas_sgemm_pack / cblas_sgemm_compute / sgemm_ / strsm_ in "
+                "libtorch_cpu), absent here")
     return None
 
 

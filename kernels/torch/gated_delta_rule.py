@@ -26,10 +26,9 @@ CHUNK_GROUP = 32  # chunks computed together (1024 tokens at chunk 32, 2048 at c
 
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-               initial_state: torch.Tensor | None, sequential_pass=state_pass) -> tuple[torch.Tensor, torch.Tensor]:
+               initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V] (overwritten: it holds
-    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]. sequential_pass: state_pass
-    or a function of the same contract. Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V]."""
+    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]. Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
@@ -53,7 +52,7 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     keys = (k.unsqueeze(3) * decay_exp_(gcum[..., -1:] - gcum)[..., None]).view(NC, M, C, K)
     q_decayed = (q.unsqueeze(3) * gamma[..., None]).view(NC, M, C, K)
     o = v.view(NC, M, C, V)  # v is spent (u holds it): the output takes its place
-    state = sequential_pass(keys, u, gamma[..., -1].reshape(NC, M), q_decayed, o, initial_state, w=w)  # u: v_new
+    state = state_pass(keys, u, gamma[..., -1].reshape(NC, M), q_decayed, o, initial_state, w=w)  # u: v_new
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), u.view(NC * M, C, V))
     return o.view(NC, N, Hk, G, C, V), state
 
@@ -82,10 +81,10 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
 
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     chunk_size=None, sequential_pass=state_pass, **_):
+                     chunk_size=None, **_):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V].
     Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size: default 32 on CPU, 64 on
-    GPUs; the pass over chunks by sequential_pass) or "recurrent".
+    GPUs) or "recurrent".
     Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] (float32, float64 for float64
     inputs) or None. Computes in float32 (float64 for float64 inputs)."""
     B, T, Hk, K = q.shape
@@ -112,7 +111,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
         state = initial_state
         for start in range(0, NC, CHUNK_GROUP):
             group = slice(start, start + CHUNK_GROUP)
-            o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state, sequential_pass)
+            o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state)
         o = vc
         state = state.view(N, Hv, K, V) if output_final_state else None  # the pass's own buffer
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.validate import RECURRENT_MAX_T
+from kernels.validate import auto_mode
 
 CHUNK_SIZE = 64
 # Decay factors exp(x) with x below this log decay are flushed to exactly 0. Next to float32's 2^-24 rounding
@@ -181,10 +181,9 @@ def l2norm_scale(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> tor
     return norm.square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
-def chunked(q, k, v, g, initial_state, sequential_pass=state_pass):
+def chunked(q, k, v, g, initial_state):
     """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
-    g [NC, N, H, C]; initial_state None or [N, H, K, V]; sequential_pass: state_pass or a function of the same
-    contract. Returns o [NC, N, H, C, V] and the final state [N * H, K, V]."""
+    g [NC, N, H, C]; initial_state None or [N, H, K, V]. Returns o [NC, N, H, C, V] and the final state [N * H, K, V]."""
     NC, N, H, C, K = k.shape
     V = v.shape[-1]
     M = N * H
@@ -193,7 +192,7 @@ def chunked(q, k, v, g, initial_state, sequential_pass=state_pass):
     attn = torch.matmul(q, k.transpose(-1, -2)).mul_(decay_matrix(gcum))
     keys = k * decay_exp_(gcum[..., -1:] - gcum)[..., None]
     o = torch.empty(NC, M, C, V, dtype=v.dtype, device=v.device)
-    state = sequential_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M),
+    state = state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M),
                             (q * gamma[..., None]).view(NC, M, C, K), o, initial_state)
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V))
     return o.view(NC, N, H, C, V), state
@@ -201,26 +200,25 @@ def chunked(q, k, v, g, initial_state, sequential_pass=state_pass):
 
 @torch.no_grad()
 def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode="auto",
-                     chunk_size=CHUNK_SIZE, sequential_pass=state_pass, **_):
+                     chunk_size=None, **_):
     """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V].
     S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk", "recurrent" or "auto"
-    (recurrent up to RECURRENT_MAX_T tokens per sequence). Returns o [B, T, H, V] in v's dtype and the final
+    (kernels.validate.auto_mode); chunk_size: default CHUNK_SIZE. Returns o [B, T, H, V] in v's dtype and the final
     state [N, H, K, V] (float32, float64 for float64 inputs) or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(v)
     if g is None:
         g = torch.zeros(B, T, H, dtype=dtype, device=q.device)
-    if mode == "auto":  # the gated delta rule's rule (kernels.validate)
-        longest = T if cu_seqlens is None else T // (cu_seqlens.shape[0] - 1)
-        mode = "recurrent" if longest <= RECURRENT_MAX_T else "chunk"
-    C = chunk_size if mode == "chunk" else 1
+    if mode == "auto":
+        mode = auto_mode(T, cu_seqlens)
+    C = (chunk_size or CHUNK_SIZE) if mode == "chunk" else 1
     layout = ChunkLayout.of(B, T, cu_seqlens, C, q.device)
     qc = layout.to_chunks(q, dtype).mul_(scale)
     kc, vc, gc = (layout.to_chunks(x, dtype) for x in (k, v, g))
     N = layout.num_seqs
     if mode == "chunk":
-        o, state = chunked(qc, kc, vc, gc, initial_state, sequential_pass)
+        o, state = chunked(qc, kc, vc, gc, initial_state)
     else:
         o, state = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0],
                                   None, initial_state)
