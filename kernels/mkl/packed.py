@@ -11,6 +11,7 @@ import os
 import weakref
 from functools import cache
 
+import numpy as np
 import torch
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
@@ -70,18 +71,30 @@ class PackedExperts:
 
     def linear(self, x, e, out=None):
         """x [n, K] (any row stride) @ w[e]^T -> [n, Nout] float32, into `out` (contiguous rows) when given."""
-        w = self.weight()
-        Nout, K = w.shape[1:]
-        if self.packed[e] is None:
-            self.packed[e] = self._pack(w[e] if w.stride(-1) == 1 else w[e].contiguous())
+        Nout, K = self.weight().shape[1:]
+        packed = self.packed_weight(e)
         if x.stride(-1) != 1:
             x = x.contiguous()
         out = torch.empty(x.shape[0], Nout, dtype=x.dtype) if out is None else out
         if x.shape[0]:
             _library().cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, x.shape[0], Nout, K, x.data_ptr(),
-                                           x.stride(0), self.packed[e].data_ptr(), K, 0.0, out.data_ptr(),
+                                           x.stride(0), packed.data_ptr(), K, 0.0, out.data_ptr(),
                                            out.stride(0))
         return out
+
+    def packed_weight(self, e):
+        """w[e] packed (a uint8 tensor), packed now if this is its first use."""
+        if self.packed[e] is None:
+            w = self.weight()
+            self.packed[e] = self._pack(w[e] if w.stride(-1) == 1 else w[e].contiguous())
+        return self.packed[e]
+
+    def addresses(self, experts):
+        """int64 [E]: the addresses of the packed weights of `experts` (packed now where needed), 0 elsewhere."""
+        addresses = np.zeros(len(self.packed), dtype=np.int64)
+        for e in experts:
+            addresses[e] = self.packed_weight(e).data_ptr()
+        return addresses
 
     @staticmethod
     def _pack(we):

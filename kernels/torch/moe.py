@@ -35,7 +35,7 @@ def route(router_logits, top_k, renormalize):
     return weights, ids.to(torch.int32)
 
 
-def _group_slots(ids, num_experts):
+def _sorted_slots(ids, num_experts):
     """ids [N, top_k] in [-1, E) -> (offsets int32 [E + 1], source int64 [M]): the slots with an expert,
     sorted by expert, stable in the slot index. One host synchronisation (M)."""
     flat = ids.reshape(-1)
@@ -54,7 +54,7 @@ def moe_permute(x, ids, num_experts):
     source int64 [M], N, top_k): the rows x[n] of every slot with an expert, grouped by expert in ascending
     order, stable in the slot index."""
     N, top_k = ids.shape
-    offsets, source = _group_slots(ids, num_experts)
+    offsets, source = _sorted_slots(ids, num_experts)
     return Permutation(x.index_select(0, source // top_k), offsets, source, num_tokens=N, top_k=top_k)
 
 
@@ -149,25 +149,30 @@ def moe(x, weights, ids, w_gate_up, w_down):
         rows, row_weights, lambda h: _linear(h, w_gate_up[e]), lambda h: _linear(h, w_down[e])))
 
 
+def group_slots(ids, num_experts):
+    """ids [N, top_k] in [-1, E) -> (experts, bounds, source): the active experts in ascending order, the bounds
+    of their slots in source, source int64 [M] the slots with an expert grouped by expert (ascending within one).
+    Small N (decode) groups on the host; large N sorts on the device."""
+    if ids.numel() <= HOST_GROUPING_MAX_SLOTS:
+        return _host_groups(ids)
+    offsets, source = _sorted_slots(ids, num_experts)
+    every = offsets.tolist()
+    experts = [e for e in range(num_experts) if every[e + 1] > every[e]]
+    return experts, [0] + [every[e + 1] for e in experts], source
+
+
 def run_experts(x, weights, ids, num_experts, mlp):
     """The MoE layer around one expert's MLP: x [N, D]; weights, ids [N, top_k]; mlp(rows [n, D],
     row_weights [n], e) -> the weighted outputs [n, D], float32 (float64 for float64 x). Each active expert runs
     once on its tokens' rows and adds its weighted outputs into their rows of y (no N * top_k * D buffer: 268 MB
-    at N = 4096, D = 2048). Small N (decode) groups the slots on the host; large N sorts them on the device.
-    Returns y [N, D] in x's dtype."""
+    at N = 4096, D = 2048). Returns y [N, D] in x's dtype."""
     N, top_k = ids.shape
-    if N * top_k <= HOST_GROUPING_MAX_SLOTS:
-        experts, bounds, source = _host_groups(ids)
-    else:
-        offsets, source = _group_slots(ids, num_experts)
-        bounds = offsets.tolist()
-        experts = range(num_experts)
+    experts, bounds, source = group_slots(ids, num_experts)
     acc = _accumulation_dtype(x.dtype)
     y = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)
     slot_weights = weights.reshape(-1).to(acc)
     tokens = source // top_k
     for expert, start, end in zip(experts, bounds, bounds[1:]):
-        if end > start:
-            rows = tokens[start:end]
-            y.index_add_(0, rows, mlp(x.index_select(0, rows), slot_weights.index_select(0, source[start:end]), expert))
+        rows = tokens[start:end]
+        y.index_add_(0, rows, mlp(x.index_select(0, rows), slot_weights.index_select(0, source[start:end]), expert))
     return y.to(x.dtype)
