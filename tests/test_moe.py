@@ -276,6 +276,33 @@ def test_mkl_packed_weights_follow_their_tensor(seed):
     assert len(packed._CACHE) == cached - 1
 
 
+@pytest.mark.skipif("mkl" not in kernels.backends("moe"),
+                    reason="needs torch built with MKL, as its x86 CPU builds are (not ARM ones)")
+def test_mkl_gate_over_the_float32_range(seed):
+    """mkl's gate builds exp from a series and exponent bits: silu(gate) * up * weight against float64 from gates
+    of +-100 (where exp over- and underflows) down to subnormal ones, and zero. Gates under the floor give
+    exactly 0."""
+    import numpy as np
+
+    from kernels.mkl.moe import _GATE_FLOOR, _gate_row
+
+    gen = torch.Generator().manual_seed(seed)
+    magnitudes = torch.logspace(-40, 2, 500, dtype=torch.float64)
+    gate = torch.cat([magnitudes, -magnitudes, torch.zeros(1, dtype=torch.float64),
+                      torch.randn(1000, generator=gen, dtype=torch.float64) * 8]).float()
+    up = torch.randn(gate.shape[0], generator=gen)
+    activated = np.full(gate.shape[0], np.nan, dtype=np.float32)
+    _gate_row(torch.cat([gate, up]).numpy(), activated, gate.shape[0], np.float32(0.7),
+              np.empty(gate.shape[0], np.int32), np.empty(gate.shape[0], np.float32))
+    activated = torch.from_numpy(activated).double()
+    expected = torch.nn.functional.silu(gate.double()) * up.double() * 0.7
+    kept = gate >= _GATE_FLOOR
+    error = (activated - expected)[kept].abs()
+    # (a few float32 roundings; results in the subnormal range hold fewer bits: their ulp is 1.4e-45)
+    assert (error <= 4e-7 * expected[kept].abs() + 1e-44).all(), f"seed {seed}: worst error {error.max().item():.3g}"
+    assert (activated[~kept] == 0).all() and (~kept).any()
+
+
 def test_torch_moe_takes_zero_tokens(seed):
     args = inputs.make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
     assert kernels.moe(**args, backend="torch").shape == (0, 16)

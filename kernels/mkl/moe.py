@@ -33,30 +33,35 @@ def grouped_gemm(x, w, offsets):
     return y
 
 
-_LOG2E, _LN2 = np.float32(1 / math.log(2)), np.float32(math.log(2))
-# 2^f = exp(f ln 2) for |f| <= 1/2 by its Taylor series to degree 7: relative error 5e-9, under float32 rounding
-_EXP2_TAYLOR = tuple(np.float32(_LN2 ** i / math.factorial(i)) for i in range(8))
+# exp(x) = 2^n e^r, n = round(x log2 e), r = x - n ln 2 taken in two parts (Cody and Waite: n ln2_hi is exact in
+# float32), e^r for |r| <= ln(2) / 2 by its Taylor series to degree 7 (relative error 5e-9).
+_LOG2E = np.float32(1 / math.log(2))
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(math.log(2) - 0.693359375)
+_EXP_TAYLOR = tuple(np.float32(1 / math.factorial(i)) for i in range(8))
+# Gates below this give silu(gate) under 1e-26: written as exactly 0, never as subnormal GEMM operands.
+_GATE_FLOOR = np.float32(-64.0)
 
 
 @numba.njit(fastmath=True, inline="always")
 def _gate_row(projected, activated, inter, weight, powers, series):
-    """activated[:I] = silu(projected[:I]) * projected[I:2I] * weight for one row, I = inter, float32.
-    silu(a) = a / (1 + exp(-a)) with exp(-a) = 2^n 2^f (n = round(-a log2 e)): the series in loops LLVM
-    vectorises, 2^n made from its exponent bits (powers: int32 scratch, series: float32 scratch), where libm's
-    scalar exp, all numba has without Intel's SVML, would cost ~5x the gate's time."""
+    """activated[:I] = silu(projected[:I]) * projected[I:2I] * weight for one row, I = inter, float32 (0 where the
+    gate is under _GATE_FLOOR). silu(a) = a / (1 + exp(-a)), exp as above in loops LLVM vectorises, 2^n made from
+    its exponent bits (powers: int32 scratch, series: float32 scratch): libm's scalar exp, all numba has without
+    Intel's SVML, would cost ~5x the gate's time."""
     for j in range(inter):
-        t = min(max(projected[j] * -_LOG2E, np.float32(-126.0)), np.float32(126.0))
-        n = np.floor(t + np.float32(0.5))
-        f = t - n
-        p = _EXP2_TAYLOR[7]
+        x = min(max(-projected[j], np.float32(-87.0)), -_GATE_FLOOR)
+        n = np.floor(x * _LOG2E + np.float32(0.5))
+        r = (x - n * _LN2_HI) - n * _LN2_LO
+        p = _EXP_TAYLOR[7]
         for c in range(6, -1, -1):
-            p = p * f + _EXP2_TAYLOR[c]
+            p = p * r + _EXP_TAYLOR[c]
         series[j] = p
         powers[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
     scale = powers.view(np.float32)
     for j in range(inter):
         gate = projected[j]
-        activated[j] = gate / (np.float32(1.0) + series[j] * scale[j]) * projected[inter + j] * weight
+        value = gate / (np.float32(1.0) + series[j] * scale[j]) * projected[inter + j] * weight
+        activated[j] = np.float32(0.0) if gate < _GATE_FLOOR else value
 
 
 @numba.njit
