@@ -143,7 +143,7 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
 def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm, delta_rule):
     """q, k [rows, Hk, K]; v, out [rows, Hv, V]; g, beta [rows, Hv] (rows = B T; sequence n at rows
     starts[n] .. starts[n] + lengths[n]); state [N, Hv, K, V], updated in place. All float32, contiguous.
-    Sequences and key heads run on numba's threads (MKL, called inside their parallel region, on one each)."""
+    Sequences and key heads run in parallel on numba's threads."""
     Hk = k.shape[1]
     for job in numba.prange(starts.shape[0] * Hk):
         n = job // Hk
