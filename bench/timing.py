@@ -1,22 +1,28 @@
 """Timers a kernel engineer can trust, and the ceilings of the device at hand.
 
 CPU: time.perf_counter around each call, after a warm-up call; repeats adapt to a time budget; the
-median with p20 and p80 is reported, with the number of torch threads.
+median with p20 and p80 is reported, with the number of torch threads. The caches are flushed before every
+timed call by reading a buffer twice the size of the last-level cache (so each call reads its inputs from
+memory, as in a model: a decode step's experts, 100 MB at Qwen3.5-35B, fit in a server's L3 and would
+otherwise run from it, faster than memory allows).
 GPU: CUDA events around each call; the L2 cache is flushed before every timed call by writing a
 256 MB buffer (so each call reads its inputs from HBM, as in a model); short kernels can be timed
-as CUDA-graph replays (launch overhead out). The warm-up call keeps compilation and autotuning out of
+as CUDA-graph replays (launch overhead out). Ceilings are measured without flushing. The warm-up call keeps compilation and autotuning out of
 the timed region.
 """
 from __future__ import annotations
 
+import glob
 import statistics
 import time
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
 
 L2_FLUSH_BYTES = 256 * 2**20
+CPU_FLUSH_MAX_BYTES = 2**30
 
 
 @dataclass
@@ -43,15 +49,42 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cpu(fn, budget_s: float = 0.5, min_repeats: int = 3, max_repeats: int = 200, warmup: int = 1) -> Timing:
+def last_level_cache_bytes() -> int:
+    """The size of this CPU's largest cache (Linux sysfs), 64 MB where it cannot be read."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=64 * 2**20)
+
+
+@cache
+def _cpu_flush_buffer() -> torch.Tensor:
+    return torch.ones(min(2 * last_level_cache_bytes(), CPU_FLUSH_MAX_BYTES) // 4)
+
+
+def flush_cpu_caches() -> None:
+    """Reads a buffer twice the last-level cache's size (at most CPU_FLUSH_MAX_BYTES): evicts what the previous
+    call left in the caches. A read, not a fill: large fills use stores that bypass the cache. A float32 sum:
+    ~50 ms for 600 MB, 1 thread (torch's int32 sum is 15x slower)."""
+    _cpu_flush_buffer().sum()
+
+
+def time_cpu(fn, budget_s: float = 0.5, min_repeats: int = 3, max_repeats: int = 200, warmup: int = 1,
+             flush_cache: bool = True) -> Timing:
     """Time fn() on the CPU: `warmup` untimed calls, then timed calls until `budget_s` is spent (at least
     `min_repeats`, at most `max_repeats`; a single call longer than the budget is timed min_repeats times
-    only if that fits in 5 budgets, else once more)."""
+    only if that fits in 5 budgets, else once more). flush_cache: flush_cpu_caches() before each timed call,
+    outside the timed region (its time counts against the budget)."""
     for _ in range(warmup):
         fn()
     samples = []
     start = time.perf_counter()
     while len(samples) < max_repeats:
+        if flush_cache:
+            flush_cpu_caches()
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
@@ -110,11 +143,14 @@ def time_cuda(fn, budget_s: float = 0.5, min_repeats: int = 10, max_repeats: int
     return _summary(samples)
 
 
-def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False, warmup: int = 1) -> Timing:
-    """The timer of the device: time_cuda on CUDA, time_cpu otherwise."""
+def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False, warmup: int = 1,
+              flush_cache: bool = True) -> Timing:
+    """The timer of the device: time_cuda on CUDA, time_cpu otherwise; flush_cache: flush the L2 (GPU) or the
+    CPU's caches before each timed call."""
     if torch.device(device).type == "cuda":
-        return time_cuda(fn, budget_s=budget_s, cuda_graph=cuda_graph, device=device, warmup=warmup)
-    return time_cpu(fn, budget_s=budget_s, warmup=warmup)
+        return time_cuda(fn, budget_s=budget_s, cuda_graph=cuda_graph, device=device, warmup=warmup,
+                         flush_l2=flush_cache)
+    return time_cpu(fn, budget_s=budget_s, warmup=warmup, flush_cache=flush_cache)
 
 
 def device_name(device) -> str:
@@ -141,7 +177,7 @@ def matmul_tflops(dtype: torch.dtype, device, budget_s: float = 0.5) -> float:
     a = torch.randn(n, n, generator=gen).to(dtype).to(device)
     b = torch.randn(n, n, generator=gen).to(dtype).to(device)
     out = torch.empty(n, n, dtype=dtype, device=device)
-    timing = time_call(lambda: torch.matmul(a, b, out=out), device, budget_s)
+    timing = time_call(lambda: torch.matmul(a, b, out=out), device, budget_s, flush_cache=False)
     return 2 * n**3 / (timing.min_ms * 1e-3) / 1e12
 
 
@@ -152,7 +188,7 @@ def copy_gbps(device, budget_s: float = 0.5) -> float:
     nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    timing = time_call(lambda: dst.copy_(src), device, budget_s)
+    timing = time_call(lambda: dst.copy_(src), device, budget_s, flush_cache=False)
     return 2 * nbytes / (timing.min_ms * 1e-3) / 1e9
 
 

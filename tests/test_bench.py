@@ -140,9 +140,13 @@ def test_compare_catches_unwritten_and_wrong_indices():
     assert "offsets differs" in sweep.compare(q, p)[1]
 
 
-def test_timer_and_ceilings():
-    measured = timing.time_cpu(lambda: torch.ones(100).sum(), budget_s=0.01, min_repeats=5)
+def test_timer_and_ceilings(monkeypatch):
+    events = []
+    monkeypatch.setattr(timing, "flush_cpu_caches", lambda: events.append("flush"))
+    measured = timing.time_cpu(lambda: events.append("call"), budget_s=0.01, min_repeats=5)
     assert measured.repeats >= 5 and measured.p20_ms <= measured.median_ms <= measured.p80_ms
+    assert events == ["call"] + ["flush", "call"] * measured.repeats, "warm-up, then a flush before each timed call"
+    assert timing.last_level_cache_bytes() > 0
     ceil = timing.ceilings("cpu", [torch.float32], budget_s=0.01)
     assert ceil["matmul_tflops"]["float32"] > 0 and ceil["copy_gbps"] > 0
 
