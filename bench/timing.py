@@ -7,8 +7,8 @@ memory, as in a model: a decode step's experts, 100 MB at Qwen3.5-35B, fit in a 
 otherwise run from it, faster than memory allows).
 GPU: CUDA events around each call; the L2 cache is flushed before every timed call by writing a
 256 MB buffer (so each call reads its inputs from HBM, as in a model); short kernels can be timed
-as CUDA-graph replays (launch overhead out). Ceilings are measured without flushing. The warm-up call keeps compilation and autotuning out of
-the timed region.
+as CUDA-graph replays (launch overhead out). The warm-up call keeps compilation and autotuning out of
+the timed region. Ceilings are measured without flushing.
 """
 from __future__ import annotations
 

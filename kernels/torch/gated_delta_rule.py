@@ -28,7 +28,8 @@ CHUNK_GROUP = 32  # chunks computed together (1024 tokens at chunk 32, 2048 at c
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V] (overwritten: it holds
-    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]. Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V]."""
+    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]. Returns o [NC, N, Hk, G, C, V]
+    and the final state [N * Hk * G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G

@@ -183,7 +183,8 @@ def l2norm_scale(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> tor
 
 def chunked(q, k, v, g, initial_state):
     """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
-    g [NC, N, H, C]; initial_state None or [N, H, K, V]. Returns o [NC, N, H, C, V] and the final state [N * H, K, V]."""
+    g [NC, N, H, C]; initial_state None or [N, H, K, V]. Returns o [NC, N, H, C, V] and the final state
+    [N * H, K, V]."""
     NC, N, H, C, K = k.shape
     V = v.shape[-1]
     M = N * H
@@ -193,7 +194,7 @@ def chunked(q, k, v, g, initial_state):
     keys = k * decay_exp_(gcum[..., -1:] - gcum)[..., None]
     o = torch.empty(NC, M, C, V, dtype=v.dtype, device=v.device)
     state = state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M),
-                            (q * gamma[..., None]).view(NC, M, C, K), o, initial_state)
+                       (q * gamma[..., None]).view(NC, M, C, K), o, initial_state)
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V))
     return o.view(NC, N, H, C, V), state
 
@@ -203,8 +204,8 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
                      chunk_size=None, **_):
     """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V].
     S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk", "recurrent" or "auto"
-    (kernels.validate.auto_mode); chunk_size: default CHUNK_SIZE. Returns o [B, T, H, V] in v's dtype and the final
-    state [N, H, K, V] (float32, float64 for float64 inputs) or None."""
+    (kernels.validate.auto_mode); chunk_size: default CHUNK_SIZE. Returns o [B, T, H, V] in v's dtype and the
+    final state [N, H, K, V] (float32, float64 for float64 inputs) or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(v)
