@@ -169,7 +169,7 @@ def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm=Fa
         starts, lengths = bounds[:-1], bounds.diff()
     state = start_state(initial_state, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
     out = torch.empty(B * T, Hv, V, dtype=torch.float32)
-    delta_rule = beta is not None
+    delta_rule = beta is not None  # linear attention passes g in beta's place, its values unused
     _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta if delta_rule else g), starts.numpy(), lengths.numpy(),
          state.numpy(), out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, delta_rule)
     return out.view(B, T, Hv, V).to(v.dtype), state

@@ -112,16 +112,6 @@ def grouped_gemm(x, w, offsets):
     return y
 
 
-def expert_mlp(x, row_weights, project_up, project_down):
-    """x [n, D]; row_weights [n] (accumulation dtype); project_up(x) = x [W_g; W_u]^T [n, 2I] and project_down(h)
-    = h W_down^T [n, D], one expert's GEMMs. row_weights * silu(x W_g^T) * (x W_u^T) W_down^T, [n, D] in float32
-    (float64 for float64 inputs); the GEMMs run in x's dtype. The weights scale the [n, I] activation rather than
-    the [n, D] output: the same product, a quarter of the multiplies at Qwen3.5's D = 4 I."""
-    gate, up = project_up(x).to(row_weights.dtype).chunk(2, dim=-1)
-    h = F.silu(gate, inplace=True).mul_(up).mul_(row_weights[:, None])  # in the GEMM's output: no new buffer
-    return project_down(h.to(x.dtype)).to(row_weights.dtype)
-
-
 def _host_groups(ids):
     """ids [N, top_k] -> (experts, bounds, source): the active experts in ascending order, the bounds of their
     slots in source, and source int64 [M] the slots grouped by expert (reads ids on the host: small N)."""
@@ -137,18 +127,6 @@ def _host_groups(ids):
     return experts, bounds, source.to(ids.device)
 
 
-def moe(x, weights, ids, w_gate_up, w_down):
-    """The Qwen3.5 experts. x [N, D]; weights [N, top_k]; ids [N, top_k] in [-1, E); w_gate_up [E, 2I, D];
-    w_down [E, D, I]. For each slot (n, j) with e = ids[n, j] >= 0:
-    y[n] += weights[n, j] * (silu(x[n] W_g^T) * (x[n] W_u^T)) W_down[e]^T, W_g = w_gate_up[e, :I],
-    W_u = w_gate_up[e, I:]. Returns [N, D] in x's dtype.
-
-    Each active expert runs once on the rows of the tokens routed to it, through views of its weights (no
-    weight copies)."""
-    return run_experts(x, weights, ids, w_gate_up.shape[0], lambda rows, row_weights, e: expert_mlp(
-        rows, row_weights, lambda h: _linear(h, w_gate_up[e]), lambda h: _linear(h, w_down[e])))
-
-
 def group_slots(ids, num_experts):
     """ids [N, top_k] in [-1, E) -> (experts, bounds, source): the active experts in ascending order, the bounds
     of their slots in source, source int64 [M] the slots with an expert grouped by expert (ascending within one).
@@ -161,18 +139,27 @@ def group_slots(ids, num_experts):
     return experts, [0] + [every[e + 1] for e in experts], source
 
 
-def run_experts(x, weights, ids, num_experts, mlp):
-    """The MoE layer around one expert's MLP: x [N, D]; weights, ids [N, top_k]; mlp(rows [n, D],
-    row_weights [n], e) -> the weighted outputs [n, D], float32 (float64 for float64 x). Each active expert runs
-    once on its tokens' rows and adds its weighted outputs into their rows of y (no N * top_k * D buffer: 268 MB
-    at N = 4096, D = 2048). Returns y [N, D] in x's dtype."""
+def moe(x, weights, ids, w_gate_up, w_down):
+    """The Qwen3.5 experts. x [N, D]; weights [N, top_k]; ids [N, top_k] in [-1, E); w_gate_up [E, 2I, D];
+    w_down [E, D, I]. For each slot (n, j) with e = ids[n, j] >= 0:
+    y[n] += weights[n, j] * (silu(x[n] W_g^T) * (x[n] W_u^T)) W_down[e]^T, W_g = w_gate_up[e, :I],
+    W_u = w_gate_up[e, I:]. Returns [N, D] in x's dtype; the GEMMs run in x's dtype, the gate and the sum in
+    float32 (float64 for float64 x).
+
+    Each active expert runs once on the rows of the tokens routed to it, through views of its weights (no weight
+    copies), and adds its weighted outputs into their rows of y (no N * top_k * D buffer: 268 MB at N = 4096,
+    D = 2048). The slot weights scale the [n, I] activation rather than the [n, D] output: the same product, a
+    quarter of the multiplies at Qwen3.5's D = 4 I."""
     N, top_k = ids.shape
-    experts, bounds, source = group_slots(ids, num_experts)
+    experts, bounds, source = group_slots(ids, w_gate_up.shape[0])
     acc = _accumulation_dtype(x.dtype)
     y = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)
     slot_weights = weights.reshape(-1).to(acc)
     tokens = source // top_k
-    for expert, start, end in zip(experts, bounds, bounds[1:]):
+    for e, start, end in zip(experts, bounds, bounds[1:]):
         rows = tokens[start:end]
-        y.index_add_(0, rows, mlp(x.index_select(0, rows), slot_weights.index_select(0, source[start:end]), expert))
+        gate, up = _linear(x.index_select(0, rows), w_gate_up[e]).to(acc).chunk(2, dim=-1)
+        row_weights = slot_weights.index_select(0, source[start:end])
+        h = F.silu(gate, inplace=True).mul_(up).mul_(row_weights[:, None])  # in the GEMM's output: no new buffer
+        y.index_add_(0, rows, _linear(h.to(x.dtype), w_down[e]).to(acc))
     return y.to(x.dtype)
