@@ -58,6 +58,10 @@ class Backend:
     peer:     code written elsewhere (fla, transformers, ...), measured beside ours, never "auto".
     probe:    "module:function" returning why it cannot run here (None when it can), for needs that no
               importable module names (a library inside torch's build).
+    deterministic:   repeated calls on the same inputs give bitwise equal outputs.
+    batch_invariant: one sequence's (or token's) output is bitwise the same whatever else shares its batch or
+              its packed row; where it is not, the output still agrees within the dtype's tolerance.
+    variance_note:   why, where either of the two is False (tests/test_invariance.py and the report print it).
     """
 
     op: str
@@ -68,6 +72,9 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     peer: bool = False
     probe: str | None = None
+    deterministic: bool = True
+    batch_invariant: bool = True
+    variance_note: str = ""
 
     def devices(self) -> tuple[str, ...]:
         """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""

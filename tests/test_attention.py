@@ -9,9 +9,8 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.conftest import assert_close, lab_backends, poisoned_allocations, to_float64
-from tests.test_linear_attention import (DTYPES, GPU_DTYPES, assert_unchanged, backend_dtypes, check_bad_input,
-                                         gpu_backends, snapshot, tolerance)
+from tests.helpers import (DTYPES, GPU_DTYPES, assert_close, assert_unchanged, backend_dtypes, check_bad_input,
+                           gpu_backends, lab_backends, poisoned_allocations, snapshot, to_float64, tolerance)
 
 # As keywords of bench.inputs.attention (Hq = 4, Hkv = 2, D = 32 unless said).
 CASES = {

@@ -19,7 +19,7 @@ from bench import inputs
 from kernels import registry
 from kernels.cuda import SOURCES
 from profiling.static import parse_ptxas
-from tests.conftest import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
+from tests.helpers import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
 
 CUDA_DIR = Path(kernels.__file__).parent / "cuda"
 NVCC = shutil.which("nvcc")

@@ -9,9 +9,8 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.conftest import lab_backends
-from tests.test_linear_attention import (DTYPES, GPU_DTYPES, backend_dtypes, bad_packed_inputs, check_bad_input,
-                                         check_recurrent_op, gpu_backends)
+from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_packed_inputs, check_bad_input, check_recurrent_op,
+                           gpu_backends, lab_backends)
 
 MODES = ["chunk", "recurrent"]
 

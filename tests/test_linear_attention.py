@@ -1,6 +1,5 @@
 """Parity of every linear_attention backend with the float64 reference over the edge cases, the torch backend's
-two modes, and the checks on bad input. Also home of the helpers the three attention-family test files share
-(test_gated_delta_rule.py and test_attention.py import them).
+two modes, and the checks on bad input.
 
 Shapes stay small (T <= 130, K, V in {16, 32}): Triton runs here under its interpreter."""
 import math
@@ -10,50 +9,8 @@ import torch
 
 import kernels
 from bench import inputs
-from kernels import registry
-from tests.conftest import (assert_close, assert_unchanged, gpu_backends, lab_backends,
-                            poisoned_allocations, snapshot, to_float64, tolerance)
-
-DTYPES = [torch.float32, torch.float16]
-GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-# ------------------------------------------------------------------------------------------- shared helpers
-
-def backend_dtypes(names, op, dtypes):
-    """(backend, dtype) pairs of names x dtypes that the backend's registration admits."""
-    registered = registry.registered(op)
-    return [pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
-            for name in names for dtype in dtypes if dtype in registered[name].dtypes]
-
-
-def check_recurrent_op(op, backend, args, seed, tol=None, **extra):
-    """Run op through backend on args (poisoned allocations), compare o and the final state with the float64
-    reference on the same inputs, and check dtypes, the None state and that no input was written."""
-    before = snapshot(args)
-    with poisoned_allocations():
-        o, state = getattr(kernels, op)(**args, backend=backend, **extra)
-    assert_unchanged(args, before)
-    ref_o, ref_state = getattr(kernels, op)(**to_float64(args), backend="reference")
-    dtype = args["v"].dtype
-    tol = tolerance(dtype, args["v"].device.type) if tol is None else tol
-    assert o.dtype == dtype, f"o has dtype {o.dtype}, v has {dtype}"
-    assert_close(o, ref_o, dtype, f"{backend} o", seed, tol)
-    if not args["output_final_state"]:
-        assert state is None, "the final state must be None unless output_final_state"
-        return
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    assert state.dtype == wide, f"final state has dtype {state.dtype}, expected {wide}"
-    assert_close(state, ref_state, dtype, f"{backend} final state", seed, tol)
-
-
-def check_bad_input(op, backend, args, match):
-    """op raises ValueError naming the problem (match) and writes none of the caller's tensors."""
-    before = snapshot(args)
-    with pytest.raises(ValueError, match=match):
-        getattr(kernels, op)(**args, backend=backend)
-    assert_unchanged(args, before)
-
+from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_packed_inputs, check_bad_input, check_recurrent_op,
+                           gpu_backends, lab_backends)
 
 # ---------------------------------------------------------------------------------------------- parity
 
@@ -164,20 +121,6 @@ def _bad_inputs(args):
     ]
 
 
-def bad_packed_inputs(args):
-    """(name, change, message) of bad packing for args made with seqlens=[...] and an initial state; shared by the
-    recurrent ops (the gated delta rule's tests import it)."""
-    T = args["q"].shape[1]
-    return [
-        ("cu_seqlens_not_monotone", dict(cu_seqlens=torch.tensor([0, 30, 10, T], dtype=torch.int32)),
-         "cu_seqlens must be non-decreasing"),
-        ("cu_seqlens_end_short", dict(cu_seqlens=torch.tensor([0, 10, T - 1], dtype=torch.int32)),
-         "cu_seqlens must start"),
-        ("cu_seqlens_end_long", dict(cu_seqlens=torch.tensor([0, 10, T + 1], dtype=torch.int32)),
-         "cu_seqlens must start"),
-        ("cu_seqlens_float", dict(cu_seqlens=torch.tensor([0.0, T])), "cu_seqlens must have dtype"),
-        ("state_count", dict(initial_state=args["initial_state"][:2]), "initial_state must have shape"),
-    ]
 
 
 @pytest.mark.parametrize("backend", lab_backends("linear_attention"))

@@ -18,7 +18,7 @@ import model
 from bench.model import transformers_torch_path
 from model.generate import SMALL_CONFIG, write_random_checkpoint
 from model.model import OPS
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 LOGITS_TOL = 1e-4
 PROMPT_LEN = 70  # more than one 64-token chunk, and not a multiple of it

@@ -7,8 +7,8 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.conftest import (assert_close, assert_unchanged, gpu_backends, lab_backends,
-                            poisoned_allocations, snapshot, to_float64, tolerance)
+from tests.helpers import (assert_close, assert_unchanged, gpu_backends, lab_backends, poisoned_allocations, snapshot,
+                           to_float64, tolerance)
 
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bench import inputs
 from reference import moe as ref
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 qwen = pytest.importorskip("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
 from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 import kernels
 from bench import inputs
 from kernels import registry
-from tests.conftest import assert_close, poisoned_allocations, to_float64
+from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not torch.cuda.is_available()
 needs_cuda_kernels = pytest.mark.skipif(

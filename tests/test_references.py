@@ -12,7 +12,7 @@ from bench import inputs
 from reference.attention import attention as reference_attention
 from reference.gated_delta_rule import gated_delta_rule as reference_gdr
 from reference.linear_attention import linear_attention as reference_linear_attention
-from tests.conftest import assert_close, to_float64
+from tests.helpers import assert_close, to_float64
 
 GDR_CASES = {
     "gqa_state_l2norm": dict(T=130, Hk=2, Hv=4, initial_state=True),

@@ -19,7 +19,7 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.conftest import assert_close, poisoned_allocations, to_float64
+from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tg = pytest.importorskip("kernels.triton.gated_delta_rule")
 tl_attention = pytest.importorskip("kernels.triton.attention")

@@ -14,7 +14,7 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.conftest import assert_close, poisoned_allocations, to_float64
+from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tm = pytest.importorskip("kernels.triton.moe")
 

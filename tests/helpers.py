@@ -1,0 +1,141 @@
+"""Helpers shared by the test files: comparison with the float64 reference, poisoned allocations, snapshots
+of the caller's tensors, the backends to test, and the checks the recurrent ops and the bad-input cases share.
+(tests/conftest.py sets up the interpreter / simulator environment and the fixtures.)"""
+import contextlib
+
+import pytest
+import torch
+
+import kernels
+from kernels import registry
+from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401 (for the tests)
+
+DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(out, ref, dtype, what, seed, tol=None):
+    """out matches ref within the tolerance of dtype; NaN anywhere (a poisoned, unwritten element) fails."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)} (seed={seed})"
+    assert torch.isfinite(out.detach().double()).all(), f"{what}: non-finite or unwritten elements (seed={seed})"
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} for {dtype} (seed={seed})"
+
+
+_POISON_INT = -77777
+
+
+def _poison(t):
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype in (torch.int32, torch.int64, torch.int16):
+        return t.fill_(_POISON_INT)
+    return t
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within the block, every torch.empty / empty_like / new_empty / empty_strided is filled with NaN
+    (floats) or -77777 (ints), so an element a kernel forgets to write shows up in the comparison."""
+    originals = (torch.empty, torch.empty_like, torch.Tensor.new_empty, torch.empty_strided)
+    torch.empty = lambda *a, **k: _poison(originals[0](*a, **k))
+    torch.empty_like = lambda *a, **k: _poison(originals[1](*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: _poison(originals[2](self, *a, **k))
+    torch.empty_strided = lambda *a, **k: _poison(originals[3](*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty, torch.empty_strided = originals
+
+
+def to_float64(inputs):
+    """The same inputs in float64 (floating tensors only), for the reference run."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def lab_backends(op, device="cpu", simulated=False):
+    """Every backend of op that runs on `device` tensors here, the reference excluded. Backends that reach the
+    CPU only through the numba.cuda simulator are left out unless `simulated` (too slow for the full edge-case
+    list: their own test file runs them at tiny sizes)."""
+    registered = kernels.registry.registered(op)
+    return [name for name in kernels.backends(op, device) if name != "reference"
+            and (simulated or device != "cpu" or registered[name].places != ("cuda", "cudasim"))]
+
+
+def gpu_backends(op):
+    """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
+    return [name for name, b in kernels.registry.registered(op).items() if name != "reference" and "cuda" in b.places]
+
+
+def _caller_tensors(args):
+    """The caller's tensors among the arguments, by name (a Permutation's fields too); meta tensors hold nothing."""
+    found = {}
+    for key, value in args.items():
+        if isinstance(value, kernels.Permutation):
+            found |= {f"{key}.{field}": getattr(value, field) for field in ("x", "offsets", "source")}
+        elif isinstance(value, torch.Tensor):
+            found[key] = value
+    return {key: value for key, value in found.items() if value.device.type != "meta"}
+
+
+def snapshot(args):
+    """Copies of the caller's tensors among args, to show later that a call wrote none of them."""
+    return {key: value.clone() for key, value in _caller_tensors(args).items()}
+
+
+def assert_unchanged(args, before, what=""):
+    now = _caller_tensors(args)
+    for key, value in before.items():
+        torch.testing.assert_close(now[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{what}{key} was written")
+
+
+def backend_dtypes(names, op, dtypes):
+    """(backend, dtype) pairs of names x dtypes that the backend's registration admits."""
+    registered = registry.registered(op)
+    return [pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
+            for name in names for dtype in dtypes if dtype in registered[name].dtypes]
+
+
+def check_recurrent_op(op, backend, args, seed, tol=None, **extra):
+    """Run op through backend on args (poisoned allocations), compare o and the final state with the float64
+    reference on the same inputs, and check dtypes, the None state and that no input was written."""
+    before = snapshot(args)
+    with poisoned_allocations():
+        o, state = getattr(kernels, op)(**args, backend=backend, **extra)
+    assert_unchanged(args, before)
+    ref_o, ref_state = getattr(kernels, op)(**to_float64(args), backend="reference")
+    dtype = args["v"].dtype
+    tol = tolerance(dtype, args["v"].device.type) if tol is None else tol
+    assert o.dtype == dtype, f"o has dtype {o.dtype}, v has {dtype}"
+    assert_close(o, ref_o, dtype, f"{backend} o", seed, tol)
+    if not args["output_final_state"]:
+        assert state is None, "the final state must be None unless output_final_state"
+        return
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    assert state.dtype == wide, f"final state has dtype {state.dtype}, expected {wide}"
+    assert_close(state, ref_state, dtype, f"{backend} final state", seed, tol)
+
+
+def check_bad_input(op, backend, args, match):
+    """op raises ValueError naming the problem (match) and writes none of the caller's tensors."""
+    before = snapshot(args)
+    with pytest.raises(ValueError, match=match):
+        getattr(kernels, op)(**args, backend=backend)
+    assert_unchanged(args, before)
+
+
+def bad_packed_inputs(args):
+    """(name, change, message) of bad packing for args made with seqlens=[...] and an initial state; shared by the
+    recurrent ops (the gated delta rule's tests import it)."""
+    T = args["q"].shape[1]
+    return [
+        ("cu_seqlens_not_monotone", dict(cu_seqlens=torch.tensor([0, 30, 10, T], dtype=torch.int32)),
+         "cu_seqlens must be non-decreasing"),
+        ("cu_seqlens_end_short", dict(cu_seqlens=torch.tensor([0, 10, T - 1], dtype=torch.int32)),
+         "cu_seqlens must start"),
+        ("cu_seqlens_end_long", dict(cu_seqlens=torch.tensor([0, 10, T + 1], dtype=torch.int32)),
+         "cu_seqlens must start"),
+        ("cu_seqlens_float", dict(cu_seqlens=torch.tensor([0.0, T])), "cu_seqlens must have dtype"),
+        ("state_count", dict(initial_state=args["initial_state"][:2]), "initial_state must have shape"),
+    ]
