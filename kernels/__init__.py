@@ -7,12 +7,15 @@ __all__ = ["BackendUnavailable", "Permutation", "backends", "get", "linear_atten
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     backend="auto", **kwargs):
+                     mode="auto", backend="auto", **kwargs):
     """Scalar-gated linear attention. q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H] (log decay <= 0);
     initial_state [N, H, K, V] float32; cu_seqlens int [N + 1] with B = 1.
-    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t.  Returns (o [B, T, H, V], S [N, H, K, V] or None)."""
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t.  mode "chunk", "recurrent" or "auto" (a backend
+    with one algorithm runs it in both). kwargs: the backend's own keywords (a keyword it lacks is a ValueError).
+    Returns (o [B, T, H, V], S [N, H, K, V] or None)."""
     return get("linear_attention", backend)(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kwargs)
+                                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode=mode,
+                                            **kwargs)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

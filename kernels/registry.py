@@ -5,7 +5,9 @@ Each toolchain package (kernels/torch, kernels/triton, ...) declares its backend
 the implementation module is imported the first time the backend is asked for.
 
 A backend implementation takes the op's arguments by keyword, already checked and normalised by
-`kernels.validate` (scale a float, mode "chunk" or "recurrent"), plus any extra keywords it defines.
+`kernels.validate` (scale a float, mode "chunk" or "recurrent"), plus the extra keywords its signature names
+(no catch-all `**kwargs`): a call's other keywords are refused with a ValueError naming the backend and the
+keyword, so that a misspelt option never silently times the default.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permut
 OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
              "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe"}
 TOOLCHAINS = ("kernels.torch", "kernels.mkl", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba",
-              "kernels.peers")
+              "kernels.numba_cuda", "kernels.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES
 
 # "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto", nor
@@ -156,15 +158,54 @@ def backends(op: str, device: str | torch.device | None = None) -> list[str]:
             if b.unavailable_reason() is None and (kind is None or kind in b.devices())]
 
 
-def auto_backend(op: str, device: str | torch.device) -> str:
-    """The name "auto" resolves to for op on tensors of `device`."""
-    kind = torch.device(device).type
+def auto_backend(op: str, device: str | torch.device, dtype: torch.dtype | None = None) -> str:
+    """The name "auto" resolves to for op on tensors of `device` (and `dtype`, when given: the first backend of
+    the order that takes it). Resolved once per (op, device type, dtype) and cached: `reset()` forgets."""
+    _check_op(op)
+    return _auto(op, torch.device(device).type, dtype)
+
+
+@cache
+def _auto(op: str, kind: str, dtype: torch.dtype | None) -> str:
     runnable = set(backends(op, kind))
+    table = _table()[op]
     order = AUTO_ORDER_BY_OP.get((op, kind), AUTO_ORDER.get(kind, ("reference",)))
     for name in order:
-        if name in runnable:
+        if name in runnable and (dtype is None or dtype in table[name].dtypes):
             return name
-    raise BackendUnavailable(f"no backend of {op} runs on {kind} tensors here")
+    raise BackendUnavailable(f"no backend of {op} runs on {kind} tensors{'' if dtype is None else f' of {dtype}'} here")
+
+
+def reset() -> None:
+    """Forget the cached table, "auto" choices and signatures (after the environment changed, e.g. in tests)."""
+    for cached in (_table, _auto, _extra_keywords):
+        cached.cache_clear()
+
+
+@cache
+def _api_keywords(op: str) -> frozenset[str]:
+    """The keywords of op's public signature (kernels.validate's function), which every backend receives."""
+    return frozenset(inspect.signature(getattr(validate, op)).parameters)
+
+
+@cache
+def _extra_keywords(backend: Backend) -> frozenset[str]:
+    """The keywords backend's implementation takes beyond the op's public ones, read once from its signature."""
+    parameters = inspect.signature(backend.impl).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        raise TypeError(f"backend {backend.name!r} of {backend.op} ({backend.target}) takes **kwargs: its extra "
+                        f"keywords must be named in its signature")
+    return frozenset(parameters) - _api_keywords(backend.op)
+
+
+def check_keywords(backend: Backend, keywords) -> None:
+    """ValueError naming the backend and the keyword when a call passes a keyword its implementation lacks."""
+    unknown = sorted(set(keywords) - _extra_keywords(backend))
+    if unknown:
+        allowed = sorted(_extra_keywords(backend))
+        raise ValueError(f"backend {backend.name!r} of {backend.op} takes no keyword {unknown[0]!r}"
+                         f"{f' (nor {unknown[1:]})' if len(unknown) > 1 else ''}; its extra keywords: "
+                         f"{', '.join(allowed) or 'none'}")
 
 
 def _lookup(op: str, name: str) -> Backend:
@@ -180,22 +221,25 @@ def _lookup(op: str, name: str) -> Backend:
 def get(op: str, name: str = "auto"):
     """The callable for op's backend `name` (or "auto"), with the op's public signature minus `backend`.
 
-    It checks its inputs (ValueError naming the argument), then runs the implementation."""
+    It checks its inputs (ValueError naming the argument) and its extra keywords against the implementation's
+    signature, then runs the implementation."""
     _check_op(op)
     fixed = None if name == "auto" else _lookup(op, name)
     check = getattr(validate, op)
-    api_names = set(inspect.signature(check).parameters)
+    api_names = _api_keywords(op)
 
     def call(*args, **kwargs):
         api = {key: kwargs.pop(key) for key in list(kwargs) if key in api_names}
         checked = check(*args, **api)
         tensor = next(iter(checked.values()))  # every op's first argument is a tensor
-        backend = fixed or _lookup(op, auto_backend(op, tensor.device))
+        backend = fixed or _lookup(op, _auto(op, tensor.device.type, tensor.dtype))
         if tensor.device.type not in backend.devices():
             raise BackendUnavailable(f"backend {backend.name!r} of {op} does not run on {tensor.device.type} "
                                      f"tensors here (runs on: {', '.join(backend.devices()) or 'nothing here'})")
         if tensor.dtype not in backend.dtypes:
             raise ValueError(f"backend {backend.name!r} of {op} does not take {tensor.dtype} inputs")
+        if kwargs:
+            check_keywords(backend, kwargs)
         return backend.impl(**checked, **kwargs)
 
     call.__name__ = f"{op}[{name}]"

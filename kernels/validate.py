@@ -125,13 +125,21 @@ def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, **per_step):
     return N
 
 
-def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def _mode(mode, T, cu_seqlens):
+    if mode not in ("auto", "chunk", "recurrent"):
+        raise ValueError(f"mode must be 'auto', 'chunk' or 'recurrent', got {mode!r}")
+    return auto_mode(T, cu_seqlens) if mode == "auto" else mode
+
+
+def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     mode="auto"):
     _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
                       initial_state, cu_seqlens, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
     return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
-                output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
+                output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
+                mode=_mode(mode, q.shape[1], cu_seqlens))
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -142,13 +150,9 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, g=g, beta=beta)
-    if mode not in ("auto", "chunk", "recurrent"):
-        raise ValueError(f"mode must be 'auto', 'chunk' or 'recurrent', got {mode!r}")
-    if mode == "auto":
-        mode = auto_mode(q.shape[1], cu_seqlens)
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
-                cu_seqlens=cu_seqlens, mode=mode)
+                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens))
 
 
 def attention(q, k, v, causal=True, scale=None):

@@ -19,7 +19,7 @@ Where the kernels come from:
   Without one it is compiled once as is. Threads per block come from `__launch_bounds__` (read back from the
   cubin) or from `threads=`; without either the occupancy columns stay empty. Shared memory is the static amount
   ptxas reports plus `dynamic_smem=`.
-- numba.cuda: modules `kernels/numba/*.py` may list `AOT_SPECS` whose entries have `name`, `kernel`
+- numba.cuda: modules `kernels/numba_cuda/*.py` may list `AOT_SPECS` whose entries have `name`, `kernel`
   ("module:attr" of a `@cuda.jit` kernel) and `signature` (a numba signature string such as
   "void(float32[:, :], int32)"), optionally `threads`. They are compiled with `numba.cuda.compile_ptx(...,
   cc=(9, 0))` and then ptxas. numba.cuda kernels that no spec names are listed with status "skipped".
@@ -340,7 +340,7 @@ def discover() -> list[Job]:
     for path in sorted(glob.glob(str(ROOT / "kernels" / "cuda" / "*.cu"))):
         source = str(Path(path).relative_to(ROOT))
         jobs += [Job("cuda", source, config) for config in cuda_configs(Path(path).read_text())]
-    jobs += [Job("numba", _source_of(module), dict(module=module)) for module in _modules("kernels.numba")
+    jobs += [Job("numba", _source_of(module), dict(module=module)) for module in _modules("kernels.numba_cuda")
              if "cuda.jit" in (ROOT / _source_of(module)).read_text()]
     return jobs
 
@@ -511,7 +511,7 @@ def _numba_without_nvrtc():
 
 
 def compile_numba_module(job: Job, cache: dict[str, list[dict]]) -> list[dict]:
-    """Rows of the numba.cuda kernels of one kernels/numba module."""
+    """Rows of the numba.cuda kernels of one kernels/numba_cuda module."""
     module_name = job.spec["module"]
     try:
         _numba_without_nvrtc()

@@ -4,11 +4,13 @@ import torch
 from reference._common import f64, sequences, state_dtype
 
 
-def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     mode="auto"):
     """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state [N, H, K, V].
 
     Per head: S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t.
-    Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] (or None)."""
+    Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] (or None). Every mode runs
+    the token loop (the same function)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale

@@ -158,7 +158,7 @@ def test_numba_cuda_kernels_compile_for_sm90(tmp_path):
     """The simulator accepts code the real compiler rejects (shared arrays sized by expressions, for one): every
     numba.cuda kernel compiles for sm_90 through profiling.static (its AOT_SPECS), with no spills."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
-    result = subprocess.run([sys.executable, "-m", "profiling.static", "--only", "kernels/numba/gpu_", "--out",
+    result = subprocess.run([sys.executable, "-m", "profiling.static", "--only", "kernels/numba_cuda/", "--out",
                              str(tmp_path), "--workers", "1", "--force"], capture_output=True, text=True, env=env,
                             cwd=Path(__file__).parent.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,10 @@
-"""The registry: names, availability, "auto", and a light `import kernels`."""
+"""The registry: names, availability, "auto", strict keywords, and a light `import kernels`."""
+import ast
+import dataclasses
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +86,66 @@ def test_bad_input_raises_before_the_backend_runs(seed):
     args["offsets"] = args["offsets"].flip(0)
     with pytest.raises(ValueError, match="offsets"):
         kernels.grouped_gemm(**args, backend="reference")
+
+
+def test_a_misspelt_keyword_names_the_backend_and_the_keyword(seed):
+    args = inputs.make("gated_delta_rule", T=8, seed=seed)
+    with pytest.raises(ValueError, match=r"backend 'torch' of gated_delta_rule takes no keyword 'chunk_sise'.*chunk_size"):
+        kernels.gated_delta_rule(**args, backend="torch", chunk_sise=16)
+    with pytest.raises(ValueError, match="backend 'reference' of moe takes no keyword 'path'"):
+        kernels.moe(**inputs.make("moe", N=4, seed=seed), backend="reference", path="decode")
+
+
+def _function_node(target):
+    """The ast of the function at "module:name", found without importing the module (a re-export is followed)."""
+    module, _, name = target.partition(":")
+    path = importlib.util.find_spec(module).origin
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _function_node(f"{node.module}:{alias.name}")
+    raise AssertionError(f"{target}: no function {name!r} in {path}")
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+def test_no_implementation_swallows_unknown_keywords(op):
+    """An implementation names every keyword it takes: a **kwargs would let `chunk_sise=` time the default."""
+    for name, backend in registry.registered(op).items():
+        node = _function_node(backend.target)
+        assert node.args.kwarg is None, f"{op}/{name} ({backend.target}) takes **{node.args.kwarg.arg}"
+
+
+@pytest.mark.parametrize("mode", ["chunked", "", None])
+def test_linear_attention_mode_is_validated(mode, seed):
+    args = inputs.make("linear_attention", T=8, seed=seed)
+    with pytest.raises(ValueError, match="mode must be 'auto', 'chunk' or 'recurrent'"):
+        kernels.linear_attention(**args, mode=mode, backend="reference")
+
+
+def test_auto_is_resolved_once_per_op_device_and_dtype(monkeypatch, seed):
+    registry.reset()
+    probes = []
+    original = registry.Backend.unavailable_reason
+    monkeypatch.setattr(registry.Backend, "unavailable_reason", lambda self: probes.append(self.name) or original(self))
+    args = inputs.make("grouped_gemm", seed=seed)
+    kernels.grouped_gemm(**args)
+    first = len(probes)
+    assert first > 0
+    for _ in range(3):
+        kernels.grouped_gemm(**args)
+    # later calls probe only the chosen backend (is it still here?), never the whole order again
+    assert len(probes) - first <= 3, probes[first:]
+    monkeypatch.undo()
+    registry.reset()
+
+
+def test_auto_takes_the_first_backend_that_takes_the_dtype(monkeypatch):
+    registry.reset()
+    table = registry._table()["moe"]
+    monkeypatch.setitem(table, "torch", dataclasses.replace(table["torch"], dtypes=(torch.float32,)))
+    assert registry.auto_backend("moe", "cpu", torch.float32) == "torch"
+    assert registry.auto_backend("moe", "cpu", torch.float64) != "torch"
+    registry.reset()

@@ -131,7 +131,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, **extra):
+                     mode):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None (K <= 256,
     chunk mode K <= 128). Returns o [B, T, Hv, V] in v's dtype and the float32 final state (or None)."""
     args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens)

@@ -9,11 +9,11 @@ import torch
 from kernels.cuda.gated_delta_rule import CHUNK, _token_index, chunk_state_pass
 
 
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, state_pass=chunk_state_pass,
-                     **extra):
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode,
+                     state_pass=chunk_state_pass):
     """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] or None; initial_state [N, H, K, V] or None (K <= 128).
-    Returns o [B, T, H, V] in v's dtype and the float32 final state [N, H, K, V] (or None). `state_pass` is
-    the kernel's launcher (tests give a torch model of it to check this host side without a GPU)."""
+    Returns o [B, T, H, V] in v's dtype and the float32 final state [N, H, K, V] (or None). Both modes run the
+    chunked algorithm (the same function). `state_pass` is the kernel's launcher (tests give a torch model of it to check this host side without a GPU)."""
     B, T, H, K = q.shape
     V, out_dtype = v.shape[3], v.dtype
     q, k, v = (t.to(torch.float32) for t in (q, k, v))

@@ -26,7 +26,7 @@ def _id_type(ids):
     return "int" if ids.dtype == torch.int32 else "long long"
 
 
-def moe_permute(x, ids, num_experts, **extra):
+def moe_permute(x, ids, num_experts):
     """x [N, D]; ids [N, top_k] int32/int64 in [-1, E). Returns a Permutation: x [M, D] (rows copied as raw
     16/8/4/2-byte vectors), offsets int32 [E + 1], source int64 [M]. Reads M back to size the output."""
     N, top_k = ids.shape
@@ -56,7 +56,7 @@ def moe_permute(x, ids, num_experts, **extra):
     return Permutation(rows, offsets, source, N, top_k)
 
 
-def moe_unpermute(y_sorted, p, weights, **extra):
+def moe_unpermute(y_sorted, p, weights):
     """y_sorted [M, D']; weights [N, top_k]. Returns [N, D'] in y_sorted's dtype (float32 sums)."""
     device = y_sorted.device
     M, D = y_sorted.shape
@@ -73,7 +73,7 @@ def moe_unpermute(y_sorted, p, weights, **extra):
     return out
 
 
-def grouped_gemm(x, w, offsets, **extra):
+def grouped_gemm(x, w, offsets):
     """x [M, K] grouped by expert; w [E, N, K]; offsets int32 [E + 1]. Returns y [M, N] in x's dtype: one launch
     over a device-built tile schedule (no read back), WMMA tensor cores (tf32 for float32), fp32 accumulation."""
     M, K = x.shape
@@ -96,7 +96,7 @@ def grouped_gemm(x, w, offsets, **extra):
     return y
 
 
-def moe(x, weights, ids, w_gate_up, w_down, **extra):
+def moe(x, weights, ids, w_gate_up, w_down):
     """x [N, D]; weights, ids [N, top_k]; w_gate_up [E, 2I, D]; w_down [E, D, I]. Returns [N, D] in x's dtype:
     permute -> grouped GEMM (gate, up) -> silu(gate) * up -> grouped GEMM (down) -> weighted unpermute."""
     I = w_down.shape[2]

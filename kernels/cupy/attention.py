@@ -4,7 +4,7 @@ key position Tk - Tq + i. Float32 inside."""
 from kernels.cupy._array import array_module, as_array, as_tensor, softmax, torch_stream
 
 
-def attention(q, k, v, causal, scale, **extra):
+def attention(q, k, v, causal, scale):
     """q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]. Returns [B, Tq, Hq, D] in q's dtype."""
     xp = array_module(q)
     Tq, Hq = q.shape[1], q.shape[2]

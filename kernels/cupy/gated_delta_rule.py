@@ -58,7 +58,7 @@ def _recurrent(xp, q, k, v, g, beta, S, scale):
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, **extra):
+                     mode):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
     Returns o [B, T, Hv, V] in v's dtype and the float32 final state [N, Hv, K, V] (or None)."""
     xp = array_module(v)

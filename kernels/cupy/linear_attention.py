@@ -8,9 +8,10 @@ from kernels.cupy._array import (array_module, as_array, as_tensor, pad_sequence
 CHUNK = 64
 
 
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **extra):
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode):
     """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] or None; initial_state [N, H, K, V] or None.
-    Returns o [B, T, H, V] in v's dtype and the float32 final state (or None)."""
+    Returns o [B, T, H, V] in v's dtype and the float32 final state (or None). Both modes run the chunked
+    program (the same function)."""
     xp = array_module(v)
     B, T, H, K = q.shape
     V = v.shape[3]

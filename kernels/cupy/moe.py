@@ -8,7 +8,7 @@ from kernels.cupy._array import array_module, as_array, as_bits, as_tensor, silu
 from kernels.types import Permutation
 
 
-def route(router_logits, top_k, renormalize, **extra):
+def route(router_logits, top_k, renormalize):
     """router_logits [N, E] -> (weights float32 [N, top_k], ids int32 [N, top_k]), largest first."""
     xp = array_module(router_logits)
     with torch_stream(router_logits.device):
@@ -61,7 +61,7 @@ def _grouped_gemm(xp, x, w, offsets):
     return y
 
 
-def moe_permute(x, ids, num_experts, **extra):
+def moe_permute(x, ids, num_experts):
     """x [N, D]; ids [N, top_k] in [-1, E). Returns a Permutation (rows moved exactly, in x's dtype)."""
     xp = array_module(x)
     with torch_stream(x.device):
@@ -70,7 +70,7 @@ def moe_permute(x, ids, num_experts, **extra):
         return Permutation(as_tensor(rows).view(x.dtype), as_tensor(offsets), as_tensor(source), *ids.shape)
 
 
-def moe_unpermute(y_sorted, p, weights, **extra):
+def moe_unpermute(y_sorted, p, weights):
     """y_sorted [M, D']; weights [N, top_k]. Returns [N, D'] in y_sorted's dtype."""
     xp = array_module(y_sorted)
     with torch_stream(y_sorted.device):
@@ -78,14 +78,14 @@ def moe_unpermute(y_sorted, p, weights, **extra):
         return as_tensor(y).to(y_sorted.dtype)
 
 
-def grouped_gemm(x, w, offsets, **extra):
+def grouped_gemm(x, w, offsets):
     """x [M, K] grouped by expert; w [E, N, K]; offsets int32 [E + 1]. Returns [M, N] in x's dtype."""
     xp = array_module(x)
     with torch_stream(x.device):
         return as_tensor(_grouped_gemm(xp, as_array(x, xp), as_array(w, xp), offsets)).to(x.dtype)
 
 
-def moe(x, weights, ids, w_gate_up, w_down, **extra):
+def moe(x, weights, ids, w_gate_up, w_down):
     """x [N, D]; weights, ids [N, top_k]; w_gate_up [E, 2I, D]; w_down [E, D, I]. Returns [N, D] in x's dtype."""
     xp = array_module(x)
     I = w_down.shape[2]

@@ -166,7 +166,7 @@ def _chunk_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o, sca
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, **extra):
+                     mode, chunk_size=CHUNK):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
     Returns o [B, T, Hv, V] in v's dtype and the float32 (float64 for float64 inputs) state [N, Hv, K, V] or None.
     mode "chunk" runs the chunked kernel (chunk size `chunk_size`, default 64), "recurrent" the token loop."""
@@ -183,7 +183,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     args = (as_array(q, dtype), as_array(k, dtype), as_array(v, dtype), as_array(g, dtype), as_array(beta, dtype),
             seq_batch, seq_start, seq_end, state, o, state.dtype.type(scale), use_qk_l2norm)
     if mode == "chunk":
-        _chunk_kernel(*args, int(extra.get("chunk_size", CHUNK)))
+        _chunk_kernel(*args, int(chunk_size))
     else:
         _recurrent_kernel(*args)
     out = torch.from_numpy(o)

@@ -111,7 +111,7 @@ def _index(ids, num_experts):
     return _permutation_index(ids.contiguous().view(-1).cpu().numpy(), num_experts)
 
 
-def moe_permute(x, ids, num_experts, **extra):
+def moe_permute(x, ids, num_experts):
     """x [N, D]; ids [N, top_k] in [-1, E). Returns a Permutation (x [M, D] in x's dtype, offsets int32 [E + 1],
     source int64 [M])."""
     offsets, source = _index(ids, num_experts)
@@ -122,7 +122,7 @@ def moe_permute(x, ids, num_experts, **extra):
                        ids.shape[0], ids.shape[1])
 
 
-def moe_unpermute(y_sorted, p, weights, **extra):
+def moe_unpermute(y_sorted, p, weights):
     """y_sorted [M, D']; p a Permutation of N tokens x top_k slots; weights [N, top_k]. Returns [N, D'] in
     y_sorted's dtype (summed in float32, float64 for float64 inputs)."""
     dtype = compute_dtype(y_sorted)
@@ -131,7 +131,7 @@ def moe_unpermute(y_sorted, p, weights, **extra):
     return torch.from_numpy(out).to(y_sorted.dtype)
 
 
-def moe(x, weights, ids, w_gate_up, w_down, **extra):
+def moe(x, weights, ids, w_gate_up, w_down):
     """x [N, D]; weights, ids [N, top_k]; w_gate_up [E, 2I, D]; w_down [E, D, I]. Returns [N, D] in x's dtype.
     Float32 (float64) weights are read in place; half-precision ones are converted to float32 for the active
     experts only."""

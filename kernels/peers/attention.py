@@ -5,7 +5,7 @@ from kernels.torch.attention import attention as sdpa_attention  # the one SDPA 
 __all__ = ["sdpa_attention", "flash_attn_attention"]
 
 
-def flash_attn_attention(q, k, v, causal, scale, **_):
+def flash_attn_attention(q, k, v, causal, scale):
     """flash-attn's flash_attn_func (GPU; registered for fp16 and bf16 only). It takes BTHD and grouped KV heads,
     and aligns the causal mask bottom-right when Tk > Tq, as the lab's API does. Returns [B, Tq, Hq, D]."""
     from flash_attn import flash_attn_func

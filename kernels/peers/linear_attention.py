@@ -20,7 +20,7 @@ def _transformers_functions():
 
 
 def transformers_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                  cu_seqlens, mode, **_):
+                                  cu_seqlens, mode):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V].
     Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] float32 (or None)."""
     K = q.shape[-1]
@@ -51,7 +51,7 @@ def transformers_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output
 
 
 def fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                         mode, **_):
+                         mode):
     """fla's chunk_gated_delta_rule (mode "chunk") or fused_recurrent_gated_delta_rule ("recurrent"); both take
     [B, T, Hk, K] keys with [B, T, Hv, V] values (grouped value heads) and [N, Hv, K, V] states."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -62,8 +62,9 @@ def fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_st
               cu_seqlens=None if cu_seqlens is None else cu_seqlens.long())
 
 
-def fla_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **_):
-    """fla's chunk_simple_gla (head-wise scalar gate g [B, T, H] in log space, None for no decay)."""
+def fla_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode):
+    """fla's chunk_simple_gla (head-wise scalar gate g [B, T, H] in log space, None for no decay); both modes run
+    it (the same function)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
     return chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=initial_state,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 
-def attention(q, k, v, causal, scale, **_):
+def attention(q, k, v, causal, scale):
     """q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] with Hq % Hkv == 0 and Tk >= Tq (query i sits at key Tk - Tq + i).
     Returns [B, Tq, Hq, D] in v's dtype, contiguous."""
     Tq, Tk = q.shape[1], k.shape[1]

@@ -82,7 +82,7 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
 
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     chunk_size=None, **_):
+                     chunk_size=None):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V].
     Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size: default 32 on CPU, 64 on
     GPUs) or "recurrent".

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.validate import auto_mode
 
 CHUNK_SIZE = 64
 # Decay factors exp(x) with x below this log decay are flushed to exactly 0. Next to float32's 2^-24 rounding
@@ -200,19 +199,15 @@ def chunked(q, k, v, g, initial_state):
 
 
 @torch.no_grad()
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode="auto",
-                     chunk_size=None, **_):
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size=None):
     """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V].
-    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk", "recurrent" or "auto"
-    (kernels.validate.auto_mode); chunk_size: default CHUNK_SIZE. Returns o [B, T, H, V] in v's dtype and the
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk" or "recurrent"; chunk_size: default CHUNK_SIZE. Returns o [B, T, H, V] in v's dtype and the
     final state [N, H, K, V] (float32, float64 for float64 inputs) or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(v)
     if g is None:
         g = torch.zeros(B, T, H, dtype=dtype, device=q.device)
-    if mode == "auto":
-        mode = auto_mode(T, cu_seqlens)
     C = (chunk_size or CHUNK_SIZE) if mode == "chunk" else 1
     layout = ChunkLayout.of(B, T, cu_seqlens, C, q.device)
     qc = layout.to_chunks(q, dtype).mul_(scale)

@@ -8,9 +8,10 @@ import torch
 from kernels.triton._chunk import aot_specs, chunk_cumsum, chunk_output, chunk_state, prepare_chunk_layout
 
 
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_layout=None):
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_layout=None):
     """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or float32 [N, H, K, V];
-    cu_seqlens None or int [N + 1] (B = 1). chunk_layout: optional precomputed
+    cu_seqlens None or int [N + 1] (B = 1). Both modes run the chunked kernels (the same function).
+    chunk_layout: optional precomputed
     `_chunk.prepare_chunk_layout(cu_seqlens, T)`, to share between calls.
     Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
     """

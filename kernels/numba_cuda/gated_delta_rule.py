@@ -1,5 +1,4 @@
 """The recurrent gated delta rule as a numba.cuda kernel (a GPU, or CPU tensors under NUMBA_ENABLE_CUDASIM=1).
-(Named gpu_*: numba-cuda's import hook captures every module name containing "numba.cuda".)
 
 One block of BV threads (one warp) per (sequence, value head, V tile of BV columns). Thread j keeps column j of
 the state S[:, j] in shared memory for the whole sequence: per token it reads q and k from shared memory
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from numba import cuda, float32
 
-from kernels.numba import NumbaAotSpec
+from kernels.numba_cuda import NumbaAotSpec
 from kernels.numba._edge import device_array, float32_contiguous, sequence_bounds
 
 BV = 32  # state columns per block (one warp)
@@ -76,7 +75,7 @@ def _recurrent_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o,
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, **extra):
+                     mode):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
     Returns o [B, T, Hv, V] in v's dtype and the float32 state [N, Hv, K, V] (or None). Both modes run the
     token-by-token kernel (there is no chunked numba.cuda kernel); K <= 128."""

@@ -1,6 +1,5 @@
 """MoE permutation, unpermutation and a tiled grouped GEMM as numba.cuda kernels (a GPU, or CPU tensors under
-NUMBA_ENABLE_CUDASIM=1). (Named gpu_*: numba-cuda's import hook captures every module name containing
-"numba.cuda".)
+NUMBA_ENABLE_CUDASIM=1).
 
 Permutation is a stable counting sort in tiles of TILE slots: per-tile expert counts (atomics), one block that
 scans them per expert into tile bases and expert offsets, then each slot's rank among the earlier slots of its
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from numba import cuda, float32, int64
 
-from kernels.numba import NumbaAotSpec
+from kernels.numba_cuda import NumbaAotSpec
 from kernels.numba._edge import device_array, float32_contiguous
 from kernels.types import Permutation
 
@@ -138,7 +137,7 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def moe_permute(x, ids, num_experts, **extra):
+def moe_permute(x, ids, num_experts):
     """x [N, D]; ids [N, top_k] in [-1, E). Returns a Permutation (x [M, D] in x's dtype, rows moved exactly as
     stored (bfloat16 as 16-bit integers: numba has no bfloat16), offsets int32 [E + 1], source int64 [M])."""
     if num_experts > MAX_EXPERTS:
@@ -161,7 +160,7 @@ def moe_permute(x, ids, num_experts, **extra):
     return Permutation(rows.view(x.dtype), offsets.to(torch.int32), source, ids.shape[0], ids.shape[1])
 
 
-def moe_unpermute(y_sorted, p, weights, **extra):
+def moe_unpermute(y_sorted, p, weights):
     """y_sorted [M, D']; weights [N, top_k]. Returns [N, D'] in y_sorted's dtype, summed in float32."""
     row_of_slot = torch.full((p.num_tokens * p.top_k,), -1, dtype=torch.int64, device=y_sorted.device)
     M = p.source.shape[0]
@@ -174,7 +173,7 @@ def moe_unpermute(y_sorted, p, weights, **extra):
     return out.to(y_sorted.dtype)
 
 
-def grouped_gemm(x, w, offsets, **extra):
+def grouped_gemm(x, w, offsets):
     """x [M, K] grouped by expert; w [E, N, K]; offsets int32 [E + 1]. Returns [M, N] in x's dtype (float32
     accumulation). The tile schedule is built on the host from offsets (one read back)."""
     M, Nout = x.shape[0], w.shape[1]
