@@ -4,8 +4,9 @@ FLOPs count a multiply-add as 2. Bytes are the fewest the call must move through
 read once and every output written once (weights of experts that receive no token are not read).
 Element sizes are those of the tensors given, so a bf16 call moves half the bytes of a float32 one.
 
-`cost(op, inputs)` returns (flops, bytes); `inputs` is the dict of keyword arguments of the public op
-(as `bench.inputs.make` returns it), plus `mode` for the gated delta rule.
+One function per op, named after it, returns (flops, bytes) of one call; its argument is the dict of keyword
+arguments of the public op (as `bench.inputs.make` returns it), plus `mode` for the gated delta rule. Each op's
+declaration (bench/ops.py) names its function.
 """
 from __future__ import annotations
 
@@ -90,6 +91,13 @@ def _active_experts(ids, num_experts) -> int:
     return int(torch.bincount(used.cpu(), minlength=num_experts).gt(0).sum())
 
 
+def route(inputs) -> tuple[int, int]:
+    """No matmul FLOPs (softmax and top-k: a few operations per logit). Bytes: router_logits [N, E] read, weights
+    float32 and ids int32 [N, top_k] written."""
+    logits, top_k = inputs["router_logits"], inputs["top_k"]
+    return 0, _nbytes(logits) + logits.shape[0] * top_k * (4 + 4)
+
+
 def moe_permute(inputs) -> tuple[int, int]:
     """No FLOPs. Bytes: x [N, D] and ids read, M = (ids >= 0) rows of D written, with offsets [E + 1]
     and source [M] (int64)."""
@@ -97,6 +105,14 @@ def moe_permute(inputs) -> tuple[int, int]:
     M = int((ids >= 0).sum())
     written = M * x.shape[1] * x.element_size() + (inputs["num_experts"] + 1) * 4 + M * 8
     return 0, _nbytes(x, ids) + written
+
+
+def moe_unpermute(inputs) -> tuple[int, int]:
+    """2 FLOPs per routed element (a multiply-add of the weighted sum): 2 M D'. Bytes: y_sorted [M, D'], source
+    [M] and weights [N, top_k] read, y [N, D'] written."""
+    y_sorted, p = inputs["y_sorted"], inputs["p"]
+    M, D = y_sorted.shape
+    return 2 * M * D, _nbytes(y_sorted, p.source, inputs["weights"]) + p.num_tokens * D * y_sorted.element_size()
 
 
 def grouped_gemm(inputs) -> tuple[int, int]:
@@ -121,12 +137,3 @@ def moe(inputs) -> tuple[int, int]:
     flops = M * (6 * D * I + 5 * I + 2 * D)
     weight_bytes = _active_experts(ids, E) * 3 * I * D * inputs["w_gate_up"].element_size()
     return flops, _nbytes(x, inputs["weights"], ids) + weight_bytes + _nbytes(x)
-
-
-COST = {"linear_attention": linear_attention, "gated_delta_rule": gated_delta_rule, "attention": attention,
-        "moe_permute": moe_permute, "grouped_gemm": grouped_gemm, "moe": moe}
-
-
-def cost(op: str, inputs: dict) -> tuple[int, int]:
-    """(FLOPs, bytes) of one call of registry op `op` on `inputs`."""
-    return COST[op](inputs)

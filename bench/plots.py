@@ -15,20 +15,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench import presets  # noqa: E402
+from bench.ops import OPS  # noqa: E402
 
-# Axes plotted together: a compound axis varies several columns at once (heads, head dim).
-PLOT_AXES = {
-    "linear_attention": {"T": ["T"], "B": ["B"], "seqs": ["seqs"], "heads": ["H"], "dim": ["K", "V"]},
-    "gated_delta_rule": {"T": ["T"], "B": ["B"], "seqs": ["seqs"], "heads": ["Hk", "Hv"], "dim": ["K", "V"]},
-    "attention": {"T": ["T"], "B": ["B"], "heads": ["Hq", "Hkv"], "D": ["D"]},
-    "moe_permute": {"N": ["N"], "D": ["D"], "E": ["E"], "top_k": ["top_k"], "routing": ["routing"]},
-    "moe_gemm": {"N": ["N"], "E": ["E"], "top_k": ["top_k"], "K": ["K"], "Nout": ["Nout"], "routing": ["routing"]},
-    "moe": {"N": ["N"], "D": ["D"], "E": ["E"], "I": ["I"], "top_k": ["top_k"], "routing": ["routing"]},
-}
-REGISTRY_OP = {"moe_gemm": "grouped_gemm"}
 MAX_GROUPS_PER_AXIS = 3
 
 
@@ -45,10 +36,6 @@ def measured(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["error"].eq("") & frame["median_ms"].notna()]
 
 
-def _axes_of(op):
-    return list(presets.AXES.get(REGISTRY_OP.get(op, op), ()))
-
-
 def _label(values):
     return "/".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values)
 
@@ -56,7 +43,7 @@ def _label(values):
 def _groups(rows, op, columns):
     """Groups of rows with every other axis (and dtype) equal and >= 3 distinct values on a numeric axis (>= 2
     on a categorical or compound one), the largest first."""
-    fixed = ["dtype"] + [a for a in _axes_of(op) if a not in columns and a in rows]
+    fixed = ["dtype"] + [a for a in OPS[op].axes if a not in columns and a in rows]
     found = []
     for key, group in rows.groupby(fixed, dropna=False):
         categorical = len(columns) > 1 or not pd.api.types.is_numeric_dtype(group[columns[0]])
@@ -66,22 +53,25 @@ def _groups(rows, op, columns):
     return found[:MAX_GROUPS_PER_AXIS]
 
 
-def _throughput(group):
-    if group["flops"].fillna(0).gt(0).any():
+def _throughput(group, rows):
+    """A backend's rate (FLOP/s, or GB/s for ops without FLOPs) in the unit that fits all of `rows`."""
+    if rows["flops"].fillna(0).gt(0).any():
+        if rows["tflops"].max() < 1:  # CPUs
+            return group["tflops"] * 1e3, "GFLOP/s"
         return group["tflops"], "TFLOP/s"
     return group["gbps"], "GB/s"
 
 
 def plot_axis(frame: pd.DataFrame, op: str, axis: str, out: Path) -> list[Path]:
     """Latency and throughput of op against `axis`, one figure per group of fixed other axes."""
-    columns = PLOT_AXES[op][axis]
+    columns = list(OPS[op].plot_axes[axis])
     rows = measured(frame[frame["op"] == op])
     written = []
     for n, (fixed, group) in enumerate(_groups(rows, op, columns)):
         numeric = len(columns) == 1 and pd.api.types.is_numeric_dtype(group[columns[0]])
         order = group[columns].drop_duplicates().sort_values(columns)
         position = {tuple(v): i for i, v in enumerate(order.itertuples(index=False))}
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4))
         for backend, lines in group.groupby("backend"):
             lines = lines.sort_values(columns)
             x = lines[columns[0]] if numeric else [position[tuple(v)] for v in lines[columns].itertuples(index=False)]
@@ -89,18 +79,23 @@ def plot_axis(frame: pd.DataFrame, op: str, axis: str, out: Path) -> list[Path]:
             left.errorbar(x, lines["median_ms"], yerr=[(lines["median_ms"] - lines["p20_ms"]).clip(lower=0),
                                                        (lines["p80_ms"] - lines["median_ms"]).clip(lower=0)],
                           fmt="o" + style, capsize=3, label=backend)
-            values, unit = _throughput(lines)
+            values, unit = _throughput(lines, group)
             right.plot(x, values, "o" + style, label=backend)
         for ax, title in ((left, "latency (ms, median, p20-p80)"), (right, f"throughput ({unit})")):
             ax.set_xlabel("/".join(columns))
             ax.set_title(title, fontsize=10)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-            if numeric and group[columns[0]].min() > 0 and group[columns[0]].max() / group[columns[0]].min() > 8:
-                ax.set_xscale("log", base=2)
-            if not numeric:
+            if numeric:
+                swept = sorted(group[columns[0]].unique())
+                if swept[0] > 0 and swept[-1] / swept[0] > 8:
+                    ax.set_xscale("log", base=2)
+                ax.set_xticks(swept, [_label([v]) for v in swept], rotation=45 if len(swept) > 6 else 0)
+                ax.minorticks_off()
+            else:
                 ax.set_xticks(range(len(position)), [_label(k) for k in position])
-        left.legend(fontsize=8)
+            _readable_log_axis(ax.yaxis)
+        _legend_outside(right)
         fig.suptitle(f"{op} on {group['device_name'].iloc[0]}: " + ", ".join(f"{k}={_label([v])}" for k, v in fixed.items()),
                      fontsize=9)
         fig.tight_layout()
@@ -117,21 +112,23 @@ def plot_roofline_fraction(frame: pd.DataFrame, op: str, out: Path) -> Path | No
     if rows.empty:
         return None
     backends = sorted(rows["backend"].unique())
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(backends) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(backends) + 4), 4))
     for i, backend in enumerate(backends):
         values = rows[rows["backend"] == backend]
         for bound, marker in (("compute", "o"), ("memory", "s")):
             part = values[values["bound"] == bound]
             jitter = [i + 0.25 * ((j % 7) / 6 - 0.5) for j in range(len(part))]
-            ax.scatter(jitter, part["roofline_fraction"], marker=marker, alpha=0.7,
-                       label=f"{bound}-bound shapes" if i == 0 else None, color=f"C{i}")
+            ax.scatter(jitter, part["roofline_fraction"], marker=marker, alpha=0.7, color=f"C{i}")
+    for bound, marker in (("compute", "o"), ("memory", "s")):  # the legend says the markers, the ticks the colours
+        ax.scatter([], [], marker=marker, color="gray", label=f"{bound}-bound shapes")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(backends)), backends)
     ax.set_yscale("log")
     ax.set_ylabel("roofline floor / time")
+    _readable_log_axis(ax.yaxis)
     ax.set_title(f"{op}: fraction of the roofline floor (measured ceilings)", fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     path = out / f"{op}_roofline.png"
     fig.savefig(path, dpi=90)
@@ -147,39 +144,52 @@ def _best_by_T(rows, lab_only=True):
     return best.set_index("T")["median_ms"], best.set_index("T")["backend"]
 
 
+def _paired(rows, spec, dtype, values):
+    """spec's rows (a linear op) of dtype whose columns pair with the attention shape `values` (spec.versus)."""
+    part = rows[(rows["op"] == spec.name) & (rows["dtype"] == dtype)]
+    for column, theirs in spec.versus.same.items():
+        part = part[part[column] == values[theirs]]
+    for column, value in spec.versus.fixed.items():
+        part = part[part[column] == value]
+    return part
+
+
 def linear_vs_quadratic(frame: pd.DataFrame) -> dict | None:
-    """Matched sweeps of attention and the linear ops (same dtype, batch, value heads = query heads, head dim,
-    one sequence per row, chunked mode), the best lab backend of each against T, and the crossovers: the
-    smallest swept T from which the linear op is at least as fast at every longer swept T.
-    Returns {"shape", "dtype", "T", "attention", "attention_peer", <linear op>: Series, "crossover": {...}}."""
+    """The linear ops (those whose declaration pairs them with a quadratic attention, bench.ops Versus) against
+    that attention at one shape: the matched sweeps with the most attention rows, the best lab backend of each
+    against T, and the crossovers: the smallest swept T from which a linear op is at least as fast at every longer
+    swept T, against the best lab and the best peer attention.
+    Returns {"quadratic": op, "shape", "dtype", "device_name", "ms": {series: Series of ms by T}, "backend":
+    {series: Series}, "crossover": {(linear op, "lab" | "peer"): T or None}}; series are "lab" and "peer" (the
+    attention's) and each linear op's name."""
     rows = measured(frame)
-    attention = rows[rows["op"] == "attention"]
+    linear = [spec for spec in OPS.values() if spec.versus]
     best = None
-    for (dtype, B, Hq, Hkv, D), att in attention.groupby(["dtype", "B", "Hq", "Hkv", "D"]):
-        linear = {}
-        gdr = rows[(rows["op"] == "gated_delta_rule") & (rows["dtype"] == dtype) & (rows["B"] == B)
-                   & (rows["seqs"] == 1) & (rows["Hv"] == Hq) & (rows["Hk"] == Hkv) & (rows["K"] == D)
-                   & (rows["V"] == D) & (rows["mode"] == "chunk")]
-        lin = rows[(rows["op"] == "linear_attention") & (rows["dtype"] == dtype) & (rows["B"] == B)
-                   & (rows["seqs"] == 1) & (rows["H"] == Hq) & (rows["K"] == D) & (rows["V"] == D)]
-        for name, part in (("gated_delta_rule", gdr), ("linear_attention", lin)):
-            shared = sorted(set(part["T"]) & set(att["T"]))
-            if len(shared) >= 2:
-                linear[name] = part[part["T"].isin(shared)]
-        if linear and (best is None or len(att) > len(best[1])):
-            best = ((dtype, B, Hq, Hkv, D), att, linear)
+    for quadratic in dict.fromkeys(spec.versus.op for spec in linear):
+        axes = [a for a in OPS[quadratic].axes if a != "T"]
+        for key, att in rows[rows["op"] == quadratic].groupby(["dtype", *axes]):
+            dtype, *shape = key
+            values = dict(zip(axes, shape))
+            paired = {}
+            for spec in (s for s in linear if s.versus.op == quadratic):
+                part = _paired(rows, spec, dtype, values)
+                shared = set(part["T"]) & set(att["T"])
+                if len(shared) >= 2:
+                    paired[spec.name] = part[part["T"].isin(shared)]
+            if paired and (best is None or len(att) > len(best[3])):
+                best = (quadratic, dtype, values, att, paired)
     if best is None:
         return None
-    (dtype, B, Hq, Hkv, D), att, linear = best
-    result = {"shape": f"B={int(B)}, heads {int(Hq)} (kv/k {int(Hkv)}) x {int(D)}", "dtype": dtype,
-              "device_name": att["device_name"].iloc[0], "crossover": {}}
-    result["attention"], result["attention_backend"] = _best_by_T(att)
-    peers = att[att["peer"]]
-    result["attention_peer"], result["attention_peer_backend"] = _best_by_T(peers, lab_only=False)
-    for name, part in linear.items():
-        result[name], result[f"{name}_backend"] = _best_by_T(part)
-        for against in ("attention", "attention_peer"):
-            result["crossover"][(name, against)] = _crossover(result[name], result[against])
+    quadratic, dtype, values, att, paired = best
+    result = {"quadratic": quadratic, "dtype": dtype, "device_name": att["device_name"].iloc[0], "ms": {},
+              "backend": {}, "crossover": {},
+              "shape": ", ".join(f"{axis}={_label([value])}" for axis, value in values.items())}
+    result["ms"]["lab"], result["backend"]["lab"] = _best_by_T(att)
+    result["ms"]["peer"], result["backend"]["peer"] = _best_by_T(att[att["peer"]], lab_only=False)
+    for name, part in paired.items():
+        result["ms"][name], result["backend"][name] = _best_by_T(part)
+        for against in ("lab", "peer"):
+            result["crossover"][(name, against)] = _crossover(result["ms"][name], result["ms"][against])
     return result
 
 
@@ -199,28 +209,31 @@ def plot_linear_vs_quadratic(frame: pd.DataFrame, out: Path) -> Path | None:
     found = linear_vs_quadratic(frame)
     if found is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("attention", "softmax attention (best lab)", "k", "-"),
-              ("attention_peer", "softmax attention (best peer)", "gray", "--"),
-              ("gated_delta_rule", "gated delta rule (best lab)", "C0", "-"),
-              ("linear_attention", "linear attention (best lab)", "C1", "-")]
-    for key, label, color, style in series:
-        values = found.get(key)
-        if values is not None and len(values):
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    quadratic = found["quadratic"]
+    linear = [name for name in found["ms"] if name not in ("lab", "peer")]
+    styles = {"lab": (f"{quadratic} (best lab)", "k", "-"), "peer": (f"{quadratic} (best peer)", "gray", "--")}
+    styles |= {name: (f"{name} (best lab)", f"C{i}", "-") for i, name in enumerate(linear)}
+    for key, (label, color, style) in styles.items():
+        values = found["ms"][key]
+        if len(values):
             ax.plot(values.index, values.values, style, marker="o", color=color, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    for i, ((name, against), T) in enumerate(found["crossover"].items()):
-        if T is not None and against == "attention":
-            ax.axvline(T, color="C0" if name == "gated_delta_rule" else "C1", ls=":", lw=1.2)
-            ax.annotate(f"{name} crossover: T={int(T)}", (T, 0.03 + 0.04 * i), xycoords=("data", "axes fraction"),
-                        xytext=(4, 0), textcoords="offset points", fontsize=8)
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel("ms per call (median)")
+    swept = sorted(found["ms"]["lab"].index)
+    ax.set_xticks(swept, [_label([T]) for T in swept])
+    ax.minorticks_off()
+    _readable_log_axis(ax.yaxis)
+    for i, name in enumerate(linear):
+        T = found["crossover"][(name, "lab")]
+        if T is not None:
+            ax.axvline(T, color=f"C{i}", ls=":", lw=1.2, label=f"{name} crossover: T = {int(T)}")
+    ax.set_xlabel("sequence length T (tokens)")
+    ax.set_ylabel("time per call (ms, median)")
     ax.set_title(f"linear vs quadratic attention, {found['shape']}, {found['dtype']}\n{found['device_name']}",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     path = out / "linear_vs_quadratic.png"
     fig.savefig(path, dpi=90)
@@ -228,17 +241,36 @@ def plot_linear_vs_quadratic(frame: pd.DataFrame, out: Path) -> Path | None:
     return path
 
 
+def _plain(value, _position=None) -> str:
+    """A tick label for a person: 6, 0.3, 1200, never 6 x 10^0."""
+    return f"{value:.3g}" if value < 1e5 else f"{value:.0e}"
+
+
+def _readable_log_axis(axis):
+    """Log-axis ticks as plain numbers (minor ticks labelled too when the axis spans under a decade or two)."""
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(_plain))
+    low, high = axis.get_view_interval()
+    if low > 0 and high / low < 100:  # label the minor ticks 2 and 5 of each decade
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: _plain(v) if f"{v:.0e}"[0] in "25" else ""))
+
+
+def _legend_outside(ax, **options):
+    """The legend to the right of the axes, never over the data."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **options)
+
+
 def plot_all(frame: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     """Every plot of every op in frame; {op: [paths]} plus "linear_vs_quadratic"."""
     out.mkdir(parents=True, exist_ok=True)
-    for op in PLOT_AXES:  # this function's earlier plots: a smaller table may draw fewer
-        for stale in out.glob(f"{op}_*.png"):
+    for op in [name for name, spec in OPS.items() if spec.registry]:  # earlier plots (others draw their own)
+        for stale in out.glob(f"{op}_*.png"):  # a smaller table may draw fewer
             stale.unlink()
     (out / "linear_vs_quadratic.png").unlink(missing_ok=True)
     written = {}
     for op in frame["op"].unique():
         paths = []
-        for axis in PLOT_AXES.get(op, {}):
+        for axis in OPS[op].plot_axes if op in OPS else ():
             paths += plot_axis(frame, op, axis, out)
         roof = plot_roofline_fraction(frame, op, out)
         written[op] = paths + ([roof] if roof else [])

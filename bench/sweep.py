@@ -1,14 +1,17 @@
 """The sweep CLI: every backend of an op over its shape axes, checked, timed and written to a CSV.
 
-    python -m bench.sweep --op gated_delta_rule [--backend torch ...] [--device cpu|cuda]
-                          [--dtype float32 ...] [--quick] [--preset Qwen3.5-35B-A3B] [--out DIR] [--list]
+    python -m bench.sweep --op gated_delta_rule [--backend torch ...] [--device cpu|cuda] [--dtype float32 ...]
+                          [--quick] [--preset Qwen3.5-35B-A3B] [--shape KEY ...] [--out DIR] [--list]
+    python -m bench.sweep --op all --quick          # every registry op, their cases interleaved
 
-For each shape (bench.presets) and dtype, the inputs come from the op's bench.inputs maker, seeded by the
-shape. Each backend of the op that runs on the device (kernels.backends: new backends join by registering)
-is first checked against a float64 yardstick (the reference; where its token loop is too slow, the torch
-backend on float64 inputs, or for the MoE layer the reference on the first tokens: the row says which),
-then timed (bench.timing). A backend that fails the check, or raises, gets its error in its row and no
-speedup, and the sweep goes on.
+What the sweep knows of an op is its declaration in bench/ops.py. For each shape and dtype, the inputs come
+from the op's bench.inputs maker, seeded by the shape. Each backend of the op that runs on the device
+(kernels.backends: new backends join by registering) is first checked against a float64 yardstick (the
+reference; where its loops are too slow, the reference on the first tokens when the op declares it, else the
+torch backend on float64 inputs: the row says which), then timed (bench.timing). A backend that fails the check,
+or raises, gets its error in its row and no speedup, and the sweep goes on. Bad arguments (an unknown op,
+backend or shape, a backend that cannot run on the device or dtype, an empty selection) are refused before
+anything runs, and nothing is written.
 
 Results go to DIR/results.csv (default reports/<device>/), one long-format row per (op, backend, shape,
 dtype, device): a rerun replaces its own rows and keeps every other. The ceilings measured at the start
@@ -35,19 +38,16 @@ import pandas as pd
 import torch
 
 import kernels
-from bench import cost, inputs as bench_inputs, presets, timing
+from bench import presets, timing
+from bench.ops import ALL_AXES, OPS, RENAMED, Case
+from kernels.registry import resolve
 from kernels.types import Permutation
 from reference.tolerance import rel_err, tolerance
 
-# CLI op -> registry op; "model" is bench.model's sweep.
-OPS = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
-       "moe_permute": "moe_permute", "moe_gemm": "grouped_gemm", "moe": "moe", "model": None}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Tokens of the MoE layer checked against the reference when the whole batch is too slow for its loop.
-CHECK_TOKENS = 64
 
 KEY = ["op", "backend", "shape", "dtype", "device"]
-COLUMNS = (["op", "backend", "peer", "device", "device_name", "dtype", "shape", "preset", *presets.ALL_AXES,
+COLUMNS = (["op", "backend", "peer", "device", "device_name", "dtype", "shape", "preset", *ALL_AXES,
             "median_ms", "p20_ms", "p80_ms", "repeats", "cuda_graph", "flops", "bytes", "tflops", "gbps",
             "peak_tflops", "peak_gbps", "floor_ms", "bound", "roofline_fraction", "rel_err", "checked_against",
             "error", "speedup_vs_reference", "best_peer", "speedup_vs_best_peer"]
@@ -104,22 +104,6 @@ def compare(out, ref) -> tuple[float, str]:
     return worst, ""
 
 
-def reference_affordable(case: presets.Case, quick: bool = False) -> bool:
-    """Whether the slow reference (token loops, per-slot loops, full float64 score matrices) fits a few seconds
-    (about one second in a quick sweep)."""
-    s = case.shape
-    if case.op in ("linear_attention", "gated_delta_rule"):
-        heads = s["H"] if case.op == "linear_attention" else s["Hv"]
-        return s["B"] * s["T"] * heads * s["K"] * s["V"] <= (2**26 if quick else 2**29)
-    if case.op == "attention":
-        return s["B"] * s["Hq"] * s["T"] ** 2 <= 2**26
-    if case.op == "moe_permute":
-        return s["N"] * s["top_k"] * s["E"] <= 4_000_000
-    if case.op == "grouped_gemm":
-        return presets.input_gigabytes(case, 8) <= 2
-    return s["N"] * s["top_k"] * 3 * s["I"] * s["D"] <= (200_000_000 if quick else 2_000_000_000)
-
-
 def _float64(inputs: dict) -> dict:
     out = {}
     for key, value in inputs.items():
@@ -143,20 +127,23 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def yardstick(case: presets.Case, inputs: dict, extra: dict, max_check_gb: float, quick: bool = False):
+def yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, quick: bool = False):
     """(label, float64 output, how to cut a backend's output to the yardstick's rows, seconds of the reference
     on the whole case or None). The reference's own time is its row's time (its one call is the check)."""
-    if reference_affordable(case, quick):
+    spec = OPS[case.op]
+    reference = kernels.get(case.op, "reference")
+    if spec.affordable(case.shape, quick):
         start = time.perf_counter()
-        ref = kernels.get(case.op, "reference")(**_float64(inputs), **extra)
+        ref = reference(**_float64(inputs), **extra)
         timing.synchronize(inputs_device(inputs))
         return "reference", ref, None, time.perf_counter() - start
-    if case.op == "moe":
-        head = {k: (v[:CHECK_TOKENS] if k in ("x", "weights", "ids") else v) for k, v in inputs.items()}
-        return (f"reference (first {CHECK_TOKENS} tokens)",
-                kernels.get("moe", "reference")(**_float64(head), **extra), lambda out: out[:CHECK_TOKENS], None)
+    if spec.check_head:
+        names, tokens = spec.check_head
+        head = {k: (v[:tokens] if k in names else v) for k, v in inputs.items()}
+        return (f"reference (first {tokens} tokens)", reference(**_float64(head), **extra),
+                lambda out: out[:tokens], None)
     if "torch" in kernels.backends(case.op, inputs_device(inputs)) and \
-            2 * presets.input_gigabytes(case, 8) <= max_check_gb:
+            2 * spec.gigabytes(case.shape, 8) <= max_check_gb:
         return "torch-f64", kernels.get(case.op, "torch")(**_float64(inputs), **extra), None, None
     return "none (too large for a float64 yardstick)", None, None, None
 
@@ -176,9 +163,9 @@ def metrics(flops: float, nbytes: float, median_ms: float, peak_tflops: float, p
                 bound="compute" if compute_s >= memory_s else "memory", roofline_fraction=floor_s / seconds)
 
 
-def base_row(cli_op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict) -> dict:
+def base_row(op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict) -> dict:
     """The columns every row has, whoever times it (bench.model fills the rest the same way)."""
-    return dict(op=cli_op, backend=backend, device=device, device_name=ceil["device_name"], dtype=dtype_name(dtype),
+    return dict(op=op, backend=backend, device=device, device_name=ceil["device_name"], dtype=dtype_name(dtype),
                 peak_tflops=ceil["matmul_tflops"].get(dtype_name(dtype), math.nan), peak_gbps=ceil["copy_gbps"],
                 threads=torch.get_num_threads(), torch_version=torch.__version__, commit=commit(),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), error="")
@@ -241,7 +228,7 @@ def sweep_backends(op: str, device: str, wanted: list[str] | None) -> list[str]:
     """Backends of op to sweep on device: those asked for (an unavailable one gets a row saying why), else
     every one that runs there, except on CPU those that reach it only through the Triton interpreter or the
     numba.cuda simulator (their times mean nothing)."""
-    if wanted:
+    if wanted is not None:
         return wanted
     registered = kernels.registry.registered(op)
     return [name for name in kernels.backends(op, device) if device != "cpu" or "cpu" in registered[name].places]
@@ -254,42 +241,47 @@ def interleaved(plans: list[list]) -> list:
     return [item for group in itertools.zip_longest(*plans) for item in group if item is not None]
 
 
-def sweep(cli_ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
+def planned(op: str, device: str, quick: bool, preset: str | None, shapes=None) -> list[Case]:
+    """op's cases on device (bench.ops), only those whose shape string is in `shapes` when given."""
+    found = OPS[op].cases(device, quick, preset)
+    return [case for case in found if shapes is None or case.key in shapes]
+
+
+def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
           preset: str | None = None, budget_s: float | None = None, cuda_graph: str = "auto",
-          max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True) -> list[dict]:
-    """Check and time every backend of each CLI op of cli_ops (one name or several, whose cases are then
-    interleaved) over its cases; one row dict per (case, dtype, backend)."""
+          max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True, shapes=None) -> list[dict]:
+    """Check and time every backend of each registry op of `ops` (one name or several, whose cases are then
+    interleaved) over its cases; one row dict per (case, dtype, backend). wanted: backend names for every op, or
+    {op: names}; shapes: only these shape strings."""
     from tqdm import tqdm
 
-    cli_ops = [cli_ops] if isinstance(cli_ops, str) else list(cli_ops)
+    ops = [ops] if isinstance(ops, str) else list(ops)
     ceil = ceil or timing.ceilings(device, dtypes)
     budget_s = budget_s if budget_s is not None else (0.1 if quick else 0.5)
-    names = {cli_op: sweep_backends(OPS[cli_op], device, wanted) for cli_op in cli_ops}
-    plan = interleaved([[(cli_op, case) for case in presets.cases(OPS[cli_op], device, quick, preset)]
-                        for cli_op in cli_ops])
+    names = {op: sweep_backends(op, device, wanted.get(op) if isinstance(wanted, dict) else wanted) for op in ops}
+    plan = interleaved([planned(op, device, quick, preset, shapes) for op in ops])
     rows = []
-    bar = tqdm(total=sum(len(names[cli_op]) for cli_op, _ in plan) * len(dtypes),
-               desc=f"{'+'.join(cli_ops)} on {device}", disable=not progress, unit="run")
-    for cli_op, case in plan:
-        op = OPS[cli_op]
-        registered = kernels.registry.registered(op)
+    bar = tqdm(total=sum(len(names[case.op]) for case in plan) * len(dtypes),
+               desc=f"{'+'.join(ops)} on {device}", disable=not progress, unit="run")
+    for case in plan:
+        spec = OPS[case.op]
+        registered = kernels.registry.registered(case.op)
         for dtype in dtypes:
             shape = case.key
-            inputs = bench_inputs.make(op, **presets.maker_kwargs(case), dtype=dtype, device=device,
-                                       seed=seed_of(op, shape))
-            extra = presets.call_kwargs(case)
-            flops, nbytes = cost.cost(op, inputs | extra)
+            inputs = spec.inputs(case, dtype, device, seed_of(case.op, shape))
+            extra = spec.call(case.shape)
+            flops, nbytes = spec.cost(inputs | extra)
             try:
                 with one_thread():
                     check = yardstick(case, inputs, extra, max_check_gb, quick)
             except Exception as exc:  # noqa: BLE001 - a broken yardstick is recorded, the backends still run
                 check = (f"none (yardstick failed: {_error_text(exc)})", None, None, None)
-            for name in names[cli_op]:
-                bar.set_postfix_str(f"{name} {shape}", refresh=False)
+            for name in names[case.op]:
+                bar.set_postfix_str(f"{case.op} {name} {shape}", refresh=False)
                 bar.update()
                 if name in registered and dtype not in registered[name].dtypes:
                     continue
-                row = base_row(cli_op, name, device, dtype, ceil) | dict(
+                row = base_row(case.op, name, device, dtype, ceil) | dict(
                     shape=shape, preset=case.preset, flops=flops, bytes=nbytes,
                     peer=bool(name in registered and registered[name].peer), **case.shape)
                 if name == "reference":
@@ -387,27 +379,67 @@ def save_ceilings(out: Path, ceil: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 
+def _where(op: str, name: str, device: str) -> str:
+    """Why backend `name` of registry op `op` cannot be swept on `device` tensors here ("" when it can)."""
+    registered = kernels.registry.registered(op)
+    if name not in registered:
+        return f"not a backend of {op}"
+    reason = registered[name].unavailable_reason()
+    if reason:
+        return reason
+    if device not in registered[name].devices():
+        return f"does not run on {device} tensors here (runs on: {', '.join(registered[name].devices())})"
+    return ""
+
+
+def _valid_backends(op: str, device: str) -> str:
+    registered = kernels.registry.registered(op)
+    return f"{op} registers {', '.join(registered)}; on {device} here: {', '.join(kernels.backends(op, device))}"
+
+
+def backends_of(ops: list[str], device: str, dtypes, wanted: list[str] | None, refuse) -> dict | None:
+    """{registry op: backend names} of the --backend list on `device`: each name must run there for at least one
+    of the ops (refuse(message) otherwise, with what would have been valid) and take one of the dtypes; a name is
+    swept for the ops where it runs. None (every backend that runs there) without --backend."""
+    if not wanted:
+        return None
+    chosen = {op: [] for op in ops}
+    for name in dict.fromkeys(wanted):
+        why = {op: _where(op, name, device) for op in ops}
+        runs = [op for op in ops if not why[op]]
+        if not runs:
+            refuse(f"--backend {name}: " + "; ".join(f"{why[op]} ({_valid_backends(op, device)})" for op in ops))
+        takes = [op for op in runs if set(dtypes) & set(kernels.registry.registered(op)[name].dtypes)]
+        if not takes:
+            refuse(f"--backend {name} takes none of the dtypes {', '.join(map(dtype_name, dtypes))} "
+                   f"(it takes {', '.join(map(dtype_name, kernels.registry.registered(runs[0])[name].dtypes))})")
+        for op in takes:
+            chosen[op].append(name)
+    return chosen
+
+
 def list_everything() -> str:
-    lines = ["ops (CLI name -> registry op): backends registered [runs here on cpu / cuda]"]
-    for cli_op, op in OPS.items():
-        if op is None:
-            lines.append(f"  {cli_op}: bench.model's sweep ({'present' if _has_model_bench() else 'not written yet'})")
+    lines = ["ops: backends registered [runs here on cpu / cuda]"]
+    for name, spec in OPS.items():
+        if not spec.registry:
+            lines.append(f"  {name}: a sweep of its own ({spec.sweep}; backends of {', '.join(spec.backend_ops)})")
             continue
-        here = {d: set(kernels.backends(op, d)) for d in ("cpu", "cuda")}
+        here = {d: set(kernels.backends(name, d)) for d in ("cpu", "cuda")}
         described = []
-        for name, b in kernels.registry.registered(op).items():
-            where = "/".join(d for d in ("cpu", "cuda") if name in here[d]) or "not here"
-            described.append(f"{name}{' (peer)' if b.peer else ''} [{where}]")
-        lines.append(f"  {cli_op} -> {op}: {', '.join(described)}")
+        for backend, b in kernels.registry.registered(name).items():
+            where = "/".join(d for d in ("cpu", "cuda") if backend in here[d]) or "not here"
+            described.append(f"{backend}{' (peer)' if b.peer else ''} [{where}]")
+        lines.append(f"  {name} ({', '.join(spec.axes)}): {', '.join(described)}")
+    lines.append("  all: every op above but " + ", ".join(n for n, s in OPS.items() if not s.registry))
     lines.append("presets (ANCHORS.md shapes): " + ", ".join(presets.MODELS))
     lines.append("dtypes: " + ", ".join(DTYPES))
     return "\n".join(lines)
 
 
-def _has_model_bench() -> bool:
+def _sweep_present(spec) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("bench.model") is not None
+    return importlib.util.find_spec(spec.sweep.partition(":")[0]) is not None
 
 
 def set_threads(threads: int) -> None:
@@ -422,68 +454,128 @@ def set_threads(threads: int) -> None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def parse(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", nargs="+", choices=list(OPS),
-                        help="one op, or several (not model) whose cases are interleaved, e.g. the attention ops")
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose refusals are one line (the usage is a --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def parser() -> Parser:
+    parser = Parser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", nargs="+", choices=[*OPS, "all", *RENAMED], metavar="OP",
+                        help=f"one op, or several whose cases are interleaved (e.g. the attention ops), or all: "
+                             f"{', '.join(OPS)}")
     parser.add_argument("--backend", nargs="+", help="only these backends (default: every one that runs here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--quick", action="store_true", help="a small CPU-sized sweep of every axis")
     parser.add_argument("--preset", choices=list(presets.MODELS), help="only this model's shapes")
+    parser.add_argument("--shape", nargs="+", metavar="KEY",
+                        help="only the cases with these shape strings (as in the CSV, e.g. N=64,D=512,...)")
     parser.add_argument("--out", type=Path, help="results folder (default reports/<device>)")
-    parser.add_argument("--budget", type=float, help="seconds of timed calls per backend and shape")
+    parser.add_argument("--budget", type=_positive(float), help="seconds of timed calls per backend and shape")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                         help="time CUDA-graph replays (auto: for calls under 50 us)")
-    parser.add_argument("--threads", type=int, help="threads of torch and numba (default: theirs)")
+    parser.add_argument("--threads", type=_positive(int), help="threads of torch and numba (default: theirs)")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
     parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
-    args = parser.parse_args(argv)
-    if not args.list and not args.op:
-        parser.error("--op is required (or --list)")
-    if args.op and "model" in args.op and len(args.op) > 1:
-        parser.error("--op model runs alone")
+    return parser
+
+
+def parse(argv=None, machine: bool = False):
+    """The arguments, with --op resolved to op names ("all" expanded, renamed names said and mapped); machine:
+    also refuse what this machine cannot run (bench.sweep's main does). Every refusal exits 2 with one line,
+    before anything runs."""
+    parser_ = parser()
+    args = parser_.parse_args(argv)
+    if args.list:
+        return args
+    if not args.op:
+        parser_.error("--op is required (or --list)")
+    ops = []
+    for name in args.op:
+        if name in RENAMED:
+            print(f"note: --op {name} is called {RENAMED[name]} now (the API's name, in the CSV and the report)",
+                  file=sys.stderr)
+        ops += [n for n, s in OPS.items() if s.registry] if name == "all" else [RENAMED.get(name, name)]
+    args.op = list(dict.fromkeys(ops))
+    own = [op for op in args.op if not OPS[op].registry]
+    if own and len(args.op) > 1:
+        parser_.error(f"--op {own[0]} runs alone (it has a sweep of its own)")
+    if own and (args.preset or args.shape):
+        parser_.error(f"--op {own[0]} takes neither --preset nor --shape")
+    args.dtype = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
+    return check(args, parser_) if machine else args
+
+
+def check(args, parser):
+    """Refuse (parser.error: one line, exit 2) what cannot run here: a GPU device without a GPU, a backend that
+    does not run on the device or dtype, an op's missing sweep, a shape or preset that selects nothing. Resolves
+    --backend to {op: names} (None: every backend that runs here)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU on this machine (use --device cpu)")
+    spec = OPS[args.op[0]]
+    if not spec.registry:
+        if not _sweep_present(spec):
+            parser.error(f"{spec.sweep.partition(':')[0]} is missing: the {spec.name} sweep is not written yet")
+        args.backend = backends_of(list(spec.backend_ops), args.device, args.dtype, args.backend, parser.error)
+        return args
+    args.backend = backends_of(args.op, args.device, args.dtype, args.backend, parser.error)
+    if args.backend is not None:
+        for op in [op for op in args.op if not args.backend[op]]:
+            print(f"note: no backend of --backend runs {op} on {args.device}: {op} is left out", file=sys.stderr)
+        args.op = [op for op in args.op if args.backend[op]]
+    cases = {op: planned(op, args.device, args.quick, args.preset) for op in args.op}
+    keys = {case.key for found in cases.values() for case in found}
+    if not keys:
+        parser.error(f"no shapes of {' '.join(args.op)}" + (f" for preset {args.preset}" if args.preset else "")
+                     + f" on {args.device}: nothing would run")
+    if args.shape:
+        unknown = [key for key in args.shape if key not in keys]
+        if unknown:
+            valid = sorted(keys)
+            parser.error(f"--shape {unknown[0]}: no such case of {' '.join(args.op)} with these options; valid "
+                         f"shapes ({len(valid)}): {'; '.join(valid[:12])}{' ...' if len(valid) > 12 else ''}")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    args = parse(argv, machine=True)
     if args.list:
         print(list_everything())
         return 0
     if args.threads:
         set_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA GPU on this machine", file=sys.stderr)
-        return 2
     out = args.out or Path(__file__).resolve().parent.parent / "reports" / args.device
-    out.mkdir(parents=True, exist_ok=True)
-    dtypes = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
-    if args.op == ["model"]:
-        if not _has_model_bench():
-            print("bench.model is missing: the model sweep is not written yet (bench/model.py)", file=sys.stderr)
-            return 2
-        from bench import model as model_bench
-
-        ceil = timing.ceilings(args.device, dtypes)
-        rows = model_bench.sweep(quick=args.quick, device=args.device, out=out, backends=args.backend)
-        for row in rows:  # columns the model's rows may leave out, filled the way every other row has them
-            for column, value in base_row("model", row["backend"], args.device, dtypes[0], ceil).items():
+    ceil = timing.ceilings(args.device, args.dtype)
+    spec = OPS[args.op[0]]
+    if not spec.registry:
+        names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values() for n in found))
+        rows = resolve(spec.sweep)(quick=args.quick, device=args.device, out=out, backends=names)
+        for row in rows:  # columns these rows may leave out, filled the way every other row has them
+            for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0], ceil).items():
                 if column not in ("dtype",) and row.get(column) in (None, ""):
                     row[column] = value
     else:
-        if not any(presets.cases(OPS[op], args.device, args.quick, args.preset) for op in args.op):
-            print(f"no shapes of {' '.join(args.op)} for preset {args.preset}", file=sys.stderr)
-            return 2
-        ceil = timing.ceilings(args.device, dtypes)
-        rows = sweep(args.op, args.device, dtypes, args.quick, args.backend, args.preset, args.budget,
-                     args.cuda_graph, ceil=ceil)
+        rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
+                     args.cuda_graph, ceil=ceil, shapes=args.shape)
+    out.mkdir(parents=True, exist_ok=True)
     save_ceilings(out, ceil)
     frame = merge(out / "results.csv", rows)
     failed = [r for r in rows if r.get("error")]
     print(f"{len(rows)} rows ({len(failed)} with an error) -> {out / 'results.csv'} ({len(frame)} rows in all)")
     for row in failed:
-        print(f"  {row['backend']} {row['shape']} {row['dtype']}: {row['error']}")
+        print(f"  {row['op']} {row['backend']} {row['shape']} {row['dtype']}: {row['error']}")
     if not args.no_report:
         from bench import report
 

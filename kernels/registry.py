@@ -93,7 +93,7 @@ class Backend:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             return f"backend {self.name!r} of {self.op} needs the package(s) {', '.join(missing)}, not installed"
-        if self.probe and (reason := _import(self.probe)()):
+        if self.probe and (reason := resolve(self.probe)()):
             return f"backend {self.name!r} of {self.op}: {reason}"
         if not self.devices():
             return (f"backend {self.name!r} of {self.op} runs on {' or '.join(self.places)}, none of which is "
@@ -102,10 +102,10 @@ class Backend:
 
     @property
     def impl(self):
-        return _import(self.target)
+        return resolve(self.target)
 
 
-def _import(target: str):
+def resolve(target: str):
     """The object named by "package.module:attribute"."""
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -7,25 +7,28 @@ import torch
 
 import bench
 import kernels
-from bench import cost, inputs, plots, presets, report, sweep, timing
+from bench import cost, gpu_check, inputs, plots, report, sweep, timing
+from bench.ops import OPS, Case
 from kernels.registry import Backend
 
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
 TINY = {
-    "gated_delta_rule": presets.Case("gated_delta_rule", dict(B=1, T=40, seqs=2, Hk=1, Hv=2, K=16, V=16, mode="chunk")),
-    "attention": presets.Case("attention", dict(B=1, T=32, Hq=2, Hkv=1, D=16)),
-    "moe": presets.Case("moe", dict(N=8, D=16, E=4, I=8, top_k=2, routing="uniform")),
+    "gated_delta_rule": Case("gated_delta_rule", dict(B=1, T=40, seqs=2, Hk=1, Hv=2, K=16, V=16, mode="chunk")),
+    "attention": Case("attention", dict(B=1, T=32, Hq=2, Hkv=1, D=16)),
+    "moe": Case("moe", dict(N=8, D=16, E=4, I=8, top_k=2, routing="uniform")),
+    "route": Case("route", dict(N=8, E=6, top_k=2, routing="skewed")),
+    "moe_unpermute": Case("moe_unpermute", dict(N=8, D=16, E=4, top_k=2, routing="uniform")),
 }
 
 
-def wrong_moe(x, weights, ids, w_gate_up, w_down, **_):
+def wrong_moe(x, weights, ids, w_gate_up, w_down):
     """A deliberately wrong MoE layer: ignores the routing weights."""
     from reference.moe import moe
 
     return moe(x, torch.ones_like(weights), ids, w_gate_up, w_down)
 
 
-def exploding_moe(**_):
+def exploding_moe(x, weights, ids, w_gate_up, w_down):
     raise RuntimeError("out of memory (simulated)")
 
 
@@ -41,9 +44,8 @@ def fake_backends(monkeypatch):
 
 def _tiny_sweep(monkeypatch, op, backends, case=None):
     case = case or TINY[op]
-    monkeypatch.setattr(presets, "cases", lambda *a, **k: [case])
-    cli_op = {"grouped_gemm": "moe_gemm"}.get(op, op)
-    return sweep.sweep(cli_op, "cpu", (torch.float32,), quick=True, wanted=backends, budget_s=0.01,
+    monkeypatch.setattr(sweep, "planned", lambda *a, **k: [case])
+    return sweep.sweep(op, "cpu", (torch.float32,), quick=True, wanted=backends, budget_s=0.01,
                        ceil=CEILINGS, progress=False)
 
 
@@ -113,20 +115,20 @@ def test_keyed_append_replaces_own_rows_only(tmp_path):
 
 def test_cost_model():
     gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
-    flops, nbytes = cost.cost("gated_delta_rule", gdr | {"mode": "chunk"})
+    flops, nbytes = cost.gated_delta_rule(gdr | {"mode": "chunk"})
     assert flops == 128 * 2 * 9.5 * 128**2  # ANCHORS.md: 9.5 d^2 per token per head at d = 128, chunk 64
     state = 2 * 128 * 128 * 4
     inputs_bytes = 4 * 128 * (2 * 128 + 2 * 128 + 2 * 2)  # q, k, v, g, beta in float32
     assert nbytes == inputs_bytes + 4 * 128 * 2 * 128 + 2 * state  # + o, + initial and final state
     att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
-    assert cost.cost("attention", att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
+    assert cost.attention(att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
     moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
-    flops, nbytes = cost.cost("moe", moe)
+    flops, nbytes = cost.moe(moe)
     assert flops == 2 * (6 * 16 * 4 + 5 * 4 + 2 * 16)
     assert nbytes >= 2 * 3 * 4 * 16 * 4  # the two active experts' weights
     gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
     active = int((gg["offsets"][1:] > gg["offsets"][:-1]).sum())
-    assert cost.cost("grouped_gemm", gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
+    assert cost.grouped_gemm(gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
 
 
 def test_compare_catches_unwritten_and_wrong_indices():
@@ -151,13 +153,14 @@ def test_timer_and_ceilings(monkeypatch):
     assert ceil["matmul_tflops"]["float32"] > 0 and ceil["copy_gbps"] > 0
 
 
-def test_every_op_has_quick_cases_with_all_axes():
-    for op, axes in presets.AXES.items():
-        found = presets.cases(op, "cpu", quick=True)
-        assert found and all(set(c.shape) == set(axes) for c in found), op
-        assert len({c.key for c in found}) == len(found)
-        varied = {a for a in axes if len({c.shape[a] for c in found}) > 1}
-        assert varied >= set(axes) - {"V", "Hkv", "Hk", "mode", "seqs"} - ({"H"} if op != "linear_attention" else set()), op
+@pytest.mark.parametrize("op", [name for name, spec in OPS.items() if spec.registry])
+def test_every_op_has_quick_cases_with_all_axes(op):
+    axes = OPS[op].axes
+    found = OPS[op].cases("cpu", quick=True)
+    assert found and all(set(c.shape) == set(axes) for c in found), op
+    assert len({c.key for c in found}) == len(found)
+    varied = {a for a in axes if len({c.shape[a] for c in found}) > 1}
+    assert varied >= set(axes) - {"V", "Hkv", "Hk", "mode", "seqs"} - ({"H"} if op != "linear_attention" else set()), op
 
 
 def test_plots_and_report_from_csv(tmp_path):
@@ -171,7 +174,7 @@ def test_plots_and_report_from_csv(tmp_path):
                       peak_gbps=20.0, roofline_fraction=0.2, bound="compute", floor_ms=1.0)]
     sweep.merge(tmp_path / "results.csv", rows)
     found = plots.linear_vs_quadratic(plots.load(tmp_path / "results.csv"))
-    assert found["crossover"][("gated_delta_rule", "attention")] == 512  # 5.12 <= 5.24 ms at 512, 2.56 > 1.31 at 256
+    assert found["crossover"][("gated_delta_rule", "lab")] == 512  # 5.12 <= 5.24 ms at 512, 2.56 > 1.31 at 256
     readme = report.write(tmp_path, "cpu")
     assert (tmp_path / "linear_vs_quadratic.png").stat().st_size > 0
     assert (tmp_path / "gated_delta_rule_T.png").exists() and (tmp_path / "attention_roofline.png").exists()
@@ -193,22 +196,112 @@ def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
     # both routes to it: the module table, and the package attribute an earlier real import may have set
     monkeypatch.setitem(__import__("sys").modules, "bench.model", fake)
     monkeypatch.setattr(bench, "model", fake, raising=False)
-    monkeypatch.setattr(sweep, "_has_model_bench", lambda: True)
+    monkeypatch.setattr(sweep, "_sweep_present", lambda spec: True)
     monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
     assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
     assert seen == dict(quick=True, device="cpu", out=tmp_path)
     row = pd.read_csv(tmp_path / "results.csv").iloc[0]
     assert row["op"] == "model" and row["phase"] == "prefill" and row["device_name"] == "test cpu"
 
-    monkeypatch.setattr(sweep, "_has_model_bench", lambda: False)
-    assert sweep.main(["--op", "model", "--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(sweep, "_sweep_present", lambda spec: False)
+    with pytest.raises(SystemExit) as exit:
+        sweep.main(["--op", "model", "--out", str(tmp_path)])
+    assert exit.value.code == 2
     assert "bench.model is missing" in capsys.readouterr().err
 
 
 def test_several_ops_are_interleaved_by_sequence_length():
-    plans = [[("attention", c) for c in presets.cases("attention", "cpu", quick=True)],
-             [("gated_delta_rule", c) for c in presets.cases("gated_delta_rule", "cpu", quick=True)]]
+    plans = [OPS["attention"].cases("cpu", quick=True), OPS["gated_delta_rule"].cases("cpu", quick=True)]
     plan = sweep.interleaved(plans)
     assert len(plan) == sum(map(len, plans))
-    first = [(op, case.shape["T"]) for op, case in plan[:4]]
+    first = [(case.op, case.shape["T"]) for case in plan[:4]]
     assert first == [("attention", 256), ("gated_delta_rule", 256), ("attention", 512), ("gated_delta_rule", 512)]
+
+
+def test_the_declarations_are_the_registry_ops():
+    assert {name for name, spec in OPS.items() if spec.registry} == set(kernels.registry.OPS)
+    for name, spec in OPS.items():
+        assert set(spec.plot_axes) <= set(spec.axes) | {"heads", "dim"}, name
+        assert all(set(columns) <= set(spec.axes) for columns in spec.plot_axes.values()), name
+        for target in spec.targets:
+            assert target.kind in ("ceiling", "floor", "peer", "crossover"), (name, target)
+            assert set(target.match) <= set(spec.axes) | {"dtype", "device", "preset"}, (name, target)
+        for anchor in spec.anchors:
+            assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset"}, (name, anchor)
+
+
+@pytest.mark.parametrize("op", [name for name, spec in OPS.items() if spec.registry])
+def test_every_declaration_makes_inputs_and_costs_them(op, seed):
+    """The smallest quick case of each op: its inputs run through the reference, its cost is positive bytes, and
+    the reference budget admits it."""
+    spec = OPS[op]
+    case = min(spec.cases("cpu", quick=True), key=lambda c: spec.gigabytes(c.shape, 4))
+    args = spec.inputs(case, torch.float32, "cpu", seed)
+    flops, nbytes = spec.cost(args | spec.call(case.shape))
+    assert flops >= 0 and nbytes > 0
+    assert spec.affordable(case.shape, True)
+    kernels.get(op, "reference")(**args, **spec.call(case.shape))
+
+
+def test_no_module_of_the_harness_names_an_op():
+    """What bench knows of an op is its declaration: the sweep, the report, the plots and gpu_check never branch
+    on an op's name (a string literal equal to one)."""
+    import ast
+
+    names = set(OPS)
+    for module in (sweep, report, plots, gpu_check):
+        found = [node.value for node in ast.walk(ast.parse(open(module.__file__).read()))
+                 if isinstance(node, ast.Constant) and node.value in names]
+        assert not found, f"{module.__name__} names ops {found}"
+
+
+@pytest.mark.parametrize("op", ["route", "moe_unpermute"])
+def test_route_and_unpermute_sweep_like_the_rest(monkeypatch, op):
+    rows = {r["backend"]: r for r in _tiny_sweep(monkeypatch, op, ["reference", "torch"])}
+    assert rows["reference"]["checked_against"].startswith("(is the yardstick")
+    assert rows["torch"]["error"] == "" and rows["torch"]["rel_err"] <= 1e-5 and rows["torch"]["median_ms"] > 0
+    assert rows["torch"]["bytes"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "moe", "--backend", "nosuch", "--quick"], "--backend nosuch: not a backend of moe"),
+    (["--op", "attention", "--backend", "mkl", "--quick"], "--backend mkl: not a backend of attention"),
+    (["--op", "moe", "--preset", "DeepSeek-V3"], "no shapes of moe for preset DeepSeek-V3"),
+    (["--op", "moe", "--quick", "--shape", "N=3"], "--shape N=3: no such case of moe"),
+    (["--op", "moe", "--quick", "--threads", "0"], "--threads: must be > 0"),
+    (["--op", "model", "attention"], "--op model runs alone"),
+    (["--op", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--op", "moe", "--device", "cuda"], "no CUDA GPU") if not torch.cuda.is_available() else
+    (["--op", "moe", "--dtype", "float64"], "invalid choice"),
+])
+def test_sweep_refuses_bad_arguments_before_anything_runs(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timing, "ceilings", lambda *a, **k: pytest.fail("measured ceilings for a refused run"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        sweep.main(argv + ["--out", str(out)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_renamed_op_is_said_and_runs_under_its_name(monkeypatch, capsys):
+    args = sweep.parse(["--op", "moe_gemm", "--quick"])
+    assert args.op == ["grouped_gemm"]
+    assert "moe_gemm is called grouped_gemm now" in capsys.readouterr().err
+
+
+def test_shape_filter_and_all(monkeypatch):
+    args = sweep.parse(["--op", "all", "--quick"])
+    assert set(args.op) == set(kernels.registry.OPS)
+    key = OPS["route"].cases("cpu", quick=True)[0].key
+    assert [c.key for c in sweep.planned("route", "cpu", True, None, [key])] == [key]
+
+
+def test_numbers_read_as_a_person_reads_them():
+    assert report.fmt(4096.0) == "4,096" and report.fmt(12) == "12" and report.fmt(0.1234) == "0.123"
+    assert report.fmt(1234.5) == "1,234" and report.fmt(3e-6) == "3.0e-06"
+    assert report.fmt_bytes(4.19e6) == "4 MiB" and report.fmt_bytes(512) == "512 B"
+    assert report.fmt_bytes(3 * 2**30) == "3 GiB"
+    assert report.fmt_ms(0.0123) == "12.3 us" and report.fmt_ms(12.3) == "12.3 ms" and report.fmt_ms(4500) == "4.5 s"
+    assert report.fmt_flops(0.116) == "116 GFLOP/s" and report.fmt_flops(650.6) == "651 TFLOP/s"

@@ -494,9 +494,10 @@ def test_gpu_check_commands_match_the_sweep_cli(tmp_path):
     """Every sweep command of the plan parses with bench.sweep's own argument parser (so a change of its CLI
     fails here, not on the GPU machine), for every op the sweep knows."""
     from bench import gpu_check, sweep
+    from bench.ops import OPS
 
     steps = gpu_check.plan(tmp_path, [op for op, _ in gpu_check.SWEEPS], skip_tests=False)
-    assert {op for op, _ in gpu_check.SWEEPS} == set(sweep.OPS) - {"model"}
+    assert {op for op, _ in gpu_check.SWEEPS} == {name for name, spec in OPS.items() if spec.registry}
     for step in steps:
         if step.name.startswith("sweep"):
             args = sweep.parse(step.cmd[3:])

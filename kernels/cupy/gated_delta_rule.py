@@ -9,7 +9,6 @@ k = v = beta = g = 0 and leaves the state alone), then
   state update decay * S + k u^T.
 Float32 inside; half-precision inputs are converted at the edge.
 """
-import torch
 
 from kernels.cupy._array import (array_module, as_array, as_tensor, decay_rank1, l2normalize, pad_sequences,
                                  padded_positions, torch_stream, unpad_sequences)

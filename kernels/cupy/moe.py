@@ -2,7 +2,6 @@
 fancy indexing for the permutation, padded batched matmuls (one strided-batched cuBLAS call over the active
 experts) for the grouped GEMM, and a fused silu(gate) * up kernel. Float32 inside; half-precision inputs are
 converted at the edge (CuPy has no bfloat16)."""
-import torch
 
 from kernels.cupy._array import array_module, as_array, as_bits, as_tensor, silu_mul, softmax, torch_stream
 from kernels.types import Permutation

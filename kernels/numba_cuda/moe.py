@@ -7,7 +7,6 @@ tile with the same expert gives its row. The grouped GEMM takes a host-built til
 every TM-row tile of every group and runs all groups in one launch, TM x TN outputs per block from TM x TK and
 TN x TK shared-memory tiles.
 """
-import numpy as np
 import torch
 from numba import cuda, float32, int64
 

@@ -2,7 +2,6 @@
 cross-check the references. Never chosen by "auto"."""
 import torch
 
-import torch
 
 from kernels.registry import Backend
 
