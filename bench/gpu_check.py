@@ -17,7 +17,6 @@ out or crashed (and parity did not fail); 3 no CUDA GPU here (nothing was run).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -281,13 +280,29 @@ def check(out: Path, ops: list[str], budget: float, skip_tests: bool, runner=run
     return code, summary
 
 
+def _starts_tests_or_a_sweep(budget: float, ops: list[str], skip_tests: bool) -> bool:
+    """Whether a run with this budget starts the parity tests or a sweep (execute, with nothing run)."""
+    started = []
+    execute(plan(Path("."), ops, skip_tests), Path("."), budget, runner=lambda step, limit, log: started.append(step),
+            clock=lambda: 0.0)
+    return any(step.name not in ("report", "roofline") for step in started)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="default reports/<gpu name>/")
-    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run (default 480)")
+    from bench import cli
+
+    parser = cli.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=cli.out_folder, default=None, help="default reports/<gpu name>/")
+    parser.add_argument("--budget", type=cli.positive_float, default=BUDGET_S,
+                        help="seconds for the whole run (default 480)")
     parser.add_argument("--ops", nargs="+", default=[op for op, _ in SWEEPS], choices=[op for op, _ in SWEEPS])
     parser.add_argument("--skip-tests", action="store_true", help="only the sweeps and the summary")
     args = parser.parse_args(argv)
+    if not _starts_tests_or_a_sweep(args.budget, args.ops, args.skip_tests):
+        shortest = next(b for b in range(1, BUDGET_S + 1) if _starts_tests_or_a_sweep(b, args.ops, args.skip_tests))
+        first = "a sweep" if args.skip_tests else "the parity tests"
+        parser.error(f"--budget {args.budget:g}: too short to start {first} after the report's reserve of "
+                     f"{REPORT_RESERVE_S} s; valid: {shortest} s or more")
     import torch
 
     if not torch.cuda.is_available():

@@ -23,7 +23,7 @@ import torch
 
 import kernels
 import model
-from bench import timing
+from bench import cli, timing
 from model.generate import write_random_checkpoint
 
 # Qwen3.5-35B-A3B's proportions at a quarter of its width, so a 2-core CPU runs 2K-token prefills: Gated
@@ -260,13 +260,18 @@ def _params(path) -> int:
     return total
 
 
+def model_dtype(device: str) -> torch.dtype:
+    """The model's dtype in the benchmark: float32 on CPU, bfloat16 on a GPU."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
 def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None) -> list[dict]:
     """Rows: op="model", backend, device, dtype, shape, context, phase ("prefill", "decode", or "cache" for
     memory-only rows), median_ms, p20_ms, p80_ms, tokens_per_s, cache_bytes, variant ("hybrid",
     "all_attention"), params, backends (the backend of each op). Writes the two PNGs into out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = model_dtype(device)
     contexts = QUICK_CONTEXTS if quick else CONTEXTS
     budget_s = 0.5 if quick else 2.0
     # the lab's backends: every CPU (or GPU) backend of the gated delta rule but the slow reference
@@ -320,13 +325,18 @@ def summary(rows) -> list[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m bench.model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two short contexts, fewer repeats")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None, help="output folder (default reports/<device>)")
+    parser.add_argument("--device", default="cpu", choices=cli.DEVICES)
+    parser.add_argument("--out", type=cli.out_folder, default=None, help="output folder (default reports/<device>)")
     parser.add_argument("--backend", action="append", help="lab backend(s) to run (default: every one here)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=cli.positive_int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    cli.check_device(parser, "--device", args.device)
+    for name in args.backend or ():
+        if problem := cli.model_backend_problem(name, args.device, model_dtype(args.device), peers=False):
+            parser.error(f"--backend: {problem}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"reports/{args.device}")

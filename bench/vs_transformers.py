@@ -11,7 +11,8 @@ Each pair: a warm-up call each, then --repeats rounds of one timed call of each,
 see the same load on a shared machine), under torch.inference_mode; median, p20 and p80 per side, the
 speedup as the ratio of medians and as the median of the per-round ratios; the relative difference of
 their outputs (parity). The copy bandwidth and matmul rate of the machine are measured first.
-Exits non-zero when a part could not run (e.g. the torch gated delta rule backend is missing).
+Exits 2, measuring nothing, when a part's backends cannot run here (e.g. transformers is not installed); 1
+when a part failed while it ran.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 import kernels
-from bench import inputs
+from bench import cli, inputs
 from bench.timing import copy_gbps, device_name, matmul_tflops
 
 GDR_SHAPE = dict(B=1, Hk=2, Hv=4, K=128, V=128)
@@ -127,13 +128,22 @@ def moe_part(args):
 
 
 PARTS = {"gdr": gated_delta_rule_part, "moe": moe_part}
+# The registry backends each part calls, or whose requirements stand for the transformers code it calls.
+PART_BACKENDS = {"gdr": [("gated_delta_rule", "torch"), ("gated_delta_rule", "transformers")],
+                 "moe": [("moe", "torch"), ("moe", "transformers")]}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m bench.vs_transformers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant, after a warm-up call")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5,
+                        help="timed calls per variant, after a warm-up call")
     args = parser.parse_args(argv)
+    for part in args.parts:
+        for op, name in PART_BACKENDS[part]:
+            if problem := cli.backend_problem(op, name, "cpu", torch.float32):
+                parser.error(f"--parts {part}: {problem}")
 
     print(f"device: {device_name('cpu')}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     args.copy_gbps = copy_gbps("cpu")

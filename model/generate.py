@@ -50,19 +50,33 @@ def default_checkpoint() -> Path:
     return root
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="Hugging Face checkpoint folder (default: a small random one)")
+    from bench import cli
+
+    parser = cli.ArgumentParser(prog="python -m model.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=cli.existing_folder,
+                        help="Hugging Face checkpoint folder (default: a small random one)")
     parser.add_argument("--backend", default="auto", help="backend of every op that has it (default: auto)")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--prompt-len", type=cli.positive_int, default=32)
+    parser.add_argument("--new-tokens", type=cli.nonnegative_int, default=16)
+    parser.add_argument("--batch", type=cli.positive_int, default=1)
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (on a busy machine 1 avoids oversubscription)")
     args = parser.parse_args(argv)
+    if args.checkpoint and not (args.checkpoint / "config.json").is_file():
+        parser.error(f"--checkpoint: no config.json in {args.checkpoint} (a Hugging Face checkpoint folder holds "
+                     f"config.json and *.safetensors)")
+    device = cli.check_device(parser, "--device", args.device) or "cpu"
+    if args.backend != "auto" and (problem := cli.model_backend_problem(
+            args.backend, device, args.dtype and getattr(torch, args.dtype))):
+        parser.error(f"--backend: {problem} (or auto)")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -13,7 +13,6 @@ min(peak FLOP/s, intensity x peak bandwidth) per dtype, with the peaks measured 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -113,28 +112,45 @@ def plot(frame: pd.DataFrame, device: str, path: Path) -> Path:
     return path
 
 
+def devices(frame: pd.DataFrame, device: str | None = None) -> list[str]:
+    """The devices to plot: `device`, or every one in the CSV; ValueError when it has no rows of `device`."""
+    found = sorted(frame["device"].astype(str).unique()) if "device" in frame else []
+    if device and device not in found:
+        raise ValueError(f"no rows of device {device!r} in the CSV (devices: {', '.join(found) or 'none'})")
+    return [device] if device else found
+
+
 def write(csv_path: Path, device: str | None = None, out: Path | None = None) -> list[Path]:
     """Roofline plot(s) of the CSV at csv_path; returns the files written."""
     frame = load(csv_path)
     out = Path(out) if out is not None else Path(csv_path).parent
-    devices = [device] if device else sorted(frame["device"].astype(str).unique())
-    if device and device not in set(frame["device"].astype(str)):
-        raise ValueError(f"no rows of device {device!r} in {csv_path} (devices: "
-                         f"{', '.join(sorted(frame['device'].astype(str).unique()))})")
-    single = len(devices) == 1
-    return [plot(frame, d, out / ("roofline.png" if single else f"roofline_{d}.png")) for d in devices]
+    chosen = devices(frame, device)
+    single = len(chosen) == 1
+    return [plot(frame, d, out / ("roofline.png" if single else f"roofline_{d}.png")) for d in chosen]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m profiling.roofline", description=__doc__.split("\n\n")[0])
+    from bench import cli
+
+    parser = cli.ArgumentParser(prog="python -m profiling.roofline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", type=Path, default=None, help="the sweep's CSV (default reports/<device>/results.csv)")
     parser.add_argument("--device", default=None, help="only rows of this device (the CSV's device column)")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the plot (default: the CSV's)")
+    parser.add_argument("--out", type=cli.out_folder, default=None, help="folder of the plot (default: the CSV's)")
     args = parser.parse_args(argv)
     csv_path = args.csv or ROOT / "reports" / (args.device or "cpu") / "results.csv"
-    if not csv_path.exists():
-        print(f"no sweep CSV at {csv_path}: run python -m bench.sweep first", file=sys.stderr)
-        return 2
+    if not csv_path.is_file():
+        present = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("reports/*/results.csv"))
+        argument = "--csv" if args.csv else f"--device {args.device or 'cpu'} (its CSV)"
+        parser.error(f"{argument}: no sweep CSV at {csv_path} (python -m bench.sweep writes one); present: "
+                     f"{', '.join(present) or 'none'}")
+    try:
+        found = devices(load(csv_path))
+    except ValueError as exc:  # pandas' parse errors are ValueErrors
+        parser.error(f"--csv {csv_path}: not a readable CSV ({str(exc).splitlines()[0]})")
+    if not found:
+        parser.error(f"--csv {csv_path}: no rows with a device: not a sweep CSV")
+    if args.device and args.device not in found:
+        parser.error(f"--device {args.device}: no rows of it in {csv_path}; valid: {', '.join(found)}")
     for path in write(csv_path, args.device, args.out):
         print(f"roofline -> {path}")
     return 0

@@ -667,18 +667,24 @@ def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of kernels.csv and kernels.md")
-    parser.add_argument("--cache", type=Path, default=None,
+    from bench import cli
+
+    parser = cli.ArgumentParser(prog="python -m profiling.static", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=cli.out_folder, default=DEFAULT_OUT, help="folder of kernels.csv and kernels.md")
+    parser.add_argument("--cache", type=cli.existing_file, default=None,
                         help="an earlier kernels.csv whose rows are reused when their hash matches "
                              "(default: the one under --out)")
     parser.add_argument("--force", action="store_true", help="recompile everything")
-    parser.add_argument("--workers", type=int, default=2, help="compiler processes (default 2)")
+    parser.add_argument("--workers", type=cli.positive_int, default=2, help="compiler processes (default 2)")
     parser.add_argument("--only", default=None, help="compile only sources whose path contains this")
     args = parser.parse_args(argv)
+    found = discover()
+    jobs = [job for job in found if args.only is None or args.only in job.source]
+    if not jobs:
+        parser.error(f"--only {args.only!r}: no kernel source's path contains it; sources: "
+                     f"{', '.join(dict.fromkeys(job.source for job in found))}")
     cache = {} if args.force else load_cache(args.cache or args.out / "kernels.csv")
-    jobs = [job for job in discover() if args.only is None or args.only in job.source]
     rows = build_table(jobs, cache, args.workers)
     csv_path, md_path = write_table(rows, args.out)
     failed = [row for row in rows if row["status"].startswith("error")]

@@ -15,7 +15,6 @@ profiled ones between cudaProfilerStart and cudaProfilerStop so that warm-up and
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import os
@@ -52,7 +51,7 @@ def parse_shape(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--shape takes key=value, got {item!r}")
+            raise ValueError(f"--shape takes key=value, got {item!r}")
         shape[key] = parse_value(value)
     return shape
 
@@ -143,15 +142,16 @@ def _synchronize(device: str):
 
 
 def trace(op: str, backend: str, shape: dict, dtype_name: str = "float32", device: str = "cpu", calls: int = 5,
-          warmup: int = 2, out: Path | None = None, limit: int = 20) -> dict:
-    """Profile `calls` calls after `warmup` unprofiled ones. Returns paths and the table's rows (and the ncu
-    command on a GPU)."""
+          warmup: int = 2, out: Path | None = None, limit: int = 20, call=None) -> dict:
+    """Profile `calls` calls after `warmup` unprofiled ones (of `call`, when main has made it already: else
+    make_call's). Returns paths and the table's rows (and the ncu command on a GPU)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     out = Path(out) if out is not None else ROOT / "reports" / device / "traces"
     out.mkdir(parents=True, exist_ok=True)
-    call, _ = make_call(op, backend, shape, dtype_name, device)
+    if call is None:
+        call, _ = make_call(op, backend, shape, dtype_name, device)
     for _ in range(warmup):  # compilation, autotuning and allocator growth stay out of the trace
         call()
     _synchronize(device)
@@ -196,30 +196,58 @@ def _unparse(value) -> str:
     return str(value)
 
 
+def checked_call(parser, args, device: str):
+    """make_call for main, after checking what the command line asks for: op, backend on device and dtype,
+    the shape's keys (the op's bench.inputs maker's keywords) and values (the op's input checks, before any
+    call). Refuses through parser.error."""
+    import inspect
+
+    import torch
+
+    from bench import cli
+    from bench import inputs as bench_inputs
+    from kernels import validate
+
+    op = OP_ALIASES.get(args.op, args.op)
+    cli.check_backend(parser, "--backend", op, args.backend, device, getattr(torch, DTYPE_NAMES[args.dtype]))
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError as exc:
+        parser.error(str(exc))
+    keys = [k for k in inspect.signature(bench_inputs.MAKERS[op]).parameters if k not in ("dtype", "device", "seed")]
+    if unknown := [k for k in shape if k not in keys]:
+        parser.error(f"--shape: {', '.join(unknown)} not a keyword of {op}'s inputs; valid: {', '.join(keys)}")
+    try:
+        call, made = make_call(args.op, args.backend, shape, args.dtype, device)
+        getattr(validate, op)(**made)  # the checks every call of the op runs first, without running it
+    except (ValueError, TypeError, RuntimeError) as exc:
+        parser.error(f"--shape {' '.join(args.shape)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return call, shape
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m profiling.trace", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", required=True, help="an op of kernels (linear_attention, gated_delta_rule, ...)")
+    from bench import cli
+    from kernels.registry import OPS
+
+    parser = cli.ArgumentParser(prog="python -m profiling.trace", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", required=True, choices=[*OPS, *OP_ALIASES], help="an op of kernels")
     parser.add_argument("--backend", required=True, help="a backend name (kernels.backends(op) lists them)")
     parser.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
                         help="a keyword of the op's bench.inputs maker (repeatable); lists as 1,7,64")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
-    parser.add_argument("--calls", type=int, default=5, help="profiled calls")
-    parser.add_argument("--warmup", type=int, default=2, help="unprofiled calls first")
-    parser.add_argument("--rows", type=int, default=20, help="rows of the table")
-    parser.add_argument("--out", type=Path, default=None, help="default reports/<device>/traces")
+    parser.add_argument("--device", default=None, choices=cli.DEVICES, help="default: cuda when present")
+    parser.add_argument("--calls", type=cli.positive_int, default=5, help="profiled calls")
+    parser.add_argument("--warmup", type=cli.nonnegative_int, default=2, help="unprofiled calls first")
+    parser.add_argument("--rows", type=cli.positive_int, default=20, help="rows of the table")
+    parser.add_argument("--out", type=cli.out_folder, default=None, help="default reports/<device>/traces")
     parser.add_argument("--plain", action="store_true", help="run the calls without the profiler (for ncu)")
     args = parser.parse_args(argv)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA GPU on this machine", file=sys.stderr)
-        return 2
+    device = cli.check_device(parser, "--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _prepare_environment(device)
-    shape = parse_shape(args.shape)
+    call, shape = checked_call(parser, args, device)
     if args.plain:
-        call, _ = make_call(args.op, args.backend, shape, args.dtype, device)
         for _ in range(args.warmup):
             call()
         _synchronize(device)
@@ -231,7 +259,8 @@ def main(argv=None) -> int:
         if device == "cuda":
             torch.cuda.profiler.stop()
         return 0
-    result = trace(args.op, args.backend, shape, args.dtype, device, args.calls, args.warmup, args.out, args.rows)
+    result = trace(args.op, args.backend, shape, args.dtype, device, args.calls, args.warmup, args.out, args.rows,
+                   call)
     print(result["text"])
     print(f"\nChrome trace: {result['trace']}\ntable: {result['table']}")
     if result["ncu"]:
