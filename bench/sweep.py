@@ -20,7 +20,6 @@ the CSV (bench.report).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import itertools
@@ -38,7 +37,7 @@ import pandas as pd
 import torch
 
 import kernels
-from bench import presets, timing
+from bench import cli, presets, timing
 from bench.ops import ALL_AXES, OPS, RENAMED, Case
 from kernels.registry import resolve
 from kernels.types import Permutation
@@ -379,24 +378,6 @@ def save_ceilings(out: Path, ceil: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-def _where(op: str, name: str, device: str) -> str:
-    """Why backend `name` of registry op `op` cannot be swept on `device` tensors here ("" when it can)."""
-    registered = kernels.registry.registered(op)
-    if name not in registered:
-        return f"not a backend of {op}"
-    reason = registered[name].unavailable_reason()
-    if reason:
-        return reason
-    if device not in registered[name].devices():
-        return f"does not run on {device} tensors here (runs on: {', '.join(registered[name].devices())})"
-    return ""
-
-
-def _valid_backends(op: str, device: str) -> str:
-    registered = kernels.registry.registered(op)
-    return f"{op} registers {', '.join(registered)}; on {device} here: {', '.join(kernels.backends(op, device))}"
-
-
 def backends_of(ops: list[str], device: str, dtypes, wanted: list[str] | None, refuse) -> dict | None:
     """{registry op: backend names} of the --backend list on `device`: each name must run there for at least one
     of the ops (refuse(message) otherwise, with what would have been valid) and take one of the dtypes; a name is
@@ -405,14 +386,13 @@ def backends_of(ops: list[str], device: str, dtypes, wanted: list[str] | None, r
         return None
     chosen = {op: [] for op in ops}
     for name in dict.fromkeys(wanted):
-        why = {op: _where(op, name, device) for op in ops}
-        runs = [op for op in ops if not why[op]]
+        problems = {op: cli.backend_problem(op, name, device) for op in ops}
+        runs = [op for op in ops if problems[op] is None]
         if not runs:
-            refuse(f"--backend {name}: " + "; ".join(f"{why[op]} ({_valid_backends(op, device)})" for op in ops))
+            refuse(f"--backend {name}: " + "; ".join(problems.values()))
         takes = [op for op in runs if set(dtypes) & set(kernels.registry.registered(op)[name].dtypes)]
         if not takes:
-            refuse(f"--backend {name} takes none of the dtypes {', '.join(map(dtype_name, dtypes))} "
-                   f"(it takes {', '.join(map(dtype_name, kernels.registry.registered(runs[0])[name].dtypes))})")
+            refuse(f"--backend {name}: {cli.backend_problem(runs[0], name, device, dtypes[0])}")
         for op in takes:
             chosen[op].append(name)
     return chosen
@@ -454,24 +434,8 @@ def set_threads(threads: int) -> None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, whose refusals are one line (the usage is a --help away)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
-def parser() -> Parser:
-    parser = Parser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
+def parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", nargs="+", choices=[*OPS, "all", *RENAMED], metavar="OP",
                         help=f"one op, or several whose cases are interleaved (e.g. the attention ops), or all: "
                              f"{', '.join(OPS)}")
@@ -482,11 +446,11 @@ def parser() -> Parser:
     parser.add_argument("--preset", choices=list(presets.MODELS), help="only this model's shapes")
     parser.add_argument("--shape", nargs="+", metavar="KEY",
                         help="only the cases with these shape strings (as in the CSV, e.g. N=64,D=512,...)")
-    parser.add_argument("--out", type=Path, help="results folder (default reports/<device>)")
-    parser.add_argument("--budget", type=_positive(float), help="seconds of timed calls per backend and shape")
+    parser.add_argument("--out", type=cli.out_folder, help="results folder (default reports/<device>)")
+    parser.add_argument("--budget", type=cli.positive_float, help="seconds of timed calls per backend and shape")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                         help="time CUDA-graph replays (auto: for calls under 50 us)")
-    parser.add_argument("--threads", type=_positive(int), help="threads of torch and numba (default: theirs)")
+    parser.add_argument("--threads", type=cli.positive_int, help="threads of torch and numba (default: theirs)")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
     parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
     return parser
@@ -522,8 +486,7 @@ def check(args, parser):
     """Refuse (parser.error: one line, exit 2) what cannot run here: a GPU device without a GPU, a backend that
     does not run on the device or dtype, an op's missing sweep, a shape or preset that selects nothing. Resolves
     --backend to {op: names} (None: every backend that runs here)."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU on this machine (use --device cpu)")
+    cli.check_device(parser, "--device", args.device)
     spec = OPS[args.op[0]]
     if not spec.registry:
         if not _sweep_present(spec):

@@ -26,8 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
-# CLI names of the sweep that differ from the registry's.
-OP_ALIASES = {"moe_gemm": "grouped_gemm"}
 
 
 def parse_value(text: str):
@@ -122,8 +120,9 @@ def make_call(op: str, backend: str, shape: dict, dtype_name: str, device: str):
 
     import kernels
     from bench import inputs as bench_inputs
+    from bench.ops import RENAMED
 
-    op = OP_ALIASES.get(op, op)
+    op = RENAMED.get(op, op)
     dtype = getattr(torch, DTYPE_NAMES[dtype_name])
     made = bench_inputs.make(op, dtype=dtype, device=device, seed=0, **shape)
     fn = kernels.get(op, backend)
@@ -206,9 +205,10 @@ def checked_call(parser, args, device: str):
 
     from bench import cli
     from bench import inputs as bench_inputs
+    from bench.ops import RENAMED
     from kernels import validate
 
-    op = OP_ALIASES.get(args.op, args.op)
+    op = RENAMED.get(args.op, args.op)
     cli.check_backend(parser, "--backend", op, args.backend, device, getattr(torch, DTYPE_NAMES[args.dtype]))
     try:
         shape = parse_shape(args.shape)
@@ -227,10 +227,11 @@ def checked_call(parser, args, device: str):
 
 def main(argv=None) -> int:
     from bench import cli
+    from bench.ops import RENAMED
     from kernels.registry import OPS
 
     parser = cli.ArgumentParser(prog="python -m profiling.trace", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", required=True, choices=[*OPS, *OP_ALIASES], help="an op of kernels")
+    parser.add_argument("--op", required=True, choices=[*OPS, *RENAMED], help="an op of kernels")
     parser.add_argument("--backend", required=True, help="a backend name (kernels.backends(op) lists them)")
     parser.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
                         help="a keyword of the op's bench.inputs maker (repeatable); lists as 1,7,64")

@@ -264,11 +264,11 @@ def test_route_and_unpermute_sweep_like_the_rest(monkeypatch, op):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--op", "moe", "--backend", "nosuch", "--quick"], "--backend nosuch: not a backend of moe"),
-    (["--op", "attention", "--backend", "mkl", "--quick"], "--backend mkl: not a backend of attention"),
+    (["--op", "moe", "--backend", "nosuch", "--quick"], "--backend nosuch: moe has no backend 'nosuch' (registered: reference, torch"),
+    (["--op", "attention", "--backend", "mkl", "--quick"], "--backend mkl: attention has no backend 'mkl'"),
     (["--op", "moe", "--preset", "DeepSeek-V3"], "no shapes of moe for preset DeepSeek-V3"),
     (["--op", "moe", "--quick", "--shape", "N=3"], "--shape N=3: no such case of moe"),
-    (["--op", "moe", "--quick", "--threads", "0"], "--threads: must be > 0"),
+    (["--op", "moe", "--quick", "--threads", "0"], "--threads: expected an integer >= 1"),
     (["--op", "model", "attention"], "--op model runs alone"),
     (["--op", "nosuch"], "invalid choice: 'nosuch'"),
     (["--op", "moe", "--device", "cuda"], "no CUDA GPU") if not torch.cuda.is_available() else
