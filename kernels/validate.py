@@ -186,15 +186,29 @@ def route(router_logits, top_k, renormalize=True):
 
 
 def _ids(ids, num_tokens, num_experts):
+    """ids [num_tokens, top_k] in [-1, num_experts); num_experts None: the shape only (the caller checks the range
+    with ids_range and check_ids_range)."""
     _tensor("ids", ids, 2, INDEX_DTYPES)
     if ids.shape[0] != num_tokens:
         raise ValueError(f"ids must have {num_tokens} rows (one per token), got shape {tuple(ids.shape)}")
     if ids.shape[1] == 0:
         raise ValueError("ids must have at least one column (top_k >= 1)")
+    if num_experts is not None and (found := ids_range(ids)) is not None:
+        check_ids_range(*found, num_experts)
+
+
+def ids_range(ids):
+    """(min, max) of ids, read on the host; None when ids is empty or values are not checked (KERNELS_TRUST_INPUTS,
+    CUDA graph capture)."""
     if _check_values() and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= num_experts:
-            raise ValueError(f"ids must lie in [-1, {num_experts}) (-1 = no expert), got values in [{lo}, {hi}]")
+        return int(ids.min()), int(ids.max())
+    return None
+
+
+def check_ids_range(lo, hi, num_experts, where=""):
+    """ValueError unless the values lo..hi of ids lie in [-1, num_experts); `where` ends the message."""
+    if lo < -1 or hi >= num_experts:
+        raise ValueError(f"ids must lie in [-1, {num_experts}) (-1 = no expert), got values in [{lo}, {hi}]{where}")
 
 
 def _num_experts(num_experts):
@@ -236,6 +250,15 @@ def grouped_gemm(x, w, offsets):
 
 
 def moe(x, weights, ids, w_gate_up, w_down):
+    checked = moe_shapes(x, weights, ids, w_gate_up, w_down)
+    if (found := ids_range(ids)) is not None:
+        check_ids_range(*found, w_gate_up.shape[0])
+    return checked
+
+
+def moe_shapes(x, weights, ids, w_gate_up, w_down):
+    """moe's checks of types, dtypes, devices and shapes, not of the ids' values: kernels.distributed.moe_ep checks
+    those against the experts of all its ranks (w_gate_up holds one rank's share)."""
     _tensor("x", x, 2)
     _tensor("w_gate_up", w_gate_up, 3)
     _tensor("w_down", w_down, 3)
@@ -247,6 +270,6 @@ def moe(x, weights, ids, w_gate_up, w_down):
     if D_in != D or two_I % 2:
         raise ValueError(f"w_gate_up must be [E, 2I, D] with D = {D}, got shape {tuple(w_gate_up.shape)}")
     _shape("w_down", w_down, (E, D, two_I // 2), "[E, D, I]")
-    _ids(ids, N, E)
+    _ids(ids, N, None)
     _shape("weights", weights, ids.shape, "[N, top_k] of ids")
     return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
