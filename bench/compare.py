@@ -47,18 +47,22 @@ import textwrap
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 
-from bench import plots, report  # plots first: it selects matplotlib's Agg backend
-from bench.sweep import KEY, text_column
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as ticker  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from bench import plots, report  # noqa: E402
+from bench.sweep import KEY, text_column  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMES = ["median_ms", "p20_ms", "p80_ms"]
-# The columns kept of each side's rows; samples = timed calls behind the row (repeats, summed over rounds).
-SIDE = TIMES + ["samples", "commit", "threads", "device_name", "timestamp", "error"]
+# The columns kept of each side's rows; samples = timed calls behind the row (repeats, summed over rounds),
+# rounds = the interleaved rounds that measured it (1 for a CSV's row).
+SIDE = TIMES + ["samples", "rounds", "commit", "threads", "device_name", "timestamp", "error"]
 VERDICTS = ["faster", "slower", "within noise", "single call"]
 COLORS = {"faster": "tab:green", "slower": "tab:red", "within noise": "0.45", "single call": "0.55"}
 MAX_PLOTTED = 80  # rows drawn in the plot
@@ -73,8 +77,8 @@ class Refused(ValueError):
 
 def read_rows(source, name: str) -> pd.DataFrame:
     """The rows of one results CSV (a path or a file object; `name` for messages), with the columns the
-    comparison needs: KEY, median_ms, p20_ms, p80_ms, samples (from repeats), commit, threads, device_name,
-    timestamp, error ("" when it passed)."""
+    comparison needs (SIDE): KEY, median_ms, p20_ms, p80_ms, samples (from repeats), rounds (1), commit,
+    threads, device_name, timestamp, error ("" when it passed)."""
     try:
         frame = pd.read_csv(source, keep_default_na=False, na_values=[""])
     except (OSError, pd.errors.EmptyDataError) as exc:
@@ -82,7 +86,7 @@ def read_rows(source, name: str) -> pd.DataFrame:
     missing = [c for c in KEY + TIMES if c not in frame]
     if missing:
         raise Refused(f"{name} is not a bench.sweep results CSV: no column {', '.join(missing)}")
-    frame = frame.rename(columns={"repeats": "samples"})
+    frame = frame.rename(columns={"repeats": "samples"}).assign(rounds=1)
     for column in SIDE:
         if column not in frame:
             frame[column] = math.nan
@@ -91,13 +95,13 @@ def read_rows(source, name: str) -> pd.DataFrame:
     return frame[KEY + SIDE]
 
 
-def newest(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per key: the one with the latest timestamp."""
-    return frame.sort_values("timestamp", kind="stable").drop_duplicates(KEY, keep="last").reset_index(drop=True)
+def newest(frame: pd.DataFrame, by=KEY) -> pd.DataFrame:
+    """One row per value of the columns `by`: the one with the latest timestamp."""
+    return frame.sort_values("timestamp", kind="stable").drop_duplicates(by, keep="last").reset_index(drop=True)
 
 
 def _git(repo, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
 
 
 def csv_history(path: Path) -> pd.DataFrame:
@@ -114,15 +118,15 @@ def csv_history(path: Path) -> pd.DataFrame:
             shown = _git(repo, "show", f"{rev}:{relative}")
             if shown.returncode == 0:
                 frames.append(read_rows(io.StringIO(shown.stdout), f"{path} at {rev[:7]}"))
-    every = pd.concat(frames, ignore_index=True)
-    return every.sort_values("timestamp", kind="stable").drop_duplicates(KEY + ["commit"], keep="last")
+    return newest(pd.concat(frames, ignore_index=True), KEY + ["commit"])
 
 
 def _commits_present(frame: pd.DataFrame) -> str:
     """'abc1234 (120 rows, 2026-11-29), ...', newest first."""
     found = frame.groupby("commit").agg(rows=("op", "size"), last=("timestamp", "max"))
     found = found.sort_values("last", ascending=False)
-    return ", ".join(f"{c} ({n} rows, {str(t)[:16].replace('T', ' ')})" for c, n, t in zip(found.index, found["rows"], found["last"]))
+    return ", ".join(f"{c} ({n} rows, {str(t)[:16].replace('T', ' ')})"
+                     for c, n, t in zip(found.index, found["rows"], found["last"]))
 
 
 def find_commit(frame: pd.DataFrame, wanted: str, where: str, repo: Path) -> str:
@@ -219,7 +223,7 @@ def summary(compared: pd.DataFrame, one_sided: pd.DataFrame) -> str:
 
 def fmt_time(ms: float) -> str:
     """A time with its unit, 3 significant digits: 850 us, 12.4 ms, 3.22 s."""
-    if ms != ms:
+    if math.isnan(ms):
         return ""
     if ms >= 1000:
         return f"{ms / 1000:.3g} s"
@@ -292,10 +296,11 @@ def plot(compared: pd.DataFrame, title: str, subtitle: str, path: Path) -> Path:
         if not rows.any():
             continue
         part = compared[rows]
-        ax.errorbar(part["ratio"], y[rows], xerr=[part["ratio"] - part["ratio_low"], part["ratio_high"] - part["ratio"]],
-                    fmt="o", ms=5, capsize=2, lw=1.2, color=COLORS[verdict],
-                    mfc="white" if verdict == "single call" else COLORS[verdict],
-                    label=verdict + (", beyond noise" if verdict in ("faster", "slower") else "") + f" ({int(rows.sum())})")
+        beyond = ", beyond noise" if verdict in ("faster", "slower") else ""
+        bars = [part["ratio"] - part["ratio_low"], part["ratio_high"] - part["ratio"]]
+        ax.errorbar(part["ratio"], y[rows], xerr=bars,
+                    fmt="o", ms=5, capsize=2, lw=1.2, color=COLORS[verdict], label=f"{verdict}{beyond} ({rows.sum()})",
+                    mfc="white" if verdict == "single call" else COLORS[verdict])
     ax.axvline(1.0, color="k", lw=1, label="1x: no change")
     ax.set_xscale("log")
     low = min(compared["ratio_low"].min(), compared["ratio"].min(), 0.9)
@@ -338,9 +343,9 @@ def write(compared: pd.DataFrame, one_sided: pd.DataFrame, labels: dict, title: 
     plot(compared, title, line, paths["png"])
     md = [f"# {title}", "", "Generated by `python -m bench.compare`.", "", *[f"- {x}" for x in [*notes, *sides]], "",
           f"**{line}**", "", f"![{name}]({paths['png'].name})", "",
-          "ratio = new median / base median; spread = [new p20 / base p80, new p80 / base p20]. Beyond the noise "
-          "(faster, slower) only when the two p20-p80 intervals do not overlap, i.e. the spread excludes 1; a row "
-          "timed by one call has no spread (single call). Sorted by ratio.", "",
+          ("ratio = new median / base median; spread = [new p20 / base p80, new p80 / base p20]. Beyond the noise "
+           "(faster, slower) only when the two p20-p80 intervals do not overlap, i.e. the spread excludes 1; a row "
+           "timed by one call has no spread (single call). Sorted by ratio."), "",
           report._table(header, cells), ""]
     if lonely:
         md += [f"## Not compared ({len(lonely)})", "", *[f"- {x}" for x in lonely], ""]
@@ -384,9 +389,9 @@ def resolve_revision(repo: Path, rev: str) -> tuple[str, str]:
 def probe(tree: Path, who: str) -> str:
     """The --help text of the worktree's bench.sweep, after checking that running `python -m bench.sweep` with
     cwd = tree imports tree's packages."""
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tree, capture_output=True, text=True)
-    text, _, strays = done.stdout.rpartition("\nimported from outside the worktree: ")
-    if done.returncode != 0 or not _ or "--op" not in text:
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tree, capture_output=True, text=True, check=False)
+    text, marker, strays = done.stdout.rpartition("\nimported from outside the worktree: ")
+    if done.returncode != 0 or not marker or "--op" not in text:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise Refused(f"{who}: `python -m bench.sweep --help` failed in its worktree: {tail}")
     if strays.strip():
@@ -422,10 +427,9 @@ def aggregate(rounds: pd.DataFrame) -> pd.DataFrame:
     medians; p20 = min(p20 of the per-round medians, median of the per-round p20s); p80 = max(p80 of the
     per-round medians, median of the per-round p80s); samples summed; rounds = rounds measured. A key measured
     in no round keeps its last round's row (its error)."""
-    ok = plots.measured(rounds)
     out = []
     for _, group in rounds.groupby(KEY, sort=False):
-        good = group[ok[group.index]]
+        good = plots.measured(group)
         if good.empty:
             out.append(group.iloc[-1])
             continue
@@ -466,12 +470,13 @@ def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) ->
                 print(f"round {r}/{rounds}: {label} ({short}) ...", flush=True)
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, "-m", "bench.sweep", *args, "--out", str(out)],
-                                      cwd=trees[label], capture_output=True, text=True)
+                                      cwd=trees[label], capture_output=True, text=True, check=False)
                 seconds = time.perf_counter() - start
                 csv = out / "results.csv"
                 if not csv.is_file():
                     tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-                    raise RuntimeError(f"the sweep of {who[label]} in round {r} failed (exit {done.returncode}): {tail}")
+                    raise RuntimeError(f"the sweep of {who[label]} in round {r} failed (exit {done.returncode}): "
+                                       + tail)
                 rows = read_rows(csv, str(csv))
                 wrong = sorted({c for c in rows["commit"] if not (c.startswith(short) or short.startswith(c))})
                 if wrong:
@@ -487,10 +492,10 @@ def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) ->
         shutil.rmtree(tmp, ignore_errors=True)
         _git(repo, "worktree", "prune")
     order = " | ".join(" ".join(turns[i:i + 2]) for i in range(0, len(turns), 2))
-    notes = [f"interleaved: {rounds} rounds of `python -m bench.sweep {' '.join(args)}` in detached worktrees, "
-             f"turns {order}",
-             "per row: median of the per-round medians; p20 - p80 covering the per-round medians' p20 - p80 and "
-             "the median of the per-round p20s and p80s"]
+    notes = [(f"interleaved: {rounds} rounds of `python -m bench.sweep {' '.join(args)}` in detached worktrees, "
+              f"turns {order}"),
+             ("per row: median of the per-round medians; p20 - p80 covering the per-round medians' p20 - p80 and "
+              "the median of the per-round p20s and p80s")]
     return {label: aggregate(pd.concat(frames, ignore_index=True)) for label, frames in found.items()}, notes
 
 
@@ -556,7 +561,7 @@ def _check_mode(args) -> str:
 def run(args) -> int:
     mode = _check_mode(args)
     out = args.out or ROOT / "reports" / args.device / "compare"
-    filters = dict(op=args.op, backend=args.backend, shape=args.shape)
+    filters = {"op": args.op, "backend": args.backend, "shape": args.shape}
     notes = []
     if mode == "commits":
         path = args.csv or ROOT / "reports" / args.device / "results.csv"
@@ -567,7 +572,8 @@ def run(args) -> int:
         base, new = (select(rows[rows["commit"] == c], f"{where} at commit {c}", **filters) for c in (a, b))
         labels = {"base": f"commit {a} of {path}", "new": f"commit {b} of {path}"}
         title, name = f"bench.compare: {b} against {a} on {args.device}", f"{a}_vs_{b}"
-        no_common = f"no common measured rows of commits {a} and {b}; commits sharing rows with {a}: {_sharing(rows, a)}"
+        no_common = (f"no common measured rows of commits {a} and {b}; commits sharing rows with {a}: "
+                     + _sharing(rows, a))
     elif mode == "files":
         for path in (args.base, args.new):
             if not path.is_file():
@@ -576,18 +582,19 @@ def run(args) -> int:
                      for p in (args.base, args.new))
         labels = {"base": str(args.base), "new": str(args.new)}
         title, name = f"bench.compare: {args.new} against {args.base} on {args.device}", "base_vs_new"
+        ops = {side: ", ".join(sorted(set(rows["op"]))) for side, rows in (("base", base), ("new", new))}
         no_common = (f"no common measured rows (op, backend, shape, dtype, device) in {args.base} and {args.new}; "
-                     f"ops of the base: {', '.join(sorted(set(base['op'])))}; of the new: {', '.join(sorted(set(new['op'])))}")
+                     f"ops of the base: {ops['base']}; of the new: {ops['new']}")
     else:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False)
         if top.returncode != 0:
             raise Refused(f"--interleave runs in a git work tree; {os.getcwd()} is not in one")
         revisions = dict(zip("AB", args.interleave))
-        sides, notes = interleave(Path(top.stdout.strip()), revisions, dict(
-            ops=args.op, device=args.device, quick=args.quick, backends=args.backend, threads=args.threads or 1,
-            shapes=args.shape), args.rounds or 3)
+        options = {"ops": args.op, "device": args.device, "quick": args.quick, "backends": args.backend,
+                   "threads": args.threads or 1, "shapes": args.shape}
+        sides, notes = interleave(Path(top.stdout.strip()), revisions, options, args.rounds or 3)
         base, new = sides["A"], sides["B"]
-        a, b = (c for c in (base["commit"].iloc[0], new["commit"].iloc[0]))
+        a, b = base["commit"].iloc[0], new["commit"].iloc[0]
         labels = {"base": f"revision {args.interleave[0]}", "new": f"revision {args.interleave[1]}"}
         title = f"bench.compare, interleaved: {b} against {a} on {args.device} ({', '.join(args.op)})"
         name = f"interleaved_{a}_vs_{b}"
