@@ -79,8 +79,9 @@ def read_rows(source, name: str) -> pd.DataFrame:
     """The rows of one results CSV (a path or a file object; `name` for messages), with the columns the
     comparison needs (SIDE): KEY, median_ms, p20_ms, p80_ms, samples (from repeats), rounds (1), commit,
     threads, device_name, timestamp, error ("" when it passed)."""
+    text = {c: str for c in KEY + ["commit", "device_name", "timestamp", "error"]}  # a hash like 0501666 is no int
     try:
-        frame = pd.read_csv(source, keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(source, keep_default_na=False, na_values=[""], dtype=text)
     except (OSError, pd.errors.EmptyDataError) as exc:
         raise Refused(f"cannot read {name}: {exc}") from None
     missing = [c for c in KEY + TIMES if c not in frame]
@@ -90,7 +91,7 @@ def read_rows(source, name: str) -> pd.DataFrame:
     for column in SIDE:
         if column not in frame:
             frame[column] = math.nan
-    for column in KEY + ["commit", "device_name", "timestamp", "error"]:
+    for column in text:
         frame[column] = text_column(frame[column])
     return frame[KEY + SIDE]
 

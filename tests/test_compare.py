@@ -63,6 +63,12 @@ def test_pair_ratio_spread_and_verdicts():
                     f"new/base {geomean:.3f}x; not compared: 2 only in base, 1 only in new")
 
 
+def test_commits_that_look_like_numbers_stay_text():
+    rows = frame("0501666", ("torch", "N=1", 1, 1, 1, 5))
+    assert list(rows["commit"]) == ["0501666"]
+    assert list(frame("1e51234", ("torch", "N=1", 1, 1, 1, 5))["commit"]) == ["1e51234"]
+
+
 def test_fmt_time_has_units():
     assert [compare.fmt_time(t) for t in (0.85, 12.44, 3220.0)] == ["850 us", "12.4 ms", "3.22 s"]
 
