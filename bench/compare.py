@@ -261,18 +261,19 @@ def _one_sided_lines(one_sided: pd.DataFrame) -> list[str]:
 
 
 def _sides(compared: pd.DataFrame, labels: dict) -> list[str]:
-    """Per side: its label, commits, device names and threads of the compared rows; a warning when the two
-    sides ran on different machines or thread counts."""
+    """Per side: its label, commits, device names and threads of the compared rows (those the CSV has); a
+    warning when the two sides ran on different machines or thread counts."""
     lines, seen = [], {}
     for side in ("base", "new"):
         facts = {what: ", ".join(sorted({str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-                                         for v in compared[f"{side}_{what}"].dropna()})) or "?"
+                                         for v in compared[f"{side}_{what}"].dropna() if v != ""}))
                  for what in ("commit", "device_name", "threads")}
         seen[side] = facts
-        lines.append(f"{side}: {labels[side]} (commit {facts['commit']}; {facts['device_name']}; "
-                     f"threads {facts['threads']})")
+        said = [f"{prefix}{facts[what]}" for what, prefix in (("commit", "commit "), ("device_name", ""),
+                                                             ("threads", "threads ")) if facts[what]]
+        lines.append(f"{side}: {labels[side]} ({'; '.join(said)})")
     for what in ("device_name", "threads"):
-        if seen["base"][what] != seen["new"][what]:
+        if seen["base"][what] and seen["new"][what] and seen["base"][what] != seen["new"][what]:
             lines.append(f"warning: the sides differ in {what} ({seen['base'][what]} against {seen['new'][what]})")
     return lines
 
@@ -307,7 +308,7 @@ def plot(compared: pd.DataFrame, title: str, subtitle: str, path: Path) -> Path:
     low = min(compared["ratio_low"].min(), compared["ratio"].min(), 0.9)
     high = max(compared["ratio_high"].max(), compared["ratio"].max(), 1 / 0.9)
     ax.set_xlim(low / 1.08, high * 1.08)
-    fine = (0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2) if high / low < 4 else ()  # on a wider range they overlap
+    fine = (0.33, 0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 3) if high / low < 4 else ()  # on a wider range they overlap
     ticks = [t for t in sorted({0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, *fine})
              if low / 1.08 <= t <= high * 1.08]
     ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
@@ -571,7 +572,7 @@ def run(args) -> int:
         repo = path.resolve().parent
         a, b = (find_commit(rows, wanted, where, repo) for wanted in args.commits)
         base, new = (select(rows[rows["commit"] == c], f"{where} at commit {c}", **filters) for c in (a, b))
-        labels = {"base": f"commit {a} of {path}", "new": f"commit {b} of {path}"}
+        labels = {"base": str(path), "new": str(path)}
         title, name = f"bench.compare: {b} against {a} on {args.device}", f"{a}_vs_{b}"
         no_common = (f"no common measured rows of commits {a} and {b}; commits sharing rows with {a}: "
                      + _sharing(rows, a))
