@@ -73,6 +73,10 @@ class Refused(ValueError):
     """Bad input: main prints its one line and exits with status 2 before anything is written."""
 
 
+class SweepFailed(RuntimeError):
+    """An interleaved turn that gave no rows of its revision: main prints its line and exits with status 1."""
+
+
 # ------------------------------------------------------------------------------------------------ rows
 
 def read_rows(source, name: str) -> pd.DataFrame:
@@ -446,10 +450,10 @@ def aggregate(rounds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).reset_index(drop=True)
 
 
-def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) -> tuple[dict, list[str]]:
+def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) -> tuple[dict, dict, list[str]]:
     """Run the sweep `rounds` times in detached worktrees of revisions ({"A": rev, "B": rev}), A B, then B A,
-    ...; returns ({"A": rows, "B": rows} aggregated over the rounds, notes on how). The worktrees live in a
-    temporary folder, removed afterwards, also on an error or Ctrl-C."""
+    ...; returns ({"A": rows, "B": rows} aggregated over the rounds, {"A": short hash, "B": ...}, notes on
+    how). The worktrees live in a temporary folder, removed afterwards, also on an error or Ctrl-C."""
     resolved = {label: resolve_revision(repo, rev) for label, rev in revisions.items()}  # before any worktree
     tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     trees = {}
@@ -458,7 +462,7 @@ def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) ->
             tree = tmp / f"{label}-{short}"
             made = _git(repo, "worktree", "add", "--detach", str(tree), full)
             if made.returncode != 0:
-                raise RuntimeError(f"git worktree add {short} failed: {made.stderr.strip()}")
+                raise SweepFailed(f"git worktree add {short} failed: {made.stderr.strip()}")
             trees[label] = tree
         who = {label: f"revision {label} ({revisions[label]}, {short})" for label, (_, short) in resolved.items()}
         helps = {who[label]: probe(tree, who[label]) for label, tree in trees.items()}
@@ -477,13 +481,13 @@ def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) ->
                 csv = out / "results.csv"
                 if not csv.is_file():
                     tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-                    raise RuntimeError(f"the sweep of {who[label]} in round {r} failed (exit {done.returncode}): "
-                                       + tail)
+                    raise SweepFailed(f"the sweep of {who[label]} in round {r} failed (exit {done.returncode}): "
+                                      + tail)
                 rows = read_rows(csv, str(csv))
                 wrong = sorted({c for c in rows["commit"] if not (c.startswith(short) or short.startswith(c))})
                 if wrong:
-                    raise RuntimeError(f"the sweep of {who[label]} wrote rows of commit {', '.join(wrong)}: "
-                                       "it did not run that revision's code")
+                    raise SweepFailed(f"the sweep of {who[label]} wrote rows of commit {', '.join(wrong)}: "
+                                      "it did not run that revision's code")
                 found[label].append(rows.assign(round=r))
                 turns.append(label)
                 status = "" if done.returncode == 0 else f", exit {done.returncode}"
@@ -498,7 +502,8 @@ def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) ->
               f"turns {order}"),
              ("per row: median of the per-round medians; p20 - p80 covering the per-round medians' p20 - p80 and "
               "the median of the per-round p20s and p80s")]
-    return {label: aggregate(pd.concat(frames, ignore_index=True)) for label, frames in found.items()}, notes
+    sides = {label: aggregate(pd.concat(frames, ignore_index=True)) for label, frames in found.items()}
+    return sides, {label: short for label, (_, short) in resolved.items()}, notes
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -594,9 +599,8 @@ def run(args) -> int:
         revisions = dict(zip("AB", args.interleave))
         options = {"ops": args.op, "device": args.device, "quick": args.quick, "backends": args.backend,
                    "threads": args.threads or 1, "shapes": args.shape}
-        sides, notes = interleave(Path(top.stdout.strip()), revisions, options, args.rounds or 3)
-        base, new = sides["A"], sides["B"]
-        a, b = base["commit"].iloc[0], new["commit"].iloc[0]
+        sides, shorts, notes = interleave(Path(top.stdout.strip()), revisions, options, args.rounds or 3)
+        (base, new), (a, b) = (sides["A"], sides["B"]), (shorts["A"], shorts["B"])
         labels = {"base": f"revision {args.interleave[0]}", "new": f"revision {args.interleave[1]}"}
         title = f"bench.compare, interleaved: {b} against {a} on {args.device} ({', '.join(args.op)})"
         name = f"interleaved_{a}_vs_{b}"
@@ -615,6 +619,9 @@ def main(argv=None) -> int:
     except Refused as exc:
         print(f"bench.compare: {exc}", file=sys.stderr)
         return 2
+    except SweepFailed as exc:
+        print(f"bench.compare: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bench.compare: interrupted; its worktrees are removed, nothing written", file=sys.stderr)
         return 130

@@ -178,6 +178,8 @@ def main():
     parser.add_argument("--out", type=Path)
     {shape_option}
     args = parser.parse_args()
+    if args.op == ["broken"]:
+        raise SystemExit("no such op: broken")
     r = int(args.out.name.removeprefix("round"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                             capture_output=True, text=True).stdout.strip()
@@ -305,6 +307,15 @@ def test_interleave_refuses_a_sweep_that_imports_packages_from_elsewhere(repo, t
     assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert "imported packages from elsewhere: json from" in err and _clean(repo, tmp_path)
+
+
+def test_interleave_stops_at_a_failed_turn(repo, tmp_path, revisions, capsys):
+    out = tmp_path / "out"
+    assert compare.main(["--interleave", revisions["v1"], revisions["v2"], "--op", "broken", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"the sweep of revision A ({revisions['v1']}, {revisions['v1']}) in round 1 failed (exit 1): " \
+        "no such op: broken" in err
+    assert not out.exists() and _clean(repo, tmp_path)
 
 
 def test_interleave_cleans_up_on_ctrl_c(repo, tmp_path, revisions, capsys, monkeypatch):
