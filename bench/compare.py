@@ -12,7 +12,8 @@ key. Files: the rows of two CSVs (e.g. a CI run against the committed reports/cp
 the only trustworthy comparison on a shared machine, whose load drifts over minutes: both revisions are
 checked out as detached git worktrees in a temporary folder, and the same `python -m bench.sweep` runs in each
 in turn (its cwd that worktree, so that worktree's packages are imported: checked before the first round),
-A then B, then B then A in the next round, so that order effects cancel.
+A then B, then B then A in the next round, so that order effects cancel. The sweep gets only options that
+both revisions' `bench.sweep --help` list (else refused: e.g. --shape at a revision older than it).
 
 Rows are paired by (op, backend, shape, dtype, device); rows that did not pass their check or have no time
 count as absent. For each pair, with base and new times m (median), lo (p20) and hi (p80):
