@@ -35,7 +35,6 @@ is refused with one line naming what would have been valid, exit status 2, and n
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -56,7 +55,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from bench import plots, report  # noqa: E402
+from bench import cli, plots, report  # noqa: E402
 from bench.sweep import KEY, text_column  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +70,8 @@ SHOWN_ONE_SIDED = 12  # one-sided rows printed on the terminal (all are in the M
 
 
 class Refused(ValueError):
-    """Bad input: main prints its one line and exits with status 2 before anything is written."""
+    """Bad input, "ARGUMENT: what is wrong; valid: ...": main refuses it as bench.cli does (one line, exit
+    status 2) before anything is written."""
 
 
 class SweepFailed(RuntimeError):
@@ -88,10 +88,10 @@ def read_rows(source, name: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(source, keep_default_na=False, na_values=[""], dtype=text)
     except (OSError, pd.errors.EmptyDataError) as exc:
-        raise Refused(f"cannot read {name}: {exc}") from None
+        raise Refused(f"{name}: cannot be read ({exc})") from None
     missing = [c for c in KEY + TIMES if c not in frame]
     if missing:
-        raise Refused(f"{name} is not a bench.sweep results CSV: no column {', '.join(missing)}")
+        raise Refused(f"{name}: not a bench.sweep results CSV (no column {', '.join(missing)})")
     frame = frame.rename(columns={"repeats": "samples"}).assign(rounds=1)
     for column in SIDE:
         if column not in frame:
@@ -114,8 +114,9 @@ def csv_history(path: Path) -> pd.DataFrame:
     """Rows of the CSV at path and of every version of it committed to git (where it is in a git work tree),
     one row per (key, commit): the newest."""
     if not path.is_file():
-        raise Refused(f"no results CSV at {path} (sweeps write reports/<device>/results.csv; or give --csv PATH)")
-    frames = [read_rows(path, str(path))]
+        raise Refused(f"--csv: no results CSV at {path} (the default; sweeps write reports/<device>/results.csv); "
+                      "valid: a results CSV's path")
+    frames = [read_rows(path, f"--csv {path}")]
     top = _git(path.resolve().parent, "rev-parse", "--show-toplevel")
     if top.returncode == 0:
         repo = Path(top.stdout.strip())
@@ -123,7 +124,7 @@ def csv_history(path: Path) -> pd.DataFrame:
         for rev in _git(repo, "log", "--format=%H", "--", relative).stdout.split():
             shown = _git(repo, "show", f"{rev}:{relative}")
             if shown.returncode == 0:
-                frames.append(read_rows(io.StringIO(shown.stdout), f"{path} at {rev[:7]}"))
+                frames.append(read_rows(io.StringIO(shown.stdout), f"--csv {path} at {rev[:7]}"))
     return newest(pd.concat(frames, ignore_index=True), KEY + ["commit"])
 
 
@@ -135,9 +136,10 @@ def _commits_present(frame: pd.DataFrame) -> str:
                      for c, n, t in zip(found.index, found["rows"], found["last"]))
 
 
-def find_commit(frame: pd.DataFrame, wanted: str, where: str, repo: Path) -> str:
-    """The value of the commit column that `wanted` names: itself, a hash prefix of it (4 hex digits at least),
-    a longer hash it is a prefix of, or a git revision of repo that resolves to one of those."""
+def find_commit(frame: pd.DataFrame, argument: str, wanted: str, where: str, repo: Path) -> str:
+    """The value of the commit column that `wanted` (given as `argument`, for messages) names: itself, a hash
+    prefix of it (4 hex digits at least), a longer hash it is a prefix of, or a git revision of repo that
+    resolves to one of those."""
     present = sorted(set(frame["commit"]))
 
     def matching(name):
@@ -152,9 +154,10 @@ def find_commit(frame: pd.DataFrame, wanted: str, where: str, repo: Path) -> str
         resolved = _git(repo, "rev-parse", "--verify", "--quiet", f"{wanted}^{{commit}}")
         found = matching(resolved.stdout.strip()) if resolved.returncode == 0 else []
     if len(found) > 1:
-        raise Refused(f"commit {wanted!r} is ambiguous in {where}: {', '.join(found)}")
+        raise Refused(f"{argument} {wanted}: ambiguous in {where}; valid: one of {', '.join(found)}")
     if not found:
-        raise Refused(f"no rows of commit {wanted!r} in {where}; commits present: {_commits_present(frame)}")
+        raise Refused(f"{argument} {wanted}: no rows of that commit in {where}; valid: the commits present, "
+                      + _commits_present(frame))
     return found[0]
 
 
@@ -167,7 +170,7 @@ def select(frame: pd.DataFrame, where: str, **wanted) -> pd.DataFrame:
         kept = frame[frame[column].isin(values)]
         if kept.empty:
             present = ", ".join(sorted(set(frame[column]))) or "none"
-            raise Refused(f"no rows with {column} {' '.join(values)} in {where}; {column}s present: {present}")
+            raise Refused(f"--{column} {' '.join(values)}: no such rows in {where}; valid: {present}")
         frame = kept
     return frame
 
@@ -313,7 +316,8 @@ def plot(compared: pd.DataFrame, title: str, subtitle: str, path: Path) -> Path:
     low = min(compared["ratio_low"].min(), compared["ratio"].min(), 0.9)
     high = max(compared["ratio_high"].max(), compared["ratio"].max(), 1 / 0.9)
     ax.set_xlim(low / 1.08, high * 1.08)
-    fine = (0.33, 0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 3) if high / low < 4 else ()  # on a wider range they overlap
+    # finer ticks on a narrow range (on a wider one their labels overlap)
+    fine = (0.33, 0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 3) if high / low < 4 else ()
     ticks = [t for t in sorted({0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, *fine})
              if low / 1.08 <= t <= high * 1.08]
     ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
@@ -388,7 +392,8 @@ def resolve_revision(repo: Path, rev: str) -> tuple[str, str]:
     found = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     if found.returncode != 0:
         recent = _git(repo, "log", "--format=%h", "-8").stdout.split()
-        raise Refused(f"no revision {rev!r} in {repo}; recent commits: {', '.join(recent) or 'none'}")
+        raise Refused(f"--interleave {rev}: no such revision in {repo}; valid: a commit, branch or tag, e.g. "
+                      f"the recent commits {', '.join(recent) or '(none)'}")
     full = found.stdout.strip()
     return full, _git(repo, "rev-parse", "--short", full).stdout.strip()
 
@@ -400,9 +405,10 @@ def probe(tree: Path, who: str) -> str:
     text, marker, strays = done.stdout.rpartition("\nimported from outside the worktree: ")
     if done.returncode != 0 or not marker or "--op" not in text:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise Refused(f"{who}: `python -m bench.sweep --help` failed in its worktree: {tail}")
+        raise Refused(f"--interleave: {who}: `python -m bench.sweep --help` failed in its worktree: {tail}")
     if strays.strip():
-        raise Refused(f"{who}: the sweep in its worktree imported packages from elsewhere: {strays.strip()}")
+        raise Refused(f"--interleave: {who}: the sweep in its worktree imported packages from elsewhere: "
+                      + strays.strip())
     return text
 
 
@@ -419,8 +425,8 @@ def sweep_arguments(helps: dict, ops, device, quick, backends, threads, shapes) 
         options = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
         missing = [flag for flag in wanted if flag not in options]
         if missing:
-            raise Refused(f"{who}: its bench.sweep has no {', '.join(missing)} (its options: "
-                          f"{', '.join(sorted(options))})")
+            raise Refused(f"{', '.join(missing)}: the bench.sweep of {who} does not take it; valid: its options "
+                          + ", ".join(sorted(options)))
     args = []
     for flag, values in wanted.items():
         # `--shape A B` where every revision takes several values after one flag, else `--shape A --shape B`
@@ -480,10 +486,12 @@ def interleave(repo: Path, revisions: dict, sweep_options: dict, rounds: int) ->
                                       cwd=trees[label], capture_output=True, text=True, check=False)
                 seconds = time.perf_counter() - start
                 csv = out / "results.csv"
+                said = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
+                if not csv.is_file() and done.returncode == 2:  # the sweep refused its arguments
+                    raise Refused(f"--interleave: the sweep of {who[label]} refused: {said}")
                 if not csv.is_file():
-                    tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
                     raise SweepFailed(f"the sweep of {who[label]} in round {r} failed (exit {done.returncode}): "
-                                      + tail)
+                                      + said)
                 rows = read_rows(csv, str(csv))
                 wrong = sorted({c for c in rows["commit"] if not (c.startswith(short) or short.startswith(c))})
                 if wrong:
@@ -519,39 +527,42 @@ def _sharing(rows: pd.DataFrame, commit: str) -> str:
     return ", ".join(f"{c} ({n} rows)" for c, n in counts.items()) or "none"
 
 
-def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
+def parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("commits", nargs="*", metavar="A B",
                         help="base and new commit of the CSV's commit column (hash prefixes or git revisions)")
-    parser.add_argument("--csv", type=Path, help="the results CSV of A and B (default reports/<device>/results.csv)")
-    parser.add_argument("--base", type=Path, help="compare two CSV files: the base rows")
-    parser.add_argument("--new", type=Path, help="compare two CSV files: the new rows")
+    parser.add_argument("--csv", type=cli.existing_file,
+                        help="the results CSV of A and B (default reports/<device>/results.csv)")
+    parser.add_argument("--base", type=cli.existing_file, help="compare two CSV files: the base rows")
+    parser.add_argument("--new", type=cli.existing_file, help="compare two CSV files: the new rows")
     parser.add_argument("--interleave", nargs=2, metavar=("REV_A", "REV_B"),
                         help="run the sweep alternately at two git revisions (base A, new B) and compare")
     parser.add_argument("--device", default="cpu", help="rows of this device; reports/<device>/ (default cpu)")
     parser.add_argument("--op", nargs="+", help="only these ops (--interleave: the ops to sweep)")
     parser.add_argument("--backend", nargs="+", help="only these backends")
     parser.add_argument("--shape", nargs="+", metavar="KEY", help="only these shapes (the CSV's shape strings)")
-    parser.add_argument("--out", type=Path, help="folder of the table and plot (default reports/<device>/compare)")
+    parser.add_argument("--out", type=cli.out_folder,
+                        help="folder of the table and plot (default reports/<device>/compare)")
     parser.add_argument("--quick", action="store_true", help="--interleave: the quick sweep")
-    parser.add_argument("--rounds", type=int, help="--interleave: turns of each revision (default 3)")
-    parser.add_argument("--threads", type=int, help="--interleave: the sweep's --threads (default 1)")
-    return parser.parse_args(argv)
+    parser.add_argument("--rounds", type=cli.positive_int, help="--interleave: turns of each revision (default 3)")
+    parser.add_argument("--threads", type=cli.positive_int, help="--interleave: the sweep's --threads (default 1)")
+    return parser
 
 
 def _check_mode(args) -> str:
+    """"commits", "files" or "interleave", from the arguments given; refused when they mix or lack some."""
     files = args.base is not None or args.new is not None
     modes = [name for name, given in (("A B", bool(args.commits)), ("--base/--new", files),
                                       ("--interleave", args.interleave is not None)) if given]
     if len(modes) != 1:
-        raise Refused("give two commits A B, or --base CSV --new CSV, or --interleave REV_A REV_B"
-                      + (f" (not {' and '.join(modes)} together)" if modes else ""))
+        raise Refused(f"{' and '.join(modes) or 'A B'}: " + ("one of them only" if modes else "missing")
+                      + "; valid: two commits A B, or --base CSV --new CSV, or --interleave REV_A REV_B")
     if args.commits and len(args.commits) != 2:
-        raise Refused(f"two commits are compared, base and new; got {len(args.commits)}: {' '.join(args.commits)}")
+        raise Refused(f"A B {' '.join(args.commits)}: {len(args.commits)} given; valid: two commits, base then new")
     if files and (args.base is None or args.new is None):
-        raise Refused("--base CSV and --new CSV go together")
+        raise Refused(f"{'--new' if args.new is None else '--base'}: missing; valid: --base CSV and --new CSV together")
     if args.csv is not None and not args.commits:
-        raise Refused("--csv names the CSV of two commits A B; with files use --base and --new")
+        raise Refused("--csv: names the CSV of two commits A B; valid with files: --base CSV --new CSV")
     if not args.interleave:
         given = [flag for flag, value in (("--quick", args.quick), ("--rounds", args.rounds),
                                           ("--threads", args.threads)) if value]
@@ -559,10 +570,7 @@ def _check_mode(args) -> str:
             raise Refused(f"{', '.join(given)}: only with --interleave")
         return "commits" if args.commits else "files"
     if not args.op:
-        raise Refused("--interleave needs --op OP: the sweep to run at both revisions")
-    for flag, value in (("--rounds", args.rounds), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise Refused(f"{flag} must be at least 1, not {value}")
+        raise Refused("--op: missing; valid: --interleave REV_A REV_B --op OP (the sweep to run at both)")
     return "interleave"
 
 
@@ -576,27 +584,24 @@ def run(args) -> int:
         where = f"{path} (and its committed versions)"
         rows = select(csv_history(path), where, device=[args.device])
         repo = path.resolve().parent
-        a, b = (find_commit(rows, wanted, where, repo) for wanted in args.commits)
+        a, b = (find_commit(rows, argument, wanted, where, repo) for argument, wanted in zip("AB", args.commits))
         base, new = (select(rows[rows["commit"] == c], f"{where} at commit {c}", **filters) for c in (a, b))
         labels = {"base": str(path), "new": str(path)}
         title, name = f"bench.compare: {b} against {a} on {args.device}", f"{a}_vs_{b}"
-        no_common = (f"no common measured rows of commits {a} and {b}; commits sharing rows with {a}: "
+        no_common = (f"A B {a} {b}: no common measured rows; valid: commits sharing rows with {a}, "
                      + _sharing(rows, a))
     elif mode == "files":
-        for path in (args.base, args.new):
-            if not path.is_file():
-                raise Refused(f"no CSV at {path}")
-        base, new = (newest(select(read_rows(p, str(p)), str(p), device=[args.device], **filters))
-                     for p in (args.base, args.new))
+        base, new = (newest(select(read_rows(p, f"{flag} {p}"), f"{flag} {p}", device=[args.device], **filters))
+                     for flag, p in (("--base", args.base), ("--new", args.new)))
         labels = {"base": str(args.base), "new": str(args.new)}
         title, name = f"bench.compare: {args.new} against {args.base} on {args.device}", "base_vs_new"
         ops = {side: ", ".join(sorted(set(rows["op"]))) for side, rows in (("base", base), ("new", new))}
-        no_common = (f"no common measured rows (op, backend, shape, dtype, device) in {args.base} and {args.new}; "
-                     f"ops of the base: {ops['base']}; of the new: {ops['new']}")
+        no_common = (f"--base/--new: no common measured rows (op, backend, shape, dtype, device) in {args.base} "
+                     f"and {args.new}; the base has ops {ops['base']}, the new {ops['new']}")
     else:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False)
         if top.returncode != 0:
-            raise Refused(f"--interleave runs in a git work tree; {os.getcwd()} is not in one")
+            raise Refused(f"--interleave: {os.getcwd()} is in no git work tree; valid: run it in the lab's")
         revisions = dict(zip("AB", args.interleave))
         options = {"ops": args.op, "device": args.device, "quick": args.quick, "backends": args.backend,
                    "threads": args.threads or 1, "shapes": args.shape}
@@ -605,7 +610,7 @@ def run(args) -> int:
         labels = {"base": f"revision {args.interleave[0]}", "new": f"revision {args.interleave[1]}"}
         title = f"bench.compare, interleaved: {b} against {a} on {args.device} ({', '.join(args.op)})"
         name = f"interleaved_{a}_vs_{b}"
-        no_common = f"no common measured rows of the sweeps at {a} and {b}"
+        no_common = f"--interleave {a} {b}: the sweeps at the two revisions have no common measured rows"
     compared, one_sided = pair(base, new)
     if compared.empty:
         raise Refused(no_common)
@@ -614,12 +619,13 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    """Exit status 0; 2 on bad input (one line on stderr, nothing written); 1 when an interleaved sweep fails."""
+    parse = parser()
+    args = parse.parse_args(argv)
     try:
         return run(args)
     except Refused as exc:
-        print(f"bench.compare: {exc}", file=sys.stderr)
-        return 2
+        parse.error(str(exc))
     except SweepFailed as exc:
         print(f"bench.compare: {exc}", file=sys.stderr)
         return 1

@@ -25,6 +25,20 @@ def csv_text(commit, *cells):
     return pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False)
 
 
+def refused(argv, capsys, *expected) -> str:
+    """compare.main(argv) exits 2 with one line on stderr, no traceback, containing every `expected` text, and
+    prints nothing on stdout (as tests/test_cli.py asks of every CLI). Returns that line."""
+    with pytest.raises(SystemExit) as raised:
+        compare.main(argv)
+    out, err = capsys.readouterr()
+    assert raised.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == "", (out, err)
+    assert err.startswith("python -m bench.compare: error: "), err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+    return err
+
+
 def frame(commit, *cells):
     return compare.read_rows(io.StringIO(csv_text(commit, *cells)), "test rows")
 
@@ -98,14 +112,16 @@ def test_files_mode_writes_markdown_csv_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--base", "{tmp}/missing.csv", "--new", "{new}"], "no CSV at"),
-    (["--base", "{base}", "--new", "{new}", "--op", "attention"], "ops present: moe"),
-    (["--base", "{base}", "--new", "{new}", "--device", "cuda"], "devices present: cpu"),
-    (["--base", "{base}", "--new", "{other}"], "no common measured rows"),
-    (["--base", "{base}"], "--base CSV and --new CSV go together"),
+    (["--base", "{tmp}/missing.csv", "--new", "{new}"], "argument --base: no file at"),
+    (["--base", "{base}", "--new", "{new}", "--op", "attention"], "--op attention: no such rows in --base"),
+    (["--base", "{base}", "--new", "{new}", "--device", "cuda"], "--device cuda: no such rows in --base"),
+    (["--base", "{base}", "--new", "{other}"], "--base/--new: no common measured rows"),
+    (["--base", "{base}"], "--new: missing; valid: --base CSV and --new CSV together"),
     (["--base", "{base}", "--new", "{new}", "--rounds", "2"], "--rounds: only with --interleave"),
-    (["aaaa111"], "two commits are compared"),
-    ([], "give two commits A B"),
+    (["--base", "{base}", "--new", "{new}", "--interleave", "a", "b"], "--base/--new and --interleave: one of"),
+    (["aaaa111"], "A B aaaa111: 1 given; valid: two commits, base then new"),
+    (["a", "b", "--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
+    ([], "A B: missing; valid: two commits A B, or --base CSV --new CSV, or --interleave REV_A REV_B"),
 ])
 def test_bad_input_is_refused_with_one_line_and_nothing_written(tmp_path, capsys, argv, says):
     base, new = _write_pair(tmp_path)
@@ -113,9 +129,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(tmp_path, capsys
     other.write_text(csv_text("cccc333", ("triton", "N=1", 1, 1, 1, 5)))
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path, base=base, new=new, other=other) for a in argv]
-    assert compare.main(argv + ["--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert says in err and err.count("\n") == 1, err
+    refused(argv + ["--out", str(out)], capsys, says)
     assert not out.exists()
 
 
@@ -152,10 +166,9 @@ def test_commits_are_found_in_the_csv_and_its_committed_versions(repo, tmp_path,
     assert compare.main(["aaaa", "bbbb222", "--csv", str(csv), "--out", str(out)]) == 0
     assert "5 rows compared" in capsys.readouterr().out
     assert (out / "aaaa111_vs_bbbb222.md").is_file() and (out / "aaaa111_vs_bbbb222.png").is_file()
-    assert compare.main(["ffff", "bbbb222", "--csv", str(csv), "--out", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err
-    assert "no rows of commit 'ffff'" in err and "commits present: " in err and "aaaa111 (7 rows" in err
-    assert "bbbb222 (7 rows" in err and not (tmp_path / "bad").exists()
+    refused(["ffff", "bbbb222", "--csv", str(csv), "--out", str(tmp_path / "bad")], capsys,
+            "A ffff: no rows of that commit in", "valid: the commits present, ", "aaaa111 (7 rows", "bbbb222 (7 rows")
+    assert not (tmp_path / "bad").exists()
 
 
 FAKE_SWEEP = '''\
@@ -179,7 +192,9 @@ def main():
     {shape_option}
     args = parser.parse_args()
     if args.op == ["broken"]:
-        raise SystemExit("no such op: broken")
+        raise RuntimeError("broken op")
+    if args.op == ["nosuch"]:
+        parser.error("--op nosuch: no such op")
     r = int(args.out.name.removeprefix("round"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                             capture_output=True, text=True).stdout.strip()
@@ -285,15 +300,14 @@ def test_interleave_passes_shapes_through(repo, tmp_path, revisions, capsys):
 
 def test_interleave_refuses_bad_revisions_and_missing_options(repo, tmp_path, revisions, capsys):
     out = tmp_path / "out"
-    assert compare.main(["--interleave", "nosuch", revisions["v2"], "--op", "moe", "--out", str(out)]) == 2
-    assert "no revision 'nosuch'" in capsys.readouterr().err
+    refused(["--interleave", "nosuch", revisions["v2"], "--op", "moe", "--out", str(out)], capsys,
+            "--interleave nosuch: no such revision in", f"the recent commits {revisions['v2']}")
     assert _clean(repo, tmp_path)  # refused before any worktree was made
 
     argv = ["--interleave", revisions["v0"], revisions["v2"], "--op", "moe", "--shape", "N=1", "--out", str(out)]
-    assert compare.main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"revision A ({revisions['v0']}, {revisions['v0']}): its bench.sweep has no --shape" in err
-    assert err.count("\n") == 1 and _turns(tmp_path) == [] and not out.exists() and _clean(repo, tmp_path)
+    refused(argv, capsys, f"--shape: the bench.sweep of revision A ({revisions['v0']}, {revisions['v0']}) does not "
+            "take it; valid: its options --backend, --device, --help, --no-report, --op, --out, --quick, --threads")
+    assert _turns(tmp_path) == [] and not out.exists() and _clean(repo, tmp_path)
 
 
 def test_interleave_refuses_a_sweep_that_imports_packages_from_elsewhere(repo, tmp_path, revisions, capsys):
@@ -304,9 +318,8 @@ def test_interleave_refuses_a_sweep_that_imports_packages_from_elsewhere(repo, t
     sweep.write_text("import json\n" + sweep.read_text())
     shadowed = commit_all(repo, "v3: imports json, has a json folder")
     argv = ["--interleave", revisions["v2"], shadowed, "--op", "moe", "--out", str(tmp_path / "out")]
-    assert compare.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "imported packages from elsewhere: json from" in err and _clean(repo, tmp_path)
+    refused(argv, capsys, "the sweep in its worktree imported packages from elsewhere: json from")
+    assert _clean(repo, tmp_path)
 
 
 def test_interleave_stops_at_a_failed_turn(repo, tmp_path, revisions, capsys):
@@ -314,7 +327,14 @@ def test_interleave_stops_at_a_failed_turn(repo, tmp_path, revisions, capsys):
     assert compare.main(["--interleave", revisions["v1"], revisions["v2"], "--op", "broken", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"the sweep of revision A ({revisions['v1']}, {revisions['v1']}) in round 1 failed (exit 1): " \
-        "no such op: broken" in err
+        "RuntimeError: broken op" in err
+    assert not out.exists() and _clean(repo, tmp_path)
+    with pytest.raises(SystemExit) as raised:  # a sweep that refuses its arguments: bad input, after round 1's line
+        compare.main(["--interleave", revisions["v1"], revisions["v2"], "--op", "nosuch", "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert raised.value.code == 2 and printed.startswith("round 1/3: A") and len(err.splitlines()) == 1
+    assert err == (f"python -m bench.compare: error: --interleave: the sweep of revision A ({revisions['v1']}, "
+                   f"{revisions['v1']}) refused: python -m bench.sweep: error: --op nosuch: no such op\n")
     assert not out.exists() and _clean(repo, tmp_path)
 
 
