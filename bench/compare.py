@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from bench import cli, plots, report  # noqa: E402
-from bench.sweep import KEY, text_column  # noqa: E402
+from bench.sweep import KEY, read_results, text_column  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMES = ["median_ms", "p20_ms", "p80_ms"]
@@ -84,9 +84,8 @@ def read_rows(source, name: str) -> pd.DataFrame:
     """The rows of one results CSV (a path or a file object; `name` for messages), with the columns the
     comparison needs (SIDE): KEY, median_ms, p20_ms, p80_ms, samples (from repeats), rounds (1), commit,
     threads, device_name, timestamp, error ("" when it passed)."""
-    text = {c: str for c in KEY + ["commit", "device_name", "timestamp", "error"]}  # a hash like 0501666 is no int
     try:
-        frame = pd.read_csv(source, keep_default_na=False, na_values=[""], dtype=text)
+        frame = read_results(source)
     except (OSError, pd.errors.EmptyDataError) as exc:
         raise Refused(f"{name}: cannot be read ({exc})") from None
     missing = [c for c in KEY + TIMES if c not in frame]
@@ -96,7 +95,7 @@ def read_rows(source, name: str) -> pd.DataFrame:
     for column in SIDE:
         if column not in frame:
             frame[column] = math.nan
-    for column in text:
+    for column in ("commit", "device_name", "timestamp", "error"):  # those the CSV may lack: "" as read_results does
         frame[column] = text_column(frame[column])
     return frame[KEY + SIDE]
 
