@@ -8,7 +8,9 @@ one H100/H200 SM, and the tensor-core instructions found in the machine code.
 
 Where the kernels come from:
 - Triton: every module `kernels/triton/<name>.py` (names not starting with "_") lists `AOT_SPECS`, a list of
-  `kernels.triton.AotSpec`. Each is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
+  `kernels.triton.AotSpec` (built by `kernels.triton.aot_spec` from the kernel's own parameters; the kernel may
+  be an autotune / heuristics wrapper, compiled as the @triton.jit function inside it, the flags its heuristics
+  would compute given as constexprs). Each is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
   32))`; the ptxas report is the one Triton's own ptxas run prints (TRITON_DUMP_PTXAS_LOG). As at launch,
   pointers are specialised as 16-byte aligned; integers only where the spec says they are multiples of 16
   ("i32:16" in the signature, Triton's AOT notation, or a `divisible_by_16` attribute): without that the code
@@ -361,15 +363,6 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _jit_function(obj):
-    """The triton JITFunction behind autotune / heuristics wrappers."""
-    import triton
-
-    while not isinstance(obj, triton.runtime.JITFunction) and hasattr(obj, "fn"):
-        obj = obj.fn
-    return obj
-
-
 def compile_triton_module(job: Job, cache: dict[str, list[dict]]) -> list[dict]:
     """Rows of every AotSpec of one kernels/triton module."""
     import triton
@@ -421,9 +414,11 @@ def _compile_triton_spec(spec, source: str, cache: dict[str, list[dict]], versio
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernels.triton import jit_function
+
     config = _triton_config(spec)
     try:
-        fn = _jit_function(_resolve(spec.kernel))
+        fn = jit_function(_resolve(spec.kernel))
         signature, divisible = triton_signature(spec)
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
         key = _hash(fn.cache_key, repr(spec), TRITON_POLICY, *versions)

@@ -23,7 +23,7 @@ from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tg = pytest.importorskip("kernels.triton.gated_delta_rule")
 tl_attention = pytest.importorskip("kernels.triton.attention")
-from kernels.triton import _chunk, linear_attention as tla  # noqa: E402
+from kernels.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -173,12 +173,13 @@ AOT_CHECK = """
 import json, os, subprocess, sys, importlib, tempfile, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
+from kernels.triton import jit_function
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 found = {}
 for module_name in sys.argv[1:]:
     for spec in importlib.import_module(module_name).AOT_SPECS:
         module, attr = spec.kernel.split(":")
-        fn = getattr(importlib.import_module(module), attr)
+        fn = jit_function(getattr(importlib.import_module(module), attr))
         k = triton.compile(ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
@@ -209,7 +210,7 @@ def test_aot_specs_compile_for_sm90_without_spills():
     named = {spec.kernel for spec in specs}
     for module in (tg, tla, tl_attention, _chunk):
         for name in _jitted_kernels(module):
-            if vars(module)[name].__module__ == module.__name__:
+            if jit_function(vars(module)[name]).fn.__module__ == module.__name__:
                 assert f"{module.__name__}:{name}" in named, f"{module.__name__}:{name} has no AotSpec"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}
     run = subprocess.run([sys.executable, "-c", AOT_CHECK, *AOT_MODULES], cwd=ROOT, env=env, capture_output=True,
@@ -265,7 +266,7 @@ def test_no_recompile_per_sequence_length(seed):
                     tl_attention.attention_kernel]
 
     def compiled():
-        return sum(len(cache[0]) for fn in kernels_used for cache in fn.device_caches.values())
+        return sum(len(cache[0]) for fn in kernels_used for cache in jit_function(fn).device_caches.values())
 
     def run(T):
         args = inputs.make("gated_delta_rule", Hk=2, Hv=4, K=128, V=128, T=T, initial_state=True,
