@@ -171,17 +171,14 @@ def test_chunk_and_recurrent_agree_in_fp32(seed):
 
 AOT_CHECK = """
 import json, os, subprocess, sys, importlib, tempfile, triton
-from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from kernels.triton import jit_function
+from profiling.static import triton_source
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 found = {}
 for module_name in sys.argv[1:]:
     for spec in importlib.import_module(module_name).AOT_SPECS:
-        module, attr = spec.kernel.split(":")
-        fn = jit_function(getattr(importlib.import_module(module), attr))
-        k = triton.compile(ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs),
-                           target=GPUTarget("cuda", 90, 32),
+        attr = spec.kernel.split(":")[1]
+        k = triton.compile(triton_source(spec), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(k.asm["cubin"])
@@ -203,9 +200,10 @@ def _jitted_kernels(module):
 
 def test_aot_specs_compile_for_sm90_without_spills():
     """Every @triton.jit kernel (named *_kernel) of the three modules and of _chunk has a spec at production
-    sizes (K = V = 128, chunk 64, Qwen3.5 head counts, bf16; attention D = 128 and 256); each compiles for sm_90
-    with no local memory (spills) and at most 255 registers, and the tensor-core kernels reach wgmma or mma.
-    The registers / shared memory table is printed (pytest -s) and tabulated by profiling.static."""
+    sizes (K = V = 128, chunk 64, Qwen3.5 head counts, bf16; attention D = 128 and 256); each compiles for sm_90,
+    specialised as launched (profiling.static.triton_source), with no local memory (spills) and at most 255
+    registers, and the tensor-core kernels reach wgmma or mma. The registers / shared memory table is printed
+    (pytest -s) and tabulated by profiling.static."""
     specs = [spec for name in AOT_MODULES for spec in __import__(name, fromlist=["AOT_SPECS"]).AOT_SPECS]
     named = {spec.kernel for spec in specs}
     for module in (tg, tla, tl_attention, _chunk):

@@ -1,8 +1,8 @@
 """The Triton MoE kernels (kernels/triton/{route, moe_align, moe_permute, grouped_gemm, moe}.py) beyond the shared
 parity suite (tests/test_moe.py): tie breaking in routing, permutation across chunk boundaries, the row-bound (no
 synchronisation) path, the block-aligned layout's invariants, forced BLOCK_M of the grouped GEMM, the decode and
-prefill paths of the fused layer, and an ahead-of-time sm_90 compile of representative kernels. CPU tests run under TRITON_INTERPRET=1 at small
-shapes; GPU-marked tests check bf16 and addressing past 2^31 elements."""
+prefill paths of the fused layer, and an ahead-of-time sm_90 compile of representative kernels. CPU tests run
+under TRITON_INTERPRET=1 at small shapes; GPU-marked tests check bf16 and addressing past 2^31 elements."""
 import json
 import os
 import subprocess
@@ -240,18 +240,14 @@ def test_fused_layer_rejects_unknown_path():
 
 AOT_CHECK = """
 import json, sys, importlib, triton
-from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from kernels.triton import jit_function
+from profiling.static import triton_source
 MODULES = ("route", "moe_align", "moe_permute", "grouped_gemm", "moe")
 found = {}
 for spec in (spec for name in MODULES for spec in importlib.import_module(f"kernels.triton.{name}").AOT_SPECS):
     if not any(part in spec.name for part in sys.argv[1:]):
         continue
-    module, attr = spec.kernel.split(":")
-    fn = jit_function(getattr(importlib.import_module(module), attr))
-    k = triton.compile(ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs),
-                       target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(triton_source(spec), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     found[spec.name] = dict(wgmma="wgmma" in k.asm["ptx"], mma="mma.sync" in k.asm["ptx"], shared=k.metadata.shared)
 print(json.dumps(found))

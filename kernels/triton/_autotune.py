@@ -4,7 +4,8 @@ On a GPU, `autotune` is `triton.autotune` keyed on head dims only (never on T, s
 sequence length). Under TRITON_INTERPRET=1 there is nothing to time: the first config that `prune` keeps
 is launched directly. Flags that follow from the arguments (IS_VARLEN when cu_seqlens is given, ...) are
 computed at launch by `@triton.heuristics({"IS_VARLEN": given("cu_seqlens"), ...})` above the autotuner, so
-that its key sees them.
+that its key sees them. Under the interpreter of Triton before 3.9, scalar tensors become Python indices as
+3.9 makes them (see `_squeeze_scalar_indices`).
 """
 import os
 
@@ -41,6 +42,26 @@ class _FirstConfig(KernelInterface):
         config = configs[0]
         return self.fn.run(*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
                            num_stages=config.num_stages)
+
+
+def _squeeze_scalar_indices():
+    """Triton's interpreter before 3.9 (3.6 checked) turns a scalar tensor into a Python index with int() of its
+    one-element array, which NumPy 2.4 refuses (only 0-d arrays convert); 3.9 squeezes the array first. Loops
+    bounded by program-id arithmetic (range(first, last, BLOCK_S)) need it, so the older interpreter gets 3.9's
+    conversion, set in the scope the interpreter patches triton.language with for each launch."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_squeezed(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_squeezed
+
+
+if INTERPRET and tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+    _squeeze_scalar_indices()
 
 
 def autotune(configs, key, prune=None):
