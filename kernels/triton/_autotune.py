@@ -48,9 +48,12 @@ def _squeeze_scalar_indices():
     """Triton's interpreter before 3.9 (3.6 checked) turns a scalar tensor into a Python index with int() of its
     one-element array, which NumPy 2.4 refuses (only 0-d arrays convert); 3.9 squeezes the array first. Loops
     bounded by program-id arithmetic (range(first, last, BLOCK_S)) need it, so the older interpreter gets 3.9's
-    conversion, set in the scope the interpreter patches triton.language with for each launch."""
+    conversion, set in the scope the interpreter patches triton.language with for each launch (interpreters
+    without such a scope are left as they are)."""
     from triton.runtime import interpreter
 
+    if not hasattr(interpreter, "_LangPatchScope"):
+        return
     patch_tensor = interpreter._patch_lang_tensor
 
     def patch_tensor_squeezed(tensor, scope):
