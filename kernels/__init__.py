@@ -29,10 +29,14 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                                             cu_seqlens=cu_seqlens, mode=mode, **kwargs)
 
 
-def attention(q, k, v, causal=True, scale=None, backend="auto", **kwargs):
+def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None, backend="auto", **kwargs):
     """Softmax attention with grouped KV heads. q [B, T, Hq, D]; k, v [B, T, Hkv, D]. Returns [B, T, Hq, D].
-    k and v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i."""
-    return get("attention", backend)(q, k, v, causal=causal, scale=scale, **kwargs)
+    k and v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i.
+    cu_seqlens int [N + 1] with B = 1: N packed sequences, each attending within itself. kv_lens int [B]: k, v are
+    buffers [B, Tmax, Hkv, D] of which the first kv_lens[b] positions are valid (query i of row b at key
+    kv_lens[b] - Tq + i)."""
+    return get("attention", backend)(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, kv_lens=kv_lens,
+                                     **kwargs)
 
 
 def route(router_logits, top_k, renormalize=True, backend="auto", **kwargs):
