@@ -191,6 +191,73 @@ def test_tensor_input_pads_stopped_rows_with_eos(torch_model, seed):
     assert out.shape == (2, 10) and torch.equal(out[0, :8], free[0, :8]) and (out[0, 8:] == eos).all()
 
 
+# ---- sampling -----------------------------------------------------------------------------------------------
+
+def _logits(seed, rows=3, vocab=50):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_greedy_is_argmax_bit_for_bit(seed):
+    logits = _logits(seed)
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    assert torch.equal(Sampler(seed=seed)(logits), logits.argmax(-1))  # a seed alone does not sample
+
+
+def test_sampling_follows_the_softmax(seed):
+    logits = torch.tensor([[0.0, 1.0, -1.0, 0.5]])
+    draws = torch.stack([sample(logits.expand(1000, 4), 1.0, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(20)]).flatten()
+    frequency = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert (frequency - logits[0].softmax(-1)).abs().max() < 0.02, frequency
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_top_k_never_emits_an_excluded_token(top_k, seed):
+    logits = _logits(seed)
+    allowed = logits.topk(top_k, dim=-1).indices
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.stack([sample(logits, 1.5, top_k=top_k, generator=gen) for _ in range(400)], dim=1)  # [3, 400]
+    for row in range(3):
+        assert set(draws[row].tolist()) <= set(allowed[row].tolist())
+        assert len(set(draws[row].tolist())) == top_k  # each allowed token does come up in 400 draws
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.8])
+def test_top_p_never_emits_an_excluded_token(top_p, seed):
+    logits = _logits(seed)
+    probs, order = (logits / 0.7).softmax(-1).sort(dim=-1, descending=True)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.stack([sample(logits, 0.7, top_p=top_p, generator=gen) for _ in range(400)], dim=1)
+    for row in range(3):
+        # the smallest set of most likely tokens whose probability reaches top_p
+        size = int((probs[row].cumsum(0) < top_p).sum()) + 1
+        assert set(draws[row].tolist()) <= set(order[row, :size].tolist()), (top_p, size)
+
+
+def test_top_k_and_top_p_together(seed):
+    logits = _logits(seed)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.stack([sample(logits, 1.0, top_k=10, top_p=0.5, generator=gen) for _ in range(200)], dim=1)
+    top10 = logits.topk(10, dim=-1).indices
+    for row in range(3):
+        probs = logits[row, top10[row]].softmax(-1)  # renormalised over the top 10, sorted
+        size = int((probs.cumsum(0) < 0.5).sum()) + 1
+        assert set(draws[row].tolist()) <= set(top10[row, :size].tolist())
+
+
+def test_a_seed_reproduces_a_sampled_batch(torch_model, seed):
+    prompts = _prompts(seed, [4, 11])
+    settings = dict(temperature=0.9, top_k=40, top_p=0.95)
+    first = torch_model.generate(prompts, 8, seed=seed, **settings)
+    again = torch_model.generate(prompts, 8, seed=seed, **settings)
+    other = torch_model.generate(prompts, 8, seed=seed + 1, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, other))  # 16 draws from ~40 tokens each
+    greedy = torch_model.generate(prompts, 8)
+    assert all(torch.equal(a, b) for a, b in zip(greedy, torch_model.generate(prompts, 8, temperature=1.0, top_k=1,
+                                                                              seed=seed)))
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompts, kwargs, match", [
