@@ -297,3 +297,82 @@ def test_bad_packing(torch_model):
         m(ids.expand(2, 10), cache)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         m.new_cache(1, SMALL_CONFIG["max_position_embeddings"] + 1)
+
+
+# ---- text in and out ----------------------------------------------------------------------------------------
+
+TEXTS = ["Return the number of items.", "  two  spaces, tabs\tand\nnew lines", "Grüße, ☃ and 数字 1234 🙂",
+         "def f(x):\n    return {'a': [x, 2.5e-3]}"]
+
+
+def test_tokenizer_round_trips(checkpoint):
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(checkpoint)
+    assert tok.vocab_size == VOCAB and tok.eos_token_ids == [0]
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert max(ids) < VOCAB and tok.decode(ids) == text
+    assert len(tok.encode(TEXTS[0])) < len(TEXTS[0].encode()) / 2  # merges learnt: fewer tokens than bytes
+
+
+def test_text_stream_holds_back_unfinished_characters(checkpoint):
+    """Byte-level tokens can split a character: pieces pushed one token at a time join into the whole text and
+    none ends in half a character."""
+    from model.tokenizer import TextStream, Tokenizer
+
+    tok = Tokenizer.from_folder(checkpoint)
+    for text in TEXTS:
+        stream = TextStream(tok)
+        pieces = [stream.push(token) for token in tok.encode(text)]
+        assert "".join(pieces) == text and not any("\N{REPLACEMENT CHARACTER}" in piece for piece in pieces)
+        assert stream.flush() == ""
+    stream = TextStream(tok)
+    cut = tok.encode("☃")[:-1]  # the character's first bytes only
+    assert [stream.push(token) for token in cut] == [""] * len(cut) and stream.flush() == "\N{REPLACEMENT CHARACTER}"
+
+
+def test_generate_prints_text_as_it_is_generated(checkpoint, capsys):
+    from model import generate
+    from model.tokenizer import Tokenizer
+
+    generate.main(["--checkpoint", str(checkpoint), "--backend", "torch", "--prompt", "Return the",
+                   "--new-tokens", "6", "--ignore-eos"])
+    out, err = capsys.readouterr()
+    prompt = Tokenizer.from_folder(checkpoint).encode("Return the")
+    expected = model.from_pretrained(checkpoint, backend="torch").generate([torch.tensor(prompt)], 6)[0]
+    assert out == Tokenizer.from_folder(checkpoint).decode(expected.tolist()) + "\n"
+    assert "6 new tokens" in err
+
+
+def test_generate_a_batch_of_text_prompts(checkpoint, capsys):
+    from model import generate
+
+    generate.main(["--checkpoint", str(checkpoint), "--backend", "torch", "--prompt", "a", "--prompt",
+                   "a longer prompt", "--new-tokens", "3", "--temperature", "0.8", "--top-k", "20", "--seed", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("[0] a") and lines[1].startswith("[1] a longer prompt")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--prompt-ids", f"1 {VOCAB}"], ["--prompt-ids", f"token id {VOCAB}", f"[0, {VOCAB})"]),
+    (["--prompt-ids", " ".join(["1"] * SMALL_CONFIG["max_position_embeddings"])],
+     ["--prompt-ids", "needs 4112 positions", "more than the model's 4096"]),
+    (["--prompt", "x" * 40000], ["--prompt", "more than the model's 4096"]),
+])
+def test_generate_refuses_prompts_the_model_cannot_take(checkpoint, argv, expected, capsys):
+    from model import generate
+    from tests.test_cli import refused
+
+    refused(generate.main, ["--checkpoint", str(checkpoint), *argv], capsys, *expected)
+
+
+def test_generate_refuses_text_without_a_tokenizer(tmp_path, capsys):
+    from model import generate
+    from tests.test_cli import refused
+
+    folder = write_random_checkpoint(tmp_path / "bare", tokenizer=False, num_hidden_layers=1,
+                                     layer_types=["full_attention"])
+    capsys.readouterr()  # the writer's progress bar
+    refused(generate.main, ["--checkpoint", str(folder), "--prompt", "hi"], capsys, "--prompt",
+            "no tokenizer.json", "--prompt-ids")
