@@ -1,4 +1,10 @@
 """The lab's public ops (../shared/API.md). Light on import: backends load when first asked for."""
+import os
+
+# numba's default OpenMP thread pool spins after each parallel region: on a 2-core machine every torch op that
+# follows an mkl / numba call then ran up to 500x slower (a 512 KB copy: 18 ms instead of 0.035, measured in a
+# decode step after an mkl prefill). Its workqueue pool sleeps instead. Read when numba is first imported.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 from kernels.registry import BackendUnavailable, backends, get
 from kernels.types import Permutation
 

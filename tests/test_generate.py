@@ -376,3 +376,17 @@ def test_generate_refuses_text_without_a_tokenizer(tmp_path, capsys):
     capsys.readouterr()  # the writer's progress bar
     refused(generate.main, ["--checkpoint", str(folder), "--prompt", "hi"], capsys, "--prompt",
             "no tokenizer.json", "--prompt-ids")
+
+
+def test_numba_uses_a_pool_that_sleeps():
+    """kernels makes numba's thread pool the workqueue one: the default OpenMP pool spins after each parallel
+    region and slowed every later torch op of a decode step (after an mkl prefill) up to 500x on 2 cores."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import kernels, numba\n@numba.njit(parallel=True)\ndef f(x):\n    for i in numba.prange(x.shape[0]):\n"
+            "        x[i] += 1\nimport numpy as np\nf(np.zeros(8))\nprint(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.stdout.strip().splitlines()[-1] == "workqueue", run.stderr[-2000:]
