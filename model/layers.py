@@ -176,7 +176,7 @@ class GatedDeltaNet(nn.Module):
         rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         # decode (one token, a state to continue) runs token by token; everything else chunked
         mode = "recurrent" if T == 1 and state is not None else "chunk"
-        initial = None if state is None or step.fresh else state.recurrent[:rows]
+        initial = None if state is None or step is None or step.fresh else state.recurrent[:rows]
         o, final = self.ops.gated_delta_rule(
             q.reshape(B, T, self.Hk, self.K), k.reshape(B, T, self.Hk, self.K), v.reshape(B, T, self.Hv, self.V),
             g, b.sigmoid(), initial_state=initial, output_final_state=state is not None, use_qk_l2norm=True,
