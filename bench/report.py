@@ -215,9 +215,12 @@ def where_time_goes(rows, spec) -> list[str]:
 
 # Units of the columns an op with a sweep of its own may write (the model's): how each is printed.
 OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "cache_bytes": fmt_bytes,
-                      "dense_share": fmt_share, "tokens_per_s": fmt}
+                      "dense_share": fmt_share, "tokens_per_s": fmt, "step_bytes": fmt_bytes, "floor_ms": fmt_ms,
+                      "x_floor": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
+                      "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}"}
 OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "median_ms", "p20_ms", "p80_ms",
-               "tokens_per_s", "dense_share", "cache_bytes", "error"]
+               "tokens_per_s", "dense_share", "step_bytes", "floor_ms", "x_floor", "cache_bytes", "rel_err",
+               "tokens_equal", "divergence", "error"]
 
 
 def _own_table(rows) -> str:

@@ -181,12 +181,17 @@ def matmul_tflops(dtype: torch.dtype, device, budget_s: float = 0.5) -> float:
     return 2 * n**3 / (timing.min_ms * 1e-3) / 1e12
 
 
-def copy_gbps(device, budget_s: float = 0.5) -> float:
-    """Measured bandwidth of a large device copy, counting the bytes read plus the bytes written, GB/s
-    (fastest call)."""
+def copy_gbps(device, budget_s: float = 0.5, nbytes: int | None = None) -> float:
+    """Measured bandwidth of a device copy, counting the bytes read plus the bytes written, GB/s (fastest call):
+    of a large buffer (1 GiB on a GPU, 256 MiB on a CPU, read into as much), or, given `nbytes`, of a copy whose
+    source and destination together span nbytes, repeated without flushing: a working set that fits a cache runs
+    at the cache's rate, as a model's weights read step after step would."""
     device = torch.device(device)
-    nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
-    src = torch.rand(nbytes // 4, device=device)
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
+    else:
+        nbytes //= 2
+    src = torch.rand(max(nbytes // 4, 1), device=device)
     dst = torch.empty_like(src)
     timing = time_call(lambda: dst.copy_(src), device, budget_s, flush_cache=False)
     return 2 * nbytes / (timing.min_ms * 1e-3) / 1e9

@@ -305,3 +305,71 @@ def test_numbers_read_as_a_person_reads_them():
     assert report.fmt_bytes(3 * 2**30) == "3 GiB"
     assert report.fmt_ms(0.0123) == "12.3 us" and report.fmt_ms(12.3) == "12.3 ms" and report.fmt_ms(4500) == "4.5 s"
     assert report.fmt_flops(0.116) == "116 GFLOP/s" and report.fmt_flops(650.6) == "651 TFLOP/s"
+
+
+# ---- the model benchmark (bench/model.py, bench/llama_cpp.py): its byte model, plots and skips ----
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    import model
+    from model.generate import write_random_checkpoint
+
+    return model.from_pretrained(write_random_checkpoint(tmp_path_factory.mktemp("m") / "c", tokenizer=False),
+                                 backend="torch")
+
+
+def test_decode_step_bytes_count_every_weight_once(small_model):
+    from bench import model as bench_model
+
+    m, cfg = small_model, small_model.config
+    parts = bench_model.decode_step_bytes(m, 100)
+    total = sum(p.numel() * 4 for p in m.parameters())
+    experts = sum(p.numel() * 4 for name, p in m.named_parameters() if ".experts." in name)
+    embedding = m.embed_tokens.weight.numel() * 4
+    assert parts["experts"] == experts * cfg.num_experts_per_tok // cfg.num_experts
+    assert parts["weights"] == total - experts - embedding + embedding // cfg.vocab_size  # one embedding row
+    cache = m.new_cache(1, 100)
+    linear = [s for s in cache.states if hasattr(s, "recurrent")]
+    assert parts["states"] == 2 * sum(s.conv.nbytes + s.recurrent.nbytes for s in linear)  # read and written
+    assert parts["kv"] == cache.nbytes() - parts["states"] // 2
+    assert bench_model.decode_step_bytes(m, 200)["kv"] == 2 * parts["kv"]
+
+
+def _model_rows():
+    rows = []
+    for variant, kv in (("hybrid", 1), ("all_attention", 4)):
+        for context in (512, 1024, 2048):
+            for backend, peer, speed in (("torch", False, 1.0), ("transformers", True, 0.5)):
+                ms = (10 + kv * context / 512) / speed
+                rows += [dict(op="model", backend=backend, peer=peer, variant=variant, context=context,
+                              phase="prefill", median_ms=context * (1 + kv / 4), tokens_per_s=1e3 / (1 + kv / 4),
+                              error=""),
+                         dict(op="model", backend=backend, peer=peer, variant=variant, context=context,
+                              phase="decode", median_ms=ms, tokens_per_s=1e3 / ms, error="", weights_bytes=8e7,
+                              experts_bytes=2e7, states_bytes=6e6 if variant == "hybrid" else 0,
+                              kv_bytes=kv * context * 4096, step_bytes=1e8 + kv * context * 4096, floor_gbps=10.0,
+                              floor_ms=(1e8 + kv * context * 4096) / 1e7, x_floor=ms / ((1e8 + kv * context * 4096) / 1e7))]
+        rows.append(dict(op="model", backend="llama.cpp-f32", peer=True, variant=variant, error="not installed"))
+    return rows
+
+
+def test_model_plots_and_summary(tmp_path):
+    from bench import model as bench_model
+
+    rows = _model_rows()
+    bench_model.plot(rows, tmp_path)
+    for name in ("model_tokens_per_s", "model_gap", "model_decode_floor", "model_cache_memory"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    lines = bench_model.summary(rows)
+    assert any(line.startswith("decode floor at 2048 (all_attention): torch") for line in lines)
+    assert any("all-attention / hybrid = " in line for line in lines)
+    assert any(line.startswith("llama.cpp-f32 (hybrid) skipped: not installed") for line in lines)
+
+
+def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
+    from bench import llama_cpp
+
+    monkeypatch.setattr(llama_cpp.importlib.util, "find_spec", lambda name: None)
+    skipped = llama_cpp.prepare({"hybrid": tmp_path})
+    assert set(skipped) == {("hybrid", name) for name in llama_cpp.RUNNERS}
+    assert all("llama-cpp-python is not installed" in why for why in skipped.values())
