@@ -2,7 +2,7 @@
 they are built on, the EP layer (moe_ep) beside kernels.moe in one process on the same tokens, and a projection
 of Qwen3.5-397B's exchange at EP 8, 16 and 32 from the measured bytes per token.
 
-    python -m bench.sweep --op moe_dispatch [--quick] [--preset Qwen3.5-35B-A3B] [--device cpu|cuda] [--backend torch]
+    python -m bench.sweep --op moe_dispatch [--quick] [--preset Qwen3.5-35B-A3B] [--device cuda] [--backend torch numba]
 
 `sweep(quick, device, out, backends, preset)` returns the rows (bench.sweep --op moe_dispatch calls it) and draws
 moe_dispatch_exchange.png, moe_dispatch_layer.png and moe_dispatch_projection.png into out; `summary(rows)` is
@@ -29,18 +29,23 @@ Parts, one row each (shape = the case's shape string + ",part=PART"), timed with
 - dispatch+combine:  the two in one call, with no experts between them (the exchange's round trip);
 - all_to_all:        all_to_all_single alone on buffers allocated beforehand, with dispatch's split sizes: the
                      transport's own rate on the same bytes;
-- experts:           the local experts alone (kernels.moe of `backend` on the received rows);
+- permute, unpermute: kernels.moe_permute and kernels.moe_unpermute alone on the same rows: the exchange's own
+                     work beside the transport's;
+- experts:           the local experts alone (kernels.moe on the received rows);
 - moe_ep:            the whole EP layer (check_inputs, dispatch, experts, combine);
 - moe:               kernels.moe in one process on the same tokens (all ranks' tokens, all experts).
+The backend column: the moe_permute / moe_unpermute backend on dispatch, combine, dispatch+combine, permute and
+unpermute; the process group's (gloo, nccl) on all_to_all; the moe backend on experts, moe_ep (whose exchange
+uses the same name where it is a permute backend too, else "auto") and moe. --backend NAME runs NAME for each of
+these that it has (default: every lab permute backend that runs natively on the device, "auto"'s first, and
+"auto"'s moe backend: the layer costs seconds per call).
 Columns beside the common ones: world, part, transport (gloo, nccl; "" for one process), bytes (the bytes one rank
-sends in the part, mean over ranks, its own rows included: all_to_all_single copies them too), gbps (bytes / median
-time; twice the bytes for dispatch+combine), bytes_per_token (bytes that leave a rank per token in the part: remote
-rows, plus dispatch's counts), of_all_to_all (the part's GB/s over the all_to_all's, same run and bytes),
-imbalance (rows received by the busiest rank / the mean), vs_one_process (moe's time / moe_ep's), rel_err
-(moe_ep's first CHECK_TOKENS tokens of every rank against kernels.moe in one process), load (the 1-minute load
-average when the case started).
-The backend column is the process group's backend (gloo, nccl) on the exchange parts, the local experts' moe
-backend on experts, moe_ep and moe.
+sends in the part, mean over ranks, its own rows included: all_to_all_single copies them too; the rows permuted
+for permute and unpermute), gbps (bytes / median time; twice the bytes for dispatch+combine), bytes_per_token
+(bytes that leave a rank per token in the part: remote rows, plus dispatch's counts), of_all_to_all (the part's
+GB/s over the all_to_all's, same run and bytes), imbalance (rows received by the busiest rank / the mean),
+vs_one_process (moe's time / moe_ep's), rel_err (moe_ep's first CHECK_TOKENS tokens of every rank against
+kernels.moe in one process), load (the 1-minute load average when the case started), cores.
 """
 from __future__ import annotations
 
@@ -61,19 +66,21 @@ import kernels
 from bench import inputs, timing
 from bench.ops import OPS
 from bench.presets import MODELS
-from bench.sweep import dtype_name, seed_of, trusted_inputs
+from bench.sweep import dtype_name, seed_of, sweep_backends, trusted_inputs
 from reference.tolerance import rel_err, tolerance
 
 OP = "moe_dispatch"
 EXCHANGE = ("dispatch", "combine", "dispatch+combine", "all_to_all")
+LOCAL = ("permute", "unpermute")  # the exchange's own work beside the transport: moe_permute, moe_unpermute
 LAYER = ("experts", "moe_ep", "moe")
 # A collective stuck longer than this raises in the worker; a world older than its deadline is killed.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 WORLD_DEADLINE_S = {True: 240.0, False: 1800.0}  # by quick
 # moe_ep's output on each rank's first tokens is checked against kernels.moe in one process.
 CHECK_TOKENS = 8
-# The layer parts run where one process can hold all experts and run them in seconds (by quick).
-LAYER_MAX_FLOPS = {True: 2e10, False: 1e12}
+# The layer parts run where one process can hold all experts and run them in seconds (by quick): on CPU the grid's
+# shapes, not Qwen3.5-35B's at 4096 tokens per rank (0.4 TFLOP in one process: a minute per timed call here).
+LAYER_MAX_FLOPS = {True: 2e10, False: 2e11}
 LAYER_MAX_WEIGHT_GB = 4.0
 # Spawned ranks share the machine's cores: one thread each (OpenMP / numba pools on shared cores spin against
 # each other). Read by the children as they start, before they import torch.
@@ -130,13 +137,14 @@ def _timed(t: timing.Timing) -> dict:
 
 
 def _measure(case, world: int, rank: int, device, setting: dict) -> dict:
-    """Every part of one case on this rank (the collectives with the other ranks). Returns, identical on every
-    rank: {"times": {part or (part, backend): timing columns}, "stats": per-rank counts [W, 4] (rows sent, rows
-    sent to other ranks, rows received, count bytes sent to other ranks), "heads": {backend: moe_ep's output on
-    the first CHECK_TOKENS tokens of every rank, [W, CHECK_TOKENS, D] float64}, "load"}."""
+    """Every part of one case on this rank (the collectives with the other ranks), for each permute backend of
+    setting["permute"] and moe backend of setting["backends"]. Returns, identical on every rank: {"times": {part
+    or (part, backend): timing columns}, "stats": per-rank counts [W, 4] (rows sent, rows sent to other ranks, rows
+    received, count bytes sent to other ranks), "heads": {backend: moe_ep's output on the first CHECK_TOKENS tokens
+    of every rank, [W, CHECK_TOKENS, D] float64}, "load"}."""
     import torch.distributed as dist
 
-    from kernels.distributed import combine, dispatch, moe_ep
+    from kernels.distributed import dispatch, moe_ep
 
     shape, dtype = case.shape, setting["dtype"]
     E, seed = shape["E"], seed_of(OP, case.key)
@@ -144,37 +152,60 @@ def _measure(case, world: int, rank: int, device, setting: dict) -> dict:
     x, weights, ids = tokens(shape, rank, seed, dtype, device)
     time_it = lambda fn: _timed(timing.time_collective(  # noqa: E731
         fn, device=device, budget_s=setting["budget_s"], min_repeats=setting["min_repeats"]))
-    times = {}
+    times, heads = {}, {}
     with trusted_inputs():
-        d = dispatch(x, ids, E)
-        times["dispatch"] = time_it(lambda: dispatch(x, ids, E))
-        times["combine"] = time_it(lambda: combine(d.x, weights, d))
-        def round_trip():  # the exchange without experts: the received rows go straight back
-            step = dispatch(x, ids, E)
-            return combine(step.x, weights, step)
-
-        times["dispatch+combine"] = time_it(round_trip)
-        sent, received = torch.empty_like(d.permutation.x), torch.empty_like(d.x)
-        times["all_to_all"] = time_it(lambda: dist.all_to_all_single(
-            received, sent, output_split_sizes=d.recv_splits, input_split_sizes=d.send_splits))
-        heads = {}
-        if case.key in setting["layer"]:
+        d = dispatch(x, ids, E)  # the split sizes, and the rows the local experts receive
+        if case.key in setting["layer"]:  # first: the torch calls before any numba pool starts in this process
             w_gate_up, w_down = experts(shape, rank, seed, dtype, device)
             ones = torch.ones(d.ids.shape, dtype=torch.float32, device=device)
-            for name in setting["backends"]:
+            for name, permute in setting["backends"].items():
                 fn = kernels.get("moe", name)
-                local = lambda: fn(d.x, ones, d.ids, w_gate_up, w_down) if d.x.shape[0] else None  # noqa: E731
-                times[("experts", name)] = time_it(local)
-                times[("moe_ep", name)] = time_it(lambda: moe_ep(x, weights, ids, w_gate_up, w_down, backend=name))
-                head = moe_ep(x, weights, ids, w_gate_up, w_down, backend=name)[:CHECK_TOKENS].contiguous()
+                layer = lambda: moe_ep(x, weights, ids, w_gate_up, w_down, backend=name,  # noqa: E731
+                                       permute_backend=permute)
+                times[("experts", name)] = time_it(lambda: fn(d.x, ones, d.ids, w_gate_up, w_down)
+                                                   if d.x.shape[0] else None)
+                times[("moe_ep", name)] = time_it(layer)
+                head = layer()[:CHECK_TOKENS].contiguous()
                 gathered = [torch.empty_like(head) for _ in range(world)]
                 dist.all_gather(gathered, head)
                 heads[name] = torch.stack(gathered).double().cpu().numpy()
+            del w_gate_up, w_down
+        times["all_to_all"] = _all_to_all(d, time_it)
+        for name in setting["permute"]:
+            times |= {(part, name): t for part, t in _exchange(x, weights, ids, E, name, time_it).items()}
     mine = torch.tensor([sum(d.send_splits), sum(d.send_splits) - d.send_splits[rank], d.x.shape[0],
                          (world - 1) * (E // world) * 8], dtype=torch.int64, device=device)
     stats = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(stats, mine)
     return dict(times=times, stats=torch.stack(stats).cpu().tolist(), heads=heads, load=load)
+
+
+def _all_to_all(d, time_it) -> dict:
+    """all_to_all_single alone with the split sizes of the Dispatched d, on buffers allocated here beforehand."""
+    import torch.distributed as dist
+
+    sent, received = torch.empty_like(d.permutation.x), torch.empty_like(d.x)
+    return time_it(lambda: dist.all_to_all_single(received, sent, output_split_sizes=d.recv_splits,
+                                                  input_split_sizes=d.send_splits))
+
+
+def _exchange(x, weights, ids, E: int, name: str, time_it) -> dict:
+    """{part: timing} of dispatch, combine, the two in one call, moe_permute and moe_unpermute with the permute
+    backend `name`."""
+    from kernels.distributed import combine, dispatch
+
+    d = dispatch(x, ids, E, permute_backend=name)
+
+    def round_trip():  # the exchange without experts: the received rows go straight back
+        step = dispatch(x, ids, E, permute_backend=name)
+        return combine(step.x, weights, step)
+
+    return {"dispatch": time_it(lambda: dispatch(x, ids, E, permute_backend=name)),
+            "combine": time_it(lambda: combine(d.x, weights, d)),
+            "dispatch+combine": time_it(round_trip),
+            "permute": time_it(lambda: kernels.moe_permute(x, ids, E, backend=name)),
+            "unpermute": time_it(lambda: kernels.moe_unpermute(d.permutation.x, d.permutation, weights,
+                                                              backend=name))}
 
 
 def _worker(rank, world, port, transport, cases, setting, results):
@@ -297,14 +328,17 @@ def one_process(rank, cases: list, backends: list[str], device: str, dtype, budg
 
 # ------------------------------------------------------------------------------------------------------ rows
 
-def _case_rows(case, found: dict, device: str, dtype, transport: str) -> list[dict]:
-    """The rows of one case from its world's result (see the module's docstring for the columns)."""
+def _case_rows(case, found: dict, device: str, dtype, transport: str, permute: list[str]) -> list[dict]:
+    """The rows of one case from its world's result (see the module's docstring for the columns); permute: the
+    permute backends it ran (an error row for each of their parts when the world failed)."""
     base = dict(op=OP, device=device, dtype=dtype_name(dtype), preset=case.preset, transport=transport, threads=1,
                 cores=os.cpu_count(), **case.shape)
     part_row = lambda part, backend, **more: dict(base, backend=backend, shape=f"{case.key},part={part}",  # noqa: E731
                                                   part=part, **more)
     if "error" in found:
-        return [part_row(part, transport, error=found["error"].strip().splitlines()[-1][:300]) for part in EXCHANGE]
+        error = found["error"].strip().splitlines()[-1][:300]
+        return [part_row("all_to_all", transport, error=error)] + [
+            part_row(part, name, error=error) for name in permute for part in EXCHANGE[:3] + LOCAL]
     stats = found["stats"]  # per rank: rows sent, rows sent to other ranks, rows received, count bytes sent away
     world, N, D = case.shape["world"], case.shape["N"], case.shape["D"]
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -314,15 +348,18 @@ def _case_rows(case, found: dict, device: str, dtype, transport: str) -> list[di
     imbalance = max(s[2] for s in stats) / max(sum(s[2] for s in stats) / world, 1)
     times, rows = found["times"], []
     a2a_gbps = row_bytes / (times["all_to_all"]["median_ms"] * 1e6)
-    for part, moved, per_token in (("dispatch", row_bytes, away + counts), ("combine", row_bytes, away),
-                                   ("dispatch+combine", 2 * row_bytes, 2 * away + counts),
-                                   ("all_to_all", row_bytes, away)):
-        gbps = moved / (times[part]["median_ms"] * 1e6)
-        rows.append(part_row(part, transport, **times[part], bytes=moved, gbps=gbps, bytes_per_token=per_token,
-                             of_all_to_all=gbps / a2a_gbps if part != "all_to_all" else math.nan,
-                             imbalance=imbalance, load=found["load"]))
-    for (part, name), t in ((key, t) for key, t in times.items() if isinstance(key, tuple)):
-        rows.append(part_row(part, name, **t, load=found["load"]))
+    moved = dict(dispatch=(row_bytes, away + counts), combine=(row_bytes, away),
+                 all_to_all=(row_bytes, away), permute=(row_bytes, 0.0), unpermute=(row_bytes, 0.0))
+    moved["dispatch+combine"] = (2 * row_bytes, 2 * away + counts)
+    for key, t in times.items():
+        part, name = (key, transport) if isinstance(key, str) else key
+        more = dict(load=found["load"])
+        if part in moved:
+            nbytes, per_token = moved[part]
+            gbps = nbytes / (t["median_ms"] * 1e6)
+            more.update(bytes=nbytes, gbps=gbps, bytes_per_token=per_token, imbalance=imbalance,
+                        of_all_to_all=gbps / a2a_gbps if part in EXCHANGE[:3] else math.nan)
+        rows.append(part_row(part, name, **t, **more))
     return rows
 
 
@@ -345,6 +382,15 @@ def _check(ep: dict, one: dict, ep_heads, heads, dtype, device: str) -> None:
         ep["error"] = f"parity vs one process: rel_err {err:.2e} > {tolerance(dtype, device):.0e}"
 
 
+def permute_backends(device: str) -> list[str]:
+    """The exchange's default moe_permute / moe_unpermute backends: "auto"'s choice first, then every other lab
+    backend that runs natively on the device (bench.sweep's choice, less the reference's loops and peers)."""
+    registered = kernels.registry.registered("moe_permute")
+    lab = [n for n in sweep_backends("moe_permute", device, None) if n != "reference" and not registered[n].peer]
+    auto = kernels.registry.auto_backend("moe_permute", device)
+    return [auto] + [n for n in lab if n != auto]
+
+
 def _runnable_worlds(worlds, device: str) -> tuple[list[int], list[int]]:
     """(world sizes this machine runs, those it cannot): NCCL needs one GPU per rank."""
     if device != "cuda":
@@ -360,24 +406,28 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     parts (default: "auto"'s choice on the device); preset: only that model's shapes."""
     out = Path(out)
     dtype, transport = dtype_of(device), transport_of(device)
-    names = list(backends or [kernels.registry.auto_backend("moe", device)])
+    runs = {op: kernels.backends(op, device) for op in ("moe", "moe_permute")}
+    permute = [n for n in backends or () if n in runs["moe_permute"]] or permute_backends(device)
+    names = [n for n in backends or () if n in runs["moe"]] or [kernels.registry.auto_backend("moe", device)]
     cases = OPS[OP].cases(device, quick, preset)
     worlds, skipped = _runnable_worlds({case.shape["world"] for case in cases}, device)
     if skipped:
         print(f"note: worlds of {', '.join(map(str, skipped))} ranks need as many GPUs; this machine has "
               f"{torch.cuda.device_count()}: not run", flush=True)
     layer = [case for case in cases if case.shape["world"] in worlds and layer_affordable(case.shape, quick)]
-    budget_s, deadline_s = (0.1 if quick else 0.5), WORLD_DEADLINE_S[quick]
-    setting = dict(dtype=dtype, budget_s=budget_s, min_repeats=3 if device == "cpu" else 10, backends=names,
+    budget_s, deadline_s = (0.1 if quick else 1.0), WORLD_DEADLINE_S[quick]
+    # a layer backend that also permutes does both (as the model's --backend does); the others permute with "auto"
+    setting = dict(dtype=dtype, budget_s=budget_s, min_repeats=3 if device == "cpu" else 10, permute=permute,
+                   backends={name: name if name in runs["moe_permute"] else "auto" for name in names},
                    layer={case.key for case in layer})
     rows, ep = [], {}
     for world in worlds:
         here = [case for case in cases if case.shape["world"] == world]
-        print(f"  {OP}: a world of {world} ({transport}), {len(here)} cases, {sum(c in layer for c in here)} with "
-              f"the layer ({', '.join(names)})", flush=True)
+        print(f"  {OP}: a world of {world} ({transport}), {len(here)} cases (permute: {', '.join(permute)}), "
+              f"{sum(c in layer for c in here)} with the layer ({', '.join(names)})", flush=True)
         found = run_world(world, transport, here, setting, deadline_s)
         for case in here:
-            rows += _case_rows(case, found[case.key], device, dtype, transport)
+            rows += _case_rows(case, found[case.key], device, dtype, transport, permute)
             for name, heads in found[case.key].get("heads", {}).items():
                 ep[(case.key, name)] = (next(r for r in rows if r["shape"] == f"{case.key},part=moe_ep"
                                              and r["backend"] == name), heads)
@@ -552,30 +602,47 @@ def _on(r) -> str:
 
 
 def _target_lines(rows) -> list[str]:
+    """The issue's target, one line per permute backend measured at its shape."""
     hits = [r for r in _measured(rows) if all(str(r.get(k)) == str(v) or _number(r.get(k)) == _number(v)
                                               for k, v in TARGET.items())]
     title = (f"Target: dispatch + combine at >= {TARGET_SHARE:.0%} of the all_to_all bandwidth of the same run "
              f"(CPU, gloo, 2 processes, Qwen3.5-35B-A3B MoE shape, 4096 tokens per rank)")
     if not hits:
         return [f"{title}: not measured in this CSV (python -m bench.sweep --op {OP} --preset Qwen3.5-35B-A3B)"]
-    r = hits[0]
-    share = _number(r["of_all_to_all"])
-    return [f"{title}: **{share:.0%}** ({r['gbps']:.2f} GB/s out and back in {_ms(r['median_ms'])}, all_to_all "
-            f"{r['gbps'] / share:.2f} GB/s on the same bytes; {_on(r)}, commit {r.get('commit', '?')}): "
-            f"{'met' if share >= TARGET_SHARE else 'not met'}"]
+    lines = []
+    for r in sorted(hits, key=lambda r: -_number(r["of_all_to_all"])):
+        share = _number(r["of_all_to_all"])
+        lines.append(f"{title}, moe_permute / moe_unpermute `{r['backend']}`: **{share:.0%}** ({r['gbps']:.2f} GB/s "
+                     f"out and back in {_ms(r['median_ms'])}, all_to_all {r['gbps'] / share:.2f} GB/s on the same "
+                     f"bytes; {_on(r)}, commit {r.get('commit', '?')}): "
+                     + ("met" if share >= TARGET_SHARE else "not met"))
+    return lines
 
 
 def _exchange_lines(rows) -> list[str]:
     ok = _measured(rows)
     lines = []
-    for transport in sorted({_text(r.get("transport")) for r in ok} - {""}):
-        shares = [(_number(r["of_all_to_all"]), r) for r in ok
-                  if r.get("part") == "dispatch+combine" and r["transport"] == transport]
-        if shares:
-            low, high = min(shares, key=lambda s: s[0]), max(shares, key=lambda s: s[0])
-            lines.append(f"{transport}: dispatch + combine at {low[0]:.0%} to {high[0]:.0%} of the all_to_all's "
-                         f"GB/s over {len(shares)} cases (lowest at `{low[1]['shape']}`, where fixed per-call costs "
-                         f"weigh most: permutation, two collectives and a host sync per call)")
+    for transport, backend in sorted({(_text(r.get("transport")), r["backend"]) for r in ok
+                                      if r.get("part") == "dispatch+combine"}):
+        shares = [(_number(r["of_all_to_all"]), r) for r in ok if r.get("part") == "dispatch+combine"
+                  and r["transport"] == transport and r["backend"] == backend]
+        low, high = min(shares, key=lambda s: s[0]), max(shares, key=lambda s: s[0])
+        lines.append(f"{transport}, `{backend}`: dispatch + combine at {low[0]:.0%} to {high[0]:.0%} of the "
+                     f"all_to_all's GB/s over {len(shares)} cases (lowest at `{low[1]['shape']}`)")
+    by = {(r["shape"].rsplit(",part=", 1)[0], r["part"], r["backend"]): r for r in ok}
+    for (key, part, backend), r in by.items():  # where a round trip's time goes, at the preset shapes
+        if part != "dispatch+combine" or not _text(r.get("preset")):
+            continue
+        a2a = next((v for (k, p, _), v in by.items() if k == key and p == "all_to_all"), None)
+        local = [by.get((key, p, backend)) for p in LOCAL]
+        if a2a is None or None in local:
+            continue
+        lines.append(f"where a round trip goes at {r['preset']}, {int(r['world'])} ranks x {int(r['N'])} tokens "
+                     f"(`{backend}`): {_ms(r['median_ms'])} = two all_to_alls of the rows ({_ms(a2a['median_ms'])} "
+                     f"each) + moe_permute ({_ms(local[0]['median_ms'])}) + moe_unpermute "
+                     f"({_ms(local[1]['median_ms'])}) + the rest ("
+                     f"{_ms(r['median_ms'] - 2 * a2a['median_ms'] - local[0]['median_ms'] - local[1]['median_ms'])}"
+                     f": the counts' all_to_all, the host sync, the receive buffers)")
     for r in ok:
         if r.get("part") == "moe_ep" and _number(r.get("vs_one_process")) > 0 and _text(r.get("preset")):
             lines.append(f"the EP layer at {r['preset']}'s shape, {int(r['world'])} ranks x {int(r['N'])} tokens "
@@ -687,22 +754,25 @@ def plot(rows, out: Path) -> None:
     ok = _measured(rows)
     worlds = sorted({r["world"] for r in ok})
     styles = {w: s for w, s in zip(worlds, ("-o", "--s", ":^", "-.v"))}
-    colors = {part: f"C{i}" for i, part in enumerate(EXCHANGE + LAYER)}
     exchange = [r for r in ok if r["part"] in EXCHANGE]
+    # one colour per (part, backend): the exchange's parts per permute backend, the all_to_all; the layer's parts
+    series = sorted({(r["part"], r["backend"]) for r in ok}, key=lambda s: ((EXCHANGE + LAYER).index(s[0])
+                                                                            if s[0] in EXCHANGE + LAYER else 99, s))
+    colors = {s: f"C{i % 10}" for i, s in enumerate(series)}
     if exchange:
         fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
         for column, axis in enumerate(("N", "D", "top_k")):
             line, base = _along(exchange, axis)
-            for part in EXCHANGE:
+            for part, backend in (s for s in series if s[0] in EXCHANGE):
                 for world in worlds:
                     pts = sorted((r[axis], r["median_ms"], r["gbps"]) for r in line
-                                 if r["part"] == part and r["world"] == world)
+                                 if (r["part"], r["backend"]) == (part, backend) and r["world"] == world)
                     if len(pts) < 2:
                         continue
                     x, ms, gbps = zip(*pts)
-                    label = f"{part}, {_ranks(world)}"
-                    axes[0, column].plot(x, ms, styles[world], color=colors[part], label=label)
-                    axes[1, column].plot(x, gbps, styles[world], color=colors[part], label=label)
+                    label = f"{part} ({backend}), {_ranks(world)}"
+                    for row, values in ((0, ms), (1, gbps)):
+                        axes[row, column].plot(x, values, styles[world], color=colors[(part, backend)], label=label)
             fixed = ", ".join(f"{k}={v}" for k, v in base.items())
             for row, title in ((0, "time per call (ms, median)"), (1, "GB/s per rank (bytes sent / time)")):
                 ax = axes[row, column]
@@ -727,14 +797,14 @@ def plot(rows, out: Path) -> None:
     if any(r["part"] in LAYER for r in layer):
         line, base = _along(layer, "N")
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        for part in LAYER + ("dispatch+combine",):
+        for part, backend in (s for s in series if s[0] in LAYER + ("dispatch+combine",)):
             for world in worlds:
-                for backend in sorted({r["backend"] for r in line if r["part"] == part}):
-                    pts = sorted((r["N"], r["median_ms"]) for r in line
-                                 if r["part"] == part and r["world"] == world and r["backend"] == backend)
-                    if pts:
-                        who = f"{world} x N tokens" if part == "moe" else _ranks(world)
-                        ax.plot(*zip(*pts), styles[world], color=colors[part], label=f"{part} ({backend}), {who}")
+                pts = sorted((r["N"], r["median_ms"]) for r in line
+                             if (r["part"], r["backend"]) == (part, backend) and r["world"] == world)
+                if pts:
+                    who = f"{world} x N tokens" if part == "moe" else _ranks(world)
+                    ax.plot(*zip(*pts), styles[world], color=colors[(part, backend)],
+                            label=f"{part} ({backend}), {who}")
         ax.set(xscale="log", yscale="log", xlabel="N (tokens per rank)", ylabel="time per call (ms, median)",
                title="EP layer against kernels.moe in one process on the same tokens\n"
                      + ", ".join(f"{k}={v}" for k, v in base.items()))

@@ -447,9 +447,9 @@ def _dispatch_grid(scale):
 
 
 def _dispatch_presets(scale):
-    """The MoE shapes of Qwen3.5 at 4096 tokens per rank: Qwen3.5-35B-A3B on 2 and 4 CPU processes (the issue's
-    target: 2 processes); both Qwen3.5 models on 1 to 8 GPUs."""
-    models, worlds = (("Qwen3.5-35B-A3B",), (2, 4)) if scale == "cpu" else \
+    """The MoE shapes of Qwen3.5 at 4096 tokens per rank: Qwen3.5-35B-A3B on 2 CPU processes (the issue's target;
+    the grid has 4); both Qwen3.5 models on 1 to 8 GPUs."""
+    models, worlds = (("Qwen3.5-35B-A3B",), (2,)) if scale == "cpu" else \
         (("Qwen3.5-35B-A3B", "Qwen3.5-397B-A17B"), (1, 2, 4, 8))
     return [(model, dict(world=world, N=4096, D=MODELS[model]["hidden"], E=MODELS[model]["experts"],
                          I=MODELS[model]["expert_size"], top_k=MODELS[model]["top_k"], routing="uniform"))
@@ -457,9 +457,10 @@ def _dispatch_presets(scale):
 
 
 # Expert parallelism's exchange (bench/dispatch.py): dispatch and combine against all_to_all_single, moe_ep against
-# kernels.moe in one process, in processes of its own; --backend names the moe backend of the local experts.
+# kernels.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
+# the exchange and the moe backend of the local experts (each name for the ops it has).
 MOE_DISPATCH = OpSpec("moe_dispatch", ("world", "N", "D", "E", "I", "top_k", "routing"), grid=_dispatch_grid,
-                      presets=_dispatch_presets, sweep="bench.dispatch:sweep", backend_ops=("moe",),
+                      presets=_dispatch_presets, sweep="bench.dispatch:sweep", backend_ops=("moe_permute", "moe"),
                       summary="bench.dispatch:summary")
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
