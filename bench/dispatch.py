@@ -31,6 +31,8 @@ Parts, one row each (shape = the case's shape string + ",part=PART"), timed with
                      transport's own rate on the same bytes;
 - permute, unpermute: kernels.moe_permute and kernels.moe_unpermute alone on the same rows: the exchange's own
                      work beside the transport's;
+- first_touch:       a fresh buffer of the received rows' size, allocated and written once (backend torch): what
+                     dispatch's receive buffer, new every call, costs beyond the transport's copy;
 - experts:           the local experts alone (kernels.moe on the received rows);
 - moe_ep:            the whole EP layer (check_inputs, dispatch, experts, combine);
 - moe:               kernels.moe in one process on the same tokens (all ranks' tokens, all experts).
@@ -72,16 +74,18 @@ from reference.tolerance import rel_err, tolerance
 OP = "moe_dispatch"
 EXCHANGE = ("dispatch", "combine", "dispatch+combine", "all_to_all")
 LOCAL = ("permute", "unpermute")  # the exchange's own work beside the transport: moe_permute, moe_unpermute
+FIRST_TOUCH = "first_touch"  # a fresh buffer of the received rows' size, allocated and written once
 LAYER = ("experts", "moe_ep", "moe")
 # A collective stuck longer than this raises in the worker; a world older than its deadline is killed.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 WORLD_DEADLINE_S = {True: 240.0, False: 1800.0}  # by quick
 # moe_ep's output on each rank's first tokens is checked against kernels.moe in one process.
 CHECK_TOKENS = 8
-# The layer parts run where one process can hold all experts and run them in seconds (by quick): on CPU the grid's
-# shapes, not Qwen3.5-35B's at 4096 tokens per rank (0.4 TFLOP in one process: a minute per timed call here).
-LAYER_MAX_FLOPS = {True: 2e10, False: 2e11}
-LAYER_MAX_WEIGHT_GB = 4.0
+# The layer parts run where one process can hold all experts and run them in seconds, by (device, quick): on CPU
+# the grid's shapes, not Qwen3.5-35B's at 4096 tokens per rank (0.4 TFLOP in one process: a minute per timed call
+# here); on a GPU every shape whose experts fit (bf16).
+LAYER_MAX_FLOPS = {("cpu", True): 2e10, ("cpu", False): 2e11, ("cuda", True): 1e13, ("cuda", False): 1e15}
+LAYER_MAX_WEIGHT_GB = {"cpu": 4.0, "cuda": 40.0}
 # Spawned ranks share the machine's cores: one thread each (OpenMP / numba pools on shared cores spin against
 # each other). Read by the children as they start, before they import torch.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
@@ -123,11 +127,12 @@ def layer_flops(shape: dict) -> float:
     return shape["world"] * shape["N"] * shape["top_k"] * (6 * D * I + 5 * I + 2 * D)
 
 
-def layer_affordable(shape: dict, quick: bool) -> bool:
-    """Whether the layer parts run on this case: one process holds all experts (float32 bytes) and runs the
+def layer_affordable(shape: dict, quick: bool, device: str = "cpu") -> bool:
+    """Whether the layer parts run on this case: one process holds all experts (in the device's dtype) and runs the
     world's tokens through them in seconds."""
-    weight_gb = 3 * shape["E"] * shape["I"] * shape["D"] * 4 / 2**30
-    return layer_flops(shape) <= LAYER_MAX_FLOPS[quick] and weight_gb <= LAYER_MAX_WEIGHT_GB
+    itemsize = torch.empty(0, dtype=dtype_of(device)).element_size()
+    weight_gb = 3 * shape["E"] * shape["I"] * shape["D"] * itemsize / 2**30
+    return layer_flops(shape) <= LAYER_MAX_FLOPS[(device, quick)] and weight_gb <= LAYER_MAX_WEIGHT_GB[device]
 
 
 # ------------------------------------------------------------------------------------------------ one world
@@ -171,6 +176,7 @@ def _measure(case, world: int, rank: int, device, setting: dict) -> dict:
                 heads[name] = torch.stack(gathered).double().cpu().numpy()
             del w_gate_up, w_down
         times["all_to_all"] = _all_to_all(d, time_it)
+        times[(FIRST_TOUCH, "torch")] = _first_touch(d, time_it)
         for name in setting["permute"]:
             times |= {(part, name): t for part, t in _exchange(x, weights, ids, E, name, time_it).items()}
     mine = torch.tensor([sum(d.send_splits), sum(d.send_splits) - d.send_splits[rank], d.x.shape[0],
@@ -187,6 +193,12 @@ def _all_to_all(d, time_it) -> dict:
     sent, received = torch.empty_like(d.permutation.x), torch.empty_like(d.x)
     return time_it(lambda: dist.all_to_all_single(received, sent, output_split_sizes=d.recv_splits,
                                                   input_split_sizes=d.send_splits))
+
+
+def _first_touch(d, time_it) -> dict:
+    """A fresh buffer of the received rows' size, allocated and written once: what dispatch's receive buffer
+    (new every call) costs beyond the transport's copy (on CPU, a page fault per 4 KiB page of it)."""
+    return time_it(lambda: torch.empty_like(d.x).fill_(0))
 
 
 def _exchange(x, weights, ids, E: int, name: str, time_it) -> dict:
@@ -337,7 +349,7 @@ def _case_rows(case, found: dict, device: str, dtype, transport: str, permute: l
                                                   part=part, **more)
     if "error" in found:
         error = found["error"].strip().splitlines()[-1][:300]
-        return [part_row("all_to_all", transport, error=error)] + [
+        return [part_row("all_to_all", transport, error=error), part_row(FIRST_TOUCH, "torch", error=error)] + [
             part_row(part, name, error=error) for name in permute for part in EXCHANGE[:3] + LOCAL]
     stats = found["stats"]  # per rank: rows sent, rows sent to other ranks, rows received, count bytes sent away
     world, N, D = case.shape["world"], case.shape["N"], case.shape["D"]
@@ -348,8 +360,8 @@ def _case_rows(case, found: dict, device: str, dtype, transport: str, permute: l
     imbalance = max(s[2] for s in stats) / max(sum(s[2] for s in stats) / world, 1)
     times, rows = found["times"], []
     a2a_gbps = row_bytes / (times["all_to_all"]["median_ms"] * 1e6)
-    moved = dict(dispatch=(row_bytes, away + counts), combine=(row_bytes, away),
-                 all_to_all=(row_bytes, away), permute=(row_bytes, 0.0), unpermute=(row_bytes, 0.0))
+    moved = dict(dispatch=(row_bytes, away + counts), combine=(row_bytes, away), all_to_all=(row_bytes, away),
+                 permute=(row_bytes, 0.0), unpermute=(row_bytes, 0.0), first_touch=(row_bytes, 0.0))
     moved["dispatch+combine"] = (2 * row_bytes, 2 * away + counts)
     for key, t in times.items():
         part, name = (key, transport) if isinstance(key, str) else key
@@ -414,7 +426,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     if skipped:
         print(f"note: worlds of {', '.join(map(str, skipped))} ranks need as many GPUs; this machine has "
               f"{torch.cuda.device_count()}: not run", flush=True)
-    layer = [case for case in cases if case.shape["world"] in worlds and layer_affordable(case.shape, quick)]
+    layer = [case for case in cases if case.shape["world"] in worlds and layer_affordable(case.shape, quick, device)]
     budget_s, deadline_s = (0.1 if quick else 1.0), WORLD_DEADLINE_S[quick]
     # a layer backend that also permutes does both (as the model's --backend does); the others permute with "auto"
     setting = dict(dtype=dtype, budget_s=budget_s, min_repeats=3 if device == "cpu" else 10, permute=permute,
@@ -634,15 +646,17 @@ def _exchange_lines(rows) -> list[str]:
         if part != "dispatch+combine" or not _text(r.get("preset")):
             continue
         a2a = next((v for (k, p, _), v in by.items() if k == key and p == "all_to_all"), None)
+        touch = next((v for (k, p, _), v in by.items() if k == key and p == FIRST_TOUCH), None)
         local = [by.get((key, p, backend)) for p in LOCAL]
-        if a2a is None or None in local:
+        if a2a is None or touch is None or None in local:
             continue
+        rest = r["median_ms"] - 2 * a2a["median_ms"] - local[0]["median_ms"] - local[1]["median_ms"]
         lines.append(f"where a round trip goes at {r['preset']}, {int(r['world'])} ranks x {int(r['N'])} tokens "
                      f"(`{backend}`): {_ms(r['median_ms'])} = two all_to_alls of the rows ({_ms(a2a['median_ms'])} "
-                     f"each) + moe_permute ({_ms(local[0]['median_ms'])}) + moe_unpermute "
-                     f"({_ms(local[1]['median_ms'])}) + the rest ("
-                     f"{_ms(r['median_ms'] - 2 * a2a['median_ms'] - local[0]['median_ms'] - local[1]['median_ms'])}"
-                     f": the counts' all_to_all, the host sync, the receive buffers)")
+                     f"each, on buffers written before) + moe_permute ({_ms(local[0]['median_ms'])}) + "
+                     f"moe_unpermute ({_ms(local[1]['median_ms'])}) + the rest ({_ms(rest)}: the counts' "
+                     f"all_to_all, the host sync, and dispatch's receive buffer, new every call: a fresh buffer of "
+                     f"its size takes {_ms(touch['median_ms'])} to write once)")
     for r in ok:
         if r.get("part") == "moe_ep" and _number(r.get("vs_one_process")) > 0 and _text(r.get("preset")):
             lines.append(f"the EP layer at {r['preset']}'s shape, {int(r['world'])} ranks x {int(r['N'])} tokens "

@@ -53,11 +53,12 @@ def test_sweep_end_to_end(swept):
     parts = dispatch.EXCHANGE + dispatch.LOCAL + dispatch.LAYER
     expected = {(f"{key},part={part}", "gloo" if part == "all_to_all" else backend)
                 for key in TINY_KEYS for part in parts for backend in ("torch", "reference")}
+    expected |= {(f"{key},part={dispatch.FIRST_TOUCH}", "torch") for key in TINY_KEYS}
     found = set(zip(rows["shape"], rows["backend"]))
     assert found == expected, found ^ expected
     assert rows["error"].fillna("").eq("").all(), rows.loc[rows["error"].fillna("") != "", ["shape", "error"]]
     assert (rows["median_ms"] > 0).all() and (rows["p20_ms"] <= rows["p80_ms"]).all()
-    exchange = rows[rows["part"].isin(dispatch.EXCHANGE + dispatch.LOCAL)]
+    exchange = rows[rows["part"].isin(dispatch.EXCHANGE + dispatch.LOCAL + (dispatch.FIRST_TOUCH,))]
     assert (exchange["transport"] == "gloo").all()
     assert (exchange["gbps"] > 0).all() and (exchange["bytes"] > 0).all()
     shares = exchange[exchange["part"].isin(dispatch.EXCHANGE[:3])]["of_all_to_all"]
@@ -145,6 +146,15 @@ def test_grids_vary_every_axis_at_each_world():
             assert all(s["E"] % world == 0 for s in here)
     assert {s["world"] for s in ops.OPS[OP].grid("cpu")} == {2, 4}
     assert 1 in {s["world"] for s in ops.OPS[OP].grid("quick")}, "a one-GPU machine runs the quick sweep"
+
+
+def test_the_layer_runs_where_one_process_affords_it():
+    cpu = [shape for _, shape in ops.OPS[OP].presets("cpu")]
+    assert cpu and not any(dispatch.layer_affordable(s, False, "cpu") for s in cpu)  # minutes per call here
+    assert all(dispatch.layer_affordable(s, True, "cpu") for s in ops.OPS[OP].grid("quick") if s["N"] <= 256)
+    base = dict(world=2, N=1024, D=1024, E=64, I=256, top_k=8, routing="uniform")
+    assert dispatch.layer_affordable(base, False, "cpu")
+    assert all(dispatch.layer_affordable(s, False, "cuda") for _, s in ops.OPS[OP].presets("cuda"))
 
 
 # ----------------------------------------------------------------------------------------------- projection
