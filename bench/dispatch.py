@@ -663,7 +663,7 @@ def _exchange_lines(rows) -> list[str]:
                          f"(`{r['backend']}`): {_ms(r['median_ms'])} against kernels.moe in one process "
                          f"{_ms(r['median_ms'] * r['vs_one_process'])} on the same tokens "
                          f"({r['vs_one_process']:.2f}x; rel err {r['rel_err']:.1e})")
-    checks = bytes_check(rows)
+    checks = [c for c in bytes_check(rows) if c["model"] > 0]  # one rank alone sends nothing away
     if checks:
         ratios = [c["ratio"] for c in checks]
         lines.append(f"bytes per token per layer, measured (the ranks' split sizes) against the projection's model "

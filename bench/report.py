@@ -226,7 +226,8 @@ OWN_SORT = ("variant", "phase", "context", "world", "routing", "D", "top_k", "N"
 
 def _own_table(rows) -> str:
     """Rows of an op with a sweep of its own carry their own columns: those that have a value."""
-    columns = [c for c in OWN_COLUMNS if c in rows and rows[c].astype(str).str.strip().replace("nan", "").ne("").any()]
+    filled = lambda column: (column.notna() & column.astype(str).str.strip().ne("")).any()  # noqa: E731
+    columns = [c for c in OWN_COLUMNS if c in rows and filled(rows[c])]
     sort = [c for c in OWN_SORT if c in rows and rows[c].notna().any()]
     body = [[OWN_COLUMN_FORMATS.get(c, fmt)(v) if not isinstance(v, str) else v for c, v in zip(columns, values)]
             for values in rows.sort_values(sort)[columns].values.tolist()]
