@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -267,8 +268,11 @@ def plot_all(frame: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     """Every plot of every op in frame; {op: [paths]} plus "linear_vs_quadratic"."""
     out.mkdir(parents=True, exist_ok=True)
     for op in [name for name, spec in OPS.items() if spec.registry]:  # earlier plots (others draw their own)
+        # this op's names only: "moe_*" would take moe_permute's and moe_dispatch's too
+        own = re.compile(rf"{re.escape(op)}_({'|'.join(map(re.escape, [*OPS[op].plot_axes, 'roofline']))})(_\d+)?")
         for stale in out.glob(f"{op}_*.png"):  # a smaller table may draw fewer
-            stale.unlink()
+            if own.fullmatch(stale.stem):
+                stale.unlink()
     (out / "linear_vs_quadratic.png").unlink(missing_ok=True)
     written = {}
     for op in frame["op"].unique():

@@ -213,25 +213,35 @@ def where_time_goes(rows, spec) -> list[str]:
     return lines
 
 
-# Units of the columns an op with a sweep of its own may write (the model's): how each is printed.
+# Units of the columns an op with a sweep of its own may write (the model's, the EP exchange's): how each is printed.
 OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "cache_bytes": fmt_bytes,
                       "dense_share": fmt_share, "tokens_per_s": fmt, "step_bytes": fmt_bytes, "floor_ms": fmt_ms,
                       "x_floor": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
-                      "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}"}
-OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "median_ms", "p20_ms", "p80_ms",
-               "tokens_per_s", "dense_share", "step_bytes", "floor_ms", "x_floor", "cache_bytes", "rel_err",
-               "tokens_equal", "divergence", "error"]
+                      "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}", "bytes": fmt_bytes,
+                      "bytes_per_token": fmt_bytes, "of_all_to_all": fmt_share}
+OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "transport", "median_ms", "p20_ms",
+               "p80_ms", "tokens_per_s", "dense_share", "step_bytes", "floor_ms", "x_floor", "cache_bytes", "bytes",
+               "gbps", "bytes_per_token", "of_all_to_all", "imbalance", "vs_one_process", "rel_err", "tokens_equal",
+               "divergence", "load", "error"]
+# The order of an own table's rows: by these columns, those it has.
+OWN_SORT = ("variant", "phase", "context", "world", "routing", "D", "top_k", "N", "part", "backend")
 
 
 def _own_table(rows) -> str:
     """Rows of an op with a sweep of its own carry their own columns: those that have a value."""
-    columns = [c for c in OWN_COLUMNS if c in rows and rows[c].astype(str).str.strip().replace("nan", "").ne("").any()]
-    sort = [c for c in ("variant", "phase", "context", "backend") if c in columns]
+    filled = lambda column: (column.notna() & column.astype(str).str.strip().ne("")).any()  # noqa: E731
+    columns = [c for c in OWN_COLUMNS if c in rows and filled(rows[c])]
+    sort = [c for c in OWN_SORT if c in rows and rows[c].notna().any()]
     body = [[OWN_COLUMN_FORMATS.get(c, fmt)(v) if not isinstance(v, str) else v for c, v in zip(columns, values)]
             for values in rows.sort_values(sort)[columns].values.tolist()]
     names = {"median_ms": "median", "p20_ms": "p20", "p80_ms": "p80", "tokens_per_s": "tokens/s",
              "cache_bytes": "cache"}
     return _table([names.get(c, c) for c in columns], body)
+
+
+def _markdown(line: str) -> bool:
+    """Whether a summary line is Markdown to keep as it is (a blank line, a heading, a table row), not a sentence."""
+    return not line or line.startswith(("#", "|"))
 
 
 def _rows_table(rows) -> str:
@@ -380,10 +390,11 @@ def write(out: Path, device: str) -> Path:
     present = set(frame["op"])
     for spec in [s for s in OPS.values() if s.name in present]:
         rows = frame[frame["op"] == spec.name]
-        md += [f"## {spec.name}", "", "### Where the time goes", "",
-               *[f"- {line}" for line in where_time_goes(rows, spec)]]
+        md += [f"## {spec.name}", "", "### Where the time goes", ""]
+        if spec.registry or not spec.summary:  # a sweep of its own says where its time goes in its summary
+            md += [f"- {line}" for line in where_time_goes(rows, spec)]
         if spec.summary:
-            md += [f"- {line}." for line in resolve(spec.summary)(rows.to_dict("records"))]
+            md += [line if _markdown(line) else f"- {line}." for line in resolve(spec.summary)(rows.to_dict("records"))]
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]

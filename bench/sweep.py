@@ -346,7 +346,8 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
 
 # Columns of text: read as text (a commit hash like 0501666 is no int), "" where empty.
 TEXT_COLUMNS = ("op", "backend", "device", "device_name", "dtype", "shape", "preset", *CATEGORICAL_AXES,
-                "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp")
+                "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp", "peer",
+                "variant", "phase", "how", "transport", "part")
 
 
 def read_results(source) -> pd.DataFrame:
@@ -491,8 +492,10 @@ def parse(argv=None, machine: bool = False):
     own = [op for op in args.op if not OPS[op].registry]
     if own and len(args.op) > 1:
         parser_.error(f"--op {own[0]} runs alone (it has a sweep of its own)")
-    if own and (args.preset or args.shape):
-        parser_.error(f"--op {own[0]} takes neither --preset nor --shape")
+    if own and args.shape:
+        parser_.error(f"--op {own[0]} takes no --shape (it has a sweep of its own)")
+    if own and args.preset and not OPS[own[0]].presets("cpu") + OPS[own[0]].presets("cuda"):
+        parser_.error(f"--op {own[0]} takes no --preset (it has no model presets)")
     args.dtype = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
     return check(args, parser_) if machine else args
 
@@ -507,6 +510,8 @@ def check(args, parser):
         if not _sweep_present(spec):
             parser.error(f"{spec.sweep.partition(':')[0]} is missing: the {spec.name} sweep is not written yet")
         args.backend = backends_of(list(spec.backend_ops), args.device, args.dtype, args.backend, parser.error)
+        if args.preset and not planned(spec.name, args.device, args.quick, args.preset):
+            parser.error(f"no shapes of {spec.name} for preset {args.preset} on {args.device}: nothing would run")
         return args
     args.backend = backends_of(args.op, args.device, args.dtype, args.backend, parser.error)
     if args.backend is not None:
@@ -539,7 +544,8 @@ def main(argv=None) -> int:
     spec = OPS[args.op[0]]
     if not spec.registry:
         names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values() for n in found))
-        rows = resolve(spec.sweep)(quick=args.quick, device=args.device, out=out, backends=names)
+        chosen = {"preset": args.preset} if args.preset else {}
+        rows = resolve(spec.sweep)(quick=args.quick, device=args.device, out=out, backends=names, **chosen)
         for row in rows:  # columns these rows may leave out, filled the way every other row has them
             for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0], ceil).items():
                 if column not in ("dtype",) and row.get(column) in (None, ""):
