@@ -80,6 +80,24 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
     return o.view(B, 1, Hv, V).to(v.dtype), state.view(B, Hv, K, V)
 
 
+def _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size, dtype):
+    """The inputs in the chunk-major layout of chunk_size, in dtype: returns the ChunkLayout, q (scaled) and k
+    [NC, N, Hk, C, K] (l2-normalised in the same pass as the copy, when use_qk_l2norm), v [NC, N, Hk, G, C, V],
+    g and beta [NC, N, Hk, G, C]."""
+    B, T, Hk, K = q.shape
+    Hv, V = v.shape[2], v.shape[3]
+    layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size, q.device)
+    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+    if use_qk_l2norm:
+        qc = layout.to_chunks(q, dtype, l2norm_scale(q, dtype, scale))
+        kc = layout.to_chunks(k, dtype, l2norm_scale(k, dtype))
+    else:
+        qc, kc = layout.to_chunks(q, dtype).mul_(scale), layout.to_chunks(k, dtype)
+    vc = layout.to_chunks(v, dtype).view(NC, N, Hk, Hv // Hk, C, V)
+    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, Hv // Hk, C) for x in (g, beta))
+    return layout, qc, kc, vc, gc, bc
+
+
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                      chunk_size=None):
@@ -88,24 +106,16 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     GPUs) or "recurrent".
     Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] (float32, float64 for float64
     inputs) or None. Computes in float32 (float64 for float64 inputs)."""
-    B, T, Hk, K = q.shape
+    T, K = q.shape[1], q.shape[3]
     Hv, V = v.shape[2], v.shape[3]
-    G = Hv // Hk
     dtype = compute_dtype(v)
     if mode == "recurrent" and T == 1 and cu_seqlens is None:
         o, state = decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype)
         return o, state if output_final_state else None
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
-    layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size if mode == "chunk" else 1, q.device)
+    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens,
+                                               chunk_size if mode == "chunk" else 1, dtype)
     NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
-    # [NC, N, Hk, C, K], l2-normalised (and q scaled) in the same pass as the copy into the chunk layout
-    if use_qk_l2norm:
-        qc = layout.to_chunks(q, dtype, l2norm_scale(q, dtype, scale))
-        kc = layout.to_chunks(k, dtype, l2norm_scale(k, dtype))
-    else:
-        qc, kc = layout.to_chunks(q, dtype).mul_(scale), layout.to_chunks(k, dtype)
-    vc = layout.to_chunks(v, dtype).view(NC, N, Hk, G, C, V)
-    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, G, C) for x in (g, beta))
     if mode == "chunk":
         # Groups of chunks one after the other, each from the last one's final state: the intermediates of a
         # group (a few MB) stay in cache instead of streaming through memory. The output overwrites vc.
@@ -131,20 +141,13 @@ def gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, out
     and taken back through the l2 normalisation when use_qk_l2norm. Returns {q, k [B, T, Hk, K], v [B, T, Hv, V],
     g, beta [B, T, Hv], initial_state [N, Hv, K, V] (None when it is None)} in float32 (float64 for float64
     inputs)."""
-    B, T, Hk, K = q.shape
+    Hk, K = q.shape[2:]
     Hv, V = v.shape[2], v.shape[3]
     G = Hv // Hk
     dtype = compute_dtype(v)
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
-    layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size, q.device)
+    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size, dtype)
     NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
-    if use_qk_l2norm:
-        qc = layout.to_chunks(q, dtype, l2norm_scale(q, dtype, scale))
-        kc = layout.to_chunks(k, dtype, l2norm_scale(k, dtype))
-    else:
-        qc, kc = layout.to_chunks(q, dtype).mul_(scale), layout.to_chunks(k, dtype)
-    vc = layout.to_chunks(v, dtype).view(NC, N, Hk, G, C, V)
-    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, G, C) for x in (g, beta))
     do, d_final = grads["o"], grads["final_state"]
     doc = layout.to_chunks(do, dtype).view(NC, N, Hk, G, C, V) if do is not None else torch.zeros_like(vc)
     M = N * Hv
