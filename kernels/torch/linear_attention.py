@@ -237,8 +237,11 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
 #             dk = (dP * Gamma)^T q + (v_new dS1^T) exp(gcum_C - gcum) + ...; the triangular solve's backward,
 #             with du = dv_new and dw = -dv_new S0^T: d(beta v) = T^T du, d(beta gamma k) = T^T dw,
 #             dL = -strictly_lower(d(beta v) u^T + d(beta gamma k) w^T) (dA = -T^T dT T^T, and T d = u, w);
-#             every decay exp(gcum_i - gcum_j) x gives x dx to gcum_i and -x dx to gcum_j, and dg is the reverse
-#             cumulative sum of dgcum within the chunk.
+#             and dg_t gathers the gradients of every decay that holds g_t: gamma_i for i >= t, gamma_C,
+#             exp(gcum_C - gcum_i) for i < t, and exp(gcum_i - gcum_j) for the pairs j < t <= i. The pairs are
+#             summed as such (a reverse cumulative sum over i, then over j < t), not as row sums minus column
+#             sums of a gradient with respect to gcum: those cancel in float32 (the per-head A_log and dt_bias
+#             gradients of a model, sums of dg over every token, came out 1e-4 off instead of 1e-6).
 # Gradients run in float32 (float64 for float64 inputs), decays and the inverse flushed as in the forward.
 
 def _intra_chunk(q, k, v, g, beta):
@@ -318,23 +321,21 @@ def _chunk_grads(q, k, v, beta, terms, states, v_new, d_new, d_states, do):
     gamma, decay = terms["gamma"], terms["decay"]
     # o's read of the state: (gamma q) S0
     d_q_decayed = torch.matmul(do, S0.transpose(-1, -2))
-    dgcum = (d_q_decayed * terms["q_decayed"]).sum(-1)
+    suffix = (d_q_decayed * terms["q_decayed"]).sum(-1)  # gamma_i's: g_t for t <= i
     dq = (d_q_decayed * gamma[..., None]).sum(3)
     # o's intra-chunk term: P v_new, P = (q k^T) * Gamma (dP's upper triangle meets Gamma's zeros)
     dP = torch.matmul(do, v_new.transpose(-1, -2))
-    Z = dP * terms["attn"]
-    dgcum += Z.sum(-1) - Z.sum(-2)
+    pairs = dP * terms["attn"]  # Gamma_ij's: g_t for j < t <= i
     dqk = (dP.mul_(decay)).sum(3)
     dq += torch.matmul(dqk, k)
     dk = torch.matmul(dqk.transpose(-1, -2), q)
     # the state update S1 = gamma_C S0 + Kd^T v_new
     d_keys = torch.matmul(v_new, dS1.transpose(-1, -2))
-    z = (d_keys * terms["keys"]).sum(-1)
-    dgcum -= z
-    dgcum[..., -1] += z.sum(-1) + gamma[..., -1] * (dS1 * S0).sum((-1, -2))
+    prefix = (d_keys * terms["keys"]).sum(-1)  # exp(gcum_C - gcum_i)'s: g_t for i < t
+    whole = gamma[..., -1] * (dS1 * S0).sum((-1, -2))  # gamma_C's: every g_t
     dk += (d_keys * terms["tail"][..., None]).sum(3)
     if beta is None:
-        return dq, dk, d_new, dgcum.flip(-1).cumsum(-1).flip(-1), None
+        return dq, dk, d_new, _decay_gradient(suffix, prefix, pairs, whole), None
     # the delta rule: v_new = u - w S0, u = T (beta v), w = T (beta gamma k), T = (I + L)^-1
     inverse_t = terms["inverse"].transpose(-1, -2)
     d_bv = torch.matmul(inverse_t, d_new)
@@ -343,15 +344,25 @@ def _chunk_grads(q, k, v, beta, terms, states, v_new, d_new, d_states, do):
     dL.neg_().tril_(-1).mul_(decay)  # dL * Gamma: L = beta_i kk_ij Gamma_ij
     R = dL * terms["kk"].unsqueeze(3)  # dL * kk * Gamma
     dbeta = R.sum(-1)
-    Z = R.mul_(beta[..., None])  # dL * L
-    dgcum += Z.sum(-1) - Z.sum(-2)
+    pairs += R.mul_(beta[..., None])  # dL * L: L's Gamma_ij
     dkk = dL.mul_(beta[..., None]).sum(3)
     dk += torch.matmul(dkk + dkk.transpose(-1, -2), k)
     bk_dot = (d_bk * k.unsqueeze(3)).sum(-1)  # d(beta gamma k) . k per position
     dbeta += (d_bv * v).sum(-1) + gamma * bk_dot
-    dgcum += beta * gamma * bk_dot
+    suffix += beta * gamma * bk_dot
     dk += (d_bk * (beta * gamma)[..., None]).sum(3)
-    return dq, dk, d_bv.mul_(beta[..., None]), dgcum.flip(-1).cumsum(-1).flip(-1), dbeta
+    return dq, dk, d_bv.mul_(beta[..., None]), _decay_gradient(suffix, prefix, pairs, whole), dbeta
+
+
+def _decay_gradient(suffix, prefix, pairs, whole):
+    """dg [..., C] from the gradients of the decays, each x dx of a decay exp(...) holding g_t: suffix [..., C]
+    (of exp(gcum_i): g_t for t <= i), prefix [..., C] (of exp(gcum_C - gcum_i): g_t for t > i), pairs
+    [..., C, C] (of exp(gcum_i - gcum_j), i > j: g_t for j < t <= i; the diagonal holds none), whole [...] (of
+    exp(gcum_C): every g_t)."""
+    dg = suffix.flip(-1).cumsum(-1).flip(-1)
+    dg[..., 1:] += prefix[..., :-1].cumsum(-1)
+    below = pairs.flip(-2).cumsum(-2).flip(-2)  # [t, j] = sum over i >= t of pairs[i, j]
+    return dg.add_(below.tril_(-1).sum(-1)).add_(whole[..., None])
 
 
 def chunked_backward(q, k, v, g, beta, initial_state, do, d_final):
