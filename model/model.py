@@ -83,9 +83,13 @@ class Qwen35Moe(nn.Module):
             cache.position += input_ids.shape[1]
         return self.norm(x)
 
-    @torch.inference_mode()
     def forward(self, input_ids, cache: Cache | None = None):
-        return self.lm_head(self.hidden_states(input_ids, cache))
+        """input_ids [B, T] -> logits [B, T, vocab]. Without a cache it is differentiable (training: gradients
+        through the ops' backends, which need a backward); with one it decodes, under inference_mode."""
+        if cache is not None:
+            with torch.inference_mode():
+                return self.lm_head(self.hidden_states(input_ids, cache))
+        return self.lm_head(self.hidden_states(input_ids))
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int):

@@ -13,7 +13,13 @@ import torch
 import kernels
 from bench import inputs
 from kernels import autograd, registry
-from tests.helpers import TOLERANCE, lab_backends, rel_err, to_float64
+from tests.helpers import TOLERANCE, lab_backends, one_thread, rel_err, to_float64
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 RECURRENT = ("linear_attention", "gated_delta_rule")
 MOE_OPS = ("route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe")
