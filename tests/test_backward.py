@@ -13,7 +13,7 @@ import torch
 import kernels
 from bench import inputs
 from kernels import autograd, registry
-from tests.helpers import TOLERANCE, lab_backends, one_thread, rel_err, to_float64
+from tests.helpers import TOLERANCE, lab_backends, one_thread, rel_err, to_float64, tolerance
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -147,12 +147,25 @@ def _dropped(p):
     return dropped.view(p.num_tokens, p.top_k)
 
 
-def check_gradients(op, backend, args, seed, tol=None, **extra):
-    """backend's gradients against the reference's autograd on the same inputs in float64, per input."""
-    got, _ = gradients(op, backend, args, seed, **extra)
+def _on(args, device):
+    """args with every tensor (a Permutation's fields too) on device."""
+    def move(value):
+        if isinstance(value, kernels.Permutation):
+            return kernels.Permutation(*(move(t) for t in (value.x, value.offsets, value.source)), value.num_tokens,
+                                       value.top_k)
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    return {key: move(value) for key, value in args.items()}
+
+
+def check_gradients(op, backend, args, seed, tol=None, device="cpu", **extra):
+    """backend's gradients (on args moved to device) against the reference's autograd on the same inputs in float64
+    on the CPU, per input."""
+    got, _ = gradients(op, backend, _on(args, device), seed, **extra)
+    got = {name: None if grad is None else grad.cpu() for name, grad in got.items()}
     ref, _ = gradients(op, "reference", to_float64(args), seed)
     dtype = args[_differentiable(op, args)[0]].dtype  # q, x, y_sorted, router_logits
-    tol = TOLERANCE[dtype] if tol is None else tol
+    tol = tolerance(dtype, device) if tol is None else tol
     for name, grad in got.items():
         assert grad is not None, f"{backend}: no gradient for {name} (seed={seed})"
         assert grad.dtype == args[name].dtype and grad.shape == args[name].shape, f"{backend}: {name}'s gradient"
@@ -173,6 +186,19 @@ CASES = [pytest.param(op, backend, case, id=f"{op}-{backend}-{case}")
 @pytest.mark.parametrize("op, backend, case", CASES)
 def test_gradients_match_reference(op, backend, case, seed):
     check_gradients(op, backend, _make(op, case, seed), seed)
+
+
+GPU_CASES = [pytest.param(op, case, dtype, id=f"{op}-{case}-{str(dtype).removeprefix('torch.')}")
+             for op in registry.OPS for case in OTHER_BACKENDS_CASES.get(op, _cases(op)[:2] if op == "route" else
+                                                                         ("uniform", "dropped_slots"))
+             for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, case, dtype", GPU_CASES)
+def test_torch_gradients_on_gpu(op, case, dtype, seed):
+    """The torch backward on CUDA tensors (float32 within the tf32 tolerance, bfloat16 within its own)."""
+    check_gradients(op, "torch", _make(op, case, seed, dtype), seed, device="cuda")
 
 
 @pytest.mark.parametrize("op", RECURRENT + ("moe", "grouped_gemm"))
