@@ -32,7 +32,15 @@ def load(path) -> pd.DataFrame:
         if column not in frame:
             frame[column] = ""
     frame["peer"] = frame["peer"].astype(str).str.lower().eq("true")
+    # rows written before the sweep timed backward passes are forward rows
+    frame["pass"] = ["forward" if pd.isna(v) or v == "" else str(v) for v in frame["pass"]] if "pass" in frame \
+        else "forward"
     return frame
+
+
+def forward_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows that time the forward pass (every plot and table but the report's training section)."""
+    return frame[frame["pass"] == "forward"]
 
 
 def measured(frame: pd.DataFrame) -> pd.DataFrame:
