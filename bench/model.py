@@ -522,7 +522,8 @@ def _at_most(rows, context):
 def _floor_summary(rows) -> list[str]:
     """The decode floor's targets: the fastest lab backend at 2K (hybrid) and at the longest context (both
     variants), as multiples of their floors; the bytes per step of the twin over the hybrid's there."""
-    decode = [r for r in _measured(rows, "decode") if not _peer(r) and r.get("floor_ms")]
+    # rows without a floor (written before the floor was measured, or a NaN read back from the CSV) are left out
+    decode = [r for r in _measured(rows, "decode") if not _peer(r) and math.isfinite(r.get("x_floor", math.nan))]
     if not decode:
         return []
     lines = []
