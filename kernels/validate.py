@@ -20,6 +20,9 @@ from kernels.types import Permutation
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 STATE_DTYPES = (torch.float32, torch.float64)
+# The dtypes a recurrent state may be stored in between steps (state_dtype); the arithmetic stays float32 (float64
+# for float64 inputs). float64 is the default of float64 inputs, accepted for them only.
+STORED_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Below this many tokens per sequence, "auto" runs the gated delta rule token by token (decode).
 RECURRENT_MAX_T = 64
@@ -87,15 +90,48 @@ def _offsets(name, offsets, total, what):
             raise ValueError(f"{name} must be non-decreasing, got {host}")
 
 
-def _state(initial_state, expected, described):
+def default_state_dtype(v: torch.Tensor) -> torch.dtype:
+    """The state dtype when the call names none: float32, float64 for float64 inputs (the yardstick)."""
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def _state_dtype(state_dtype, v):
+    """state_dtype resolved: None is default_state_dtype(v); else one of STORED_STATE_DTYPES (float64 as well for
+    float64 inputs)."""
+    if state_dtype is None:
+        return default_state_dtype(v)
+    allowed = STORED_STATE_DTYPES + ((torch.float64,) if v.dtype == torch.float64 else ())
+    if not isinstance(state_dtype, torch.dtype) or state_dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"state_dtype must be None or a torch dtype in ({names}) for {v.dtype} inputs, "
+                         f"got {state_dtype!r}")
+    return state_dtype
+
+
+def _state(initial_state, expected, described, state_dtype, named):
+    """initial_state None or [expected] in state_dtype (named: the call gave state_dtype), or, when it did not,
+    float32 or float64 as before state_dtype existed."""
     if initial_state is None:
         return
-    _tensor("initial_state", initial_state, 4, STATE_DTYPES)
+    _tensor("initial_state", initial_state, 4, FLOAT_DTYPES if named else STATE_DTYPES)
+    if named and initial_state.dtype != state_dtype:
+        raise ValueError(f"initial_state must have dtype state_dtype = {str(state_dtype).removeprefix('torch.')}, "
+                         f"got {initial_state.dtype}")
     _shape("initial_state", initial_state, expected, described)
 
 
-def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, **per_step):
-    """Shared checks of the two linear-attention recurrences; returns the number of sequences N."""
+def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, op: str) -> None:
+    """For the backends that store their state in the default dtype only (float32; float64 for float64 inputs):
+    ValueError naming state_dtype when a call asks for another."""
+    if state_dtype != default_state_dtype(v):
+        raise ValueError(f"state_dtype: backend {backend!r} of {op} stores its recurrent state in "
+                         f"{str(default_state_dtype(v)).removeprefix('torch.')} only, got "
+                         f"{str(state_dtype).removeprefix('torch.')} (other backends implement it)")
+
+
+def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, **per_step):
+    """Shared checks of the two linear-attention recurrences; returns the number of sequences N and the state
+    dtype resolved."""
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)
@@ -121,8 +157,9 @@ def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, **per_step):
         N = cu_seqlens.shape[0] - 1
     else:
         N = B
-    _state(initial_state, (N, Hv, K, V), "[N, Hv, K, V]")
-    return N
+    resolved = _state_dtype(state_dtype, v)
+    _state(initial_state, (N, Hv, K, V), "[N, Hv, K, V]", resolved, state_dtype is not None)
+    return N, resolved
 
 
 def _mode(mode, T, cu_seqlens):
@@ -132,27 +169,27 @@ def _mode(mode, T, cu_seqlens):
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     mode="auto"):
-    _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
-                      initial_state, cu_seqlens, g=g)
+                     mode="auto", state_dtype=None):
+    _, state_dtype = _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
+                                       initial_state, cu_seqlens, state_dtype, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
     return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
-                mode=_mode(mode, q.shape[1], cu_seqlens))
+                mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm=False, cu_seqlens=None, mode="auto"):
+                     use_qk_l2norm=False, cu_seqlens=None, mode="auto", state_dtype=None):
     if g is None:
         raise ValueError("g must be a tensor [B, T, Hv], got None")
     if beta is None:
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
-    _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, g=g, beta=beta)
+    _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
-                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens))
+                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
 
 def attention(q, k, v, causal=True, scale=None):

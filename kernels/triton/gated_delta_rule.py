@@ -22,6 +22,7 @@ from kernels.triton import AotSpec
 from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
 from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, aot_specs, chunk_cumsum, chunk_output,
                                    chunk_state, num_chunks, prepare_chunk_layout)
+from kernels.validate import check_state_dtype
 
 L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
 SUB = 16  # the diagonal blocks of the forward substitution
@@ -339,11 +340,13 @@ def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_f
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     chunk_layout=None):
+                     state_dtype, chunk_layout=None):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or float32 [N, Hv, K, V];
     cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout: optional precomputed
     `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
-    Returns (o [B, T, Hv, V] in v's dtype, final state float32 [N, Hv, K, V] or None)."""
+    Returns (o [B, T, Hv, V] in v's dtype, final state float32 [N, Hv, K, V] or None); state_dtype float32 only.
+    """
+    check_state_dtype(state_dtype, v, "triton", "gated_delta_rule")
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if mode == "recurrent":
