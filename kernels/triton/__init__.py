@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.registry import family_backends
+from kernels.registry import batch_variant, family_backends
 
 
 @dataclass(frozen=True)
@@ -34,3 +34,11 @@ class AotSpec:
 
 BACKENDS = family_backends("kernels.triton", "triton", ("cuda", "interpret"), requires=("triton",),
                            dtypes=(torch.float32, torch.float16, torch.bfloat16))
+
+# ---- batch invariance, measured under TRITON_INTERPRET=1 by tests/test_invariance.py (a separate edit: keep it
+# when this file is rewritten).
+BACKENDS = batch_variant(BACKENDS, {
+    "moe": "under TRITON_INTERPRET=1 the tile products are NumPy matmuls, which round a row by its position in the "
+           "tile, and a token alone sits in another row of its expert's block than in a batch; on a GPU (not "
+           "measured) the decode (N <= 64, BLOCK_M 16) and prefill paths also take different tiles (GEMM_CONFIGS)",
+})
