@@ -88,6 +88,8 @@ class OpSpec:
                  (quick, device, out, backends) -> rows; such an op has no registry entry and runs alone.
     backend_ops: for such an op, the registry ops whose backends its --backend names.
     summary:     "module:function" of lines for the report from such an op's rows (its targets).
+    table:       "module:function" of the markdown table of such an op's rows (default: every column that has a
+                 value, one line per row).
     """
 
     name: str
@@ -108,6 +110,7 @@ class OpSpec:
     sweep: str | None = None
     backend_ops: tuple[str, ...] = ()
     summary: str | None = None
+    table: str | None = None
 
     @property
     def registry(self) -> bool:
@@ -417,8 +420,14 @@ MOE = OpSpec(
 MODEL = OpSpec("model", sweep="bench.model:sweep", backend_ops=("gated_delta_rule", "attention", "route", "moe"),
                summary="bench.model:summary")
 
+# The gated delta rule's state dtype: error against float64 as the sequence grows, memory and decode time
+# (bench/precision.py), on the backends that implement state_dtype.
+PRECISION = OpSpec("precision", sweep="bench.precision:sweep", backend_ops=("gated_delta_rule",),
+                   summary="bench.precision:summary", table="bench.precision:table")
+
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE, MODEL)}
+    GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE, MODEL,
+    PRECISION)}
 # Every axis of every op, in order: the CSV's shape columns.
 ALL_AXES = tuple(dict.fromkeys(axis for spec in OPS.values() for axis in spec.axes))
 # Names the sweep's command line still accepts, with the name each stands for (said when used).

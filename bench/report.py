@@ -384,7 +384,8 @@ def write(out: Path, device: str) -> Path:
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
-        md += ["", _rows_table(rows) if spec.registry else _own_table(rows), ""]
+        own = resolve(spec.table)(rows.to_dict("records")) if spec.table else _own_table(rows)
+        md += ["", _rows_table(rows) if spec.registry else own, ""]
     readme = out / "README.md"
     readme.write_text("\n".join(md))
     return readme
