@@ -25,6 +25,9 @@ Memory: the bytes of one sequence's cache at Qwen3.5-35B-A3B (30 Gated DeltaNet 
 state dtype and conv states, 10 attention layers' KV cache, bfloat16) at a few contexts, and how many sequences
 fit in 141 GB (an H200) beside the weights (bfloat16, or fp8 experts).
 
+fp8 experts: the MoE layer at Qwen3.5-35B-A3B's expert shape with bf16 weights and with the same weights in
+float8_e4m3fn (kernels.moe_fp8), against the float64 layer.
+
 Decode time: one decode step of one layer (T = 1 per sequence, from a state in the state dtype) per state dtype
 and batch, per backend; on CPU only a tiny version (B = 1, a short budget: timings on a shared CPU say little).
 
@@ -238,6 +241,39 @@ def memory_rows(device: str) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- fp8 experts
+
+def fp8_rows(device: str, backends=("torch",), tokens: int = 64, experts: int = 32) -> list[dict]:
+    """Rows of phase "fp8": the MoE layer at Qwen3.5-35B-A3B's expert shape (D = 2048, I = 512, top-8; `experts`
+    of its 256 experts: the error of a slot does not depend on how many others there are) with bf16 weights
+    (moe) and with the same weights in float8_e4m3fn (moe_fp8, per backend), against the float64 layer on the
+    unquantized weights; and the grouped GEMM of its gate/up projection likewise."""
+    from bench import inputs
+    from kernels.fp8 import quantize_weights
+
+    shape = dict(N=tokens, D=2048, E=experts, I=512, top_k=8)
+    dense = inputs.moe(**shape, seed=0)
+    exact = kernels.moe(**{k: v.double() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()},
+                        backend="reference")
+    quantized = {**dense, "x": dense["x"].bfloat16()}
+    (quantized["w_gate_up"], quantized["w_gate_up_scale"]), (quantized["w_down"], quantized["w_down_scale"]) = map(
+        quantize_weights, (dense["w_gate_up"], dense["w_down"]))
+    base = dict(op="precision", phase="fp8", device=device, dtype="bfloat16",
+                shape=f"N={tokens},D=2048,E={experts},I=512,top_k=8", yardstick="reference moe, float64 weights")
+    on = lambda args: {k: v.to(device) for k, v in args.items()}  # noqa: E731
+    bf16 = {k: v.bfloat16() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()}
+    rows = [dict(base, backend="torch", layer="moe, bf16 weights",
+                 rel_err_o=rel_err(kernels.moe(**on(bf16), backend="torch"), exact))]
+    for backend in backends:
+        try:
+            out = kernels.moe_fp8(**on(quantized), backend=backend)
+        except (ValueError, kernels.BackendUnavailable) as error:
+            rows.append(dict(base, backend=backend, layer="moe_fp8", error=f"{type(error).__name__}: {error}"[:300]))
+            continue
+        rows.append(dict(base, backend=backend, layer="moe_fp8, fp8 weights", rel_err_o=rel_err(out, exact)))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- decode time
 
 def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
@@ -379,6 +415,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
             rows += error_rows(heads, gates, t_grid, dtype, device, backends)
             print(f"  precision {heads.key} {'/'.join(gates)} {dtype}: T <= {t_grid[-1]} done", flush=True)
     rows += memory_rows(device)
+    rows += fp8_rows(device, [b for b in kernels.backends("moe_fp8", device) if b != "reference"])
     if device == "cuda":
         rows += decode_rows(device, backends, (1, 8, 64, 256), budget_s=0.5)
     else:
@@ -410,6 +447,10 @@ def summary(rows) -> list[str]:
         lines.append(f"{shape}, gate {gate}, {dtype} inputs, {mode} [{backend}]: a bfloat16 state's output error "
                      + (f"passes 1% at T = {int(at)}" if at is not None else f"stays under 1% up to T = {int(top['T'])}")
                      + f" ({top['rel_err_o']:.2e} at T = {int(top['T'])}; float32 state {f32:.2e})")
+    for r in rows:
+        if r.get("phase") == "fp8" and not r.get("error"):
+            lines.append(f"expert layer {r['shape']} [{r['backend']}], {r['layer']}: relative error "
+                         f"{r['rel_err_o']:.2e} against the float64 layer on the unquantized weights")
     memory = {(r["state_dtype"], r["context"], r["weights"]): r for r in rows if r.get("phase") == "memory"}
     for context in CONTEXTS:
         f32, bf16 = memory.get(("float32", context, "bf16")), memory.get(("bfloat16", context, "bf16"))

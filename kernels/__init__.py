@@ -3,7 +3,7 @@ from kernels.registry import BackendUnavailable, backends, get
 from kernels.types import Permutation
 
 __all__ = ["BackendUnavailable", "Permutation", "backends", "get", "linear_attention", "gated_delta_rule",
-           "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe"]
+           "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe", "grouped_gemm_fp8", "moe_fp8"]
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -63,3 +63,19 @@ def moe(x, weights, ids, w_gate_up, w_down, backend="auto", **kwargs):
     """Qwen3.5 experts: y[n] = sum_j weights[n, j] * (silu(x W_g^T) * (x W_u^T)) W_down[e]^T with e = ids[n, j].
     x [N, D]; weights, ids [N, top_k]; w_gate_up [E, 2I, D]; w_down [E, D, I]. Returns [N, D]."""
     return get("moe", backend)(x, weights, ids, w_gate_up, w_down, **kwargs)
+
+
+def grouped_gemm_fp8(x, w, w_scale, offsets, backend="auto", **kwargs):
+    """grouped_gemm on float8_e4m3fn weights (kernels/fp8.py). x [M, K] (rows grouped by expert) is quantized to
+    float8_e4m3fn in blocks of 1 x 128; w float8_e4m3fn [E, N, K] with w_scale float32 [E, ceil(N / 128),
+    ceil(K / 128)] (blocks of 128 x 128). y[offsets[e]:offsets[e+1]] = dequant(x_q)[same rows] @ dequant(w[e])^T.
+    Returns [M, N] in x's dtype."""
+    return get("grouped_gemm_fp8", backend)(x, w, w_scale, offsets, **kwargs)
+
+
+def moe_fp8(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale, backend="auto", **kwargs):
+    """moe on float8_e4m3fn expert weights with 128 x 128 block scales: x [N, D] is quantized in blocks of 1 x 128
+    before the gate/up GEMM, h = silu(x W_g^T) * (x W_u^T) (float32) likewise before the down GEMM.
+    w_gate_up [E, 2I, D], w_down [E, D, I] float8_e4m3fn; their scales float32 [E, ceil(rows / 128),
+    ceil(cols / 128)]. Returns [N, D] in x's dtype."""
+    return get("moe_fp8", backend)(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale, **kwargs)

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from kernels.fp8 import FP8, WEIGHT_BLOCK, scale_shape
 from kernels.types import Permutation
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -310,3 +311,44 @@ def moe_shapes(x, weights, ids, w_gate_up, w_down):
     _ids(ids, N, None)
     _shape("weights", weights, ids.shape, "[N, top_k] of ids")
     return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+
+
+# ------------------------------------------------------------------------------------ fp8 experts
+
+def _fp8_weight(name, w, scale_name, scale, ndim=3):
+    """w float8_e4m3fn with ndim dims and its block scales [..., ceil(N / 128), ceil(K / 128)], float32 (float64
+    as well: the float64 yardstick's inputs)."""
+    _tensor(name, w, ndim, (FP8,))
+    _tensor(scale_name, scale, ndim, (torch.float32, torch.float64))
+    expected = scale_shape(tuple(w.shape), WEIGHT_BLOCK)
+    _shape(scale_name, scale, expected, f"[E, ceil(rows / 128), ceil(cols / 128)] of {name}")
+
+
+def grouped_gemm_fp8(x, w, w_scale, offsets):
+    _tensor("x", x, 2)
+    _fp8_weight("w", w, "w_scale", w_scale)
+    _same_device("x", x, w=w, w_scale=w_scale, offsets=offsets)
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"w must be [E, N, K] with K = {x.shape[1]} (x's columns), got shape {tuple(w.shape)}")
+    _offsets("offsets", offsets, x.shape[0], "M (x's rows)")
+    if offsets.shape[0] != w.shape[0] + 1:
+        raise ValueError(f"offsets must have E + 1 = {w.shape[0] + 1} entries (E = w.shape[0]), got {offsets.shape[0]}")
+    return dict(x=x, w=w, w_scale=w_scale, offsets=offsets)
+
+
+def moe_fp8(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale):
+    _tensor("x", x, 2)
+    _fp8_weight("w_gate_up", w_gate_up, "w_gate_up_scale", w_gate_up_scale)
+    _fp8_weight("w_down", w_down, "w_down_scale", w_down_scale)
+    _tensor("weights", weights, 2)
+    _same_device("x", x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_gate_up_scale=w_gate_up_scale,
+                 w_down=w_down, w_down_scale=w_down_scale)
+    N, D = x.shape
+    E, two_I, D_in = w_gate_up.shape
+    if D_in != D or two_I % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, D] with D = {D}, got shape {tuple(w_gate_up.shape)}")
+    _shape("w_down", w_down, (E, D, two_I // 2), "[E, D, I]")
+    _ids(ids, N, E)
+    _shape("weights", weights, ids.shape, "[N, top_k] of ids")
+    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_gate_up_scale=w_gate_up_scale, w_down=w_down,
+                w_down_scale=w_down_scale)

@@ -50,10 +50,10 @@ def poisoned_allocations():
 
 
 def to_float64(inputs):
-    """The same inputs in float64 (floating tensors only), for the reference run: exact arithmetic and a float64
-    state (a state_dtype among the inputs is dropped)."""
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()
-            if k != "state_dtype"}
+    """The same inputs in float64 (floating tensors only, float8 weights kept: exact, and the fp8 ops' own dtype),
+    for the reference run: exact arithmetic and a float64 state (a state_dtype among the inputs is dropped)."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.element_size() > 1 else v
+            for k, v in inputs.items() if k != "state_dtype"}
 
 
 def lab_backends(op, device="cpu", simulated=False):

@@ -224,7 +224,7 @@ def test_the_declarations_are_the_registry_ops():
         assert set(spec.plot_axes) <= set(spec.axes) | {"heads", "dim"}, name
         assert all(set(columns) <= set(spec.axes) for columns in spec.plot_axes.values()), name
         for target in spec.targets:
-            assert target.kind in ("ceiling", "floor", "peer", "crossover"), (name, target)
+            assert target.kind in ("ceiling", "floor", "peer", "crossover", "op"), (name, target)
             assert set(target.match) <= set(spec.axes) | {"dtype", "device", "preset"}, (name, target)
         for anchor in spec.anchors:
             assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset"}, (name, anchor)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.registry import batch_variant, family_backends
+from kernels.registry import FP8_OPS, OPS, batch_variant, family_backends
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class AotSpec:
 
 
 BACKENDS = family_backends("kernels.triton", "triton", ("cuda", "interpret"), requires=("triton",),
-                           dtypes=(torch.float32, torch.float16, torch.bfloat16))
+                           dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                           ops=tuple(op for op in OPS if op not in FP8_OPS))
 
 # ---- batch invariance, measured under TRITON_INTERPRET=1 by tests/test_invariance.py (a separate edit: keep it
 # when this file is rewritten).
