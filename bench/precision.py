@@ -28,6 +28,9 @@ fit in 141 GB (an H200) beside the weights (bfloat16, or fp8 experts).
 fp8 experts: the MoE layer at Qwen3.5-35B-A3B's expert shape with bf16 weights and with the same weights in
 float8_e4m3fn (kernels.moe_fp8), against the float64 layer.
 
+Model: the bench checkpoint (random weights) loaded with a bf16 / fp16 state and fp8 experts, against the float32
+model: greedy tokens over a long generation, free and teacher-forced, and the logits' error.
+
 Decode time: one decode step of one layer (T = 1 per sequence, from a state in the state dtype) per state dtype
 and batch, per backend; on CPU only a tiny version (B = 1, a short budget: timings on a shared CPU say little).
 
@@ -274,6 +277,57 @@ def fp8_rows(device: str, backends=("torch",), tokens: int = 64, experts: int = 
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------- model
+
+MODEL_VARIANTS = {"bf16 state": dict(state_dtype=torch.bfloat16), "fp16 state": dict(state_dtype=torch.float16),
+                  "fp8 experts": dict(fp8_experts=True),
+                  "bf16 state + fp8 experts": dict(state_dtype=torch.bfloat16, fp8_experts=True)}
+
+
+def _forced_logits(m, prompt, tokens):
+    """Logits [n, vocab] predicting tokens[:, i] (i < n) when the model decodes tokens one at a time after the
+    prompt (a prefill, then decode steps fed the given tokens: teacher forcing)."""
+    cache = m.new_cache(1, prompt.shape[1] + tokens.shape[1])
+    logits = [m(prompt, cache)[0, -1:]]
+    for i in range(tokens.shape[1] - 1):
+        logits.append(m(tokens[:, i:i + 1], cache)[0])
+    return torch.cat(logits).float()
+
+
+def model_rows(device: str, backend: str = "torch", prompt_len: int = 64, new_tokens: int = 512) -> list[dict]:
+    """Rows of phase "model": the bench checkpoint (bench.model.BENCH_CONFIG, random weights) loaded with each of
+    MODEL_VARIANTS against the float32 model (float32 weights and state): greedy tokens decoded freely (the
+    first step where they differ) and teacher-forced on the float32 model's tokens (the share of steps whose
+    greedy token agrees, the logits' relative error per step)."""
+    import tempfile
+
+    import model
+    from bench.model import BENCH_CONFIG
+    from model.generate import write_random_checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as folder, torch.inference_mode():
+        path = write_random_checkpoint(Path(folder) / "bench", **BENCH_CONFIG)
+        base = model.from_pretrained(path, backend=backend, dtype=torch.float32, device=device)
+        prompt = torch.randint(BENCH_CONFIG["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        prompt = prompt.to(device)
+        reference = base.generate(prompt, new_tokens)[:, prompt_len:]
+        ref_logits = _forced_logits(base, prompt, reference)
+        for variant, options in MODEL_VARIANTS.items():
+            m = model.from_pretrained(path, backend=backend, dtype=torch.float32, device=device, **options)
+            free = m.generate(prompt, new_tokens)[:, prompt_len:]
+            differs = (free != reference)[0].nonzero()
+            logits = _forced_logits(m, prompt, reference)
+            errors = (logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)
+            rows.append(dict(op="precision", phase="model", backend=backend, device=device, dtype="float32",
+                             shape="bench checkpoint", variant=variant, prompt=prompt_len, new_tokens=new_tokens,
+                             first_divergence=int(differs[0]) if len(differs) else new_tokens,
+                             token_agreement=float((logits.argmax(-1) == reference[0]).float().mean()),
+                             logits_rel_err_median=float(errors.median()), logits_rel_err_max=float(errors.max()),
+                             logits_rel_err_last=float(errors[-1])))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- decode time
 
 def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
@@ -416,6 +470,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
             print(f"  precision {heads.key} {'/'.join(gates)} {dtype}: T <= {t_grid[-1]} done", flush=True)
     rows += memory_rows(device)
     rows += fp8_rows(device, [b for b in kernels.backends("moe_fp8", device) if b != "reference"])
+    rows += model_rows(device, new_tokens=32 if quick else 512)
     if device == "cuda":
         rows += decode_rows(device, backends, (1, 8, 64, 256), budget_s=0.5)
     else:
@@ -451,6 +506,11 @@ def summary(rows) -> list[str]:
         if r.get("phase") == "fp8" and not r.get("error"):
             lines.append(f"expert layer {r['shape']} [{r['backend']}], {r['layer']}: relative error "
                          f"{r['rel_err_o']:.2e} against the float64 layer on the unquantized weights")
+        if r.get("phase") == "model" and not r.get("error"):
+            lines.append(f"model ({r['shape']}, {r['variant']}) against the float32 model over {int(r['new_tokens'])} "
+                         f"greedy tokens: first differing token at step {int(r['first_divergence'])}; "
+                         f"teacher-forced, {r['token_agreement']:.1%} of the greedy tokens agree, logits' relative "
+                         f"error median {r['logits_rel_err_median']:.1e}, max {r['logits_rel_err_max']:.1e}")
     memory = {(r["state_dtype"], r["context"], r["weights"]): r for r in rows if r.get("phase") == "memory"}
     for context in CONTEXTS:
         f32, bf16 = memory.get(("float32", context, "bf16")), memory.get(("bfloat16", context, "bf16"))

@@ -102,6 +102,8 @@ def test_sweep_cli_and_report(monkeypatch, tmp_path):
     the report has its section: the answers, the plots, the table."""
     monkeypatch.setattr(precision, "grid", lambda device, quick: [(TINY, ("zero", "strong"), (64, 128))])
     monkeypatch.setattr(precision, "decode_rows", lambda device, backends, batches, budget_s: [])
+    monkeypatch.setattr(precision, "model_rows", lambda device, new_tokens: [])
+    monkeypatch.setattr(precision, "fp8_rows", lambda device, backends: [])
     assert sweep.main(["--op", "precision", "--quick", "--out", str(tmp_path)]) == 0
     frame = pd.read_csv(tmp_path / "results.csv")
     errors = frame[frame["phase"] == "error"]
@@ -120,3 +122,80 @@ def test_decode_rows_time_every_state_dtype():
     assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
     f32 = next(r for r in rows if r["state_dtype"] == "float32")
     assert f32["bytes"] == 2 * 32 * 128 * 128 * 4
+
+
+# ------------------------------------------------------------------------------------ the model's load options
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from model.generate import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("small"))
+
+
+def test_model_with_a_bfloat16_state(small_checkpoint):
+    """state_dtype at load: the cache holds bfloat16 recurrent states, decoding continues from them, and the
+    logits stay near the float32 model's without being its."""
+    import model
+
+    ids = torch.randint(512, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = model.from_pretrained(small_checkpoint, backend="torch", dtype="float32")
+    m = model.from_pretrained(small_checkpoint, backend="torch", dtype="float32", state_dtype="bfloat16")
+    cache, base_cache = m.new_cache(2, 20), base.new_cache(2, 20)
+    assert cache.states[0].recurrent.dtype == torch.bfloat16
+    assert cache.nbytes() < base_cache.nbytes()
+    logits = [m(ids, cache)]
+    ref = [base(ids, base_cache)]
+    for token in ids[:, :6].T:  # decode steps, token by token
+        logits.append(m(token[:, None], cache))
+        ref.append(base(token[:, None], base_cache))
+    assert cache.states[0].recurrent.dtype == torch.bfloat16
+    error = rel_err(torch.cat(logits, 1), torch.cat(ref, 1))
+    assert 0 < error < 1e-2
+
+
+def test_model_with_fp8_experts(small_checkpoint):
+    """fp8_experts at load: the experts' weights become float8_e4m3fn with block scales (a quarter of the float32
+    bytes), the layers run moe_fp8, and the logits move by about fp8's rounding."""
+    import model
+
+    ids = torch.randint(512, (1, 10), generator=torch.Generator().manual_seed(1))
+    base = model.from_pretrained(small_checkpoint, backend="torch", dtype="float32")
+    m = model.from_pretrained(small_checkpoint, backend="torch", dtype="float32", fp8_experts=True)
+    experts = m.layers[0].mlp.experts
+    assert experts.fp8 and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert experts.gate_up_proj_scale.shape == (8, 1, 1) and m.backends["moe_fp8"] == "torch"
+    dense = base.layers[0].mlp.experts.gate_up_proj
+    assert experts.gate_up_proj.numel() == dense.numel() and experts.gate_up_proj.element_size() == 1
+    error = rel_err(m(ids), base(ids))
+    assert 1e-3 < error < 0.5
+
+
+def test_model_load_options_refuse_bad_values(small_checkpoint):
+    import model
+
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        model.from_pretrained(small_checkpoint, state_dtype="float64")
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        model.from_pretrained(small_checkpoint, state_dtype=torch.int8)
+
+
+def test_model_rows(monkeypatch, small_checkpoint):
+    """The sweep's model agreement on a small config: every variant measured, the state variants agreeing on
+    every greedy token over a short generation."""
+    from bench import model as bench_model
+    from model.generate import SMALL_CONFIG
+
+    monkeypatch.setattr(bench_model, "BENCH_CONFIG", SMALL_CONFIG)
+    rows = precision.model_rows("cpu", prompt_len=8, new_tokens=6)
+    assert [r["variant"] for r in rows] == list(precision.MODEL_VARIANTS)
+    by = {r["variant"]: r for r in rows}
+    for variant in ("bf16 state", "fp16 state"):
+        assert by[variant]["token_agreement"] == 1.0 and 0 < by[variant]["logits_rel_err_max"] < 1e-2
+    assert by["fp8 experts"]["logits_rel_err_median"] > by["bf16 state"]["logits_rel_err_median"]
+
+
+def test_fp8_rows():
+    rows = precision.fp8_rows("cpu", ["torch"], tokens=8, experts=2)
+    by = {r["layer"]: r["rel_err_o"] for r in rows}
+    assert by["moe, bf16 weights"] < 1e-2 < by["moe_fp8, fp8 weights"] < 0.1
