@@ -303,14 +303,20 @@ def moe_shapes(x, weights, ids, w_gate_up, w_down):
     _tensor("weights", weights, 2)
     _same_dtype("x", x, w_gate_up=w_gate_up, w_down=w_down)
     _same_device("x", x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+    _expert_layer_shapes(x, weights, ids, w_gate_up, w_down, check_ids=False)
+    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+
+
+def _expert_layer_shapes(x, weights, ids, w_gate_up, w_down, check_ids: bool):
+    """The MoE layer's shapes: x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I], ids and weights [N, top_k] (the
+    ids' values in [-1, E) too when check_ids)."""
     N, D = x.shape
     E, two_I, D_in = w_gate_up.shape
     if D_in != D or two_I % 2:
         raise ValueError(f"w_gate_up must be [E, 2I, D] with D = {D}, got shape {tuple(w_gate_up.shape)}")
     _shape("w_down", w_down, (E, D, two_I // 2), "[E, D, I]")
-    _ids(ids, N, None)
+    _ids(ids, N, E if check_ids else None)
     _shape("weights", weights, ids.shape, "[N, top_k] of ids")
-    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
 
 
 # ------------------------------------------------------------------------------------ fp8 experts
@@ -343,12 +349,6 @@ def moe_fp8(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale):
     _tensor("weights", weights, 2)
     _same_device("x", x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_gate_up_scale=w_gate_up_scale,
                  w_down=w_down, w_down_scale=w_down_scale)
-    N, D = x.shape
-    E, two_I, D_in = w_gate_up.shape
-    if D_in != D or two_I % 2:
-        raise ValueError(f"w_gate_up must be [E, 2I, D] with D = {D}, got shape {tuple(w_gate_up.shape)}")
-    _shape("w_down", w_down, (E, D, two_I // 2), "[E, D, I]")
-    _ids(ids, N, E)
-    _shape("weights", weights, ids.shape, "[N, top_k] of ids")
+    _expert_layer_shapes(x, weights, ids, w_gate_up, w_down, check_ids=True)
     return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_gate_up_scale=w_gate_up_scale, w_down=w_down,
                 w_down_scale=w_down_scale)
