@@ -197,16 +197,19 @@ def error_rows(heads: Heads, gates, t_grid, dtype, device, backends, seed: int =
         if end in t_grid:
             for config in configs:
                 backend, mode, sd = config
+                name = str(sd).removeprefix("torch.")
                 base = dict(op="precision", phase="error", backend=backend, device=device,
-                            dtype=str(dtype).removeprefix("torch."), shape=heads.key, mode=mode,
-                            state_dtype=str(sd).removeprefix("torch."), T=end, yardstick="torch-f64 recurrent")
+                            dtype=str(dtype).removeprefix("torch."), heads=heads.key, mode=mode, state_dtype=name,
+                            T=end, yardstick="torch-f64 recurrent")
+                series = [dict(base, gate=gate, shape=f"{heads.key},gate={gate},mode={mode},state={name}")
+                          for gate in gates]
                 if config in failed:
-                    rows += [dict(base, gate=gate, error=failed[config]) for gate in gates]
+                    rows += [dict(row, error=failed[config]) for row in series]
                     continue
                 o_errors = windows[config].relative()
-                for row, gate in enumerate(gates):
-                    rows.append(dict(base, gate=gate, rel_err_o=o_errors[row],
-                                     rel_err_state=rel_err(states[config][row], ref_state[row])))
+                for i, row in enumerate(series):
+                    rows.append(dict(row, rel_err_o=o_errors[i],
+                                     rel_err_state=rel_err(states[config][i], ref_state[i])))
                 windows[config] = Window(len(gates))
         start = end
     return rows
@@ -237,8 +240,10 @@ def memory_rows(device: str) -> list[dict]:
         for context in CONTEXTS:
             per_sequence = cache_bytes_from_shapes(cfg, 1, context, 2, state_bytes=size)
             for label, held in weights.items():
+                name = str(sd).removeprefix("torch.")
                 rows.append(dict(op="precision", phase="memory", backend="any", device=device, dtype="bfloat16",
-                                 shape="Qwen3.5-35B-A3B", state_dtype=str(sd).removeprefix("torch."), context=context,
+                                 shape=f"Qwen3.5-35B-A3B,state={name},weights={label}", heads="Qwen3.5-35B-A3B",
+                                 state_dtype=name, context=context,
                                  weights=label, weight_bytes=held, state_bytes=recurrent, cache_bytes=per_sequence,
                                  sequences=int((GPU_MEMORY_BYTES - held) // per_sequence)))
     return rows
@@ -261,19 +266,22 @@ def fp8_rows(device: str, backends=("torch",), tokens: int = 64, experts: int = 
     quantized = {**dense, "x": dense["x"].bfloat16()}
     (quantized["w_gate_up"], quantized["w_gate_up_scale"]), (quantized["w_down"], quantized["w_down_scale"]) = map(
         quantize_weights, (dense["w_gate_up"], dense["w_down"]))
-    base = dict(op="precision", phase="fp8", device=device, dtype="bfloat16",
-                shape=f"N={tokens},D=2048,E={experts},I=512,top_k=8", yardstick="reference moe, float64 weights")
+    experts_shape = f"N={tokens},D=2048,E={experts},I=512,top_k=8"
+    base = dict(op="precision", phase="fp8", device=device, dtype="bfloat16", heads=experts_shape,
+                yardstick="reference moe, float64 weights")
     on = lambda args: {k: v.to(device) for k, v in args.items()}  # noqa: E731
     bf16 = {k: v.bfloat16() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()}
-    rows = [dict(base, backend="torch", layer="moe, bf16 weights",
+    rows = [dict(base, backend="torch", layer="moe, bf16 weights", shape=f"{experts_shape},layer=moe",
                  rel_err_o=rel_err(kernels.moe(**on(bf16), backend="torch"), exact))]
     for backend in backends:
         try:
             out = kernels.moe_fp8(**on(quantized), backend=backend)
         except (ValueError, kernels.BackendUnavailable) as error:
-            rows.append(dict(base, backend=backend, layer="moe_fp8", error=f"{type(error).__name__}: {error}"[:300]))
+            rows.append(dict(base, backend=backend, layer="moe_fp8", shape=f"{experts_shape},layer=moe_fp8",
+                             error=f"{type(error).__name__}: {error}"[:300]))
             continue
-        rows.append(dict(base, backend=backend, layer="moe_fp8, fp8 weights", rel_err_o=rel_err(out, exact)))
+        rows.append(dict(base, backend=backend, layer="moe_fp8, fp8 weights", shape=f"{experts_shape},layer=moe_fp8",
+                         rel_err_o=rel_err(out, exact)))
     return rows
 
 
@@ -320,7 +328,8 @@ def model_rows(device: str, backend: str = "torch", prompt_len: int = 64, new_to
             logits = _forced_logits(m, prompt, reference)
             errors = (logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)
             rows.append(dict(op="precision", phase="model", backend=backend, device=device, dtype="float32",
-                             shape="bench checkpoint", variant=variant, prompt=prompt_len, new_tokens=new_tokens,
+                             shape=f"bench checkpoint,variant={variant}", heads="bench checkpoint", variant=variant,
+                             prompt=prompt_len, new_tokens=new_tokens,
                              first_divergence=int(differs[0]) if len(differs) else new_tokens,
                              token_agreement=float((logits.argmax(-1) == reference[0]).float().mean()),
                              logits_rel_err_median=float(errors.median()), logits_rel_err_max=float(errors.max()),
@@ -332,8 +341,8 @@ def model_rows(device: str, backend: str = "torch", prompt_len: int = 64, new_to
 
 def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
     """Rows of phase "decode": one decode step of one Qwen3.5-35B-A3B Gated DeltaNet layer (T = 1 per sequence,
-    from a state in the state dtype, the new state returned) per backend, state dtype and batch; gbps counts
-    the state's bytes read and written."""
+    from a state in the state dtype, the new state returned) per backend, state dtype and batch; state_gbps
+    counts the state's bytes read and written (traffic_bytes)."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
     for B in batches:
@@ -341,9 +350,10 @@ def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
         for backend in backends:
             for sd in STATE_DTYPES:
                 step = dict(args, initial_state=args["initial_state"].to(sd), state_dtype=sd)
+                name = str(sd).removeprefix("torch.")
                 base = dict(op="precision", phase="decode", backend=backend, device=device,
-                            dtype=str(dtype).removeprefix("torch."), shape=QWEN35.key, B=B, mode="recurrent",
-                            state_dtype=str(sd).removeprefix("torch."))
+                            dtype=str(dtype).removeprefix("torch."), shape=f"{QWEN35.key},B={B},state={name},decode",
+                            heads=QWEN35.key, B=B, mode="recurrent", state_dtype=name)
                 try:
                     call = kernels.get(OP, backend)
                     call(**step)
@@ -353,7 +363,7 @@ def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
                     continue
                 state = 2 * B * QWEN35.Hv * QWEN35.K * QWEN35.V * torch.empty((), dtype=sd).element_size()
                 rows.append(dict(base, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats,
-                                 threads=t.threads, bytes=state, gbps=state / t.median_ms / 1e6))
+                                 threads=t.threads, traffic_bytes=state, state_gbps=state / t.median_ms / 1e6))
     return rows
 
 
@@ -386,7 +396,7 @@ def plot(rows, out: Path) -> list[Path]:
 
     errors = [r for r in rows if r.get("phase") == "error" and not r.get("error")]
     written = []
-    panels = sorted({(r["shape"], r["gate"]) for r in errors}, key=lambda p: (GATES.index(p[1]), p[0]))
+    panels = sorted({(r["heads"], r["gate"]) for r in errors}, key=lambda p: (GATES.index(p[1]), p[0]))
     dtypes = [d for d in ("float32", "bfloat16", "float16") if any(r["dtype"] == d for r in errors)]
     for column, what in (("rel_err_o", "o (tokens since the previous T)"), ("rel_err_state", "final state")):
         if not panels:
@@ -399,7 +409,7 @@ def plot(rows, out: Path) -> list[Path]:
                 for backend in sorted({r["backend"] for r in errors}):
                     for mode in MODES:
                         for sd in _COLORS:
-                            pts = sorted((r["T"], r[column]) for r in errors if (r["dtype"], r["shape"], r["gate"],
+                            pts = sorted((r["T"], r[column]) for r in errors if (r["dtype"], r["heads"], r["gate"],
                                          r["backend"], r["mode"], r["state_dtype"]) == (dtype, shape, gate, backend,
                                                                                         mode, sd))
                             if pts:
@@ -408,7 +418,7 @@ def plot(rows, out: Path) -> list[Path]:
                 ax.axhline(THRESHOLD, color="grey", linewidth=0.6, linestyle=":")
                 ax.set(xscale="log", yscale="log", title=f"{dtype} inputs, gate {gate}\n{shape}")
                 ax.title.set_fontsize(8)
-                tokens_axis(ax, {r["T"] for r in errors if (r["shape"], r["gate"]) == (shape, gate)})
+                tokens_axis(ax, {r["T"] for r in errors if (r["heads"], r["gate"]) == (shape, gate)})
                 if i == len(dtypes) - 1:
                     ax.set_xlabel("T (tokens)")
                 if j == 0:
@@ -490,24 +500,27 @@ def summary(rows) -> list[str]:
     lines = []
     errors = [r for r in rows if r.get("phase") == "error" and r.get("rel_err_o") == r.get("rel_err_o")
               and r.get("rel_err_o") is not None and not r.get("error")]
-    for key in sorted({(r["shape"], r["gate"], r["dtype"], r["mode"], r["backend"]) for r in errors}):
+    order = lambda key: (key[0] != QWEN35.key, key)  # noqa: E731  (the 35B shape first)
+    for key in sorted({(r["heads"], r["gate"], r["dtype"], r["mode"], r["backend"]) for r in errors}, key=order):
         shape, gate, dtype, mode, backend = key
-        series = {sd: [r for r in errors if (r["shape"], r["gate"], r["dtype"], r["mode"], r["backend"]) == key
+        series = {sd: [r for r in errors if (r["heads"], r["gate"], r["dtype"], r["mode"], r["backend"]) == key
                        and r["state_dtype"] == sd] for sd in ("bfloat16", "float32")}
         if not series["bfloat16"]:
             continue
         top = max(series["bfloat16"], key=lambda r: r["T"])
         at = crossing(series["bfloat16"])
         f32 = next((r["rel_err_o"] for r in series["float32"] if r["T"] == top["T"]), math.nan)
+        first = min(r["T"] for r in series["bfloat16"])
+        passes = (f"is past 1% from the first T measured, {int(at)}," if at == first else f"passes 1% at T = {int(at)}")
         lines.append(f"{shape}, gate {gate}, {dtype} inputs, {mode} [{backend}]: a bfloat16 state's output error "
-                     + (f"passes 1% at T = {int(at)}" if at is not None else f"stays under 1% up to T = {int(top['T'])}")
+                     + (passes if at is not None else f"stays under 1% up to T = {int(top['T'])}")
                      + f" ({top['rel_err_o']:.2e} at T = {int(top['T'])}; float32 state {f32:.2e})")
     for r in rows:
         if r.get("phase") == "fp8" and not r.get("error"):
-            lines.append(f"expert layer {r['shape']} [{r['backend']}], {r['layer']}: relative error "
+            lines.append(f"expert layer {r['heads']} [{r['backend']}], {r['layer']}: relative error "
                          f"{r['rel_err_o']:.2e} against the float64 layer on the unquantized weights")
         if r.get("phase") == "model" and not r.get("error"):
-            lines.append(f"model ({r['shape']}, {r['variant']}) against the float32 model over {int(r['new_tokens'])} "
+            lines.append(f"model ({r['heads']}, {r['variant']}) against the float32 model over {int(r['new_tokens'])} "
                          f"greedy tokens: first differing token at step {int(r['first_divergence'])}; "
                          f"teacher-forced, {r['token_agreement']:.1%} of the greedy tokens agree, logits' relative "
                          f"error median {r['logits_rel_err_median']:.1e}, max {r['logits_rel_err_max']:.1e}")
@@ -518,16 +531,19 @@ def summary(rows) -> list[str]:
             lines.append(f"memory at {context} tokens (Qwen3.5-35B-A3B, bf16 weights): a float32 state takes "
                          f"{f32['state_bytes'] / 2**20:.1f} MiB per sequence against {bf16['state_bytes'] / 2**20:.1f} "
                          f"(cache {f32['cache_bytes'] / 2**20:.1f} against {bf16['cache_bytes'] / 2**20:.1f} MiB): "
-                         f"{f32['sequences']} sequences fit in {GPU_MEMORY_BYTES / 1e9:.0f} GB against "
-                         f"{bf16['sequences']} ({bf16['sequences'] / max(f32['sequences'], 1):.2f}x)")
+                         f"{int(f32['sequences'])} sequences fit in {GPU_MEMORY_BYTES / 1e9:.0f} GB against "
+                         f"{int(bf16['sequences'])} ({bf16['sequences'] / max(f32['sequences'], 1):.2f}x)")
     decode = [r for r in rows if r.get("phase") == "decode" and r.get("median_ms") == r.get("median_ms")
               and r.get("median_ms") is not None and not r.get("error")]
     for backend, B in sorted({(r["backend"], r["B"]) for r in decode}):
         at = {r["state_dtype"]: r["median_ms"] for r in decode if (r["backend"], r["B"]) == (backend, B)}
         if "float32" in at and "bfloat16" in at:
-            lines.append(f"decode step of one layer, B = {int(B)} [{backend}, {decode[0]['device']}]: float32 state "
+            device = decode[0]["device"]
+            lines.append(f"decode step of one layer, B = {int(B)} [{backend}, {device}]: float32 state "
                          f"{at['float32'] * 1e3:.1f} us, bfloat16 {at['bfloat16'] * 1e3:.1f} us "
-                         f"({at['float32'] / at['bfloat16']:.2f}x)")
+                         f"({at['float32'] / at['bfloat16']:.2f}x)" + (
+                             "; timed on a shared CPU, not the final number: `python -m bench.precision --device "
+                             "cuda` on a GPU" if device == "cpu" else ""))
     return lines
 
 
@@ -541,10 +557,10 @@ def table(rows) -> str:
     Ts = sorted({int(r["T"]) for r in errors})
     lines = {}
     for r in errors:
-        key = (r["shape"], r["gate"], r["dtype"], r["mode"], r["state_dtype"], r["backend"])
+        key = (r["heads"], r["gate"], r["dtype"], r["mode"], r["state_dtype"], r["backend"])
         lines.setdefault(key, {})[int(r["T"])] = "error" if r.get("error") else f"{r['rel_err_o']:.1e}"
     body = [[f"`{k[0]}`", *k[1:], *[v.get(T, "") for T in Ts]] for k, v in sorted(lines.items())]
-    return _table(["shape", "gate", "inputs", "mode", "state", "backend", *[f"T={T}" for T in Ts]], body)
+    return _table(["heads", "gate", "inputs", "mode", "state", "backend", *[f"T={T}" for T in Ts]], body)
 
 
 def main(argv=None):
@@ -561,7 +577,7 @@ def main(argv=None):
     rows = decode_rows(args.device, args.backend or default_backends(args.device), (1, 8, 64, 256), args.budget)
     for row in rows:
         print(row.get("backend"), row.get("B"), row.get("state_dtype"),
-              f"{row['median_ms'] * 1e3:.1f} us, {row['gbps']:.0f} GB/s" if "median_ms" in row else row["error"])
+              f"{row['median_ms'] * 1e3:.1f} us, {row['state_gbps']:.0f} GB/s" if "median_ms" in row else row["error"])
     print("\n".join(summary(rows)))
 
 

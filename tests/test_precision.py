@@ -49,6 +49,7 @@ def test_pieces_are_one_call(monkeypatch):
 
 def test_error_rows_say_what_a_state_dtype_costs():
     rows = precision.error_rows(TINY, ("zero",), (256, 512), torch.float32, "cpu", ["torch"])
+    assert len({(r["shape"], r["T"]) for r in rows}) == len(rows)  # a series per shape string: bench.sweep's key
     by = {(r["mode"], r["state_dtype"], r["T"]): r for r in rows}
     for mode in precision.MODES:
         f32, bf16 = by[(mode, "float32", 512)], by[(mode, "bfloat16", 512)]
@@ -83,7 +84,7 @@ def test_memory_rows():
 
 
 def test_summary_answers_the_questions():
-    rows = [dict(phase="error", shape="s", gate="zero", dtype="float32", mode="recurrent", backend="torch",
+    rows = [dict(phase="error", shape="s", heads="s", gate="zero", dtype="float32", mode="recurrent", backend="torch",
                  state_dtype=sd, T=T, rel_err_o=err, rel_err_state=err, error="")
             for sd, errs in (("bfloat16", (3e-3, 2e-2, 4e-2)), ("float32", (1e-7, 1e-7, 2e-7)))
             for T, err in zip((256, 512, 1024), errs)]
@@ -113,15 +114,16 @@ def test_sweep_cli_and_report(monkeypatch, tmp_path):
     readme = (tmp_path / "README.md").read_text()
     section = readme[readme.index("## precision"):]
     assert "a bfloat16 state's output error" in section and "precision_error_o.png" in section
-    assert "| shape | gate | inputs | mode | state | backend | T=64 | T=128 |" in section
+    assert "| heads | gate | inputs | mode | state | backend | T=64 | T=128 |" in section
 
 
 def test_decode_rows_time_every_state_dtype():
     rows = precision.decode_rows("cpu", ["torch"], (1,), budget_s=0.01)
     assert {r["state_dtype"] for r in rows} == {"float32", "bfloat16", "float16"}
-    assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
+    assert all(r["median_ms"] > 0 and r["traffic_bytes"] > 0 for r in rows)
     f32 = next(r for r in rows if r["state_dtype"] == "float32")
-    assert f32["bytes"] == 2 * 32 * 128 * 128 * 4
+    assert f32["traffic_bytes"] == 2 * 32 * 128 * 128 * 4
+    assert len({(r["op"], r["backend"], r["shape"], r["dtype"], r["device"]) for r in rows}) == len(rows)
 
 
 # ------------------------------------------------------------------------------------ the model's load options
