@@ -193,3 +193,25 @@ def test_grouped_gemm_fp8_on_gpu(backend, case, seed):
         out = kernels.grouped_gemm_fp8(**args, backend=backend)
     ref = kernels.grouped_gemm_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
     assert_close(out, ref, torch.bfloat16, f"{backend} grouped_gemm_fp8", seed)
+
+
+@pytest.mark.skipif("triton" not in kernels.backends("moe_fp8"), reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+def test_triton_quantization_is_kernels_fp8s(seed):
+    """kernels.triton.moe_fp8's quantization (its own float32 -> e4m3 rounding, then an exact cast) gives
+    kernels.fp8's bits: every e4m3 midpoint (ties to even), subnormals, saturation, blocks of 10^-8 to 10^4."""
+    from kernels.triton.moe_fp8 import quantize_activations as triton_quantize
+
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    exact = torch.cat([grid, midpoints, torch.full((3,), FP8_MAX)])  # one 448 per row: scale 1, x / scale = x
+    body = torch.zeros(-(-exact.numel() // 127) * 127)
+    body[: exact.numel()] = exact
+    rows = torch.cat([torch.full((body.numel() // 127, 1), FP8_MAX), body.view(-1, 127)], dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(32, 384, generator=gen) * torch.logspace(-8, 4, 384)
+    for x in (rows, wide):
+        q, scale = triton_quantize(x)
+        want_q, want_scale = quantize_activations(x)
+        assert torch.equal(scale, want_scale)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
