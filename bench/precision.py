@@ -510,10 +510,14 @@ def summary(rows) -> list[str]:
         top = max(series["bfloat16"], key=lambda r: r["T"])
         at = crossing(series["bfloat16"])
         f32 = next((r["rel_err_o"] for r in series["float32"] if r["T"] == top["T"]), math.nan)
-        first = min(r["T"] for r in series["bfloat16"])
-        passes = (f"is past 1% from the first T measured, {int(at)}," if at == first else f"passes 1% at T = {int(at)}")
+        if at is None:
+            verdict = f"stays under 1% up to T = {int(top['T'])}"
+        elif at == min(r["T"] for r in series["bfloat16"]):
+            verdict = f"is past 1% from the first T measured, {int(at)},"
+        else:
+            verdict = f"passes 1% at T = {int(at)}"
         lines.append(f"{shape}, gate {gate}, {dtype} inputs, {mode} [{backend}]: a bfloat16 state's output error "
-                     + (passes if at is not None else f"stays under 1% up to T = {int(top['T'])}")
+                     + verdict
                      + f" ({top['rel_err_o']:.2e} at T = {int(top['T'])}; float32 state {f32:.2e})")
     for r in rows:
         if r.get("phase") == "fp8" and not r.get("error"):

@@ -24,6 +24,9 @@ STATE_DTYPES = (torch.float32, torch.float64)
 # The dtypes a recurrent state may be stored in between steps (state_dtype); the arithmetic stays float32 (float64
 # for float64 inputs). float64 is the default of float64 inputs, accepted for them only.
 STORED_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The code of each stored state dtype for the compiled kernels that round their float32 state (mkl's numba loop,
+# Triton's state passes): 0 nothing to round, 1 bfloat16, 2 float16.
+STATE_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Below this many tokens per sequence, "auto" runs the gated delta rule token by token (decode).
 RECURRENT_MAX_T = 64

@@ -23,6 +23,7 @@ import torch
 
 from kernels.mkl.packed import _library
 from kernels.torch.linear_attention import LOG_DECAY_FLOOR, start_state
+from kernels.validate import STATE_ROUNDING
 
 _sgemm = _library().sgemm_ if _library() is not None else None
 _strsm = _library().strsm_ if _library() is not None else None
@@ -31,8 +32,6 @@ _NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
 # solve) costs more than the state's products lose on fewer rows. At T = 8192, K = V = 128, 1 thread, chunks of
 # 8 to 20 measured the same, 32 10% slower, 64 35% slower (gated delta rule).
 CHUNK_SIZE = 16
-# state_dtype -> the rounding _store applies to the state after every chunk
-ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FP16_MIN_NORMAL = 2.0 ** -14
 _FP16_OVERFLOW = 65520.0  # the midpoint between float16's largest value 65504 and 2^16: from here on, infinity
 
@@ -203,5 +202,5 @@ def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use
     out = torch.empty(B * T, Hv, V, dtype=torch.float32)
     delta_rule = beta is not None  # linear attention passes g in beta's place, its values unused
     _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta if delta_rule else g), starts.numpy(), lengths.numpy(),
-         state.numpy(), out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, delta_rule, ROUNDING[state_dtype])
+         state.numpy(), out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, delta_rule, STATE_ROUNDING[state_dtype])
     return out.view(B, T, Hv, V).to(v.dtype), state.to(state_dtype)
