@@ -456,14 +456,14 @@ MOE = OpSpec(
 # The expert ops on float8_e4m3fn weights with block scales (kernels/fp8.py): the shapes, reference budget and cost
 # models of their bf16 counterparts (bench.cost reads the weights' element size: 1 byte).
 GROUPED_GEMM_FP8 = replace(
-    GROUPED_GEMM, name="grouped_gemm_fp8",
+    GROUPED_GEMM, name="grouped_gemm_fp8", backward_cost=None, backward_flop_model="",  # inference only
     anchors=(Anchor("DeepGEMM fp8 grouped contiguous GEMM (prefill)", "TFLOP/s", "1214 to 1346", "H800", "DeepGEMM",
                     best="tflops"),
              Anchor("DeepGEMM fp8 grouped masked GEMM (decode)", "TFLOP/s", "815 to 1233", "H800", "DeepGEMM",
                     best="tflops")),
     flop_model="2 M K Nout FLOPs (M routed rows); bytes: the fp8 weights (1 byte) of the active experts.")
 MOE_FP8 = replace(
-    MOE, name="moe_fp8", check_head=None,
+    MOE, name="moe_fp8", check_head=None, backward_cost=None, backward_flop_model="",  # inference only
     targets=(Target("fp8 MoE layer, Qwen3.5-35B shape, N = 4096 (GPU, bfloat16 activations): at least 1.6x the "
                     "bf16 layer's TFLOP/s", "op", 1.6,
                     dict(device="cuda", dtype="bfloat16", N=4096, D=2048, E=256, I=512, top_k=8, routing="uniform"),
