@@ -81,8 +81,10 @@ def aot_spec(name, kernel, constexprs, pointers, floats=(), divisible_by_16=(), 
 _TRITON = dict(places=("cuda", "interpret"), requires=("triton",),
                dtypes=(torch.float32, torch.float16, torch.bfloat16))
 BACKENDS = [
-    Backend("linear_attention", "triton", "kernels.triton.linear_attention:linear_attention", **_TRITON),
-    Backend("gated_delta_rule", "triton", "kernels.triton.gated_delta_rule:gated_delta_rule", **_TRITON),
+    Backend("linear_attention", "triton", "kernels.triton.linear_attention:linear_attention",
+            backward="kernels.triton.linear_attention:linear_attention_backward", **_TRITON),
+    Backend("gated_delta_rule", "triton", "kernels.triton.gated_delta_rule:gated_delta_rule",
+            backward="kernels.triton.gated_delta_rule:gated_delta_rule_backward", **_TRITON),
     Backend("attention", "triton", "kernels.triton.attention:attention", **_TRITON),
     Backend("route", "triton", "kernels.triton.route:route", **_TRITON),
     Backend("moe_permute", "triton", "kernels.triton.moe_permute:moe_permute", **_TRITON),
