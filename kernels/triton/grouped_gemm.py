@@ -140,6 +140,16 @@ def launch_gemm(a, w, out, row_map, block_expert, num_blocks, *, N, K, block_m, 
                                               num_stages=stages)
 
 
+def _grouped_rows(offsets, M, E, block_m, device):
+    """The block table of rows already grouped by expert (offsets [E + 1]): (block_m, row_map, block_expert,
+    num_blocks), block_m chosen from the mean rows per expert unless given."""
+    block_m = block_m or gemm_block_m(M / E)
+    max_blocks = max_aligned_blocks(M, E, block_m)
+    row_map = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert, num_blocks = block_table(offsets, row_map, max_blocks, block_m, contiguous=True)
+    return block_m, row_map, block_expert, num_blocks
+
+
 def grouped_gemm(x, w, offsets, block_m=None):
     """y[offsets[e]:offsets[e + 1]] = x[same rows] @ w[e]^T. x [M, K] grouped by expert; w [E, N, K];
     offsets int [E + 1]. Returns [M, N] in x's dtype. block_m (16, 64 or 128) overrides the tile height,
@@ -151,13 +161,98 @@ def grouped_gemm(x, w, offsets, block_m=None):
         return y
     if K == 0:
         return y.zero_()
-    block_m = block_m or gemm_block_m(M / E)
-    max_blocks = max_aligned_blocks(M, E, block_m)
-    row_map = torch.empty(max_blocks * block_m, dtype=torch.int32, device=x.device)
-    block_expert, num_blocks = block_table(offsets, row_map, max_blocks, block_m, contiguous=True)
+    block_m, row_map, block_expert, num_blocks = _grouped_rows(offsets, M, E, block_m, x.device)
     launch_gemm(x, w, y, row_map, block_expert, num_blocks, N=N, K=K, block_m=block_m, a_mapped=True,
                 out_mapped=True)
     return y
+
+
+# ------------------------------------------------------------------------------------------------ backward
+#
+# dX = dY W runs on the grouped GEMM kernel above with the weight's strides transposed (w[e]^T is [K, N]); the
+# weights' gradient dW[e] = dY[rows of e]^T X[rows of e] is a grouped GEMM over the tokens: one program per tile
+# of dW[e], walking the rows of its expert (_weight_grad_kernel). Each tile is written once: no atomics.
+
+@triton.jit
+def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, row_map_ptr, starts_ptr, ends_ptr, N, K, a_row_div, b_row_div,
+                        stride_am, stride_an, stride_bm, stride_bk, stride_oe, stride_on, stride_ok,
+                        A_MAPPED: tl.constexpr, B_MAPPED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e] = A[rows of e]^T B[rows of e] ([N, K], float32 sums) for every group e. Grid (cdiv(N, BLOCK_N) *
+    cdiv(K, BLOCK_K), E).
+
+    Group e's rows are the positions p = starts[e] .. ends[e] - 1; A's row at p is a[row_map[p] // a_row_div]
+    (A_MAPPED: a gather fused into the loads) or a[p], B's likewise. An empty group's out[e] is 0. a [*, N];
+    b [*, K]; out [E, N, K]."""
+    tile, expert = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    cols_n = (tile // num_k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_k = (tile % num_k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = cols_n < N, cols_k < K
+    start = tl.load(starts_ptr + expert)
+    end = tl.load(ends_ptr + expert)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for first in range(start, end, BLOCK_M):
+        positions = first + tl.arange(0, BLOCK_M)
+        row_ok = positions < end
+        positions = positions.to(tl.int64)
+        if A_MAPPED or B_MAPPED:
+            mapped = tl.load(row_map_ptr + positions, mask=row_ok, other=0).to(tl.int64)
+        if A_MAPPED:
+            a_rows = mapped // a_row_div
+        else:
+            a_rows = positions
+        if B_MAPPED:
+            b_rows = mapped // b_row_div
+        else:
+            b_rows = positions
+        a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + cols_n[:, None] * stride_an,
+                      mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + cols_k[None, :] * stride_bk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a_t, b.to(a_t.dtype), acc)
+    tl.store(out_ptr + expert * stride_oe + cols_n[:, None] * stride_on + cols_k[None, :] * stride_ok,
+             acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-gradient kernel: a [128, 128] float32 tile of
+# dW per program over 8 warps, rows in steps of 64.
+WEIGHT_GRAD_CONFIG = (64, 128, 128, 8, 3)
+
+
+def launch_weight_grad(a, b, out, starts, ends, row_map=None, *, a_row_div=1, b_row_div=1, a_mapped=False,
+                       b_mapped=False):
+    """out[e] = a[rows of e]^T b[rows of e] (_weight_grad_kernel). a [*, N]; b [*, K]; out [E, N, K]; starts, ends
+    int32 [E]: the positions of each group; row_map int32 (the slots of the positions) when a or b is mapped."""
+    E, N, K = out.shape
+    if INTERPRET:
+        block_m, warps, stages = 16, 4, 1
+        block_n, block_k = (min(64, max(16, triton.next_power_of_2(size))) for size in (N, K))
+    else:
+        block_m, block_n, block_k, warps, stages = WEIGHT_GRAD_CONFIG
+    grid = (triton.cdiv(N, block_n) * triton.cdiv(K, block_k), E)
+    _weight_grad_kernel[grid](a, b, out, row_map, starts, ends, N, K, a_row_div, b_row_div, a.stride(0), a.stride(1),
+                              b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2), A_MAPPED=a_mapped,
+                              B_MAPPED=b_mapped, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                              num_stages=stages)
+
+
+def grouped_gemm_backward(grads, x, w, offsets, block_m=None):
+    """The gradients of grouped_gemm (kernels.autograd's contract): grads {"y": [M, N] or None}. Per group e:
+    dx[rows] = dy[rows] @ w[e] (the grouped GEMM kernel on w's transposed strides) and dw[e] = dy[rows]^T @ x[rows]
+    (_weight_grad_kernel; 0 for an empty group). Returns {"x": [M, K], "w": [E, N, K]} in x's dtype."""
+    dy = grads["y"]
+    M, K = x.shape
+    E, N, _ = w.shape
+    if dy is None or M == 0 or N == 0 or K == 0:
+        return dict(x=torch.zeros_like(x), w=torch.zeros_like(w))
+    block_m, row_map, block_expert, num_blocks = _grouped_rows(offsets, M, E, block_m, x.device)
+    dx = torch.empty_like(x)
+    launch_gemm(dy, w.transpose(1, 2), dx, row_map, block_expert, num_blocks, N=K, K=N, block_m=block_m,
+                a_mapped=True, out_mapped=True)
+    dw = torch.empty_like(w)
+    launch_weight_grad(dy, x, dw, offsets[:-1], offsets[1:])
+    return dict(x=dx, w=dw)
 
 
 def gemm_spec(label, shape, flags, block_m, config, dt="bf16"):
