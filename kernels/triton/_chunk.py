@@ -272,6 +272,32 @@ def aot_specs(prefix, HV, HK, K, V, dtype, use_w, use_g, use_qk_scale):
                  dict(common, BK=32, BV=64, USE_G=use_g, USE_QK_SCALE=use_qk_scale),
                  pointers=dict(q=dt, k=dt, v=dt, h=dt, g="fp32", q_scale="fp32", k_scale="fp32", o=dt, **packing),
                  floats=("scale",), num_warps=8, num_stages=2),
+        *backward_aot_specs(prefix, HV, HK, K, V, dtype, use_w, use_g, use_qk_scale),
+    ]
+
+
+def backward_aot_specs(prefix, HV, HK, K, V, dtype, use_w, use_g, use_qk_scale):
+    """AotSpecs of the shared backward kernels at one production configuration."""
+    dt = TRITON_DTYPE[dtype]
+    label = f"K={K},V={V},HV={HV},HK={HK},{dt}"
+    common = dict(HV=HV, HK=HK, K=K, V=V, BT=CHUNK, USE_G=use_g, IS_VARLEN=False, PRECISION=dot_precision(dtype))
+    packing = dict(cu_seqlens="i32", chunk_indices="i32")
+    scales = dict(q_scale="fp32", k_scale="fp32")
+    return [
+        aot_spec(f"{prefix}chunk_dv[{label},BK=64,BV=64,w4]", chunk_dv_kernel,
+                 dict(common, BK=64, BV=64, USE_QK_SCALE=use_qk_scale),
+                 pointers=dict(q=dt, k=dt, g="fp32", **scales, do=dt, dv="fp32", **packing), floats=("scale",),
+                 num_warps=4, num_stages=2),
+        aot_spec(f"{prefix}chunk_dh[{label},BV=16]", chunk_dh_kernel,
+                 dict(common, BK=triton.next_power_of_2(K), BV=16, USE_W=use_w, USE_QK_SCALE=use_qk_scale,
+                      USE_FINAL_STATE_GRADIENT=True, STORE_INITIAL_STATE_GRADIENT=True),
+                 pointers=dict(q=dt, k=dt, w=dt, g="fp32", **scales, do=dt, dv="fp32", dh=dt, dht="fp32", dh0="fp32",
+                               cu_seqlens="i32", chunk_offsets="i32"), floats=("scale",), num_warps=4, num_stages=2),
+        aot_spec(f"{prefix}chunk_dqkwg[{label},BK={dqkwg_block_k(K)},BV=64,w8]", chunk_dqkwg_kernel,
+                 dict(common, BK=dqkwg_block_k(K), BV=64, USE_W=use_w, USE_QK_SCALE=use_qk_scale),
+                 pointers=dict(q=dt, k=dt, v=dt, h=dt, g="fp32", **scales, do=dt, dh=dt, dv="fp32", dq="fp32",
+                               dk="fp32", dw="fp32", dg="fp32", **packing), floats=("scale",), num_warps=8,
+                 num_stages=2),
     ]
 
 

@@ -21,8 +21,8 @@ import triton.language as tl
 from kernels.triton import aot_spec
 from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
 from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, _pair_decay_gradient, aot_specs, chunk_cumsum,
-                                   chunk_dh, chunk_dqkwg, chunk_dv, chunk_output, chunk_state, num_chunks,
-                                   prepare_chunk_layout)
+                                   chunk_dh, chunk_dqkwg, chunk_dv, chunk_output, chunk_state, dqkwg_block_k,
+                                   num_chunks, prepare_chunk_layout)
 
 L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
 SUB = 16  # the diagonal blocks of the forward substitution
@@ -531,6 +531,15 @@ def _aot_specs(HV, HK, K, V, dtype):
                  num_warps=8, num_stages=2),
         *aot_specs("gated_delta_rule.", HV=HV, HK=HK, K=K, V=V, dtype=dtype, use_w=True, use_g=True,
                    use_qk_scale=True),
+        aot_spec(f"gated_delta_rule.chunk_wy_backward[{label},BK=64,BV=64,w8]", chunk_wy_backward_kernel,
+                 dict(common, V=V, NK=triton.cdiv(K, dqkwg_block_k(K)), BK=64, BV=64),
+                 pointers=dict(k=dt, v=dt, beta="fp32", g="fp32", k_scale="fp32", A=dt, dw="fp32", dv="fp32",
+                               dk="fp32", dg_parts="fp32", dbeta="fp32", dg="fp32", **packing),
+                 num_warps=8, num_stages=2),
+        aot_spec(f"gated_delta_rule.qk_gradient[K={K},{dt},G={HV // HK}]", qk_gradient_kernel,
+                 dict(G=HV // HK, D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K),
+                      USE_SCALE=True),
+                 pointers=dict(dx="fp32", x=dt, r="fp32", out="fp32")),
         aot_spec(f"gated_delta_rule.recurrent[{label},BV=32]", recurrent_kernel,
                  dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
                       STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True),

@@ -255,23 +255,42 @@ def grouped_gemm_backward(grads, x, w, offsets, block_m=None):
     return dict(x=dx, w=dw)
 
 
-def gemm_spec(label, shape, flags, block_m, config, dt="bf16"):
+def gemm_spec(label, shape, flags, block_m, config, dt="bf16", out_dt=None, transposed_w=False):
     """The grouped GEMM kernel's AotSpec, named label[shape,dt,BM=..,BN=..,BK=..,w=..,s=..], for one variant
     (flags: A_MAPPED, OUT_MAPPED, GATED, SCALED), BLOCK_M and config (BLOCK_N, BLOCK_K, num_warps, num_stages) of
     GEMM_CONFIGS, at a shape where every size and stride but a_row_div (top_k = 8, or 1) is a multiple of 16.
-    Unit strides are constexpr 1, as Triton specialises them at launch."""
+    Unit strides are constexpr 1, as Triton specialises them at launch. out_dt: the output's element type (default
+    dt); transposed_w: the weight read through its transposed strides (the backward's dX = dY W)."""
     block_n, block_k, warps, stages = config
+    unit_w, strided_w = ("stride_wn", "stride_wk") if transposed_w else ("stride_wk", "stride_wn")
     return aot_spec(f"{label}[{shape},{dt},BM={block_m},BN={block_n},BK={block_k},w={warps},s={stages}]",
                     _grouped_gemm_kernel,
-                    dict(stride_ak=1, stride_wk=1, stride_on=1, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k),
-                    pointers=dict(a_ptr=dt, w_ptr=dt, out_ptr=dt, row_map_ptr="i32", block_expert_ptr="i32",
+                    {"stride_ak": 1, unit_w: 1, "stride_on": 1, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_K": block_k},
+                    pointers=dict(a_ptr=dt, w_ptr=dt, out_ptr=out_dt or dt, row_map_ptr="i32", block_expert_ptr="i32",
                                   num_blocks_ptr="i32", row_scale_ptr="fp32"),
-                    divisible_by_16=("N", "K", "up_offset", "stride_am", "stride_we", "stride_wn", "stride_om"),
+                    divisible_by_16=("N", "K", "up_offset", "stride_am", "stride_we", strided_w, "stride_om"),
                     num_warps=warps, num_stages=stages)
 
 
-# grouped_gemm on the gate/up weights of a Qwen3.5-35B-A3B layer ([256, 1024, 2048], bf16) at the prefill tile;
-# the fused layer's variants are kernels.triton.moe's.
-AOT_SPECS = [gemm_spec("grouped_gemm", "N=1024,K=2048", dict(A_MAPPED=True, OUT_MAPPED=True, GATED=False,
-                                                             SCALED=False), 128, GEMM_CONFIGS[128][0])]
+def weight_grad_spec(label, shape, a_mapped, b_mapped, dt="bf16", config=WEIGHT_GRAD_CONFIG):
+    """The weight-gradient kernel's AotSpec at its GPU config, on contiguous rows (unit strides constexpr 1, every
+    other size and stride a multiple of 16 but the row divisors, top_k or 1)."""
+    block_m, block_n, block_k, warps, stages = config
+    return aot_spec(f"{label}[{shape},{dt},BM={block_m},BN={block_n},BK={block_k},w={warps},s={stages}]",
+                    _weight_grad_kernel,
+                    dict(stride_an=1, stride_bk=1, stride_ok=1, A_MAPPED=a_mapped, B_MAPPED=b_mapped,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                    pointers=dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, row_map_ptr="i32", starts_ptr="i32",
+                                  ends_ptr="i32"),
+                    divisible_by_16=("N", "K", "stride_am", "stride_bm", "stride_oe", "stride_on"),
+                    num_warps=warps, num_stages=stages)
+
+
+# grouped_gemm on the gate/up weights of a Qwen3.5-35B-A3B layer ([256, 1024, 2048], bf16) at the prefill tile, and
+# its backward (dX = dY W on the transposed weight, dW over the tokens); the fused layer's variants are
+# kernels.triton.moe's.
+_GROUPED = dict(A_MAPPED=True, OUT_MAPPED=True, GATED=False, SCALED=False)
+AOT_SPECS = [gemm_spec("grouped_gemm", "N=1024,K=2048", _GROUPED, 128, GEMM_CONFIGS[128][0]),
+             gemm_spec("grouped_gemm.dx", "N=2048,K=1024", _GROUPED, 128, GEMM_CONFIGS[128][0], transposed_w=True),
+             weight_grad_spec("grouped_gemm.weight_grad", "N=1024,K=2048", a_mapped=False, b_mapped=False)]

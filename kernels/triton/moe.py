@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton import aot_spec
 from kernels.triton._autotune import INTERPRET
-from kernels.triton.grouped_gemm import GEMM_CONFIGS, gemm_block_m, gemm_spec, launch_gemm, launch_weight_grad
+from kernels.triton.grouped_gemm import (GEMM_CONFIGS, gemm_block_m, gemm_spec, launch_gemm, launch_weight_grad,
+                                         weight_grad_spec)
 from kernels.triton.moe_align import DECODE_BLOCK_M, align_slots
 from kernels.triton.moe_permute import combine, combine_spec
 
@@ -152,14 +154,32 @@ def moe_backward(grads, x, weights, ids, w_gate_up, w_down, path="auto"):
 
 def _aot_specs(D=2048, I=512, dt="bf16"):
     """The layer's GEMM variants, at every config the autotuner may pick for the decode and prefill tiles, and its
-    combine, at the Qwen3.5-35B-A3B layer shape in bf16 (hidden 2048, expert size 512)."""
+    combine, at the Qwen3.5-35B-A3B layer shape in bf16 (hidden 2048, expert size 512); the backward's kernels at
+    the prefill tile (its GEMMs at the first config of GEMM_CONFIGS[128])."""
     gate_up = dict(A_MAPPED=True, OUT_MAPPED=False, GATED=True, SCALED=False)
     down = dict(A_MAPPED=False, OUT_MAPPED=True, GATED=False, SCALED=True)
+    gathered = dict(A_MAPPED=True, OUT_MAPPED=False, GATED=False, SCALED=False)
+    scattered = dict(A_MAPPED=False, OUT_MAPPED=True, GATED=False, SCALED=False)
+    prefill = GEMM_CONFIGS[128][0]
     return [
         *(gemm_spec("moe.gemm", f"{label},{shape}", flags, block_m, config, dt)
           for label, shape, flags in (("gate_up", f"N={I},K={D}", gate_up), ("down", f"N={D},K={I}", down))
           for block_m in (DECODE_BLOCK_M, 128) for config in GEMM_CONFIGS[block_m]),
         combine_spec(f"moe.combine[layer,D={D},{dt}]", dt, rows_are_slots=True),
+        gemm_spec("moe.backward.gemm", f"proj,N={2 * I},K={D}", gathered, 128, prefill, dt, out_dt="fp32"),
+        gemm_spec("moe.backward.gemm", f"dh,N={I},K={D}", gathered, 128, prefill, dt, out_dt="fp32",
+                  transposed_w=True),
+        gemm_spec("moe.backward.gemm", f"dx,N={D},K={2 * I}", scattered, 128, prefill, dt, out_dt="fp32",
+                  transposed_w=True),
+        aot_spec(f"moe.backward.swiglu[I={I},{dt},BLOCK_M=128]", _swiglu_backward_kernel,
+                 dict(BLOCK_M=128, BLOCK_R=SWIGLU_BLOCK_R, BLOCK_I=SWIGLU_BLOCK_I),
+                 pointers=dict(proj_ptr="fp32", dh_ptr="fp32", row_map_ptr="i32", num_blocks_ptr="i32",
+                               weights_ptr="fp32", d_proj_ptr=dt, h_ptr=dt, d_weights_ptr="fp32"),
+                 divisible_by_16=("I",)),
+        weight_grad_spec("moe.backward.weight_grad", f"down,N={D},K={I}", a_mapped=True, b_mapped=False, dt=dt),
+        weight_grad_spec("moe.backward.weight_grad", f"gate_up,N={2 * I},K={D}", a_mapped=False, b_mapped=True,
+                         dt=dt),
+        combine_spec(f"moe.backward.combine[dx,D={D},fp32]", "fp32", rows_are_slots=True),
     ]
 
 

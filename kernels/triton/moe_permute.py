@@ -204,12 +204,13 @@ def moe_unpermute_backward(grads, y_sorted, p, weights):
     return dict(y_sorted=dy_sorted, weights=d_weights.view(N, top_k))
 
 
-def combine_spec(name, dt, rows_are_slots):
+def combine_spec(name, dt, rows_are_slots, weighted=None):
     """The combine kernel's AotSpec on rows of dt, 1024 columns or more, as its launches specialise it: weighted
-    with rows from slot_map (moe_unpermute), or unweighted with rows in slot order (the fused layer)."""
+    with rows from slot_map (moe_unpermute), unweighted with rows in slot order (the fused layer), or unweighted with
+    rows from slot_map (weighted=False: moe_permute's backward)."""
     return aot_spec(name, _combine_kernel,
-                    dict(stride_yd=1, stride_od=1, ROWS_ARE_SLOTS=rows_are_slots, WEIGHTED=not rows_are_slots,
-                         BLOCK_T=1, BLOCK_D=1024),
+                    dict(stride_yd=1, stride_od=1, ROWS_ARE_SLOTS=rows_are_slots,
+                         WEIGHTED=not rows_are_slots if weighted is None else weighted, BLOCK_T=1, BLOCK_D=1024),
                     pointers=dict(y_ptr=dt, slot_map_ptr="i32", weights_ptr="fp32", out_ptr=dt))
 
 
@@ -223,6 +224,12 @@ def _aot_specs(D=2048, dt="bf16"):
                  dict(stride_xd=1, stride_od=1, BLOCK_R=4, BLOCK_D=512),
                  pointers=dict(x_ptr=dt, source_ptr="i64", out_ptr=dt)),
         combine_spec(f"moe_permute.combine[unpermute,D={D},{dt}]", dt, rows_are_slots=False),
+        combine_spec(f"moe_permute.combine[permute_backward,D={D},{dt}]", dt, rows_are_slots=False, weighted=False),
+        aot_spec(f"moe_permute.unpermute_backward[D={D},{dt}]", _unpermute_backward_kernel,
+                 dict(stride_dd=1, stride_yd=1, stride_od=1, BLOCK_R=UNPERMUTE_BLOCK_R, BLOCK_D=UNPERMUTE_BLOCK_D),
+                 pointers=dict(dy_ptr=dt, y_ptr=dt, source_ptr="i64", weights_ptr="fp32", dy_sorted_ptr=dt,
+                               d_weights_ptr="fp32"),
+                 divisible_by_16=("D", "stride_dn", "stride_ym", "stride_om")),
     ]
 
 
