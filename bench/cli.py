@@ -60,6 +60,50 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def nonempty_text(text: str) -> str:
+    """Text with at least one character that is not white space (argparse type)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"empty prompt {text!r}: give some text")
+    return text
+
+
+def token_ids(text: str) -> list[int]:
+    """Token ids separated by spaces or commas, at least one, each >= 0 (argparse type; the vocabulary's upper
+    bound is the model's, checked once it is known)."""
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise argparse.ArgumentTypeError(f"empty prompt {text!r}: give token ids separated by spaces or commas")
+    try:
+        ids = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids (integers >= 0), got {text!r}") from None
+    if min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"token ids are >= 0, got {min(ids)}")
+    return ids
+
+
 def existing_file(text: str) -> Path:
     """A file that must exist (argparse type)."""
     path = Path(text)

@@ -100,12 +100,19 @@ def _state_dtype(inputs, dtype, device):
             if inputs.get(key) is not None}
 
 
-def attention(B=1, T=64, Hq=4, Hkv=2, D=32, *, dtype=torch.float32, device="cpu", seed=0, causal=True, Tk=None):
-    """q [B, T, Hq, D]; k, v [B, Tk, Hkv, D] (Tk = T unless a KV cache is longer)."""
+def attention(B=1, T=64, Hq=4, Hkv=2, D=32, *, dtype=torch.float32, device="cpu", seed=0, causal=True, Tk=None,
+              seqlens=None, kv_lens=None):
+    """q [B, T, Hq, D]; k, v [B, Tk, Hkv, D] (Tk = T unless a KV cache is longer). seqlens: packed sequences of
+    these lengths (B = 1, cu_seqlens); kv_lens: per batch row, the valid keys of the [B, Tk] buffers."""
     gen = _gen(seed)
+    B, T, cu, _ = _time_layout(B, T, seqlens)
     Tk = T if Tk is None else Tk
     inputs = dict(q=_randn(gen, B, T, Hq, D), k=_randn(gen, B, Tk, Hkv, D), v=_randn(gen, B, Tk, Hkv, D),
                   causal=causal)
+    if cu is not None:
+        inputs["cu_seqlens"] = cu
+    if kv_lens is not None:
+        inputs["kv_lens"] = torch.tensor(kv_lens, dtype=torch.int32)
     return _to(inputs, dtype, device)
 
 

@@ -9,6 +9,8 @@ GPU: CUDA events around each call; the L2 cache is flushed before every timed ca
 256 MB buffer (so each call reads its inputs from HBM, as in a model); short kernels can be timed
 as CUDA-graph replays (launch overhead out). The warm-up call keeps compilation and autotuning out of
 the timed region. Ceilings are measured without flushing.
+Collectives (time_collective): every rank of a torch.distributed group times the same call after a barrier, and
+each call counts at the slowest rank's time, with the caches flushed as above.
 """
 from __future__ import annotations
 
@@ -143,6 +145,42 @@ def time_cuda(fn, budget_s: float = 0.5, min_repeats: int = 10, max_repeats: int
     return _summary(samples)
 
 
+def time_collective(fn, group=None, device="cpu", budget_s: float = 0.5, min_repeats: int = 3,
+                    max_repeats: int = 200, warmup: int = 1, flush_cache: bool = True) -> Timing:
+    """Time fn(), a call every rank of the torch.distributed `group` makes at the same moment (collectives, and the
+    work between them), on every rank together: `warmup` untimed calls; then per timed call the caches flushed
+    (flush_cache: the CPU's caches, or a GPU's L2), a barrier so that the ranks start together, and each rank's
+    wall-clock time of the call with the device synchronised on both sides (a host-synchronising collective is
+    timed as the caller sees it). A call's time is the slowest rank's: one all_reduce MAX after each call, outside
+    the timed region, which also gives every rank the slowest rank's elapsed budget, so that all ranks stop after
+    the same call. Repeats as time_cpu's. Returns the same Timing on every rank (threads: this rank's)."""
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    flush = (_L2Flush(device) if device.type == "cuda" else flush_cpu_caches) if flush_cache else None
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats:
+        if flush:
+            flush()
+        dist.barrier(group=group)
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        elapsed_ms = (time.perf_counter() - t0) * 1e3
+        slowest = torch.tensor([elapsed_ms, time.perf_counter() - start], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        sample_ms, spent = slowest.tolist()
+        samples.append(sample_ms)
+        if spent >= budget_s and (len(samples) >= min_repeats or spent + sample_ms / 1e3 > 5 * budget_s):
+            break
+    return _summary(samples)
+
+
 def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False, warmup: int = 1,
               flush_cache: bool = True) -> Timing:
     """The timer of the device: time_cuda on CUDA, time_cpu otherwise; flush_cache: flush the L2 (GPU) or the
@@ -181,12 +219,17 @@ def matmul_tflops(dtype: torch.dtype, device, budget_s: float = 0.5) -> float:
     return 2 * n**3 / (timing.min_ms * 1e-3) / 1e12
 
 
-def copy_gbps(device, budget_s: float = 0.5) -> float:
-    """Measured bandwidth of a large device copy, counting the bytes read plus the bytes written, GB/s
-    (fastest call)."""
+def copy_gbps(device, budget_s: float = 0.5, nbytes: int | None = None) -> float:
+    """Measured bandwidth of a device copy, counting the bytes read plus the bytes written, GB/s (fastest call):
+    of a large buffer (1 GiB on a GPU, 256 MiB on a CPU, read into as much), or, given `nbytes`, of a copy whose
+    source and destination together span nbytes, repeated without flushing: a working set that fits a cache runs
+    at the cache's rate, as a model's weights read step after step would."""
     device = torch.device(device)
-    nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
-    src = torch.rand(nbytes // 4, device=device)
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
+    else:
+        nbytes //= 2
+    src = torch.rand(max(nbytes // 4, 1), device=device)
     dst = torch.empty_like(src)
     timing = time_call(lambda: dst.copy_(src), device, budget_s, flush_cache=False)
     return 2 * nbytes / (timing.min_ms * 1e-3) / 1e9

@@ -1,4 +1,10 @@
 """The lab's public ops (../shared/API.md). Light on import: backends load when first asked for."""
+import os
+
+# numba's default OpenMP thread pool spins after each parallel region: on a 2-core machine every torch op that
+# follows an mkl / numba call then ran up to 500x slower (a 512 KB copy: 18 ms instead of 0.035, measured in a
+# decode step after an mkl prefill). Its workqueue pool sleeps instead. Read when numba is first imported.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 from kernels.registry import BackendUnavailable, backends, get
 from kernels.types import Permutation
 
@@ -29,10 +35,14 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                                             cu_seqlens=cu_seqlens, mode=mode, **kwargs)
 
 
-def attention(q, k, v, causal=True, scale=None, backend="auto", **kwargs):
+def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None, backend="auto", **kwargs):
     """Softmax attention with grouped KV heads. q [B, T, Hq, D]; k, v [B, T, Hkv, D]. Returns [B, T, Hq, D].
-    k and v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i."""
-    return get("attention", backend)(q, k, v, causal=causal, scale=scale, **kwargs)
+    k and v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i.
+    cu_seqlens int [N + 1] with B = 1: N packed sequences, each attending within itself. kv_lens int [B]: k, v are
+    buffers [B, Tmax, Hkv, D] of which the first kv_lens[b] positions are valid (query i of row b at key
+    kv_lens[b] - Tq + i)."""
+    return get("attention", backend)(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, kv_lens=kv_lens,
+                                     **kwargs)
 
 
 def route(router_logits, top_k, renormalize=True, backend="auto", **kwargs):

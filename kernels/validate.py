@@ -155,13 +155,16 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens))
 
 
-def attention(q, k, v, causal=True, scale=None):
-    """Also accepts k, v longer than q (a KV cache): query i then sits at key position Tk - Tq + i."""
+def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
+    """k, v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i.
+    cu_seqlens int [N + 1] with B == 1: q, k, v hold N packed sequences (k and v with q's T), each attending
+    within itself. kv_lens int [B]: k, v are buffers of which the first kv_lens[b] positions are valid
+    (Tq <= kv_lens[b] <= Tk); query i of sequence b then sits at key position kv_lens[b] - Tq + i."""
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)
     _same_dtype("q", q, k=k, v=v)
-    _same_device("q", q, k=k, v=v)
+    _same_device("q", q, k=k, v=v, cu_seqlens=cu_seqlens, kv_lens=kv_lens)
     B, Tq, Hq, D = q.shape
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -174,7 +177,24 @@ def attention(q, k, v, causal=True, scale=None):
         raise ValueError(f"q has {Hq} heads, not a multiple of the {Hkv} heads of k and v")
     if min(B, Tq, Hq, D) == 0:
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
-    return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D))
+    if cu_seqlens is not None:
+        if kv_lens is not None:
+            raise ValueError("cu_seqlens and kv_lens cannot be given together (packed sequences attend within "
+                             "themselves; kv_lens is for decoding against a KV buffer)")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along time), got B = {B}")
+        if Tk != Tq:
+            raise ValueError(f"with cu_seqlens, k and v must have the {Tq} positions of q, got {Tk}")
+        _offsets("cu_seqlens", cu_seqlens, Tq, "T")
+    if kv_lens is not None:
+        _tensor("kv_lens", kv_lens, 1, INDEX_DTYPES)
+        _shape("kv_lens", kv_lens, (B,), "[B]")
+        if _check_values():
+            lo, hi = int(kv_lens.min()), int(kv_lens.max())
+            if lo < Tq or hi > Tk:
+                raise ValueError(f"kv_lens must lie in [Tq, Tk] = [{Tq}, {Tk}] (each sequence's queries are its "
+                                 f"last Tq valid positions), got values in [{lo}, {hi}]")
+    return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D), cu_seqlens=cu_seqlens, kv_lens=kv_lens)
 
 
 def route(router_logits, top_k, renormalize=True):

@@ -24,6 +24,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
     partial_rotary_factor: float = 0.25
     linear_conv_kernel_dim: int = 4
     linear_key_head_dim: int = 128

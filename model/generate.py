@@ -1,12 +1,17 @@
-"""Greedy generation from the command line.
+"""Text generation from the command line: the prompt's continuation printed as it is generated.
 
-    python -m model.generate                       # writes a small random checkpoint, then runs it
-    python -m model.generate --checkpoint PATH --backend torch --prompt-len 64 --new-tokens 32 --dtype float32
+    python -m model.generate --prompt "Return the"             # a small random checkpoint (with its tokenizer)
+    python -m model.generate --checkpoint PATH --prompt "..." --temperature 0.7 --top-p 0.9 --seed 1
+    python -m model.generate --prompt "a" --prompt "longer prompt"  # a batch of prompts of different lengths
+    python -m model.generate --prompt-ids "1 2 3" --new-tokens 8      # token ids in, token ids out
+    python -m model.generate --prompt-len 64 --new-tokens 32 --batch 2  # random prompts: tokens/s only
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,19 +27,25 @@ SMALL_CONFIG = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_at
                     shared_expert_intermediate_size=64, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def write_random_checkpoint(folder: str | Path, seed: int = 0, **overrides) -> Path:
+def write_random_checkpoint(folder: str | Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
     """Build transformers' Qwen3_5MoeForCausalLM from SMALL_CONFIG (plus overrides) with random weights and
-    save_pretrained it (safetensors) into folder. Norm weights and dt_bias are randomised too, so a model
-    that ignored them would not match."""
+    save_pretrained it (safetensors) into folder, with a byte-level BPE tokenizer of the config's vocab_size
+    trained on built-in text (model/tokenizer.py) unless `tokenizer` is False. Norm weights and dt_bias are
+    randomised too, so a model that ignored them would not match."""
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
+    from model.tokenizer import train_byte_level_bpe
+
+    config = {**SMALL_CONFIG, **overrides}
     torch.manual_seed(seed)
-    hf = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**{**SMALL_CONFIG, **overrides})).float().eval()
+    hf = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**config)).float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith(("norm.weight", "dt_bias")):
                 p.add_(0.1 * torch.randn_like(p))
     hf.save_pretrained(folder, safe_serialization=True)
+    if tokenizer:
+        train_byte_level_bpe(config["vocab_size"], folder)
     return Path(folder)
 
 
@@ -45,7 +56,7 @@ def default_checkpoint() -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError:
         root = Path(tempfile.mkdtemp(prefix="qwen35-small-"))
-    if not (root / "config.json").is_file():
+    if not (root / "tokenizer.json").is_file():  # written last: a folder without it is incomplete or older
         write_random_checkpoint(root)
     return root
 
@@ -53,49 +64,149 @@ def default_checkpoint() -> Path:
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def main(argv=None):
+def _parser():
     from bench import cli
 
     parser = cli.ArgumentParser(prog="python -m model.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=cli.existing_folder,
                         help="Hugging Face checkpoint folder (default: a small random one)")
+    parser.add_argument("--prompt", type=cli.nonempty_text, action="append",
+                        help="text to continue (repeat for a batch of prompts)")
+    parser.add_argument("--prompt-ids", type=cli.token_ids, action="append",
+                        help="token ids to continue, e.g. '1 2 3' (repeat for a batch)")
     parser.add_argument("--backend", default="auto", help="backend of every op that has it (default: auto)")
-    parser.add_argument("--prompt-len", type=cli.positive_int, default=32)
-    parser.add_argument("--new-tokens", type=cli.nonnegative_int, default=16)
-    parser.add_argument("--batch", type=cli.positive_int, default=1)
+    parser.add_argument("--prompt-len", type=cli.positive_int, default=32,
+                        help="without --prompt: random prompts of this many tokens")
+    parser.add_argument("--batch", type=cli.positive_int, default=1, help="without --prompt: random prompts")
+    parser.add_argument("--new-tokens", type=cli.nonnegative_int, default=16, help="new tokens per prompt at most")
+    parser.add_argument("--temperature", type=cli.nonnegative_float, default=0.0, help="0 (default): greedy")
+    parser.add_argument("--top-k", type=cli.positive_int, default=None, help="sample among the k likeliest")
+    parser.add_argument("--top-p", type=cli.probability, default=None,
+                        help="sample among the likeliest tokens whose probability reaches p")
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling and of random prompts")
+    parser.add_argument("--ignore-eos", action="store_true", help="always make --new-tokens tokens")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step as a CUDA graph (GPU)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (on a busy machine 1 avoids oversubscription)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check(parser, args) -> str:
+    """Every refusal that needs no checkpoint; returns the device."""
+    from bench import cli
+
     if args.checkpoint and not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint: no config.json in {args.checkpoint} (a Hugging Face checkpoint folder holds "
                      f"config.json and *.safetensors)")
+    if args.prompt and args.prompt_ids:
+        parser.error("--prompt-ids: give prompts as text (--prompt) or as token ids, not both")
+    if args.checkpoint and args.prompt and not (args.checkpoint / "tokenizer.json").is_file():
+        parser.error(f"--prompt: no tokenizer.json in {args.checkpoint} to encode text with (give --prompt-ids)")
+    if args.temperature == 0 and (args.top_k or args.top_p):
+        parser.error("--top-k/--top-p: they filter sampling; give a --temperature > 0 (0 is greedy)")
     device = cli.check_device(parser, "--device", args.device) or "cpu"
+    if args.cuda_graph and torch.device(device).type != "cuda":
+        parser.error(f"--cuda-graph: needs --device cuda (the step is captured on a GPU), got {device}")
     if args.backend != "auto" and (problem := cli.model_backend_problem(
             args.backend, device, args.dtype and getattr(torch, args.dtype))):
         parser.error(f"--backend: {problem} (or auto)")
+    return device
+
+
+def _check_prompts(parser, argument: str, prompts: list[list[int]], path: Path, new_tokens: int):
+    """Refuse prompts with ids outside the vocabulary, or too long for the model's positions."""
+    config = json.loads((path / "config.json").read_text())
+    config = config.get("text_config", config)
+    vocab, positions = config["vocab_size"], config.get("max_position_embeddings", 32768)
+    for i, ids in enumerate(prompts):
+        if max(ids) >= vocab:
+            parser.error(f"{argument}: prompt {i} holds token id {max(ids)}, outside the vocabulary [0, {vocab})")
+        if len(ids) + new_tokens > positions:
+            parser.error(f"{argument}: prompt {i} is {len(ids)} tokens; with --new-tokens {new_tokens} it needs "
+                         f"{len(ids) + new_tokens} positions, more than the model's {positions}")
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    device = _check(parser, args)
+    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from model.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_folder(path)
+    prompts = args.prompt_ids or ([tokenizer.encode(text) for text in args.prompt] if args.prompt else None)
+    if prompts:
+        _check_prompts(parser, "--prompt" if args.prompt else "--prompt-ids", prompts, path, args.new_tokens)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import model
 
-    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     m = model.from_pretrained(path, backend=args.backend, dtype=args.dtype, device=args.device)
+    print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}",
+          file=sys.stderr if prompts else sys.stdout)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    cuda_graph=args.cuda_graph)
+    if prompts:
+        eos = None if args.ignore_eos or tokenizer is None else tokenizer.eos_token_ids
+        _generate_text(m, tokenizer, prompts, args.new_tokens, eos, sampling, as_text=bool(args.prompt))
+    else:
+        _generate_random(m, tokenizer, args, sampling)
+
+
+def _generate_text(m, tokenizer, prompts, new_tokens, eos, sampling, as_text):
+    """One prompt: its text, then each new piece as it is generated. Several: each continuation when done."""
+    from model.tokenizer import TextStream
+
+    decode = as_text or tokenizer is not None
+    streams = [TextStream(tokenizer) if decode else None for _ in prompts]
+    single = len(prompts) == 1
+    if single:
+        print(tokenizer.decode(prompts[0]) if decode else prompts[0], end="" if decode else "\n", flush=True)
+    new = [[] for _ in prompts]
+    start = time.perf_counter()
+    first = None
+    for index, token in m.stream([torch.tensor(p) for p in prompts], new_tokens, eos, **sampling):
+        first = first or time.perf_counter()
+        new[index].append(token)
+        if single:
+            print(streams[0].push(token) if decode else token, end="" if decode else " ", flush=True)
+    end = time.perf_counter()
+    print(streams[0].flush() if single and decode else "")
+    if not single:
+        for i, (prompt, tokens) in enumerate(zip(prompts, new)):
+            text = tokenizer.decode(prompt) + tokenizer.decode(tokens) if decode else prompt + tokens
+            print(f"[{i}] {text}")
+    made = sum(map(len, new))
+    if made:
+        steps = max(map(len, new)) - 1
+        rate = f", decode {steps / (end - first):.1f} steps/s" if steps > 0 and end > first else ""
+        # the first token's wait includes the backends' first-call compilation (numba, Triton)
+        print(f"-- {made} new tokens; the first after {first - start:.2f} s (prefill of {sum(map(len, prompts))} "
+              f"tokens){rate}", file=sys.stderr)
+
+
+def _generate_random(m, tokenizer, args, sampling):
+    """Random prompts [batch, prompt_len]: the new tokens, and prefill and decode tokens/s."""
     device = m.embed_tokens.weight.device
     prompt = torch.randint(m.config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(args.seed)).to(device)
-    print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}")
-    m.generate(prompt[:, :8], 2)  # warm-up
+    m.generate(prompt[:, :8], 2, **sampling)  # warm-up
     start = time.perf_counter()
-    m.generate(prompt, 1)  # the prefill (and one token from its logits)
+    m.generate(prompt, 1, **sampling)  # the prefill (and one token from its logits)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = m.generate(prompt, args.new_tokens)
+    out = m.generate(prompt, args.new_tokens, **sampling)
     total_s = time.perf_counter() - start
     print("new tokens:", out[:, args.prompt_len:].tolist())
+    if tokenizer is not None:
+        for row in out[:, args.prompt_len:].tolist():
+            print("text:", repr(tokenizer.decode(row)))
     print(f"prefill: {args.batch * args.prompt_len / prefill_s:.1f} tokens/s ({prefill_s * 1e3:.1f} ms for "
           f"{args.batch} x {args.prompt_len} tokens)")
     if args.new_tokens > 1:

@@ -49,9 +49,32 @@ class GatedRMSNorm(nn.Module):
 
 
 @dataclass
+class Step:
+    """Where the T new tokens of one forward call sit; made once per call (Qwen35Moe.step), read by every layer.
+
+    rope:        (cos, sin) [B or 1, T, rotary_dim] float32 at each token's position.
+    cu_seqlens:  None, or int32 [N + 1]: the tokens are N packed sequences (B = 1), new ones (row n of a cache
+                 receives sequence n).
+    positions:   int64 [B, T] (or [1, T] packed: the position within its sequence) of each new token.
+    rows:        None, or int64 [T]: the sequence of each packed token (cu_seqlens only).
+    kv_lens:     None (no cache, or a fresh one), or int32 [B]: each row's tokens once these are written.
+    window:      keys read from the KV buffers (the longest row's, or the whole buffer for static shapes).
+    fresh:       the cache holds no token of these rows yet: attention runs over the new tokens alone.
+    """
+
+    rope: tuple
+    cu_seqlens: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
+    window: int = 0
+    fresh: bool = True
+
+
+@dataclass
 class LinearAttentionState:
-    """Cache of a Gated DeltaNet layer: the last (kernel - 1) conv inputs [B, C, kernel - 1] and the
-    recurrent state [B, Hv, K, V] (float32). Its size does not grow with the context."""
+    """Cache of a Gated DeltaNet layer, allocated once: the last (kernel - 1) conv inputs [B, C, kernel - 1] and
+    the recurrent state [B, Hv, K, V] (float32), both updated in place. Its size does not grow with the context."""
 
     conv: torch.Tensor
     recurrent: torch.Tensor
@@ -59,19 +82,22 @@ class LinearAttentionState:
 
 @dataclass
 class KVState:
-    """Cache of an attention layer: keys and values [B, max_len, Hkv, Dh], filled up to the current position."""
+    """Cache of an attention layer: key and value buffers [B, max_len, Hkv, Dh], allocated once; a call writes its
+    tokens at their positions."""
 
     k: torch.Tensor
     v: torch.Tensor
 
-    def append(self, k, v, start: int):
-        """Writes k, v [B, T, Hkv, Dh] at positions start..start+T; returns every key and value so far."""
-        end = start + k.shape[1]
-        if end > self.k.shape[1]:
-            raise ValueError(f"KV cache holds {self.k.shape[1]} positions, asked to write up to {end}")
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        return self.k[:, :end], self.v[:, :end]
+    def write(self, k, v, step: Step):
+        """Writes k, v [B, T, Hkv, Dh] (packed: [1, T, ...] into each token's row) at their positions."""
+        if step.rows is not None:
+            self.k.index_put_((step.rows, step.positions[0]), k[0])
+            self.v.index_put_((step.rows, step.positions[0]), v[0])
+            return
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k[:B].index_put_((rows, step.positions), k)
+        self.v[:B].index_put_((rows, step.positions), v)
 
 
 class GatedDeltaNet(nn.Module):
@@ -102,46 +128,68 @@ class GatedDeltaNet(nn.Module):
             conv=torch.zeros(batch, self.conv_dim, self.kernel_size - 1, dtype=dtype, device=device),
             recurrent=torch.zeros(batch, self.Hv, self.K, self.V, dtype=torch.float32, device=device))
 
-    def causal_conv(self, x, state: LinearAttentionState | None):
-        """Depthwise causal conv1d + SiLU over time. x [B, T, C] -> [B, T, C]; updates state.conv.
+    def causal_conv(self, x, state: LinearAttentionState | None, step: Step | None):
+        """Depthwise causal conv1d + SiLU over time. x [B, T, C] -> [B, T, C]; updates state.conv in place.
         Computed as kernel_size shifted multiply-adds on the time-major layout: no transposes of x, and several
-        times faster on CPU than conv1d's depthwise path."""
+        times faster on CPU than conv1d's depthwise path. Packed sequences (step.cu_seqlens) start from zero
+        history each: a tap that reaches before its token's sequence is masked."""
         B, T, C = x.shape
         weight = self.conv1d.weight[:, 0].t().contiguous()  # [kernel, C]: contiguous rows vectorise
         history = self.kernel_size - 1
-        past = x.new_zeros(B, history, C) if state is None else state.conv.transpose(1, 2)
+        packed = step is not None and step.cu_seqlens is not None
+        fresh = state is None or step is None or step.fresh
+        past = x.new_zeros(B, history, C) if fresh else state.conv[:B].transpose(1, 2)
         window = torch.cat([past, x], dim=1)  # [B, history + T, C]: the previous inputs stand in for zero padding
         if state is not None:
-            state.conv.copy_(window[:, T:].transpose(1, 2))
+            self._save_conv(state, window, step)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             # training: the same sum in differentiable ops (out= and in-place writes into a buffer have no backward)
             out = window[:, history:] * weight[history]
             for i in range(history):
-                out = out + window[:, i:i + T] * weight[i]
+                tap = weight[i] * (step.positions[0, :, None] >= history - i) if packed else weight[i]
+                out = out + window[:, i:i + T] * tap
             return F.silu(out)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         for start in range(0, T, CONV_TILE):  # tiles of time steps, so that each tile's passes hit the cache
             end = min(start + CONV_TILE, T)
             tile = torch.mul(window[:, start + history:end + history], weight[history], out=out[:, start:end])
             for i in range(history):
-                tile.addcmul_(window[:, start + i:end + i], weight[i])
+                tap = weight[i]
+                if packed:  # the tap reads `history - i` steps back: only tokens that far into their sequence
+                    tap = tap * (step.positions[0, start:end, None] >= history - i)
+                tile.addcmul_(window[:, start + i:end + i], tap)
             F.silu(tile, inplace=True)
         return out
 
-    def forward(self, x, state: LinearAttentionState | None = None):
+    def _save_conv(self, state: LinearAttentionState, window, step: Step | None):
+        """state.conv rows <- the last kernel - 1 inputs of each sequence (zero before a packed one's start)."""
+        history = self.kernel_size - 1
+        if step is None or step.cu_seqlens is None:
+            B, T = window.shape[0], window.shape[1] - history
+            state.conv[:B].copy_(window[:, T:].transpose(1, 2))
+            return
+        cu = step.cu_seqlens.to(torch.int64)
+        index = cu[1:, None] + torch.arange(history, device=cu.device)  # [N, history] into the window
+        taken = window[0][index] * (index >= cu[:-1, None] + history)[..., None]  # [N, history, C]
+        state.conv[:cu.shape[0] - 1].copy_(taken.transpose(1, 2))
+
+    def forward(self, x, step: Step | None = None, state: LinearAttentionState | None = None):
         B, T, _ = x.shape
         qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_dim, self.Hv, self.Hv], dim=-1)
-        qkv = self.causal_conv(qkv, state)
+        qkv = self.causal_conv(qkv, state, step)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: exp(A_log) overflows fp16
+        cu_seqlens = None if step is None else step.cu_seqlens
+        rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         # decode (one token, a state to continue) runs token by token; everything else chunked
         mode = "recurrent" if T == 1 and state is not None else "chunk"
+        initial = None if state is None or step is None or step.fresh else state.recurrent[:rows]
         o, final = self.ops.gated_delta_rule(
             q.reshape(B, T, self.Hk, self.K), k.reshape(B, T, self.Hk, self.K), v.reshape(B, T, self.Hv, self.V),
-            g, b.sigmoid(), initial_state=None if state is None else state.recurrent,
-            output_final_state=state is not None, use_qk_l2norm=True, mode=mode)
+            g, b.sigmoid(), initial_state=initial, output_final_state=state is not None, use_qk_l2norm=True,
+            cu_seqlens=cu_seqlens, mode=mode)
         if state is not None:
-            state.recurrent = final
+            state.recurrent[:rows].copy_(final)
         o = self.norm(o, z.reshape(B, T, self.Hv, self.V))
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
@@ -155,8 +203,8 @@ class Attention(nn.Module):
     """Gated softmax attention with grouped KV heads.
 
     x [B, T, D] -> q_proj gives [q | gate] per head; q, k [.., Dh] get a zero-centred RMSNorm and rotary
-    embedding on their first rotary_dim dims; o = attention(q, k, v) [B, T, Hq, Dh]; o * sigmoid(gate);
-    o_proj -> [B, T, D]."""
+    embedding on their first rotary_dim dims; o = attention(q, k, v) [B, T, Hq, Dh] (packed sequences by
+    cu_seqlens; against the cache's KV buffers by kv_lens); o * sigmoid(gate); o_proj -> [B, T, D]."""
 
     def __init__(self, cfg: ModelConfig, ops):
         super().__init__()
@@ -174,24 +222,27 @@ class Attention(nn.Module):
         shape = (batch, max_len, self.Hkv, self.Dh)
         return KVState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward(self, x, rope, start: int = 0, state: KVState | None = None):
-        """rope: (cos, sin) [T, rotary_dim] of positions start..start+T."""
+    def forward(self, x, step: Step, state: KVState | None = None):
         B, T, _ = x.shape
         q, gate = self.q_proj(x).view(B, T, self.Hq, 2 * self.Dh).chunk(2, dim=-1)
         q = self.q_norm(q)
         k = self.k_norm(self.k_proj(x).view(B, T, self.Hkv, self.Dh))
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *step.rope), apply_rope(k, *step.rope)
         if state is not None:
-            k, v = state.append(k, v, start)
-        o = self.ops.attention(q, k, v, causal=True).reshape(B, T, self.Hq * self.Dh)
-        return self.o_proj(o * torch.sigmoid(gate.reshape(B, T, -1)))
+            state.write(k, v, step)
+        if state is None or step.fresh:  # nothing before these tokens: attend over them alone
+            o = self.ops.attention(q, k, v, causal=True, cu_seqlens=step.cu_seqlens)
+        else:
+            o = self.ops.attention(q, state.k[:B, :step.window], state.v[:B, :step.window], causal=True,
+                                   kv_lens=step.kv_lens)
+        return self.o_proj(o.reshape(B, T, self.Hq * self.Dh) * torch.sigmoid(gate.reshape(B, T, -1)))
 
 
 def apply_rope(x, cos, sin):
-    """Rotary embedding of the first rotary_dim dims of x [B, T, H, Dh]; cos, sin [T, rotary_dim]."""
+    """Rotary embedding of the first rotary_dim dims of x [B, T, H, Dh]; cos, sin [B or 1, T, rotary_dim]."""
     rot = cos.shape[-1]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
 
@@ -252,11 +303,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, start: int = 0, state=None):
+    def forward(self, x, step: Step, state=None):
         h = self.input_layernorm(x)
         if self.kind == "linear_attention":
-            x = x + self.linear_attn(h, state)
+            x = x + self.linear_attn(h, step, state)
         else:
-            x = x + self.self_attn(h, rope, start, state)
+            x = x + self.self_attn(h, step, state)
         B, T, D = x.shape
         return x + self.mlp(self.post_attention_layernorm(x).reshape(B * T, D)).reshape(B, T, D)

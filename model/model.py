@@ -1,7 +1,9 @@
 """The Qwen3.5-MoE text decoder: embeddings, the layer stack of `layer_types`, final norm, LM head;
-a cache (conv + recurrent state per Gated DeltaNet layer, KV per attention layer) and greedy decoding."""
+a static cache (conv + recurrent state per Gated DeltaNet layer, KV buffers per attention layer, allocated once)
+and decoding of batches of prompts of any lengths (greedy, or sampled: model/sampling.py)."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +13,9 @@ from torch import nn
 import kernels
 from kernels import registry
 from model.config import ModelConfig
-from model.layers import DecoderLayer, RMSNorm
+from model import graph
+from model.layers import DecoderLayer, RMSNorm, Step
+from model.sampling import Sampler
 from model.weights import read_checkpoint, to_lab_state_dict
 
 OPS = ("gated_delta_rule", "attention", "route", "moe")
@@ -33,15 +37,43 @@ def resolve_backends(backend: str | dict, device) -> dict[str, str]:
 
 
 class Cache:
-    """Per layer: a LinearAttentionState or a KVState; `position` = tokens seen so far."""
+    """A static cache in the gpt-fast manner: buffers for `batch` rows of up to `max_len` tokens each, allocated
+    once by Qwen35Moe.new_cache and updated in place (per layer a LinearAttentionState or a KVState, in `states`).
 
-    def __init__(self, states: list):
+    lengths: int32 [batch] on the model's device, the tokens each row holds (read inside a decode step, so that a
+    CUDA graph replays it); host_lengths: the same on the host (bounds checks, the KV window). A forward call on
+    B rows uses rows 0..B-1; `keep` moves the rows still decoding to the front. static: attention reads whole
+    KV buffers (fixed shapes, for CUDA graphs) instead of the longest row's keys."""
+
+    def __init__(self, states: list, lengths: torch.Tensor, max_len: int):
         self.states = states
-        self.position = 0
+        self.lengths = lengths
+        self.host_lengths = [0] * lengths.shape[0]
+        self.max_len = max_len
+        self.static = False
+
+    @property
+    def position(self) -> int:
+        """Tokens seen by the longest row (every row's, when they were fed together)."""
+        return max(self.host_lengths, default=0)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer: conv and recurrent states, keys and values, lengths."""
+        return [t for s in self.states for t in vars(s).values()] + [self.lengths]
 
     def nbytes(self) -> int:
         """Bytes of every cache tensor (conv and recurrent states, keys and values)."""
         return sum(t.numel() * t.element_size() for s in self.states for t in vars(s).values())
+
+    def keep(self, rows: list[int]) -> None:
+        """Move rows (in this order) to the front, in place: a batch whose other sequences stopped goes on with
+        rows 0..len(rows)-1. Buffers are not reallocated."""
+        if rows == list(range(len(rows))):
+            return
+        index = torch.tensor(rows, device=self.lengths.device)
+        for t in self.tensors():
+            t[:len(rows)] = t[index]
+        self.host_lengths[:len(rows)] = [self.host_lengths[r] for r in rows]
 
 
 class Qwen35Moe(nn.Module):
@@ -57,55 +89,227 @@ class Qwen35Moe(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def rope(self, start: int, length: int):
-        """cos, sin [length, rotary_dim] (float32) of positions start..start+length (as transformers computes)."""
-        dim, device = self.config.rotary_dim, self.embed_tokens.weight.device
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)
-        positions = torch.arange(start, start + length, device=device, dtype=torch.float)
-        freqs = positions[:, None] * inv_freq
+    def rope(self, positions: torch.Tensor):
+        """cos, sin [..., rotary_dim] (float32) at positions int [...] (as transformers computes them)."""
+        dim = self.config.rotary_dim
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float,
+                                                                 device=positions.device) / dim)
+        freqs = positions[..., None].float() * inv_freq
         freqs = torch.cat([freqs, freqs], dim=-1)
         return freqs.cos(), freqs.sin()
 
     def new_cache(self, batch: int, max_len: int) -> Cache:
-        """An empty cache for `batch` sequences of up to `max_len` tokens."""
+        """An empty static cache for `batch` sequences of up to `max_len` tokens each."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} is more than the model's max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
         return Cache([layer.linear_attn.new_state(batch, dtype, device) if layer.kind == "linear_attention"
-                      else layer.self_attn.new_state(batch, max_len, dtype, device) for layer in self.layers])
+                      else layer.self_attn.new_state(batch, max_len, dtype, device) for layer in self.layers],
+                     torch.zeros(batch, dtype=torch.int32, device=device), max_len)
 
-    def hidden_states(self, input_ids, cache: Cache | None = None):
-        """input_ids [B, T] -> final-norm hidden states [B, T, D]; continues and advances `cache` when given."""
-        start = 0 if cache is None else cache.position
+    def step(self, B: int, T: int, cache: Cache | None, cu_seqlens: torch.Tensor | None) -> Step:
+        """The Step of T new tokens in each of B rows (or N packed sequences, B = 1) continuing `cache`."""
+        device = self.embed_tokens.weight.device
+        arange = torch.arange(T, device=device)
+        if cu_seqlens is not None:
+            lengths = _check_packed(cu_seqlens, B, T, cache)
+            cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            rows = torch.searchsorted(cu[1:], arange, right=True)  # the sequence of each token
+            positions = (arange - cu[rows])[None]
+            return Step(self.rope(positions), cu, positions, rows, fresh=True,
+                        kv_lens=None if cache is None else torch.tensor(lengths, dtype=torch.int32, device=device))
+        if cache is None:
+            return Step(self.rope(arange[None]), positions=arange[None])
+        if B > len(cache.host_lengths):
+            raise ValueError(f"input_ids has {B} rows, the cache {len(cache.host_lengths)}")
+        longest = max(cache.host_lengths[:B])
+        if longest + T > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} positions per row; {T} more tokens after "
+                             f"{longest} would need {longest + T}")
+        lengths = cache.lengths[:B]
+        positions = lengths[:, None] + arange
+        fresh = not cache.static and longest == 0
+        return Step(self.rope(positions), positions=positions, kv_lens=lengths + T, fresh=fresh,
+                    window=cache.max_len if cache.static else longest + T)
+
+    def hidden_states(self, input_ids, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None):
+        """input_ids [B, T] -> final-norm hidden states [B, T, D]; continues and advances `cache` when given (each
+        row from its own length). cu_seqlens int [N + 1] with B = 1: N packed sequences, each on its own (into
+        cache rows 0..N-1, which must be empty)."""
+        B, T = input_ids.shape
+        step = self.step(B, T, cache, cu_seqlens)
         x = self.embed_tokens(input_ids)
-        rope = self.rope(start, input_ids.shape[1])
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, start, None if cache is None else cache.states[i])
+            x = layer(x, step, None if cache is None else cache.states[i])
         if cache is not None:
-            cache.position += input_ids.shape[1]
+            _advance(cache, step, B, T)
         return self.norm(x)
 
-    def forward(self, input_ids, cache: Cache | None = None):
-        """input_ids [B, T] -> logits [B, T, vocab]. Without a cache it is differentiable (training: gradients
-        through the ops' backends, which need a backward); with one it decodes, under inference_mode."""
+    def forward(self, input_ids, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None):
+        """input_ids [B, T] (or [1, T] of packed sequences with cu_seqlens) -> logits [B, T, vocab]. Without a
+        cache it is differentiable (training: gradients through the ops' backends, which need a backward); with
+        one it decodes, under inference_mode."""
         if cache is not None:
             with torch.inference_mode():
-                return self.lm_head(self.hidden_states(input_ids, cache))
-        return self.lm_head(self.hidden_states(input_ids))
+                return self.lm_head(self.hidden_states(input_ids, cache, cu_seqlens))
+        return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens))
 
     @torch.inference_mode()
-    def generate(self, input_ids, max_new_tokens: int):
-        """Greedy decoding: one chunked prefill, then one token at a time. input_ids [B, T] -> [B, T + new]."""
-        B, T = input_ids.shape
-        if max_new_tokens <= 0:
-            return input_ids
-        cache = self.new_cache(B, T + max_new_tokens)
-        last = self.hidden_states(input_ids, cache)[:, -1:]  # only the last position's logits are needed
-        tokens = [input_ids]
-        for step in range(max_new_tokens):
-            next_token = self.lm_head(last).argmax(-1)  # [B, 1]
-            tokens.append(next_token)
-            if step + 1 < max_new_tokens:
-                last = self.hidden_states(next_token, cache)
-        return torch.cat(tokens, dim=1)
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 cuda_graph: bool = False):
+        """Decode: one prefill (packed when the prompts' lengths differ), then one token at a time per sequence.
+
+        input_ids: a tensor [B, T] -> a tensor [B, T + max_new_tokens] (a row that stops at EOS is padded with
+        eos_token_id after it); or a list of 1-D token sequences of any lengths -> a list of 1-D int64 tensors,
+        each prompt followed by its new tokens (EOS included). max_new_tokens: an int, or one per sequence.
+        Greedy unless temperature > 0 (then top_k, top_p and seed apply: model.sampling.sample)."""
+        tensor_in = isinstance(input_ids, torch.Tensor)
+        if tensor_in and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T] or a list of 1-D sequences, got shape "
+                             f"{tuple(input_ids.shape)}")
+        prompts = list(input_ids)
+        new = [[] for _ in prompts]
+        for index, token in self.stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
+                                        cuda_graph):
+            new[index].append(token)
+        device = self.embed_tokens.weight.device
+        out = [torch.cat([torch.as_tensor(p, dtype=torch.int64).to(device), torch.tensor(n, dtype=torch.int64,
+                                                                                       device=device)])
+               for p, n in zip(prompts, new)]
+        if not tensor_in:
+            return out
+        width = max(len(o) for o in out)
+        fill = _first(eos_token_id)
+        return torch.stack([torch.cat([o, o.new_full((width - len(o),), fill)]) for o in out]).to(input_ids.dtype)
+
+    @torch.inference_mode()
+    def stream(self, prompts, max_new_tokens, eos_token_id=None, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, cuda_graph: bool = False):
+        """Yields (sequence index, token id) as each new token is chosen, for a batch of prompts of any lengths
+        (a list of 1-D token sequences): one prefill, then decode steps on the sequences still going. A sequence
+        stops after its own max_new_tokens (an int, or one per prompt) or at eos_token_id (an int or a list);
+        the others go on in a batch without it. cuda_graph: the decode step replays a CUDA graph (model.graph)."""
+        prompts = _check_prompts(prompts, self.config.vocab_size)
+        budgets = _check_budgets(max_new_tokens, len(prompts))
+        stops = _check_eos(eos_token_id, self.config.vocab_size)
+        sampler = Sampler(temperature, top_k, top_p, seed, self.embed_tokens.weight.device)
+        longest = max(len(p) + n for p, n in zip(prompts, budgets))
+        if longest > self.config.max_position_embeddings:
+            worst = max(range(len(prompts)), key=lambda i: len(prompts[i]) + budgets[i])
+            raise ValueError(f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens "
+                             f"{budgets[worst]} it needs {longest} positions, more than the model's "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        active = [i for i in range(len(prompts)) if budgets[i] > 0]
+        if not active:
+            return
+        cache = self.new_cache(len(active), longest)
+        logits = self.prefill_logits([prompts[i] for i in active], cache)
+        decode = graph.DecodeGraph(self, cache) if cuda_graph else None
+        made = [0] * len(prompts)
+        while True:
+            tokens = sampler(logits)  # [rows]
+            going = []
+            for row, (index, token) in enumerate(zip(active, tokens.tolist())):
+                made[index] += 1
+                yield index, token
+                if made[index] < budgets[index] and token not in stops:
+                    going.append(row)
+            if not going:
+                return
+            if len(going) < len(active):
+                cache.keep(going)
+                active, tokens = [active[r] for r in going], tokens[going]
+            logits = decode(tokens) if decode else self.lm_head(self.hidden_states(tokens[:, None], cache)[:, -1])
+
+    @torch.inference_mode()
+    def prefill_logits(self, prompts: list[torch.Tensor], cache: Cache) -> torch.Tensor:
+        """Prefill prompts (1-D int64, of any lengths) into cache rows 0..N-1: logits [N, vocab] of each one's last
+        token. Equal lengths run as a batch [N, T]; unequal ones packed [1, sum T] by cu_seqlens (no padding)."""
+        device = self.embed_tokens.weight.device
+        if len({len(p) for p in prompts}) == 1:
+            return self.lm_head(self.hidden_states(torch.stack(prompts).to(device), cache)[:, -1])
+        cu = torch.tensor([0, *itertools.accumulate(len(p) for p in prompts)], dtype=torch.int32, device=device)
+        hidden = self.hidden_states(torch.cat(prompts).to(device)[None], cache, cu_seqlens=cu)
+        return self.lm_head(hidden[0, cu[1:] - 1])
+
+
+def _advance(cache: Cache, step: Step, B: int, T: int) -> None:
+    if step.cu_seqlens is not None:
+        counts = step.kv_lens.tolist()
+        cache.lengths[:len(counts)] = step.kv_lens
+        cache.host_lengths[:len(counts)] = counts
+        return
+    cache.lengths[:B] += T
+    cache.host_lengths[:B] = [n + T for n in cache.host_lengths[:B]]
+
+
+def _check_packed(cu_seqlens, B: int, T: int, cache: Cache | None) -> list[int]:
+    """The sequences' lengths; ValueError unless cu_seqlens packs T tokens (B = 1) into empty cache rows."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32,
+                                                                                                      torch.int64):
+        raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor [N + 1]")
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs input_ids [1, T] (sequences packed along time), got {B} rows")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {bounds}")
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if cache is not None:
+        if len(lengths) > len(cache.host_lengths):
+            raise ValueError(f"cu_seqlens holds {len(lengths)} sequences, the cache {len(cache.host_lengths)} rows")
+        if any(cache.host_lengths[:len(lengths)]):
+            raise ValueError("cu_seqlens: packed sequences go into empty cache rows (a prefill), but rows "
+                             f"0..{len(lengths) - 1} hold {cache.host_lengths[:len(lengths)]} tokens")
+        if max(lengths) > cache.max_len:
+            raise ValueError(f"cu_seqlens: a sequence of {max(lengths)} tokens, the cache holds {cache.max_len}")
+    return lengths
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[torch.Tensor]:
+    """Each prompt as a 1-D int64 CPU tensor; ValueError naming the prompt when one is empty or holds ids outside
+    [0, vocab_size)."""
+    if isinstance(prompts, torch.Tensor) or not prompts:
+        raise ValueError("prompts must be a non-empty list of 1-D token sequences")
+    out = []
+    for i, prompt in enumerate(prompts):
+        t = torch.as_tensor(prompt).cpu()
+        if t.ndim != 1 or (t.numel() and (t.is_floating_point() or t.is_complex())):
+            raise ValueError(f"prompt {i} must be a 1-D sequence of token ids, got shape {tuple(t.shape)} of "
+                             f"{t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"prompt {i} holds token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
+        out.append(t.to(torch.int64))
+    return out
+
+
+def _check_budgets(max_new_tokens, count: int) -> list[int]:
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * count
+    if len(budgets) != count:
+        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {count} prompts")
+    for n in budgets:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0 (or one per prompt), got {n!r}")
+    return budgets
+
+
+def _check_eos(eos_token_id, vocab_size: int) -> set[int]:
+    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {eos_token_id!r}")
+    return set(ids)
+
+
+def _first(eos_token_id) -> int:
+    """The id that pads rows after their EOS in generate's tensor output (0 without one: no row stops early)."""
+    if eos_token_id is None:
+        return 0
+    return eos_token_id if isinstance(eos_token_id, int) else list(eos_token_id)[0]
 
 
 def from_pretrained(path: str | Path, backend: str | dict = "auto", dtype: torch.dtype | str | None = None,

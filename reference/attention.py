@@ -1,11 +1,23 @@
-"""Softmax attention written out: scores, mask, softmax, weighted sum."""
+"""Softmax attention written out: scores, mask, softmax, weighted sum; packed sequences and KV buffers one
+sequence at a time."""
 import torch
 
 
-def attention(q, k, v, causal=True, scale=None):
+def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
     """q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D], Hq % Hkv == 0, Tk >= Tq (query i sits at key Tk - Tq + i).
+    cu_seqlens int [N + 1] (B = 1, Tk = Tq): N packed sequences, each attending within itself. kv_lens int [B]:
+    only the first kv_lens[b] keys of sequence b exist (query i at key kv_lens[b] - Tq + i).
 
     o_t = softmax(scale q_t K^T + causal mask) V. Returns [B, Tq, Hq, D] in v's dtype."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        o = torch.empty_like(q, dtype=v.dtype)
+        for start, end in zip(bounds, bounds[1:]):
+            o[:, start:end] = attention(q[:, start:end], k[:, start:end], v[:, start:end], causal, scale)
+        return o
+    if kv_lens is not None:
+        return torch.cat([attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal, scale)
+                          for b, n in enumerate(kv_lens.tolist())])
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale

@@ -49,19 +49,6 @@ def poisoned_allocations():
         torch.empty, torch.empty_like, torch.Tensor.new_empty, torch.empty_strided = originals
 
 
-@contextlib.contextmanager
-def one_thread():
-    """torch on one CPU thread within the block. For tests of many tiny ops (autograd graphs, training steps of the
-    small model): on a shared machine each parallel region of a tiny op waits for a second thread to be scheduled
-    and spins meanwhile (a training step of the small model: 0.1 s of CPU on one thread, 5 s on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def to_float64(inputs):
     """The same inputs in float64 (floating tensors only), for the reference run."""
     return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}

@@ -1,5 +1,6 @@
 """Parity of every attention backend with the float64 reference (grouped KV heads, causal and not, a KV cache
-longer than the queries), and the checks on bad input.
+longer than the queries, packed sequences by cu_seqlens with a length-1 and an empty one, KV buffers of
+per-sequence lengths by kv_lens), and the checks on bad input.
 
 Shapes stay small (T <= 130, D in {16, 32}): Triton runs here under its interpreter."""
 import math
@@ -25,6 +26,12 @@ CASES = {
     "Hq_equals_Hkv": dict(T=50, Hq=2, Hkv=2),
     "Hq_4Hkv": dict(T=50, Hq=4, Hkv=1, D=16),
     "batch2": dict(B=2, T=40, Tk=48),
+    "packed": dict(seqlens=[1, 70, 0, 3, 64]),
+    "packed_not_causal": dict(seqlens=[5, 1, 66], causal=False),
+    "packed_one": dict(seqlens=[1]),
+    "kv_lens_decode": dict(B=3, T=1, Tk=80, kv_lens=[1, 33, 80]),
+    "kv_lens_chunk": dict(B=2, T=5, Tk=70, kv_lens=[5, 69], Hq=4, Hkv=1),
+    "kv_lens_not_causal": dict(B=2, T=3, Tk=40, kv_lens=[3, 40], causal=False),
 }
 
 
@@ -56,8 +63,30 @@ def test_torch_float64(seed):
     assert_close(kernels.attention(**args, backend="torch"), ref, torch.float64, "torch o", seed)
 
 
+def test_packed_equals_one_call_per_sequence(seed):
+    """Each packed sequence gets the output of its own call: nothing leaks across the sequences' boundaries."""
+    seqlens = [3, 1, 40]
+    args = inputs.make("attention", seqlens=seqlens, seed=seed)
+    o = kernels.attention(**args, backend="torch")
+    bounds = args["cu_seqlens"].tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        alone = kernels.attention(*(args[key][:, start:end] for key in ("q", "k", "v")), backend="reference")
+        assert_close(o[:, start:end], alone, torch.float32, f"sequence {start}:{end}", seed)
+
+
+def test_kv_lens_ignores_the_buffer_past_each_length(seed):
+    """Keys and values past kv_lens[b] (here huge, but finite: SDPA's masked scores still multiply them) do not
+    reach the output."""
+    args = inputs.make("attention", B=2, T=2, Tk=30, kv_lens=[4, 30], seed=seed)
+    ref = kernels.attention(**to_float64(args), backend="reference")
+    args["k"][0, 4:], args["v"][0, 4:] = 1e4, -1e4
+    for backend in lab_backends("attention"):
+        assert_close(kernels.attention(**args, backend=backend), ref, torch.float32, backend, seed)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["T_odd", "kv_cache_causal", "decode_with_cache", "not_causal"])
+@pytest.mark.parametrize("case", ["T_odd", "kv_cache_causal", "decode_with_cache", "not_causal", "packed",
+                                  "kv_lens_decode", "kv_lens_chunk"])
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("attention"), "attention", GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, seed):
     _check(backend, inputs.make("attention", dtype=dtype, device="cuda", seed=seed, **CASES[case]), seed)
@@ -78,6 +107,23 @@ def _bad_inputs(args):
         ("int_dtype", dict(q=q.long(), k=k.long(), v=v.long()), "q must have dtype"),
         ("device_mismatch", dict(k=k.to("meta")), "k is on meta"),
         ("scale_nan", dict(scale=math.nan), "scale must be"),
+        ("kv_lens_shape", dict(kv_lens=torch.tensor([20], dtype=torch.int32)), "kv_lens must have shape"),
+        ("kv_lens_float", dict(kv_lens=torch.tensor([20.0, 20.0])), "kv_lens must have dtype"),
+        ("kv_lens_too_long", dict(kv_lens=torch.tensor([20, 21], dtype=torch.int32)), "kv_lens must lie in"),
+        ("kv_lens_shorter_than_q", dict(kv_lens=torch.tensor([19, 20], dtype=torch.int32)), "kv_lens must lie in"),
+        ("cu_seqlens_batch2", dict(cu_seqlens=torch.tensor([0, 20], dtype=torch.int32)), "batch size 1"),
+    ]
+
+
+def _bad_packed(args):
+    """Bad cu_seqlens on packed inputs [1, 20]."""
+    k, v = args["k"], args["v"]
+    return [
+        ("not_monotone", dict(cu_seqlens=torch.tensor([0, 12, 5, 20], dtype=torch.int32)), "non-decreasing"),
+        ("end_short", dict(cu_seqlens=torch.tensor([0, 5, 19], dtype=torch.int32)), "cu_seqlens must start"),
+        ("float", dict(cu_seqlens=torch.tensor([0.0, 20.0])), "cu_seqlens must have dtype"),
+        ("kv_longer", dict(k=torch.cat([k, k], 1), v=torch.cat([v, v], 1)), "with cu_seqlens, k and v"),
+        ("with_kv_lens", dict(kv_lens=torch.tensor([20], dtype=torch.int32)), "cu_seqlens and kv_lens"),
     ]
 
 
@@ -89,6 +135,16 @@ def _bad_args(seed):
 @pytest.mark.parametrize("backend", lab_backends("attention"))
 def test_bad_input_raises_and_writes_nothing(backend, case, seed):
     check_bad_case("attention", backend, _bad_inputs, _bad_args, case, seed)
+
+
+def _packed_args(seed):
+    return inputs.make("attention", seqlens=[8, 12], seed=seed)
+
+
+@pytest.mark.parametrize("case", bad_case_names(_bad_packed, _packed_args))
+@pytest.mark.parametrize("backend", lab_backends("attention"))
+def test_bad_packing_raises_and_writes_nothing(backend, case, seed):
+    check_bad_case("attention", backend, _bad_packed, _packed_args, case, seed)
 
 
 def test_unknown_and_unavailable_backends():

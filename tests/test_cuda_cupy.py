@@ -239,6 +239,9 @@ CUPY_CASES = [
     ("attention", dict(T=5, Tk=20), {}),
     ("attention", dict(T=9, causal=False), {}),
     ("attention", dict(T=16, Hq=4, Hkv=1), {}),
+    ("attention", dict(seqlens=[1, 37, 0, 5]), {}),
+    ("attention", dict(B=3, T=2, Tk=30, kv_lens=[2, 17, 30]), {}),
+    ("attention", dict(B=2, T=1, Tk=30, kv_lens=[1, 9], causal=False), {}),
     ("route", dict(N=20, E=8, top_k=3), {}),
     ("route", dict(N=1, E=4, top_k=4, renormalize=False), {}),
     *[(op, case, {}) for op in ("moe_permute", "moe_unpermute", "grouped_gemm", "moe") for case in (

@@ -4,7 +4,8 @@ chunk machinery kernels/triton/_chunk.py) against the float64 references, beyond
 CPU: under TRITON_INTERPRET=1 (set by conftest), fp32 and fp16, at small sizes over the edge cases: T = 1, T not a
 multiple of the chunk (65, 130), Hv = 2 Hk, initial states, packed sequences of unequal length (one of length 1,
 one empty), g = 0, strong decay, beta near 0 and 1, use_qk_l2norm on and off, K and V up to 256; attention with
-Hq = 2 Hkv, T not a multiple of the block, Tk > Tq, head dims 256 and 80. Also: no host synchronisation in the
+Hq = 2 Hkv, T not a multiple of the block, Tk > Tq, head dims 256 and 80, packed sequences (cu_seqlens) and KV
+buffers of per-sequence lengths (kv_lens). Also: no host synchronisation in the
 chunked path, and an ahead-of-time compile of the kernels for sm_90 (no GPU needed).
 GPU-marked: bf16 parity at larger sizes, and no recompilation when only the sequence length changes.
 """
@@ -58,6 +59,10 @@ ATTENTION_CASES = {
     "non_causal_T70": dict(T=70, causal=False),
     "non_causal_Tk_longer_D80": dict(T=33, Tk=40, causal=False, D=80),
     "D256": dict(T=65, Tk=90, D=256, Hq=2, Hkv=1),
+    "packed_1_70_0_3_64": dict(seqlens=[1, 70, 0, 3, 64]),
+    "packed_non_causal": dict(seqlens=[65, 1, 2], causal=False),
+    "kv_lens_decode": dict(B=3, T=1, Tk=150, kv_lens=[1, 64, 150]),
+    "kv_lens_T5_not_causal": dict(B=2, T=5, Tk=70, kv_lens=[5, 66], causal=False),
 }
 
 
