@@ -2,17 +2,18 @@
 Qwen3.5-MoE layer pattern and for its all-attention twin (every layer full attention), to 32K tokens on a CPU
 (128K on a GPU); the bytes a decode step moves (weights, active experts, states, keys and values) against the copy
 bandwidth measured on a working set of that size: the decode floor, beside the measured step; cache memory
-against context; on CPU, transformers' own Qwen3_5MoeForCausalLM and llama.cpp (bench/llama_cpp.py, when
-llama-cpp-python is installed) on the same checkpoint.
+against context; training tokens/s (model.train.train_step: forward, backward, AdamW step, each part timed) on
+2K-token sequences for each backend with a backward; on CPU, transformers' own Qwen3_5MoeForCausalLM (prefill,
+decode, training) and llama.cpp (bench/llama_cpp.py, when llama-cpp-python is installed) on the same checkpoint.
 
     python -m bench.model [--quick] [--device cpu] [--out reports/cpu] [--threads 1] [--backend torch]
     python -m bench.sweep --op model [--quick]     # the same sweep, rows merged into results.csv
 
 `sweep(quick, device, out)` returns the rows (bench.sweep --op model calls it) and writes model_tokens_per_s.png,
-model_gap.png, model_decode_floor.png and model_cache_memory.png into out. Each runner (a lab backend,
-transformers, llama.cpp) runs in a process of its own. Decode steps are timed without flushing the caches between
-them (a server's steps follow one another; a small checkpoint stays in a large L3), and the floor's bandwidth is
-measured the same way on a working set of the step's size.
+model_gap.png, model_decode_floor.png, model_cache_memory.png and model_train.png into out. Each runner (a lab
+backend, transformers, llama.cpp) runs in a process of its own, and so does each one's training. Decode steps
+are timed without flushing the caches between them (a server's steps follow one another; a small checkpoint stays
+in a large L3), and the floor's bandwidth is measured the same way on a working set of the step's size.
 """
 from __future__ import annotations
 
