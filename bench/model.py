@@ -55,6 +55,8 @@ WARMUP_CONTEXT = 64  # each runner's first prefill and decode (compilation, auto
 TRAIN_CONTEXT = 2048
 QUICK_TRAIN_CONTEXT = 64
 TRAIN_LR = 1e-4  # small: the timed steps must not drive the random checkpoint's loss to NaN
+# A 2K-token step takes seconds on a CPU: with this budget, steps up to ~16 s get bench.timing's 3 repeats.
+TRAIN_BUDGET_S = 10.0
 
 
 @contextlib.contextmanager
@@ -575,7 +577,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                 continue
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
                 rows += pool.submit(measure_training, paths["hybrid"], "hybrid", name, train_context, device, dtype,
-                                    budget_s, torch.get_num_threads()).result()
+                                    budget_s if quick else TRAIN_BUDGET_S, torch.get_num_threads()).result()
         with torch.inference_mode():
             floor_rows(rows, paths, device, dtype)
             rows += memory_rows(paths, device, dtype)
