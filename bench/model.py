@@ -84,14 +84,16 @@ def transformers_torch_path(calls: dict | None = None):
             setattr(hf_module, name, fn)
 
 
-def cache_bytes_from_shapes(cfg: model.ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
+def cache_bytes_from_shapes(cfg: model.ModelConfig, batch: int, context: int, dtype_bytes: int,
+                            state_bytes: int = 4) -> int:
     """Bytes of the cache at `context` tokens, from the config alone: per Gated DeltaNet layer the conv
-    state [B, C, kernel - 1] (model dtype) and the recurrent state [B, Hv, K, V] (float32); per attention
-    layer keys and values [B, context, Hkv, Dh]."""
+    state [B, C, kernel - 1] (model dtype) and the recurrent state [B, Hv, K, V] (state_bytes per element: 4,
+    float32, unless the model stores another state_dtype); per attention layer keys and values
+    [B, context, Hkv, Dh]."""
     conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * \
         cfg.linear_value_head_dim
     linear = batch * (conv_dim * (cfg.linear_conv_kernel_dim - 1) * dtype_bytes + cfg.linear_num_value_heads *
-                      cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4)
+                      cfg.linear_key_head_dim * cfg.linear_value_head_dim * state_bytes)
     full = 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
     return sum(linear if kind == "linear_attention" else full for kind in cfg.layer_types)
 
@@ -630,7 +632,8 @@ def _at_most(rows, context):
 def _floor_summary(rows) -> list[str]:
     """The decode floor's targets: the fastest lab backend at 2K (hybrid) and at the longest context (both
     variants), as multiples of their floors; the bytes per step of the twin over the hybrid's there."""
-    decode = [r for r in _measured(rows, "decode") if not _peer(r) and r.get("floor_ms")]
+    # rows without a floor (written before the floor was measured, or a NaN read back from the CSV) are left out
+    decode = [r for r in _measured(rows, "decode") if not _peer(r) and math.isfinite(r.get("x_floor", math.nan))]
     if not decode:
         return []
     lines = []

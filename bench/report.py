@@ -148,6 +148,15 @@ def target_lines(frame, spec, target, highest: dict, lvq) -> list[str]:
         ratio = peer["median_ms"].iloc[0] / best["median_ms"]
         return [f"{said}; `{target.peer}` {fmt_ms(peer['median_ms'].iloc[0])}: **{ratio:.2f}x**: "
                 f"{'met' if ratio >= target.threshold else 'not met'}."]
+    if target.kind == "op":
+        other = _lab(_select(plots.measured(frame[frame["op"] == target.peer]), **target.match))
+        if other.empty:
+            return [f"{said}; {target.peer} not measured on the same rows in this CSV."]
+        theirs = other.loc[other["median_ms"].idxmin()]
+        ratio = theirs["median_ms"] / best["median_ms"]
+        return [f"{said}, {fmt_flops(best['tflops'])}; the best {target.peer} row `{theirs['backend']}` "
+                f"{fmt_ms(theirs['median_ms'])}, {fmt_flops(theirs['tflops'])}: **{ratio:.2f}x**: "
+                f"{'met' if ratio >= target.threshold else 'not met'}."]
     raise ValueError(f"unknown target kind {target.kind!r} of {spec.name}")
 
 
@@ -447,7 +456,8 @@ def write(out: Path, device: str) -> Path:
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
-        md += ["", _rows_table(rows) if spec.registry else _own_table(rows), ""]
+        own = resolve(spec.table)(rows.to_dict("records")) if spec.table else _own_table(rows)
+        md += ["", _rows_table(rows) if spec.registry else own, ""]
     readme = out / "README.md"
     readme.write_text("\n".join(md))
     return readme

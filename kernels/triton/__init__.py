@@ -89,6 +89,8 @@ BACKENDS = [
     Backend("moe_unpermute", "triton", "kernels.triton.moe_permute:moe_unpermute", **_TRITON),
     Backend("grouped_gemm", "triton", "kernels.triton.grouped_gemm:grouped_gemm", **_TRITON),
     Backend("moe", "triton", "kernels.triton.moe:moe", **_TRITON),
+    Backend("grouped_gemm_fp8", "triton", "kernels.triton.moe_fp8:grouped_gemm_fp8", **_TRITON),
+    Backend("moe_fp8", "triton", "kernels.triton.moe_fp8:moe_fp8", **_TRITON),
 ]
 
 # Batch invariance, measured under TRITON_INTERPRET=1 by tests/test_invariance.py.

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from kernels.triton import aot_spec
 from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
+from kernels.validate import STATE_ROUNDING
 
 CHUNK = 64
 # fp32 elements of a [BK, BV] state tile kept in registers by one program (64 registers per thread at 4 warps).
@@ -89,6 +90,19 @@ def chunk_cumsum(g, cu_seqlens, chunk_indices):
     return g_cum
 
 
+@triton.jit
+def stored_state(x, STATE_ROUNDING: tl.constexpr):
+    """x float32 -> the value a state stored in its state dtype keeps, in float32 (kernels.validate.STATE_ROUNDING:
+    0 float32, 1 bfloat16, 2 float16), rounded to nearest even. bfloat16 on the float32 bits: Triton's interpreter
+    truncates its float32 -> bfloat16 conversion (a GPU rounds to nearest), and a truncated state drifts."""
+    if STATE_ROUNDING == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    elif STATE_ROUNDING == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
 def _fits_state_tile(configs, named_args, **kwargs):
     """Keep the configs whose [BK, BV] state tile fits in registers, and no wider than V needs."""
     args = {**named_args, **kwargs}
@@ -108,14 +122,15 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
                        HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_W: tl.constexpr, USE_G: tl.constexpr, USE_K_SCALE: tl.constexpr,
                        USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                       IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+                       IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, STATE_ROUNDING: tl.constexpr):
     """The sequential pass over chunks. One program per (V tile, sequence, value head) keeps the state
-    [BK = K padded, BV] in float32 registers and walks its sequence chunk by chunk.
+    [BK = K padded, BV] in float32 registers and walks its sequence chunk by chunk, rounding it after every chunk
+    to the state dtype (STATE_ROUNDING, stored_state).
 
     k [B, T, HK, K]; v [B, T, HV, V] (u of the WY form when USE_W); w [B, T, HV, K]; g [B, T, HV] float32
     within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, HV, K, V]
     (state at each chunk start, in k's dtype), v_new
-    [B, T, HV, V] = v - w S (when USE_W), ht [N, HV, K, V] float32. h0 [N, HV, K, V] float32.
+    [B, T, HV, V] = v - w S (when USE_W), ht [N, HV, K, V] and h0 [N, HV, K, V] in the state dtype.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -135,7 +150,7 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh * K * V + state_offsets, mask=m_kv, other=0.)
+        b_h += tl.load(h0 + i_nh * K * V + state_offsets, mask=m_kv, other=0.).to(tl.float32)
     for i_t in range(tl.cdiv(T, BT)):
         tl.store(h + ((boh + i_t) * HV + i_h) * K * V + state_offsets, b_h.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + i_t * BT + o_t
@@ -157,28 +172,31 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
             b_h *= tl.exp(b_g_last)
         if USE_K_SCALE:
             b_v *= tl.load(k_scale + rows * HK + i_hk, mask=m_t, other=0.)[:, None]
-        b_h = tl.dot(tl.trans(b_k), b_v.to(b_k.dtype), b_h, input_precision=PRECISION)
+        b_h = stored_state(tl.dot(tl.trans(b_k), b_v.to(b_k.dtype), b_h, input_precision=PRECISION), STATE_ROUNDING)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh * K * V + state_offsets, b_h, mask=m_kv)
+        tl.store(ht + i_nh * K * V + state_offsets, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
-def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=None, k_scale=None):
+def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=None, k_scale=None,
+                state_dtype=torch.float32):
     """k [B, T, HK, K]; v [B, T, HV, V]; g None or float32 [B, T, HV] (within-chunk cumsum); w None or
     [B, T, HV, K] (gated delta rule: v is then u of the WY form and v_new = v - w S is returned); k_scale None or
-    float32 [B, T, HK], the inverse norms of k's rows.
-    Returns h [chunks, HV, K, V] in k's dtype, v_new [B, T, HV, V] or None, final state [N, HV, K, V] float32 or None.
+    float32 [B, T, HK], the inverse norms of k's rows; initial_state None or [N, HV, K, V] in state_dtype (the
+    state is rounded to it after every chunk).
+    Returns h [chunks, HV, K, V] in k's dtype, v_new [B, T, HV, V] or None, final state [N, HV, K, V] in
+    state_dtype or None.
     """
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     h = k.new_empty(B * num_chunks(B, T, cu_seqlens), HV, K, V)  # B = 1 when packed
     v_new = torch.empty_like(v) if w is not None else None
-    final = k.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else None
+    final = k.new_empty(N, HV, K, V, dtype=state_dtype) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
     chunk_state_kernel[grid](
         k=k, v=v, w=w, g=g, k_scale=k_scale, h=h, v_new=v_new, h0=initial_state, ht=final, cu_seqlens=cu_seqlens,
         chunk_offsets=chunk_offsets, T=T, HV=HV, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
-        PRECISION=dot_precision(k.dtype))
+        PRECISION=dot_precision(k.dtype), STATE_ROUNDING=STATE_ROUNDING[state_dtype])
     return h, v_new, final
 
 
@@ -264,7 +282,7 @@ def aot_specs(prefix, HV, HK, K, V, dtype, use_w, use_g, use_qk_scale):
                  pointers=dict(g="fp32", g_cum="fp32", **packing)),
         aot_spec(f"{prefix}chunk_state[{label},BV=16]", chunk_state_kernel,
                  dict(common, BK=triton.next_power_of_2(K), BV=16, USE_W=use_w, USE_G=use_g, USE_K_SCALE=use_qk_scale,
-                      USE_INITIAL_STATE=True, STORE_FINAL_STATE=True),
+                      USE_INITIAL_STATE=True, STORE_FINAL_STATE=True, STATE_ROUNDING=0),
                  pointers=dict(k=dt, v=dt, w=dt, g="fp32", k_scale="fp32", h=dt, v_new=dt, h0="fp32", ht="fp32",
                                cu_seqlens="i32", chunk_offsets="i32"),
                  num_warps=4, num_stages=2),

@@ -21,7 +21,8 @@ import triton.language as tl
 from kernels.triton import aot_spec
 from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
 from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, aot_specs, chunk_cumsum, chunk_output,
-                                   chunk_state, num_chunks, prepare_chunk_layout)
+                                   chunk_state, num_chunks, prepare_chunk_layout, stored_state)
+from kernels.validate import STATE_ROUNDING
 
 L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
 SUB = 16  # the diagonal blocks of the forward substitution
@@ -240,7 +241,7 @@ def chunk_wy_kernel(k, v, beta, g, k_scale, A, w, u, cu_seqlens, chunk_indices, 
 
 
 def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                            layout):
+                            layout, state_dtype):
     B, T, HK, K = k.shape
     HV = v.shape[2]
     chunk_indices, chunk_offsets = layout if cu_seqlens is not None else (None, None)
@@ -255,7 +256,7 @@ def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final
     u = torch.empty_like(v)
     chunk_wy_kernel[grid](k=k, v=v, beta=beta, g=g_cum, k_scale=k_scale, A=A, w=w, u=u, V=v.shape[3], **common)
     h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w,
-                                  k_scale=k_scale)
+                                  k_scale=k_scale, state_dtype=state_dtype)
     o = chunk_output(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, q_scale=q_scale, k_scale=k_scale)
     return o, final
 
@@ -276,11 +277,13 @@ def _fits_recurrent_tile(configs, named_args, **kwargs):
 def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.constexpr, HK: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr):
+                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ROUNDING: tl.constexpr):
     """Token by token. One program per (V tile, sequence, value head) reads its state slice [BK, BV] once,
-    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV).
+    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV). The slice stays float32 in
+    registers, rounded after each token's output to the state dtype (STATE_ROUNDING, _chunk.stored_state).
 
-    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht float32 [N, HV, K, V].
+    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht [N, HV, K, V] in the state
+    dtype.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -297,7 +300,7 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
     state_offsets = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.)
+        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.).to(tl.float32)
     for t in range(T):
         row = bos + t
         b_q = tl.load(q + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
@@ -313,39 +316,43 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
         b_h += b_k[:, None] * b_u[None, :]
         b_o = tl.sum(b_h * b_q[:, None], 0) * scale
         tl.store(o + (row * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        b_h = stored_state(b_h, STATE_ROUNDING)  # after the output: the state as carried to the next token
     if STORE_FINAL_STATE:
-        tl.store(ht + state_offsets, b_h, mask=m_kv)
+        tl.store(ht + state_offsets, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
 def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                cu_seqlens):
+                                cu_seqlens, state_dtype):
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = torch.empty_like(v)
-    final = k.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else None
+    final = k.new_empty(N, HV, K, V, dtype=state_dtype) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
     recurrent_kernel[grid](
         q=q, k=k, v=v, g=g, beta=beta, o=o, h0=initial_state, ht=final, cu_seqlens=cu_seqlens, scale=scale, T=T,
-        HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm)
+        HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm,
+        STATE_ROUNDING=STATE_ROUNDING[state_dtype])
     return o, final
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     chunk_layout=None):
-    """q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state None or float32 [N, HV, K, V];
-    cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout: optional precomputed
-    `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
-    Returns (o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V] or None)."""
+                     state_dtype, chunk_layout=None):
+    """q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state None or [N, HV, K, V] (in
+    state_dtype when given); cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout:
+    optional precomputed `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
+    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None). The state is rounded
+    to state_dtype after every token (recurrent) or chunk (chunk); the arithmetic is float32.
+    """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    h0 = None if initial_state is None else initial_state.to(state_dtype).contiguous()
     if mode == "recurrent":
         return _recurrent_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm,
-                                           cu_seqlens)
+                                           cu_seqlens, state_dtype)
     if cu_seqlens is not None and chunk_layout is None:
         chunk_layout = prepare_chunk_layout(cu_seqlens, q.shape[1])
     return _chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm, cu_seqlens,
-                                   chunk_layout)
+                                   chunk_layout, state_dtype)
 
 
 def _aot_specs(HV, HK, K, V, dtype):
@@ -366,11 +373,15 @@ def _aot_specs(HV, HK, K, V, dtype):
                  num_warps=8, num_stages=2),
         *aot_specs("gated_delta_rule.", HV=HV, HK=HK, K=K, V=V, dtype=dtype, use_w=True, use_g=True,
                    use_qk_scale=True),
-        aot_spec(f"gated_delta_rule.recurrent[{label},BV=32]", recurrent_kernel,
-                 dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
-                      STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True),
-                 pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0="fp32", ht="fp32", cu_seqlens="i32"),
-                 floats=("scale",)),
+        # the decode kernel with a float32 and a bfloat16 state (rounded every token, half the state's bytes)
+        *(aot_spec(f"gated_delta_rule.recurrent[{label},BV=32{state_label}]", recurrent_kernel,
+                   dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
+                        STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True,
+                        STATE_ROUNDING=STATE_ROUNDING[state_dtype]),
+                   pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0=TRITON_DTYPE[state_dtype],
+                                 ht=TRITON_DTYPE[state_dtype], cu_seqlens="i32"),
+                   floats=("scale",))
+          for state_dtype, state_label in ((torch.float32, ""), (torch.bfloat16, ",state=bf16"))),
     ]
 
 

@@ -8,20 +8,21 @@ import torch
 from kernels.triton._chunk import aot_specs, chunk_cumsum, chunk_output, chunk_state, prepare_chunk_layout
 
 
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_layout=None):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or float32 [N, H, K, V];
-    cu_seqlens None or int [N + 1] (B = 1). Both modes run the chunked kernels (the same function).
-    chunk_layout: optional precomputed
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, state_dtype,
+                     chunk_layout=None):
+    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V] (in state_dtype
+    when given); cu_seqlens None or int [N + 1] (B = 1). Both modes run the chunked kernels (the same function),
+    the state rounded to state_dtype after every chunk. chunk_layout: optional precomputed
     `_chunk.prepare_chunk_layout(cu_seqlens, T)`, to share between calls.
-    Returns (o [B, T, H, V] in v's dtype, final state float32 [N, H, K, V] or None).
+    Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] in state_dtype or None).
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     chunk_indices = chunk_offsets = None
     if cu_seqlens is not None:
         chunk_indices, chunk_offsets = chunk_layout or prepare_chunk_layout(cu_seqlens, q.shape[1])
     g_cum = None if g is None else chunk_cumsum(g.contiguous(), cu_seqlens, chunk_indices)
-    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    h, _, final = chunk_state(k, v, g_cum, h0, output_final_state, cu_seqlens, chunk_offsets)
+    h0 = None if initial_state is None else initial_state.to(state_dtype).contiguous()
+    h, _, final = chunk_state(k, v, g_cum, h0, output_final_state, cu_seqlens, chunk_offsets, state_dtype=state_dtype)
     o = chunk_output(q, k, v, h, g_cum, scale, cu_seqlens, chunk_indices)
     return o, final
 
