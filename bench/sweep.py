@@ -642,7 +642,7 @@ def parse(argv=None, machine: bool = False):
         parser_.error(f"--op {own[0]} takes no --preset (it has no model presets)")
     args.passes = list(dict.fromkeys(args.passes))
     if own and args.passes != ["forward"]:
-        parser_.error(f"--pass {' '.join(args.passes)}: --op {own[0]} has a sweep of its own (forward only)")
+        parser_.error(f"--pass {' '.join(args.passes)}: --op {own[0]} has a sweep of its own, which takes no --pass")
     if "forward" not in args.passes:
         flat = [op for op in args.op if OPS[op].backward_cost is None]
         if flat:
