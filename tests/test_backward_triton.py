@@ -7,7 +7,8 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.helpers import TOLERANCE, one_thread, poisoned_allocations, rel_err, to_float64
+from bench.sweep import one_thread
+from tests.helpers import TOLERANCE, poisoned_allocations, rel_err, to_float64
 from tests.test_backward import (MOE_CASES, RECURRENT, RECURRENT_CASES, _differentiable, _leaves, _make, _on,
                                  check_gradients)
 
