@@ -83,6 +83,8 @@ class OpSpec:
     backward_cost: the same for its backward (bench.cost.<op>_backward): a differentiable op, whose sweep may
                  time the passes "backward" and "forward+backward" (PASSES) beside "forward"; None: forward only.
     affordable:  (shape, quick) -> whether the float64 reference's loops check this case in seconds.
+    backward_affordable: the same for the reference's autograd, the gradients' yardstick (default: affordable);
+                 where it is not, the torch backward in float64 is the yardstick.
     gigabytes:   (shape, element size) -> rough size of the inputs.
     call:        shape -> extra keywords of the call (the gated delta rule's mode).
     check_head:  (input names, rows): when the reference is unaffordable, check these inputs' first rows only.
@@ -111,6 +113,7 @@ class OpSpec:
     cost: Callable[[dict], tuple[int, int]] | None = None
     backward_cost: Callable[[dict], tuple[int, int]] | None = None
     affordable: Callable[[dict, bool], bool] = lambda shape, quick: True
+    backward_affordable: Callable[[dict, bool], bool] | None = None
     gigabytes: Callable[[dict, int], float] = lambda shape, itemsize: 0.0
     call: Callable[[dict], dict] = lambda shape: {}
     check_head: tuple[tuple[str, ...], int] | None = None
@@ -209,9 +212,10 @@ def _recurrent_gigabytes(heads_k, heads_v):
     return gigabytes
 
 
-def _token_loop_affordable(heads):
-    """The reference's token loop: about B T H K V multiply-adds in float64, some 2^29 a few seconds here."""
-    return lambda s, quick: s["B"] * s["T"] * s[heads] * s["K"] * s["V"] <= (2**26 if quick else 2**29)
+def _token_loop_affordable(heads, full=2**29):
+    """The reference's token loop: about B T H K V multiply-adds in float64, some 2^29 a few seconds here. Its
+    autograd keeps every token's state (B H K V float64 each: 13 GB at 2^29) and runs a graph of T steps: 2^26."""
+    return lambda s, quick: s["B"] * s["T"] * s[heads] * s["K"] * s["V"] <= (min(full, 2**26) if quick else full)
 
 
 _GDR_CPU_8K = dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk")
@@ -222,7 +226,7 @@ LINEAR_ATTENTION = OpSpec(
     make=lambda s: dict(B=s["B"], T=s["T"], H=s["H"], K=s["K"], V=s["V"], seqlens=seqlens(s["T"], s["seqs"]),
                         initial_state=True, output_final_state=True),
     grid=_recurrent_grid(gdr=False), cost=cost.linear_attention, backward_cost=cost.linear_attention_backward,
-    affordable=_token_loop_affordable("H"),
+    affordable=_token_loop_affordable("H"), backward_affordable=_token_loop_affordable("H", 2**26),
     gigabytes=_recurrent_gigabytes("H", "H"), plot_axes=_RECURRENT_PLOTS | {"heads": ("H",)},
     versus=Versus("attention", same=dict(B="B", H="Hq", K="D", V="D"), fixed=dict(seqs=1)),
     targets=(Target("Linear attention at least as fast as the best lab softmax attention from T = 1024 on "
@@ -237,7 +241,8 @@ GATED_DELTA_RULE = OpSpec(
                         seqlens=seqlens(s["T"], s["seqs"]), initial_state=True, output_final_state=True),
     grid=_recurrent_grid(gdr=True), presets=_gdr_presets, cost=cost.gated_delta_rule,
     backward_cost=cost.gated_delta_rule_backward,
-    affordable=_token_loop_affordable("Hv"), gigabytes=_recurrent_gigabytes("Hk", "Hv"),
+    affordable=_token_loop_affordable("Hv"), backward_affordable=_token_loop_affordable("Hv", 2**26),
+    gigabytes=_recurrent_gigabytes("Hk", "Hv"),
     call=lambda s: {"mode": s["mode"]}, plot_axes=_RECURRENT_PLOTS | {"heads": ("Hk", "Hv")},
     versus=Versus("attention", same=dict(B="B", Hv="Hq", Hk="Hkv", K="D", V="D"), fixed=dict(seqs=1, mode="chunk")),
     targets=(

@@ -192,7 +192,7 @@ def gradient_yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: floa
     backend's backward on float64 inputs where it fits in memory."""
     spec = OPS[case.op]
     device = inputs_device(inputs)
-    if spec.affordable(case.shape, quick):
+    if (spec.backward_affordable or spec.affordable)(case.shape, quick):
         name = "reference"
     elif kernels.registry.registered(case.op)["torch"].backward is not None and \
             "torch" in kernels.backends(case.op, device) and 4 * spec.gigabytes(case.shape, 8) <= max_check_gb:
