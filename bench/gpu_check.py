@@ -136,7 +136,9 @@ def sweep_table(results_csv: Path, ops: list[str], since: datetime.datetime | No
         return []
     import pandas as pd
 
-    frame = pd.read_csv(results_csv, keep_default_na=False, na_values=[""])
+    from bench.sweep import read_results
+
+    frame = read_results(results_csv)
     frame = frame[(frame["device"].astype(str) == "cuda") & frame["op"].isin(ops)]
     if since is not None and "timestamp" in frame:
         written = pd.to_datetime(frame["timestamp"], utc=True, errors="coerce")

@@ -24,9 +24,12 @@ MAX_GROUPS_PER_AXIS = 3
 
 
 def load(path) -> pd.DataFrame:
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    from bench.sweep import read_results
+
+    frame = read_results(path)
     for column in ("error", "preset", "best_peer", "checked_against"):
-        frame[column] = ["" if pd.isna(v) else str(v) for v in frame[column]] if column in frame else ""
+        if column not in frame:
+            frame[column] = ""
     frame["peer"] = frame["peer"].astype(str).str.lower().eq("true")
     return frame
 

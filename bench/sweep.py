@@ -38,7 +38,7 @@ import torch
 
 import kernels
 from bench import cli, presets, timing
-from bench.ops import ALL_AXES, OPS, RENAMED, Case
+from bench.ops import ALL_AXES, CATEGORICAL_AXES, OPS, RENAMED, Case
 from kernels.registry import resolve
 from kernels.types import Permutation
 from reference.tolerance import rel_err, tolerance
@@ -344,6 +344,21 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["op", "dtype", "shape", "backend"], kind="stable").reset_index(drop=True)
 
 
+# Columns of text: read as text (a commit hash like 0501666 is no int), "" where empty.
+TEXT_COLUMNS = ("op", "backend", "device", "device_name", "dtype", "shape", "preset", *CATEGORICAL_AXES,
+                "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp")
+
+
+def read_results(source) -> pd.DataFrame:
+    """A results CSV (a path or a file object) with its text columns as text ("" for empty) and the rest
+    parsed as numbers."""
+    frame = pd.read_csv(source, keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT_COLUMNS})
+    for column in TEXT_COLUMNS:
+        if column in frame:
+            frame[column] = text_column(frame[column])
+    return frame
+
+
 def text_column(values: pd.Series) -> list[str]:
     """A column of text with "" for missing values (read_csv makes an all-empty column float NaN)."""
     return ["" if pd.isna(v) else str(v) for v in values]
@@ -354,7 +369,7 @@ def merge(path: Path, rows: list[dict]) -> pd.DataFrame:
     all others kept; speedups recomputed over the whole table."""
     new = pd.DataFrame(rows)
     if path.exists():
-        old = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        old = read_results(path)
         keys = set(map(tuple, new[KEY].astype(str).values)) if len(new) else set()
         keep = [tuple(k) not in keys for k in old[KEY].astype(str).values]
         new = pd.concat([old[keep], new], ignore_index=True) if len(new) else old

@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -114,6 +114,11 @@ def resolve(target: str):
 def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, **options) -> list[Backend]:
     """Backend `name` of every op in ops, each implemented at package.<OP_MODULE[op]>:<op>."""
     return [Backend(op, name, f"{package}.{OP_MODULE[op]}:{op}", places, **options) for op in ops]
+
+
+def batch_variant(backends: list[Backend], notes: dict[str, str]) -> list[Backend]:
+    """backends, with those of the ops in notes declared not batch invariant and notes[op] their variance_note."""
+    return [replace(b, batch_invariant=False, variance_note=notes[b.op]) if b.op in notes else b for b in backends]
 
 
 def _cuda_available() -> bool:

@@ -24,10 +24,11 @@ MARKERS = "osD^vP*Xh<>p"
 
 
 def load(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    from bench.sweep import read_results
+
+    frame = read_results(path)
     if "error" not in frame:
         frame["error"] = ""
-    frame["error"] = frame["error"].astype("string").fillna("").astype(str)
     return frame
 
 

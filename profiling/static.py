@@ -8,8 +8,10 @@ one H100/H200 SM, and the tensor-core instructions found in the machine code.
 
 Where the kernels come from:
 - Triton: every module `kernels/triton/<name>.py` (names not starting with "_") lists `AOT_SPECS`, a list of
-  `kernels.triton.AotSpec`. Each is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
-  32))`; the ptxas report is the one Triton's own ptxas run prints (TRITON_DUMP_PTXAS_LOG). As at launch,
+  `kernels.triton.AotSpec` (built by `kernels.triton.aot_spec` from the kernel's own parameters; the kernel may
+  be an autotune / heuristics wrapper, compiled as the @triton.jit function inside it, the flags its heuristics
+  would compute given as constexprs). Each is compiled with `triton.compile(triton_source(spec),
+  target=GPUTarget("cuda", 90, 32))`; the ptxas report is the one Triton's own ptxas run prints (TRITON_DUMP_PTXAS_LOG). As at launch,
   pointers are specialised as 16-byte aligned; integers only where the spec says they are multiples of 16
   ("i32:16" in the signature, Triton's AOT notation, or a `divisible_by_16` attribute): without that the code
   can differ a lot from what runs (no vector loads, other pipelining, spills).
@@ -361,15 +363,6 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _jit_function(obj):
-    """The triton JITFunction behind autotune / heuristics wrappers."""
-    import triton
-
-    while not isinstance(obj, triton.runtime.JITFunction) and hasattr(obj, "fn"):
-        obj = obj.fn
-    return obj
-
-
 def compile_triton_module(job: Job, cache: dict[str, list[dict]]) -> list[dict]:
     """Rows of every AotSpec of one kernels/triton module."""
     import triton
@@ -415,18 +408,28 @@ def _triton_config(spec) -> str:
     return f"warps={spec.num_warps} stages={spec.num_stages} {' '.join(types)} {constexprs}{hints}".strip()
 
 
+def triton_source(spec):
+    """The ASTSource triton.compile takes for spec, specialised as at launch (see triton_signature); its function
+    is the @triton.jit one inside the kernel's autotune / heuristics wrappers."""
+    from triton.compiler import ASTSource
+
+    from kernels.triton import jit_function
+
+    fn = jit_function(_resolve(spec.kernel))
+    signature, divisible = triton_signature(spec)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    return ASTSource(fn, signature=signature, constexprs=spec.constexprs, attrs=attrs)
+
+
 def _compile_triton_spec(spec, source: str, cache: dict[str, list[dict]], versions) -> dict:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     config = _triton_config(spec)
     try:
-        fn = _jit_function(_resolve(spec.kernel))
-        signature, divisible = triton_signature(spec)
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-        key = _hash(fn.cache_key, repr(spec), TRITON_POLICY, *versions)
+        ast_source = triton_source(spec)
+        key = _hash(ast_source.fn.cache_key, repr(spec), TRITON_POLICY, *versions)
     except Exception as error:
         return _error_row(spec.name, "triton", source, config, error)
     if key in cache:
@@ -438,8 +441,7 @@ def _compile_triton_spec(spec, source: str, cache: dict[str, list[dict]], versio
         knobs.nvidia.dump_ptxas_log = True
         try:
             with contextlib.redirect_stdout(log):
-                compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=spec.constexprs, attrs=attrs),
-                                          target=GPUTarget("cuda", 90, 32),
+                compiled = triton.compile(ast_source, target=GPUTarget("cuda", 90, 32),
                                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         except Exception as error:
             return _error_row(spec.name, "triton", source, config, error, key)

@@ -125,6 +125,19 @@ def check_bad_input(op, backend, args, match):
     assert_unchanged(args, before)
 
 
+def bad_case_names(cases, make_args):
+    """The names of the bad-input cases (name, change, message) that cases(args) lists, to parametrize over (one
+    test id per case); make_args(seed) makes the good args they change."""
+    return [name for name, _, _ in cases(make_args(0))]
+
+
+def check_bad_case(op, backend, cases, make_args, name, seed):
+    """check_bad_input on the case called name of cases(args), args = make_args(seed) (see bad_case_names)."""
+    args = make_args(seed)
+    change, match = next((change, match) for case, change, match in cases(args) if case == name)
+    check_bad_input(op, backend, args | change, match)
+
+
 def bad_packed_inputs(args):
     """(name, change, message) of bad packing for args made with seqlens=[...] and an initial state; shared by the
     recurrent ops (the gated delta rule's tests import it)."""

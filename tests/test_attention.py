@@ -10,8 +10,9 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.helpers import (DTYPES, GPU_DTYPES, assert_close, assert_unchanged, backend_dtypes, check_bad_input,
-                           gpu_backends, lab_backends, poisoned_allocations, snapshot, to_float64, tolerance)
+from tests.helpers import (DTYPES, GPU_DTYPES, assert_close, assert_unchanged, backend_dtypes, bad_case_names,
+                           check_bad_case, gpu_backends, lab_backends, poisoned_allocations, snapshot, to_float64,
+                           tolerance)
 
 # As keywords of bench.inputs.attention (Hq = 4, Hkv = 2, D = 32 unless said).
 CASES = {
@@ -126,14 +127,24 @@ def _bad_packed(args):
     ]
 
 
+def _bad_args(seed):
+    return inputs.make("attention", B=2, T=20, seed=seed)
+
+
+@pytest.mark.parametrize("case", bad_case_names(_bad_inputs, _bad_args))
 @pytest.mark.parametrize("backend", lab_backends("attention"))
-def test_bad_input_raises_and_writes_nothing(backend, seed):
-    args = inputs.make("attention", B=2, T=20, seed=seed)
-    for name, change, match in _bad_inputs(args):
-        check_bad_input("attention", backend, args | change, match)
-    args = inputs.make("attention", seqlens=[8, 12], seed=seed)
-    for name, change, match in _bad_packed(args):
-        check_bad_input("attention", backend, args | change, match)
+def test_bad_input_raises_and_writes_nothing(backend, case, seed):
+    check_bad_case("attention", backend, _bad_inputs, _bad_args, case, seed)
+
+
+def _packed_args(seed):
+    return inputs.make("attention", seqlens=[8, 12], seed=seed)
+
+
+@pytest.mark.parametrize("case", bad_case_names(_bad_packed, _packed_args))
+@pytest.mark.parametrize("backend", lab_backends("attention"))
+def test_bad_packing_raises_and_writes_nothing(backend, case, seed):
+    check_bad_case("attention", backend, _bad_packed, _packed_args, case, seed)
 
 
 def test_unknown_and_unavailable_backends():

@@ -9,8 +9,8 @@ import torch
 
 import kernels
 from bench import inputs
-from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_packed_inputs, check_bad_input, check_recurrent_op,
-                           gpu_backends, lab_backends)
+from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_case_names, bad_packed_inputs,
+                           check_bad_case, check_recurrent_op, gpu_backends, lab_backends)
 
 # ---------------------------------------------------------------------------------------------- parity
 
@@ -121,16 +121,24 @@ def _bad_inputs(args):
     ]
 
 
+def _bad_args(seed):
+    return inputs.make("linear_attention", B=2, T=40, seed=seed, initial_state=True)
 
 
+def _bad_packed_args(seed):
+    return inputs.make("linear_attention", seqlens=[20, 1, 19], seed=seed, initial_state=True)
+
+
+@pytest.mark.parametrize("case", bad_case_names(_bad_inputs, _bad_args))
 @pytest.mark.parametrize("backend", lab_backends("linear_attention"))
-def test_bad_input_raises_and_writes_nothing(backend, seed):
-    args = inputs.make("linear_attention", B=2, T=40, seed=seed, initial_state=True)
-    for name, change, match in _bad_inputs(args):
-        check_bad_input("linear_attention", backend, args | change, match)
-    packed = inputs.make("linear_attention", seqlens=[20, 1, 19], seed=seed, initial_state=True)
-    for name, change, match in bad_packed_inputs(packed):
-        check_bad_input("linear_attention", backend, packed | change, match)
+def test_bad_input_raises_and_writes_nothing(backend, case, seed):
+    check_bad_case("linear_attention", backend, _bad_inputs, _bad_args, case, seed)
+
+
+@pytest.mark.parametrize("case", bad_case_names(bad_packed_inputs, _bad_packed_args))
+@pytest.mark.parametrize("backend", lab_backends("linear_attention"))
+def test_bad_packed_input_raises_and_writes_nothing(backend, case, seed):
+    check_bad_case("linear_attention", backend, bad_packed_inputs, _bad_packed_args, case, seed)
 
 
 def test_unknown_and_unavailable_backends():

@@ -24,7 +24,7 @@ from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tg = pytest.importorskip("kernels.triton.gated_delta_rule")
 tl_attention = pytest.importorskip("kernels.triton.attention")
-from kernels.triton import _chunk, linear_attention as tla  # noqa: E402
+from kernels.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -155,7 +155,7 @@ def test_chunked_path_does_not_synchronise(seed):
         layout = _chunk.prepare_chunk_layout(args["cu_seqlens"], args["q"].shape[1])
         o2, final2 = tg.gated_delta_rule(**args, scale=scale, mode="chunk", chunk_layout=layout)
         o3, _ = tla.linear_attention(args["q"], args["k"], args["v"][:, :, :1], args["g"][:, :, :1], scale, None,
-                                     False, args["cu_seqlens"])
+                                     False, args["cu_seqlens"], "chunk")
     assert torch.equal(o, o2) and torch.equal(final, final2)
     ref_o, _ = kernels.gated_delta_rule(**to_float64(args), backend="reference")
     assert_close(o, ref_o, torch.float32, "o", seed)
@@ -176,16 +176,14 @@ def test_chunk_and_recurrent_agree_in_fp32(seed):
 
 AOT_CHECK = """
 import json, os, subprocess, sys, importlib, tempfile, triton
-from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
+from profiling.static import triton_source
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 found = {}
 for module_name in sys.argv[1:]:
     for spec in importlib.import_module(module_name).AOT_SPECS:
-        module, attr = spec.kernel.split(":")
-        fn = getattr(importlib.import_module(module), attr)
-        k = triton.compile(ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs),
-                           target=GPUTarget("cuda", 90, 32),
+        attr = spec.kernel.split(":")[1]
+        k = triton.compile(triton_source(spec), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(k.asm["cubin"])
@@ -207,14 +205,15 @@ def _jitted_kernels(module):
 
 def test_aot_specs_compile_for_sm90_without_spills():
     """Every @triton.jit kernel (named *_kernel) of the three modules and of _chunk has a spec at production
-    sizes (K = V = 128, chunk 64, Qwen3.5 head counts, bf16; attention D = 128 and 256); each compiles for sm_90
-    with no local memory (spills) and at most 255 registers, and the tensor-core kernels reach wgmma or mma.
-    The registers / shared memory table is printed (pytest -s) and tabulated by profiling.static."""
+    sizes (K = V = 128, chunk 64, Qwen3.5 head counts, bf16; attention D = 128 and 256); each compiles for sm_90,
+    specialised as launched (profiling.static.triton_source), with no local memory (spills) and at most 255
+    registers, and the tensor-core kernels reach wgmma or mma. The registers / shared memory table is printed
+    (pytest -s) and tabulated by profiling.static."""
     specs = [spec for name in AOT_MODULES for spec in __import__(name, fromlist=["AOT_SPECS"]).AOT_SPECS]
     named = {spec.kernel for spec in specs}
     for module in (tg, tla, tl_attention, _chunk):
         for name in _jitted_kernels(module):
-            if vars(module)[name].__module__ == module.__name__:
+            if jit_function(vars(module)[name]).fn.__module__ == module.__name__:
                 assert f"{module.__name__}:{name}" in named, f"{module.__name__}:{name} has no AotSpec"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}
     run = subprocess.run([sys.executable, "-c", AOT_CHECK, *AOT_MODULES], cwd=ROOT, env=env, capture_output=True,
@@ -270,7 +269,7 @@ def test_no_recompile_per_sequence_length(seed):
                     tl_attention.attention_kernel]
 
     def compiled():
-        return sum(len(cache[0]) for fn in kernels_used for cache in fn.device_caches.values())
+        return sum(len(cache[0]) for fn in kernels_used for cache in jit_function(fn).device_caches.values())
 
     def run(T):
         args = inputs.make("gated_delta_rule", Hk=2, Hv=4, K=128, V=128, T=T, initial_state=True,

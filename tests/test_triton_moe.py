@@ -1,8 +1,8 @@
-"""The Triton MoE kernels (kernels/triton/moe.py) beyond the shared parity suite (tests/test_moe.py): tie breaking
-in routing, permutation across chunk boundaries, the row-bound (no synchronisation) path, the block-aligned
-layout's invariants, forced BLOCK_M of the grouped GEMM, the decode and prefill paths of the fused layer, and
-an ahead-of-time sm_90 compile of representative kernels. CPU tests run under TRITON_INTERPRET=1 at small
-shapes; GPU-marked tests check bf16 and addressing past 2^31 elements."""
+"""The Triton MoE kernels (kernels/triton/{route, moe_align, moe_permute, grouped_gemm, moe}.py) beyond the shared
+parity suite (tests/test_moe.py): tie breaking in routing, permutation across chunk boundaries, the row-bound (no
+synchronisation) path, the block-aligned layout's invariants, forced BLOCK_M of the grouped GEMM, the decode and
+prefill paths of the fused layer, and an ahead-of-time sm_90 compile of representative kernels. CPU tests run
+under TRITON_INTERPRET=1 at small shapes; GPU-marked tests check bf16 and addressing past 2^31 elements."""
 import json
 import os
 import subprocess
@@ -17,6 +17,10 @@ from bench import inputs
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tm = pytest.importorskip("kernels.triton.moe")
+from kernels.triton import (grouped_gemm as tgg, moe_align as talign, moe_permute as tperm,  # noqa: E402
+                            route as troute)
+
+MOE_MODULES = (troute, talign, tperm, tgg, tm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -60,7 +64,7 @@ def _moe_args(case, dtype, seed, **shape):
 def test_route_breaks_ties_by_lowest_index(dtype):
     """Equal probabilities: the lower expert index comes first, as torch.topk does on distinct values."""
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 1.0, 0.5, 1.0]] * 3, dtype=dtype, device=DEVICE)
-    weights, ids = tm.route(logits, 5, renormalize=False)
+    weights, ids = troute.route(logits, 5, renormalize=False)
     assert ids.tolist() == [[1, 2, 4, 0, 5]] * 3
     probs = torch.softmax(logits.double(), -1)
     assert_close(weights, probs[:, [1, 2, 4, 0, 5]], torch.float32, "weights", seed=None)
@@ -71,7 +75,7 @@ def test_route_matches_reference_across_blocks(E, top_k, seed):
     """N = 37 spans several token blocks; E not a power of two leaves masked columns."""
     args = inputs.make("route", N=37, E=E, top_k=top_k, seed=seed, routing="skewed", device=DEVICE)
     with poisoned_allocations():
-        weights, ids = tm.route(**args)
+        weights, ids = troute.route(**args)
     ref_weights, ref_ids = kernels.route(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                                          backend="reference")
     assert ids.dtype == torch.int32 and torch.equal(ids.cpu(), ref_ids), f"seed={seed}"
@@ -85,7 +89,7 @@ def test_route_matches_reference_across_blocks(E, top_k, seed):
 def test_permute_matches_reference(case, dtype, seed):
     args = inputs.make("moe_permute", **CASES[case], D=20, dtype=dtype, seed=seed, device=DEVICE)
     with poisoned_allocations():
-        p = tm.moe_permute(**args)
+        p = tperm.moe_permute(**args)
     ref = kernels.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                               backend="reference")
     assert p.offsets.dtype == torch.int32 and p.source.dtype == torch.int64
@@ -102,7 +106,7 @@ def test_permute_with_row_bound_does_not_synchronise(id_dtype, seed):
     args = inputs.make("moe_permute", N=N, D=12, E=E, top_k=top_k, drop=0.25, id_dtype=id_dtype, seed=seed,
                        device=DEVICE)
     with poisoned_allocations(), NoHostSync():
-        p = tm.moe_permute(**args, max_rows=N * top_k)
+        p = tperm.moe_permute(**args, max_rows=N * top_k)
     ref = kernels.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                               backend="reference")
     M = int(ref.offsets[-1])
@@ -114,7 +118,7 @@ def test_permute_with_row_bound_does_not_synchronise(id_dtype, seed):
     weights = torch.rand(N, top_k, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     y_sorted = torch.randn(N * top_k, 12, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
     with poisoned_allocations(), NoHostSync():
-        y = tm.moe_unpermute(y_sorted, p, weights)
+        y = tperm.moe_unpermute(y_sorted, p, weights)
     ref.x = ref.x.double()
     expected = kernels.moe_unpermute(y_sorted[:M].cpu().double(), ref, weights.cpu().double(), backend="reference")
     assert_close(y, expected, torch.float32, "y", seed)
@@ -127,20 +131,20 @@ def test_unpermute_matches_reference(case, dtype, seed):
     args = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()}
     args["p"].source = args["p"].source.to(DEVICE)
     with poisoned_allocations():
-        y = tm.moe_unpermute(**args)
+        y = tperm.moe_unpermute(**args)
     ref = kernels.moe_unpermute(**to_float64({k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()}),
                                 backend="reference")
     assert_close(y, ref, dtype, "y", seed)
 
 
 def _check_block_aligned(row_map, block_expert, num_blocks, ids_flat, E, block_m, contiguous_rows=None):
-    """The invariants of the block-aligned layout (see kernels.triton.moe.align_slots)."""
+    """The invariants of the block-aligned layout (see kernels.triton.moe_align.align_slots)."""
     row_map, block_expert, ids_flat = row_map.cpu().long(), block_expert.cpu().long(), ids_flat.cpu().long()
     counts = torch.bincount(ids_flat[ids_flat >= 0], minlength=E)
     blocks = int(num_blocks)
     # Exactly one partly filled block per non-empty expert at most, none for an empty one.
     assert blocks == int(((counts + block_m - 1) // block_m).sum())
-    assert blocks <= tm.max_aligned_blocks(ids_flat.numel(), E, block_m)
+    assert blocks <= talign.max_aligned_blocks(ids_flat.numel(), E, block_m)
     assert (block_expert[blocks:] == -1).all()
     used = block_expert[:blocks]
     assert (used >= 0).all() and (used.diff() >= 0).all(), "blocks in ascending expert order"
@@ -166,7 +170,7 @@ def test_block_aligned_layout_invariants(case, block_m, one_program, seed):
     weights, ids = inputs.routing_ids(**CASES[case], seed=seed, device=DEVICE)
     E = CASES[case]["E"]
     with poisoned_allocations(), NoHostSync():
-        row_map, block_expert, num_blocks, offsets = tm.align_slots(ids, E, block_m, one_program=one_program)
+        row_map, block_expert, num_blocks, offsets = talign.align_slots(ids, E, block_m, one_program=one_program)
     _check_block_aligned(row_map, block_expert, num_blocks, ids.reshape(-1), E, block_m)
     assert torch.equal(offsets.cpu(), inputs.group_offsets(ids.cpu(), E))
 
@@ -177,16 +181,16 @@ def test_block_table_of_grouped_rows(seed):
     offsets = inputs.group_offsets(ids, 16)
     sorted_ids = torch.sort(ids.reshape(-1)[ids.reshape(-1) >= 0].cpu()).values
     M, block_m = int(offsets[-1]), 16
-    max_blocks = tm.max_aligned_blocks(M, 16, block_m)
+    max_blocks = talign.max_aligned_blocks(M, 16, block_m)
     row_map = torch.empty(max_blocks * block_m, dtype=torch.int32, device=DEVICE)
-    block_expert, num_blocks = tm._block_table(offsets, row_map, max_blocks, block_m, contiguous=True)
+    block_expert, num_blocks = talign.block_table(offsets, row_map, max_blocks, block_m, contiguous=True)
     _check_block_aligned(row_map, block_expert, num_blocks, sorted_ids, 16, block_m, contiguous_rows=True)
 
 
 def test_decode_layout_does_not_pad_to_the_prefill_tile():
     """One token, top-8 of 256 experts: 8 blocks of 16 rows (128), not 8 x 64 = 512."""
     ids = torch.randperm(256)[:8].to(torch.int32).view(1, 8).to(DEVICE)
-    row_map, block_expert, num_blocks, _ = tm.align_slots(ids, 256, tm.DECODE_BLOCK_M, one_program=True)
+    row_map, block_expert, num_blocks, _ = talign.align_slots(ids, 256, talign.DECODE_BLOCK_M, one_program=True)
     assert int(num_blocks) == 8 and row_map.numel() <= 9 * 16
 
 
@@ -199,7 +203,7 @@ def test_grouped_gemm_forced_block_m(case, dtype, block_m, seed):
     shape = {k: v for k, v in CASES[case].items() if k != "id_dtype"}
     args = inputs.make("grouped_gemm", **shape, K=40, Nout=24, dtype=dtype, seed=seed, device=DEVICE)
     with poisoned_allocations(), NoHostSync():
-        y = tm.grouped_gemm(**args, block_m=block_m)
+        y = tgg.grouped_gemm(**args, block_m=block_m)
     ref = kernels.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
     assert_close(y, ref, dtype, "y", seed, tol=1e-3 if DEVICE == "cuda" and dtype == torch.float32 else None)
 
@@ -236,17 +240,14 @@ def test_fused_layer_rejects_unknown_path():
 
 AOT_CHECK = """
 import json, sys, importlib, triton
-from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from kernels.triton import moe
+from profiling.static import triton_source
+MODULES = ("route", "moe_align", "moe_permute", "grouped_gemm", "moe")
 found = {}
-for spec in moe.AOT_SPECS:
+for spec in (spec for name in MODULES for spec in importlib.import_module(f"kernels.triton.{name}").AOT_SPECS):
     if not any(part in spec.name for part in sys.argv[1:]):
         continue
-    module, attr = spec.kernel.split(":")
-    fn = getattr(importlib.import_module(module), attr)
-    k = triton.compile(ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs),
-                       target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(triton_source(spec), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     found[spec.name] = dict(wgmma="wgmma" in k.asm["ptx"], mma="mma.sync" in k.asm["ptx"], shared=k.metadata.shared)
 print(json.dumps(found))
@@ -254,17 +255,19 @@ print(json.dumps(found))
 
 
 def test_aot_specs_name_every_kernel_and_compile_for_sm90():
-    """Every @triton.jit kernel of the module (named *_kernel) has a spec; the fused prefill GEMM reaches wgmma and
-    the decode one mma.sync in bf16 (a compile without GPU; the full table is profiling.static's)."""
-    jitted = {name for name, value in vars(tm).items() if isinstance(value, tm.triton.runtime.KernelInterface)
+    """Every @triton.jit kernel of the MoE modules (named *_kernel) has a spec; the fused prefill GEMM reaches wgmma
+    and the decode one mma.sync in bf16 (a compile without GPU; the full table is profiling.static's)."""
+    specs = [spec for module in MOE_MODULES for spec in module.AOT_SPECS]
+    jitted = {f"{module.__name__}:{name}" for module in MOE_MODULES for name, value in vars(module).items()
+              if isinstance(value, tgg.triton.runtime.KernelInterface)
               and name.endswith("_kernel")}  # helpers called from kernels (e.g. _padded_starts) are inlined
-    assert jitted == {spec.kernel.split(":")[1] for spec in tm.AOT_SPECS}
+    assert jitted == {spec.kernel for spec in specs}
     def representative(name):
         prefill_gemm = name.startswith(("moe.gemm[gate_up,", "moe.gemm[down,")) and ",w=8,s=3]" in name
         decode_gemm = name.startswith("moe.gemm[down,") and "BM=16,BN=64,BK=128" in name
-        return prefill_gemm or decode_gemm or name.startswith(("moe.route", "moe.align_one_program"))
+        return prefill_gemm or decode_gemm or name.startswith(("route[", "moe_align.align_one_program"))
 
-    picks = [spec.name for spec in tm.AOT_SPECS if representative(spec.name)]
+    picks = [spec.name for spec in specs if representative(spec.name)]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}
     run = subprocess.run([sys.executable, "-c", AOT_CHECK, *picks], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
@@ -295,7 +298,7 @@ def test_bf16_gpu_ops(op, seed):
     if op == "moe_permute":
         args = inputs.make(op, N=777, D=256, E=64, top_k=8, drop=0.1, dtype=torch.bfloat16, seed=seed,
                            device="cuda")
-        p = tm.moe_permute(**args)
+        p = tperm.moe_permute(**args)
         ref = kernels.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                                   backend="reference")
         assert torch.equal(p.source.cpu(), ref.source) and torch.equal(p.x.cpu(), ref.x)
@@ -303,7 +306,7 @@ def test_bf16_gpu_ops(op, seed):
         args = inputs.make(op, N=777, E=64, top_k=8, K=512, Nout=256, dtype=torch.bfloat16, seed=seed,
                            device="cuda", routing="skewed")
         ref = kernels.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
-        assert_close(tm.grouped_gemm(**args), ref, torch.bfloat16, "y", seed)
+        assert_close(tgg.grouped_gemm(**args), ref, torch.bfloat16, "y", seed)
 
 
 @pytest.mark.gpu
@@ -315,6 +318,6 @@ def test_grouped_gemm_addresses_past_2_31_elements_gpu(seed):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(2, Nout, K, device="cuda", dtype=torch.bfloat16, generator=gen) * K ** -0.5
     offsets = torch.tensor([0, M - 300, M], dtype=torch.int32, device="cuda")
-    y = tm.grouped_gemm(x, w, offsets)
+    y = tgg.grouped_gemm(x, w, offsets)
     assert_close(y[-300:], x[-300:].double() @ w[1].double().T, torch.bfloat16, "y tail", seed)
     assert_close(y[:300], x[:300].double() @ w[0].double().T, torch.bfloat16, "y head", seed)

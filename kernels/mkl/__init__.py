@@ -1,9 +1,18 @@
 """CPU backends on MKL (the MKL inside torch's x86 CPU build): expert GEMMs on weights packed once per weight
 tensor, and the chunked linear attentions as one numba-compiled loop of MKL calls (kernels/mkl/chunked.py).
 The MoE ops are not an "auto" choice: their packed copies add to the weights' memory."""
-from kernels.registry import family_backends
+from kernels.registry import batch_variant, family_backends
 
 _PROBE = "kernels.mkl.packed:unavailable_reason"
-BACKENDS = (family_backends("kernels.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"), probe=_PROBE)
-            + family_backends("kernels.mkl", "mkl", ("cpu",), ops=("linear_attention", "gated_delta_rule"),
-                              requires=("numba",), probe=_PROBE))
+# Measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the batch's outputs).
+BACKENDS = batch_variant(
+    family_backends("kernels.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"), probe=_PROBE)
+    + family_backends("kernels.mkl", "mkl", ("cpu",), ops=("linear_attention", "gated_delta_rule"),
+                      requires=("numba",), probe=_PROBE), {
+        "gated_delta_rule": "mode 'recurrent' runs the torch backend's code: a one-token sequence alone (T = 1, no "
+                            "cu_seqlens) takes its decode_step, rounded otherwise than the token loop it takes "
+                            "packed with other sequences",
+        "moe": "CPU GEMM blocking depends on M: MKL's packed GEMM over an expert's rows (torch's GEMMs for "
+               "half-precision inputs) rounds a token's sums otherwise with the other tokens routed to that "
+               "expert",
+    })

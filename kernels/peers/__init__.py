@@ -14,7 +14,10 @@ BACKENDS = [
     Backend("gated_delta_rule", "transformers", "kernels.peers.linear_attention:transformers_gated_delta_rule",
             ("cpu", "cuda"), requires=("transformers",), dtypes=_LOW, peer=True),
     Backend("moe", "transformers", "kernels.peers.moe:transformers_moe", ("cpu", "cuda"),
-            requires=("transformers",), peer=True),
+            requires=("transformers",), peer=True, batch_invariant=False,
+            variance_note="CPU GEMM blocking depends on M: each expert's F.linear over the rows of its tokens "
+                          "(MKL's matrix-vector kernel at M = 1) rounds a token's sums otherwise with the other "
+                          "tokens routed to that expert (tests/test_invariance.py)"),
     # flash-linear-attention's Triton kernels (GPU only)
     Backend("gated_delta_rule", "fla", "kernels.peers.linear_attention:fla_gated_delta_rule", ("cuda",),
             requires=("fla",), dtypes=_LOW, peer=True),

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton import AotSpec
-from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
+from kernels.triton import aot_spec
+from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
 
 CHUNK = 64
 # fp32 elements of a [BK, BV] state tile kept in registers by one program (64 registers per thread at 4 warps).
@@ -63,29 +63,29 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT: tl.constexpr, IS_V
         return i_b * T, T, i_t, i_b * tl.cdiv(T, BT) + i_t
 
 
+@triton.heuristics({"IS_VARLEN": given("cu_seqlens")})
 @triton.jit(do_not_specialize=["T"])
-def chunk_cumsum_kernel(g, g_cum, cu_seqlens, chunk_indices, T, H: tl.constexpr, BH: tl.constexpr,
+def chunk_cumsum_kernel(g, g_cum, cu_seqlens, chunk_indices, T, HV: tl.constexpr, BHV: tl.constexpr,
                         BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """g [B, T, H] -> g_cum float32 [B, T, H], the cumulative sum within each chunk. Grid (chunks, B)."""
+    """g [B, T, HV] -> g_cum float32 [B, T, HV], the cumulative sum within each chunk. Grid (chunks, B)."""
     i_t, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     if i_t < 0:
         return
     o_t = i_t * BT + tl.arange(0, BT)
-    o_h = tl.arange(0, BH)
-    mask = (o_t < T)[:, None] & (o_h < H)[None, :]
-    offsets = (bos + o_t)[:, None] * H + o_h[None, :]
+    o_h = tl.arange(0, BHV)
+    mask = (o_t < T)[:, None] & (o_h < HV)[None, :]
+    offsets = (bos + o_t)[:, None] * HV + o_h[None, :]
     b_g = tl.load(g + offsets, mask=mask, other=0.).to(tl.float32)
     tl.store(g_cum + offsets, tl.cumsum(b_g, axis=0), mask=mask)
 
 
 def chunk_cumsum(g, cu_seqlens, chunk_indices):
-    """g [B, T, H] (any float dtype) -> float32 [B, T, H] cumulative sums within chunks of CHUNK tokens."""
-    B, T, H = g.shape
-    g_cum = torch.empty(B, T, H, device=g.device, dtype=torch.float32)
+    """g [B, T, HV] (any float dtype) -> float32 [B, T, HV] cumulative sums within chunks of CHUNK tokens."""
+    B, T, HV = g.shape
+    g_cum = torch.empty(B, T, HV, device=g.device, dtype=torch.float32)
     chunk_cumsum_kernel[(num_chunks(B, T, cu_seqlens), B)](
-        g, g_cum, cu_seqlens, chunk_indices, T, H=H, BH=triton.next_power_of_2(H), BT=CHUNK,
-        IS_VARLEN=cu_seqlens is not None, num_warps=4)
+        g, g_cum, cu_seqlens, chunk_indices, T, HV=HV, BHV=triton.next_power_of_2(HV), BT=CHUNK, num_warps=4)
     return g_cum
 
 
@@ -97,8 +97,14 @@ def _fits_state_tile(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+@triton.heuristics({"USE_W": given("w"), "USE_G": given("g"), "USE_K_SCALE": given("k_scale"),
+                    "USE_INITIAL_STATE": given("h0"), "STORE_FINAL_STATE": given("ht"),
+                    "IS_VARLEN": given("cu_seqlens")})
+@autotune(configs=[triton.Config({"BV": BV}, num_warps=num_warps, num_stages=num_stages)
+                   for BV in (64, 32, 16) for num_warps in (4, 8) for num_stages in (2, 3)],
+          key=["HV", "HK", "K", "V", "USE_W", "USE_G", "USE_K_SCALE"], prune=_fits_state_tile)
 @triton.jit(do_not_specialize=["T"])
-def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, H: tl.constexpr,
+def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, HV: tl.constexpr,
                        HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, USE_W: tl.constexpr, USE_G: tl.constexpr, USE_K_SCALE: tl.constexpr,
                        USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
@@ -106,14 +112,14 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
     """The sequential pass over chunks. One program per (V tile, sequence, value head) keeps the state
     [BK = K padded, BV] in float32 registers and walks its sequence chunk by chunk.
 
-    k [B, T, HK, K]; v [B, T, H, V] (u of the WY form when USE_W); w [B, T, H, K]; g [B, T, H] float32
-    within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, H, K, V]
+    k [B, T, HK, K]; v [B, T, HV, V] (u of the WY form when USE_W); w [B, T, HV, K]; g [B, T, HV] float32
+    within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, HV, K, V]
     (state at each chunk start, in k's dtype), v_new
-    [B, T, H, V] = v - w S (when USE_W), ht [N, H, K, V] float32. h0 [N, H, K, V] float32.
+    [B, T, HV, V] = v - w S (when USE_W), ht [N, HV, K, V] float32. h0 [N, HV, K, V] float32.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_hk = i_h // (H // HK)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    i_hk = i_h // (HV // HK)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
@@ -131,22 +137,22 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh * K * V + state_offsets, mask=m_kv, other=0.)
     for i_t in range(tl.cdiv(T, BT)):
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + state_offsets, b_h.to(h.dtype.element_ty), mask=m_kv)
+        tl.store(h + ((boh + i_t) * HV + i_h) * K * V + state_offsets, b_h.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + i_t * BT + o_t
         m_t = i_t * BT + o_t < T
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         b_k = tl.load(k + (rows * HK + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_v = tl.load(v + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_v = tl.load(v + (rows * HV + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         if USE_W:
-            b_w = tl.load(w + (rows * H + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+            b_w = tl.load(w + (rows * HV + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
             b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PRECISION)
-            tl.store(v_new + (rows * H + i_h)[:, None] * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
+            tl.store(v_new + (rows * HV + i_h)[:, None] * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
                      mask=m_tv)
         if USE_G:
             last = tl.minimum((i_t + 1) * BT, T) - 1
-            b_g_last = tl.load(g + (bos + last) * H + i_h)
-            b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.)
+            b_g_last = tl.load(g + (bos + last) * HV + i_h)
+            b_g = tl.load(g + rows * HV + i_h, mask=m_t, other=0.)
             b_v *= tl.where(m_t, tl.exp(b_g_last - b_g), 0.)[:, None]
             b_h *= tl.exp(b_g_last)
         if USE_K_SCALE:
@@ -156,48 +162,44 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
         tl.store(ht + i_nh * K * V + state_offsets, b_h, mask=m_kv)
 
 
-_chunk_state_tuned = autotune(
-    configs=[triton.Config({"BV": BV}, num_warps=num_warps, num_stages=num_stages)
-             for BV in (64, 32, 16) for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["H", "HK", "K", "V", "USE_W", "USE_G", "USE_K_SCALE"], prune=_fits_state_tile)(chunk_state_kernel)
-
-
 def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=None, k_scale=None):
-    """k [B, T, HK, K]; v [B, T, H, V]; g None or float32 [B, T, H] (within-chunk cumsum); w None or
-    [B, T, H, K] (gated delta rule: v is then u of the WY form and v_new = v - w S is returned); k_scale None or
+    """k [B, T, HK, K]; v [B, T, HV, V]; g None or float32 [B, T, HV] (within-chunk cumsum); w None or
+    [B, T, HV, K] (gated delta rule: v is then u of the WY form and v_new = v - w S is returned); k_scale None or
     float32 [B, T, HK], the inverse norms of k's rows.
-    Returns h [chunks, H, K, V] in k's dtype, v_new [B, T, H, V] or None, final state [N, H, K, V] float32 or None.
+    Returns h [chunks, HV, K, V] in k's dtype, v_new [B, T, HV, V] or None, final state [N, HV, K, V] float32 or None.
     """
     B, T, HK, K = k.shape
-    H, V = v.shape[2], v.shape[3]
+    HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    h = k.new_empty(B * num_chunks(B, T, cu_seqlens), H, K, V)  # B = 1 when packed
+    h = k.new_empty(B * num_chunks(B, T, cu_seqlens), HV, K, V)  # B = 1 when packed
     v_new = torch.empty_like(v) if w is not None else None
-    final = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
-    _chunk_state_tuned[grid](
+    final = k.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
+    chunk_state_kernel[grid](
         k=k, v=v, w=w, g=g, k_scale=k_scale, h=h, v_new=v_new, h0=initial_state, ht=final, cu_seqlens=cu_seqlens,
-        chunk_offsets=chunk_offsets, T=T, H=H, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
-        USE_W=w is not None, USE_G=g is not None, USE_K_SCALE=k_scale is not None,
-        USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(k.dtype))
+        chunk_offsets=chunk_offsets, T=T, HV=HV, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
+        PRECISION=dot_precision(k.dtype))
     return h, v_new, final
 
 
+@triton.heuristics({"USE_G": given("g"), "USE_QK_SCALE": given("q_scale"), "IS_VARLEN": given("cu_seqlens")})
+@autotune(configs=[triton.Config({"BK": BK, "BV": BV}, num_warps=num_warps, num_stages=num_stages)
+                   for BK, BV in ((32, 64), (64, 64), (32, 128)) for num_warps in (8, 4) for num_stages in (2, 3)],
+          key=["HV", "HK", "K", "V", "USE_G", "USE_QK_SCALE"])
 @triton.jit(do_not_specialize=["T"])
-def chunk_output_kernel(q, k, v, h, g, q_scale, k_scale, o, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
+def chunk_output_kernel(q, k, v, h, g, q_scale, k_scale, o, cu_seqlens, chunk_indices, scale, T, HV: tl.constexpr,
                         HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, USE_G: tl.constexpr, USE_QK_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """o = scale (exp(G) Q S + (causal(Q K^T) * exp(G_i - G_j)) U) per chunk. Grid (V tiles, chunks, B * H).
+    """o = scale (exp(G) Q S + (causal(Q K^T) * exp(G_i - G_j)) U) per chunk. Grid (V tiles, chunks, B * HV).
 
-    q, k [B, T, HK, K]; v [B, T, H, V] (u or v_new); h [chunks, H, K, V]; g [B, T, H] float32 cumsum;
-    q_scale, k_scale [B, T, HK] float32 inverse row norms (when USE_QK_SCALE); o [B, T, H, V]. K is read in
+    q, k [B, T, HK, K]; v [B, T, HV, V] (u or v_new); h [chunks, HV, K, V]; g [B, T, HV] float32 cumsum;
+    q_scale, k_scale [B, T, HK] float32 inverse row norms (when USE_QK_SCALE); o [B, T, HV, V]. K is read in
     tiles of BK, V in tiles of BV.
     """
     i_v, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HK)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // HK)
     bos, T, i_t, i_th = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     if i_t < 0:
         return
@@ -214,13 +216,13 @@ def chunk_output_kernel(q, k, v, h, g, q_scale, k_scale, o, cu_seqlens, chunk_in
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         b_q = tl.load(q + (rows * HK + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_k = tl.load(k + (rows * HK + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_h = tl.load(h + (i_th * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+        b_h = tl.load(h + (i_th * HV + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.)
         b_o = tl.dot(b_q, b_h.to(b_q.dtype), b_o, input_precision=PRECISION)
         b_A = tl.dot(b_q, tl.trans(b_k), b_A, input_precision=PRECISION)
     causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     if USE_G:
-        b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.)
+        b_g = tl.load(g + rows * HV + i_h, mask=m_t, other=0.)
         b_o *= tl.exp(b_g)[:, None]
         b_A *= tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf")))  # exp(-inf) = 0, no overflow
     else:
@@ -229,61 +231,45 @@ def chunk_output_kernel(q, k, v, h, g, q_scale, k_scale, o, cu_seqlens, chunk_in
         b_rq = tl.load(q_scale + rows * HK + i_hk, mask=m_t, other=0.)
         b_o *= b_rq[:, None]
         b_A *= b_rq[:, None] * tl.load(k_scale + rows * HK + i_hk, mask=m_t, other=0.)[None, :]
-    b_v = tl.load(v + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
+    b_v = tl.load(v + (rows * HV + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
     b_o = tl.dot(b_A.to(b_v.dtype), b_v, b_o, input_precision=PRECISION)
-    tl.store(o + (rows * H + i_h)[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
-
-
-_chunk_output_tuned = autotune(
-    configs=[triton.Config({"BK": BK, "BV": BV}, num_warps=num_warps, num_stages=num_stages)
-             for BK, BV in ((32, 64), (64, 64), (32, 128)) for num_warps in (8, 4) for num_stages in (2, 3)],
-    key=["H", "HK", "K", "V", "USE_G", "USE_QK_SCALE"])(chunk_output_kernel)
+    tl.store(o + (rows * HV + i_h)[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
 
 
 def chunk_output(q, k, v, h, g, scale, cu_seqlens, chunk_indices, q_scale=None, k_scale=None):
-    """q, k [B, T, HK, K]; v [B, T, H, V]; h [chunks, H, K, V]; g None or float32 [B, T, H] cumsum.
-    q_scale, k_scale: None or float32 [B, T, HK] inverse row norms. Returns o [B, T, H, V] in v's dtype."""
+    """q, k [B, T, HK, K]; v [B, T, HV, V]; h [chunks, HV, K, V]; g None or float32 [B, T, HV] cumsum.
+    q_scale, k_scale: None or float32 [B, T, HK] inverse row norms. Returns o [B, T, HV, V] in v's dtype."""
     B, T, HK, K = q.shape
-    H, V = v.shape[2], v.shape[3]
+    HV, V = v.shape[2], v.shape[3]
     o = torch.empty_like(v)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), num_chunks(B, T, cu_seqlens), B * H)  # noqa: E731
-    _chunk_output_tuned[grid](
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), num_chunks(B, T, cu_seqlens), B * HV)  # noqa: E731
+    chunk_output_kernel[grid](
         q=q, k=k, v=v, h=h, g=g, q_scale=q_scale, k_scale=k_scale, o=o, cu_seqlens=cu_seqlens,
-        chunk_indices=chunk_indices, scale=scale, T=T, H=H, HK=HK, K=K, V=V, BT=CHUNK, USE_G=g is not None,
-        USE_QK_SCALE=q_scale is not None, IS_VARLEN=cu_seqlens is not None,
+        chunk_indices=chunk_indices, scale=scale, T=T, HV=HV, HK=HK, K=K, V=V, BT=CHUNK,
         PRECISION=dot_precision(q.dtype))
     return o
 
 
-def aot_specs(prefix, H, HK, K, V, dtype, use_w, use_g, use_qk_scale):
+def aot_specs(prefix, HV, HK, K, V, dtype, use_w, use_g, use_qk_scale):
     """AotSpecs of the shared chunk kernels at one production configuration, with the configs that compile
     for sm_90 without spills (BV = 16 also gives the state pass 8 programs per head on one long sequence; the
     output kernel's K tiles of 64 reach 255 registers and spill, those of 32 take 142)."""
     dt = TRITON_DTYPE[dtype]
-    module = "kernels.triton._chunk"
-    label = f"K={K},V={V},H={H},HK={HK},{dt}"
-    common = dict(H=H, HK=HK, K=K, V=V, BT=CHUNK, IS_VARLEN=False, PRECISION=dot_precision(dtype))
+    label = f"K={K},V={V},HV={HV},HK={HK},{dt}"
+    common = dict(HV=HV, HK=HK, K=K, V=V, BT=CHUNK, IS_VARLEN=False, PRECISION=dot_precision(dtype))
+    packing = dict(cu_seqlens="i32", chunk_indices="i32")
     return [
-        AotSpec(f"{prefix}chunk_cumsum[H={H}]", f"{module}:chunk_cumsum_kernel",
-                dict(g="*fp32", g_cum="*fp32", cu_seqlens="*i32", chunk_indices="*i32", T="i32", H="constexpr",
-                     BH="constexpr", BT="constexpr", IS_VARLEN="constexpr"),
-                dict(H=H, BH=triton.next_power_of_2(H), BT=CHUNK, IS_VARLEN=False), num_warps=4),
-        AotSpec(f"{prefix}chunk_state[{label},BV=16]", f"{module}:chunk_state_kernel",
-                dict(k=f"*{dt}", v=f"*{dt}", w=f"*{dt}", g="*fp32", k_scale="*fp32", h=f"*{dt}", v_new=f"*{dt}",
-                     h0="*fp32",
-                     ht="*fp32", cu_seqlens="*i32", chunk_offsets="*i32", T="i32", H="constexpr",
-                     HK="constexpr", K="constexpr", V="constexpr", BT="constexpr", BK="constexpr", BV="constexpr",
-                     USE_W="constexpr", USE_G="constexpr", USE_K_SCALE="constexpr", USE_INITIAL_STATE="constexpr",
-                     STORE_FINAL_STATE="constexpr", IS_VARLEN="constexpr", PRECISION="constexpr"),
-                {**common, "BK": triton.next_power_of_2(K), "BV": 16, "USE_W": use_w, "USE_G": use_g,
-                 "USE_K_SCALE": use_qk_scale,
-                 "USE_INITIAL_STATE": True, "STORE_FINAL_STATE": True}, num_warps=4, num_stages=2),
-        AotSpec(f"{prefix}chunk_output[{label},BK=32,BV=64,w8]", f"{module}:chunk_output_kernel",
-                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", h=f"*{dt}", g="*fp32", q_scale="*fp32", k_scale="*fp32",
-                     o=f"*{dt}", cu_seqlens="*i32",
-                     chunk_indices="*i32", scale="fp32", T="i32", H="constexpr", HK="constexpr", K="constexpr",
-                     V="constexpr", BT="constexpr", BK="constexpr", BV="constexpr", USE_G="constexpr",
-                     USE_QK_SCALE="constexpr", IS_VARLEN="constexpr", PRECISION="constexpr"),
-                {**common, "BK": 32, "BV": 64, "USE_G": use_g, "USE_QK_SCALE": use_qk_scale}, num_warps=8,
-                num_stages=2),
+        aot_spec(f"{prefix}chunk_cumsum[HV={HV}]", chunk_cumsum_kernel,
+                 dict(HV=HV, BHV=triton.next_power_of_2(HV), BT=CHUNK, IS_VARLEN=False),
+                 pointers=dict(g="fp32", g_cum="fp32", **packing)),
+        aot_spec(f"{prefix}chunk_state[{label},BV=16]", chunk_state_kernel,
+                 dict(common, BK=triton.next_power_of_2(K), BV=16, USE_W=use_w, USE_G=use_g, USE_K_SCALE=use_qk_scale,
+                      USE_INITIAL_STATE=True, STORE_FINAL_STATE=True),
+                 pointers=dict(k=dt, v=dt, w=dt, g="fp32", k_scale="fp32", h=dt, v_new=dt, h0="fp32", ht="fp32",
+                               cu_seqlens="i32", chunk_offsets="i32"),
+                 num_warps=4, num_stages=2),
+        aot_spec(f"{prefix}chunk_output[{label},BK=32,BV=64,w8]", chunk_output_kernel,
+                 dict(common, BK=32, BV=64, USE_G=use_g, USE_QK_SCALE=use_qk_scale),
+                 pointers=dict(q=dt, k=dt, v=dt, h=dt, g="fp32", q_scale="fp32", k_scale="fp32", o=dt, **packing),
+                 floats=("scale",), num_warps=8, num_stages=2),
     ]

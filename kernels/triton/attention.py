@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton import AotSpec
-from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
+from kernels.triton import aot_spec
+from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
 from kernels.triton._chunk import prepare_chunk_layout
 
 LOG2E = math.log2(math.e)
@@ -42,6 +42,21 @@ def _attend_block(b_q, k, v, o_n, o_m, o_d, b_acc, b_m, b_l, qk_scale, shift, Tk
     return b_acc, b_m_new, b_l * b_alpha + tl.sum(b_p, 1)
 
 
+def _fits_registers(configs, named_args, **kwargs):
+    """Past head dim 128, the configs that compile for sm_90 without spills: blocks of 32 keys on 8 warps (as
+    launched, with 16-byte aligned pointers, the others spill 32 to 240 bytes at D = 256 on Triton 3.9 and 3.6)."""
+    if {**named_args, **kwargs}["BD"] <= 128:
+        return configs
+    return [c for c in configs if c.kwargs["BN"] == 32 and c.num_warps == 8] or configs
+
+
+BLOCK_M = 64  # query rows per program; packed sequences are cut into blocks of this many on the device
+
+
+@triton.heuristics({"IS_VARLEN": given("cu_seqlens"), "HAS_KV_LENS": given("kv_lens")})
+@autotune(configs=[triton.Config({"BM": BLOCK_M, "BN": BN}, num_warps=num_warps, num_stages=num_stages)
+                   for BN in (64, 32) for num_warps in (4, 8) for num_stages in (2, 3)],
+          key=["HQ", "HKV", "D", "CAUSAL", "IS_VARLEN", "HAS_KV_LENS"], prune=_fits_registers)
 @triton.jit(do_not_specialize=["Tq", "Tk"])
 def attention_kernel(q, k, v, o, cu_seqlens, chunk_indices, kv_lens, qk_scale, Tq, Tk, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -99,16 +114,9 @@ def attention_kernel(q, k, v, o, cu_seqlens, chunk_indices, kv_lens, qk_scale, T
     tl.store(o + q_offsets, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_md)
 
 
-BLOCK_M = 64  # query rows per program; packed sequences are cut into blocks of this many on the device
-_attention_tuned = autotune(
-    configs=[triton.Config({"BM": BLOCK_M, "BN": BN}, num_warps=num_warps, num_stages=num_stages)
-             for BN in (64, 32) for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["HQ", "HKV", "D", "CAUSAL", "IS_VARLEN", "HAS_KV_LENS"])(attention_kernel)
-
-
 def attention(q, k, v, causal, scale, cu_seqlens, kv_lens):
-    """q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] (Tk >= Tq, Hq % Hkv == 0); cu_seqlens [N + 1] (B = 1) or kv_lens [B].
-    Returns o [B, Tq, Hq, D] in v's dtype. Nothing is read on the host (the block layout of packed sequences is
+    """q [B, Tq, HQ, D]; k, v [B, Tk, HKV, D] (Tk >= Tq, HQ % HKV == 0); cu_seqlens [N + 1] (B = 1) or kv_lens [B].
+    Returns o [B, Tq, HQ, D] in v's dtype. Nothing is read on the host (the block layout of packed sequences is
     built on the device)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Tq, HQ, D = q.shape
@@ -120,25 +128,20 @@ def attention(q, k, v, causal, scale, cu_seqlens, kv_lens):
         grid = (chunk_indices.shape[0], HQ)
     else:
         grid = lambda meta: (triton.cdiv(Tq, meta["BM"]), B * HQ)  # noqa: E731
-    _attention_tuned[grid](q=q, k=k, v=v, o=o, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-                           kv_lens=kv_lens, qk_scale=scale * LOG2E, Tq=Tq, Tk=Tk, HQ=HQ, HKV=HKV, D=D,
-                           BD=triton.next_power_of_2(D), CAUSAL=causal, IS_VARLEN=cu_seqlens is not None,
-                           HAS_KV_LENS=kv_lens is not None, PRECISION=dot_precision(q.dtype))
+    attention_kernel[grid](q=q, k=k, v=v, o=o, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, kv_lens=kv_lens,
+                           qk_scale=scale * LOG2E, Tq=Tq, Tk=Tk, HQ=HQ, HKV=HKV, D=D, BD=triton.next_power_of_2(D),
+                           CAUSAL=causal, PRECISION=dot_precision(q.dtype))
     return o
 
 
 def _aot_spec(HQ, HKV, D, BM, BN, num_warps, dtype=torch.bfloat16):
     dt = TRITON_DTYPE[dtype]
-    return AotSpec(f"attention[Hq={HQ},Hkv={HKV},D={D},{dt},BM={BM},BN={BN},w{num_warps}]",
-                   "kernels.triton.attention:attention_kernel",
-                   dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", o=f"*{dt}", cu_seqlens="*i32", chunk_indices="*i32",
-                        kv_lens="*i32", qk_scale="fp32", Tq="i32", Tk="i32", HQ="constexpr", HKV="constexpr",
-                        D="constexpr", BD="constexpr", BM="constexpr", BN="constexpr", CAUSAL="constexpr",
-                        IS_VARLEN="constexpr", HAS_KV_LENS="constexpr", PRECISION="constexpr"),
-                   dict(HQ=HQ, HKV=HKV, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, CAUSAL=True,
-                        IS_VARLEN=False, HAS_KV_LENS=False, PRECISION=dot_precision(dtype)),
-                   num_warps=num_warps, num_stages=2)
+    return aot_spec(f"attention[HQ={HQ},HKV={HKV},D={D},{dt},BM={BM},BN={BN},w{num_warps}]", attention_kernel,
+                    dict(HQ=HQ, HKV=HKV, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, CAUSAL=True,
+                         IS_VARLEN=False, HAS_KV_LENS=False, PRECISION=dot_precision(dtype)),
+                    pointers=dict(q=dt, k=dt, v=dt, o=dt, cu_seqlens="i32", chunk_indices="i32", kv_lens="i32"),
+                    floats=("qk_scale",), num_warps=num_warps, num_stages=2)
 
 
-# Qwen3.5-35B-A3B's attention layers (Hq 16, Hkv 2, D 256) and Qwen3-30B-A3B's (Hq 32, Hkv 4, D 128).
-AOT_SPECS = [_aot_spec(16, 2, 256, 64, 32, 4), _aot_spec(32, 4, 128, 64, 64, 4)]
+# Qwen3.5-35B-A3B's attention layers (HQ 16, HKV 2, D 256) and Qwen3-30B-A3B's (HQ 32, HKV 4, D 128).
+AOT_SPECS = [_aot_spec(16, 2, 256, 64, 32, 8), _aot_spec(32, 4, 128, 64, 64, 4)]

@@ -1,6 +1,6 @@
 """The gated delta rule in Triton: chunked (prefill, WY/UT form) and recurrent (decode).
 
-Per value head h (key head h // (Hv // Hk)):
+Per value head h of HV (key head h // (HV // HK) of HK):
     S' = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S'^T k_t);  S_t = S' + k_t u_t^T;  o_t = scale S_t^T q_t.
 
 Chunked, chunk BT = 64, G = within-chunk cumsum of g, S the state at the chunk start:
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton import AotSpec
-from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision
+from kernels.triton import aot_spec
+from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
 from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, aot_specs, chunk_cumsum, chunk_output,
                                    chunk_state, num_chunks, prepare_chunk_layout)
 
@@ -92,20 +92,23 @@ def _load_rows(x, rows, H, i_h, o_d, D, mask):
                    other=0.)
 
 
+@triton.heuristics({"USE_K_SCALE": given("k_scale"), "IS_VARLEN": given("cu_seqlens")})
+@autotune(configs=[triton.Config({"BK": BK}, num_warps=num_warps) for BK in (64, 32) for num_warps in (4, 2)],
+          key=["HV", "HK", "K", "USE_K_SCALE"])
 @triton.jit(do_not_specialize=["T"])
-def chunk_kkt_solve_kernel(k, g, beta, k_scale, A, cu_seqlens, chunk_indices, T, H: tl.constexpr, HK: tl.constexpr,
+def chunk_kkt_solve_kernel(k, g, beta, k_scale, A, cu_seqlens, chunk_indices, T, HV: tl.constexpr, HK: tl.constexpr,
                            K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                            USE_K_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
-    """A = (I + L)^{-1} per chunk, L = strictly lower(diag(beta) K K^T * exp(G_i - G_j)). Grid (chunks, B * H).
+    """A = (I + L)^{-1} per chunk, L = strictly lower(diag(beta) K K^T * exp(G_i - G_j)). Grid (chunks, B * HV).
 
-    k [B, T, HK, K]; g [B, T, H] float32 within-chunk cumsum; beta [B, T, H]; k_scale [B, T, HK] float32
-    inverse row norms of k (when USE_K_SCALE); writes A [B, T, H, BT] on and
+    k [B, T, HK, K]; g [B, T, HV] float32 within-chunk cumsum; beta [B, T, HV]; k_scale [B, T, HK] float32
+    inverse row norms of k (when USE_K_SCALE); writes A [B, T, HV, BT] on and
     below the diagonal of each chunk (the rest is never read). BT = 4 BC: ten [BC, BC] blocks of K K^T
     accumulate over K tiles of BK, the four diagonal blocks are inverted by forward substitution, then merged.
     """
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HK)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // HK)
     bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     if i_t < 0:
         return
@@ -142,18 +145,18 @@ def chunk_kkt_solve_kernel(k, g, beta, k_scale, A, cu_seqlens, chunk_indices, T,
         b_A32 = tl.dot(b_k3, tl.trans(b_k2), b_A32, input_precision=PRECISION)
         b_A33 = tl.dot(b_k3, tl.trans(b_k3), b_A33, input_precision=PRECISION)
 
-    b_g0 = tl.load(g + r0 * H + i_h, mask=m0, other=0.)
-    b_g1 = tl.load(g + r1 * H + i_h, mask=m1, other=0.)
-    b_g2 = tl.load(g + r2 * H + i_h, mask=m2, other=0.)
-    b_g3 = tl.load(g + r3 * H + i_h, mask=m3, other=0.)
+    b_g0 = tl.load(g + r0 * HV + i_h, mask=m0, other=0.)
+    b_g1 = tl.load(g + r1 * HV + i_h, mask=m1, other=0.)
+    b_g2 = tl.load(g + r2 * HV + i_h, mask=m2, other=0.)
+    b_g3 = tl.load(g + r3 * HV + i_h, mask=m3, other=0.)
     b_s0 = _load_scale(k_scale, r0, HK, i_hk, m0, USE_K_SCALE)
     b_s1 = _load_scale(k_scale, r1, HK, i_hk, m1, USE_K_SCALE)
     b_s2 = _load_scale(k_scale, r2, HK, i_hk, m2, USE_K_SCALE)
     b_s3 = _load_scale(k_scale, r3, HK, i_hk, m3, USE_K_SCALE)
-    b_b0 = tl.load(beta + r0 * H + i_h, mask=m0, other=0.).to(tl.float32) * b_s0
-    b_b1 = tl.load(beta + r1 * H + i_h, mask=m1, other=0.).to(tl.float32) * b_s1
-    b_b2 = tl.load(beta + r2 * H + i_h, mask=m2, other=0.).to(tl.float32) * b_s2
-    b_b3 = tl.load(beta + r3 * H + i_h, mask=m3, other=0.).to(tl.float32) * b_s3
+    b_b0 = tl.load(beta + r0 * HV + i_h, mask=m0, other=0.).to(tl.float32) * b_s0
+    b_b1 = tl.load(beta + r1 * HV + i_h, mask=m1, other=0.).to(tl.float32) * b_s1
+    b_b2 = tl.load(beta + r2 * HV + i_h, mask=m2, other=0.).to(tl.float32) * b_s2
+    b_b3 = tl.load(beta + r3 * HV + i_h, mask=m3, other=0.).to(tl.float32) * b_s3
     b_A00 = _gated_block(b_A00, b_g0, b_g0, b_b0, b_s0, m0, m0, True)
     b_A10 = _gated_block(b_A10, b_g1, b_g0, b_b1, b_s0, m1, m0, False)
     b_A11 = _gated_block(b_A11, b_g1, b_g1, b_b1, b_s1, m1, m1, True)
@@ -182,103 +185,106 @@ def chunk_kkt_solve_kernel(k, g, beta, k_scale, A, cu_seqlens, chunk_indices, T,
                      + tl.dot(b_A32, b_Ai20, input_precision=PRECISION), input_precision=PRECISION)
 
     dtype = A.dtype.element_ty
-    tl.store(A + (r0 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai00.to(dtype), mask=m0[:, None])
-    tl.store(A + (r1 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai10.to(dtype), mask=m1[:, None])
-    tl.store(A + (r1 * H + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai11.to(dtype), mask=m1[:, None])
-    tl.store(A + (r2 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai20.to(dtype), mask=m2[:, None])
-    tl.store(A + (r2 * H + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai21.to(dtype), mask=m2[:, None])
-    tl.store(A + (r2 * H + i_h)[:, None] * BT + 2 * BC + o_i[None, :], b_Ai22.to(dtype), mask=m2[:, None])
-    tl.store(A + (r3 * H + i_h)[:, None] * BT + o_i[None, :], b_Ai30.to(dtype), mask=m3[:, None])
-    tl.store(A + (r3 * H + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai31.to(dtype), mask=m3[:, None])
-    tl.store(A + (r3 * H + i_h)[:, None] * BT + 2 * BC + o_i[None, :], b_Ai32.to(dtype), mask=m3[:, None])
-    tl.store(A + (r3 * H + i_h)[:, None] * BT + 3 * BC + o_i[None, :], b_Ai33.to(dtype), mask=m3[:, None])
+    tl.store(A + (r0 * HV + i_h)[:, None] * BT + o_i[None, :], b_Ai00.to(dtype), mask=m0[:, None])
+    tl.store(A + (r1 * HV + i_h)[:, None] * BT + o_i[None, :], b_Ai10.to(dtype), mask=m1[:, None])
+    tl.store(A + (r1 * HV + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai11.to(dtype), mask=m1[:, None])
+    tl.store(A + (r2 * HV + i_h)[:, None] * BT + o_i[None, :], b_Ai20.to(dtype), mask=m2[:, None])
+    tl.store(A + (r2 * HV + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai21.to(dtype), mask=m2[:, None])
+    tl.store(A + (r2 * HV + i_h)[:, None] * BT + 2 * BC + o_i[None, :], b_Ai22.to(dtype), mask=m2[:, None])
+    tl.store(A + (r3 * HV + i_h)[:, None] * BT + o_i[None, :], b_Ai30.to(dtype), mask=m3[:, None])
+    tl.store(A + (r3 * HV + i_h)[:, None] * BT + BC + o_i[None, :], b_Ai31.to(dtype), mask=m3[:, None])
+    tl.store(A + (r3 * HV + i_h)[:, None] * BT + 2 * BC + o_i[None, :], b_Ai32.to(dtype), mask=m3[:, None])
+    tl.store(A + (r3 * HV + i_h)[:, None] * BT + 3 * BC + o_i[None, :], b_Ai33.to(dtype), mask=m3[:, None])
 
 
-_kkt_solve_tuned = autotune(
-    configs=[triton.Config({"BK": BK}, num_warps=num_warps) for BK in (64, 32) for num_warps in (4, 2)],
-    key=["H", "HK", "K", "USE_K_SCALE"])(chunk_kkt_solve_kernel)
-
-
+@triton.heuristics({"USE_K_SCALE": given("k_scale"), "IS_VARLEN": given("cu_seqlens")})
+@autotune(configs=[triton.Config({"BK": 64, "BV": 64}, num_warps=num_warps, num_stages=num_stages)
+                   for num_warps in (4, 8) for num_stages in (2, 3)],
+          key=["HV", "HK", "K", "V", "USE_K_SCALE"])
 @triton.jit(do_not_specialize=["T"])
-def chunk_wy_kernel(k, v, beta, g, k_scale, A, w, u, cu_seqlens, chunk_indices, T, H: tl.constexpr,
+def chunk_wy_kernel(k, v, beta, g, k_scale, A, w, u, cu_seqlens, chunk_indices, T, HV: tl.constexpr,
                     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, USE_K_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """w = A (beta exp(G) K), u = A (beta V) per chunk (K's rows scaled by k_scale when USE_K_SCALE).
-    Grid (chunks, B * H).
+    Grid (chunks, B * HV).
 
-    k [B, T, HK, K]; v [B, T, H, V]; beta [B, T, H]; g [B, T, H] float32 cumsum; A [B, T, H, BT] from
-    chunk_kkt_solve_kernel (only its lower triangle is read); writes w [B, T, H, K], u [B, T, H, V].
+    k [B, T, HK, K]; v [B, T, HV, V]; beta [B, T, HV]; g [B, T, HV] float32 cumsum; A [B, T, HV, BT] from
+    chunk_kkt_solve_kernel (only its lower triangle is read); writes w [B, T, HV, K], u [B, T, HV, V].
     """
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HK)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // HK)
     bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     if i_t < 0:
         return
     o_t = tl.arange(0, BT)
     m_t = i_t * BT + o_t < T
     rows = bos + i_t * BT + o_t
-    b_A = tl.load(A + (rows * H + i_h)[:, None] * BT + o_t[None, :],
+    b_A = tl.load(A + (rows * HV + i_h)[:, None] * BT + o_t[None, :],
                   mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.)
-    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.).to(tl.float32)
-    b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.)
+    b_beta = tl.load(beta + rows * HV + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_g = tl.load(g + rows * HV + i_h, mask=m_t, other=0.)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        b_v = _load_rows(v, rows, H, i_h, o_v, V, m_t)
+        b_v = _load_rows(v, rows, HV, i_h, o_v, V, m_t)
         b_u = tl.dot(b_A, (b_v * b_beta[:, None]).to(b_A.dtype), input_precision=PRECISION)
-        tl.store(u + (rows * H + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty),
+        tl.store(u + (rows * HV + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty),
                  mask=m_t[:, None] & (o_v < V)[None, :])
     b_kscale = b_beta * tl.exp(b_g) * _load_scale(k_scale, rows, HK, i_hk, m_t, USE_K_SCALE)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = _load_rows(k, rows, HK, i_hk, o_k, K, m_t)
         b_w = tl.dot(b_A, (b_k * b_kscale[:, None]).to(b_A.dtype), input_precision=PRECISION)
-        tl.store(w + (rows * H + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty),
+        tl.store(w + (rows * HV + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty),
                  mask=m_t[:, None] & (o_k < K)[None, :])
-
-
-_wy_tuned = autotune(
-    configs=[triton.Config({"BK": 64, "BV": 64}, num_warps=num_warps, num_stages=num_stages)
-             for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["H", "HK", "K", "V", "USE_K_SCALE"])(chunk_wy_kernel)
 
 
 def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
                             layout):
     B, T, HK, K = k.shape
-    H = v.shape[2]
+    HV = v.shape[2]
     chunk_indices, chunk_offsets = layout if cu_seqlens is not None else (None, None)
     g_cum = chunk_cumsum(g, cu_seqlens, chunk_indices)
     q_scale, k_scale = (inverse_norms(q), inverse_norms(k)) if use_qk_l2norm else (None, None)
-    grid = (num_chunks(B, T, cu_seqlens), B * H)
-    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, HK=HK, K=K, BT=CHUNK,
-                  IS_VARLEN=cu_seqlens is not None, PRECISION=dot_precision(k.dtype))
-    A = k.new_empty(B, T, H, CHUNK)
-    _kkt_solve_tuned[grid](k=k, g=g_cum, beta=beta, k_scale=k_scale, A=A, BC=SUB, USE_K_SCALE=use_qk_l2norm,
-                           **common)
-    w = k.new_empty(B, T, H, K)
+    grid = (num_chunks(B, T, cu_seqlens), B * HV)
+    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, HV=HV, HK=HK, K=K, BT=CHUNK,
+                  PRECISION=dot_precision(k.dtype))
+    A = k.new_empty(B, T, HV, CHUNK)
+    chunk_kkt_solve_kernel[grid](k=k, g=g_cum, beta=beta, k_scale=k_scale, A=A, BC=SUB, **common)
+    w = k.new_empty(B, T, HV, K)
     u = torch.empty_like(v)
-    _wy_tuned[grid](k=k, v=v, beta=beta, g=g_cum, k_scale=k_scale, A=A, w=w, u=u, V=v.shape[3],
-                    USE_K_SCALE=use_qk_l2norm, **common)
+    chunk_wy_kernel[grid](k=k, v=v, beta=beta, g=g_cum, k_scale=k_scale, A=A, w=w, u=u, V=v.shape[3], **common)
     h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w,
                                   k_scale=k_scale)
     o = chunk_output(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, q_scale=q_scale, k_scale=k_scale)
     return o, final
 
 
+def _fits_recurrent_tile(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if args["BK"] * c.kwargs["BV"] <= STATE_TILE
+            and c.kwargs["BV"] <= max(8, triton.next_power_of_2(args["V"]))]
+    return kept or configs[-1:]
+
+
+@triton.heuristics({"USE_INITIAL_STATE": given("h0"), "STORE_FINAL_STATE": given("ht"),
+                    "IS_VARLEN": given("cu_seqlens")})
+@autotune(configs=[triton.Config({"BV": BV}, num_warps=num_warps)
+                   for BV in (32, 16, 8, 64) for num_warps in (4, 2, 8)],
+          key=["HV", "HK", "K", "V"], prune=_fits_recurrent_tile)
 @triton.jit(do_not_specialize=["T"])
-def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, H: tl.constexpr, HK: tl.constexpr,
+def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.constexpr, HK: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
                      USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Token by token. One program per (V tile, sequence, value head) reads its state slice [BK, BV] once,
-    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * H).
+    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV).
 
-    q, k [B, T, HK, K]; v [B, T, H, V]; g, beta [B, T, H]; o [B, T, H, V]; h0, ht float32 [N, H, K, V].
+    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht float32 [N, HV, K, V].
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_hk = i_h // (H // HK)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    i_hk = i_h // (HV // HK)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
@@ -296,9 +302,9 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, H: tl.co
         row = bos + t
         b_q = tl.load(q + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_k = tl.load(k + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_v = tl.load(v + (row * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        b_g = tl.load(g + row * H + i_h).to(tl.float32)
-        b_beta = tl.load(beta + row * H + i_h).to(tl.float32)
+        b_v = tl.load(v + (row * HV + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_g = tl.load(g + row * HV + i_h).to(tl.float32)
+        b_beta = tl.load(beta + row * HV + i_h).to(tl.float32)
         if USE_QK_L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2NORM_EPS)
@@ -306,44 +312,31 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, H: tl.co
         b_u = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
         b_h += b_k[:, None] * b_u[None, :]
         b_o = tl.sum(b_h * b_q[:, None], 0) * scale
-        tl.store(o + (row * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(o + (row * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_FINAL_STATE:
         tl.store(ht + state_offsets, b_h, mask=m_kv)
-
-
-def _fits_recurrent_tile(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    kept = [c for c in configs if args["BK"] * c.kwargs["BV"] <= STATE_TILE
-            and c.kwargs["BV"] <= max(8, triton.next_power_of_2(args["V"]))]
-    return kept or configs[-1:]
-
-
-_recurrent_tuned = autotune(
-    configs=[triton.Config({"BV": BV}, num_warps=num_warps) for BV in (32, 16, 8, 64) for num_warps in (4, 2, 8)],
-    key=["H", "HK", "K", "V"], prune=_fits_recurrent_tile)(recurrent_kernel)
 
 
 def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                                 cu_seqlens):
     B, T, HK, K = k.shape
-    H, V = v.shape[2], v.shape[3]
+    HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = torch.empty_like(v)
-    final = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)  # noqa: E731
-    _recurrent_tuned[grid](
+    final = k.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
+    recurrent_kernel[grid](
         q=q, k=k, v=v, g=g, beta=beta, o=o, h0=initial_state, ht=final, cu_seqlens=cu_seqlens, scale=scale, T=T,
-        H=H, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, USE_QK_L2NORM=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None)
+        HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm)
     return o, final
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                      chunk_layout=None):
-    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or float32 [N, Hv, K, V];
+    """q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state None or float32 [N, HV, K, V];
     cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout: optional precomputed
     `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
-    Returns (o [B, T, Hv, V] in v's dtype, final state float32 [N, Hv, K, V] or None)."""
+    Returns (o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V] or None)."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if mode == "recurrent":
@@ -355,38 +348,31 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                    chunk_layout)
 
 
-def _aot_specs(Hk, Hv, K, V, dtype):
+def _aot_specs(HV, HK, K, V, dtype):
     dt = TRITON_DTYPE[dtype]
-    module = "kernels.triton.gated_delta_rule"
-    label = f"K={K},V={V},Hk={Hk},Hv={Hv},{dt}"
-    common = dict(H=Hv, HK=Hk, K=K, BT=CHUNK, IS_VARLEN=False, PRECISION=dot_precision(dtype))
-    chunked = dict(cu_seqlens="*i32", chunk_indices="*i32", T="i32", H="constexpr", HK="constexpr",
-                   K="constexpr", BT="constexpr")
-    flags = dict(IS_VARLEN="constexpr", PRECISION="constexpr")
+    label = f"K={K},V={V},HV={HV},HK={HK},{dt}"
+    common = dict(HV=HV, HK=HK, K=K, BT=CHUNK, USE_K_SCALE=True, IS_VARLEN=False, PRECISION=dot_precision(dtype))
+    packing = dict(cu_seqlens="i32", chunk_indices="i32")
     return [
-        AotSpec(f"gated_delta_rule.inverse_norm[K={K},{dt}]", f"{module}:inverse_norm_kernel",
-                dict(x=f"*{dt}", r="*fp32", rows="i32", D="constexpr", BD="constexpr", BR="constexpr"),
-                dict(D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K))),
-        AotSpec(f"gated_delta_rule.chunk_kkt_solve[{label},BK=64]", f"{module}:chunk_kkt_solve_kernel",
-                dict(k=f"*{dt}", g="*fp32", beta="*fp32", k_scale="*fp32", A=f"*{dt}", **chunked, BC="constexpr",
-                     BK="constexpr", USE_K_SCALE="constexpr", **flags),
-                dict(common, BC=SUB, BK=64, USE_K_SCALE=True), num_warps=4),
-        AotSpec(f"gated_delta_rule.chunk_wy[{label},BK=64,BV=64,w8]", f"{module}:chunk_wy_kernel",
-                dict(k=f"*{dt}", v=f"*{dt}", beta="*fp32", g="*fp32", k_scale="*fp32", A=f"*{dt}", w=f"*{dt}",
-                     u=f"*{dt}", **chunked, V="constexpr", BK="constexpr", BV="constexpr", USE_K_SCALE="constexpr",
-                     **flags),
-                dict(common, V=V, BK=64, BV=64, USE_K_SCALE=True), num_warps=8, num_stages=2),
-        *aot_specs("gated_delta_rule.", H=Hv, HK=Hk, K=K, V=V, dtype=dtype, use_w=True, use_g=True,
-                    use_qk_scale=True),
-        AotSpec(f"gated_delta_rule.recurrent[{label},BV=32]", f"{module}:recurrent_kernel",
-                dict(q=f"*{dt}", k=f"*{dt}", v=f"*{dt}", g="*fp32", beta="*fp32", o=f"*{dt}", h0="*fp32",
-                     ht="*fp32", cu_seqlens="*i32", scale="fp32", T="i32", H="constexpr", HK="constexpr",
-                     K="constexpr", V="constexpr", BK="constexpr", BV="constexpr", USE_INITIAL_STATE="constexpr",
-                     STORE_FINAL_STATE="constexpr", USE_QK_L2NORM="constexpr", IS_VARLEN="constexpr"),
-                dict(H=Hv, HK=Hk, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
-                     STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True), num_warps=4),
+        aot_spec(f"gated_delta_rule.inverse_norm[K={K},{dt}]", inverse_norm_kernel,
+                 dict(D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K)),
+                 pointers=dict(x=dt, r="fp32")),
+        aot_spec(f"gated_delta_rule.chunk_kkt_solve[{label},BK=64]", chunk_kkt_solve_kernel,
+                 dict(common, BC=SUB, BK=64),
+                 pointers=dict(k=dt, g="fp32", beta="fp32", k_scale="fp32", A=dt, **packing)),
+        aot_spec(f"gated_delta_rule.chunk_wy[{label},BK=64,BV=64,w8]", chunk_wy_kernel,
+                 dict(common, V=V, BK=64, BV=64),
+                 pointers=dict(k=dt, v=dt, beta="fp32", g="fp32", k_scale="fp32", A=dt, w=dt, u=dt, **packing),
+                 num_warps=8, num_stages=2),
+        *aot_specs("gated_delta_rule.", HV=HV, HK=HK, K=K, V=V, dtype=dtype, use_w=True, use_g=True,
+                   use_qk_scale=True),
+        aot_spec(f"gated_delta_rule.recurrent[{label},BV=32]", recurrent_kernel,
+                 dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
+                      STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True),
+                 pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0="fp32", ht="fp32", cu_seqlens="i32"),
+                 floats=("scale",)),
     ]
 
 
-# Qwen3.5-35B-A3B (Hk 16, Hv 32) and Qwen3.5-397B-A17B (Hk 16, Hv 64) at TP1, K = V = 128, bf16.
-AOT_SPECS = _aot_specs(16, 32, 128, 128, torch.bfloat16) + _aot_specs(16, 64, 128, 128, torch.bfloat16)
+# Qwen3.5-35B-A3B (HK 16, HV 32) and Qwen3.5-397B-A17B (HK 16, HV 64) at TP1, K = V = 128, bf16.
+AOT_SPECS = _aot_specs(32, 16, 128, 128, torch.bfloat16) + _aot_specs(64, 16, 128, 128, torch.bfloat16)

@@ -27,6 +27,5 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
 
 
 # Qwen3.5's linear-attention layers at TP1, were they plain gated linear attention: 32 heads, K = V = 128.
-AOT_SPECS = aot_specs("linear_attention.", H=32, HK=32, K=128, V=128, dtype=torch.bfloat16, use_w=False,
-                      use_g=True,
-                      use_qk_scale=False)
+AOT_SPECS = aot_specs("linear_attention.", HV=32, HK=32, K=128, V=128, dtype=torch.bfloat16, use_w=False,
+                      use_g=True, use_qk_scale=False)
