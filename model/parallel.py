@@ -54,10 +54,11 @@ def head_problem(heads: int, shared: int, tp: int, names: tuple[str, str] = ("he
     return None
 
 
-def layout_problem(cfg: ModelConfig, tp: int, ep: int, world: int) -> tuple[str, str] | None:
-    """(argument, what is wrong; valid values) when tp / ep cannot split this model over `world` ranks, else None.
-    tp must divide world and split the linear-attention value heads over their key heads and the attention query
-    heads over their KV heads (`head_problem`); ep must divide world and the expert count."""
+def layout_problem(cfg: ModelConfig, tp: int, ep: int, world: int | None) -> tuple[str, str] | None:
+    """(argument, what is wrong; valid values) when tp / ep cannot split this model over `world` ranks (None: the
+    model alone, for any world), else None. tp must divide world and split the linear-attention value heads over
+    their key heads and the attention query heads over their KV heads (`head_problem`); ep must divide world and
+    the expert count."""
     for name, value in (("tp", tp), ("ep", ep)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return name, f"must be a positive int, got {value!r}"
@@ -69,19 +70,20 @@ def layout_problem(cfg: ModelConfig, tp: int, ep: int, world: int) -> tuple[str,
         mixers.append((cfg.num_attention_heads, cfg.num_key_value_heads, ("attention query heads", "KV heads")))
 
     def tp_why(t):
-        if world % t:
+        if world is not None and world % t:
             return f"does not divide the world size {world}"
         return next(filter(None, (head_problem(heads, shared, t, names) for heads, shared, names in mixers)), None)
 
     def ep_why(e):
-        if world % e:
+        if world is not None and world % e:
             return f"does not divide the world size {world}"
         return f"does not divide the {cfg.num_experts} experts" if cfg.num_experts % e else None
 
+    most = world or max([cfg.num_experts] + [heads for heads, _, _ in mixers])
     for name, value, why in (("tp", tp, tp_why), ("ep", ep, ep_why)):
         if (problem := why(value)) is not None:
-            valid = [v for v in range(1, world + 1) if why(v) is None]
-            return name, f"{name} = {value} {problem}; valid with {world} processes: {', '.join(map(str, valid))}"
+            valid = ", ".join(str(v) for v in range(1, most + 1) if why(v) is None)
+            return name, f"{name} = {value} {problem}; valid{f' with {world} processes' if world else ''}: {valid}"
     return None
 
 
