@@ -311,7 +311,7 @@ def _colors(rows):
 
 def _legend_below(fig, axes, columns=3):
     """One legend for the figure, under the axes (never over the data)."""
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)

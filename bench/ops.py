@@ -19,6 +19,9 @@ from bench import cost, inputs
 from bench.presets import MODELS, PRESET_MAX_GB, PRESET_TOKENS, SEQ_LENS, TOKENS, scale_of, seqlens, vary
 
 CATEGORICAL_AXES = ("mode", "routing")
+# What a sweep row times: the op's forward call, its backward alone (the gradients of every differentiable input
+# from fixed random output gradients, on a graph built once) or both in one call.
+PASSES = ("forward", "backward", "forward+backward")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class OpSpec:
     grid:        scale ("quick", "cpu", "cuda") -> shapes; one axis varied at a time around a base shape.
     presets:     scale ("cpu", "cuda") -> [(model, shape)]: the shapes of real models (ANCHORS.md).
     cost:        the op's inputs (plus call keywords) -> (FLOPs, bytes): bench.cost.
+    backward_cost: the same for its backward (bench.cost.<op>_backward): a differentiable op, whose sweep may
+                 time the passes "backward" and "forward+backward" (PASSES) beside "forward"; None: forward only.
     affordable:  (shape, quick) -> whether the float64 reference's loops check this case in seconds.
     gigabytes:   (shape, element size) -> rough size of the inputs.
     call:        shape -> extra keywords of the call (the gated delta rule's mode).
@@ -83,11 +88,15 @@ class OpSpec:
     versus:      how this linear op pairs with quadratic attention (the report's linear-vs-quadratic section).
     targets:     the report's targets on this op's rows.
     anchors:     published figures (ANCHORS.md) the report puts beside this op's rows.
-    flop_model:  a sentence on the FLOP model, for the report.
+    flop_model:  a sentence on the FLOP model, for the report (backward_flop_model: its backward's).
     sweep:       "module:function" of a sweep of its own (the model's), run instead of the registry's backends:
-                 (quick, device, out, backends) -> rows; such an op has no registry entry and runs alone.
+                 (quick, device, out, backends) -> rows, and a `preset` keyword when the op has presets (its
+                 cases are then the op's own: grid and presets as above); such an op has no registry entry and runs
+                 alone.
     backend_ops: for such an op, the registry ops whose backends its --backend names.
-    summary:     "module:function" of lines for the report from such an op's rows (its targets).
+    summary:     "module:function" of lines for the report from such an op's rows (its targets): each a sentence
+                 the report makes a bullet, or a Markdown line kept as it is (empty, a heading "#...", a table
+                 row "|...").
     """
 
     name: str
@@ -96,6 +105,7 @@ class OpSpec:
     grid: Callable[[str], list[dict]] = lambda scale: []
     presets: Callable[[str], list[tuple[str, dict]]] = lambda scale: []
     cost: Callable[[dict], tuple[int, int]] | None = None
+    backward_cost: Callable[[dict], tuple[int, int]] | None = None
     affordable: Callable[[dict, bool], bool] = lambda shape, quick: True
     gigabytes: Callable[[dict, int], float] = lambda shape, itemsize: 0.0
     call: Callable[[dict], dict] = lambda shape: {}
@@ -105,6 +115,7 @@ class OpSpec:
     targets: tuple[Target, ...] = ()
     anchors: tuple[Anchor, ...] = ()
     flop_model: str = ""
+    backward_flop_model: str = ""
     sweep: str | None = None
     backend_ops: tuple[str, ...] = ()
     summary: str | None = None
@@ -198,24 +209,29 @@ def _token_loop_affordable(heads):
     return lambda s, quick: s["B"] * s["T"] * s[heads] * s["K"] * s["V"] <= (2**26 if quick else 2**29)
 
 
+_GDR_CPU_8K = dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk")
 _RECURRENT_PLOTS = {"T": ("T",), "B": ("B",), "seqs": ("seqs",), "dim": ("K", "V")}
 
 LINEAR_ATTENTION = OpSpec(
     "linear_attention", ("B", "T", "seqs", "H", "K", "V"),
     make=lambda s: dict(B=s["B"], T=s["T"], H=s["H"], K=s["K"], V=s["V"], seqlens=seqlens(s["T"], s["seqs"]),
                         initial_state=True, output_final_state=True),
-    grid=_recurrent_grid(gdr=False), cost=cost.linear_attention, affordable=_token_loop_affordable("H"),
+    grid=_recurrent_grid(gdr=False), cost=cost.linear_attention, backward_cost=cost.linear_attention_backward,
+    affordable=_token_loop_affordable("H"),
     gigabytes=_recurrent_gigabytes("H", "H"), plot_axes=_RECURRENT_PLOTS | {"heads": ("H",)},
     versus=Versus("attention", same=dict(B="B", H="Hq", K="D", V="D"), fixed=dict(seqs=1)),
     targets=(Target("Linear attention at least as fast as the best lab softmax attention from T = 1024 on "
                     "(CPU, float32)", "crossover", 1024),),
-    flop_model="chunked linear attention: 4 K V + 64 (K + V) FLOPs per token per head.")
+    flop_model="chunked linear attention: 4 K V + 64 (K + V) FLOPs per token per head.",
+    backward_flop_model="10 K V + 64 (3 K + 2 V) FLOPs per token per head (recompute, reverse state pass, "
+                        "gradients).")
 
 GATED_DELTA_RULE = OpSpec(
     "gated_delta_rule", ("B", "T", "seqs", "Hk", "Hv", "K", "V", "mode"),
     make=lambda s: dict(B=s["B"], T=s["T"], Hk=s["Hk"], Hv=s["Hv"], K=s["K"], V=s["V"],
                         seqlens=seqlens(s["T"], s["seqs"]), initial_state=True, output_final_state=True),
     grid=_recurrent_grid(gdr=True), presets=_gdr_presets, cost=cost.gated_delta_rule,
+    backward_cost=cost.gated_delta_rule_backward,
     affordable=_token_loop_affordable("Hv"), gigabytes=_recurrent_gigabytes("Hk", "Hv"),
     call=lambda s: {"mode": s["mode"]}, plot_axes=_RECURRENT_PLOTS | {"heads": ("Hk", "Hv")},
     versus=Versus("attention", same=dict(B="B", Hv="Hq", Hk="Hkv", K="D", V="D"), fixed=dict(seqs=1, mode="chunk")),
@@ -228,7 +244,12 @@ GATED_DELTA_RULE = OpSpec(
                dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk"),
                peer="transformers"),
         Target("Gated delta rule at least as fast as the best lab softmax attention from T = 1024 on (CPU, float32)",
-               "crossover", 1024)),
+               "crossover", 1024),
+        Target("Gated delta rule forward+backward, T = 8192, Hk = 2, Hv = 4, K = V = 128 (CPU, float32): at least 15x "
+               "transformers' torch_chunk_gated_delta_rule under autograd", "peer", 15.0,
+               _GDR_CPU_8K | {"pass": "forward+backward"}, peer="transformers"),
+        Target("Gated delta rule backward, same shape: at least 50% of the matmul ceiling on the backward's FLOPs",
+               "ceiling", 0.5, _GDR_CPU_8K | {"pass": "backward"})),
     anchors=(
         *[Anchor(f"GDR prefill {model} ({hk}, {hv}) x 128, {seqs} x {T // seqs}, bf16", "ms",
                  f"FlashQLA {a} / FlashInfer {b} / fla {c}", "H200", "QwenLM/FlashQLA benchmark/benchmark_results_H200.txt",
@@ -245,9 +266,18 @@ GATED_DELTA_RULE = OpSpec(
         Anchor("chunk GDN fwd vs FlashAttention-2, B4 T2048 H16 D128 causal", "ms", "GDN 0.753 / FA2 0.346", "GB200",
                "flash-linear-attention README", dict(B=4, T=2048, Hv=16, K=128)),
         Anchor("crossover of chunked GDN against FlashAttention", "tokens", "2K to 8K", "Hopper",
-               "ANCHORS.md (expected)", crossover=True)),
+               "ANCHORS.md (expected)", crossover=True),
+        *[Anchor(f"GDR backward Qwen3.5-35B (16, 32) x 128, 1 x {T}, bf16", "ms", f"FlashQLA {a} / fla {b}", "H200",
+                 "QwenLM/FlashQLA benchmark/benchmark_results_H200.txt",
+                 {"dtype": "bfloat16", "Hk": 16, "Hv": 32, "K": 128, "V": 128, "T": T, "seqs": 1, "pass": "backward"})
+          for T, a, b in [(8192, "0.789", "1.444"), (32768, "2.515", "5.697")]],
+        Anchor("chunk GDN forward + backward, B2 T16384 H16 D128", "ms", "3.616 (forward 1.029)", "GB200",
+               "flash-linear-attention README", {"B": 2, "T": 16384, "Hv": 16, "K": 128,
+                                                 "pass": "forward+backward"})),
     flop_model="chunked gated delta rule: 6 K V + 64 (4 K + 3 V) FLOPs per token per value head (9.5 d^2 at "
-               "d = 128), 6 K V in recurrent mode.")
+               "d = 128), 6 K V in recurrent mode.",
+    backward_flop_model="16 K V + 64 (12 K + 7 V) FLOPs per token per value head (25.5 d^2 at d = 128; the "
+                        "solve left out), whatever the forward's mode.")
 
 
 # ------------------------------------------------------------------------------------------------- attention
@@ -271,14 +301,15 @@ def _attention_presets(scale):
 ATTENTION = OpSpec(
     "attention", ("B", "T", "Hq", "Hkv", "D"),
     make=lambda s: dict(B=s["B"], T=s["T"], Hq=s["Hq"], Hkv=s["Hkv"], D=s["D"]),
-    grid=_attention_grid, presets=_attention_presets, cost=cost.attention,
+    grid=_attention_grid, presets=_attention_presets, cost=cost.attention, backward_cost=cost.attention_backward,
     affordable=lambda s, quick: s["B"] * s["Hq"] * s["T"] ** 2 <= 2**26,  # full float64 score matrices
     gigabytes=lambda s, itemsize: s["B"] * s["T"] * (2 * s["Hq"] + 2 * s["Hkv"]) * s["D"] * itemsize / 2**30,
     plot_axes={"T": ("T",), "B": ("B",), "heads": ("Hq", "Hkv"), "D": ("D",)},
     anchors=(Anchor("FlashAttention-2 forward, best", "TFLOP/s", "335", "H100", "FlashAttention-2 paper", best="tflops"),
              Anchor("FlashAttention-3 fp16 forward, best (75% of peak)", "TFLOP/s", "740", "H100",
                     "FlashAttention-3 paper", best="tflops")),
-    flop_model="4 D FLOPs per visible (query, key) pair per query head.")
+    flop_model="4 D FLOPs per visible (query, key) pair per query head.",
+    backward_flop_model="10 D FLOPs per visible pair per query head (FlashAttention's backward).")
 
 
 # ------------------------------------------------------------------------------------------------------- MoE
@@ -329,7 +360,7 @@ ROUTE = OpSpec(
                                            top_k=8, routing="uniform"),
                         lambda scale: dict(N=TOKENS[scale], E=(8, 64, 128, 256, 512))),
     presets=_moe_presets(lambda N, D, E, k, I: dict(N=N, E=E, top_k=k), lambda s, itemsize: s["N"] * s["E"] * itemsize / 2**30),
-    cost=cost.route, affordable=lambda s, quick: s["N"] * s["E"] <= 2**26,
+    cost=cost.route, backward_cost=cost.route_backward, affordable=lambda s, quick: s["N"] * s["E"] <= 2**26,
     gigabytes=lambda s, itemsize: s["N"] * s["E"] * itemsize / 2**30, plot_axes=_MOE_PLOTS,
     flop_model="no matmul FLOPs: softmax and top-k are a few operations per logit (memory-bound).")
 
@@ -337,7 +368,7 @@ MOE_PERMUTE = OpSpec(
     "moe_permute", ("N", "D", "E", "top_k", "routing"),
     make=_PERMUTED, grid=_permute_grid(),
     presets=_moe_presets(lambda N, D, E, k, I: dict(N=N, D=D, E=E, top_k=k), _permute_gigabytes),
-    cost=cost.moe_permute, affordable=lambda s, quick: s["N"] * s["top_k"] * s["E"] <= 4_000_000,  # a slot x expert loop
+    cost=cost.moe_permute, backward_cost=cost.moe_permute_backward, affordable=lambda s, quick: s["N"] * s["top_k"] * s["E"] <= 4_000_000,  # a slot x expert loop
     gigabytes=_permute_gigabytes, plot_axes=_MOE_PLOTS | {"D": ("D",)},
     anchors=(Anchor("vLLM moe_align_block_size, per dispatch", "ms", "0.020 to 0.027", "GPU", "vLLM PR 55225",
                     dict(N=1)),),
@@ -347,7 +378,7 @@ MOE_UNPERMUTE = OpSpec(
     "moe_unpermute", ("N", "D", "E", "top_k", "routing"),
     make=_PERMUTED, grid=_permute_grid(),
     presets=_moe_presets(lambda N, D, E, k, I: dict(N=N, D=D, E=E, top_k=k), _permute_gigabytes),
-    cost=cost.moe_unpermute, affordable=lambda s, quick: s["N"] * s["top_k"] <= 300_000,  # a Python loop over rows
+    cost=cost.moe_unpermute, backward_cost=cost.moe_unpermute_backward, affordable=lambda s, quick: s["N"] * s["top_k"] <= 300_000,  # a Python loop over rows
     gigabytes=_permute_gigabytes, plot_axes=_MOE_PLOTS | {"D": ("D",)},
     flop_model="2 FLOPs per routed element (the weighted sum): memory-bound.")
 
@@ -366,13 +397,14 @@ GROUPED_GEMM = OpSpec(
         lambda scale: dict(N=TOKENS[scale], E=(8, 64, 256) if scale == "quick" else (8, 64, 256, 512),
                            K=(512, 1024, 2048), Nout=(256, 512, 1024))),
     presets=_moe_presets(lambda N, D, E, k, I: dict(N=N, E=E, top_k=k, K=D, Nout=2 * I), _grouped_gemm_gigabytes),
-    cost=cost.grouped_gemm, affordable=lambda s, quick: _grouped_gemm_gigabytes(s, 8) <= 2,
+    cost=cost.grouped_gemm, backward_cost=cost.grouped_gemm_backward, affordable=lambda s, quick: _grouped_gemm_gigabytes(s, 8) <= 2,
     gigabytes=_grouped_gemm_gigabytes, plot_axes=_MOE_PLOTS | {"K": ("K",), "Nout": ("Nout",)},
     anchors=(Anchor("DeepGEMM fp8 grouped contiguous GEMM", "TFLOP/s", "1214 to 1346", "H800", "DeepGEMM",
                     best="tflops"),
              Anchor("CUTLASS grouped bf16 GEMM, 8 groups of 4096 x 768 x 2048", "TFLOP/s", "650.6", "H100",
                     "TransformerEngine", dict(dtype="bfloat16"), best="tflops")),
-    flop_model="2 M K Nout FLOPs (M routed rows).")
+    flop_model="2 M K Nout FLOPs (M routed rows).",
+    backward_flop_model="4 M K Nout FLOPs (dX = dY W, dW = dY^T X).")
 
 
 def _moe_gigabytes(s, itemsize):
@@ -396,13 +428,15 @@ MOE = OpSpec(
         I=(64, 128, 256) if scale == "quick" else (64, 128, 256, 512),
         D=(256, 512, 1024) if scale == "quick" else (256, 512, 1024, 2048))),
     presets=_moe_presets(lambda N, D, E, k, I: dict(N=N, D=D, E=E, I=I, top_k=k), _moe_gigabytes),
-    cost=cost.moe, affordable=lambda s, quick: s["N"] * s["top_k"] * 3 * s["I"] * s["D"] <= (2e8 if quick else 2e9),
+    cost=cost.moe, backward_cost=cost.moe_backward, affordable=lambda s, quick: s["N"] * s["top_k"] * 3 * s["I"] * s["D"] <= (2e8 if quick else 2e9),
     gigabytes=_moe_gigabytes, check_head=(("x", "weights", "ids"), 64),
     plot_axes=_MOE_PLOTS | {"D": ("D",), "I": ("I",)},
     targets=(Target("MoE layer decode, Qwen3.5-35B shape, N = 1 (CPU, float32): at most 1.5x the memory floor "
                     "(its active experts' weights at the copy bandwidth)", "floor", 1.5, _QWEN35_MOE | dict(N=1)),
              Target("MoE layer prefill, Qwen3.5-35B shape, N = 4096 (CPU, float32): at least 80% of the matmul "
-                    "ceiling", "ceiling", 0.8, _QWEN35_MOE | dict(N=4096))),
+                    "ceiling", "ceiling", 0.8, _QWEN35_MOE | dict(N=4096)),
+             Target("MoE layer forward+backward, Qwen3.5-35B shape, N = 4096 (CPU, float32): at least 70% of the "
+                    "matmul ceiling", "ceiling", 0.7, _QWEN35_MOE | {"N": 4096, "pass": "forward+backward"})),
     anchors=(Anchor("Liger fused MoE, Qwen3-30B-A3B shape, bf16 inference", "TFLOP/s", "523", "H100", "Liger kernel",
                     dict(preset="Qwen3-30B-A3B"), best="tflops"),
              Anchor("torch._grouped_mm full MoE forward, Qwen3-30B shape", "TFLOP/s", "242", "H100", "VeOmni PR 460",
@@ -410,15 +444,61 @@ MOE = OpSpec(
              Anchor("torch._grouped_mm full MoE forward, Qwen3-Next shape", "TFLOP/s", "181", "H100", "VeOmni PR 460",
                     dict(preset="Qwen3-Next-80B-A3B"), best="tflops"),
              Anchor("MoE decode, fraction of the memory roofline", "fraction", "0.34", "GPU", "ANCHORS.md",
-                    dict(N=1), best="roofline_fraction")),
-    flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' weights.")
+                    dict(N=1), best="roofline_fraction"),
+             Anchor("Liger fused MoE, Qwen3-30B-A3B shape, bf16 forward + backward", "TFLOP/s", "413", "H100",
+                    "Liger kernel", {"preset": "Qwen3-30B-A3B", "pass": "forward+backward"}, best="tflops")),
+    flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' weights.",
+    backward_flop_model="16 D I + 10 I FLOPs per routed slot (the projections recomputed, dX, dW).")
 
 # The Qwen3.5-MoE model's prefill and decode (bench/model.py), on the backends of the ops it runs.
 MODEL = OpSpec("model", sweep="bench.model:sweep", backend_ops=("gated_delta_rule", "attention", "route", "moe"),
                summary="bench.model:summary")
 
+
+# ---------------------------------------------------------------------------------------- expert parallelism
+
+def _dispatch_grid(scale):
+    """kernels.distributed's exchange against tokens per rank N, hidden size D and top-k around a base shape, and
+    skewed routing at the base, at each world size: 2 and 4 processes on CPU (1 too in the quick sweep, the
+    exchange with nothing to send away: what a one-GPU machine runs), 1 to 8 GPUs on a GPU machine (bench.dispatch
+    runs the worlds the machine has GPUs for)."""
+    if scale == "cuda":
+        worlds, base = (1, 2, 4, 8), dict(N=4096, D=4096, E=256, I=512, top_k=8, routing="uniform")
+        axes = dict(N=(128, 512, 2048, 4096, 16384), D=(2048, 4096, 7168), top_k=(1, 2, 4, 8, 10))
+    elif scale == "cpu":
+        worlds, base = (2, 4), dict(N=1024, D=1024, E=64, I=256, top_k=8, routing="uniform")
+        axes = dict(N=(64, 256, 1024, 4096), D=(512, 1024, 2048, 4096), top_k=(1, 2, 4, 8))
+    else:
+        worlds, base = (1, 2, 4), dict(N=256, D=256, E=16, I=64, top_k=4, routing="uniform")
+        axes = dict(N=(16, 256, 1024), D=(128, 256, 512), top_k=(1, 4, 8))
+    shapes = []
+    for world in worlds:
+        at = dict(world=world) | base
+        shapes += [s for axis, values in axes.items() for s in vary(at, axis, values)]
+        shapes += vary(at, "routing", ("uniform", "skewed"))
+    return shapes
+
+
+def _dispatch_presets(scale):
+    """The MoE shapes of Qwen3.5 at 4096 tokens per rank: Qwen3.5-35B-A3B on 2 CPU processes (the issue's target;
+    the grid has 4); both Qwen3.5 models on 1 to 8 GPUs."""
+    models, worlds = (("Qwen3.5-35B-A3B",), (2,)) if scale == "cpu" else \
+        (("Qwen3.5-35B-A3B", "Qwen3.5-397B-A17B"), (1, 2, 4, 8))
+    return [(model, dict(world=world, N=4096, D=MODELS[model]["hidden"], E=MODELS[model]["experts"],
+                         I=MODELS[model]["expert_size"], top_k=MODELS[model]["top_k"], routing="uniform"))
+            for model in models for world in worlds]
+
+
+# Expert parallelism's exchange (bench/dispatch.py): dispatch and combine against all_to_all_single, moe_ep against
+# kernels.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
+# the exchange and the moe backend of the local experts (each name for the ops it has).
+MOE_DISPATCH = OpSpec("moe_dispatch", ("world", "N", "D", "E", "I", "top_k", "routing"), grid=_dispatch_grid,
+                      presets=_dispatch_presets, sweep="bench.dispatch:sweep", backend_ops=("moe_permute", "moe"),
+                      summary="bench.dispatch:summary")
+
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE, MODEL)}
+    GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE, MODEL,
+    MOE_DISPATCH)}
 # Every axis of every op, in order: the CSV's shape columns.
 ALL_AXES = tuple(dict.fromkeys(axis for spec in OPS.values() for axis in spec.axes))
 # Names the sweep's command line still accepts, with the name each stands for (said when used).

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +32,15 @@ def load(path) -> pd.DataFrame:
         if column not in frame:
             frame[column] = ""
     frame["peer"] = frame["peer"].astype(str).str.lower().eq("true")
+    # rows written before the sweep timed backward passes are forward rows
+    frame["pass"] = ["forward" if pd.isna(v) or v == "" else str(v) for v in frame["pass"]] if "pass" in frame \
+        else "forward"
     return frame
+
+
+def forward_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows that time the forward pass (every plot and table but the report's training section)."""
+    return frame[frame["pass"] == "forward"]
 
 
 def measured(frame: pd.DataFrame) -> pd.DataFrame:
@@ -267,8 +276,11 @@ def plot_all(frame: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     """Every plot of every op in frame; {op: [paths]} plus "linear_vs_quadratic"."""
     out.mkdir(parents=True, exist_ok=True)
     for op in [name for name, spec in OPS.items() if spec.registry]:  # earlier plots (others draw their own)
+        # this op's names only: "moe_*" would take moe_permute's and moe_dispatch's too
+        own = re.compile(rf"{re.escape(op)}_({'|'.join(map(re.escape, [*OPS[op].plot_axes, 'roofline']))})(_\d+)?")
         for stale in out.glob(f"{op}_*.png"):  # a smaller table may draw fewer
-            stale.unlink()
+            if own.fullmatch(stale.stem):
+                stale.unlink()
     (out / "linear_vs_quadratic.png").unlink(missing_ok=True)
     written = {}
     for op in frame["op"].unique():

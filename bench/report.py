@@ -4,8 +4,9 @@
 
 Writes the plots (bench.plots) and README.md: the machine and its measured ceilings, the targets of the ops'
 declarations (bench/ops.py) computed from the rows, linear versus quadratic attention, the published numbers of
-the declarations' anchors (ANCHORS.md) beside ours, which backends are deterministic and batch-invariant, and per
-op a short "where the time goes", the plots and the table of rows.
+the declarations' anchors (ANCHORS.md) beside ours, which backends are deterministic and batch-invariant, per
+op a short "where the time goes", the plots and the table of rows (forward rows), and a training section: the
+backward and forward+backward rows beside each backend's forward, with the published backward numbers.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def target_lines(frame, spec, target, highest: dict, lvq) -> list[str]:
         met = T is not None and T <= target.threshold
         return [f"At {lvq['shape']}, {lvq['dtype']}: " + (f"from **T = {int(T)}** on" if T is not None else
                 "**never** in the swept range") + f" ({'met' if met else 'not met'})."]
-    rows = _select(plots.measured(frame[frame["op"] == spec.name]), **target.match)
+    rows = _select(plots.measured(frame[frame["op"] == spec.name]), **({"pass": "forward"} | target.match))
     lab = _lab(rows)
     if lab.empty:
         return ["Not measured in this CSV."]
@@ -151,8 +152,9 @@ def target_lines(frame, spec, target, highest: dict, lvq) -> list[str]:
 
 
 def targets(frame, highest: dict | None = None) -> list[str]:
-    """Every declared target with a heading that says it, and its measured value below."""
-    lvq = plots.linear_vs_quadratic(frame)
+    """Every declared target with a heading that says it, and its measured value below (a target's pass is
+    forward unless its match names another)."""
+    lvq = plots.linear_vs_quadratic(plots.forward_rows(frame))
     lines = []
     for spec in OPS.values():
         for target in spec.targets:
@@ -213,25 +215,35 @@ def where_time_goes(rows, spec) -> list[str]:
     return lines
 
 
-# Units of the columns an op with a sweep of its own may write (the model's): how each is printed.
+# Units of the columns an op with a sweep of its own may write (the model's, the EP exchange's): how each is printed.
 OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "cache_bytes": fmt_bytes,
                       "dense_share": fmt_share, "tokens_per_s": fmt, "step_bytes": fmt_bytes, "floor_ms": fmt_ms,
                       "x_floor": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
-                      "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}"}
-OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "median_ms", "p20_ms", "p80_ms",
-               "tokens_per_s", "dense_share", "step_bytes", "floor_ms", "x_floor", "cache_bytes", "rel_err",
-               "tokens_equal", "divergence", "error"]
+                      "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}", "bytes": fmt_bytes,
+                      "bytes_per_token": fmt_bytes, "of_all_to_all": fmt_share}
+OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "transport", "median_ms", "p20_ms",
+               "p80_ms", "tokens_per_s", "dense_share", "step_bytes", "floor_ms", "x_floor", "cache_bytes", "bytes",
+               "gbps", "bytes_per_token", "of_all_to_all", "imbalance", "vs_one_process", "rel_err", "tokens_equal",
+               "divergence", "load", "error"]
+# The order of an own table's rows: by these columns, those it has.
+OWN_SORT = ("variant", "phase", "context", "world", "routing", "D", "top_k", "N", "part", "backend")
 
 
 def _own_table(rows) -> str:
     """Rows of an op with a sweep of its own carry their own columns: those that have a value."""
-    columns = [c for c in OWN_COLUMNS if c in rows and rows[c].astype(str).str.strip().replace("nan", "").ne("").any()]
-    sort = [c for c in ("variant", "phase", "context", "backend") if c in columns]
+    filled = lambda column: (column.notna() & column.astype(str).str.strip().ne("")).any()  # noqa: E731
+    columns = [c for c in OWN_COLUMNS if c in rows and filled(rows[c])]
+    sort = [c for c in OWN_SORT if c in rows and rows[c].notna().any()]
     body = [[OWN_COLUMN_FORMATS.get(c, fmt)(v) if not isinstance(v, str) else v for c, v in zip(columns, values)]
             for values in rows.sort_values(sort)[columns].values.tolist()]
     names = {"median_ms": "median", "p20_ms": "p20", "p80_ms": "p80", "tokens_per_s": "tokens/s",
              "cache_bytes": "cache"}
     return _table([names.get(c, c) for c in columns], body)
+
+
+def _markdown(line: str) -> bool:
+    """Whether a summary line is Markdown to keep as it is (a blank line, a heading, a table row), not a sentence."""
+    return not line or line.startswith(("#", "|"))
 
 
 def _rows_table(rows) -> str:
@@ -252,13 +264,19 @@ def _rows_table(rows) -> str:
 
 # ----------------------------------------------------------------------------------------------- anchors
 
-def anchors_table(frame) -> str:
+def _anchor_pass(anchor) -> str:
+    return anchor.match.get("pass", "forward")
+
+
+def anchors_table(frame, training: bool = False) -> str:
+    """The published figures beside our best comparable row: the forward anchors, or (training) those of the
+    backward passes."""
     ok = plots.measured(frame)
     ours = ok["device_name"].iloc[0] if not ok.empty else "(nothing measured)"
-    lvq = plots.linear_vs_quadratic(frame)
+    lvq = plots.linear_vs_quadratic(plots.forward_rows(frame))
     body = []
     for spec in OPS.values():
-        for anchor in spec.anchors:
+        for anchor in [a for a in spec.anchors if (_anchor_pass(a) != "forward") == training]:
             value, detail = "not measured here", ""
             if anchor.crossover:
                 if lvq and (spec.name, "lab") in lvq["crossover"]:
@@ -266,7 +284,7 @@ def anchors_table(frame) -> str:
                     value = f"T = {int(T)}" if T else "none in range"
                     detail = f"{lvq['shape']}, {lvq['dtype']}"
             else:
-                rows = _select(ok[ok["op"] == spec.name], **anchor.match)
+                rows = _select(ok[ok["op"] == spec.name], **({"pass": "forward"} | anchor.match))
                 if not rows.empty:
                     best = anchor.best
                     pick = rows.loc[rows[best].idxmin() if best == "median_ms" else rows[best].idxmax()]
@@ -338,13 +356,52 @@ def _linear_vs_quadratic(lvq) -> list[str]:
     return md + [""]
 
 
+def training_table(rows, forward) -> str:
+    """The backward passes' rows, each beside its backend's forward row on the same shape and dtype."""
+    times = {(r["backend"], r["shape"], r["dtype"]): r["median_ms"] for _, r in plots.measured(forward).iterrows()}
+    header = ["backend", "dtype", "shape", "pass", "median", "p20-p80", "FLOP/s", "roofline", "x its forward",
+              "rel err (vs)", "x best peer", "error"]
+    body = []
+    for _, r in rows.sort_values(["dtype", "shape", "pass", "median_ms"]).iterrows():
+        spread = "" if pd.isna(r["p20_ms"]) else f"{fmt_ms(r['p20_ms'])} - {fmt_ms(r['p80_ms'])}"
+        err = "" if pd.isna(r["rel_err"]) else f"{r['rel_err']:.1e} ({r.get('checked_against', '')})"
+        peer = "" if pd.isna(r["speedup_vs_best_peer"]) else f"{r['speedup_vs_best_peer']:.2f}x ({r['best_peer']})"
+        fwd = times.get((r["backend"], r["shape"], r["dtype"]))
+        ratio = "" if fwd is None or pd.isna(r["median_ms"]) else f"{r['median_ms'] / fwd:.2f}x"
+        body.append([r["backend"] + (" (peer)" if r["peer"] else ""), r["dtype"], f"`{r['shape']}`", r["pass"],
+                     fmt_ms(r["median_ms"]), spread, fmt_flops(r["tflops"]) if r["flops"] else "",
+                     fmt_share(r["roofline_fraction"]), ratio, err, peer, r["error"][:120]])
+    return _table(header, body)
+
+
+def training_section(frame) -> list[str]:
+    """The backward and forward+backward rows per op, the published backward numbers beside them."""
+    forward = plots.forward_rows(frame)
+    training = frame[frame["pass"] != "forward"]
+    if training.empty:
+        return ["No backward passes in this CSV: `python -m bench.sweep --op OP --pass forward backward "
+                "forward+backward` measures them.", ""]
+    md = ["Each backend with a backward (kernels/autograd.py): `backward` times the gradients of every "
+          "differentiable input from fixed output gradients on a graph built once; `forward+backward` both in one "
+          "call. Gradients are checked against the float64 yardstick's autograd first. `x its forward`: this row's "
+          "time over the same backend's forward row.", "",
+          "Published backward numbers beside ours:", "", anchors_table(frame, training=True), ""]
+    for spec in [s for s in OPS.values() if s.name in set(training["op"])]:
+        md += [f"### {spec.name}", ""]
+        if spec.backward_flop_model:
+            md += [f"Backward FLOP model: {spec.backward_flop_model}", ""]
+        md += [training_table(training[training["op"] == spec.name], forward[forward["op"] == spec.name]), ""]
+    return md
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def write(out: Path, device: str) -> Path:
     """Regenerate the plots and README.md of out/results.csv."""
     out = Path(out)
     frame = plots.load(out / "results.csv")
-    written = plots.plot_all(frame, out)
+    forward = plots.forward_rows(frame)
+    written = plots.plot_all(forward, out)
     ok = plots.measured(frame)
     names = _values(frame, "device_name")
     md = [f"# Benchmarks on {device}: {names}", "",
@@ -357,12 +414,12 @@ def write(out: Path, device: str) -> Path:
         md += ["Timing on a shared 2-core machine is noisy: the p20-p80 spread of each row says how much; ratios "
                "taken within one run are more trustworthy than absolute times. Rerun a sweep on a quiet machine to "
                "confirm a number.", ""]
-    over = ok[ok["roofline_fraction"] > 1]
+    over = plots.measured(forward)[plots.measured(forward)["roofline_fraction"] > 1]
     if len(over):
         md += [f"{len(over)} rows run faster than their roofline floor (fraction > 1): their working set fits in a "
                "cache while the copy bandwidth is measured on a buffer far larger than the caches, or the load of "
                "the machine dropped after the ceilings were measured at the start of their run.", ""]
-    lvq = plots.linear_vs_quadratic(frame)
+    lvq = plots.linear_vs_quadratic(forward)
     md += ["Columns: median, p20, p80 over adaptive repeats (bench.timing); FLOP/s and GB/s from the analytic "
            "models of bench/cost.py; roofline = max(FLOPs / matmul ceiling, bytes / copy bandwidth) / time, with the "
            "ceilings measured at the start of the run; `rel err (vs)`: relative Frobenius error against the float64 "
@@ -376,14 +433,16 @@ def write(out: Path, device: str) -> Path:
            "## Determinism and batch invariance", "",
            "As each backend declares it (kernels/*/__init__.py) and tests/test_invariance.py checks on this machine: "
            "deterministic = repeated calls give bitwise equal outputs; batch-invariant = one sequence's or token's "
-           "output is bitwise the same whatever else shares its batch.", "", invariance_table(frame), ""]
-    present = set(frame["op"])
+           "output is bitwise the same whatever else shares its batch.", "", invariance_table(frame), "",
+           "## Training: backward and forward+backward", "", *training_section(frame)]
+    present = set(forward["op"])
     for spec in [s for s in OPS.values() if s.name in present]:
-        rows = frame[frame["op"] == spec.name]
-        md += [f"## {spec.name}", "", "### Where the time goes", "",
-               *[f"- {line}" for line in where_time_goes(rows, spec)]]
+        rows = forward[forward["op"] == spec.name]
+        md += [f"## {spec.name}", "", "### Where the time goes", ""]
+        if spec.registry or not spec.summary:  # a sweep of its own says where its time goes in its summary
+            md += [f"- {line}" for line in where_time_goes(rows, spec)]
         if spec.summary:
-            md += [f"- {line}." for line in resolve(spec.summary)(rows.to_dict("records"))]
+            md += [line if _markdown(line) else f"- {line}." for line in resolve(spec.summary)(rows.to_dict("records"))]
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]

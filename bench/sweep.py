@@ -3,18 +3,24 @@
     python -m bench.sweep --op gated_delta_rule [--backend torch ...] [--device cpu|cuda] [--dtype float32 ...]
                           [--quick] [--preset Qwen3.5-35B-A3B] [--shape KEY ...] [--out DIR] [--list]
     python -m bench.sweep --op all --quick          # every registry op, their cases interleaved
+    python -m bench.sweep --op gated_delta_rule --pass forward backward forward+backward   # training passes
 
 What the sweep knows of an op is its declaration in bench/ops.py. For each shape and dtype, the inputs come
 from the op's bench.inputs maker, seeded by the shape. Each backend of the op that runs on the device
 (kernels.backends: new backends join by registering) is first checked against a float64 yardstick (the
 reference; where its loops are too slow, the reference on the first tokens when the op declares it, else the
-torch backend on float64 inputs: the row says which), then timed (bench.timing). A backend that fails the check,
+torch backend on float64 inputs: the row says which), then timed (bench.timing). With --pass backward or
+forward+backward (the passes of bench.ops.PASSES, a column of the CSV and of its key), each backend that has a
+backward is checked on the gradients of every differentiable input (from fixed output gradients, exact in every
+dtype) against the same yardstick's autograd, then its backward alone (on a graph built once) or its forward and
+backward together is timed; forward rows are unchanged by the passes. A backend that fails the check,
 or raises, gets its error in its row and no speedup, and the sweep goes on. Bad arguments (an unknown op,
 backend or shape, a backend that cannot run on the device or dtype, an empty selection) are refused before
 anything runs, and nothing is written.
 
 Results go to DIR/results.csv (default reports/<device>/), one long-format row per (op, backend, shape,
-dtype, device): a rerun replaces its own rows and keeps every other. The ceilings measured at the start
+dtype, device, pass): a rerun replaces its own rows and keeps every other (rows of CSVs written before the pass
+column are forward rows). The ceilings measured at the start
 of the run are stored in each row and in DIR/ceilings.json. Plots and README.md are then regenerated from
 the CSV (bench.report).
 """
@@ -38,15 +44,15 @@ import torch
 
 import kernels
 from bench import cli, presets, timing
-from bench.ops import ALL_AXES, CATEGORICAL_AXES, OPS, RENAMED, Case
+from bench.ops import ALL_AXES, CATEGORICAL_AXES, OPS, PASSES, RENAMED, Case
 from kernels.registry import resolve
 from kernels.types import Permutation
 from reference.tolerance import rel_err, tolerance
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-KEY = ["op", "backend", "shape", "dtype", "device"]
-COLUMNS = (["op", "backend", "peer", "device", "device_name", "dtype", "shape", "preset", *ALL_AXES,
+KEY = ["op", "backend", "shape", "dtype", "device", "pass"]
+COLUMNS = (["op", "backend", "peer", "device", "device_name", "dtype", "shape", "pass", "preset", *ALL_AXES,
             "median_ms", "p20_ms", "p80_ms", "repeats", "cuda_graph", "flops", "bytes", "tflops", "gbps",
             "peak_tflops", "peak_gbps", "floor_ms", "bound", "roofline_fraction", "rel_err", "checked_against",
             "error", "speedup_vs_reference", "best_peer", "speedup_vs_best_peer"]
@@ -145,6 +151,88 @@ def yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, quick:
             2 * spec.gigabytes(case.shape, 8) <= max_check_gb:
         return "torch-f64", kernels.get(case.op, "torch")(**_float64(inputs), **extra), None, None
     return "none (too large for a float64 yardstick)", None, None, None
+
+
+def differentiable(op: str, inputs: dict) -> list[str]:
+    """The names of op's differentiable inputs (kernels.autograd.DIFFERENTIABLE) given in inputs."""
+    from kernels.autograd import DIFFERENTIABLE
+
+    return [name for name in DIFFERENTIABLE[op] if isinstance(inputs.get(name), torch.Tensor)]
+
+
+def _float_outputs(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a result (integer outputs carry no gradient)."""
+    return [t for t in _tensors(out).values() if t.is_floating_point()]
+
+
+def output_gradients(outputs, seed: int) -> list[torch.Tensor]:
+    """Fixed gradients of the outputs: multiples of 1/8 in [-4, 4], exact in every float dtype, so that a backend
+    in bfloat16 and its float64 yardstick start from the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(-32, 33, tuple(t.shape), generator=gen) / 8).to(t.dtype).to(t.device) for t in outputs]
+
+
+def grad_call(op: str, fn, inputs: dict, extra: dict, seed: int, which: str):
+    """A call of backend fn computing the gradients of op's differentiable inputs: `which` "backward" (the forward
+    runs once here, the call is its backward alone, on the retained graph) or "forward+backward" (both in each
+    call). Returns the call, which returns the gradients (a tuple, in differentiable()'s order)."""
+    names = differentiable(op, inputs)
+    leaves = inputs | {name: inputs[name].detach().clone().requires_grad_(True) for name in names}
+    wrt = [leaves[name] for name in names]
+    outputs = _float_outputs(fn(**leaves, **extra))
+    grads = output_gradients(outputs, seed)
+    if which == "backward":
+        return lambda: torch.autograd.grad(outputs, wrt, grads, retain_graph=True, allow_unused=True)
+    return lambda: torch.autograd.grad(_float_outputs(fn(**leaves, **extra)), wrt, grads, allow_unused=True)
+
+
+def gradient_yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, seed: int, quick: bool = False):
+    """(label, float64 gradients or None): the reference's autograd where its loops are affordable, else the torch
+    backend's backward on float64 inputs where it fits in memory."""
+    spec = OPS[case.op]
+    device = inputs_device(inputs)
+    if spec.affordable(case.shape, quick):
+        name = "reference"
+    elif kernels.registry.registered(case.op)["torch"].backward is not None and \
+            "torch" in kernels.backends(case.op, device) and 4 * spec.gigabytes(case.shape, 8) <= max_check_gb:
+        name = "torch-f64"
+    else:
+        return "none (too large for a float64 yardstick)", None
+    backend = "reference" if name == "reference" else "torch"
+    return name, grad_call(case.op, kernels.get(case.op, backend), _float64(inputs), extra, seed, "backward")()
+
+
+def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, which, seed) -> dict:
+    """Check one backend's gradients on one case, then time its pass `which`. Returns the measured columns."""
+    label, ref = check
+    fn = kernels.get(case.op, backend)
+    call = grad_call(case.op, fn, inputs, extra, seed, which)
+    found = dict(checked_against=label, rel_err=math.nan)
+    got = call()  # also the warm-up
+    if ref is not None:
+        err, problem = compare(tuple(got), tuple(ref))
+        found["rel_err"] = err
+        if problem or err > tolerance(dtype, device):
+            found["error"] = (f"gradient parity vs {label}: "
+                              + (problem or f"rel_err {err:.2e} > {tolerance(dtype, device):.0e}"))
+            return found
+    del got
+    with trusted_inputs():
+        measured = timing.time_call(call, device, budget_s, warmup=0 if device == "cpu" else 2)
+    found.update(median_ms=measured.median_ms, p20_ms=measured.p20_ms, p80_ms=measured.p80_ms,
+                 repeats=measured.repeats, threads=measured.threads, cuda_graph=False)
+    return found
+
+
+def pass_cost(spec, inputs: dict, which: str) -> tuple[int, int]:
+    """(FLOPs, bytes) of one call of pass `which` of spec's op (bench.cost: forward, backward, their sum)."""
+    if which == "forward":
+        return spec.cost(inputs)
+    backward = spec.backward_cost(inputs)
+    if which == "backward":
+        return backward
+    forward = spec.cost(inputs)
+    return forward[0] + backward[0], forward[1] + backward[1]
 
 
 def inputs_device(inputs: dict) -> torch.device:
@@ -248,10 +336,12 @@ def planned(op: str, device: str, quick: bool, preset: str | None, shapes=None) 
 
 def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
           preset: str | None = None, budget_s: float | None = None, cuda_graph: str = "auto",
-          max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True, shapes=None) -> list[dict]:
+          max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True, shapes=None,
+          passes=("forward",)) -> list[dict]:
     """Check and time every backend of each registry op of `ops` (one name or several, whose cases are then
-    interleaved) over its cases; one row dict per (case, dtype, backend). wanted: backend names for every op, or
-    {op: names}; shapes: only these shape strings."""
+    interleaved) over its cases; one row dict per (case, dtype, backend, pass). wanted: backend names for every
+    op, or {op: names}; shapes: only these shape strings; passes: of PASSES (the backward ones for the backends
+    that have a backward, of the ops that declare a backward cost)."""
     from tqdm import tqdm
 
     ops = [ops] if isinstance(ops, str) else list(ops)
@@ -260,7 +350,7 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
     names = {op: sweep_backends(op, device, wanted.get(op) if isinstance(wanted, dict) else wanted) for op in ops}
     plan = interleaved([planned(op, device, quick, preset, shapes) for op in ops])
     rows = []
-    bar = tqdm(total=sum(len(names[case.op]) for case in plan) * len(dtypes),
+    bar = tqdm(total=sum(len(names[case.op]) for case in plan) * len(dtypes) * len(passes),
                desc=f"{'+'.join(ops)} on {device}", disable=not progress, unit="run")
     for case in plan:
         spec = OPS[case.op]
@@ -269,6 +359,11 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
             shape = case.key
             inputs = spec.inputs(case, dtype, device, seed_of(case.op, shape))
             extra = spec.call(case.shape)
+            if spec.backward_cost is not None and set(passes) - {"forward"}:
+                rows += gradient_rows(case, names[case.op], inputs, extra, dtype, device, ceil, budget_s, max_check_gb,
+                                      quick, [which for which in passes if which != "forward"], bar)
+            if "forward" not in passes:
+                continue
             flops, nbytes = spec.cost(inputs | extra)
             try:
                 with one_thread():
@@ -281,7 +376,7 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
                 if name in registered and dtype not in registered[name].dtypes:
                     continue
                 row = base_row(case.op, name, device, dtype, ceil) | dict(
-                    shape=shape, preset=case.preset, flops=flops, bytes=nbytes,
+                    shape=shape, preset=case.preset, flops=flops, bytes=nbytes, **{"pass": "forward"},
                     peer=bool(name in registered and registered[name].peer), **case.shape)
                 if name == "reference":
                     if check[3] is None:
@@ -304,6 +399,43 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
     return rows
 
 
+def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max_check_gb, quick, passes, bar):
+    """The rows of the backward passes of one case and dtype: each backend of `names` that has a backward (the
+    reference is the yardstick, not timed) checked on its gradients against the float64 yardstick's, then timed."""
+    spec = OPS[case.op]
+    registered = kernels.registry.registered(case.op)
+    seed = seed_of(case.op, case.key)
+    runs = [name for name in names if name != "reference" and name in registered
+            and dtype in registered[name].dtypes and registered[name].backward is not None]
+    bar.update(len(names) * len(passes) - len(runs) * len(passes))
+    if not runs:
+        return []
+    try:
+        with one_thread():
+            check = gradient_yardstick(case, inputs, extra, max_check_gb, seed, quick)
+    except Exception as exc:  # noqa: BLE001 - a broken yardstick is recorded, the backends still run
+        check = (f"none (yardstick failed: {_error_text(exc)})", None)
+    rows = []
+    for which in passes:
+        flops, nbytes = pass_cost(spec, inputs | extra, which)
+        for name in runs:
+            bar.set_postfix_str(f"{case.op} {name} {which} {case.key}", refresh=False)
+            bar.update()
+            row = base_row(case.op, name, device, dtype, ceil) | dict(
+                shape=case.key, preset=case.preset, flops=flops, bytes=nbytes, peer=registered[name].peer,
+                **{"pass": which}, **case.shape)
+            try:
+                row.update(run_gradients(case, name, inputs, extra, check, dtype, device, budget_s, which, seed))
+            except Exception as exc:  # noqa: BLE001 - as in the forward rows: in the row, go on
+                row["error"] = _error_text(exc)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if not row.get("error"):
+                row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
+            rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- CSV
 
 def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
@@ -312,7 +444,7 @@ def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.drop(columns=[c for c in frame.columns if c.startswith(PEER_PREFIX)] + ["best_peer"],
                        errors="ignore")
     ok = frame["error"].fillna("").eq("") & frame["median_ms"].notna()
-    group = ["op", "shape", "dtype", "device"]
+    group = ["op", "shape", "dtype", "device", "pass"]
     peer = frame["peer"].astype(str).str.lower().eq("true")
     frame["speedup_vs_reference"] = math.nan
     frame["best_peer"] = ""
@@ -333,7 +465,15 @@ def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def with_pass(frame: pd.DataFrame) -> pd.DataFrame:
+    """frame with its pass column, "forward" where a row has none (rows written before passes were swept, rows of
+    a sweep of its own)."""
+    frame["pass"] = frame["pass"].fillna("forward").replace("", "forward") if "pass" in frame else "forward"
+    return frame
+
+
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = with_pass(frame)
     for column in COLUMNS:
         if column not in frame:
             frame[column] = math.nan if column not in ("error", "best_peer", "preset") else ""
@@ -341,12 +481,13 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     rest = [c for c in frame.columns if c not in COLUMNS and c not in peers]
     frame = frame[COLUMNS[:COLUMNS.index("speedup_vs_best_peer") + 1] + peers
                   + COLUMNS[COLUMNS.index("speedup_vs_best_peer") + 1:] + rest]
-    return frame.sort_values(["op", "dtype", "shape", "backend"], kind="stable").reset_index(drop=True)
+    return frame.sort_values(["op", "dtype", "shape", "pass", "backend"], kind="stable").reset_index(drop=True)
 
 
 # Columns of text: read as text (a commit hash like 0501666 is no int), "" where empty.
 TEXT_COLUMNS = ("op", "backend", "device", "device_name", "dtype", "shape", "preset", *CATEGORICAL_AXES,
-                "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp")
+                "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp", "peer",
+                "variant", "phase", "how", "transport", "part")
 
 
 def read_results(source) -> pd.DataFrame:
@@ -365,11 +506,11 @@ def text_column(values: pd.Series) -> list[str]:
 
 
 def merge(path: Path, rows: list[dict]) -> pd.DataFrame:
-    """Write rows into the CSV at path: rows with the same (op, backend, shape, dtype, device) are replaced,
+    """Write rows into the CSV at path: rows with the same (op, backend, shape, dtype, device, pass) are replaced,
     all others kept; speedups recomputed over the whole table."""
-    new = pd.DataFrame(rows)
+    new = with_pass(pd.DataFrame(rows))
     if path.exists():
-        old = read_results(path)
+        old = with_pass(read_results(path))
         keys = set(map(tuple, new[KEY].astype(str).values)) if len(new) else set()
         keep = [tuple(k) not in keys for k in old[KEY].astype(str).values]
         new = pd.concat([old[keep], new], ignore_index=True) if len(new) else old
@@ -465,6 +606,9 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--budget", type=cli.positive_float, help="seconds of timed calls per backend and shape")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                         help="time CUDA-graph replays (auto: for calls under 50 us)")
+    parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=["forward"], metavar="PASS",
+                        help=f"what each row times: {', '.join(PASSES)} (default: forward; the backward passes run "
+                             f"the backends that have a backward)")
     parser.add_argument("--threads", type=cli.positive_int, help="threads of torch and numba (default: theirs)")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
     parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
@@ -491,8 +635,17 @@ def parse(argv=None, machine: bool = False):
     own = [op for op in args.op if not OPS[op].registry]
     if own and len(args.op) > 1:
         parser_.error(f"--op {own[0]} runs alone (it has a sweep of its own)")
-    if own and (args.preset or args.shape):
-        parser_.error(f"--op {own[0]} takes neither --preset nor --shape")
+    if own and args.shape:
+        parser_.error(f"--op {own[0]} takes no --shape (it has a sweep of its own)")
+    if own and args.preset and not OPS[own[0]].presets("cpu") + OPS[own[0]].presets("cuda"):
+        parser_.error(f"--op {own[0]} takes no --preset (it has no model presets)")
+    args.passes = list(dict.fromkeys(args.passes))
+    if own and args.passes != ["forward"]:
+        parser_.error(f"--pass {' '.join(args.passes)}: --op {own[0]} has a sweep of its own (forward only)")
+    if "forward" not in args.passes:
+        flat = [op for op in args.op if OPS[op].backward_cost is None]
+        if flat:
+            parser_.error(f"--pass {' '.join(args.passes)}: {', '.join(flat)} has no backward cost model (bench/ops.py)")
     args.dtype = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
     return check(args, parser_) if machine else args
 
@@ -507,8 +660,18 @@ def check(args, parser):
         if not _sweep_present(spec):
             parser.error(f"{spec.sweep.partition(':')[0]} is missing: the {spec.name} sweep is not written yet")
         args.backend = backends_of(list(spec.backend_ops), args.device, args.dtype, args.backend, parser.error)
+        if args.preset and not planned(spec.name, args.device, args.quick, args.preset):
+            parser.error(f"no shapes of {spec.name} for preset {args.preset} on {args.device}: nothing would run")
         return args
     args.backend = backends_of(args.op, args.device, args.dtype, args.backend, parser.error)
+    if args.backend is not None and "forward" not in args.passes:
+        for name in dict.fromkeys(n for names in args.backend.values() for n in names):
+            ops = [op for op in args.op if name in args.backend[op]]
+            if name == "reference" or all(kernels.registry.registered(op)[name].backward is None for op in ops):
+                why = "is the yardstick of the gradients (not timed)" if name == "reference" else \
+                    f"has no backward for {', '.join(ops)}"
+                parser.error(f"--backend {name}: {why}; --pass {' '.join(args.passes)} times backends with a "
+                             f"backward (or add --pass forward)")
     if args.backend is not None:
         for op in [op for op in args.op if not args.backend[op]]:
             print(f"note: no backend of --backend runs {op} on {args.device}: {op} is left out", file=sys.stderr)
@@ -539,21 +702,23 @@ def main(argv=None) -> int:
     spec = OPS[args.op[0]]
     if not spec.registry:
         names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values() for n in found))
-        rows = resolve(spec.sweep)(quick=args.quick, device=args.device, out=out, backends=names)
+        chosen = {"preset": args.preset} if args.preset else {}
+        rows = resolve(spec.sweep)(quick=args.quick, device=args.device, out=out, backends=names, **chosen)
         for row in rows:  # columns these rows may leave out, filled the way every other row has them
             for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0], ceil).items():
                 if column not in ("dtype",) and row.get(column) in (None, ""):
                     row[column] = value
     else:
         rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
-                     args.cuda_graph, ceil=ceil, shapes=args.shape)
+                     args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes)
     out.mkdir(parents=True, exist_ok=True)
     save_ceilings(out, ceil)
     frame = merge(out / "results.csv", rows)
     failed = [r for r in rows if r.get("error")]
     print(f"{len(rows)} rows ({len(failed)} with an error) -> {out / 'results.csv'} ({len(frame)} rows in all)")
     for row in failed:
-        print(f"  {row['op']} {row['backend']} {row['shape']} {row['dtype']}: {row['error']}")
+        print(f"  {row['op']} {row['backend']} {row['shape']} {row['dtype']} {row.get('pass', 'forward')}: "
+              f"{row['error']}")
     if not args.no_report:
         from bench import report
 

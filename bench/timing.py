@@ -9,6 +9,8 @@ GPU: CUDA events around each call; the L2 cache is flushed before every timed ca
 256 MB buffer (so each call reads its inputs from HBM, as in a model); short kernels can be timed
 as CUDA-graph replays (launch overhead out). The warm-up call keeps compilation and autotuning out of
 the timed region. Ceilings are measured without flushing.
+Collectives (time_collective): every rank of a torch.distributed group times the same call after a barrier, and
+each call counts at the slowest rank's time, with the caches flushed as above.
 """
 from __future__ import annotations
 
@@ -139,6 +141,42 @@ def time_cuda(fn, budget_s: float = 0.5, min_repeats: int = 10, max_repeats: int
         end.synchronize()
         samples.append(begin.elapsed_time(end))
         if time.perf_counter() - start >= budget_s and len(samples) >= min_repeats:
+            break
+    return _summary(samples)
+
+
+def time_collective(fn, group=None, device="cpu", budget_s: float = 0.5, min_repeats: int = 3,
+                    max_repeats: int = 200, warmup: int = 1, flush_cache: bool = True) -> Timing:
+    """Time fn(), a call every rank of the torch.distributed `group` makes at the same moment (collectives, and the
+    work between them), on every rank together: `warmup` untimed calls; then per timed call the caches flushed
+    (flush_cache: the CPU's caches, or a GPU's L2), a barrier so that the ranks start together, and each rank's
+    wall-clock time of the call with the device synchronised on both sides (a host-synchronising collective is
+    timed as the caller sees it). A call's time is the slowest rank's: one all_reduce MAX after each call, outside
+    the timed region, which also gives every rank the slowest rank's elapsed budget, so that all ranks stop after
+    the same call. Repeats as time_cpu's. Returns the same Timing on every rank (threads: this rank's)."""
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    flush = (_L2Flush(device) if device.type == "cuda" else flush_cpu_caches) if flush_cache else None
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats:
+        if flush:
+            flush()
+        dist.barrier(group=group)
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        elapsed_ms = (time.perf_counter() - t0) * 1e3
+        slowest = torch.tensor([elapsed_ms, time.perf_counter() - start], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        sample_ms, spent = slowest.tolist()
+        samples.append(sample_ms)
+        if spent >= budget_s and (len(samples) >= min_repeats or spent + sample_ms / 1e3 > 5 * budget_s):
             break
     return _summary(samples)
 

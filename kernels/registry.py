@@ -8,6 +8,9 @@ A backend implementation takes the op's arguments by keyword, already checked an
 `kernels.validate` (scale a float, mode "chunk" or "recurrent"), plus the extra keywords its signature names
 (no catch-all `**kwargs`): a call's other keywords are refused with a ValueError naming the backend and the
 keyword, so that a misspelt option never silently times the default.
+
+Gradients: a call in which a floating-point input requires grad (grad mode on) runs through kernels.autograd
+with the backend's `backward` (see `Backend`); every other call runs the implementation directly, as before.
 """
 from __future__ import annotations
 
@@ -64,6 +67,11 @@ class Backend:
     batch_invariant: one sequence's (or token's) output is bitwise the same whatever else shares its batch or
               its packed row; where it is not, the output still agrees within the dtype's tolerance.
     variance_note:   why, where either of the two is False (tests/test_invariance.py and the report print it).
+    backward: how the gradients of a call that needs them are computed (kernels/autograd.py states the contract):
+              None, no backward: such a call raises BackendUnavailable; AUTOGRAD ("autograd"): torch's autograd
+              through the implementation as written (differentiable torch ops: the reference, SDPA);
+              "package.module:function": the backend's own backward, by convention `<op>_backward` beside the
+              forward in the same module (`family_backends(..., backward={op: BESIDE})`).
     """
 
     op: str
@@ -77,6 +85,7 @@ class Backend:
     deterministic: bool = True
     batch_invariant: bool = True
     variance_note: str = ""
+    backward: str | None = None
 
     def devices(self) -> tuple[str, ...]:
         """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""
@@ -111,9 +120,25 @@ def resolve(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, **options) -> list[Backend]:
-    """Backend `name` of every op in ops, each implemented at package.<OP_MODULE[op]>:<op>."""
-    return [Backend(op, name, f"{package}.{OP_MODULE[op]}:{op}", places, **options) for op in ops]
+AUTOGRAD = "autograd"  # Backend.backward: torch's autograd through the forward as written
+BESIDE = "beside"  # family_backends' backward={op: BESIDE}: <op>_backward in the forward's module
+
+
+def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, backward: dict | None = None,
+                    **options) -> list[Backend]:
+    """Backend `name` of every op in ops, each implemented at package.<OP_MODULE[op]>:<op>. backward: {op: BESIDE,
+    AUTOGRAD or "module:function"} for the ops that have one (BESIDE: package.<OP_MODULE[op]>:<op>_backward)."""
+    backward = backward or {}
+    unknown = set(backward) - set(ops)
+    if unknown:
+        raise ValueError(f"{package}: backward declared for op(s) {sorted(unknown)} not in ops")
+
+    def backward_of(op):
+        how = backward.get(op)
+        return f"{package}.{OP_MODULE[op]}:{op}_backward" if how == BESIDE else how
+
+    return [Backend(op, name, f"{package}.{OP_MODULE[op]}:{op}", places, backward=backward_of(op), **options)
+            for op in ops]
 
 
 def batch_variant(backends: list[Backend], notes: dict[str, str]) -> list[Backend]:
@@ -141,7 +166,8 @@ def _table() -> dict[str, dict[str, Backend]]:
 
 
 def _reference_backends():
-    return family_backends("reference", "reference", ("cpu", "cuda"))
+    # its gradients: torch's autograd through the float64 token loops, the yardstick of every backward
+    return family_backends("reference", "reference", ("cpu", "cuda"), backward={op: AUTOGRAD for op in OPS})
 
 
 def _check_op(op):
@@ -163,22 +189,25 @@ def backends(op: str, device: str | torch.device | None = None) -> list[str]:
             if b.unavailable_reason() is None and (kind is None or kind in b.devices())]
 
 
-def auto_backend(op: str, device: str | torch.device, dtype: torch.dtype | None = None) -> str:
+def auto_backend(op: str, device: str | torch.device, dtype: torch.dtype | None = None, grad: bool = False) -> str:
     """The name "auto" resolves to for op on tensors of `device` (and `dtype`, when given: the first backend of
-    the order that takes it). Resolved once per (op, device type, dtype) and cached: `reset()` forgets."""
+    the order that takes it; `grad`: the first that has a backward, for calls that need gradients). Resolved once
+    per (op, device type, dtype, grad) and cached: `reset()` forgets."""
     _check_op(op)
-    return _auto(op, torch.device(device).type, dtype)
+    return _auto(op, torch.device(device).type, dtype, grad)
 
 
 @cache
-def _auto(op: str, kind: str, dtype: torch.dtype | None) -> str:
+def _auto(op: str, kind: str, dtype: torch.dtype | None, grad: bool = False) -> str:
     runnable = set(backends(op, kind))
     table = _table()[op]
     order = AUTO_ORDER_BY_OP.get((op, kind), AUTO_ORDER.get(kind, ("reference",)))
     for name in order:
-        if name in runnable and (dtype is None or dtype in table[name].dtypes):
+        if name in runnable and (dtype is None or dtype in table[name].dtypes) and (
+                not grad or table[name].backward is not None):
             return name
-    raise BackendUnavailable(f"no backend of {op} runs on {kind} tensors{'' if dtype is None else f' of {dtype}'} here")
+    raise BackendUnavailable(f"no backend of {op}{' with a backward' if grad else ''} runs on {kind} tensors"
+                             f"{'' if dtype is None else f' of {dtype}'} here")
 
 
 def reset() -> None:
@@ -213,6 +242,15 @@ def check_keywords(backend: Backend, keywords) -> None:
                          f"{', '.join(allowed) or 'none'}")
 
 
+def requires_grad(checked: dict) -> bool:
+    """Whether a tensor among a call's checked arguments requires grad (only floating-point tensors can). A plain
+    loop: about 40% cheaper than any() over a generator, on every call made with grad mode on."""
+    for x in checked.values():
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+    return False
+
+
 def _lookup(op: str, name: str) -> Backend:
     table = _table()[op]
     if name not in table:
@@ -227,7 +265,9 @@ def get(op: str, name: str = "auto"):
     """The callable for op's backend `name` (or "auto"), with the op's public signature minus `backend`.
 
     It checks its inputs (ValueError naming the argument) and its extra keywords against the implementation's
-    signature, then runs the implementation."""
+    signature, then runs the implementation; when a floating-point input requires grad and grad mode is on, inside
+    kernels.autograd's Function with the backend's backward ("auto" then takes the first backend that has one).
+    Under torch.no_grad / inference_mode, or with no input requiring grad, the call is the implementation's."""
     _check_op(op)
     fixed = None if name == "auto" else _lookup(op, name)
     check = getattr(validate, op)
@@ -237,7 +277,8 @@ def get(op: str, name: str = "auto"):
         api = {key: kwargs.pop(key) for key in list(kwargs) if key in api_names}
         checked = check(*args, **api)
         tensor = next(iter(checked.values()))  # every op's first argument is a tensor
-        backend = fixed or _lookup(op, _auto(op, tensor.device.type, tensor.dtype))
+        grad = torch.is_grad_enabled() and requires_grad(checked)
+        backend = fixed or _lookup(op, _auto(op, tensor.device.type, tensor.dtype, grad))
         if tensor.device.type not in backend.devices():
             raise BackendUnavailable(f"backend {backend.name!r} of {op} does not run on {tensor.device.type} "
                                      f"tensors here (runs on: {', '.join(backend.devices()) or 'nothing here'})")
@@ -245,6 +286,10 @@ def get(op: str, name: str = "auto"):
             raise ValueError(f"backend {backend.name!r} of {op} does not take {tensor.dtype} inputs")
         if kwargs:
             check_keywords(backend, kwargs)
+        if grad:
+            from kernels import autograd  # light (torch only); imported here: it imports this module
+
+            return autograd.apply(backend, checked, kwargs)
         return backend.impl(**checked, **kwargs)
 
     call.__name__ = f"{op}[{name}]"

@@ -149,6 +149,13 @@ class GatedDeltaNet(nn.Module):
         window = torch.cat([past, x], dim=1)  # [B, history + T, C]: the previous inputs stand in for zero padding
         if state is not None:
             self._save_conv(state, window, step)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            # training: the same sum in differentiable ops (out= and in-place writes into a buffer have no backward)
+            out = window[:, history:] * weight[history]
+            for i in range(history):
+                tap = weight[i] * (step.positions[0, :, None] >= history - i) if packed else weight[i]
+                out = out + window[:, i:i + T] * tap
+            return F.silu(out)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         for start in range(0, T, CONV_TILE):  # tiles of time steps, so that each tile's passes hit the cache
             end = min(start + CONV_TILE, T)

@@ -174,10 +174,14 @@ class Qwen35Moe(nn.Module):
             _advance(cache, step, B, T)
         return self.norm(x)
 
-    @torch.inference_mode()
     def forward(self, input_ids, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None):
-        """input_ids [B, T] (or [1, T] of packed sequences with cu_seqlens) -> logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids, cache, cu_seqlens))
+        """input_ids [B, T] (or [1, T] of packed sequences with cu_seqlens) -> logits [B, T, vocab]. Without a
+        cache it is differentiable (training: gradients through the ops' backends, which need a backward); with
+        one it decodes, under inference_mode."""
+        if cache is not None:
+            with torch.inference_mode():
+                return self.lm_head(self.hidden_states(input_ids, cache, cu_seqlens))
+        return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens))
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature: float = 0.0,

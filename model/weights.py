@@ -19,6 +19,10 @@ SINGLE_FILE = "model.safetensors"
 # Prefixes of the checkpoint's tensors, mapped to transformers' text model (Qwen3_5MoeForCausalLM) names.
 PREFIXES = (("model.language_model.", "model."),)  # the multimodal Qwen3_5MoeForConditionalGeneration
 IGNORED = re.compile(r"^(mtp\.|model\.visual\.)")  # multi-token-prediction head and vision tower: unused here
+# Tensors are given memory of their own at this alignment (torch's allocator's): safetensors returns them at any
+# offset of the file, and MKL's GEMMs round differently (last bits) on unaligned operands, so that a model saved
+# and loaded back would not give its logits bit for bit.
+ALIGNMENT = 64
 PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -117,7 +121,11 @@ def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | N
                     t = _read_shard(f, name, target, expected, cfg, layout)
                     if t is None:
                         continue
-                tensors[target] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                elif t.data_ptr() % ALIGNMENT:
+                    t = t.clone()
+                tensors[target] = t
                 origin[target] = path.name
     _stack_experts(tensors, cfg, range(cfg.num_experts) if layout is None else layout.experts(cfg.num_experts))
     if layout is not None:  # this rank's shapes
@@ -183,3 +191,28 @@ def to_lab_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
         parts = [out.pop(f"{p}mlp.shared_expert.{x}_proj.weight") for x in ("gate", "up")]
         out[f"{p}mlp.shared_expert.gate_up_proj.weight"] = torch.cat(parts)
     return out
+
+
+def to_checkpoint_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The lab model's parameters -> transformers' names (the inverse of to_lab_state_dict): 'model.' prefixed,
+    the Gated DeltaNet input projection split back into [qkv | z | b | a], the shared expert's [gate | up] into
+    gate and up; the LM head left out when tied to the embeddings. Contiguous copies, ready for safetensors."""
+    out = {}
+    key_dim = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    value_dim = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    Hv, shared = cfg.linear_num_value_heads, cfg.shared_expert_intermediate_size
+    for name, t in state.items():
+        p = name.rsplit("linear_attn.in_proj.weight", 1)[0] if name.endswith("linear_attn.in_proj.weight") else None
+        if p is not None:
+            parts = t.split([2 * key_dim + value_dim, value_dim, Hv, Hv])
+            out.update({f"model.{p}linear_attn.in_proj_{x}.weight": part for x, part in zip(("qkv", "z", "b", "a"),
+                                                                                           parts)})
+        elif name.endswith("mlp.shared_expert.gate_up_proj.weight"):
+            p = name.removesuffix("gate_up_proj.weight")
+            out.update({f"model.{p}{x}_proj.weight": part for x, part in zip(("gate", "up"), t.split(shared))})
+        elif name == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[name] = t
+        else:
+            out["model." + name] = t
+    return {name: t.detach().contiguous().clone() for name, t in out.items()}

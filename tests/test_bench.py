@@ -8,7 +8,7 @@ import torch
 import bench
 import kernels
 from bench import cost, gpu_check, inputs, plots, report, sweep, timing
-from bench.ops import OPS, Case
+from bench.ops import OPS, PASSES, Case
 from kernels.registry import Backend
 
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
@@ -42,11 +42,11 @@ def fake_backends(monkeypatch):
     return table
 
 
-def _tiny_sweep(monkeypatch, op, backends, case=None):
+def _tiny_sweep(monkeypatch, op, backends, case=None, passes=("forward",)):
     case = case or TINY[op]
     monkeypatch.setattr(sweep, "planned", lambda *a, **k: [case])
     return sweep.sweep(op, "cpu", (torch.float32,), quick=True, wanted=backends, budget_s=0.01,
-                       ceil=CEILINGS, progress=False)
+                       ceil=CEILINGS, progress=False, passes=passes)
 
 
 def test_gate_records_wrong_and_raising_backends_and_goes_on(monkeypatch, fake_backends):
@@ -78,7 +78,7 @@ def test_row_metrics_and_schema(monkeypatch, tmp_path):
     assert row["roofline_fraction"] == pytest.approx(floor / (row["median_ms"] * 1e-3))
     assert row["tflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e12)
     frame = sweep.merge(tmp_path / "results.csv", rows)
-    required = ["op", "backend", "device", "dtype", "shape", "B", "T", "Hk", "Hv", "K", "V", "median_ms", "p20_ms",
+    required = ["op", "backend", "device", "dtype", "shape", "pass", "B", "T", "Hk", "Hv", "K", "V", "median_ms", "p20_ms",
                 "p80_ms", "flops", "bytes", "tflops", "gbps", "peak_tflops", "peak_gbps", "roofline_fraction",
                 "rel_err", "error", "speedup_vs_reference", "threads", "torch_version", "commit", "timestamp",
                 "device_name"]
@@ -225,9 +225,13 @@ def test_the_declarations_are_the_registry_ops():
         assert all(set(columns) <= set(spec.axes) for columns in spec.plot_axes.values()), name
         for target in spec.targets:
             assert target.kind in ("ceiling", "floor", "peer", "crossover"), (name, target)
-            assert set(target.match) <= set(spec.axes) | {"dtype", "device", "preset"}, (name, target)
+            assert set(target.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, target)
+            assert target.match.get("pass", "forward") in PASSES, (name, target)
         for anchor in spec.anchors:
-            assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset"}, (name, anchor)
+            assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, anchor)
+            assert anchor.match.get("pass", "forward") in PASSES, (name, anchor)
+        if spec.registry:  # every registry op is differentiable (kernels/autograd.py): a backward cost each
+            assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward", name
 
 
 @pytest.mark.parametrize("op", [name for name, spec in OPS.items() if spec.registry])
@@ -373,3 +377,105 @@ def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
     skipped = llama_cpp.prepare({"hybrid": tmp_path})
     assert set(skipped) == {("hybrid", name) for name in llama_cpp.RUNNERS}
     assert all("llama-cpp-python is not installed" in why for why in skipped.values())
+
+
+# ------------------------------------------------------------------------------------------- backward passes
+
+def _wrong_backward(grads, x, weights, ids, w_gate_up, w_down):
+    """A deliberately wrong backward: every gradient zero."""
+    return {"x": torch.zeros_like(x), "weights": torch.zeros_like(weights), "w_gate_up": torch.zeros_like(w_gate_up),
+            "w_down": torch.zeros_like(w_down)}
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "moe", "attention"])
+def test_backward_passes_are_rows_beside_the_forward(monkeypatch, op):
+    """Each pass its row: forward for every backend, backward and forward+backward for those with a backward (not
+    the reference, the gradients' yardstick), their gradients checked and their FLOPs from the backward model."""
+    names = ["reference", "torch"] + (["numba"] if op != "attention" else [])
+    rows = _tiny_sweep(monkeypatch, op, names, passes=PASSES)
+    by = {(r["backend"], r["pass"]): r for r in rows}
+    assert {key for key in by if key[1] != "forward"} == {("torch", "backward"), ("torch", "forward+backward")}
+    assert {key[0] for key in by if key[1] == "forward"} == set(names)
+    forward, backward, both = (by["torch", which] for which in PASSES)
+    args = OPS[op].inputs(TINY[op], torch.float32, "cpu", sweep.seed_of(op, TINY[op].key)) | OPS[op].call(TINY[op].shape)
+    assert (backward["flops"], backward["bytes"]) == OPS[op].backward_cost(args)
+    assert both["flops"] == forward["flops"] + backward["flops"] and both["bytes"] == forward["bytes"] + backward["bytes"]
+    for row in (backward, both):
+        assert row["error"] == "" and row["checked_against"] == "reference", row
+        assert row["rel_err"] <= 5e-5 and row["median_ms"] > 0 and row["shape"] == forward["shape"]
+
+
+def test_a_wrong_backward_fails_the_gradient_gate(monkeypatch, fake_backends):
+    fake_backends["moe"]["zero_grads"] = Backend("moe", "zero_grads", fake_backends["moe"]["torch"].target, ("cpu",),
+                                                 backward="tests.test_bench:_wrong_backward")
+    (row,) = [r for r in _tiny_sweep(monkeypatch, "moe", ["zero_grads"], passes=("backward",))]
+    assert row["pass"] == "backward" and row["error"].startswith("gradient parity vs reference: rel_err")
+    assert "median_ms" not in row
+
+
+def test_forward_rows_keep_their_key_beside_backward_rows(tmp_path):
+    """A CSV written before the pass column: its rows are forward rows; backward rows of the same shape join them
+    under their own key, and a rerun of a pass replaces that pass's rows only."""
+    path = tmp_path / "results.csv"
+    pd.DataFrame([_row("torch", "N=1", 2.0), _row("reference", "N=1", 10.0)]).to_csv(path, index=False)
+    frame = sweep.merge(path, [dict(_row("torch", "N=1", 5.0), **{"pass": "backward"})])
+    assert len(frame) == 3 and set(frame["pass"]) == {"forward", "backward"}
+    forward = frame[(frame["backend"] == "torch") & (frame["pass"] == "forward")]
+    assert forward["median_ms"].iloc[0] == 2.0 and forward["speedup_vs_reference"].iloc[0] == pytest.approx(5.0)
+    backward = frame[frame["pass"] == "backward"]
+    assert math.isnan(backward["speedup_vs_reference"].iloc[0])  # no reference row of that pass
+    frame = sweep.merge(path, [dict(_row("torch", "N=1", 4.0), **{"pass": "backward"})])
+    assert len(frame) == 3 and frame.loc[frame["pass"] == "backward", "median_ms"].iloc[0] == 4.0
+    assert frame.loc[(frame["pass"] == "forward") & (frame["backend"] == "torch"), "median_ms"].iloc[0] == 2.0
+
+
+def test_report_has_a_training_section(tmp_path):
+    common = dict(B=1, T=512, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk", p20_ms=1.0, p80_ms=2.0, flops=1e9,
+                  bytes=1e6, tflops=0.1, gbps=1.0, peak_tflops=0.1, peak_gbps=20.0, roofline_fraction=0.5,
+                  bound="compute", floor_ms=1.0, rel_err=1e-7, checked_against="reference")
+    rows = [dict(_row("torch", "T=512", 1.5, op="gated_delta_rule"), **common),
+            dict(_row("torch", "T=512", 3.0, op="gated_delta_rule"), **common, **{"pass": "backward"}),
+            dict(_row("transformers", "T=512", 30.0, op="gated_delta_rule", peer=True), **common,
+                 **{"pass": "forward+backward"}),
+            dict(_row("torch", "T=512", 6.0, op="gated_delta_rule"), **common, **{"pass": "forward+backward"})]
+    sweep.merge(tmp_path / "results.csv", rows)
+    text = report.write(tmp_path, "cpu").read_text()
+    training = text.split("## Training: backward and forward+backward")[1].split("\n## ")[0]
+    assert "FlashQLA 0.789 / fla 1.444" in training and "Backward FLOP model" in training
+    assert "| torch | float32 | `T=512` | backward | 3 ms" in training and "2.00x" in training  # x its forward
+    assert "5.00x (transformers)" in training  # forward+backward against the peer's forward+backward
+    per_op = text.split("## gated_delta_rule")[1]
+    assert "backward" not in per_op.split("|---|")[1].split("\n\n")[0]  # the op's own table: forward rows
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "moe", "--quick", "--pass", "backward", "--backend", "numba"],
+     "--backend numba: has no backward for moe; --pass backward times backends with a backward"),
+    (["--op", "moe", "--quick", "--pass", "backward", "--backend", "reference"],
+     "--backend reference: is the yardstick of the gradients"),
+    (["--op", "model", "--pass", "backward"], "--op model has a sweep of its own (forward only)"),
+    (["--op", "moe", "--pass", "sideways"], "argument --pass: invalid choice: 'sideways'"),
+])
+def test_sweep_refuses_bad_passes(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timing, "ceilings", lambda *a, **k: pytest.fail("measured ceilings for a refused run"))
+    with pytest.raises(SystemExit) as exit:
+        sweep.main(argv + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_backward_cost_models():
+    gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
+    flops, nbytes = cost.gated_delta_rule_backward(gdr | {"mode": "chunk"})
+    assert flops == 128 * 2 * 25.5 * 128**2  # 16 d^2 + 64 (19 d) = 25.5 d^2 per token per head at d = 128
+    forward_bytes = cost.gated_delta_rule(gdr | {"mode": "chunk"})[1]  # inputs, initial state, o, final state
+    o, state = 4 * 128 * 2 * 128, 2 * 128 * 128 * 4
+    # the inputs and the initial state read and their gradients written, do and the final state's gradient read
+    assert nbytes == 2 * (forward_bytes - o - state) + o + state
+    gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
+    assert cost.grouped_gemm_backward(gg)[0] == 2 * cost.grouped_gemm(gg)[0]  # dX and dW
+    att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
+    assert cost.attention_backward(att)[0] == 10 * 8 * (1 + 2 + 3 + 4)
+    moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
+    assert cost.moe_backward(moe)[0] == 2 * (16 * 16 * 4 + 10 * 4)

@@ -122,6 +122,18 @@ REFUSALS = [
     ("model.generate", ["--temperature", "1", "--top-k", "0"], ["argument --top-k", ">= 1"]),
     ("model.generate", ["--top-k", "5"], ["--top-k/--top-p", "--temperature > 0"]),
     ("model.generate", ["--cuda-graph"], ["--cuda-graph", "needs --device cuda"]),
+    ("model.train", ["--checkpoint", "/nonexistent/ckpt"], ["argument --checkpoint", "no folder at /nonexistent"]),
+    ("model.train", ["--checkpoint", "TMP"], ["--checkpoint", "no config.json", "config.json and *.safetensors"]),
+    ("model.train", ["--backend", "nosuch"], ["--backend", "'nosuch'", "torch", "(or auto)"]),
+    ("model.train", ["--backend", "numba"], ["--backend", "backend 'numba' has no backward for gated_delta_rule, moe",
+                                             "trains here with: reference, torch", "(or auto)"]),
+    ("model.train", ["--steps", "0"], ["argument --steps", ">= 1"]),
+    ("model.train", ["--batch", "0"], ["argument --batch", ">= 1"]),
+    ("model.train", ["--seq-len", "1"], ["--seq-len", ">= 2"]),
+    ("model.train", ["--lr", "0"], ["argument --lr", "> 0"]),
+    ("model.train", ["--lr", "fast"], ["argument --lr", "'fast'"]),
+    ("model.train", ["--device", "mps"], ["--device", "unknown device 'mps'", "cpu, cuda"]),
+    ("model.train", ["--threads", "0"], ["argument --threads", ">= 1"]),
     ("bench.vs_transformers", ["--parts", "nosuch"], ["argument --parts", "'gdr', 'moe'"]),
     ("bench.vs_transformers", ["--repeats", "0"], ["argument --repeats", ">= 1"]),
     ("bench.gpu_check", ["--budget", "0"], ["argument --budget", "> 0"]),
@@ -164,7 +176,8 @@ def cache_home(tmp_path, monkeypatch):
 def _main(module: str, argv: list[str], out: Path):
     """module's main, and argv with OUT and TMP replaced by `out` and its parent (--out OUT added where the CLI
     writes into a default folder otherwise, --device cpu for the trace)."""
-    if module in ("bench.model", "bench.gpu_check", "profiling.static", "profiling.trace") and "OUT" not in argv:
+    if module in ("bench.model", "bench.gpu_check", "profiling.static", "profiling.trace",
+                  "model.train") and "OUT" not in argv:
         argv = [*argv, "--out", "OUT"]
     if module == "profiling.trace" and "--device" not in argv:
         argv = [*argv, "--device", "cpu"]
@@ -184,7 +197,7 @@ def test_refuses(module, argv, expected, tmp_path, cache_home, capsys):
     assert empty(out) and empty(cache_home)  # no CSV, plot, trace, table or default checkpoint written
 
 
-@pytest.mark.parametrize("module", ["bench.model", "model.generate", "profiling.trace"])
+@pytest.mark.parametrize("module", ["bench.model", "model.generate", "model.train", "profiling.trace"])
 def test_refuses_cuda_without_gpu(module, no_gpu, tmp_path, cache_home, capsys):
     out = tmp_path / "out"
     argv = ["--device", "cuda"] + (["--op", "moe", "--backend", "torch"] if module == "profiling.trace" else [])
@@ -193,7 +206,7 @@ def test_refuses_cuda_without_gpu(module, no_gpu, tmp_path, cache_home, capsys):
 
 
 @pytest.mark.parametrize("module", ["bench.model", "bench.gpu_check", "profiling.static", "profiling.trace",
-                                    "profiling.roofline"])
+                                    "profiling.roofline", "model.train"])
 def test_refuses_a_file_as_out(module, tmp_path, capsys):
     (tmp_path / "out").write_text("a file")
     argv = ["--op", "moe", "--backend", "torch"] if module == "profiling.trace" else []
@@ -264,6 +277,7 @@ def _run(module: str, *argv, env=None):
 @pytest.mark.parametrize("module, argv, expected", [
     ("bench.model", ["--backend", "nosuch", "--out", "OUT"], "--backend"),
     ("model.generate", ["--checkpoint", "/nonexistent"], "--checkpoint"),
+    ("model.train", ["--backend", "numba", "--out", "OUT"], "--backend"),
     ("profiling.trace", ["--op", "moe", "--backend", "nosuch", "--device", "cpu", "--out", "OUT"], "--backend"),
     ("profiling.roofline", ["--csv", "/nonexistent.csv", "--out", "OUT"], "--csv"),
 ])

@@ -43,6 +43,14 @@ CASES = _cpu_cases(interpreted=True)
 CASES_DECODE = _cpu_cases(interpreted=False)
 
 
+@pytest.fixture(autouse=True)
+def inference():
+    """Every test here is inference: the model's forward outside generate is differentiable (tests/test_train.py
+    trains it), and backends without a backward refuse calls whose weights require grad."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", seed=1234)

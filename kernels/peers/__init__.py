@@ -1,9 +1,11 @@
 """Peers: implementations written elsewhere, wrapped to the lab's API so they are measured beside ours and
-cross-check the references. Never chosen by "auto"."""
+cross-check the references. Never chosen by "auto". Backward: where the peer's own code is differentiable torch (transformers' Gated DeltaNet,
+SDPA), torch's autograd through it, the training baseline the lab's backward is measured against; the others
+have none."""
 import torch
 
 
-from kernels.registry import Backend
+from kernels.registry import AUTOGRAD, Backend
 
 _NO_FLOAT64 = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -12,7 +14,7 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)  # peers that compute in f
 BACKENDS = [
     # transformers' pure-torch Gated DeltaNet (chunked and token-by-token) and eager experts
     Backend("gated_delta_rule", "transformers", "kernels.peers.linear_attention:transformers_gated_delta_rule",
-            ("cpu", "cuda"), requires=("transformers",), dtypes=_LOW, peer=True),
+            ("cpu", "cuda"), requires=("transformers",), dtypes=_LOW, peer=True, backward=AUTOGRAD),
     Backend("moe", "transformers", "kernels.peers.moe:transformers_moe", ("cpu", "cuda"),
             requires=("transformers",), peer=True, batch_invariant=False,
             variance_note="CPU GEMM blocking depends on M: each expert's F.linear over the rows of its tokens "
@@ -24,7 +26,8 @@ BACKENDS = [
     Backend("linear_attention", "fla", "kernels.peers.linear_attention:fla_linear_attention", ("cuda",),
             requires=("fla",), dtypes=_LOW, peer=True),
     # quadratic attention baselines
-    Backend("attention", "sdpa", "kernels.peers.attention:sdpa_attention", ("cpu", "cuda"), peer=True),
+    Backend("attention", "sdpa", "kernels.peers.attention:sdpa_attention", ("cpu", "cuda"), peer=True,
+            backward=AUTOGRAD),
     Backend("attention", "flash_attn", "kernels.peers.attention:flash_attn_attention", ("cuda",),
             requires=("flash_attn",), dtypes=(torch.float16, torch.bfloat16), peer=True),
     # torch's grouped GEMM

@@ -1,8 +1,13 @@
-"""Vectorised PyTorch backends: run wherever torch runs (CPU and CUDA)."""
-from kernels.registry import batch_variant, family_backends
+"""Vectorised PyTorch backends: run wherever torch runs (CPU and CUDA). Backward: the chunked linear attentions'
+and the MoE ops' own (`<op>_backward` beside each forward); attention through SDPA's autograd, route through
+softmax / top-k's."""
+from kernels.registry import AUTOGRAD, BESIDE, batch_variant, family_backends
 
-# Measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the batch's outputs).
-BACKENDS = batch_variant(family_backends("kernels.torch", "torch", ("cpu", "cuda")), {
+# Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
+# batch's outputs).
+BACKENDS = batch_variant(family_backends("kernels.torch", "torch", ("cpu", "cuda"), backward={
+    "linear_attention": BESIDE, "gated_delta_rule": BESIDE, "attention": AUTOGRAD, "route": AUTOGRAD,
+    "moe_permute": BESIDE, "moe_unpermute": BESIDE, "grouped_gemm": BESIDE, "moe": BESIDE}), {
     "gated_delta_rule": "mode 'recurrent': a one-token sequence alone (T = 1, no cu_seqlens) runs decode_step, "
                         "whose batched ops round in the last bits otherwise than the token loop that the same "
                         "token takes packed with other sequences",

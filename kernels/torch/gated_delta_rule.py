@@ -15,14 +15,14 @@ All of this runs on groups of CHUNK_GROUP chunks in turn, so that a group's inte
 """
 import torch
 
-from kernels.torch.linear_attention import (CHUNK_SIZE, ChunkLayout, compute_dtype, decay_exp_, decay_matrix,
-                                            flush_tiny_, l2norm_scale, recurrent_pass, start_state, state_pass)
+from kernels.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, ChunkLayout, chunked_backward, compute_dtype,
+                                            decay_exp_, decay_matrix, flush_tiny_, l2norm_backward, l2norm_scale,
+                                            recurrent_pass, start_state, state_pass)
 
 # On CPU the intra-chunk work (C^2 per token and head: decay matrices, triangular solve, k k^T) costs more than a
 # twice longer sequential pass: chunks of 32 measured 20% faster than 64 at T = 8192, K = V = 128 (linear
 # attention, without the solve, is faster at 64).
 CPU_CHUNK_SIZE = 32
-CHUNK_GROUP = 32  # chunks computed together (1024 tokens at chunk 32, 2048 at chunk 64)
 
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -80,6 +80,24 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
     return o.view(B, 1, Hv, V).to(v.dtype), state.view(B, Hv, K, V)
 
 
+def _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size, dtype):
+    """The inputs in the chunk-major layout of chunk_size, in dtype: returns the ChunkLayout, q (scaled) and k
+    [NC, N, Hk, C, K] (l2-normalised in the same pass as the copy, when use_qk_l2norm), v [NC, N, Hk, G, C, V],
+    g and beta [NC, N, Hk, G, C]."""
+    B, T, Hk, K = q.shape
+    Hv, V = v.shape[2], v.shape[3]
+    layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size, q.device)
+    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+    if use_qk_l2norm:
+        qc = layout.to_chunks(q, dtype, l2norm_scale(q, dtype, scale))
+        kc = layout.to_chunks(k, dtype, l2norm_scale(k, dtype))
+    else:
+        qc, kc = layout.to_chunks(q, dtype).mul_(scale), layout.to_chunks(k, dtype)
+    vc = layout.to_chunks(v, dtype).view(NC, N, Hk, Hv // Hk, C, V)
+    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, Hv // Hk, C) for x in (g, beta))
+    return layout, qc, kc, vc, gc, bc
+
+
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                      chunk_size=None):
@@ -88,24 +106,16 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     GPUs) or "recurrent".
     Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] (float32, float64 for float64
     inputs) or None. Computes in float32 (float64 for float64 inputs)."""
-    B, T, Hk, K = q.shape
+    T, K = q.shape[1], q.shape[3]
     Hv, V = v.shape[2], v.shape[3]
-    G = Hv // Hk
     dtype = compute_dtype(v)
     if mode == "recurrent" and T == 1 and cu_seqlens is None:
         o, state = decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype)
         return o, state if output_final_state else None
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
-    layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size if mode == "chunk" else 1, q.device)
+    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens,
+                                               chunk_size if mode == "chunk" else 1, dtype)
     NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
-    # [NC, N, Hk, C, K], l2-normalised (and q scaled) in the same pass as the copy into the chunk layout
-    if use_qk_l2norm:
-        qc = layout.to_chunks(q, dtype, l2norm_scale(q, dtype, scale))
-        kc = layout.to_chunks(k, dtype, l2norm_scale(k, dtype))
-    else:
-        qc, kc = layout.to_chunks(q, dtype).mul_(scale), layout.to_chunks(k, dtype)
-    vc = layout.to_chunks(v, dtype).view(NC, N, Hk, G, C, V)
-    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, G, C) for x in (g, beta))
     if mode == "chunk":
         # Groups of chunks one after the other, each from the last one's final state: the intermediates of a
         # group (a few MB) stay in cache instead of streaming through memory. The output overwrites vc.
@@ -119,3 +129,35 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
         o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state)
         state = state.reshape(N, Hv, K, V) if output_final_state else None
     return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state
+
+
+@torch.no_grad()
+def gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                              cu_seqlens, mode, chunk_size=None):
+    """The gradients of gated_delta_rule (kernels.autograd's contract): grads {"o": [B, T, Hv, V] or None,
+    "final_state": [N, Hv, K, V] or None}; the inputs as the forward's. The chunked backward of the WY form
+    (kernels.torch.linear_attention.chunked_backward) whatever the forward's mode (the same function), chunks of
+    chunk_size (default as the forward's). q's and k's gradients are summed over the value heads that read them,
+    and taken back through the l2 normalisation when use_qk_l2norm. Returns {q, k [B, T, Hk, K], v [B, T, Hv, V],
+    g, beta [B, T, Hv], initial_state [N, Hv, K, V] (None when it is None)} in float32 (float64 for float64
+    inputs)."""
+    Hk, K = q.shape[2:]
+    Hv, V = v.shape[2], v.shape[3]
+    G = Hv // Hk
+    dtype = compute_dtype(v)
+    chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
+    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size, dtype)
+    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+    do, d_final = grads["o"], grads["final_state"]
+    doc = layout.to_chunks(do, dtype).view(NC, N, Hk, G, C, V) if do is not None else torch.zeros_like(vc)
+    M = N * Hv
+    s0 = None if initial_state is None else initial_state.reshape(M, K, V).to(dtype)
+    dq, dk, dv, dg, dbeta, d_s0 = chunked_backward(
+        qc, kc, vc, gc, bc, s0, doc, None if d_final is None else d_final.reshape(M, K, V).to(dtype))
+    dq, dk = layout.from_chunks(dq.mul_(scale), dtype), layout.from_chunks(dk, dtype)
+    if use_qk_l2norm:
+        dq, dk = l2norm_backward(q, dq, dtype), l2norm_backward(k, dk, dtype)
+    return dict(q=dq, k=dk, v=layout.from_chunks(dv.view(NC, N, Hv, C, V), dtype),
+                g=layout.from_chunks(dg.view(NC, N, Hv, C), dtype),
+                beta=layout.from_chunks(dbeta.view(NC, N, Hv, C), dtype),
+                initial_state=None if initial_state is None else d_s0.view(N, Hv, K, V))

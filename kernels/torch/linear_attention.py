@@ -16,6 +16,7 @@ import torch
 
 
 CHUNK_SIZE = 64
+CHUNK_GROUP = 32  # chunks computed together (1024 tokens at chunk 32, 2048 at chunk 64)
 # Decay factors exp(x) with x below this log decay are flushed to exactly 0. Next to float32's 2^-24 rounding
 # they are invisible, but left in they make subnormal numbers (below 1.2e-38) in the products that follow,
 # which x86 CPUs compute up to a hundred times slower: heads that decay fast (g of -5 to -10 per token, as in
@@ -220,3 +221,219 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
                                   None, initial_state)
         o = o.view(-1, N, H, 1, V)
     return layout.from_chunks(o, v.dtype), state.reshape(N, H, K, V).clone() if output_final_state else None
+
+
+# ------------------------------------------------------------------------------------------------ backward
+#
+# The chunked backward of both linear attentions: the gated delta rule's WY form, and linear attention as its
+# case without the delta term. Per chunk, with S0 and S1 the states at its start and end, gcum the within-chunk
+# cumulative log decay, gamma = exp(gcum), Gamma_ij = exp(gcum_i - gcum_j) (j <= i) and Kd = k exp(gcum_C - gcum):
+#   forward:  o = (gamma q) S0 + P v_new with P = (q k^T) * Gamma;   S1 = gamma_C S0 + Kd^T v_new;
+#             delta rule: v_new = u - w S0, u = T (beta v), w = T (beta gamma k), T = (I + L)^-1,
+#             L = strictly_lower(beta_i (k_i . k_j) Gamma_ij);  linear attention: v_new = v.
+#   backward: a pass over chunks in reverse carries the state's gradient from S1 back to S0:
+#             dv_new = P^T do + Kd dS1,   dS0 = gamma_C dS1 + (gamma q)^T do - w^T dv_new;
+#             then the rest, all chunks at once: dq = gamma (do S0^T) + (dP * Gamma) k with dP = do v_new^T,
+#             dk = (dP * Gamma)^T q + (v_new dS1^T) exp(gcum_C - gcum) + ...; the triangular solve's backward,
+#             with du = dv_new and dw = -dv_new S0^T: d(beta v) = T^T du, d(beta gamma k) = T^T dw,
+#             dL = -strictly_lower(d(beta v) u^T + d(beta gamma k) w^T) (dA = -T^T dT T^T, and T d = u, w);
+#             and dg_t gathers the gradients of every decay that holds g_t: gamma_i for i >= t, gamma_C,
+#             exp(gcum_C - gcum_i) for i < t, and exp(gcum_i - gcum_j) for the pairs j < t <= i. The pairs are
+#             summed as such (a reverse cumulative sum over i, then over j < t), not as row sums minus column
+#             sums of a gradient with respect to gcum: those cancel in float32 (the per-head A_log and dt_bias
+#             gradients of a model, sums of dg over every token, came out 1e-4 off instead of 1e-6).
+# Gradients run in float32 (float64 for float64 inputs), decays and the inverse flushed as in the forward.
+
+def _intra_chunk(q, k, v, g, beta):
+    """The state-independent terms of chunk-major inputs: q (scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V];
+    g and beta (None: linear attention) [NC, N, Hk, G, C]. Returns a dict of gcum, gamma, tail (exp(gcum_C -
+    gcum)) [.., G, C]; decay (Gamma), attn (P) [.., G, C, C]; keys (Kd), q_decayed [.., G, C, K]; u [.., G, C, V]
+    (v itself for linear attention); and for the delta rule kk [NC, N, Hk, C, C], lower (L) and inverse (T)
+    [.., G, C, C], w [.., G, C, K]."""
+    gcum = g.cumsum(-1)
+    gamma = decay_exp_(gcum.clone())
+    decay = decay_matrix(gcum)
+    tail = decay_exp_(gcum[..., -1:] - gcum)
+    kt = k.transpose(-1, -2)
+    terms = dict(gcum=gcum, gamma=gamma, decay=decay, tail=tail, attn=torch.matmul(q, kt).unsqueeze(3) * decay,
+                 keys=k.unsqueeze(3) * tail[..., None], q_decayed=q.unsqueeze(3) * gamma[..., None], u=v)
+    if beta is not None:
+        kk = torch.matmul(k, kt)
+        lower = (kk.unsqueeze(3) * decay).mul_(beta[..., None]).tril_(-1)
+        eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device).expand_as(lower)
+        inverse = flush_tiny_(torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True))
+        terms |= dict(kk=kk, lower=lower, inverse=inverse, u=torch.matmul(inverse, v * beta[..., None]),
+                      w=torch.matmul(inverse, k.unsqueeze(3) * (beta * gamma)[..., None]))
+    return terms
+
+
+def _state_sweep(terms, initial_state):
+    """The pass over chunks, keeping what the backward reads. initial_state None or [M, K, V] (M = N Hk G).
+    Returns the states [NC + 1, M, K, V] (states[j] at chunk j's start, states[NC] after the last) and v_new
+    [NC, M, C, V] (u - w S0; v itself for linear attention)."""
+    keys, u, w = terms["keys"], terms["u"], terms.get("w")
+    NC, C, K, V = keys.shape[0], keys.shape[-2], keys.shape[-1], u.shape[-1]
+    M = keys[0, ..., 0, 0].numel()
+    keys_t = keys.reshape(NC, M, C, K).transpose(-1, -2)
+    v_new = u.reshape(NC, M, C, V) if w is None else u.reshape(NC, M, C, V).clone()
+    w = None if w is None else w.reshape(NC, M, C, K)
+    decay = terms["gamma"][..., -1].reshape(NC, M, 1, 1)
+    states = torch.empty(NC + 1, M, K, V, dtype=u.dtype, device=u.device)
+    states[0] = 0 if initial_state is None else initial_state
+    for j in range(NC):
+        if w is not None:
+            v_new[j].baddbmm_(w[j], states[j], alpha=-1)
+        torch.mul(states[j], decay[j], out=states[j + 1]).baddbmm_(keys_t[j], v_new[j])
+    return states, v_new
+
+
+def _reverse_sweep(terms, v_new, do, d_final):
+    """The pass over chunks in reverse. do [NC, N, Hk, G, C, V]; d_final None or [M, K, V], the gradient of the
+    state after the last chunk. Returns dv_new [NC, M, C, V] and d_states [NC + 1, M, K, V]: d_states[j + 1] the
+    gradient of chunk j's end state, d_states[0] that of the initial state."""
+    keys, q_decayed, w = terms["keys"], terms["q_decayed"], terms.get("w")
+    NC, C, K, V = keys.shape[0], keys.shape[-2], keys.shape[-1], do.shape[-1]
+    M = keys[0, ..., 0, 0].numel()
+    d_new = torch.matmul(terms["attn"].transpose(-1, -2), do).view(NC, M, C, V)
+    keys, q_decayed_t = keys.reshape(NC, M, C, K), q_decayed.reshape(NC, M, C, K).transpose(-1, -2)
+    w_t = None if w is None else w.reshape(NC, M, C, K).transpose(-1, -2)
+    do = do.reshape(NC, M, C, V)
+    decay = terms["gamma"][..., -1].reshape(NC, M, 1, 1)
+    d_states = torch.empty(NC + 1, M, K, V, dtype=do.dtype, device=do.device)
+    d_states[NC] = 0 if d_final is None else d_final
+    for j in reversed(range(NC)):
+        d_new[j].baddbmm_(keys[j], d_states[j + 1])
+        step = torch.mul(d_states[j + 1], decay[j], out=d_states[j]).baddbmm_(q_decayed_t[j], do[j])
+        if w_t is not None:
+            step.baddbmm_(w_t[j], d_new[j], alpha=-1)
+    return d_new, d_states
+
+
+def _chunk_grads(q, k, v, beta, terms, states, v_new, d_new, d_states, do):
+    """Every gradient but the states', all chunks at once (shapes as _intra_chunk's inputs; states, d_states from
+    the sweeps). Returns dq, dk [NC, N, Hk, C, K] (summed over the G value heads of a key head), dv
+    [NC, N, Hk, G, C, V], dg and dbeta (None for linear attention) [NC, N, Hk, G, C]."""
+    NC, N, Hk, C, K = k.shape
+    G, V = v.shape[3], v.shape[-1]
+    shape = (NC, N, Hk, G)
+    S0, dS1 = states[:NC].view(*shape, K, V), d_states[1:].view(*shape, K, V)
+    v_new, d_new = v_new.view(*shape, C, V), d_new.view(*shape, C, V)
+    gamma, decay = terms["gamma"], terms["decay"]
+    # o's read of the state: (gamma q) S0
+    d_q_decayed = torch.matmul(do, S0.transpose(-1, -2))
+    suffix = (d_q_decayed * terms["q_decayed"]).sum(-1)  # gamma_i's: g_t for t <= i
+    dq = (d_q_decayed * gamma[..., None]).sum(3)
+    # o's intra-chunk term: P v_new, P = (q k^T) * Gamma (dP's upper triangle meets Gamma's zeros)
+    dP = torch.matmul(do, v_new.transpose(-1, -2))
+    pairs = dP * terms["attn"]  # Gamma_ij's: g_t for j < t <= i
+    dqk = (dP.mul_(decay)).sum(3)
+    dq += torch.matmul(dqk, k)
+    dk = torch.matmul(dqk.transpose(-1, -2), q)
+    # the state update S1 = gamma_C S0 + Kd^T v_new
+    d_keys = torch.matmul(v_new, dS1.transpose(-1, -2))
+    prefix = (d_keys * terms["keys"]).sum(-1)  # exp(gcum_C - gcum_i)'s: g_t for i < t
+    whole = gamma[..., -1] * (dS1 * S0).sum((-1, -2))  # gamma_C's: every g_t
+    dk += (d_keys * terms["tail"][..., None]).sum(3)
+    if beta is None:
+        return dq, dk, d_new, _decay_gradient(suffix, prefix, pairs, whole), None
+    # the delta rule: v_new = u - w S0, u = T (beta v), w = T (beta gamma k), T = (I + L)^-1
+    inverse_t = terms["inverse"].transpose(-1, -2)
+    d_bv = torch.matmul(inverse_t, d_new)
+    d_bk = torch.matmul(inverse_t, torch.matmul(d_new, S0.transpose(-1, -2)).neg_())
+    dL = (torch.matmul(d_bv, terms["u"].transpose(-1, -2)) + torch.matmul(d_bk, terms["w"].transpose(-1, -2)))
+    dL.neg_().tril_(-1).mul_(decay)  # dL * Gamma: L = beta_i kk_ij Gamma_ij
+    R = dL * terms["kk"].unsqueeze(3)  # dL * kk * Gamma
+    dbeta = R.sum(-1)
+    pairs += R.mul_(beta[..., None])  # dL * L: L's Gamma_ij
+    dkk = dL.mul_(beta[..., None]).sum(3)
+    dk += torch.matmul(dkk + dkk.transpose(-1, -2), k)
+    bk_dot = (d_bk * k.unsqueeze(3)).sum(-1)  # d(beta gamma k) . k per position
+    dbeta += (d_bv * v).sum(-1) + gamma * bk_dot
+    suffix += beta * gamma * bk_dot
+    dk += (d_bk * (beta * gamma)[..., None]).sum(3)
+    return dq, dk, d_bv.mul_(beta[..., None]), _decay_gradient(suffix, prefix, pairs, whole), dbeta
+
+
+def _decay_gradient(suffix, prefix, pairs, whole):
+    """dg [..., C] from the gradients of the decays, each x dx of a decay exp(...) holding g_t: suffix [..., C]
+    (of exp(gcum_i): g_t for t <= i), prefix [..., C] (of exp(gcum_C - gcum_i): g_t for t > i), pairs
+    [..., C, C] (of exp(gcum_i - gcum_j), i > j: g_t for j < t <= i; the diagonal holds none), whole [...] (of
+    exp(gcum_C): every g_t)."""
+    dg = suffix.flip(-1).cumsum(-1).flip(-1)
+    dg[..., 1:] += prefix[..., :-1].cumsum(-1)
+    below = pairs.flip(-2).cumsum(-2).flip(-2)  # [t, j] = sum over i >= t of pairs[i, j]
+    return dg.add_(below.tril_(-1).sum(-1)).add_(whole[..., None])
+
+
+def chunked_backward(q, k, v, g, beta, initial_state, do, d_final):
+    """Gradients of the chunked gated delta rule (linear attention for beta None) on chunk-major inputs: q (already
+    scaled), k [NC, N, Hk, C, K]; v, do [NC, N, Hk, G, C, V]; g, beta [NC, N, Hk, G, C]; initial_state and d_final
+    (the final state's gradient) None or [M, K, V] with M = N Hk G.
+    Groups of CHUNK_GROUP chunks, as the forward's: a forward pass over the groups keeps the state at each
+    group's start, then the groups in reverse recompute their intermediates and states (the last group's are
+    kept from the forward pass), so that memory holds one group's. Returns dq, dk [NC, N, Hk, C, K], dv
+    [NC, N, Hk, G, C, V], dg and dbeta (None for linear attention) [NC, N, Hk, G, C] and the initial state's
+    gradient [M, K, V]."""
+    NC = k.shape[0]
+    groups = [slice(start, start + CHUNK_GROUP) for start in range(0, NC, CHUNK_GROUP)]
+
+    def recompute(group, start_state):
+        terms = _intra_chunk(q[group], k[group], v[group], g[group], None if beta is None else beta[group])
+        return (terms, *_state_sweep(terms, start_state))
+
+    starts, last = [initial_state], None
+    for i, group in enumerate(groups):
+        last = recompute(group, starts[-1])
+        if i + 1 < len(groups):
+            starts.append(last[1][-1])
+    dq, dk, dv, dg = (torch.empty_like(x) for x in (q, k, v, g))
+    dbeta = None if beta is None else torch.empty_like(beta)
+    d_state = d_final
+    for i in reversed(range(len(groups))):
+        group = groups[i]
+        terms, states, v_new = last if i + 1 == len(groups) else recompute(group, starts[i])
+        d_new, d_states = _reverse_sweep(terms, v_new, do[group], d_state)
+        grads = _chunk_grads(q[group], k[group], v[group], None if beta is None else beta[group], terms, states,
+                             v_new, d_new, d_states, do[group])
+        for out, grad in zip((dq, dk, dv, dg, dbeta), grads):
+            if out is not None:
+                out[group] = grad
+        d_state = d_states[0]
+    return dq, dk, dv, dg, dbeta, d_state
+
+
+def l2norm_backward(x: torch.Tensor, d_normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of x [..., D] through x / sqrt(sum(x^2) + 1e-6), given the normalised x's gradient d_normed:
+    r (d - x_hat (x_hat . d)) with r = 1 / sqrt(sum(x^2) + 1e-6), in dtype."""
+    r = l2norm_scale(x, dtype)
+    x_hat = x.to(dtype) * r
+    return (d_normed - x_hat * (x_hat * d_normed).sum(-1, keepdim=True)).mul_(r)
+
+
+@torch.no_grad()
+def linear_attention_backward(grads, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode,
+                              chunk_size=None):
+    """The gradients of linear_attention (kernels.autograd's contract): grads {"o": [B, T, H, V] or None,
+    "final_state": [N, H, K, V] or None}; the inputs as the forward's. Chunked whatever the forward's mode (the
+    same function), chunks of chunk_size (default CHUNK_SIZE). Returns {q, k, v: their shapes, g: [B, T, H]
+    (None when g is None), initial_state: [N, H, K, V] (None when it is None)} in float32 (float64 for float64
+    inputs)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = compute_dtype(v)
+    layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size or CHUNK_SIZE, q.device)
+    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+    qc = layout.to_chunks(q, dtype).mul_(scale)
+    kc = layout.to_chunks(k, dtype)
+    vc = layout.to_chunks(v, dtype).view(NC, N, H, 1, C, V)
+    gc = (layout.to_chunks(g, dtype) if g is not None else torch.zeros(NC, N, H, C, dtype=dtype, device=q.device))
+    do = grads["o"]
+    doc = (layout.to_chunks(do, dtype) if do is not None else torch.zeros_like(vc)).view(NC, N, H, 1, C, V)
+    d_final = grads["final_state"]
+    s0 = None if initial_state is None else initial_state.reshape(N * H, K, V).to(dtype)
+    dq, dk, dv, dg, _, d_s0 = chunked_backward(qc, kc, vc, gc.view(NC, N, H, 1, C), None, s0, doc,
+                                               None if d_final is None else d_final.reshape(N * H, K, V).to(dtype))
+    return dict(q=layout.from_chunks(dq.mul_(scale), dtype), k=layout.from_chunks(dk, dtype),
+                v=layout.from_chunks(dv.view(NC, N, H, C, V), dtype),
+                g=None if g is None else layout.from_chunks(dg.view(NC, N, H, C), dtype),
+                initial_state=None if initial_state is None else d_s0.view(N, H, K, V))

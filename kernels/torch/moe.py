@@ -7,6 +7,11 @@ Precision: GEMMs run in the inputs' dtype with float32 accumulation (BLAS on CPU
 half-precision products in float32: the result is the float32 product rounded once); the gate activation and
 the weighted sum over a token's slots run in float32 (float64 for float64 inputs).
 
+Backward (`<op>_backward`, kernels.autograd's contract): dX = dY W and the per-expert dW = dY^T X as GEMMs over
+each expert's rows (a grouped GEMM over tokens), the SiLU gate's backward, a permutation's gradient gathered or
+scattered back by slot, the routing weights' gradient a row dot product per slot. The forward's products are
+recomputed from the inputs, in the same dtypes (GEMMs in x's dtype, the gate and the sums in float32).
+
 Determinism: nothing accumulates with atomics. `moe_unpermute` writes expert outputs once into a per-slot
 buffer [N * top_k, D], then each token sums its top_k rows in slot order; `moe` adds each expert's weighted
 outputs into its tokens' rows, expert after expert (no N * top_k * D buffer: 268 MB at N = 4096, D = 2048).
@@ -79,6 +84,37 @@ def moe_unpermute(y_sorted, p, weights):
     return _weighted_sum(per_slot, p.source, weights, p.num_tokens, p.top_k, y_sorted.dtype)
 
 
+@torch.no_grad()
+def moe_permute_backward(grads, x, ids, num_experts):
+    """grads {"x": [M, D], the gradient of p.x}. dx[n] = the sum of the rows of token n's slots, in slot order
+    (a per-slot buffer, then a sum over top_k: deterministic). Returns {"x": [N, D]} in x's dtype."""
+    N, top_k = ids.shape
+    d_rows = grads["x"]
+    if d_rows is None:
+        return dict(x=torch.zeros_like(x))
+    _, source = _sorted_slots(ids, num_experts)
+    per_slot = torch.zeros(N * top_k, x.shape[1], dtype=_accumulation_dtype(x.dtype), device=x.device)
+    per_slot.index_copy_(0, source, d_rows.to(per_slot.dtype))
+    return dict(x=per_slot.view(N, top_k, -1).sum(1).to(x.dtype))
+
+
+@torch.no_grad()
+def moe_unpermute_backward(grads, y_sorted, p, weights):
+    """grads {"y": [N, D']}. For the row r of slot (n, j): dy_sorted[r] = weights[n, j] dy[n] and dweights[n, j] =
+    dy[n] . y_sorted[r]; slots without an expert get 0. Returns {"y_sorted": [M, D'] in y_sorted's dtype,
+    "weights": [N, top_k] float32 (float64 for float64 inputs)}."""
+    dy = grads["y"]
+    acc = _accumulation_dtype(y_sorted.dtype)
+    if dy is None:
+        return dict(y_sorted=torch.zeros_like(y_sorted), weights=torch.zeros_like(weights, dtype=acc))
+    d_rows = dy.to(acc).index_select(0, p.source // p.top_k)
+    slot_weights = weights.reshape(-1).index_select(0, p.source).to(acc)
+    d_weights = torch.zeros(p.num_tokens * p.top_k, dtype=acc, device=dy.device)
+    d_weights.index_copy_(0, p.source, (d_rows * y_sorted.to(acc)).sum(-1))
+    return dict(y_sorted=d_rows.mul_(slot_weights[:, None]).to(y_sorted.dtype),
+                weights=d_weights.view(p.num_tokens, p.top_k))
+
+
 # Rows of one expert for which its GEMMs run transposed, (W x^T)^T, when the weight is larger than a core's L2:
 # measured on CPU (MKL, float32, 2048 x 1024 weights), x W^T packs the weight for every call from 4 rows on,
 # while W x^T streams it: 1.2 ms instead of 1.6 at 8 rows, 1.6 instead of 2.1 at 32; from about 100 rows the
@@ -110,6 +146,23 @@ def grouped_gemm(x, w, offsets):
         elif end > start:
             torch.mm(x[start:end], w[e].T, out=y[start:end])
     return y
+
+
+@torch.no_grad()
+def grouped_gemm_backward(grads, x, w, offsets):
+    """grads {"y": [M, Nout]}. Per group e: dx[rows] = dy[rows] @ w[e] and dw[e] = dy[rows]^T @ x[rows] (the
+    grouped GEMM over tokens; an empty group's dw[e] is 0). Returns {"x": [M, K], "w": [E, Nout, K]} in x's
+    dtype."""
+    dy = grads["y"]
+    dx, dw = torch.zeros_like(x), torch.zeros_like(w)
+    if dy is None:
+        return dict(x=dx, w=dw)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            torch.mm(dy[start:end], w[e], out=dx[start:end])
+            torch.mm(dy[start:end].T, x[start:end], out=dw[e])
+    return dict(x=dx, w=dw)
 
 
 def _host_groups(ids):
@@ -163,3 +216,45 @@ def moe(x, weights, ids, w_gate_up, w_down):
         h = F.silu(gate, inplace=True).mul_(up).mul_(row_weights[:, None])  # in the GEMM's output: no new buffer
         y.index_add_(0, rows, _linear(h.to(x.dtype), w_down[e]).to(acc))
     return y.to(x.dtype)
+
+
+@torch.no_grad()
+def moe_backward(grads, x, weights, ids, w_gate_up, w_down):
+    """grads {"y": [N, D]}. Per active expert, on its rows (recomputed: gate, up = x W_gu^T; h = silu(gate) up;
+    s the slot weights): dW_down = dy^T (s h); dh = s (dy W_down), ds = (dy W_down) . h; d gate = dh up silu'(gate),
+    d up = dh silu(gate) with silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))); dW_gu = [d gate | d up]^T x and
+    dx += [d gate | d up] W_gu (rows added expert after expert, as the forward). Returns {"x": [N, D],
+    "w_gate_up": [E, 2I, D], "w_down": [E, D, I] in x's dtype, "weights": [N, top_k] float32 (float64 for float64
+    x), 0 for slots without an expert}."""
+    dy = grads["y"]
+    N, top_k = ids.shape
+    acc = _accumulation_dtype(x.dtype)
+    dx = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)
+    d_gate_up, d_down = torch.zeros_like(w_gate_up), torch.zeros_like(w_down)
+    d_weights = torch.zeros(N * top_k, dtype=acc, device=x.device)
+    if dy is not None:
+        experts, bounds, source = group_slots(ids, w_gate_up.shape[0])
+        slot_weights = weights.reshape(-1).to(acc)
+        tokens = source // top_k
+        dy = dy.to(x.dtype)
+        I = w_down.shape[2]
+        for e, start, end in zip(experts, bounds, bounds[1:]):
+            rows, slots = tokens[start:end], source[start:end]
+            x_rows, dy_rows = x.index_select(0, rows), dy.index_select(0, rows)
+            projected = F.linear(x_rows, w_gate_up[e]).to(acc)
+            gate, up = projected[:, :I], projected[:, I:]
+            sig = torch.sigmoid(gate)
+            activated = gate * sig
+            h = activated * up
+            row_weights = slot_weights.index_select(0, slots)[:, None]
+            torch.mm(dy_rows.T, (h * row_weights).to(x.dtype), out=d_down[e])
+            dh = torch.mm(dy_rows, w_down[e]).to(acc)
+            d_weights.index_copy_(0, slots, (dh * h).sum(-1))
+            dh.mul_(row_weights)
+            # [d gate | d up], written over the projection (spent)
+            projected[:, :I] = dh * up * sig * (1 + gate * (1 - sig))
+            projected[:, I:] = dh * activated
+            d_projected = projected.to(x.dtype)
+            torch.mm(d_projected.T, x_rows, out=d_gate_up[e])
+            dx.index_add_(0, rows, torch.mm(d_projected, w_gate_up[e]).to(acc))
+    return dict(x=dx.to(x.dtype), weights=d_weights.view(N, top_k), w_gate_up=d_gate_up, w_down=d_down)
