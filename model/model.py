@@ -4,6 +4,7 @@ and decoding of batches of prompts of any lengths (greedy, or sampled: model/sam
 split over several by tensor and expert parallelism (model/parallel.py)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from pathlib import Path
@@ -176,12 +177,14 @@ class Qwen35Moe(nn.Module):
 
     def forward(self, input_ids, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None):
         """input_ids [B, T] (or [1, T] of packed sequences with cu_seqlens) -> logits [B, T, vocab]. Without a
-        cache it is differentiable (training: gradients through the ops' backends, which need a backward); with
-        one it decodes, under inference_mode."""
+        cache it is differentiable (training: gradients through the ops' backends, which need a backward), on one
+        process (with a layout it runs without gradients: the collectives are outside autograd); with one it
+        decodes, under inference_mode."""
         if cache is not None:
             with torch.inference_mode():
                 return self.lm_head(self.hidden_states(input_ids, cache, cu_seqlens))
-        return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens))
+        with torch.no_grad() if self.layout is not None else contextlib.nullcontext():
+            return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens))
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature: float = 0.0,
