@@ -100,9 +100,9 @@ def case_layout(world, rank, seed, checkpoint, whole, tp, ep):
     layout = split.layout
     found = {"reads": _read_counts(checkpoint, layout), "whole_reads": _read_counts(checkpoint, None)}
     experts = layout.experts(cfg.num_experts)
-    held = split.layers[0].mlp.experts.gate_up_proj
-    found["experts_held"] = (held.shape[0], cfg.num_experts // ep, torch.equal(held, whole.layers[0].mlp.experts.gate_up_proj[
-        experts.start:experts.stop]))
+    held, all_experts = split.layers[0].mlp.experts.gate_up_proj, whole.layers[0].mlp.experts.gate_up_proj
+    found["experts_held"] = (held.shape[0], cfg.num_experts // ep,
+                             torch.equal(held, all_experts[experts.start:experts.stop]))
 
     torch.manual_seed(seed)  # the same inputs on every rank
     cu_seqlens = torch.tensor([0, 5, 6, 13], dtype=torch.int32)  # packed sequences of 5, 1 and 7 tokens
