@@ -43,7 +43,8 @@ def _model_keys():
 
     run = dispatch.MODEL_RUN[True]
     shape = dict(N=run["batch"] * run["prompt"], D=SMALL_CONFIG["hidden_size"], E=SMALL_CONFIG["num_experts"],
-                 I=SMALL_CONFIG["moe_intermediate_size"], top_k=SMALL_CONFIG["num_experts_per_tok"], routing=dispatch.MODEL)
+                 I=SMALL_CONFIG["moe_intermediate_size"], top_k=SMALL_CONFIG["num_experts_per_tok"],
+                 routing=dispatch.MODEL)
     return [f"{ops.Case(OP, dict(world=world) | shape).key},part={dispatch.MODEL}" for world in MODEL_WORLDS]
 
 
