@@ -8,8 +8,6 @@ biases on: o_proj's bias is added once, after the all_reduce) and compares them 
 send back numbers and messages only. bench.dispatch.spawn bounds the world by a deadline and a collective by
 COLLECTIVE_TIMEOUT: a case that does not finish fails, nothing hangs.
 """
-import re
-import secrets
 import traceback
 from datetime import timedelta
 
@@ -20,7 +18,7 @@ import torch.distributed as dist
 import model
 from model import weights
 from model.config import ModelConfig
-from tests.helpers import rel_err
+from tests.helpers import assert_raised_everywhere, raises, ranks, rel_err, world_fixtures
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 WORLD_DEADLINE_S = 300.0
@@ -129,15 +127,6 @@ def case_layout(world, rank, seed, checkpoint, whole, tp, ep):
     return found
 
 
-def _raises(call):
-    """(exception type name, message) of call(), or ("none", "") when it returns."""
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 (the test compares what every rank raised)
-        return type(error).__name__, str(error)
-    return "none", ""
-
-
 def case_bad(world, rank, seed, checkpoint, whole):
     """Each bad argument on ONE rank (the last): what every rank raised. Then a good load and generate, to show
     the world is still usable."""
@@ -161,7 +150,7 @@ def case_bad(world, rank, seed, checkpoint, whole):
         "vocab": lambda: split.generate([torch.tensor([cfg.vocab_size]) if last else prompt], 2),
         "max_new_tokens": lambda: split.generate([prompt], 3 if last else 2),
     }
-    raised = {name: _raises(call) for name, call in cases.items()}
+    raised = {name: raises(call) for name, call in cases.items()}
     again = model.from_pretrained(checkpoint, backend=BACKEND, tp=tp, ep=ep)
     raised["after"] = (again.generate([prompt], 2)[0].tolist(), whole.generate([prompt], 2)[0].tolist())
     return raised
@@ -202,37 +191,16 @@ def checkpoint(tmp_path_factory):
                                    attention_bias=True)
 
 
-def _world_fixture(world):
-    @pytest.fixture(scope="module")
-    def fixture(request, checkpoint):
-        from bench.dispatch import WORKER_ENV, _free_port, spawn  # the parent only: bench imports cost seconds
+def _run_world(world, seed, checkpoint):
+    """Spawn `world` ranks running every case of that size: {case: [result of rank 0, 1, ...]}."""
+    from bench.dispatch import WORKER_ENV, _free_port, spawn  # the parent only: bench imports cost seconds
 
-        seed = request.config.getoption("--seed")
-        seed = secrets.randbelow(2**31) if seed is None else seed
-        print(f"world {world}: seed={seed}")
-        keys = [(name, rank) for name in _cases(world) for rank in range(world)]
-        found = spawn(_worker, [(world, _free_port(), checkpoint, seed)] * world, keys, WORLD_DEADLINE_S, WORKER_ENV)
-        return seed, found
-    return fixture
+    keys = [(name, rank) for name in _cases(world) for rank in range(world)]
+    found = spawn(_worker, [(world, _free_port(), checkpoint, seed)] * world, keys, WORLD_DEADLINE_S, WORKER_ENV)
+    return {name: [found[(name, rank)] for rank in range(world)] for name in _cases(world)}
 
 
-world2 = _world_fixture(2)
-world4 = _world_fixture(4)
-
-
-@pytest.fixture(params=[2, 4], ids=["world2", "world4"])
-def world(request):
-    """(size, seed, {(case, rank): result}) of the world of that size (spawned once per module)."""
-    seed, found = request.getfixturevalue(f"world{request.param}")
-    return request.param, seed, found
-
-
-def _ranks(world, case):
-    size, seed, found = world
-    per_rank = [found[(case, rank)] for rank in range(size)]
-    for rank, result in enumerate(per_rank):
-        assert "error" not in result, f"{case}, rank {rank} of {size} (seed={seed}):\n{result['error']}"
-    return per_rank, seed
+world2, world4, world = world_fixtures(_run_world, needs=("checkpoint",))
 
 
 def _layouts(size):
@@ -245,7 +213,7 @@ def test_layers_and_logits_match_one_process(world, index):
     """Every TP token mixer and EP MoE layer, and the logits (batched, packed, prefill and decode through the
     cache), within 1e-5 of the model in one process, on every rank."""
     case = _layouts(world[0])[index]
-    per_rank, seed = _ranks(world, case)
+    per_rank, seed = ranks(world, case)
     for rank, result in enumerate(per_rank):
         for what, err in result["errors"].items():
             assert err <= TOL, f"{case}, rank {rank} of {world[0]}: {what}: relative error {err:.3e} (seed={seed})"
@@ -254,7 +222,7 @@ def test_layers_and_logits_match_one_process(world, index):
 @pytest.mark.parametrize("index", range(3), ids=lambda i: f"layout{i}")
 def test_greedy_tokens_match_one_process(world, index):
     case = _layouts(world[0])[index]
-    per_rank, seed = _ranks(world, case)
+    per_rank, seed = ranks(world, case)
     for rank, result in enumerate(per_rank):
         assert result["tokens"] == result["whole_tokens"], \
             f"{case}, rank {rank}: {result['tokens']} != one process's {result['whole_tokens']} (seed={seed})"
@@ -268,7 +236,7 @@ def test_each_rank_reads_only_its_shard(world, index):
     size = world[0]
     case = _layouts(size)[index]
     tp, ep = LAYOUTS[size][index]
-    per_rank, seed = _ranks(world, case)
+    per_rank, seed = ranks(world, case)
     for rank, result in enumerate(per_rank):
         (read, held), (whole_read, whole_held) = result["reads"], result["whole_reads"]
         assert whole_read == whole_held, f"one process read {whole_read} elements for {whole_held}"
@@ -295,14 +263,10 @@ def test_bad_argument_on_one_rank_raises_everywhere(world, bad):
     """A bad argument on one rank: every rank raises the same error naming it, none hangs; the world then still
     loads and generates what one process does."""
     size = world[0]
-    per_rank, seed = _ranks(world, "bad")
+    per_rank, seed = ranks(world, "bad")
     kind, pattern = BAD[bad]
     pattern = pattern.format(W=size, last=size - 1)
-    messages = {result[bad][1] for result in per_rank}
-    assert len(messages) == 1, f"{bad}: the ranks raised different errors: {[r[bad] for r in per_rank]} (seed={seed})"
+    assert_raised_everywhere(per_rank, bad, kind, pattern, seed)
     for rank, result in enumerate(per_rank):
-        raised, message = result[bad]
-        assert raised == kind and re.search(pattern, message), \
-            f"{bad}, rank {rank} of {size}: raised {raised}: {message!r}, expected {kind} matching {pattern!r}"
         tokens, one = result["after"]
         assert tokens == one, f"rank {rank}: after the bad calls, {tokens} != one process's {one}"
