@@ -16,6 +16,7 @@ from torch import nn
 
 import kernels
 from kernels import registry
+from kernels.validate import STORED_STATE_DTYPES
 from model.config import ModelConfig
 from model import graph, parallel
 from model.layers import DecoderLayer, RMSNorm, Step
@@ -26,18 +27,18 @@ from model.weights import read_checkpoint, to_lab_state_dict
 OPS = ("gated_delta_rule", "attention", "route", "moe")
 
 
-def resolve_backends(backend: str | dict, device) -> dict[str, str]:
-    """Backend name per op. A name applies to every op that has a backend of that name ("auto" elsewhere);
-    a dict {op: name} picks per op. "auto" resolves to the name it stands for on `device`."""
+def resolve_backends(backend: str | dict, device, ops: tuple[str, ...] = OPS) -> dict[str, str]:
+    """Backend name per op of `ops`. A name applies to every op that has a backend of that name ("auto"
+    elsewhere); a dict {op: name} picks per op. "auto" resolves to the name it stands for on `device`."""
     if isinstance(backend, dict):
-        unknown = set(backend) - set(OPS)
+        unknown = set(backend) - set(ops)
         if unknown:
-            raise ValueError(f"backend: unknown op(s) {sorted(unknown)}; the model uses {OPS}")
-        names = {op: backend.get(op, "auto") for op in OPS}
+            raise ValueError(f"backend: unknown op(s) {sorted(unknown)}; the model uses {ops}")
+        names = {op: backend.get(op, "auto") for op in ops}
     else:
-        if backend != "auto" and not any(backend in registry.registered(op) for op in OPS):
-            raise ValueError(f"backend {backend!r} is not registered for any of {OPS}")
-        names = {op: backend if backend in registry.registered(op) else "auto" for op in OPS}
+        if backend != "auto" and not any(backend in registry.registered(op) for op in ops):
+            raise ValueError(f"backend {backend!r} is not registered for any of {ops}")
+        names = {op: backend if backend in registry.registered(op) else "auto" for op in ops}
     return {op: registry.auto_backend(op, device) if name == "auto" else name for op, name in names.items()}
 
 
@@ -88,7 +89,8 @@ class Qwen35Moe(nn.Module):
     (model/parallel.py): its layers then hold its heads and experts, and every rank must make the same calls
     (forward, generate, stream) with the same arguments; they raise together when one rank's differ."""
 
-    def __init__(self, cfg: ModelConfig, backends: dict[str, str], layout: Layout | None = None):
+    def __init__(self, cfg: ModelConfig, backends: dict[str, str], state_dtype: torch.dtype | None = None,
+                 layout: Layout | None = None):
         super().__init__()
         self.config = cfg
         self.backends = backends
@@ -101,6 +103,9 @@ class Qwen35Moe(nn.Module):
                                         num_experts=cfg.num_experts)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kind, ops, layout) for kind in cfg.layer_types)
+        for layer in self.layers:
+            if layer.kind == "linear_attention":
+                layer.linear_attn.state_dtype = state_dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -369,17 +374,21 @@ def _first(eos_token_id) -> int:
 
 
 def from_pretrained(path: str | Path, backend: str | dict = "auto", dtype: torch.dtype | str | None = None,
-                    device: str | torch.device | None = None, tp: int = 1, ep: int = 1) -> Qwen35Moe:
+                    device: str | torch.device | None = None, state_dtype: torch.dtype | str | None = None,
+                    fp8_experts: bool = False, tp: int = 1, ep: int = 1) -> Qwen35Moe:
     """Load a Hugging Face Qwen3.5-MoE text checkpoint folder (config.json + safetensors).
 
     backend: a backend name for every op that has it, or {op: name} (ops: gated_delta_rule, attention,
-    route, moe). dtype: None keeps the checkpoint's. device: default cpu.
+    route, moe; moe_fp8 with fp8_experts). dtype: None keeps the checkpoint's. device: default cpu.
+    state_dtype: the Gated DeltaNet layers' recurrent state in the cache (float32, bfloat16, float16; None:
+    float32), as the gated delta rule's state_dtype. fp8_experts: the routed experts' weights quantized to
+    float8_e4m3fn with 128 x 128 block scales at load, run by moe_fp8 (with ep = 1: moe_ep runs moe).
     tp, ep: the tensor- and expert-parallel sizes over the processes of the initialised torch.distributed world
     (model/parallel.py; each divides the world size): every rank must call from_pretrained, reads only its shard
     of the checkpoint and gets a model holding its heads and experts. tp = ep = 1: the whole model, on this
     process alone. With tp or ep > 1, a bad argument or checkpoint on any rank raises on every rank."""
     if tp == 1 and ep == 1:
-        return _load(path, backend, dtype, device, None)
+        return _load(path, backend, dtype, device, state_dtype, fp8_experts, None)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"tp = {tp}, ep = {ep}: needs torch.distributed initialised (init_process_group, or "
                            f"torchrun) on every rank first")
@@ -388,13 +397,17 @@ def from_pretrained(path: str | Path, backend: str | dict = "auto", dtype: torch
         cfg = ModelConfig.from_folder(_folder(path))
         if (problem := parallel.layout_problem(cfg, tp, ep, dist.get_world_size())) is not None:
             raise ValueError(f"{problem[0]}: {problem[1]}")
+        if fp8_experts and ep > 1:
+            raise ValueError(f"fp8_experts: the experts of an EP group run moe (moe_ep), not moe_fp8; needs ep = 1, "
+                             f"got ep = {ep}")
     except (ValueError, FileNotFoundError) as e:
         error = e
-    parallel.raise_together(error, {"tp": tp, "ep": ep, "backend": backend, "dtype": str(dtype)})
+    parallel.raise_together(error, {"tp": tp, "ep": ep, "backend": backend, "dtype": str(dtype),
+                                    "state_dtype": str(state_dtype), "fp8_experts": fp8_experts})
     layout = Layout.create(tp, ep)
     m, error = None, None
     try:
-        m = _load(path, backend, dtype, device, layout)
+        m = _load(path, backend, dtype, device, state_dtype, fp8_experts, layout)
     except Exception as e:  # noqa: BLE001 (whatever stops one rank's load stops every rank's)
         error = e
     parallel.raise_together(error)
@@ -408,16 +421,23 @@ def _folder(path) -> Path:
     return path
 
 
-def _load(path, backend, dtype, device, layout: Layout | None) -> Qwen35Moe:
+def _load(path, backend, dtype, device, state_dtype, fp8_experts: bool, layout: Layout | None) -> Qwen35Moe:
     """from_pretrained's load, of this rank's shard when a layout is given."""
     path = _folder(path)
     device = torch.device(device or "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    state_dtype = getattr(torch, state_dtype, state_dtype) if isinstance(state_dtype, str) else state_dtype
+    if state_dtype is not None and state_dtype not in STORED_STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None or one of float32, bfloat16, float16, got {state_dtype!r}")
     cfg = ModelConfig.from_folder(path)
     tensors = read_checkpoint(path, cfg, dtype=dtype, device=device, layout=layout)
     if dtype is None:
         dtype = tensors["model.embed_tokens.weight"].dtype
+    ops = OPS + (("moe_fp8",) if fp8_experts else ())
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
-        m = Qwen35Moe(cfg, resolve_backends(backend, device), layout)
+        m = Qwen35Moe(cfg, resolve_backends(backend, device, ops), state_dtype, layout)
     m.load_state_dict({k: v.to(dtype) for k, v in to_lab_state_dict(tensors, cfg).items()}, strict=True, assign=True)
+    if fp8_experts:
+        for layer in m.layers:
+            layer.mlp.experts.quantize_fp8()
     return m.eval()
