@@ -130,7 +130,7 @@ def case_layout(world, rank, seed, checkpoint, whole, tp, ep):
 def case_bad(world, rank, seed, checkpoint, whole):
     """Each bad argument on ONE rank (the last): what every rank raised. Then a good load and generate, to show
     the world is still usable."""
-    tp, ep = LAYOUTS[world][0]
+    tp, ep = LAYOUTS[world][0]  # ep > 1
     last = rank == world - 1
     cfg = whole.config
     split = model.from_pretrained(checkpoint, backend=BACKEND, tp=tp, ep=ep)
@@ -145,6 +145,7 @@ def case_bad(world, rank, seed, checkpoint, whole):
                                                     backend=BACKEND, tp=tp, ep=ep),
         "backend": lambda: model.from_pretrained(checkpoint, backend="no_such_backend" if last else BACKEND, tp=tp,
                                                  ep=ep),
+        "fp8_experts": lambda: model.from_pretrained(checkpoint, backend=BACKEND, tp=tp, ep=ep, fp8_experts=last),
         "input_ids": lambda: split(_ids(seed, (1, 5 if last else 4), cfg.vocab_size)),
         "prompts": lambda: split.generate([other if last else prompt], 2),
         "vocab": lambda: split.generate([torch.tensor([cfg.vocab_size]) if last else prompt], 2),
@@ -251,6 +252,7 @@ BAD = {
     "experts": ("ValueError", r"^ep: ep = 3 does not divide the world size {W}.*on rank {last}"),
     "checkpoint": ("FileNotFoundError", r"absent does not exist.*on rank {last}"),
     "backend": ("ValueError", r"^backend must be the same on every rank.*'no_such_backend'"),
+    "fp8_experts": ("ValueError", r"^fp8_experts: .*needs ep = 1.*on rank {last}"),
     "input_ids": ("ValueError", r"^input_ids' shape must be the same on every rank"),
     "prompts": ("ValueError", r"^prompts must be the same on every rank"),
     "vocab": ("ValueError", r"prompt.*on rank {last}"),
