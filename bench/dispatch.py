@@ -36,18 +36,24 @@ Parts, one row each (shape = the case's shape string + ",part=PART"), timed with
 - experts:           the local experts alone (kernels.moe on the received rows);
 - moe_ep:            the whole EP layer (check_inputs, dispatch, experts, combine);
 - moe:               kernels.moe in one process on the same tokens (all ranks' tokens, all experts).
+- model:             model.generate's small random checkpoint on 1, 2 and 4 processes (MODEL_WORLDS; without
+                     --preset), split tp = ep = W ways (model/parallel.py), greedy: the whole generate's time,
+                     prefill_ms, tokens_per_s, decode_tokens_per_s, vs_one_process; an error row when its tokens
+                     differ from one process's (model_rows).
 The backend column: the moe_permute / moe_unpermute backend on dispatch, combine, dispatch+combine, permute and
 unpermute; the process group's (gloo, nccl) on all_to_all; the moe backend on experts, moe_ep (whose exchange
-uses the same name where it is a permute backend too, else "auto") and moe. --backend NAME runs NAME for each of
-these that it has (default: every lab permute backend that runs natively on the device, "auto"'s first, and
-"auto"'s moe backend: the layer costs seconds per call).
+uses the same name where it is a permute backend too, else "auto"), moe and model (the model's for every op that
+has it). --backend NAME runs NAME for each of these that it has (default: every lab permute backend that runs
+natively on the device, "auto"'s first, and "auto"'s moe backend: the layer costs seconds per call).
 Columns beside the common ones: world, part, transport (gloo, nccl; "" for one process), bytes (the bytes one rank
 sends in the part, mean over ranks, its own rows included: all_to_all_single copies them too; the rows permuted
 for permute and unpermute), gbps (bytes / median time; twice the bytes for dispatch+combine), bytes_per_token
 (bytes that leave a rank per token in the part: remote rows, plus dispatch's counts), of_all_to_all (the part's
 GB/s over the all_to_all's, same run and bytes), imbalance (rows received by the busiest rank / the mean),
-vs_one_process (moe's time / moe_ep's), rel_err (moe_ep's first CHECK_TOKENS tokens of every rank against
-kernels.moe in one process), load (the 1-minute load average when the case started), cores.
+vs_one_process (moe's time / moe_ep's; the model's time on one process / on W), rel_err (moe_ep's first
+CHECK_TOKENS tokens of every rank against kernels.moe in one process), load (the 1-minute load average when the
+case started), cores; on the model's rows batch, new_tokens, prefill_ms, tokens_per_s, decode_tokens_per_s (N: the
+batch's prompt tokens).
 """
 from __future__ import annotations
 
@@ -65,7 +71,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import inputs, timing
+from bench import inputs, ops, timing
 from bench.ops import OPS
 from bench.presets import MODELS
 from bench.sweep import dtype_name, seed_of, sweep_backends, trusted_inputs
@@ -338,6 +344,101 @@ def one_process(rank, cases: list, backends: list[str], device: str, dtype, budg
         results.put((rank, None, None))
 
 
+# ------------------------------------------------------------------------------------------------- the model
+
+MODEL = "model"  # the part: the small random model on W processes, split tp = ep = W ways
+MODEL_WORLDS = (1, 2, 4)  # its 4 linear-attention value heads, 4 query heads and 8 experts split 4 ways at most
+MODEL_RUN = {True: dict(batch=2, prompt=16, new=8), False: dict(batch=4, prompt=128, new=32)}  # by quick
+
+
+def _model_worker(rank, world, port, transport, checkpoint, setting, results):
+    """One rank of the model split tp = ep = world ways (world 1: the model alone, no process group): times greedy
+    generate of setting's batch of random prompts with 1 new token (the prefill and its token) and with `new`, and
+    puts (rank, MODEL, {"first", "whole": timing columns, "tokens": the new tokens [batch, new], "load"}) from rank
+    0, or the error from any rank."""
+    import torch.distributed as dist
+
+    import model
+
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if transport == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(transport, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
+    try:
+        try:
+            load = os.getloadavg()[0]
+            m = model.from_pretrained(checkpoint, backend=setting["backend"], device=device, tp=world, ep=world)
+            gen = torch.Generator().manual_seed(seed_of(OP, MODEL))
+            prompts = torch.randint(0, m.config.vocab_size, (setting["batch"], setting["prompt"]), generator=gen)
+            prompts = prompts.to(device)
+            if world > 1:
+                time_it = lambda fn: _timed(timing.time_collective(  # noqa: E731
+                    fn, device=device, budget_s=setting["budget_s"], min_repeats=setting["min_repeats"]))
+            else:
+                time_it = lambda fn: _timed(timing.time_call(fn, device, setting["budget_s"]))  # noqa: E731
+            found = dict(first=time_it(lambda: m.generate(prompts, 1)),
+                         whole=time_it(lambda: m.generate(prompts, setting["new"])),
+                         tokens=m.generate(prompts, setting["new"])[:, setting["prompt"]:].cpu().tolist(), load=load)
+        except Exception:  # noqa: BLE001 - the part's error row
+            found = {"error": f"rank {rank}: {traceback.format_exc(limit=4)}"}
+        if rank == 0 or "error" in found:
+            results.put((rank, MODEL, found))
+    finally:
+        results.put((rank, None, None))
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def model_rows(quick: bool, device: str, backend: str, deadline_s: float, worlds=None) -> list[dict]:
+    """The model part: model.generate's small random checkpoint on each world of `worlds` (default MODEL_WORLDS,
+    those the machine runs), split tp = ep = W ways, backend `backend` for every op that has it, greedy, one thread
+    per process. One row per world (shape: the model's MoE shape, N = the batch's prompt tokens, routing "model":
+    its own router's), with the time of the whole generate (median_ms), prefill_ms (generate of one token),
+    tokens_per_s (new tokens of the batch / the whole time), decode_tokens_per_s (the tokens after the first / the
+    time after the prefill), vs_one_process; an error when its tokens differ from one process's."""
+    from model.config import ModelConfig
+    from model.generate import default_checkpoint
+
+    checkpoint = default_checkpoint()  # written here once, read by every rank
+    cfg = ModelConfig.from_folder(checkpoint)
+    run, transport = MODEL_RUN[quick], transport_of(device)
+    setting = dict(run, backend=backend, budget_s=0.1 if quick else 1.0, min_repeats=3 if device == "cpu" else 10)
+    shape = dict(N=run["batch"] * run["prompt"], D=cfg.hidden_size, E=cfg.num_experts, I=cfg.moe_intermediate_size,
+                 top_k=cfg.num_experts_per_tok, routing=MODEL)
+    worlds, skipped = _runnable_worlds(MODEL_WORLDS if worlds is None else worlds, device)
+    if skipped:
+        print(f"note: the model on {', '.join(map(str, skipped))} processes needs as many GPUs: not run", flush=True)
+    rows, one = [], None
+    for world in worlds:
+        print(f"  {OP}: the model on {_ranks(world)} (tp = ep = {world}, {transport if world > 1 else 'alone'})",
+              flush=True)
+        found = spawn(_model_worker, [(world, _free_port(), transport, str(checkpoint), setting)] * world, [MODEL],
+                      deadline_s, WORKER_ENV if device == "cpu" else {})[MODEL]
+        key = ops.Case(OP, dict(world=world) | shape).key
+        row = dict(op=OP, device=device, dtype=cfg.dtype or "float32", preset="",
+                   transport=transport if world > 1 else "", threads=1, cores=os.cpu_count(), backend=backend,
+                   shape=f"{key},part={MODEL}", part=MODEL, world=world, **shape,
+                   batch=run["batch"], new_tokens=run["new"])
+        if "error" in found:
+            rows.append(dict(row, error=found["error"].strip().splitlines()[-1][:300]))
+            continue
+        whole, first = found["whole"], found["first"]["median_ms"]
+        row |= dict(whole, prefill_ms=first, load=found["load"],
+                    tokens_per_s=run["batch"] * run["new"] / (whole["median_ms"] / 1e3),
+                    decode_tokens_per_s=run["batch"] * (run["new"] - 1) / max(whole["median_ms"] - first, 1e-9) * 1e3)
+        if one is None and world == 1:
+            one = (found["tokens"], whole["median_ms"])
+        if one is not None:
+            row["vs_one_process"] = one[1] / whole["median_ms"]
+            if found["tokens"] != one[0]:
+                row["error"] = f"greedy tokens differ from one process's: {found['tokens']} != {one[0]}"
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------ rows
 
 def _case_rows(case, found: dict, device: str, dtype, transport: str, permute: list[str]) -> list[dict]:
@@ -456,6 +557,8 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
             if (key, name) in ep and "error" not in found:
                 ep_row, ep_heads = ep[(key, name)]
                 _check(ep_row, rows[-1], ep_heads, found["heads"], dtype, device)
+    if preset is None:  # the small model's part: no preset's shape
+        rows += model_rows(quick, device, names[0], deadline_s)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out)
     return rows
@@ -729,10 +832,28 @@ def projection_lines() -> list[str]:
     return lines
 
 
+def _model_lines(rows) -> list[str]:
+    """The model part: tokens/s at each world size, and whether its tokens are one process's."""
+    model = sorted((r for r in rows if r.get("part") == MODEL), key=lambda r: int(r["world"]))
+    if not model:
+        return []
+    ok = _measured(model)
+    rates = ", ".join(f"{_ranks(int(r['world']))}: {r['tokens_per_s']:.1f} tokens/s ({r['decode_tokens_per_s']:.1f} "
+                      f"decoding, prefill {_ms(r['prefill_ms'])})" for r in ok)
+    failed = [f"{_ranks(int(r['world']))}: {r['error']}" for r in model if _text(r.get("error"))]
+    r = model[0]
+    same = "; greedy tokens identical to one process's at every world size measured" if ok and not failed else ""
+    return [f"the model on several processes (model.generate's small random checkpoint split tp = ep = W ways, "
+            f"`{r['backend']}`, a greedy batch of {int(r['batch'])} x {int(r['N']) // int(r['batch'])} prompt "
+            f"tokens and {int(r['new_tokens'])} new, one thread per process): {rates or 'none measured'}{same}"
+            + (f"; failed: {'; '.join(failed)}" if failed else "")]
+
+
 def summary(rows) -> list[str]:
     """The report's lines: the target, the exchange against all_to_all, the EP layer against one process, the
-    bytes-per-token check, then the projection (Markdown: a heading and a table)."""
-    return _target_lines(rows) + _exchange_lines(rows) + projection_lines()
+    bytes-per-token check, the model's tokens/s on 1, 2 and 4 processes, then the projection (Markdown: a heading
+    and a table)."""
+    return _target_lines(rows) + _exchange_lines(rows) + _model_lines(rows) + projection_lines()
 
 
 # ---------------------------------------------------------------------------------------------------- plots

@@ -5,11 +5,20 @@
     python -m model.generate --prompt "a" --prompt "longer prompt"  # a batch of prompts of different lengths
     python -m model.generate --prompt-ids "1 2 3" --new-tokens 8      # token ids in, token ids out
     python -m model.generate --prompt-len 64 --new-tokens 32 --batch 2  # random prompts: tokens/s only
+    torchrun --nproc-per-node 2 -m model.generate --tp 2 --ep 2 --prompt "Return the"  # on 2 processes
+
+On several processes (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous), --tp splits the token
+mixers' heads and --ep the experts over them (model/parallel.py; each divides the number of processes); every
+rank reads its shard of the checkpoint, rank 0 prints. NCCL with --device cuda (rank r on cuda:LOCAL_RANK), gloo
+on CPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
 import os
 import sys
 import tempfile
@@ -50,14 +59,17 @@ def write_random_checkpoint(folder: str | Path, seed: int = 0, tokenizer: bool =
 
 
 def default_checkpoint() -> Path:
-    """The small random checkpoint, written once into the cache dir (or a temp dir)."""
+    """The small random checkpoint, written once into the cache dir (or a temp dir); processes started together
+    (torchrun) take turns on a lock, so one writes it and the others read it."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35-kernel-lab" / "small-random"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError:
         root = Path(tempfile.mkdtemp(prefix="qwen35-small-"))
-    if not (root / "tokenizer.json").is_file():  # written last: a folder without it is incomplete or older
-        write_random_checkpoint(root)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "tokenizer.json").is_file():  # written last: a folder without it is incomplete or older
+            write_random_checkpoint(root)
     return root
 
 
@@ -91,7 +103,16 @@ def _parser():
     parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step as a CUDA graph (GPU)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (on a busy machine 1 avoids oversubscription)")
+    parser.add_argument("--tp", type=cli.positive_int, default=1,
+                        help="tensor-parallel size: the heads split over this many processes (torchrun)")
+    parser.add_argument("--ep", type=cli.positive_int, default=1,
+                        help="expert-parallel size: the experts split over this many processes (torchrun)")
     return parser
+
+
+def world_size() -> int:
+    """The number of processes started together (torchrun's WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check(parser, args) -> str:
@@ -110,10 +131,32 @@ def _check(parser, args) -> str:
     device = cli.check_device(parser, "--device", args.device) or "cpu"
     if args.cuda_graph and torch.device(device).type != "cuda":
         parser.error(f"--cuda-graph: needs --device cuda (the step is captured on a GPU), got {device}")
+    _check_layout(parser, args)
     if args.backend != "auto" and (problem := cli.model_backend_problem(
             args.backend, device, args.dtype and getattr(torch, args.dtype))):
         parser.error(f"--backend: {problem} (or auto)")
     return device
+
+
+def _check_layout(parser, args):
+    """Refuse --tp / --ep that do not split this checkpoint over the processes started (the same answer on every
+    rank: each reads the same arguments, config and WORLD_SIZE, before any collective)."""
+    from model.config import ModelConfig
+    from model.parallel import layout_problem
+
+    world = world_size()
+    if world > 1 and args.tp == args.ep == 1:
+        parser.error(f"--tp/--ep: {world} processes (WORLD_SIZE), but tp = ep = 1 splits nothing; give --tp, --ep "
+                     f"or both, each dividing {world}")
+    cfg = ModelConfig.from_folder(args.checkpoint) if args.checkpoint else ModelConfig(**SMALL_CONFIG)
+    needed = math.lcm(args.tp, args.ep)  # the fewest processes these sizes split over
+    if problem := layout_problem(cfg, args.tp, args.ep, world if world > 1 else None):
+        parser.error(f"--{problem[0]}: {problem[1]}")
+    if world == 1 and needed > 1:
+        parser.error(f"--tp/--ep: tp = {args.tp}, ep = {args.ep} need {needed} processes (or a multiple), this is "
+                     f"one: start them with torchrun --nproc-per-node {needed} -m model.generate ...")
+    if args.cuda_graph and world > 1:
+        parser.error(f"--cuda-graph: a decode step is captured on one process, not {world}")
 
 
 def _check_prompts(parser, argument: str, prompts: list[list[int]], path: Path, new_tokens: int):
@@ -147,16 +190,46 @@ def main(argv=None):
 
     import model
 
-    m = model.from_pretrained(path, backend=args.backend, dtype=args.dtype, device=args.device)
-    print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}",
-          file=sys.stderr if prompts else sys.stdout)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    cuda_graph=args.cuda_graph)
-    if prompts:
-        eos = None if args.ignore_eos or tokenizer is None else tokenizer.eos_token_ids
-        _generate_text(m, tokenizer, prompts, args.new_tokens, eos, sampling, as_text=bool(args.prompt))
-    else:
-        _generate_random(m, tokenizer, args, sampling)
+    with _processes(device) as device:
+        m = model.from_pretrained(path, backend=args.backend, dtype=args.dtype, device=device, tp=args.tp,
+                                  ep=args.ep)
+        split = f"; tp {args.tp}, ep {args.ep} on {world_size()} processes" if m.layout else ""
+        print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}"
+              f"{split}", file=sys.stderr if prompts else sys.stdout)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        cuda_graph=args.cuda_graph)
+        if prompts:
+            eos = None if args.ignore_eos or tokenizer is None else tokenizer.eos_token_ids
+            _generate_text(m, tokenizer, prompts, args.new_tokens, eos, sampling, as_text=bool(args.prompt))
+        else:
+            _generate_random(m, tokenizer, args, sampling)
+
+
+@contextlib.contextmanager
+def _processes(device: str):
+    """On one process: yields device. On several (WORLD_SIZE > 1): joins the process group (NCCL on CUDA, rank
+    on cuda:LOCAL_RANK unless an index is given; gloo on CPU), yields this rank's device with only rank 0
+    printing, and leaves the group at the end."""
+    if world_size() == 1:
+        yield device
+        return
+    import torch.distributed as dist
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda and torch.device(device).index is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        with contextlib.ExitStack() as quiet:
+            if dist.get_rank():
+                devnull = quiet.enter_context(open(os.devnull, "w"))
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))
+            yield device
+    finally:
+        dist.destroy_process_group()
 
 
 def _generate_text(m, tokenizer, prompts, new_tokens, eos, sampling, as_text):

@@ -3,7 +3,8 @@
 Every token mixer and expert call goes through the lab's ops (`kernels`), with the backend chosen at load:
 `ops.gated_delta_rule`, `ops.attention`, `ops.route`, `ops.moe` are `kernels.get(op, backend)`, the callables
 behind `kernels.gated_delta_rule(..., backend=...)` & co, looked up once instead of on every call.
-Shapes: B batch, T new tokens, D hidden size.
+Shapes: B batch, T new tokens, D hidden size. On several processes (a model.parallel.Layout) each layer holds
+this rank's heads and experts only (model/parallel.py); without one, the whole layer.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.parallel import Layout
 
 CONV_TILE = 64  # time steps per tile of the causal conv (64 x 2048 channels x 4 bytes: 0.5 MB)
 
@@ -105,12 +107,17 @@ class GatedDeltaNet(nn.Module):
 
     x [B, T, D] -> in_proj -> [q k v | z | b | a]; q k v through a causal depthwise conv1d + SiLU;
     q, k [B, T, Hk, K] (l2-normalised in the kernel), v [B, T, Hv, V]; g = -exp(A_log) softplus(a + dt_bias),
-    beta = sigmoid(b); o = gated_delta_rule(...) [B, T, Hv, V]; gated RMSNorm with z; out_proj -> [B, T, D]."""
+    beta = sigmoid(b); o = gated_delta_rule(...) [B, T, Hv, V]; gated RMSNorm with z; out_proj -> [B, T, D].
+    With a layout: Hk, Hv are this rank's key and value heads (Layout.heads), the states hold those, and
+    out_proj's partial sums are added over the TP group."""
 
-    def __init__(self, cfg: ModelConfig, ops):
+    def __init__(self, cfg: ModelConfig, ops, layout: Layout | None = None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.layout = ops, layout
         self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        if layout is not None:
+            values, keys = layout.heads(self.Hv, self.Hk)
+            self.Hk, self.Hv = len(keys), len(values)
         self.K, self.V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.key_dim, self.value_dim = self.Hk * self.K, self.Hv * self.V
         self.conv_dim = 2 * self.key_dim + self.value_dim
@@ -194,7 +201,8 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             state.recurrent[:rows].copy_(final)
         o = self.norm(o, z.reshape(B, T, self.Hv, self.V))
-        return self.out_proj(o.reshape(B, T, self.value_dim))
+        out = self.out_proj(o.reshape(B, T, self.value_dim))
+        return out if self.layout is None else self.layout.reduce(out)
 
 
 def rotate_half(x):
@@ -207,12 +215,18 @@ class Attention(nn.Module):
 
     x [B, T, D] -> q_proj gives [q | gate] per head; q, k [.., Dh] get a zero-centred RMSNorm and rotary
     embedding on their first rotary_dim dims; o = attention(q, k, v) [B, T, Hq, Dh] (packed sequences by
-    cu_seqlens; against the cache's KV buffers by kv_lens); o * sigmoid(gate); o_proj -> [B, T, D]."""
+    cu_seqlens; against the cache's KV buffers by kv_lens); o * sigmoid(gate); o_proj -> [B, T, D].
+    With a layout: Hq, Hkv are this rank's query heads and the KV heads they read (Layout.heads: KV heads
+    replicated when there are fewer than the TP group's ranks), the KV buffers hold those, and o_proj's partial
+    sums are added over the TP group (its bias once, after)."""
 
-    def __init__(self, cfg: ModelConfig, ops):
+    def __init__(self, cfg: ModelConfig, ops, layout: Layout | None = None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.layout = ops, layout
         self.Hq, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if layout is not None:
+            queries, kv = layout.heads(self.Hq, self.Hkv)
+            self.Hq, self.Hkv = len(queries), len(kv)
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, 2 * self.Hq * self.Dh, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=bias)
@@ -239,7 +253,11 @@ class Attention(nn.Module):
         else:
             o = self.ops.attention(q, state.k[:B, :step.window], state.v[:B, :step.window], causal=True,
                                    kv_lens=step.kv_lens)
-        return self.o_proj(o.reshape(B, T, self.Hq * self.Dh) * torch.sigmoid(gate.reshape(B, T, -1)))
+        o = o.reshape(B, T, self.Hq * self.Dh) * torch.sigmoid(gate.reshape(B, T, -1))
+        if self.layout is None or self.layout.tp == 1:
+            return self.o_proj(o)
+        out = self.layout.reduce(F.linear(o, self.o_proj.weight))
+        return out if self.o_proj.bias is None else out + self.o_proj.bias
 
 
 def apply_rope(x, cos, sin):
@@ -251,14 +269,17 @@ def apply_rope(x, cos, sin):
 
 
 class Experts(nn.Module):
-    """E experts stored fused, as transformers does: gate_up_proj [E, 2I, D], down_proj [E, D, I]; after
-    quantize_fp8, float8_e4m3fn buffers with their 128 x 128 block scales gate_up_proj_scale, down_proj_scale."""
+    """E experts stored fused, as transformers does: gate_up_proj [E, 2I, D], down_proj [E, D, I] (this rank's
+    E / ep with a layout); after quantize_fp8, float8_e4m3fn buffers with their 128 x 128 block scales
+    gate_up_proj_scale, down_proj_scale."""
 
     fp8 = False
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None = None):
         super().__init__()
         E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        if layout is not None:
+            E = len(layout.experts(E))
         self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.zeros(E, D, I))
 
@@ -289,18 +310,26 @@ class SharedExpert(nn.Module):
 
 class SparseMoe(nn.Module):
     """x [N, D] -> top_k of E routed experts (softmax router, renormalised weights) plus a shared expert
-    scaled by sigmoid(shared_expert_gate(x)) -> [N, D]."""
+    scaled by sigmoid(shared_expert_gate(x)) -> [N, D]. With a layout: this rank's rows (Layout.rows) through
+    the replicated router and shared expert and the experts of its EP group (ops.moe is then moe_ep's call), then
+    every rank's rows gathered."""
 
-    def __init__(self, cfg: ModelConfig, ops):
+    def __init__(self, cfg: ModelConfig, ops, layout: Layout | None = None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.layout = ops, layout
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, layout)
         self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x):
+        if self.layout is None:
+            return self.mix(x)
+        return self.layout.gather(self.mix(x[self.layout.rows(x.shape[0])]), x.shape[0])
+
+    def mix(self, x):
+        """The layer on the rows x [n, D] -> [n, D]."""
         weights, ids = self.ops.route(self.gate(x), self.top_k)
         experts = self.experts
         if experts.fp8:
@@ -314,14 +343,14 @@ class SparseMoe(nn.Module):
 class DecoderLayer(nn.Module):
     """x + mixer(norm(x)), then + moe(norm(x)); the mixer is a GatedDeltaNet or an Attention layer."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, ops):
+    def __init__(self, cfg: ModelConfig, kind: str, ops, layout: Layout | None = None):
         super().__init__()
         self.kind = kind
         if kind == "linear_attention":
-            self.linear_attn = GatedDeltaNet(cfg, ops)
+            self.linear_attn = GatedDeltaNet(cfg, ops, layout)
         else:
-            self.self_attn = Attention(cfg, ops)
-        self.mlp = SparseMoe(cfg, ops)
+            self.self_attn = Attention(cfg, ops, layout)
+        self.mlp = SparseMoe(cfg, ops, layout)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -1,21 +1,26 @@
 """The Qwen3.5-MoE text decoder: embeddings, the layer stack of `layer_types`, final norm, LM head;
 a static cache (conv + recurrent state per Gated DeltaNet layer, KV buffers per attention layer, allocated once)
-and decoding of batches of prompts of any lengths (greedy, or sampled: model/sampling.py)."""
+and decoding of batches of prompts of any lengths (greedy, or sampled: model/sampling.py); on one process, or
+split over several by tensor and expert parallelism (model/parallel.py)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import kernels
 from kernels import registry
 from kernels.validate import STORED_STATE_DTYPES
 from model.config import ModelConfig
-from model import graph
+from model import graph, parallel
 from model.layers import DecoderLayer, RMSNorm, Step
+from model.parallel import Layout
 from model.sampling import Sampler
 from model.weights import read_checkpoint, to_lab_state_dict
 
@@ -78,15 +83,26 @@ class Cache:
 
 
 class Qwen35Moe(nn.Module):
-    """input_ids [B, T] -> logits [B, T, vocab]."""
+    """input_ids [B, T] -> logits [B, T, vocab].
 
-    def __init__(self, cfg: ModelConfig, backends: dict[str, str], state_dtype: torch.dtype | None = None):
+    layout: None (the whole model here), or this rank's place in a split over several processes
+    (model/parallel.py): its layers then hold its heads and experts, and every rank must make the same calls
+    (forward, generate, stream) with the same arguments; they raise together when one rank's differ."""
+
+    def __init__(self, cfg: ModelConfig, backends: dict[str, str], state_dtype: torch.dtype | None = None,
+                 layout: Layout | None = None):
         super().__init__()
         self.config = cfg
         self.backends = backends
+        self.layout = layout
         ops = SimpleNamespace(**{op: kernels.get(op, name) for op, name in backends.items()})
+        if layout is not None and layout.ep > 1:  # the experts of the EP group, on the moe backend chosen
+            from kernels.distributed import moe_ep
+
+            ops.moe = functools.partial(moe_ep, group=layout.ep_group, backend=backends["moe"],
+                                        num_experts=cfg.num_experts)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, kind, ops) for kind in cfg.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kind, ops, layout) for kind in cfg.layer_types)
         for layer in self.layers:
             if layer.kind == "linear_attention":
                 layer.linear_attn.state_dtype = state_dtype
@@ -113,7 +129,21 @@ class Qwen35Moe(nn.Module):
                      torch.zeros(batch, dtype=torch.int32, device=device), max_len)
 
     def step(self, B: int, T: int, cache: Cache | None, cu_seqlens: torch.Tensor | None) -> Step:
-        """The Step of T new tokens in each of B rows (or N packed sequences, B = 1) continuing `cache`."""
+        """The Step of T new tokens in each of B rows (or N packed sequences, B = 1) continuing `cache`. With a
+        layout, every rank checks with the others that they run the same shapes (raise_together)."""
+        if self.layout is None:
+            return self._step(B, T, cache, cu_seqlens)
+        step, error = None, None
+        try:
+            step = self._step(B, T, cache, cu_seqlens)
+        except ValueError as e:
+            error = e
+        packed = None if not isinstance(cu_seqlens, torch.Tensor) else cu_seqlens.tolist()
+        parallel.raise_together(error, {"input_ids' shape": (B, T), "cu_seqlens": packed,
+                                        "the cache's lengths": None if cache is None else cache.host_lengths[:B]})
+        return step
+
+    def _step(self, B: int, T: int, cache: Cache | None, cu_seqlens: torch.Tensor | None) -> Step:
         device = self.embed_tokens.weight.device
         arange = torch.arange(T, device=device)
         if cu_seqlens is not None:
@@ -152,12 +182,14 @@ class Qwen35Moe(nn.Module):
 
     def forward(self, input_ids, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None):
         """input_ids [B, T] (or [1, T] of packed sequences with cu_seqlens) -> logits [B, T, vocab]. Without a
-        cache it is differentiable (training: gradients through the ops' backends, which need a backward); with
-        one it decodes, under inference_mode."""
+        cache it is differentiable (training: gradients through the ops' backends, which need a backward), on one
+        process (with a layout it runs without gradients: the collectives are outside autograd); with one it
+        decodes, under inference_mode."""
         if cache is not None:
             with torch.inference_mode():
                 return self.lm_head(self.hidden_states(input_ids, cache, cu_seqlens))
-        return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens))
+        with torch.no_grad() if self.layout is not None else contextlib.nullcontext():
+            return self.lm_head(self.hidden_states(input_ids, None, cu_seqlens))
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature: float = 0.0,
@@ -195,16 +227,22 @@ class Qwen35Moe(nn.Module):
         (a list of 1-D token sequences): one prefill, then decode steps on the sequences still going. A sequence
         stops after its own max_new_tokens (an int, or one per prompt) or at eos_token_id (an int or a list);
         the others go on in a batch without it. cuda_graph: the decode step replays a CUDA graph (model.graph)."""
-        prompts = _check_prompts(prompts, self.config.vocab_size)
-        budgets = _check_budgets(max_new_tokens, len(prompts))
-        stops = _check_eos(eos_token_id, self.config.vocab_size)
-        sampler = Sampler(temperature, top_k, top_p, seed, self.embed_tokens.weight.device)
+        if self.layout is None:
+            prompts, budgets, stops, sampler = self._check_stream(prompts, max_new_tokens, eos_token_id, temperature,
+                                                                  top_k, top_p, seed, cuda_graph)
+        else:  # every rank checks its arguments, then all raise if one rank's are bad or differ
+            checked, error = None, None
+            try:
+                checked = self._check_stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
+                                             cuda_graph)
+            except ValueError as e:
+                error = e
+            agreed = {} if checked is None else {"prompts": parallel.fingerprint(checked[0]),
+                                                 "max_new_tokens": checked[1], "eos_token_id": sorted(checked[2]),
+                                                 "sampling": (temperature, top_k, top_p, seed)}
+            parallel.raise_together(error, agreed)
+            prompts, budgets, stops, sampler = checked
         longest = max(len(p) + n for p, n in zip(prompts, budgets))
-        if longest > self.config.max_position_embeddings:
-            worst = max(range(len(prompts)), key=lambda i: len(prompts[i]) + budgets[i])
-            raise ValueError(f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens "
-                             f"{budgets[worst]} it needs {longest} positions, more than the model's "
-                             f"max_position_embeddings {self.config.max_position_embeddings}")
         active = [i for i in range(len(prompts)) if budgets[i] > 0]
         if not active:
             return
@@ -214,6 +252,8 @@ class Qwen35Moe(nn.Module):
         made = [0] * len(prompts)
         while True:
             tokens = sampler(logits)  # [rows]
+            if self.layout is not None:  # the ranks' logits agree; rank 0's tokens make sure their decisions do
+                dist.broadcast(tokens, src=0)
             going = []
             for row, (index, token) in enumerate(zip(active, tokens.tolist())):
                 made[index] += 1
@@ -226,6 +266,23 @@ class Qwen35Moe(nn.Module):
                 cache.keep(going)
                 active, tokens = [active[r] for r in going], tokens[going]
             logits = decode(tokens) if decode else self.lm_head(self.hidden_states(tokens[:, None], cache)[:, -1])
+
+    def _check_stream(self, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed, cuda_graph):
+        """stream's arguments checked: (prompts, budgets, stop ids, Sampler); ValueError naming the bad one."""
+        prompts = _check_prompts(prompts, self.config.vocab_size)
+        budgets = _check_budgets(max_new_tokens, len(prompts))
+        stops = _check_eos(eos_token_id, self.config.vocab_size)
+        if cuda_graph and self.layout is not None:
+            raise ValueError("cuda_graph: a decode step is captured on one process only (moe_ep reads its split "
+                             "sizes on the host)")
+        sampler = Sampler(temperature, top_k, top_p, seed, self.embed_tokens.weight.device)
+        longest = max(len(p) + n for p, n in zip(prompts, budgets))
+        if longest > self.config.max_position_embeddings:
+            worst = max(range(len(prompts)), key=lambda i: len(prompts[i]) + budgets[i])
+            raise ValueError(f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens "
+                             f"{budgets[worst]} it needs {longest} positions, more than the model's "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        return prompts, budgets, stops, sampler
 
     @torch.inference_mode()
     def prefill_logits(self, prompts: list[torch.Tensor], cache: Cache) -> torch.Tensor:
@@ -318,29 +375,67 @@ def _first(eos_token_id) -> int:
 
 def from_pretrained(path: str | Path, backend: str | dict = "auto", dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None, state_dtype: torch.dtype | str | None = None,
-                    fp8_experts: bool = False) -> Qwen35Moe:
+                    fp8_experts: bool = False, tp: int = 1, ep: int = 1) -> Qwen35Moe:
     """Load a Hugging Face Qwen3.5-MoE text checkpoint folder (config.json + safetensors).
 
     backend: a backend name for every op that has it, or {op: name} (ops: gated_delta_rule, attention,
     route, moe; moe_fp8 with fp8_experts). dtype: None keeps the checkpoint's. device: default cpu.
     state_dtype: the Gated DeltaNet layers' recurrent state in the cache (float32, bfloat16, float16; None:
     float32), as the gated delta rule's state_dtype. fp8_experts: the routed experts' weights quantized to
-    float8_e4m3fn with 128 x 128 block scales at load, run by moe_fp8."""
+    float8_e4m3fn with 128 x 128 block scales at load, run by moe_fp8 (with ep = 1: moe_ep runs moe).
+    tp, ep: the tensor- and expert-parallel sizes over the processes of the initialised torch.distributed world
+    (model/parallel.py; each divides the world size): every rank must call from_pretrained, reads only its shard
+    of the checkpoint and gets a model holding its heads and experts. tp = ep = 1: the whole model, on this
+    process alone. With tp or ep > 1, a bad argument or checkpoint on any rank raises on every rank."""
+    if tp == 1 and ep == 1:
+        return _load(path, backend, dtype, device, state_dtype, fp8_experts, None)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"tp = {tp}, ep = {ep}: needs torch.distributed initialised (init_process_group, or "
+                           f"torchrun) on every rank first")
+    error = None
+    try:  # the arguments and the config, before any weight is read
+        cfg = ModelConfig.from_folder(_folder(path))
+        if (problem := parallel.layout_problem(cfg, tp, ep, dist.get_world_size())) is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+        if fp8_experts and ep > 1:
+            raise ValueError(f"fp8_experts: the experts of an EP group run moe (moe_ep), not moe_fp8; needs ep = 1, "
+                             f"got ep = {ep}")
+    except (ValueError, FileNotFoundError) as e:
+        error = e
+    parallel.raise_together(error, {"tp": tp, "ep": ep, "backend": backend, "dtype": str(dtype),
+                                    "state_dtype": str(state_dtype), "fp8_experts": fp8_experts})
+    layout = Layout.create(tp, ep)
+    m, error = None, None
+    try:
+        m = _load(path, backend, dtype, device, state_dtype, fp8_experts, layout)
+    except Exception as e:  # noqa: BLE001 (whatever stops one rank's load stops every rank's)
+        error = e
+    parallel.raise_together(error)
+    return m
+
+
+def _folder(path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    return path
+
+
+def _load(path, backend, dtype, device, state_dtype, fp8_experts: bool, layout: Layout | None) -> Qwen35Moe:
+    """from_pretrained's load, of this rank's shard when a layout is given."""
+    path = _folder(path)
     device = torch.device(device or "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state_dtype = getattr(torch, state_dtype, state_dtype) if isinstance(state_dtype, str) else state_dtype
     if state_dtype is not None and state_dtype not in STORED_STATE_DTYPES:
         raise ValueError(f"state_dtype must be None or one of float32, bfloat16, float16, got {state_dtype!r}")
     cfg = ModelConfig.from_folder(path)
-    tensors = read_checkpoint(path, cfg, dtype=dtype, device=device)
+    tensors = read_checkpoint(path, cfg, dtype=dtype, device=device, layout=layout)
     if dtype is None:
         dtype = tensors["model.embed_tokens.weight"].dtype
     ops = OPS + (("moe_fp8",) if fp8_experts else ())
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
-        m = Qwen35Moe(cfg, resolve_backends(backend, device, ops), state_dtype)
+        m = Qwen35Moe(cfg, resolve_backends(backend, device, ops), state_dtype, layout)
     m.load_state_dict({k: v.to(dtype) for k, v in to_lab_state_dict(tensors, cfg).items()}, strict=True, assign=True)
     if fp8_experts:
         for layer in m.layers:

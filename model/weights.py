@@ -1,6 +1,7 @@
 """Loading a Hugging Face Qwen3.5-MoE checkpoint: safetensors only (no pickle), one file or shards with
 model.safetensors.index.json. Tensors are checked by name and shape against the config, then renamed to
-the lab model's parameters (a few projections fused so each runs as one GEMM)."""
+the lab model's parameters (a few projections fused so each runs as one GEMM). On several processes each rank
+reads only its shard (model.parallel.checkpoint_slice) through safetensors' lazy slices."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from model import parallel
 from model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -85,13 +87,17 @@ def _shard_files(folder: Path) -> dict[str, Path]:
 
 
 def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                    device: str | torch.device = "cpu", layout: parallel.Layout | None = None
+                    ) -> dict[str, torch.Tensor]:
     """The text model's tensors by transformers' name, checked against `checkpoint_shapes(cfg)`.
 
     Per-expert tensors (experts.{e}.gate_proj/up_proj/down_proj) are stacked into the fused
-    gate_up_proj [E, 2I, D] and down_proj [E, D, I] that transformers uses."""
+    gate_up_proj [E, 2I, D] and down_proj [E, D, I] that transformers uses. With a layout, this rank's part of
+    each tensor (model.parallel.checkpoint_slice: its heads' rows or columns, its experts), read from the file
+    through get_slice: nothing else leaves it; the file's full shapes are checked first."""
     folder = Path(folder)
     files = _shard_files(folder)
+    expected = checkpoint_shapes(cfg)
     tensors, origin = {}, {}
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
@@ -106,25 +112,34 @@ def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | N
                 for old, new in PREFIXES:
                     if target.startswith(old):
                         target = new + target[len(old):]
-                if IGNORED.match(target):
+                if IGNORED.match(target) or (layout is not None and cfg.tie_word_embeddings
+                                             and target == "lm_head.weight"):  # a tied copy: not read on ranks
                     continue
-                t = f.get_tensor(name)
+                if layout is None:
+                    t = f.get_tensor(name)
+                else:
+                    t = _read_shard(f, name, target, expected, cfg, layout)
+                    if t is None:
+                        continue
                 if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                     t = t.to(dtype)
                 elif t.data_ptr() % ALIGNMENT:
                     t = t.clone()
                 tensors[target] = t
                 origin[target] = path.name
-    _stack_experts(tensors, cfg)
-    expected = checkpoint_shapes(cfg)
+    _stack_experts(tensors, cfg, range(cfg.num_experts) if layout is None else layout.experts(cfg.num_experts))
+    if layout is not None:  # this rank's shapes
+        expected = {name: parallel.local_shape(shape, parallel.checkpoint_slice(name, cfg, layout))
+                    for name, shape in expected.items()}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # a tied copy, when saved
+    mine = "" if layout is None else " (this rank's shard)"
     for name, shape in expected.items():
         if name not in tensors:
             raise ValueError(f"checkpoint {folder} has no tensor {name!r}")
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"tensor {name!r} in {origin.get(name, folder)} has shape {tuple(tensors[name].shape)},"
-                             f" expected {shape} from config.json")
+                             f" expected {shape} from config.json{mine}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ValueError(f"checkpoint {folder} holds tensors this config does not use: {unexpected[:5]}"
@@ -132,7 +147,21 @@ def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | N
     return tensors
 
 
-def _stack_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+def _read_shard(f, name: str, target: str, expected: dict, cfg: ModelConfig, layout: parallel.Layout):
+    """This rank's part of tensor `name` (`target` once renamed) of the open file f, or None when it holds none;
+    ValueError when the file's full shape is not the config's."""
+    part = f.get_slice(name)
+    shape = tuple(part.get_shape())
+    if target in expected and shape != expected[target]:
+        raise ValueError(f"tensor {target!r} has shape {shape}, expected {expected[target]} from config.json")
+    selection = parallel.checkpoint_slice(target, cfg, layout)
+    if selection is None:
+        return f.get_tensor(name)
+    return parallel.read_slice(part, selection) if selection[1] else None
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig, experts: range) -> None:
+    """Per-expert tensors of `experts` (all of them, or a rank's) stacked, in place."""
     groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     for name in [n for n in tensors if PER_EXPERT.match(n)]:
         prefix, expert, kind = PER_EXPERT.match(name).groups()
@@ -140,10 +169,10 @@ def _stack_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     for prefix, kinds in groups.items():
         def stack(kind):
             found = kinds.get(kind, {})
-            missing = [e for e in range(cfg.num_experts) if e not in found]
+            missing = [e for e in experts if e not in found]
             if missing:
                 raise ValueError(f"checkpoint has no tensor {prefix}.{missing[0]}.{kind}.weight")
-            return torch.stack([found[e] for e in range(cfg.num_experts)])
+            return torch.stack([found[e] for e in experts])
         tensors[prefix + ".gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
         tensors[prefix + ".down_proj"] = stack("down_proj")
 

@@ -155,3 +155,61 @@ def bad_packed_inputs(args):
         ("cu_seqlens_float", dict(cu_seqlens=torch.tensor([0.0, T])), "cu_seqlens must have dtype"),
         ("state_count", dict(initial_state=args["initial_state"][:2]), "initial_state must have shape"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------- spawned worlds
+def world_fixtures(run, needs=()):
+    """The fixtures of a test module that runs its cases on spawned torch.distributed worlds of 2 and 4 processes:
+    `world2, world4, world = world_fixtures(run)`. run(size, seed, *the values of the fixtures named in needs) ->
+    {case: [result of rank 0, 1, ...]} (a result holding "error" fails its tests). world2 / world4: module-scoped,
+    (seed, run's result), the seed --seed's or a fresh one (printed); world: (size, seed, run's result) of both
+    sizes in turn. Tests read a case's results with `ranks`."""
+    import secrets
+
+    def sized(size):
+        @pytest.fixture(scope="module")
+        def fixture(request):
+            seed = request.config.getoption("--seed")
+            seed = secrets.randbelow(2**31) if seed is None else seed
+            print(f"world {size}: seed={seed}")
+            return seed, run(size, seed, *(request.getfixturevalue(name) for name in needs))
+        return fixture
+
+    @pytest.fixture(params=[2, 4], ids=["world2", "world4"])
+    def world(request):
+        seed, found = request.getfixturevalue(f"world{request.param}")
+        return request.param, seed, found
+    return sized(2), sized(4), world
+
+
+def ranks(world, case):
+    """(case's per-rank results, seed) of a `world` fixture's value; fails with a rank's error if it has one."""
+    size, seed, found = world
+    per_rank = found[case]
+    for rank, result in enumerate(per_rank):
+        assert "error" not in result, f"{case}, rank {rank} of {size} (seed={seed}):\n{result['error']}"
+    return per_rank, seed
+
+
+def raises(call):
+    """(exception type name, message) of call(), or ("none", "") when it returns: what a rank raised, for a test
+    that compares every rank's."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 (the test compares what every rank raised)
+        return type(error).__name__, str(error)
+    return "none", ""
+
+
+def assert_raised_everywhere(per_rank, bad, kind, pattern, seed):
+    """Every rank's result[bad] (raises' (type name, message)): the same message on every rank, of type `kind`,
+    matching the regular expression `pattern`."""
+    import re
+
+    messages = {result[bad][1] for result in per_rank}
+    assert len(messages) == 1, f"{bad}: the ranks raised different errors: {[r[bad] for r in per_rank]} (seed={seed})"
+    for rank, result in enumerate(per_rank):
+        raised, message = result[bad]
+        assert raised == kind and re.search(pattern, message), \
+            f"{bad}, rank {rank} of {len(per_rank)}: raised {raised}: {message!r}, expected {kind} matching " \
+            f"{pattern!r} (seed={seed})"

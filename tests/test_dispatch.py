@@ -30,8 +30,22 @@ OWN_COLUMNS = ["world", "part", "transport", "bytes", "gbps", "bytes_per_token",
                "vs_one_process", "rel_err", "load", "cores"]
 
 
+MODEL_WORLDS = (1, 2)  # the model part's worlds here (4 processes more would cost seconds each)
+
+
 def _tiny(monkeypatch):
     monkeypatch.setitem(ops.OPS, OP, dataclasses.replace(ops.OPS[OP], grid=lambda scale: TINY, presets=lambda s: []))
+    monkeypatch.setattr(dispatch, "MODEL_WORLDS", MODEL_WORLDS)
+
+
+def _model_keys():
+    from model.generate import SMALL_CONFIG
+
+    run = dispatch.MODEL_RUN[True]
+    shape = dict(N=run["batch"] * run["prompt"], D=SMALL_CONFIG["hidden_size"], E=SMALL_CONFIG["num_experts"],
+                 I=SMALL_CONFIG["moe_intermediate_size"], top_k=SMALL_CONFIG["num_experts_per_tok"],
+                 routing=dispatch.MODEL)
+    return [f"{ops.Case(OP, dict(world=world) | shape).key},part={dispatch.MODEL}" for world in MODEL_WORLDS]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +68,7 @@ def test_sweep_end_to_end(swept):
     expected = {(f"{key},part={part}", "gloo" if part == "all_to_all" else backend)
                 for key in TINY_KEYS for part in parts for backend in ("torch", "reference")}
     expected |= {(f"{key},part={dispatch.FIRST_TOUCH}", "torch") for key in TINY_KEYS}
+    expected |= {(key, "torch") for key in _model_keys()}  # the model on the first --backend
     found = set(zip(rows["shape"], rows["backend"]))
     assert found == expected, found ^ expected
     assert rows["error"].fillna("").eq("").all(), rows.loc[rows["error"].fillna("") != "", ["shape", "error"]]
@@ -83,6 +98,19 @@ def test_sweep_end_to_end(swept):
     assert f"## {OP}" in readme and "#### Projection: Qwen3.5-397B-A17B" in readme
     assert "\n| 8 | 4096 |" in readme and "- - " not in readme and "|." not in readme
     assert f"![{OP}_projection]({OP}_projection.png)" in readme
+
+
+def test_model_rows(swept):
+    """The model on 1 and 2 processes (tp = ep = W): its tokens/s, and tokens identical to one process's (else the
+    row would hold an error, which test_sweep_end_to_end refuses); the report's line."""
+    out, frame = swept
+    model = frame[frame["part"] == dispatch.MODEL].sort_values("world")
+    assert list(model["world"]) == list(MODEL_WORLDS) and list(model["shape"]) == _model_keys()
+    assert (model["tokens_per_s"] > 0).all() and (model["decode_tokens_per_s"] > 0).all()
+    assert (model["prefill_ms"] < model["median_ms"]).all() and (model["vs_one_process"] > 0).all()
+    assert list(model["transport"].fillna("")) == ["", "gloo"]
+    readme = (out / "README.md").read_text()
+    assert "the model on several processes" in readme and "2 ranks:" in readme and "identical" in readme
 
 
 def test_measured_bytes_are_the_routed_slots(swept):

@@ -8,8 +8,6 @@ that outlives its deadline is killed and its unfinished cases fail: nothing hang
 """
 import os
 import queue
-import re
-import secrets
 import socket
 import time
 import traceback
@@ -23,7 +21,8 @@ import torch.multiprocessing as mp
 import kernels
 from bench import inputs
 from kernels import registry
-from tests.helpers import lab_backends, poisoned_allocations, rel_err, snapshot, tolerance
+from tests.helpers import (assert_raised_everywhere, lab_backends, poisoned_allocations, raises, ranks, rel_err,
+                           snapshot, tolerance, world_fixtures)
 
 # A collective stuck longer than this raises in the worker; a world older than WORLD_DEADLINE is killed.
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
@@ -151,15 +150,6 @@ def case_backends(world, rank, seed):
     return found
 
 
-def _raises(call):
-    """(exception type name, message) of call(), or ("none", "") when it returns."""
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001 (the test compares what every rank raised)
-        return type(error).__name__, str(error)
-    return "none", ""
-
-
 def case_bad_inputs(world, rank, seed):
     """Each bad input on ONE rank (the last one; rank 0 for wrong weights): what every rank raised. Then a good
     call, to show the world is still usable."""
@@ -186,8 +176,8 @@ def case_bad_inputs(world, rank, seed):
                                    for k, v in good.items()}),
         "backend": lambda: moe_ep(**good, backend="no_such_backend" if last else "torch"),
     }
-    raised = {name: _raises(call) for name, call in cases.items()}
-    raised["after"] = _raises(lambda: moe_ep(**good))
+    raised = {name: raises(call) for name, call in cases.items()}
+    raised["after"] = raises(lambda: moe_ep(**good))
     return raised
 
 
@@ -260,33 +250,7 @@ def _run_world(world, seed):
     return found
 
 
-def _world_fixture(world):
-    @pytest.fixture(scope="module")
-    def fixture(request):
-        seed = request.config.getoption("--seed")
-        seed = secrets.randbelow(2**31) if seed is None else seed
-        print(f"world {world}: seed={seed}")
-        return seed, _run_world(world, seed)
-    return fixture
-
-
-world2 = _world_fixture(2)
-world4 = _world_fixture(4)
-
-
-@pytest.fixture(params=[2, 4], ids=["world2", "world4"])
-def world(request):
-    """(size, seed, {case: per-rank results}) of the world of that size (spawned once per module)."""
-    seed, found = request.getfixturevalue(f"world{request.param}")
-    return request.param, seed, found
-
-
-def _ranks(world, case):
-    size, seed, found = world
-    per_rank = found[case]
-    for rank, result in enumerate(per_rank):
-        assert "error" not in result, f"{case}, rank {rank} of {size} (seed={seed}):\n{result['error']}"
-    return per_rank, seed
+world2, world4, world = world_fixtures(_run_world)
 
 
 def _check_parity(result, what, seed, dtype=torch.float32):
@@ -302,13 +266,13 @@ def _check_parity(result, what, seed, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------- the tests
 @pytest.mark.parametrize("case", ["uniform", "skewed", "no_local_tokens", "all_experts", "dropped"])
 def test_moe_ep_matches_moe(world, case):
-    per_rank, seed = _ranks(world, case)
+    per_rank, seed = ranks(world, case)
     for rank, result in enumerate(per_rank):
         _check_parity(result, f"{case}, rank {rank} of {world[0]}", seed)
 
 
 def test_moe_ep_bfloat16(world2):
-    per_rank, seed = _ranks((2, *world2), "bfloat16")
+    per_rank, seed = ranks((2, *world2), "bfloat16")
     for rank, result in enumerate(per_rank):
         _check_parity(result, f"bfloat16, rank {rank}", seed, torch.bfloat16)
 
@@ -316,7 +280,7 @@ def test_moe_ep_bfloat16(world2):
 def test_rank_without_rows(world):
     """No slot goes to the last rank's experts: it receives no rows, every rank still gets moe's result; each
     rank sends exactly its routed slots (-1 slots stay home) and receives exactly the slots on its experts."""
-    per_rank, seed = _ranks(world, "halves_no_rows")
+    per_rank, seed = ranks(world, "halves_no_rows")
     size = world[0]
     assert per_rank[-1]["received"] == 0, f"the last rank received {per_rank[-1]['received']} rows (seed={seed})"
     assert all(r["send_splits"][-1] == 0 for r in per_rank), f"rows sent to the last rank (seed={seed})"
@@ -331,7 +295,7 @@ def test_rank_without_rows(world):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_local_backends(world2, backend):
     """backend as one rank's local experts (the other rank ran another): both ranks get moe's result."""
-    per_rank, seed = _ranks((2, *world2), "backends")
+    per_rank, seed = ranks((2, *world2), "backends")
     for rank, result in enumerate(per_rank):
         _check_parity(result[backend], f"local backends {result[backend]['ranks']}, rank {rank}", seed)
 
@@ -352,15 +316,10 @@ BAD = {
 def test_bad_input_on_one_rank_raises_everywhere(world, bad):
     """A bad input on one rank: every rank raises the same error naming the argument, none hangs; the world
     then still runs a good call."""
-    per_rank, seed = _ranks(world, "bad_inputs")
+    per_rank, seed = ranks(world, "bad_inputs")
     size = world[0]
     kind, pattern = BAD[bad]
     pattern = pattern.format(E=2 * size, last=size - 1, E_plus=2 * size + 1, E_minus=2 * size - 1)
-    messages = {result[bad][1] for result in per_rank}
-    assert len(messages) == 1, f"{bad}: the ranks raised different errors: {[r[bad] for r in per_rank]} (seed={seed})"
+    assert_raised_everywhere(per_rank, bad, kind, pattern, seed)
     for rank, result in enumerate(per_rank):
-        raised, message = result[bad]
-        assert raised == kind and re.search(pattern, message), \
-            f"{bad}, rank {rank} of {size}: raised {raised}: {message!r}, expected {kind} matching {pattern!r} " \
-            f"(seed={seed})"
         assert result["after"] == ("none", ""), f"rank {rank}: the good call after the bad ones: {result['after']}"
