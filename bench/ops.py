@@ -103,6 +103,8 @@ class OpSpec:
                  row "|...").
     table:       "module:function" of the markdown table of such an op's rows (default: every column that has a
                  value, one line per row).
+    swept_with:  the op whose sweep this one joins in gpu_check's run (one sweep of both: their ratio measured in one
+                 run, and one share of the run's time).
     """
 
     name: str
@@ -127,6 +129,7 @@ class OpSpec:
     backend_ops: tuple[str, ...] = ()
     summary: str | None = None
     table: str | None = None
+    swept_with: str | None = None
 
     @property
     def registry(self) -> bool:
@@ -462,6 +465,7 @@ MOE = OpSpec(
 # models of their bf16 counterparts (bench.cost reads the weights' element size: 1 byte).
 GROUPED_GEMM_FP8 = replace(
     GROUPED_GEMM, name="grouped_gemm_fp8", backward_cost=None, backward_flop_model="",  # inference only
+    swept_with="grouped_gemm",
     anchors=(Anchor("DeepGEMM fp8 grouped contiguous GEMM (prefill)", "TFLOP/s", "1214 to 1346", "H800", "DeepGEMM",
                     best="tflops"),
              Anchor("DeepGEMM fp8 grouped masked GEMM (decode)", "TFLOP/s", "815 to 1233", "H800", "DeepGEMM",
@@ -469,6 +473,7 @@ GROUPED_GEMM_FP8 = replace(
     flop_model="2 M K Nout FLOPs (M routed rows); bytes: the fp8 weights (1 byte) of the active experts.")
 MOE_FP8 = replace(
     MOE, name="moe_fp8", check_head=None, backward_cost=None, backward_flop_model="",  # inference only
+    swept_with="moe",
     targets=(Target("fp8 MoE layer, Qwen3.5-35B shape, N = 4096 (GPU, bfloat16 activations): at least 1.6x the "
                     "bf16 layer's TFLOP/s", "op", 1.6,
                     dict(device="cuda", dtype="bfloat16", N=4096, D=2048, E=256, I=512, top_k=8, routing="uniform"),

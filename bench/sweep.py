@@ -488,17 +488,17 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
 # Columns of text: read as text (a commit hash like 0501666 is no int), "" where empty.
 TEXT_COLUMNS = ("op", "backend", "device", "device_name", "dtype", "shape", "preset", *CATEGORICAL_AXES,
                 "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp", "peer",
-                "variant", "phase", "how", "transport", "part")
+                "variant", "phase", "how", "transport", "part", "pass")
 
 
 def read_results(source) -> pd.DataFrame:
-    """A results CSV (a path or a file object) with its text columns as text ("" for empty) and the rest
-    parsed as numbers."""
+    """A results CSV (a path or a file object) with its text columns as text ("" for empty), the rest parsed as
+    numbers, and its pass column (forward where a row has none)."""
     frame = pd.read_csv(source, keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT_COLUMNS})
     for column in TEXT_COLUMNS:
         if column in frame:
             frame[column] = text_column(frame[column])
-    return frame
+    return with_pass(frame)
 
 
 def text_column(values: pd.Series) -> list[str]:
@@ -511,7 +511,7 @@ def merge(path: Path, rows: list[dict]) -> pd.DataFrame:
     all others kept; speedups recomputed over the whole table."""
     new = with_pass(pd.DataFrame(rows))
     if path.exists():
-        old = with_pass(read_results(path))
+        old = read_results(path)
         keys = set(map(tuple, new[KEY].astype(str).values)) if len(new) else set()
         keep = [tuple(k) not in keys for k in old[KEY].astype(str).values]
         new = pd.concat([old[keep], new], ignore_index=True) if len(new) else old

@@ -21,6 +21,14 @@ VOCAB = SMALL_CONFIG["vocab_size"]
 LENGTHS = [5, 70, 1, 33]  # unequal, one of length 1, one past a 64-token chunk
 
 
+@pytest.fixture(autouse=True)
+def _inference():
+    """Inference tests: outside generate the model's forward is differentiable, and most backends have no
+    backward."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", seed=4321)

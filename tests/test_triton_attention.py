@@ -151,11 +151,12 @@ def test_chunked_path_does_not_synchronise(seed):
                        seed=seed, device=DEVICE)
     scale = SMALL["K"] ** -0.5
     with NoHostSync():
-        o, final = tg.gated_delta_rule(**args, scale=scale, mode="chunk")
+        o, final = tg.gated_delta_rule(**args, scale=scale, mode="chunk", state_dtype=torch.float32)
         layout = _chunk.prepare_chunk_layout(args["cu_seqlens"], args["q"].shape[1])
-        o2, final2 = tg.gated_delta_rule(**args, scale=scale, mode="chunk", chunk_layout=layout)
+        o2, final2 = tg.gated_delta_rule(**args, scale=scale, mode="chunk", state_dtype=torch.float32,
+                                         chunk_layout=layout)
         o3, _ = tla.linear_attention(args["q"], args["k"], args["v"][:, :, :1], args["g"][:, :, :1], scale, None,
-                                     False, args["cu_seqlens"], "chunk")
+                                     False, args["cu_seqlens"], "chunk", torch.float32)
     assert torch.equal(o, o2) and torch.equal(final, final2)
     ref_o, _ = kernels.gated_delta_rule(**to_float64(args), backend="reference")
     assert_close(o, ref_o, torch.float32, "o", seed)

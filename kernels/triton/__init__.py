@@ -103,4 +103,6 @@ BACKENDS = batch_variant(BACKENDS, {
     "moe": "under TRITON_INTERPRET=1 the tile products are NumPy matmuls, which round a row by its position in the "
            "tile, and a token alone sits in another row of its expert's block than in a batch; on a GPU (not "
            "measured) the decode (N <= 64, BLOCK_M 16) and prefill paths also take different tiles (GEMM_CONFIGS)",
+    "moe_fp8": "as moe: under TRITON_INTERPRET=1 a token's row of its expert's block rounds by its position in the "
+               "tile; on a GPU (not measured) decode (16-row) and prefill (64/128-row) tiles differ",
 })
