@@ -31,14 +31,14 @@ _NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
 CHUNK_SIZE = 16
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _decay(log_decay):
     """exp(x) for a log decay x <= 0, exactly 0 below LOG_DECAY_FLOOR, as kernels.torch.linear_attention.decay_exp_
     (no subnormal numbers downstream)."""
     return 0.0 if log_decay < LOG_DECAY_FLOOR else math.exp(min(log_decay, 0.0))
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _gemm(chars, ints, floats, transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Row-major C [m, n] = alpha op(A) op(B) + beta C, op(X) = X^T when transpose_x (A [k, m], B [n, k] then),
     float32 pointers with row strides. The column-major sgemm sees each row-major matrix transposed: it is asked
@@ -52,7 +52,7 @@ def _gemm(chars, ints, floats, transpose_a, transpose_b, m, n, k, alpha, a, lda,
            floats[1:].ctypes.data, c, ints[5:].ctypes.data)
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _solve_unit_lower(chars, ints, floats, m, n, a, lda, b, ldb, transpose):
     """B [m, n] = A^-1 B (A^-T B when transpose) in place for A [m, m] unit lower triangular (only its strict
     lower triangle is read), row-major float32 pointers with row strides. The column-major strsm sees B^T and A^T
@@ -66,7 +66,7 @@ def _solve_unit_lower(chars, ints, floats, m, n, a, lda, b, ldb, transpose):
            ints[3:].ctypes.data)
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _scaled_rows(dst, src, t0, c, head, factor, l2norm):
     """dst[i] = src[t0 + i, head] * factor (over its l2 norm when l2norm) for i < c."""
     for i in range(c):
@@ -196,7 +196,17 @@ def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm=Fa
 STATE_GROUP = 8
 
 
-@numba.njit(inline="always")
+@numba.njit
+def _copy_states(dst, src):
+    """dst[...] = src for [G, K, V] states, as loops: numba's array assignment compiles its shape check's error
+    message, a fifth of this module's compile time."""
+    for h in range(src.shape[0]):
+        for d in range(src.shape[1]):
+            for e in range(src.shape[2]):
+                dst[h, d, e] = src[h, d, e]
+
+
+@numba.njit
 def _chunk_decays(g, t0, c, h, gcum, gamma, tail):
     """gcum (cumulative log decay), gamma = exp(gcum) and tail = exp(gcum_c - gcum) of chunk rows t0 .. t0 + c
     and value head h."""
@@ -209,7 +219,7 @@ def _chunk_decays(g, t0, c, h, gcum, gamma, tail):
         tail[i] = _decay(gcum[c - 1] - gcum[i])
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _advance(chars, ints, floats, R, KK, X, L, decayed_k, gcum, gamma, tail, v, g, beta, u, S, t0, c, h, chunk,
              solve):
     """S = gamma_C S + Kd^T v_new in place for chunk rows t0 .. t0 + c and value head h (R[:c] its keys, KK their
@@ -234,7 +244,7 @@ def _advance(chars, ints, floats, R, KK, X, L, decayed_k, gcum, gamma, tail, v, 
           gamma[c - 1], S.ctypes.data, V)
 
 
-@numba.njit(fastmath=True)
+@numba.njit
 def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_state, u, dq, dk, dv, dg, dbeta, hk,
                                 chunk, group, scale, qk_l2norm, delta_rule):
     """The gradients of one sequence (rows start .. start + length) and key head hk with its value heads.
@@ -281,7 +291,7 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
         t0 = start + n * C
         c = min(C, start + length - t0)
         if n % group == 0:
-            checkpoints[n // group] = heads
+            _copy_states(checkpoints[n // group], heads)
         _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
         if delta_rule:
             _gemm(chars, ints, floats, False, True, c, c, K, 1.0, R.ctypes.data, K, R.ctypes.data, K, 0.0,
@@ -294,12 +304,12 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
     for grp in range(num_groups - 1, -1, -1):
         first = grp * group
         last = min(num_chunks, first + group)
-        states[0] = checkpoints[grp]
+        _copy_states(states[0], checkpoints[grp])
         for n in range(first, last - 1):
             t0 = start + n * C
             c = min(C, start + length - t0)
             _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
-            states[n - first + 1] = states[n - first]
+            _copy_states(states[n - first + 1], states[n - first])
             for hi in range(G):
                 _advance(chars, ints, floats, R, KQ_K, X, L, decayed_k, gcum, gamma, tail, v, g, beta, u,
                          states[n - first + 1, hi], t0, c, hk * G + hi, C, False)
@@ -310,8 +320,10 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
             _scaled_rows(R[c:], q, t0, c, hk, scale, qk_l2norm)
             _gemm(chars, ints, floats, False, True, 2 * c, c, K, 1.0, R.ctypes.data, K, R.ctypes.data, K, 0.0,
                   KQ_K.ctypes.data, C)
-            dQK[:c, :c] = 0.0
-            dKK[:c, :c] = 0.0
+            for i in range(c):
+                for j in range(c):
+                    dQK[i, j] = 0.0
+                    dKK[i, j] = 0.0
             for hi in range(G):
                 h = hk * G + hi
                 S, dS = states[n - first, hi], d_heads[hi]
@@ -329,7 +341,8 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
                         decayed_k[i, d] = R[i, d] * tail[i]
                         R2[i, d] = gamma[i] * R[c + i, d]
                         R2[c + i, d] = -b * gamma[i] * R[i, d]
-                    W[i] = do[t0 + i, h]
+                    for e in range(V):
+                        W[i, e] = do[t0 + i, h, e]
                 # dv_new = Kd dS1 + P^T do into W[c:], and dKd = v_new dS1^T, while dS holds dS1
                 _gemm(chars, ints, floats, False, False, c, V, K, 1.0, decayed_k.ctypes.data, K, dS.ctypes.data, V,
                       0.0, W[c:].ctypes.data, V)
