@@ -194,6 +194,10 @@ def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm=Fa
 # (a [B T, Hv, V] buffer, the gated delta rule's; v itself for linear attention), then the groups in reverse
 # recompute their chunks' states from it (one GEMM a chunk) and run the reverse pass over them.
 STATE_GROUP = 8
+# The backward's default chunk: its GEMMs are twice the forward's per chunk and state-sized, and MKL runs those
+# on 16 rows at half its rate on 64 (T = 8192, K = V = 128, 1 thread: chunks of 16 took 1.8x the time of 64,
+# 128 the same as 64).
+BACKWARD_CHUNK_SIZE = 64
 
 
 @numba.njit
@@ -443,7 +447,8 @@ def chunked_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, d_f
                      chunk_size=None):
     """The gradients of chunked: q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv]; beta [B, T, Hv] or None (linear
     attention); initial_state None or [N, Hv, K, V]; do (o's gradient) None or [B, T, Hv, V]; d_final (the final
-    state's) None or [N, Hv, K, V]. CPU tensors; computed in float32. Returns float32 dq, dk [B, T, Hk, K] (taken
+    state's) None or [N, Hv, K, V]. CPU tensors; computed in float32, chunks of chunk_size (default
+    BACKWARD_CHUNK_SIZE). Returns float32 dq, dk [B, T, Hk, K] (taken
     back through the scale and the l2 normalisation), dv [B, T, Hv, V], dg [B, T, Hv], dbeta [B, T, Hv] (None for
     linear attention) and the initial state's gradient [N, Hv, K, V]."""
     B, T, Hv, V = v.shape
@@ -461,7 +466,7 @@ def chunked_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, d_f
     dbeta = torch.empty(B * T, Hv) if delta_rule else dg  # linear attention writes no dbeta
     _run_backward(_rows(q), _rows(k), v_rows, _rows(g), _rows(beta if delta_rule else g), do_rows, starts.numpy(),
                   lengths.numpy(), state.numpy(), d_state.numpy(), u, dq.numpy(), dk.numpy(), dv.numpy(), dg.numpy(),
-                  dbeta.numpy(), chunk_size or CHUNK_SIZE, STATE_GROUP, scale, use_qk_l2norm, delta_rule)
+                  dbeta.numpy(), chunk_size or BACKWARD_CHUNK_SIZE, STATE_GROUP, scale, use_qk_l2norm, delta_rule)
     dq, dk = dq.view(B, T, Hk, K).mul_(scale), dk.view(B, T, Hk, K)
     if use_qk_l2norm:
         dq, dk = l2norm_backward(q, dq, torch.float32), l2norm_backward(k, dk, torch.float32)
