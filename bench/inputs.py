@@ -196,9 +196,32 @@ def moe_unpermute(N=64, D=32, E=8, top_k=2, *, dtype=torch.float32, device="cpu"
     return dict(y_sorted=_randn(gen, p.source.shape[0], D).to(dtype).to(device), p=p, weights=weights.to(device))
 
 
+def grouped_gemm_fp8(N=64, E=8, top_k=2, K=32, Nout=48, *, dtype=torch.float32, device="cpu", seed=0,
+                     routing="uniform", drop=0.0):
+    """grouped_gemm's inputs with w quantized to float8_e4m3fn in 128 x 128 blocks (w, w_scale); x in dtype."""
+    from kernels.fp8 import quantize_weights
+
+    made = grouped_gemm(N, E, top_k, K, Nout, dtype=torch.float32, seed=seed, routing=routing, drop=drop)
+    w, w_scale = quantize_weights(made["w"])
+    return dict(x=made["x"].to(dtype).to(device), w=w.to(device), w_scale=w_scale.to(device),
+                offsets=made["offsets"].to(device))
+
+
+def moe_fp8(N=64, D=32, E=8, I=16, top_k=2, *, dtype=torch.float32, device="cpu", seed=0, routing="uniform",
+            drop=0.0, id_dtype=torch.int32):
+    """moe's inputs with the expert weights quantized to float8_e4m3fn in 128 x 128 blocks; x in dtype."""
+    from kernels.fp8 import quantize_weights
+
+    made = moe(N, D, E, I, top_k, dtype=torch.float32, seed=seed, routing=routing, drop=drop, id_dtype=id_dtype)
+    (w_gate_up, w_gate_up_scale), (w_down, w_down_scale) = map(quantize_weights, (made["w_gate_up"], made["w_down"]))
+    return dict(x=made["x"].to(dtype).to(device), weights=made["weights"].to(device), ids=made["ids"].to(device),
+                w_gate_up=w_gate_up.to(device), w_gate_up_scale=w_gate_up_scale.to(device), w_down=w_down.to(device),
+                w_down_scale=w_down_scale.to(device))
+
+
 MAKERS = {"linear_attention": linear_attention, "gated_delta_rule": gated_delta_rule, "attention": attention,
           "route": route, "moe_permute": moe_permute, "moe_unpermute": moe_unpermute,
-          "grouped_gemm": grouped_gemm, "moe": moe}
+          "grouped_gemm": grouped_gemm, "moe": moe, "grouped_gemm_fp8": grouped_gemm_fp8, "moe_fp8": moe_fp8}
 
 
 def make(op, **shape):

@@ -2,17 +2,18 @@
 Qwen3.5-MoE layer pattern and for its all-attention twin (every layer full attention), to 32K tokens on a CPU
 (128K on a GPU); the bytes a decode step moves (weights, active experts, states, keys and values) against the copy
 bandwidth measured on a working set of that size: the decode floor, beside the measured step; cache memory
-against context; on CPU, transformers' own Qwen3_5MoeForCausalLM and llama.cpp (bench/llama_cpp.py, when
-llama-cpp-python is installed) on the same checkpoint.
+against context; training tokens/s (model.train.train_step: forward, backward, AdamW step, each part timed) on
+2K-token sequences for each backend with a backward; on CPU, transformers' own Qwen3_5MoeForCausalLM (prefill,
+decode, training) and llama.cpp (bench/llama_cpp.py, when llama-cpp-python is installed) on the same checkpoint.
 
     python -m bench.model [--quick] [--device cpu] [--out reports/cpu] [--threads 1] [--backend torch]
     python -m bench.sweep --op model [--quick]     # the same sweep, rows merged into results.csv
 
 `sweep(quick, device, out)` returns the rows (bench.sweep --op model calls it) and writes model_tokens_per_s.png,
-model_gap.png, model_decode_floor.png and model_cache_memory.png into out. Each runner (a lab backend,
-transformers, llama.cpp) runs in a process of its own. Decode steps are timed without flushing the caches between
-them (a server's steps follow one another; a small checkpoint stays in a large L3), and the floor's bandwidth is
-measured the same way on a working set of the step's size.
+model_gap.png, model_decode_floor.png, model_cache_memory.png and model_train.png into out. Each runner (a lab
+backend, transformers, llama.cpp) runs in a process of its own, and so does each one's training. Decode steps
+are timed without flushing the caches between them (a server's steps follow one another; a small checkpoint stays
+in a large L3), and the floor's bandwidth is measured the same way on a working set of the step's size.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import concurrent.futures
 import contextlib
 import math
 import multiprocessing
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +32,9 @@ import torch
 import kernels
 import model
 from bench import cli, llama_cpp, timing
+from bench.ops import OPS
 from model.generate import write_random_checkpoint
+from model.train import STEP_PARTS, backward_problem, train_step, training_backends
 
 # Qwen3.5-35B-A3B's proportions at a quarter of its width, so a 2-core CPU runs 2K-token prefills: Gated
 # DeltaNet key dim = hidden, value dim = 2 x hidden (Hv = 2 Hk, head dim 128); attention queries 2 x hidden
@@ -46,6 +50,13 @@ QUICK_CONTEXTS = (128, 512)
 MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 MAX_DECODE_STEPS = 256  # room in the KV cache for the timed decode steps
 WARMUP_CONTEXT = 64  # each runner's first prefill and decode (compilation, autotuning) at this length, untimed
+# Training steps (forward, backward, AdamW step) on one sequence of this many tokens, the hybrid only: the issue's
+# target is training tokens/s on 2K-token sequences.
+TRAIN_CONTEXT = 2048
+QUICK_TRAIN_CONTEXT = 64
+TRAIN_LR = 1e-4  # small: the timed steps must not drive the random checkpoint's loss to NaN
+# A 2K-token step takes seconds on a CPU: with this budget, steps up to ~16 s get bench.timing's 3 repeats.
+TRAIN_BUDGET_S = 10.0
 
 
 @contextlib.contextmanager
@@ -73,14 +84,16 @@ def transformers_torch_path(calls: dict | None = None):
             setattr(hf_module, name, fn)
 
 
-def cache_bytes_from_shapes(cfg: model.ModelConfig, batch: int, context: int, dtype_bytes: int) -> int:
+def cache_bytes_from_shapes(cfg: model.ModelConfig, batch: int, context: int, dtype_bytes: int,
+                            state_bytes: int = 4) -> int:
     """Bytes of the cache at `context` tokens, from the config alone: per Gated DeltaNet layer the conv
-    state [B, C, kernel - 1] (model dtype) and the recurrent state [B, Hv, K, V] (float32); per attention
-    layer keys and values [B, context, Hkv, Dh]."""
+    state [B, C, kernel - 1] (model dtype) and the recurrent state [B, Hv, K, V] (state_bytes per element: 4,
+    float32, unless the model stores another state_dtype); per attention layer keys and values
+    [B, context, Hkv, Dh]."""
     conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * \
         cfg.linear_value_head_dim
     linear = batch * (conv_dim * (cfg.linear_conv_kernel_dim - 1) * dtype_bytes + cfg.linear_num_value_heads *
-                      cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4)
+                      cfg.linear_key_head_dim * cfg.linear_value_head_dim * state_bytes)
     full = 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
     return sum(linear if kind == "linear_attention" else full for kind in cfg.layer_types)
 
@@ -248,6 +261,57 @@ def measure_runner(path, variant, name, contexts, device, dtype, budget_s, threa
     return rows
 
 
+def training_model(path, name, device, dtype):
+    """(module, logits) that `name` trains: transformers' Qwen3_5MoeForCausalLM, or the lab model on
+    model.train.training_backends(name); logits: ids [B, T] -> [B, T, vocab]."""
+    if name == "transformers":
+        from transformers import Qwen3_5MoeForCausalLM
+
+        m = Qwen3_5MoeForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return m, lambda ids: m(ids, use_cache=False).logits
+    m = model.from_pretrained(path, backend=training_backends(name, device), dtype=dtype, device=device)
+    return m, m
+
+
+def measure_training(path, variant, name, context, device, dtype, budget_s, threads) -> list[dict]:
+    """Training steps of one runner (model.train.train_step: forward, backward, AdamW step) on one sequence of
+    `context` tokens, after an untimed step on it (compilation, autotuning, the optimizer's state), with
+    bench.timing's timer (caches not flushed: a step's working set far exceeds them). One row, phase "train":
+    median, p20, p80 of the whole step, tokens_per_s = context / median, and the median of each part
+    (forward_ms, backward_ms, optimizer_ms). Runs in a process of its own (see sweep), with `threads` threads."""
+    torch.set_num_threads(threads)
+    cfg = model.ModelConfig.from_folder(path)
+    base = dict(op="model", backend=name, device=device, dtype=str(dtype).removeprefix("torch."),
+                shape=shape_label(cfg), variant=variant, params=_params(path), peer=name == "transformers",
+                context=context, phase="train")
+    ids = torch.randint(cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    parts = {part: [] for part in STEP_PARTS}
+
+    def step():
+        for part, seconds in train_step(m, ids, optimizer, logits, lambda: timing.synchronize(device))[1].items():
+            parts[part].append(seconds * 1e3)
+
+    with transformers_torch_path():
+        try:
+            m, logits = training_model(path, name, device, dtype)
+            m.train()
+            base["backends"] = ";".join(f"{op}={b}" for op, b in getattr(m, "backends", {}).items())
+            optimizer = torch.optim.AdamW(m.parameters(), lr=TRAIN_LR, weight_decay=0.0)
+            step()
+            for samples in parts.values():
+                samples.clear()
+            t = timing.time_call(step, device, budget_s, warmup=0, flush_cache=False)
+        except Exception as exc:
+            return [dict(base, error=_error(exc))]
+    row = dict(base, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats, threads=t.threads,
+               tokens_per_s=context / (t.median_ms / 1e3),
+               **{f"{part}_ms": statistics.median(samples) for part, samples in parts.items()})
+    print(f"  {name:>14} {variant:>13} T={context:>6}: train {row['tokens_per_s']:8.1f} tok/s (forward "
+          f"{row['forward_ms']:.0f} + backward {row['backward_ms']:.0f} + optimizer {row['optimizer_ms']:.0f} ms)",
+          flush=True)
+    return [row]
+
+
 def floor_rows(rows, paths, device, dtype) -> None:
     """Adds to every decode row its step's bytes by part (decode_step_bytes: *_bytes, step_bytes), the copy
     bandwidth of a working set that size (floor_gbps, measured now, once per size), the floor (floor_ms = bytes /
@@ -304,7 +368,7 @@ def _series(rows, phase, key="tokens_per_s"):
 def _colors(rows):
     import matplotlib.pyplot as plt
 
-    names = sorted({r["backend"] for r in rows if r.get("phase") in ("prefill", "decode")})
+    names = sorted({r["backend"] for r in rows if r.get("phase") in ("prefill", "decode", "train")})
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
 
@@ -320,7 +384,8 @@ def _legend_below(fig, axes, columns=3):
 
 
 def plot(rows, out: Path):
-    """model_cache_memory.png, model_tokens_per_s.png, model_gap.png and model_decode_floor.png into out."""
+    """model_cache_memory.png, model_tokens_per_s.png, model_gap.png, model_decode_floor.png and, with training
+    rows, model_train.png into out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,6 +468,40 @@ def plot(rows, out: Path):
     fig.savefig(out / "model_decode_floor.png", dpi=120)
     plt.close(fig)
 
+    train = _measured(rows, "train")
+    if train:
+        _plot_training(train, out / "model_train.png")
+
+
+def _plot_training(train, path: Path) -> None:
+    """Horizontal bars, one per runner at the longest trained context: ms per training step split into forward,
+    backward and optimizer (the median of each part), the step's p20-p80 as a whisker, tokens/s at the end."""
+    import matplotlib.pyplot as plt
+
+    context = max(int(r["context"]) for r in train)
+    at = sorted((r for r in train if int(r["context"]) == context), key=lambda r: r["tokens_per_s"])
+    theirs = next((r for r in at if r["backend"] == "transformers"), None)
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * len(at)), layout="constrained")
+    y = range(len(at))
+    left = [0.0] * len(at)
+    for part, color in zip(STEP_PARTS, ("C0", "C1", "C2")):
+        widths = [r[f"{part}_ms"] for r in at]
+        ax.barh(y, widths, left=left, color=color, height=0.6, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.errorbar([r["median_ms"] for r in at], y, xerr=[[r["median_ms"] - r["p20_ms"] for r in at],
+                                                     [r["p80_ms"] - r["median_ms"] for r in at]],
+                fmt="none", color="black", capsize=3, linewidth=1, label="whole step, p20-p80")
+    for i, r in enumerate(at):
+        vs = f", {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x transformers" if theirs and r is not theirs else ""
+        ax.annotate(f" {r['tokens_per_s']:.0f} tok/s{vs}", (max(r["p80_ms"], left[i]), i), va="center", fontsize=8)
+    ax.set_yticks(list(y), [r["backend"] + (" (peer)" if _peer(r) else "") for r in at])
+    ax.set_xlim(0, 1.35 * max(max(r["p80_ms"], w) for r, w in zip(at, left)))
+    ax.set(xlabel="ms per training step (median of each part)",
+           title=f"Training step (forward, backward, AdamW) on {context} tokens, batch 1, {at[0]['dtype']}")
+    _legend_below(fig, [ax], 4)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 
 def _context_axis(ax, contexts):
     """Ticks at the measured contexts, written 512, 1K, ..., 32K."""
@@ -431,10 +530,12 @@ def model_dtype(device: str) -> torch.dtype:
 
 
 def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None) -> list[dict]:
-    """Rows: op="model", backend, peer, device, dtype, shape, context, phase ("prefill", "decode"; "cache" for
-    memory-only rows; "parity" for llama.cpp's agreement with the lab model), median_ms, p20_ms, p80_ms,
-    tokens_per_s, cache_bytes, variant ("hybrid", "all_attention"), params, backends (the backend of each op);
-    decode rows also the floor's columns (floor_rows). Writes the PNGs into out (plot)."""
+    """Rows: op="model", backend, peer, device, dtype, shape, context, phase ("prefill", "decode"; "train" for
+    training steps, the hybrid at TRAIN_CONTEXT tokens (QUICK_TRAIN_CONTEXT when quick), each lab backend with a
+    backward and transformers; "cache" for memory-only rows; "parity" for llama.cpp's agreement with the lab
+    model), median_ms, p20_ms, p80_ms, tokens_per_s, cache_bytes, variant ("hybrid", "all_attention"), params,
+    backends (the backend of each op); decode rows also the floor's columns (floor_rows), train rows forward_ms,
+    backward_ms, optimizer_ms (measure_training). Writes the PNGs into out (plot)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = model_dtype(device)
@@ -470,6 +571,15 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                     rows += pool.submit(llama_cpp.parity_rows, path, variant, shape_label(
                         model.ModelConfig.from_folder(path)), [n for n in runners[variant] if n in llama_cpp.RUNNERS],
                         torch.get_num_threads()).result()
+        # Training on the hybrid: each lab backend with a backward (model.train.training_backends) and transformers
+        train_context = QUICK_TRAIN_CONTEXT if quick else TRAIN_CONTEXT
+        for name in [n for n in runners["hybrid"] if n not in llama_cpp.RUNNERS]:
+            if name != "transformers" and (problem := backward_problem(name, device)):
+                print(f"  {name:>14} not trained: {problem}", flush=True)
+                continue
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                rows += pool.submit(measure_training, paths["hybrid"], "hybrid", name, train_context, device, dtype,
+                                    budget_s if quick else TRAIN_BUDGET_S, torch.get_num_threads()).result()
         with torch.inference_mode():
             floor_rows(rows, paths, device, dtype)
             rows += memory_rows(paths, device, dtype)
@@ -494,7 +604,7 @@ def summary(rows) -> list[str]:
             lines.append(f"{phase} at {longest}: transformers spends {share:.0%} of its time in dense projections "
                          f"(nn.Linear), the same GEMMs in any implementation: at most {1 / share:.1f}x faster "
                          f"while they run as fast")
-    lines += _floor_summary(rows) + _llama_summary(rows)
+    lines += _floor_summary(rows) + _llama_summary(rows) + _train_summary(rows)
     for shape in ("bench config", "Qwen3.5-35B-A3B"):
         mem = {r["variant"]: r["cache_bytes"] for r in rows
                if r.get("phase") == "cache" and r["context"] == 32768 and r["shape"] == shape}
@@ -522,7 +632,8 @@ def _at_most(rows, context):
 def _floor_summary(rows) -> list[str]:
     """The decode floor's targets: the fastest lab backend at 2K (hybrid) and at the longest context (both
     variants), as multiples of their floors; the bytes per step of the twin over the hybrid's there."""
-    decode = [r for r in _measured(rows, "decode") if not _peer(r) and r.get("floor_ms")]
+    # rows without a floor (written before the floor was measured, or a NaN read back from the CSV) are left out
+    decode = [r for r in _measured(rows, "decode") if not _peer(r) and math.isfinite(r.get("x_floor", math.nan))]
     if not decode:
         return []
     lines = []
@@ -564,6 +675,28 @@ def _llama_summary(rows) -> list[str]:
                          + ("identical" if r["tokens_equal"] else f"differ {r['divergence']}")))
         elif r.get("error") and r["backend"] in llama_cpp.RUNNERS and r.get("phase") is None:
             lines.append(f"{r['backend']} ({r['variant']}) skipped: {r['error']}")
+    return lines
+
+
+def _train_summary(rows) -> list[str]:
+    """Training tokens/s of each runner at the longest trained context, its step split into forward, backward and
+    optimizer; the lab's fastest against transformers there (the target declared in bench.ops' model spec)."""
+    train = _measured(rows, "train")
+    if not train:
+        return []
+    context = max(int(r["context"]) for r in train)
+    at = sorted((r for r in train if int(r["context"]) == context), key=lambda r: -r["tokens_per_s"])
+    lines = [f"train at {context}: {r['backend']} {r['tokens_per_s']:.1f} tok/s, {r['median_ms']:.0f} ms per step "
+             f"(forward {r['forward_ms']:.0f} + backward {r['backward_ms']:.0f} + optimizer {r['optimizer_ms']:.0f} "
+             f"ms)" for r in at]
+    theirs = next((r for r in at if r["backend"] == "transformers"), None)
+    ours = [r for r in at if not _peer(r)]
+    if theirs and ours:
+        target = next(t for t in OPS["model"].targets if t.match.get("phase") == "train")
+        ratio = ours[0]["tokens_per_s"] / theirs["tokens_per_s"]
+        lines.append(f"train at {context}: {ours[0]['backend']} (the lab's fastest) = {ratio:.2f}x transformers' "
+                     f"tokens/s on the same checkpoint (target: at least {target.threshold:g}x at "
+                     f"{target.match['context']} tokens)")
     return lines
 
 

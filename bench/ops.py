@@ -12,7 +12,7 @@ shape with the model preset it came from, and its key is the shape string of the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from bench import cost, inputs
@@ -31,7 +31,9 @@ class Target:
     kind: "ceiling" (best lab row's FLOP/s over the matmul ceiling of its run >= threshold), "floor" (best lab
     row's time over its bytes at the run's copy bandwidth <= threshold), "peer" (the peer's time over the best lab
     row's >= threshold), "crossover" (this linear op is at least as fast as the best lab softmax attention from
-    T <= threshold on). match: the rows it reads (columns -> values)."""
+    T <= threshold on), "op" (the best lab row of op `peer` on the same match over this op's best lab row, in
+    time, >= threshold: the same FLOPs in another form, as the fp8 layer against the bf16 one). match: the rows it
+    reads (columns -> values)."""
 
     title: str
     kind: str
@@ -97,6 +99,8 @@ class OpSpec:
     summary:     "module:function" of lines for the report from such an op's rows (its targets): each a sentence
                  the report makes a bullet, or a Markdown line kept as it is (empty, a heading "#...", a table
                  row "|...").
+    table:       "module:function" of the markdown table of such an op's rows (default: every column that has a
+                 value, one line per row).
     """
 
     name: str
@@ -119,6 +123,7 @@ class OpSpec:
     sweep: str | None = None
     backend_ops: tuple[str, ...] = ()
     summary: str | None = None
+    table: str | None = None
 
     @property
     def registry(self) -> bool:
@@ -399,10 +404,8 @@ GROUPED_GEMM = OpSpec(
     presets=_moe_presets(lambda N, D, E, k, I: dict(N=N, E=E, top_k=k, K=D, Nout=2 * I), _grouped_gemm_gigabytes),
     cost=cost.grouped_gemm, backward_cost=cost.grouped_gemm_backward, affordable=lambda s, quick: _grouped_gemm_gigabytes(s, 8) <= 2,
     gigabytes=_grouped_gemm_gigabytes, plot_axes=_MOE_PLOTS | {"K": ("K",), "Nout": ("Nout",)},
-    anchors=(Anchor("DeepGEMM fp8 grouped contiguous GEMM", "TFLOP/s", "1214 to 1346", "H800", "DeepGEMM",
-                    best="tflops"),
-             Anchor("CUTLASS grouped bf16 GEMM, 8 groups of 4096 x 768 x 2048", "TFLOP/s", "650.6", "H100",
-                    "TransformerEngine", dict(dtype="bfloat16"), best="tflops")),
+    anchors=(Anchor("CUTLASS grouped bf16 GEMM, 8 groups of 4096 x 768 x 2048", "TFLOP/s", "650.6", "H100",
+                    "TransformerEngine", dict(dtype="bfloat16"), best="tflops"),),
     flop_model="2 M K Nout FLOPs (M routed rows).",
     backward_flop_model="4 M K Nout FLOPs (dX = dY W, dW = dY^T X).")
 
@@ -450,9 +453,30 @@ MOE = OpSpec(
     flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' weights.",
     backward_flop_model="16 D I + 10 I FLOPs per routed slot (the projections recomputed, dX, dW).")
 
+# The expert ops on float8_e4m3fn weights with block scales (kernels/fp8.py): the shapes, reference budget and cost
+# models of their bf16 counterparts (bench.cost reads the weights' element size: 1 byte).
+GROUPED_GEMM_FP8 = replace(
+    GROUPED_GEMM, name="grouped_gemm_fp8", backward_cost=None, backward_flop_model="",  # inference only
+    anchors=(Anchor("DeepGEMM fp8 grouped contiguous GEMM (prefill)", "TFLOP/s", "1214 to 1346", "H800", "DeepGEMM",
+                    best="tflops"),
+             Anchor("DeepGEMM fp8 grouped masked GEMM (decode)", "TFLOP/s", "815 to 1233", "H800", "DeepGEMM",
+                    best="tflops")),
+    flop_model="2 M K Nout FLOPs (M routed rows); bytes: the fp8 weights (1 byte) of the active experts.")
+MOE_FP8 = replace(
+    MOE, name="moe_fp8", check_head=None, backward_cost=None, backward_flop_model="",  # inference only
+    targets=(Target("fp8 MoE layer, Qwen3.5-35B shape, N = 4096 (GPU, bfloat16 activations): at least 1.6x the "
+                    "bf16 layer's TFLOP/s", "op", 1.6,
+                    dict(device="cuda", dtype="bfloat16", N=4096, D=2048, E=256, I=512, top_k=8, routing="uniform"),
+                    peer="moe"),),
+    anchors=(), flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' fp8 weights.")
+
 # The Qwen3.5-MoE model's prefill and decode (bench/model.py), on the backends of the ops it runs.
 MODEL = OpSpec("model", sweep="bench.model:sweep", backend_ops=("gated_delta_rule", "attention", "route", "moe"),
-               summary="bench.model:summary")
+               summary="bench.model:summary",
+               targets=(Target("Model training (forward, backward, AdamW step) on 2K-token sequences, bench checkpoint "
+                               "(CPU, float32): at least 5x the tokens/s of transformers' Qwen3_5MoeForCausalLM",
+                               "peer", 5.0, dict(phase="train", context=2048, variant="hybrid", device="cpu",
+                                                 dtype="float32"), peer="transformers"),))
 
 
 # ---------------------------------------------------------------------------------------- expert parallelism
@@ -496,9 +520,14 @@ MOE_DISPATCH = OpSpec("moe_dispatch", ("world", "N", "D", "E", "I", "top_k", "ro
                       presets=_dispatch_presets, sweep="bench.dispatch:sweep", backend_ops=("moe_permute", "moe"),
                       summary="bench.dispatch:summary")
 
+# The gated delta rule's state dtype: error against float64 as the sequence grows, memory and decode time
+# (bench/precision.py), on the backends that implement state_dtype.
+PRECISION = OpSpec("precision", sweep="bench.precision:sweep", backend_ops=("gated_delta_rule",),
+                   summary="bench.precision:summary", table="bench.precision:table")
+
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE, MODEL,
-    MOE_DISPATCH)}
+    GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE,
+    GROUPED_GEMM_FP8, MOE_FP8, MODEL, MOE_DISPATCH, PRECISION)}
 # Every axis of every op, in order: the CSV's shape columns.
 ALL_AXES = tuple(dict.fromkeys(axis for spec in OPS.values() for axis in spec.axes))
 # Names the sweep's command line still accepts, with the name each stands for (said when used).

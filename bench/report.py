@@ -148,6 +148,15 @@ def target_lines(frame, spec, target, highest: dict, lvq) -> list[str]:
         ratio = peer["median_ms"].iloc[0] / best["median_ms"]
         return [f"{said}; `{target.peer}` {fmt_ms(peer['median_ms'].iloc[0])}: **{ratio:.2f}x**: "
                 f"{'met' if ratio >= target.threshold else 'not met'}."]
+    if target.kind == "op":
+        other = _lab(_select(plots.measured(frame[frame["op"] == target.peer]), **target.match))
+        if other.empty:
+            return [f"{said}; {target.peer} not measured on the same rows in this CSV."]
+        theirs = other.loc[other["median_ms"].idxmin()]
+        ratio = theirs["median_ms"] / best["median_ms"]
+        return [f"{said}, {fmt_flops(best['tflops'])}; the best {target.peer} row `{theirs['backend']}` "
+                f"{fmt_ms(theirs['median_ms'])}, {fmt_flops(theirs['tflops'])}: **{ratio:.2f}x**: "
+                f"{'met' if ratio >= target.threshold else 'not met'}."]
     raise ValueError(f"unknown target kind {target.kind!r} of {spec.name}")
 
 
@@ -216,15 +225,16 @@ def where_time_goes(rows, spec) -> list[str]:
 
 
 # Units of the columns an op with a sweep of its own may write (the model's, the EP exchange's): how each is printed.
-OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "cache_bytes": fmt_bytes,
+OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "forward_ms": fmt_ms,
+                      "backward_ms": fmt_ms, "optimizer_ms": fmt_ms, "cache_bytes": fmt_bytes,
                       "dense_share": fmt_share, "tokens_per_s": fmt, "step_bytes": fmt_bytes, "floor_ms": fmt_ms,
                       "x_floor": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
                       "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}", "bytes": fmt_bytes,
                       "bytes_per_token": fmt_bytes, "of_all_to_all": fmt_share}
 OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "transport", "median_ms", "p20_ms",
-               "p80_ms", "tokens_per_s", "dense_share", "step_bytes", "floor_ms", "x_floor", "cache_bytes", "bytes",
-               "gbps", "bytes_per_token", "of_all_to_all", "imbalance", "vs_one_process", "rel_err", "tokens_equal",
-               "divergence", "load", "error"]
+               "p80_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms", "dense_share", "step_bytes",
+               "floor_ms", "x_floor", "cache_bytes", "bytes", "gbps", "bytes_per_token", "of_all_to_all", "imbalance",
+               "vs_one_process", "rel_err", "tokens_equal", "divergence", "load", "error"]
 # The order of an own table's rows: by these columns, those it has.
 OWN_SORT = ("variant", "phase", "context", "world", "routing", "D", "top_k", "N", "part", "backend")
 
@@ -237,7 +247,7 @@ def _own_table(rows) -> str:
     body = [[OWN_COLUMN_FORMATS.get(c, fmt)(v) if not isinstance(v, str) else v for c, v in zip(columns, values)]
             for values in rows.sort_values(sort)[columns].values.tolist()]
     names = {"median_ms": "median", "p20_ms": "p20", "p80_ms": "p80", "tokens_per_s": "tokens/s",
-             "cache_bytes": "cache"}
+             "forward_ms": "forward", "backward_ms": "backward", "optimizer_ms": "optimizer", "cache_bytes": "cache"}
     return _table([names.get(c, c) for c in columns], body)
 
 
@@ -446,7 +456,8 @@ def write(out: Path, device: str) -> Path:
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
-        md += ["", _rows_table(rows) if spec.registry else _own_table(rows), ""]
+        own = resolve(spec.table)(rows.to_dict("records")) if spec.table else _own_table(rows)
+        md += ["", _rows_table(rows) if spec.registry else own, ""]
     readme = out / "README.md"
     readme.write_text("\n".join(md))
     return readme

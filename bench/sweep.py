@@ -110,9 +110,10 @@ def compare(out, ref) -> tuple[float, str]:
 
 
 def _float64(inputs: dict) -> dict:
+    """The inputs in float64 for the yardstick (float8 tensors, exact as they are and an op's own dtype, kept)."""
     out = {}
     for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.element_size() > 1:
             value = value.double()
         elif isinstance(value, Permutation):
             value = Permutation(value.x.double(), value.offsets, value.source, value.num_tokens, value.top_k)
@@ -641,7 +642,7 @@ def parse(argv=None, machine: bool = False):
         parser_.error(f"--op {own[0]} takes no --preset (it has no model presets)")
     args.passes = list(dict.fromkeys(args.passes))
     if own and args.passes != ["forward"]:
-        parser_.error(f"--pass {' '.join(args.passes)}: --op {own[0]} has a sweep of its own (forward only)")
+        parser_.error(f"--pass {' '.join(args.passes)}: --op {own[0]} has a sweep of its own, which takes no --pass")
     if "forward" not in args.passes:
         flat = [op for op in args.op if OPS[op].backward_cost is None]
         if flat:

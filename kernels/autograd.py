@@ -49,6 +49,9 @@ DIFFERENTIABLE = {
     "moe_unpermute": ("y_sorted", "weights"),
     "grouped_gemm": ("x", "w"),
     "moe": ("x", "weights", "w_gate_up", "w_down"),
+    # no backend of the fp8 ops has a backward: a call that needs one says so (BackendUnavailable)
+    "grouped_gemm_fp8": ("x",),
+    "moe_fp8": ("x", "weights"),
 }
 # The outputs as the Function returns them (a tuple of tensors or None), and the differentiable ones among them:
 # the keys of a backward's `grads`.

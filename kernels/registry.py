@@ -26,10 +26,13 @@ import torch
 from kernels import validate
 
 OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute",
-       "grouped_gemm", "moe")
+       "grouped_gemm", "moe", "grouped_gemm_fp8", "moe_fp8")
+# The expert ops on float8_e4m3fn weights with block scales (kernels/fp8.py), a family of their own.
+FP8_OPS = ("grouped_gemm_fp8", "moe_fp8")
 # One file per op family: the module of each op inside reference/ and inside every toolchain package.
 OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
-             "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe"}
+             "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe",
+             "grouped_gemm_fp8": "moe_fp8", "moe_fp8": "moe_fp8"}
 TOOLCHAINS = ("kernels.torch", "kernels.mkl", "kernels.triton", "kernels.cuda", "kernels.cupy", "kernels.numba",
               "kernels.numba_cuda", "kernels.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES

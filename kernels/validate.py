@@ -16,10 +16,17 @@ import os
 
 import torch
 
+from kernels.fp8 import FP8, WEIGHT_BLOCK, scale_shape
 from kernels.types import Permutation
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 STATE_DTYPES = (torch.float32, torch.float64)
+# The dtypes a recurrent state may be stored in between steps (state_dtype); the arithmetic stays float32 (float64
+# for float64 inputs). float64 is the default of float64 inputs, accepted for them only.
+STORED_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The code of each stored state dtype for the compiled kernels that round their float32 state (mkl's numba loop,
+# Triton's state passes): 0 nothing to round, 1 bfloat16, 2 float16.
+STATE_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Below this many tokens per sequence, "auto" runs the gated delta rule token by token (decode).
 RECURRENT_MAX_T = 64
@@ -87,15 +94,48 @@ def _offsets(name, offsets, total, what):
             raise ValueError(f"{name} must be non-decreasing, got {host}")
 
 
-def _state(initial_state, expected, described):
+def default_state_dtype(v: torch.Tensor) -> torch.dtype:
+    """The state dtype when the call names none: float32, float64 for float64 inputs (the yardstick)."""
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def _state_dtype(state_dtype, v):
+    """state_dtype resolved: None is default_state_dtype(v); else one of STORED_STATE_DTYPES (float64 as well for
+    float64 inputs)."""
+    if state_dtype is None:
+        return default_state_dtype(v)
+    allowed = STORED_STATE_DTYPES + ((torch.float64,) if v.dtype == torch.float64 else ())
+    if not isinstance(state_dtype, torch.dtype) or state_dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"state_dtype must be None or a torch dtype in ({names}) for {v.dtype} inputs, "
+                         f"got {state_dtype!r}")
+    return state_dtype
+
+
+def _state(initial_state, expected, described, state_dtype, named):
+    """initial_state None or [expected] in state_dtype (named: the call gave state_dtype), or, when it did not,
+    float32 or float64 as before state_dtype existed."""
     if initial_state is None:
         return
-    _tensor("initial_state", initial_state, 4, STATE_DTYPES)
+    _tensor("initial_state", initial_state, 4, FLOAT_DTYPES if named else STATE_DTYPES)
+    if named and initial_state.dtype != state_dtype:
+        raise ValueError(f"initial_state must have dtype state_dtype = {str(state_dtype).removeprefix('torch.')}, "
+                         f"got {initial_state.dtype}")
     _shape("initial_state", initial_state, expected, described)
 
 
-def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, **per_step):
-    """Shared checks of the two linear-attention recurrences; returns the number of sequences N."""
+def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, op: str) -> None:
+    """For the backends that store their state in the default dtype only (float32; float64 for float64 inputs):
+    ValueError naming state_dtype when a call asks for another."""
+    if state_dtype != default_state_dtype(v):
+        raise ValueError(f"state_dtype: backend {backend!r} of {op} stores its recurrent state in "
+                         f"{str(default_state_dtype(v)).removeprefix('torch.')} only, got "
+                         f"{str(state_dtype).removeprefix('torch.')} (other backends implement it)")
+
+
+def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, **per_step):
+    """Shared checks of the two linear-attention recurrences; returns the number of sequences N and the state
+    dtype resolved."""
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)
@@ -121,8 +161,9 @@ def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, **per_step):
         N = cu_seqlens.shape[0] - 1
     else:
         N = B
-    _state(initial_state, (N, Hv, K, V), "[N, Hv, K, V]")
-    return N
+    resolved = _state_dtype(state_dtype, v)
+    _state(initial_state, (N, Hv, K, V), "[N, Hv, K, V]", resolved, state_dtype is not None)
+    return N, resolved
 
 
 def _mode(mode, T, cu_seqlens):
@@ -132,27 +173,27 @@ def _mode(mode, T, cu_seqlens):
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     mode="auto"):
-    _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
-                      initial_state, cu_seqlens, g=g)
+                     mode="auto", state_dtype=None):
+    _, state_dtype = _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
+                                       initial_state, cu_seqlens, state_dtype, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
     return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
-                mode=_mode(mode, q.shape[1], cu_seqlens))
+                mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm=False, cu_seqlens=None, mode="auto"):
+                     use_qk_l2norm=False, cu_seqlens=None, mode="auto", state_dtype=None):
     if g is None:
         raise ValueError("g must be a tensor [B, T, Hv], got None")
     if beta is None:
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
-    _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, g=g, beta=beta)
+    _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
-                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens))
+                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
 
 def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
@@ -285,11 +326,52 @@ def moe_shapes(x, weights, ids, w_gate_up, w_down):
     _tensor("weights", weights, 2)
     _same_dtype("x", x, w_gate_up=w_gate_up, w_down=w_down)
     _same_device("x", x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+    _expert_layer_shapes(x, weights, ids, w_gate_up, w_down, check_ids=False)
+    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+
+
+def _expert_layer_shapes(x, weights, ids, w_gate_up, w_down, check_ids: bool):
+    """The MoE layer's shapes: x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I], ids and weights [N, top_k] (the
+    ids' values in [-1, E) too when check_ids)."""
     N, D = x.shape
     E, two_I, D_in = w_gate_up.shape
     if D_in != D or two_I % 2:
         raise ValueError(f"w_gate_up must be [E, 2I, D] with D = {D}, got shape {tuple(w_gate_up.shape)}")
     _shape("w_down", w_down, (E, D, two_I // 2), "[E, D, I]")
-    _ids(ids, N, None)
+    _ids(ids, N, E if check_ids else None)
     _shape("weights", weights, ids.shape, "[N, top_k] of ids")
-    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_down=w_down)
+
+
+# ------------------------------------------------------------------------------------ fp8 experts
+
+def _fp8_weight(name, w, scale_name, scale, ndim=3):
+    """w float8_e4m3fn with ndim dims and its block scales [..., ceil(N / 128), ceil(K / 128)], float32 (float64
+    as well: the float64 yardstick's inputs)."""
+    _tensor(name, w, ndim, (FP8,))
+    _tensor(scale_name, scale, ndim, (torch.float32, torch.float64))
+    expected = scale_shape(tuple(w.shape), WEIGHT_BLOCK)
+    _shape(scale_name, scale, expected, f"[E, ceil(rows / 128), ceil(cols / 128)] of {name}")
+
+
+def grouped_gemm_fp8(x, w, w_scale, offsets):
+    _tensor("x", x, 2)
+    _fp8_weight("w", w, "w_scale", w_scale)
+    _same_device("x", x, w=w, w_scale=w_scale, offsets=offsets)
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"w must be [E, N, K] with K = {x.shape[1]} (x's columns), got shape {tuple(w.shape)}")
+    _offsets("offsets", offsets, x.shape[0], "M (x's rows)")
+    if offsets.shape[0] != w.shape[0] + 1:
+        raise ValueError(f"offsets must have E + 1 = {w.shape[0] + 1} entries (E = w.shape[0]), got {offsets.shape[0]}")
+    return dict(x=x, w=w, w_scale=w_scale, offsets=offsets)
+
+
+def moe_fp8(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale):
+    _tensor("x", x, 2)
+    _fp8_weight("w_gate_up", w_gate_up, "w_gate_up_scale", w_gate_up_scale)
+    _fp8_weight("w_down", w_down, "w_down_scale", w_down_scale)
+    _tensor("weights", weights, 2)
+    _same_device("x", x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_gate_up_scale=w_gate_up_scale,
+                 w_down=w_down, w_down_scale=w_down_scale)
+    _expert_layer_shapes(x, weights, ids, w_gate_up, w_down, check_ids=True)
+    return dict(x=x, weights=weights, ids=ids, w_gate_up=w_gate_up, w_gate_up_scale=w_gate_up_scale, w_down=w_down,
+                w_down_scale=w_down_scale)

@@ -123,10 +123,13 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.V, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
 
+    state_dtype = None  # the recurrent state's dtype in the cache (None: float32); Qwen35Moe sets it at load
+
     def new_state(self, batch: int, dtype, device) -> LinearAttentionState:
         return LinearAttentionState(
             conv=torch.zeros(batch, self.conv_dim, self.kernel_size - 1, dtype=dtype, device=device),
-            recurrent=torch.zeros(batch, self.Hv, self.K, self.V, dtype=torch.float32, device=device))
+            recurrent=torch.zeros(batch, self.Hv, self.K, self.V, dtype=self.state_dtype or torch.float32,
+                                  device=device))
 
     def causal_conv(self, x, state: LinearAttentionState | None, step: Step | None):
         """Depthwise causal conv1d + SiLU over time. x [B, T, C] -> [B, T, C]; updates state.conv in place.
@@ -187,7 +190,7 @@ class GatedDeltaNet(nn.Module):
         o, final = self.ops.gated_delta_rule(
             q.reshape(B, T, self.Hk, self.K), k.reshape(B, T, self.Hk, self.K), v.reshape(B, T, self.Hv, self.V),
             g, b.sigmoid(), initial_state=initial, output_final_state=state is not None, use_qk_l2norm=True,
-            cu_seqlens=cu_seqlens, mode=mode)
+            cu_seqlens=cu_seqlens, mode=mode, state_dtype=self.state_dtype)
         if state is not None:
             state.recurrent[:rows].copy_(final)
         o = self.norm(o, z.reshape(B, T, self.Hv, self.V))
@@ -248,13 +251,27 @@ def apply_rope(x, cos, sin):
 
 
 class Experts(nn.Module):
-    """E experts stored fused, as transformers does: gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
+    """E experts stored fused, as transformers does: gate_up_proj [E, 2I, D], down_proj [E, D, I]; after
+    quantize_fp8, float8_e4m3fn buffers with their 128 x 128 block scales gate_up_proj_scale, down_proj_scale."""
+
+    fp8 = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.zeros(E, D, I))
+
+    def quantize_fp8(self):
+        """The weights in float8_e4m3fn with block scales (kernels.fp8.quantize_weights), for ops.moe_fp8."""
+        from kernels.fp8 import quantize_weights
+
+        for name in ("gate_up_proj", "down_proj"):
+            q, scale = quantize_weights(getattr(self, name).data)
+            delattr(self, name)
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale", scale)
+        self.fp8 = True
 
 
 class SharedExpert(nn.Module):
@@ -285,7 +302,12 @@ class SparseMoe(nn.Module):
 
     def forward(self, x):
         weights, ids = self.ops.route(self.gate(x), self.top_k)
-        routed = self.ops.moe(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
+        experts = self.experts
+        if experts.fp8:
+            routed = self.ops.moe_fp8(x, weights, ids, experts.gate_up_proj, experts.gate_up_proj_scale,
+                                      experts.down_proj, experts.down_proj_scale)
+        else:
+            routed = self.ops.moe(x, weights, ids, experts.gate_up_proj, experts.down_proj)
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 

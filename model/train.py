@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -48,9 +49,37 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
+STEP_PARTS = ("forward", "backward", "optimizer")
+
+
+def train_step(m, ids: torch.Tensor, optimizer, logits=None, sync=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step of m (in place) on ids [B, T]: "forward" (logits, the next-token loss), "backward"
+    (gradients zeroed, then backpropagated), "optimizer" (gradient norm clipped at 1, optimizer.step()). logits:
+    ids [B, T] -> [B, T, vocab] (default m itself; transformers' model needs `.logits` of its output). sync: called
+    before each clock reading (a GPU's synchronize: its work is asynchronous). Returns the loss (detached, a 0-d
+    tensor: no host sync) and the seconds of each part (STEP_PARTS) by time.perf_counter."""
+    logits = logits or m
+    sync = sync or (lambda: None)
+    clock = [time.perf_counter()]
+
+    def tick():
+        sync()
+        clock.append(time.perf_counter())
+
+    loss = next_token_loss(logits(ids), ids)
+    tick()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    tick()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    optimizer.step()
+    tick()
+    return loss.detach(), {part: b - a for part, a, b in zip(STEP_PARTS, clock, clock[1:])}
+
+
 def train(m, stream: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int = 0,
           progress: bool = True) -> list[float]:
-    """AdamW steps of m (in place) on batches of the stream; returns the loss of every step."""
+    """AdamW steps of m (in place) on batches of the stream (train_step); returns the loss of every step."""
     from tqdm import tqdm
 
     m.train()
@@ -60,13 +89,7 @@ def train(m, stream: torch.Tensor, steps: int, batch: int, seq_len: int, lr: flo
     losses = []
     with tqdm(range(steps), desc="train", unit="step", disable=not progress) as bar:
         for _ in bar:
-            ids = batch_of(stream, batch, seq_len, gen).to(device)
-            loss = next_token_loss(m(ids), ids)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss = loss.detach()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            optimizer.step()
+            loss, _ = train_step(m, batch_of(stream, batch, seq_len, gen).to(device), optimizer)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses

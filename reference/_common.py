@@ -1,13 +1,26 @@
+"""Slow, obviously right PyTorch for every op of API.md: token-by-token recurrences and per-expert loops.
+
+Every function computes in float64 whatever its inputs and returns outputs in the dtype API.md names. Recurrent
+states are kept in float64 and rounded to their state dtype after every step (float32 by default, float64 when the
+inputs are float64, so that a float64 run of the reference is the yardstick of every parity test).
+"""
 import torch
+
+from kernels.validate import default_state_dtype
 
 
 def f64(*tensors):
     return [None if t is None else t.to(torch.float64) for t in tensors]
 
 
-def state_dtype(x: torch.Tensor) -> torch.dtype:
-    """Recurrent states are float32, except float64 when the inputs are float64 (the yardstick)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def stored_state_dtype(v: torch.Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the state is stored in between steps: state_dtype, or the default of v's dtype (None)."""
+    return default_state_dtype(v) if state_dtype is None else state_dtype
+
+
+def stored(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """S (float64) as stored between steps: rounded to dtype, back in float64."""
+    return S if dtype == torch.float64 else S.to(dtype).to(torch.float64)
 
 
 def sequences(B, T, cu_seqlens):

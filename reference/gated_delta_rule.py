@@ -1,7 +1,7 @@
 """The gated delta rule, one token at a time."""
 import torch
 
-from reference._common import f64, sequences, state_dtype
+from reference._common import f64, sequences, stored, stored_state_dtype
 
 
 def l2norm(x, eps=1e-6):
@@ -10,16 +10,18 @@ def l2norm(x, eps=1e-6):
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm=False, cu_seqlens=None, mode="auto"):
+                     use_qk_l2norm=False, cu_seqlens=None, mode="auto", state_dtype=None):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V].
 
     Value head h reads key head h // (Hv // Hk). Per value head:
       S' = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S'^T k_t);  S_t = S' + k_t u_t^T;  o_t = scale S_t^T q_t.
-    `mode` is accepted and ignored: every mode computes this recurrence.
-    Returns o [B, T, Hv, V] in v's dtype and the final states [N, Hv, K, V] (or None)."""
+    `mode` is accepted and ignored: every mode computes this recurrence. The state is rounded to state_dtype after
+    every token's output (the rounding of a stored state, in isolation: all arithmetic is float64).
+    Returns o [B, T, Hv, V] in v's dtype and the final states [N, Hv, K, V] in state_dtype (or None)."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     scale = K ** -0.5 if scale is None else scale
+    dtype = stored_state_dtype(v, state_dtype)
     q, k, vv, g, beta, s0 = f64(q, k, v, g, beta, initial_state)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
@@ -34,6 +36,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
             u = beta[b, t][:, None] * (vv[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t]))
             S = S + k[b, t][:, :, None] * u[:, None, :]
             o[b, t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
+            S = stored(S, dtype)  # the step's output reads the state before it is stored
         finals.append(S)
-    final = torch.stack(finals).to(state_dtype(v)) if output_final_state else None
+    final = torch.stack(finals).to(dtype) if output_final_state else None
     return o.to(v.dtype), final

@@ -1,4 +1,6 @@
 """How close to the float64 reference a backend must come: one table for the tests and the sweep's gate."""
+import math
+
 import torch
 
 # ||out - ref|| / ||ref|| allowed, by the dtype of the backend's inputs.
@@ -10,6 +12,18 @@ TOLERANCE_TF32 = 1e-3
 def tolerance(dtype: torch.dtype, device: str) -> float:
     """The allowed relative error for inputs of dtype on a device type ("cpu" or "cuda")."""
     return TOLERANCE_TF32 if dtype == torch.float32 and device == "cuda" else TOLERANCE[dtype]
+
+
+# Unit roundoff of each dtype (half the distance from 1 to the next value): the relative error of one rounding.
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: 2.0 ** -8}
+
+
+def state_tolerance(dtype: torch.dtype, device: str, state_dtype: torch.dtype, roundings: int) -> float:
+    """The allowed relative error of a recurrence whose state is rounded to state_dtype `roundings` times (one per
+    stored step or chunk) on inputs of dtype: the inputs' tolerance plus the random-walk growth of independent
+    roundings, unit roundoff times sqrt(roundings) (decays only shrink the earlier roundings' share)."""
+    return tolerance(dtype, device) + UNIT_ROUNDOFF[state_dtype] * math.sqrt(roundings)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -50,8 +50,10 @@ def poisoned_allocations():
 
 
 def to_float64(inputs):
-    """The same inputs in float64 (floating tensors only), for the reference run."""
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    """The same inputs in float64 (floating tensors only, float8 weights kept: exact, and the fp8 ops' own dtype),
+    for the reference run: exact arithmetic and a float64 state (a state_dtype among the inputs is dropped)."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.element_size() > 1 else v
+            for k, v in inputs.items() if k != "state_dtype"}
 
 
 def lab_backends(op, device="cpu", simulated=False):
@@ -112,7 +114,8 @@ def check_recurrent_op(op, backend, args, seed, tol=None, **extra):
     if not args["output_final_state"]:
         assert state is None, "the final state must be None unless output_final_state"
         return
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = extra.get("state_dtype") or args.get("state_dtype") or (torch.float64 if dtype == torch.float64
+                                                                    else torch.float32)
     assert state.dtype == wide, f"final state has dtype {state.dtype}, expected {wide}"
     assert_close(state, ref_state, dtype, f"{backend} final state", seed, tol)
 

@@ -223,15 +223,20 @@ def test_the_declarations_are_the_registry_ops():
     for name, spec in OPS.items():
         assert set(spec.plot_axes) <= set(spec.axes) | {"heads", "dim"}, name
         assert all(set(columns) <= set(spec.axes) for columns in spec.plot_axes.values()), name
+        # a sweep of its own matches its own columns (the model's phase, context, variant)
+        columns = set(spec.axes) | {"dtype", "device", "preset", "pass"} | (set() if spec.registry else
+                                                                           set(report.OWN_COLUMNS))
         for target in spec.targets:
-            assert target.kind in ("ceiling", "floor", "peer", "crossover"), (name, target)
-            assert set(target.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, target)
+            assert target.kind in ("ceiling", "floor", "peer", "crossover", "op"), (name, target)
+            assert set(target.match) <= columns, (name, target)
             assert target.match.get("pass", "forward") in PASSES, (name, target)
         for anchor in spec.anchors:
             assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, anchor)
             assert anchor.match.get("pass", "forward") in PASSES, (name, anchor)
-        if spec.registry:  # every registry op is differentiable (kernels/autograd.py): a backward cost each
+        if spec.registry and not name.endswith("_fp8"):  # differentiable (kernels/autograd.py): a backward cost
             assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward", name
+        elif spec.registry:  # the fp8 ops are inference ops
+            assert spec.backward_cost is None, name
 
 
 @pytest.mark.parametrize("op", [name for name, spec in OPS.items() if spec.registry])
@@ -314,12 +319,17 @@ def test_numbers_read_as_a_person_reads_them():
 # ---- the model benchmark (bench/model.py, bench/llama_cpp.py): its byte model, plots and skips ----
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    import model
+def small_checkpoint(tmp_path_factory):
     from model.generate import write_random_checkpoint
 
-    return model.from_pretrained(write_random_checkpoint(tmp_path_factory.mktemp("m") / "c", tokenizer=False),
-                                 backend="torch")
+    return write_random_checkpoint(tmp_path_factory.mktemp("m") / "c", tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def small_model(small_checkpoint):
+    import model
+
+    return model.from_pretrained(small_checkpoint, backend="torch")
 
 
 def test_decode_step_bytes_count_every_weight_once(small_model):
@@ -354,6 +364,13 @@ def _model_rows():
                               kv_bytes=kv * context * 4096, step_bytes=1e8 + kv * context * 4096, floor_gbps=10.0,
                               floor_ms=(1e8 + kv * context * 4096) / 1e7, x_floor=ms / ((1e8 + kv * context * 4096) / 1e7))]
         rows.append(dict(op="model", backend="llama.cpp-f32", peer=True, variant=variant, error="not installed"))
+    for backend, peer, parts in (("torch", False, (100, 200, 20)), ("mkl", False, (50, 100, 20)),
+                                 ("transformers", True, (400, 1000, 40))):
+        ms = sum(parts)
+        rows.append(dict(op="model", backend=backend, peer=peer, variant="hybrid", context=2048, phase="train",
+                         dtype="float32",
+                         median_ms=ms, p20_ms=0.9 * ms, p80_ms=1.1 * ms, tokens_per_s=2048 / (ms / 1e3), error="",
+                         **dict(zip(("forward_ms", "backward_ms", "optimizer_ms"), parts))))
     return rows
 
 
@@ -362,12 +379,52 @@ def test_model_plots_and_summary(tmp_path):
 
     rows = _model_rows()
     bench_model.plot(rows, tmp_path)
-    for name in ("model_tokens_per_s", "model_gap", "model_decode_floor", "model_cache_memory"):
+    for name in ("model_tokens_per_s", "model_gap", "model_decode_floor", "model_cache_memory", "model_train"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     lines = bench_model.summary(rows)
+    assert "train at 2048: mkl 12047.1 tok/s, 170 ms per step (forward 50 + backward 100 + optimizer 20 ms)" in lines
+    assert "train at 2048: mkl (the lab's fastest) = 8.47x transformers' tokens/s on the same checkpoint " \
+           "(target: at least 5x at 2048 tokens)" in lines
     assert any(line.startswith("decode floor at 2048 (all_attention): torch") for line in lines)
     assert any("all-attention / hybrid = " in line for line in lines)
     assert any(line.startswith("llama.cpp-f32 (hybrid) skipped: not installed") for line in lines)
+
+
+def test_model_training_target_in_the_report(tmp_path):
+    """The train rows meet the model's declared target in the report (ours / transformers' time per step), and the
+    step's parts are columns of the model's table."""
+    from bench import model as bench_model
+
+    rows = [dict(r, shape="bench", device="cpu") for r in _model_rows() if r.get("phase") == "train"]
+    bench_model.plot(rows, tmp_path)  # the model's sweep draws its own PNGs; the report links them
+    sweep.merge(tmp_path / "results.csv", [dict(r, peak_tflops=0.1, peak_gbps=20.0, device_name="test cpu")
+                                           for r in rows])
+    text = report.write(tmp_path, "cpu").read_text()
+    target = text.split("### Model training")[1].split("\n### ")[0]
+    assert "`mkl` 170 ms; `transformers` 1.44 s: **8.47x**: met." in target
+    model_section = text.split("## model")[1]
+    assert "| median | p20 | p80 | tokens/s | forward | backward | optimizer |" in model_section
+    assert "| mkl | float32 | bench | hybrid | train | 2,048 | 170 ms |" in model_section
+    assert "![model_train](model_train.png)" in model_section
+
+
+def test_training_step_of_the_lab_and_transformers(small_checkpoint):
+    """A tiny real train phase: the lab's torch backend and transformers, one sequence of 12 tokens of the small
+    checkpoint, timed steps whose parts add up to about the step."""
+    from bench import model as bench_model
+
+    with sweep.one_thread():
+        for name in ("torch", "transformers"):
+            (row,) = bench_model.measure_training(small_checkpoint, "hybrid", name, 12, "cpu", torch.float32, 0.05,
+                                                  1)
+            assert not row.get("error"), row
+            assert row["phase"] == "train" and row["context"] == 12 and row["repeats"] >= 1
+            assert row["peer"] == (name == "transformers")
+            assert row["backends"] == ("" if name == "transformers" else
+                                       "gated_delta_rule=torch;attention=torch;route=torch;moe=torch")
+            assert row["tokens_per_s"] == pytest.approx(12 / (row["median_ms"] / 1e3))
+            parts = [row[f"{part}_ms"] for part in ("forward", "backward", "optimizer")]
+            assert min(parts) > 0 and 0.5 * row["median_ms"] < sum(parts) < 2 * row["median_ms"], row
 
 
 def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
@@ -453,7 +510,7 @@ def test_report_has_a_training_section(tmp_path):
      "--backend numba: has no backward for moe; --pass backward times backends with a backward"),
     (["--op", "moe", "--quick", "--pass", "backward", "--backend", "reference"],
      "--backend reference: is the yardstick of the gradients"),
-    (["--op", "model", "--pass", "backward"], "--op model has a sweep of its own (forward only)"),
+    (["--op", "model", "--pass", "backward"], "--op model has a sweep of its own, which takes no --pass"),
     (["--op", "moe", "--pass", "sideways"], "argument --pass: invalid choice: 'sideways'"),
 ])
 def test_sweep_refuses_bad_passes(argv, message, tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ from bench import inputs
 from kernels import registry
 from kernels.cuda import SOURCES
 from profiling.static import parse_ptxas
+from reference.tolerance import state_tolerance
 from tests.helpers import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
 
 CUDA_DIR = Path(kernels.__file__).parent / "cuda"
@@ -58,13 +59,14 @@ def test_grouped_gemm_runs_on_tensor_cores(tmp_path):
         assert "wmma.mma.sync" in body, f"{name} has no tensor-core MMA"
 
 
-def _torch_state_pass(k, w, u, gcum, h0):
+def _torch_state_pass(k, w, u, gcum, h0, state_dtype):
     """What gdr_chunk_state computes, in torch (kernels/cuda/gated_delta_rule.cu documents it); w None: linear
-    attention's state pass."""
+    attention's state pass. The state is float32, rounded to state_dtype after every chunk; h and the final state
+    are returned in state_dtype."""
     from kernels.cuda.gated_delta_rule import CHUNK
 
     N, Hv, Tp, K = k.shape
-    S = torch.zeros(N, Hv, K, u.shape[-1]) if h0 is None else h0.clone()
+    S = torch.zeros(N, Hv, K, u.shape[-1]) if h0 is None else h0.to(state_dtype).float()
     states, values = [], []
     for start in range(0, Tp, CHUNK):
         span = slice(start, start + CHUNK)
@@ -74,7 +76,8 @@ def _torch_state_pass(k, w, u, gcum, h0):
         last = gcum[:, :, start + CHUNK - 1]
         decay = (last[..., None] - gcum[:, :, span]).exp()
         S = last.exp()[..., None, None] * S + (k[:, :, span] * decay[..., None]).transpose(-1, -2) @ v_new
-    return torch.stack(states, 2), torch.cat(values, 2), S
+        S = S.to(state_dtype).float()
+    return torch.stack(states, 2).to(state_dtype), torch.cat(values, 2), S.to(state_dtype)
 
 
 GDR_CASES = {
@@ -86,19 +89,37 @@ GDR_CASES = {
 }
 
 
+def _with_state_dtype(args, state_dtype):
+    """args with their initial state (if any) in state_dtype, checked by kernels.validate with that state_dtype."""
+    if args["initial_state"] is not None:
+        args["initial_state"] = args["initial_state"].to(state_dtype)
+    return args | dict(state_dtype=state_dtype)
+
+
+def _state_tolerances(dtype, state_dtype, T):
+    """(o's, the state's) tolerance: the input dtype's (float32's for the state), plus a state_dtype state's
+    rounding, once per chunk at most (T times)."""
+    if state_dtype == torch.float32:
+        return TOLERANCE[dtype], TOLERANCE[torch.float32]
+    return state_tolerance(dtype, "cpu", state_dtype, T), state_tolerance(torch.float32, "cpu", state_dtype, T)
+
+
 @pytest.mark.parametrize("case", GDR_CASES.values(), ids=GDR_CASES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_chunk_host_side_on_cpu(case, dtype, seed):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_chunk_host_side_on_cpu(case, dtype, state_dtype, seed):
     from kernels.cuda.gated_delta_rule import chunk_gated_delta_rule
 
-    args = kernels.validate.gated_delta_rule(**inputs.gated_delta_rule(dtype=dtype, seed=seed, **case))
+    raw = _with_state_dtype(inputs.gated_delta_rule(dtype=dtype, seed=seed, **case), state_dtype)
+    args = kernels.validate.gated_delta_rule(**raw)
     ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
     del args["mode"]
     with poisoned_allocations():
         o, s = chunk_gated_delta_rule(**args, state_pass=_torch_state_pass)
-    assert o.dtype == dtype
-    assert_close(o, ref_o, dtype, "chunk o", seed)
-    assert_close(s, ref_s, torch.float32, "chunk final state", seed)
+    assert o.dtype == dtype and s.dtype == state_dtype
+    o_tol, s_tol = _state_tolerances(dtype, state_dtype, args["q"].shape[1])
+    assert_close(o, ref_o, dtype, "chunk o", seed, o_tol)
+    assert_close(s, ref_s, torch.float32, "chunk final state", seed, s_tol)
 
 
 LA_CASES = {
@@ -112,16 +133,19 @@ LA_CASES = {
 
 @pytest.mark.parametrize("case", LA_CASES.values(), ids=LA_CASES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_linear_attention_host_side_on_cpu(case, dtype, seed):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_linear_attention_host_side_on_cpu(case, dtype, state_dtype, seed):
     from kernels.cuda.linear_attention import linear_attention
 
-    args = kernels.validate.linear_attention(**inputs.linear_attention(dtype=dtype, seed=seed, **case))
+    raw = _with_state_dtype(inputs.linear_attention(dtype=dtype, seed=seed, **case), state_dtype)
+    args = kernels.validate.linear_attention(**raw)
     ref_o, ref_s = kernels.get("linear_attention", "reference")(**to_float64(args))
     with poisoned_allocations():
         o, s = linear_attention(**args, state_pass=_torch_state_pass)
-    assert o.dtype == dtype
-    assert_close(o, ref_o, dtype, "linear attention o", seed)
-    assert_close(s, ref_s, torch.float32, "linear attention final state", seed)
+    assert o.dtype == dtype and s.dtype == state_dtype
+    o_tol, s_tol = _state_tolerances(dtype, state_dtype, args["q"].shape[1])
+    assert_close(o, ref_o, dtype, "linear attention o", seed, o_tol)
+    assert_close(s, ref_s, torch.float32, "linear attention final state", seed, s_tol)
 
 
 # ---- GPU parity (skipped without a CUDA GPU) ----

@@ -23,7 +23,7 @@ from tests.helpers import DTYPES, assert_close, lab_backends, tolerance
 
 OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "final_state"), "attention": ("o",),
            "route": ("weights", "ids"), "moe_permute": ("x", "offsets", "source"), "moe_unpermute": ("y",),
-           "grouped_gemm": ("y",), "moe": ("y",)}
+           "grouped_gemm": ("y",), "moe": ("y",), "grouped_gemm_fp8": ("y",), "moe_fp8": ("y",)}
 RECURRENT = ("linear_attention", "gated_delta_rule")
 
 # Each op's batch, as keywords of bench.inputs, by how the backend reaches CPU tensors: natively ("cpu"), under
@@ -53,6 +53,10 @@ SHAPES = {
                      "cudasim": dict(expert=dict(N=6, E=3, top_k=2, K=8, Nout=8))},
     "moe": {"cpu": dict(token=dict(_MOE, D=64, I=32, drop=0.2)),
             "interpret": dict(token=dict(_MOE_SMALL, D=32, I=16, drop=0.2))},
+    "grouped_gemm_fp8": {"cpu": dict(expert=dict(_MOE, K=160, Nout=48)),
+                         "interpret": dict(expert=dict(_MOE_SMALL, K=160, Nout=16))},
+    "moe_fp8": {"cpu": dict(token=dict(_MOE, D=160, I=32, drop=0.2)),
+                "interpret": dict(token=dict(_MOE_SMALL, D=160, I=16, drop=0.2))},
 }
 TOKENS = (0, 1, -1)  # the tokens of a batch checked alone (route, moe_permute, moe_unpermute, moe)
 
@@ -200,7 +204,7 @@ def _parts(op, args, kind):
         return _sequences(args, kind)
     if op == "attention":
         return _attention_rows(args)
-    if op == "grouped_gemm":
+    if op in ("grouped_gemm", "grouped_gemm_fp8"):
         return _experts(args)
     return _tokens(op, args)
 

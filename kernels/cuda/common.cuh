@@ -14,6 +14,10 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// x as stored in a T between steps, back in float (round to nearest even; a no-op for float): a recurrent state
+// kept in float registers or shared memory but stored as T (state_dtype).
+template <typename T> __device__ __forceinline__ float stored(float x) { return to_float(from_float<T>(x)); }
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) x += __shfl_xor_sync(0xffffffffu, x, lane_mask);

@@ -7,6 +7,8 @@ giving w and u, and the outputs), and gdr_chunk_state carries the state across c
     [kernel] h_c = S;  v_new = u - w S;  S = e^{G_last} S + (e^{G_last - G} k)^T v_new
     o = scale (e^G q h_c + tril(q k^T e^{G_i - G_j}) v_new).
 Packed sequences are padded to whole chunks (padding has k = v = beta = g = 0, which leaves the state alone).
+Both kernels keep the state in float and round it to state_dtype where it is stored: after every token
+(recurrent), after every chunk (the chunk states h_c, stored in state_dtype).
 """
 import numpy as np
 import torch
@@ -19,9 +21,10 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # K of the recurrent instantiations (other K
 CHUNK_HEAD_DIMS = (16, 32, 64, 128)
 BV, SPLIT = 32, 4  # recurrent block: BV state columns x SPLIT row groups
 CHUNK, CHUNK_BV, CHUNK_ROWS = 64, 32, 8
-NAMES = (tuple(f"gdr_recurrent<{t}, {K}, {BV}, {SPLIT}>" for t in ("float", "__half", "__nv_bfloat16")
-               for K in HEAD_DIMS)
-         + tuple(f"gdr_chunk_state<{K}, {CHUNK_BV}, {CHUNK_ROWS}, {CHUNK}>" for K in CHUNK_HEAD_DIMS))
+C_TYPES = ("float", "__half", "__nv_bfloat16")
+NAMES = (tuple(f"gdr_recurrent<{t}, {st}, {K}, {BV}, {SPLIT}>" for t in C_TYPES for st in C_TYPES for K in HEAD_DIMS)
+         + tuple(f"gdr_chunk_state<{st}, {K}, {CHUNK_BV}, {CHUNK_ROWS}, {CHUNK}>" for st in C_TYPES
+                 for K in CHUNK_HEAD_DIMS))
 
 
 def _padded_dim(K, dims):
@@ -35,19 +38,20 @@ def _pad_last(x, size):
     return x if x is None or x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
-def _recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens):
+def _recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype):
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     Kp = _padded_dim(K, HEAD_DIMS)
     q, k = (_pad_last(t, Kp).contiguous() for t in (q, k))
-    h0 = None if initial_state is None else F.pad(initial_state.float(), (0, 0, 0, Kp - K)).contiguous()
-    ht = torch.empty(N, Hv, Kp, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    h0 = None if initial_state is None else F.pad(initial_state.to(state_dtype), (0, 0, 0, Kp - K)).contiguous()
+    ht = torch.empty(N, Hv, Kp, V, dtype=state_dtype, device=v.device) if output_final_state else None
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     v = v.contiguous()
     g, beta = (t.to(torch.float32).contiguous() for t in (g, beta))
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-    kernel = module(SOURCE, NAMES).get_function(f"gdr_recurrent<{ctype(v.dtype)}, {Kp}, {BV}, {SPLIT}>")
+    kernel = module(SOURCE, NAMES).get_function(
+        f"gdr_recurrent<{ctype(v.dtype)}, {ctype(state_dtype)}, {Kp}, {BV}, {SPLIT}>")
     with on_torch_stream(v.device):
         kernel((cdiv(V, BV), Hv, N), (BV, SPLIT), (
             ptr(q), ptr(k), ptr(v), ptr(g), ptr(beta), ptr(h0), ptr(ht), ptr(o), ptr(cu), np.int32(T),
@@ -55,20 +59,22 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     return o, (None if ht is None else ht[:, :, :K].contiguous())
 
 
-def chunk_state_pass(k, w, u, gcum, h0):
+def chunk_state_pass(k, w, u, gcum, h0, state_dtype):
     """The kernel: k, w [N, Hv, Tp, K]; u [N, Hv, Tp, V]; gcum [N, Hv, Tp] (float32, Tp a multiple of CHUNK);
-    h0 [N, Hv, K, V] or None. Returns h [N, Hv, Tp / CHUNK, K, V] (the state entering each chunk),
-    v_new [N, Hv, Tp, V] and the final state [N, Hv, K, V]. w None: linear attention's pass (v_new is u)."""
+    h0 [N, Hv, K, V] or None (converted to state_dtype). Returns h [N, Hv, Tp / CHUNK, K, V] (the state entering
+    each chunk), v_new [N, Hv, Tp, V] and the final state [N, Hv, K, V], h and the final state in state_dtype (the
+    state is rounded to it after every chunk). w None: linear attention's pass (v_new is u)."""
     N, Hv, Tp, K = k.shape
     V = u.shape[-1]
     Kp = _padded_dim(K, CHUNK_HEAD_DIMS)
     k, w = (None if t is None else _pad_last(t, Kp).contiguous() for t in (k, w))
-    h0 = None if h0 is None else F.pad(h0, (0, 0, 0, Kp - K)).contiguous()
-    h = torch.empty(N, Hv, Tp // CHUNK, Kp, V, dtype=torch.float32, device=k.device)
+    h0 = None if h0 is None else F.pad(h0.to(state_dtype), (0, 0, 0, Kp - K)).contiguous()
+    h = torch.empty(N, Hv, Tp // CHUNK, Kp, V, dtype=state_dtype, device=k.device)
     v_new = None if w is None else torch.empty(N, Hv, Tp, V, dtype=torch.float32, device=k.device)
-    ht = torch.empty(N, Hv, Kp, V, dtype=torch.float32, device=k.device)
+    ht = torch.empty(N, Hv, Kp, V, dtype=state_dtype, device=k.device)
     u, gcum = u.contiguous(), gcum.contiguous()
-    kernel = module(SOURCE, NAMES).get_function(f"gdr_chunk_state<{Kp}, {CHUNK_BV}, {CHUNK_ROWS}, {CHUNK}>")
+    kernel = module(SOURCE, NAMES).get_function(
+        f"gdr_chunk_state<{ctype(state_dtype)}, {Kp}, {CHUNK_BV}, {CHUNK_ROWS}, {CHUNK}>")
     with on_torch_stream(k.device):
         kernel((cdiv(V, CHUNK_BV), Hv, N), (CHUNK_BV, CHUNK_ROWS), (
             ptr(k), ptr(w), ptr(u), ptr(gcum), ptr(h0), ptr(h), ptr(v_new), ptr(ht), np.int32(Tp), np.int32(Hv),
@@ -91,9 +97,9 @@ def _token_index(B, T, cu_seqlens, device):
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                           cu_seqlens, state_pass=chunk_state_pass):
+                           cu_seqlens, state_dtype, state_pass=chunk_state_pass):
     """The chunked algorithm (module docstring) with `state_pass` carrying the state across chunks. Returns
-    o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] float32 (or None)."""
+    o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype (or None)."""
     B, T, Hk, K = q.shape
     Hv, V, out_dtype = v.shape[2], v.shape[3], v.dtype
     q, k, v, g, beta = (t.to(torch.float32) for t in (q, k, v, g, beta))
@@ -120,10 +126,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
     unit_lower = A.tril(-1) + torch.eye(C, device=q.device)
     w = torch.linalg.solve_triangular(unit_lower, kc * (bc * gcum.exp())[..., None], upper=False, unitriangular=True)
     u = torch.linalg.solve_triangular(unit_lower, vc * bc[..., None], upper=False, unitriangular=True)
-    h0 = None if initial_state is None else initial_state.to(torch.float32)
-    h, v_new, final = state_pass(kp, w.reshape(N, Hv, Tp, K), u.reshape(N, Hv, Tp, V), gcum.reshape(N, Hv, Tp), h0)
+    h, v_new, final = state_pass(kp, w.reshape(N, Hv, Tp, K), u.reshape(N, Hv, Tp, V), gcum.reshape(N, Hv, Tp),
+                                 initial_state, state_dtype)
     v_new = v_new.reshape(N, Hv, nC, C, V)
-    o = (qc * gcum.exp()[..., None]) @ h + ((qc @ kc.transpose(-1, -2)) * gate) @ v_new
+    o = (qc * gcum.exp()[..., None]) @ h.float() + ((qc @ kc.transpose(-1, -2)) * gate) @ v_new
     o = (scale * o).reshape(N, Hv, Tp, V).movedim(1, 2)  # [N, Tp, Hv, V]
     out = torch.empty(B * T, Hv, V, dtype=out_dtype, device=v.device)
     out[index[valid]] = o[valid].to(out_dtype)
@@ -131,8 +137,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode):
-    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None (K <= 256,
-    chunk mode K <= 128). Returns o [B, T, Hv, V] in v's dtype and the float32 final state (or None)."""
-    args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens)
+                     mode, state_dtype):
+    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] in state_dtype or None
+    (K <= 256, chunk mode K <= 128). Returns o [B, T, Hv, V] in v's dtype and the final state in state_dtype (or
+    None)."""
+    args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype)
     return chunk_gated_delta_rule(*args) if mode == "chunk" else _recurrent(*args)

@@ -9,11 +9,13 @@ import torch
 from kernels.cuda.gated_delta_rule import CHUNK, _token_index, chunk_state_pass
 
 
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode,
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, state_dtype,
                      state_pass=chunk_state_pass):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] or None; initial_state [N, H, K, V] or None (K <= 128).
-    Returns o [B, T, H, V] in v's dtype and the float32 final state [N, H, K, V] (or None). Both modes run the
-    chunked algorithm (the same function). `state_pass` is the kernel's launcher (tests give a torch model of it to check this host side without a GPU)."""
+    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] or None; initial_state [N, H, K, V] in state_dtype or None
+    (K <= 128). Returns o [B, T, H, V] in v's dtype and the final state [N, H, K, V] in state_dtype (or None). Both
+    modes run the chunked algorithm (the same function), the state rounded to state_dtype after every chunk.
+    `state_pass` is the kernel's launcher (tests give a torch model of it to check this host side without a
+    GPU)."""
     B, T, H, K = q.shape
     V, out_dtype = v.shape[3], v.dtype
     q, k, v = (t.to(torch.float32) for t in (q, k, v))
@@ -28,12 +30,11 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
 
     qp, kp, vp, gp = padded(q), padded(k), padded(v), padded(g[..., None])[..., 0]
     gcum = gp.reshape(N, H, nC, C).cumsum(-1)
-    h0 = None if initial_state is None else initial_state.to(torch.float32)
-    h, _, final = state_pass(kp, None, vp, gcum.reshape(N, H, Tp), h0)
+    h, _, final = state_pass(kp, None, vp, gcum.reshape(N, H, Tp), initial_state, state_dtype)
     qc, kc, vc = qp.reshape(N, H, nC, C, K), kp.reshape(N, H, nC, C, K), vp.reshape(N, H, nC, C, V)
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     gate = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~lower, float("-inf")).exp()
-    o = (qc * gcum.exp()[..., None]) @ h + ((qc @ kc.transpose(-1, -2)) * gate) @ vc
+    o = (qc * gcum.exp()[..., None]) @ h.float() + ((qc @ kc.transpose(-1, -2)) * gate) @ vc
     o = (scale * o).reshape(N, H, Tp, V).movedim(1, 2)  # [N, Tp, H, V]
     out = torch.empty(B * T, H, V, dtype=out_dtype, device=v.device)
     out[index[valid]] = o[valid].to(out_dtype)

@@ -3,7 +3,8 @@ possible, plus fused ElementwiseKernel / ReductionKernel parts). Declared here, 
 programs run on NumPy arrays for CPU tensors (tests/test_cuda_cupy.py checks them that way without a GPU)."""
 import torch
 
-from kernels.registry import family_backends
+from kernels.registry import FP8_OPS, OPS, family_backends
 
 BACKENDS = family_backends("kernels.cupy", "cupy", ("cuda",), requires=("cupy",),
-                           dtypes=(torch.float32, torch.float16, torch.bfloat16))
+                           dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                           ops=tuple(op for op in OPS if op not in FP8_OPS))

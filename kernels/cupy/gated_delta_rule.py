@@ -9,6 +9,7 @@ k = v = beta = g = 0 and leaves the state alone), then
   state update decay * S + k u^T.
 Float32 inside; half-precision inputs are converted at the edge.
 """
+from kernels.validate import check_state_dtype
 
 from kernels.cupy._array import (array_module, as_array, as_tensor, decay_rank1, l2normalize, pad_sequences,
                                  padded_positions, torch_stream, unpad_sequences)
@@ -57,9 +58,11 @@ def _recurrent(xp, q, k, v, g, beta, S, scale):
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode):
+                     mode, state_dtype):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
-    Returns o [B, T, Hv, V] in v's dtype and the float32 final state [N, Hv, K, V] (or None)."""
+    Returns o [B, T, Hv, V] in v's dtype and the float32 final state [N, Hv, K, V] (or None). state_dtype: float32
+    only (CuPy has no bfloat16 arrays)."""
+    check_state_dtype(state_dtype, v, "cupy", "gated_delta_rule")
     xp = array_module(v)
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]

@@ -4,14 +4,16 @@ k = v = g = 0 and leaves the state alone), then per chunk, with G the cumulative
 the intra-chunk part for all chunks at once and the state carried by one batched matmul per chunk."""
 from kernels.cupy._array import (array_module, as_array, as_tensor, pad_sequences, padded_positions, torch_stream,
                                  unpad_sequences)
+from kernels.validate import check_state_dtype
 
 CHUNK = 64
 
 
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode):
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, state_dtype):
     """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] or None; initial_state [N, H, K, V] or None.
     Returns o [B, T, H, V] in v's dtype and the float32 final state (or None). Both modes run the chunked
-    program (the same function)."""
+    program (the same function). state_dtype: float32 only (CuPy has no bfloat16 arrays)."""
+    check_state_dtype(state_dtype, v, "cupy", "linear_attention")
     xp = array_module(v)
     B, T, H, K = q.shape
     V = v.shape[3]

@@ -12,6 +12,8 @@ gamma = exp(gcum), D_ij = exp(gcum_i - gcum_j) for j <= i (else 0) and S the sta
   S = exp(gcum_c) S + (k exp(gcum_c - gcum))^T u                       the decay on the GEMM's beta
 For the gated delta rule this is kernels.torch.gated_delta_rule's WY form with A^-1 applied by a triangular solve
 to the c x V right-hand side (no w = A^-1 beta gamma k: one product fewer). Linear attention skips the k rows.
+A state_dtype other than float32 rounds S to it after every chunk (_store: round to nearest even on the float32
+bits, as torch's conversions do); S stays a float32 array holding those values.
 """
 import math
 
@@ -21,6 +23,7 @@ import torch
 
 from kernels.mkl.packed import _library
 from kernels.torch.linear_attention import LOG_DECAY_FLOOR, l2norm_backward, start_state
+from kernels.validate import STATE_ROUNDING
 
 _sgemm = _library().sgemm_ if _library() is not None else None
 _strsm = _library().strsm_ if _library() is not None else None
@@ -29,6 +32,8 @@ _NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
 # solve) costs more than the state's products lose on fewer rows. At T = 8192, K = V = 128, 1 thread, chunks of
 # 8 to 20 measured the same, 32 10% slower, 64 35% slower (gated delta rule).
 CHUNK_SIZE = 16
+_FP16_MIN_NORMAL = 2.0 ** -14
+_FP16_OVERFLOW = 65520.0  # the midpoint between float16's largest value 65504 and 2^16: from here on, infinity
 
 
 @numba.njit
@@ -67,6 +72,29 @@ def _solve_unit_lower(chars, ints, floats, m, n, a, lda, b, ldb, transpose):
 
 
 @numba.njit
+def _store(S, rounding):
+    """S [K, V] float32 rounded in place to the nearest bfloat16 (rounding 1) or float16 (2) values, ties to even;
+    0: nothing. bfloat16 keeps the top 16 bits; float16 10 of the 23 mantissa bits, its subnormals steps of 2^-24,
+    infinity from 65520 on."""
+    if rounding == 0:
+        return
+    bits = S.view(np.uint32)
+    for i in range(S.shape[0]):
+        for j in range(S.shape[1]):
+            b = bits[i, j]
+            if rounding == 1:
+                bits[i, j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+                continue
+            x = S[i, j]
+            if abs(x) >= _FP16_OVERFLOW:
+                S[i, j] = math.copysign(math.inf, x)
+            elif abs(x) < _FP16_MIN_NORMAL:
+                S[i, j] = np.rint(x * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24)
+            else:
+                bits[i, j] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+
+
+@numba.njit
 def _scaled_rows(dst, src, t0, c, head, factor, l2norm):
     """dst[i] = src[t0 + i, head] * factor (over its l2 norm when l2norm) for i < c."""
     for i in range(c):
@@ -82,9 +110,10 @@ def _scaled_rows(dst, src, t0, c, head, factor, l2norm):
 
 
 @numba.njit(fastmath=True)
-def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, scale, qk_l2norm, delta_rule):
+def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, scale, qk_l2norm, delta_rule,
+                       rounding):
     """One sequence (rows start .. start + length) and key head hk with its value heads, chunk after chunk.
-    state [Hv, K, V]: the sequence's, updated in place."""
+    state [Hv, K, V]: the sequence's, updated in place (and _store-d with `rounding` after every chunk)."""
     Hk, K = k.shape[1], k.shape[2]
     Hv, V = v.shape[1], v.shape[2]
     G = Hv // Hk
@@ -139,10 +168,11 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
                     decayed_k[i, d] = R[i, d] * factor
             _gemm(chars, ints, floats, True, False, K, V, c, 1.0, decayed_k.ctypes.data, K, U.ctypes.data, V,
                   gamma[c - 1], S.ctypes.data, V)
+            _store(S, rounding)
 
 
 @numba.njit(parallel=True)
-def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm, delta_rule):
+def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm, delta_rule, rounding):
     """q, k [rows, Hk, K]; v, out [rows, Hv, V]; g, beta [rows, Hv] (rows = B T; sequence n at rows
     starts[n] .. starts[n] + lengths[n]); state [N, Hv, K, V], updated in place. All float32, contiguous.
     Sequences and key heads run in parallel on numba's threads."""
@@ -150,7 +180,7 @@ def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm,
     for job in numba.prange(starts.shape[0] * Hk):
         n = job // Hk
         _sequence_key_head(q, k, v, g, beta, starts[n], lengths[n], state[n], out, job % Hk, chunk, scale,
-                           qk_l2norm, delta_rule)
+                           qk_l2norm, delta_rule, rounding)
 
 
 def _rows(x):
@@ -166,18 +196,19 @@ def _sequences(B, T, cu_seqlens):
     return bounds[:-1], bounds.diff()
 
 
-def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm=False, chunk_size=None):
+def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use_qk_l2norm=False, chunk_size=None):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv] (log decays); beta [B, T, Hv] for the gated delta rule,
-    None for linear attention; initial_state None or [N, Hv, K, V]. CPU tensors; computed in float32.
-    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] float32."""
+    None for linear attention; initial_state None or [N, Hv, K, V] in state_dtype (float32, bfloat16 or float16:
+    the state is rounded to it after every chunk). CPU tensors; computed in float32.
+    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype."""
     B, T, Hv, V = v.shape
     starts, lengths = _sequences(B, T, cu_seqlens)
     state = start_state(initial_state, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
     out = torch.empty(B * T, Hv, V, dtype=torch.float32)
     delta_rule = beta is not None  # linear attention passes g in beta's place, its values unused
     _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta if delta_rule else g), starts.numpy(), lengths.numpy(),
-         state.numpy(), out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, delta_rule)
-    return out.view(B, T, Hv, V).to(v.dtype), state
+         state.numpy(), out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, delta_rule, STATE_ROUNDING[state_dtype])
+    return out.view(B, T, Hv, V).to(v.dtype), state.to(state_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ backward

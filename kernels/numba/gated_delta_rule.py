@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kernels.numba._edge import as_array, compute_dtype, sequence_bounds
+from kernels.validate import check_state_dtype
 
 CHUNK = 64
 
@@ -166,10 +167,12 @@ def _chunk_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o, sca
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, chunk_size=CHUNK):
+                     mode, state_dtype, chunk_size=CHUNK):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
     Returns o [B, T, Hv, V] in v's dtype and the float32 (float64 for float64 inputs) state [N, Hv, K, V] or None.
-    mode "chunk" runs the chunked kernel (chunk size `chunk_size`, default 64), "recurrent" the token loop."""
+    mode "chunk" runs the chunked kernel (chunk size `chunk_size`, default 64), "recurrent" the token loop.
+    state_dtype: the default only (the kernels keep the state in place in the state array)."""
+    check_state_dtype(state_dtype, v, "numba", "gated_delta_rule")
     B, T, Hv, V = v.shape
     K = q.shape[3]
     dtype = compute_dtype(v)

@@ -13,6 +13,7 @@ from numba import cuda, float32
 
 from kernels.numba_cuda import NumbaAotSpec
 from kernels.numba._edge import device_array, float32_contiguous, sequence_bounds
+from kernels.validate import check_state_dtype
 
 BV = 32  # state columns per block (one warp)
 MAX_K = 128  # the key head dim the shared state tile is sized for (Qwen3.5's; 16 KB of shared memory)
@@ -75,10 +76,11 @@ def _recurrent_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o,
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode):
+                     mode, state_dtype):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
     Returns o [B, T, Hv, V] in v's dtype and the float32 state [N, Hv, K, V] (or None). Both modes run the
-    token-by-token kernel (there is no chunked numba.cuda kernel); K <= 128."""
+    token-by-token kernel (there is no chunked numba.cuda kernel); K <= 128; state_dtype float32 only."""
+    check_state_dtype(state_dtype, v, "numba_cuda", "gated_delta_rule")
     B, T, Hv, V = v.shape
     K = q.shape[3]
     if K > MAX_K:

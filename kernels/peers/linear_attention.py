@@ -9,6 +9,8 @@ and chunk_simple_gla, which take the lab's arguments nearly as they are.
 """
 import torch
 
+from kernels.validate import check_state_dtype
+
 __all__ = ["transformers_gated_delta_rule", "fla_gated_delta_rule", "fla_linear_attention"]
 
 
@@ -20,9 +22,11 @@ def _transformers_functions():
 
 
 def transformers_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                  cu_seqlens, mode):
+                                  cu_seqlens, mode, state_dtype):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V].
-    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] float32 (or None)."""
+    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] float32 (or None); no other
+    state_dtype."""
+    check_state_dtype(state_dtype, v, "transformers", "gated_delta_rule")
     K = q.shape[-1]
     if scale != K ** -0.5:
         raise ValueError(f"backend 'transformers' of gated_delta_rule always scales by K^-0.5 = {K ** -0.5}, "
@@ -51,9 +55,10 @@ def transformers_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output
 
 
 def fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                         mode):
+                         mode, state_dtype):
     """fla's chunk_gated_delta_rule (mode "chunk") or fused_recurrent_gated_delta_rule ("recurrent"); both take
-    [B, T, Hk, K] keys with [B, T, Hv, V] values (grouped value heads) and [N, Hv, K, V] states."""
+    [B, T, Hk, K] keys with [B, T, Hv, V] values (grouped value heads) and [N, Hv, K, V] float32 states."""
+    check_state_dtype(state_dtype, v, "fla", "gated_delta_rule")
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     fn = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
@@ -62,9 +67,10 @@ def fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_st
               cu_seqlens=None if cu_seqlens is None else cu_seqlens.long())
 
 
-def fla_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode):
+def fla_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, state_dtype):
     """fla's chunk_simple_gla (head-wise scalar gate g [B, T, H] in log space, None for no decay); both modes run
-    it (the same function)."""
+    it (the same function); float32 states only."""
+    check_state_dtype(state_dtype, v, "fla", "linear_attention")
     from fla.ops.simple_gla import chunk_simple_gla
 
     return chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=initial_state,

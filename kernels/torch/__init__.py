@@ -13,4 +13,5 @@ BACKENDS = batch_variant(family_backends("kernels.torch", "torch", ("cpu", "cuda
                         "token takes packed with other sequences",
     "moe": "CPU GEMM blocking depends on M: an expert's GEMM over the rows of its tokens (MKL's matrix-vector "
            "kernel at M = 1) rounds a token's sums otherwise with the other tokens routed to that expert",
+    "moe_fp8": "as moe: its float32 GEMMs on the dequantized weights block by the rows of an expert's tokens",
 })

@@ -26,10 +26,10 @@ CPU_CHUNK_SIZE = 32
 
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-               initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+               initial_state: torch.Tensor | None, state_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V] (overwritten: it holds
-    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]. Returns o [NC, N, Hk, G, C, V]
-    and the final state [N * Hk * G, K, V]."""
+    the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]; the state between chunks stored
+    in state_dtype. Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V] in v's dtype."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
@@ -53,7 +53,8 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     keys = (k.unsqueeze(3) * decay_exp_(gcum[..., -1:] - gcum)[..., None]).view(NC, M, C, K)
     q_decayed = (q.unsqueeze(3) * gamma[..., None]).view(NC, M, C, K)
     o = v.view(NC, M, C, V)  # v is spent (u holds it): the output takes its place
-    state = state_pass(keys, u, gamma[..., -1].reshape(NC, M), q_decayed, o, initial_state, w=w)  # u: v_new
+    state = state_pass(keys, u, gamma[..., -1].reshape(NC, M), q_decayed, o, initial_state, state_dtype,
+                       w=w)  # u: v_new
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), u.view(NC * M, C, V))
     return o.view(NC, N, Hk, G, C, V), state
 
@@ -63,7 +64,7 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
     dozen batched ops: the token loop's layout changes cost more than the step itself. q, k [B, 1, Hk, K];
     v [B, 1, Hv, V]; g, beta [B, 1, Hv]; initial_state None or [B, Hv, K, V] (never written). With S' = exp(g) S:
     u = beta (v - S'^T k), S = S' + k u^T, o = S^T q = S'^T q + (q . k) u.
-    Returns o [B, 1, Hv, V] in v's dtype and the state [B, Hv, K, V] in dtype."""
+    Returns o [B, 1, Hv, V] in v's dtype and the state [B, Hv, K, V] in dtype (unrounded: the caller stores it)."""
     B, _, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     kq = torch.stack([k[:, 0], q[:, 0]], dim=2).to(dtype)  # [B, Hk, 2, K]
@@ -100,18 +101,19 @@ def _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size
 
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     chunk_size=None):
-    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V].
-    Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size: default 32 on CPU, 64 on
-    GPUs) or "recurrent".
-    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] (float32, float64 for float64
-    inputs) or None. Computes in float32 (float64 for float64 inputs)."""
+                     state_dtype, chunk_size=None):
+    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V] in
+    state_dtype. Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size: default 32 on
+    CPU, 64 on GPUs) or "recurrent".
+    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None. Computes in
+    float32 (float64 for float64 inputs); the state carried between chunks (or tokens) is rounded to
+    state_dtype."""
     T, K = q.shape[1], q.shape[3]
     Hv, V = v.shape[2], v.shape[3]
     dtype = compute_dtype(v)
     if mode == "recurrent" and T == 1 and cu_seqlens is None:
         o, state = decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype)
-        return o, state if output_final_state else None
+        return o, state.to(state_dtype) if output_final_state else None
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
     layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens,
                                                chunk_size if mode == "chunk" else 1, dtype)
@@ -122,22 +124,25 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
         state = initial_state
         for start in range(0, NC, CHUNK_GROUP):
             group = slice(start, start + CHUNK_GROUP)
-            o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state)
+            o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state, state_dtype)
         o = vc
-        state = state.view(N, Hv, K, V) if output_final_state else None  # the pass's own buffer
+        state = state.view(N, Hv, K, V).to(state_dtype) if output_final_state else None  # the pass's own buffer
     else:
-        o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state)
-        state = state.reshape(N, Hv, K, V) if output_final_state else None
+        o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state,
+                                  state_dtype)
+        state = state.reshape(N, Hv, K, V).to(state_dtype) if output_final_state else None
     return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state
 
 
 @torch.no_grad()
 def gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                              cu_seqlens, mode, chunk_size=None):
+                              cu_seqlens, mode, state_dtype, chunk_size=None):
     """The gradients of gated_delta_rule (kernels.autograd's contract): grads {"o": [B, T, Hv, V] or None,
     "final_state": [N, Hv, K, V] or None}; the inputs as the forward's. The chunked backward of the WY form
     (kernels.torch.linear_attention.chunked_backward) whatever the forward's mode (the same function), chunks of
-    chunk_size (default as the forward's). q's and k's gradients are summed over the value heads that read them,
+    chunk_size (default as the forward's). The state is float32 in the backward whatever state_dtype: the
+    rounding of a stored state passes its gradient straight through (as autograd through the reference's
+    `.to(state_dtype)` does). q's and k's gradients are summed over the value heads that read them,
     and taken back through the l2 normalisation when use_qk_l2norm. Returns {q, k [B, T, Hk, K], v [B, T, Hv, V],
     g, beta [B, T, Hv], initial_state [N, Hv, K, V] (None when it is None)} in float32 (float64 for float64
     inputs)."""

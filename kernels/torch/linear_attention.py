@@ -110,6 +110,15 @@ def decay_matrix(gcum: torch.Tensor) -> torch.Tensor:
     return decay_exp_(gcum[..., :, None] - gcum[..., None, :]).tril_()
 
 
+def store_(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """state (the compute dtype) rounded in place to the values it takes when stored in dtype between steps (the
+    state_dtype keyword): the arithmetic stays in state's dtype, only what is carried to the next step is rounded.
+    Nothing to do when dtype is state's own."""
+    if dtype != state.dtype:
+        state.copy_(state.to(dtype))
+    return state
+
+
 def start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """A fresh state of `shape` in dtype for a pass to update in place: a copy of initial_state (the caller's,
     never written) or zeros."""
@@ -119,7 +128,8 @@ def start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtyp
 
 
 def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, reads: torch.Tensor,
-               out: torch.Tensor, initial_state: torch.Tensor | None, w: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor, initial_state: torch.Tensor | None, state_dtype: torch.dtype,
+               w: torch.Tensor | None = None) -> torch.Tensor:
     """The sequential pass over chunks: the only state-dependent work, three matmuls per chunk at most.
 
     keys [NC, M, C, K], values [NC, M, C, V] (M = sequences x value heads); with S_j the state at the start of
@@ -127,7 +137,7 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
       w [NC, M, C, K] (the delta rule): values_j -= w_j S_j                  (values updated in place)
       out_j = reads_j S_j                                                  (reads [NC, M, C, K], out [NC, M, C, V])
       S_{j+1} = chunk_decay_j S_j + keys_j^T values_j                      (chunk_decay [NC, M])
-    Returns the final state [M, K, V]. Two state buffers in turn: the state stays in cache, and the outputs' reads
+    S_{j+1} is stored rounded to state_dtype (store_). Returns the final state [M, K, V] in values' dtype. Two state buffers in turn: the state stays in cache, and the outputs' reads
     of it (out) happen here rather than from a stored state per chunk."""
     NC, M, C, K = keys.shape
     state = start_state(initial_state, (M, K, values.shape[-1]), values.dtype, values.device)
@@ -140,17 +150,17 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
         if delta is not None:
             value.baddbmm_(delta, state, alpha=-1)
         torch.bmm(read, state, out=out_j)
-        torch.mul(state, decay, out=spare).baddbmm_(keys_t, value)
+        store_(torch.mul(state, decay, out=spare).baddbmm_(keys_t, value), state_dtype)
         state, spare = spare, state
     return state
 
 
 def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
-                   initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   initial_state: torch.Tensor | None, state_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token, time-major. q (already scaled), k [T, N, Hk, K]; v [T, N, Hk, G, V]; g, beta [T, N, Hk, G];
     initial_state None or [N, Hk * G, K, V] (never written). beta None: linear attention, S = exp(g) S + k v^T;
-    else the delta rule, u = beta (v - S'^T k), S = S' + k u^T with S' = exp(g) S.
-    The state is kept as [N, Hk, K, G, V] (the G value heads of a key head side by side), so that q and k are
+    else the delta rule, u = beta (v - S'^T k), S = S' + k u^T with S' = exp(g) S. After each token's output the
+    state is stored rounded to state_dtype (store_). The state is kept as [N, Hk, K, G, V] (the G value heads of a key head side by side), so that q and k are
     never repeated. Returns o [T, N, Hk, G, V] and the final state [N, Hk, G, K, V] (a strided view)."""
     T, N, Hk, K = k.shape
     G, V = v.shape[-2:]
@@ -170,7 +180,7 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         read = torch.matmul(reads[t], state.view(N, Hk, K, G * V)).view(N, Hk, -1, G, V)
         u = v[t] if beta is None else (v[t] - read[:, :, 0]).mul_(beta[t][..., None])
         torch.addcmul(read[:, :, -1], qk[t], u, out=o[t])
-        flat.baddbmm_(k[t].reshape(N * Hk, K, 1), u.reshape(N * Hk, 1, G * V))
+        store_(flat.baddbmm_(k[t].reshape(N * Hk, K, 1), u.reshape(N * Hk, 1, G * V)), state_dtype)
     return o, state.transpose(2, 3)
 
 
@@ -181,10 +191,10 @@ def l2norm_scale(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> tor
     return norm.square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
-def chunked(q, k, v, g, initial_state):
+def chunked(q, k, v, g, initial_state, state_dtype):
     """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
-    g [NC, N, H, C]; initial_state None or [N, H, K, V]. Returns o [NC, N, H, C, V] and the final state
-    [N * H, K, V]."""
+    g [NC, N, H, C]; initial_state None or [N, H, K, V]; the state between chunks stored in state_dtype.
+    Returns o [NC, N, H, C, V] and the final state [N * H, K, V] in v's dtype."""
     NC, N, H, C, K = k.shape
     V = v.shape[-1]
     M = N * H
@@ -194,16 +204,19 @@ def chunked(q, k, v, g, initial_state):
     keys = k * decay_exp_(gcum[..., -1:] - gcum)[..., None]
     o = torch.empty(NC, M, C, V, dtype=v.dtype, device=v.device)
     state = state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M),
-                       (q * gamma[..., None]).view(NC, M, C, K), o, initial_state)
+                       (q * gamma[..., None]).view(NC, M, C, K), o, initial_state, state_dtype)
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V))
     return o.view(NC, N, H, C, V), state
 
 
 @torch.no_grad()
-def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size=None):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V].
-    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk" or "recurrent"; chunk_size: default CHUNK_SIZE. Returns o [B, T, H, V] in v's dtype and the
-    final state [N, H, K, V] (float32, float64 for float64 inputs) or None."""
+def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, state_dtype,
+                     chunk_size=None):
+    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V] in state_dtype.
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk" or "recurrent"; chunk_size: default
+    CHUNK_SIZE. Computes in float32 (float64 for float64 inputs); the state carried between chunks (or tokens) is
+    rounded to state_dtype. Returns o [B, T, H, V] in v's dtype and the final state [N, H, K, V] in state_dtype
+    or None."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(v)
@@ -215,12 +228,13 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
     kc, vc, gc = (layout.to_chunks(x, dtype) for x in (k, v, g))
     N = layout.num_seqs
     if mode == "chunk":
-        o, state = chunked(qc, kc, vc, gc, initial_state)
+        o, state = chunked(qc, kc, vc, gc, initial_state, state_dtype)
     else:
         o, state = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0],
-                                  None, initial_state)
+                                  None, initial_state, state_dtype)
         o = o.view(-1, N, H, 1, V)
-    return layout.from_chunks(o, v.dtype), state.reshape(N, H, K, V).clone() if output_final_state else None
+    final = state.reshape(N, H, K, V).to(state_dtype, copy=True) if output_final_state else None
+    return layout.from_chunks(o, v.dtype), final
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -412,10 +426,11 @@ def l2norm_backward(x: torch.Tensor, d_normed: torch.Tensor, dtype: torch.dtype)
 
 @torch.no_grad()
 def linear_attention_backward(grads, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode,
-                              chunk_size=None):
+                              state_dtype, chunk_size=None):
     """The gradients of linear_attention (kernels.autograd's contract): grads {"o": [B, T, H, V] or None,
     "final_state": [N, H, K, V] or None}; the inputs as the forward's. Chunked whatever the forward's mode (the
-    same function), chunks of chunk_size (default CHUNK_SIZE). Returns {q, k, v: their shapes, g: [B, T, H]
+    same function), chunks of chunk_size (default CHUNK_SIZE); the state float32 whatever state_dtype (as
+    gated_delta_rule_backward). Returns {q, k, v: their shapes, g: [B, T, H]
     (None when g is None), initial_state: [N, H, K, V] (None when it is None)} in float32 (float64 for float64
     inputs)."""
     B, T, H, K = q.shape

@@ -81,14 +81,21 @@ def aot_spec(name, kernel, constexprs, pointers, floats=(), divisible_by_16=(), 
 _TRITON = dict(places=("cuda", "interpret"), requires=("triton",),
                dtypes=(torch.float32, torch.float16, torch.bfloat16))
 BACKENDS = [
-    Backend("linear_attention", "triton", "kernels.triton.linear_attention:linear_attention", **_TRITON),
-    Backend("gated_delta_rule", "triton", "kernels.triton.gated_delta_rule:gated_delta_rule", **_TRITON),
+    Backend("linear_attention", "triton", "kernels.triton.linear_attention:linear_attention",
+            backward="kernels.triton.linear_attention:linear_attention_backward", **_TRITON),
+    Backend("gated_delta_rule", "triton", "kernels.triton.gated_delta_rule:gated_delta_rule",
+            backward="kernels.triton.gated_delta_rule:gated_delta_rule_backward", **_TRITON),
     Backend("attention", "triton", "kernels.triton.attention:attention", **_TRITON),
     Backend("route", "triton", "kernels.triton.route:route", **_TRITON),
-    Backend("moe_permute", "triton", "kernels.triton.moe_permute:moe_permute", **_TRITON),
-    Backend("moe_unpermute", "triton", "kernels.triton.moe_permute:moe_unpermute", **_TRITON),
-    Backend("grouped_gemm", "triton", "kernels.triton.grouped_gemm:grouped_gemm", **_TRITON),
-    Backend("moe", "triton", "kernels.triton.moe:moe", **_TRITON),
+    Backend("moe_permute", "triton", "kernels.triton.moe_permute:moe_permute",
+            backward="kernels.triton.moe_permute:moe_permute_backward", **_TRITON),
+    Backend("moe_unpermute", "triton", "kernels.triton.moe_permute:moe_unpermute",
+            backward="kernels.triton.moe_permute:moe_unpermute_backward", **_TRITON),
+    Backend("grouped_gemm", "triton", "kernels.triton.grouped_gemm:grouped_gemm",
+            backward="kernels.triton.grouped_gemm:grouped_gemm_backward", **_TRITON),
+    Backend("moe", "triton", "kernels.triton.moe:moe", backward="kernels.triton.moe:moe_backward", **_TRITON),
+    Backend("grouped_gemm_fp8", "triton", "kernels.triton.moe_fp8:grouped_gemm_fp8", **_TRITON),
+    Backend("moe_fp8", "triton", "kernels.triton.moe_fp8:moe_fp8", **_TRITON),
 ]
 
 # Batch invariance, measured under TRITON_INTERPRET=1 by tests/test_invariance.py.

@@ -20,8 +20,10 @@ import triton.language as tl
 
 from kernels.triton import aot_spec
 from kernels.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
-from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, aot_specs, chunk_cumsum, chunk_output,
-                                   chunk_state, num_chunks, prepare_chunk_layout)
+from kernels.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, _pair_decay_gradient, aot_specs, chunk_cumsum,
+                                   chunk_dh, chunk_dqkwg, chunk_dv, chunk_output, chunk_state, dqkwg_block_k,
+                                   num_chunks, prepare_chunk_layout, stored_state)
+from kernels.validate import STATE_ROUNDING
 
 L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
 SUB = 16  # the diagonal blocks of the forward substitution
@@ -239,8 +241,10 @@ def chunk_wy_kernel(k, v, beta, g, k_scale, A, w, u, cu_seqlens, chunk_indices, 
                  mask=m_t[:, None] & (o_k < K)[None, :])
 
 
-def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                            layout):
+def _wy_state(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, layout, state_dtype):
+    """The chunked forward up to the output: g's within-chunk cumsum, the inverse norms (use_qk_l2norm), the WY
+    inverse A, w, u, and the state pass (h, v_new, the final state; the state stored between chunks in
+    state_dtype). Shared by the forward and the backward (which recomputes them from the inputs)."""
     B, T, HK, K = k.shape
     HV = v.shape[2]
     chunk_indices, chunk_offsets = layout if cu_seqlens is not None else (None, None)
@@ -255,9 +259,18 @@ def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final
     u = torch.empty_like(v)
     chunk_wy_kernel[grid](k=k, v=v, beta=beta, g=g_cum, k_scale=k_scale, A=A, w=w, u=u, V=v.shape[3], **common)
     h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w,
-                                  k_scale=k_scale)
-    o = chunk_output(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, q_scale=q_scale, k_scale=k_scale)
-    return o, final
+                                  k_scale=k_scale, state_dtype=state_dtype)
+    return dict(g_cum=g_cum, q_scale=q_scale, k_scale=k_scale, A=A, w=w, h=h, v_new=v_new, final=final,
+                chunk_indices=chunk_indices, chunk_offsets=chunk_offsets)
+
+
+def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
+                            layout, state_dtype):
+    f = _wy_state(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, layout,
+                  state_dtype)
+    o = chunk_output(q, k, f["v_new"], f["h"], f["g_cum"], scale, cu_seqlens, f["chunk_indices"],
+                     q_scale=f["q_scale"], k_scale=f["k_scale"])
+    return o, f["final"]
 
 
 def _fits_recurrent_tile(configs, named_args, **kwargs):
@@ -276,11 +289,13 @@ def _fits_recurrent_tile(configs, named_args, **kwargs):
 def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.constexpr, HK: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr):
+                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ROUNDING: tl.constexpr):
     """Token by token. One program per (V tile, sequence, value head) reads its state slice [BK, BV] once,
-    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV).
+    walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV). The slice stays float32 in
+    registers, rounded after each token's output to the state dtype (STATE_ROUNDING, _chunk.stored_state).
 
-    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht float32 [N, HV, K, V].
+    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht [N, HV, K, V] in the state
+    dtype.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -297,7 +312,7 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
     state_offsets = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.)
+        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.).to(tl.float32)
     for t in range(T):
         row = bos + t
         b_q = tl.load(q + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
@@ -313,39 +328,198 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
         b_h += b_k[:, None] * b_u[None, :]
         b_o = tl.sum(b_h * b_q[:, None], 0) * scale
         tl.store(o + (row * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        b_h = stored_state(b_h, STATE_ROUNDING)  # after the output: the state as carried to the next token
     if STORE_FINAL_STATE:
-        tl.store(ht + state_offsets, b_h, mask=m_kv)
+        tl.store(ht + state_offsets, b_h.to(ht.dtype.element_ty), mask=m_kv)
 
 
 def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                cu_seqlens):
+                                cu_seqlens, state_dtype):
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = torch.empty_like(v)
-    final = k.new_empty(N, HV, K, V, dtype=torch.float32) if output_final_state else None
+    final = k.new_empty(N, HV, K, V, dtype=state_dtype) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
     recurrent_kernel[grid](
         q=q, k=k, v=v, g=g, beta=beta, o=o, h0=initial_state, ht=final, cu_seqlens=cu_seqlens, scale=scale, T=T,
-        HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm)
+        HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm,
+        STATE_ROUNDING=STATE_ROUNDING[state_dtype])
     return o, final
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     chunk_layout=None):
-    """q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state None or float32 [N, HV, K, V];
-    cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout: optional precomputed
-    `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
-    Returns (o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V] or None)."""
+                     state_dtype, chunk_layout=None):
+    """q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state None or [N, HV, K, V] (in
+    state_dtype when given); cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout:
+    optional precomputed `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
+    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None). The state is rounded
+    to state_dtype after every token (recurrent) or chunk (chunk); the arithmetic is float32.
+    """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    h0 = None if initial_state is None else initial_state.to(state_dtype).contiguous()
     if mode == "recurrent":
         return _recurrent_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm,
-                                           cu_seqlens)
+                                           cu_seqlens, state_dtype)
     if cu_seqlens is not None and chunk_layout is None:
         chunk_layout = prepare_chunk_layout(cu_seqlens, q.shape[1])
     return _chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm, cu_seqlens,
-                                   chunk_layout)
+                                   chunk_layout, state_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+#
+# The chunks' backward of _chunk (chunk_dv, chunk_dh, chunk_dqkwg) gives the gradients of q, k through the output
+# and the state pass, of v_new (du) and of w (dw); the WY form's backward (chunk_wy_backward_kernel) takes du and dw
+# back through u = A (beta v), w = A (beta exp(G) k) and A = (I + L)^-1:
+#   d(beta v) = A^T du,   d(beta exp(G) k) = A^T dw,   dL = -strictly_lower(A^T dA A^T),
+#   dA = du (beta v)^T + dw (beta exp(G) k)^T,   L_ij = beta_i (k_i . k_j) exp(G_i - G_j).
+
+@triton.heuristics({"USE_K_SCALE": given("k_scale"), "IS_VARLEN": given("cu_seqlens")})
+@autotune(configs=[triton.Config({"BK": 64, "BV": 64}, num_warps=num_warps, num_stages=num_stages)
+                   for num_warps in (4, 8) for num_stages in (2, 3)],
+          key=["HV", "HK", "K", "V", "NK", "USE_K_SCALE"])
+@triton.jit(do_not_specialize=["T"])
+def chunk_wy_backward_kernel(k, v, beta, g, k_scale, A, dw, dv, dk, dg_parts, dbeta, dg, cu_seqlens, chunk_indices,
+                             T, NK: tl.constexpr, HV: tl.constexpr, HK: tl.constexpr, K: tl.constexpr,
+                             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                             USE_K_SCALE: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+    """The WY form's backward per chunk and value head. Grid (chunks, B * HV).
+
+    k [B, T, HK, K] (rows scaled by k_scale [B, T, HK] float32 when USE_K_SCALE); v [B, T, HV, V]; beta, g
+    [B, T, HV] (g float32 cumsum); A [B, T, HV, BT] (chunk_kkt_solve_kernel's); dw float32 [B, T, HV, K]; in place:
+    dv float32 [B, T, HV, V], the gradient of v_new in, v's out, and dk float32 [B, T, HV, K], the normalised k's
+    gradient through the output and the state pass in, plus the WY form's out. dg_parts float32 [B, T, HV, NK]
+    (chunk_dqkwg_kernel's parts of g's gradient). Writes dbeta and dg float32 [B, T, HV].
+    """
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // HK)
+    bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
+    if i_t < 0:
+        return
+    o_t = tl.arange(0, BT)
+    m_t = i_t * BT + o_t < T
+    rows = bos + i_t * BT + o_t
+    b_At = tl.trans(tl.load(A + (rows * HV + i_h)[:, None] * BT + o_t[None, :],
+                            mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.).to(tl.float32))
+    b_beta = tl.load(beta + rows * HV + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_g = tl.load(g + rows * HV + i_h, mask=m_t, other=0.)
+    b_gamma = tl.where(m_t, tl.exp(b_g), 0.)
+    b_rk = _load_scale(k_scale, rows, HK, i_hk, m_t, USE_K_SCALE)
+
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_dv = dv + (rows * HV + i_h)[:, None] * V + o_v[None, :]
+        b_v = _load_rows(v, rows, HV, i_h, o_v, V, m_t).to(tl.float32)
+        b_du = tl.load(p_dv, mask=m_tv, other=0.)
+        b_dbv = tl.dot(b_At, b_du, input_precision=PRECISION)  # d(beta v)
+        b_dbeta += tl.sum(b_dbv * b_v, axis=1)
+        b_dA = tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), b_dA, input_precision=PRECISION)
+        tl.store(p_dv, b_dbv * b_beta[:, None], mask=m_tv)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_suffix = tl.zeros([BT], dtype=tl.float32)  # exp(G_i)'s gradient times exp(G_i), through w
+    b_wk = b_beta * b_gamma
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_dk = dk + (rows * HV + i_h)[:, None] * K + o_k[None, :]
+        b_k = _load_rows(k, rows, HK, i_hk, o_k, K, m_t)
+        b_kk = tl.dot(b_k, tl.trans(b_k), b_kk, input_precision=PRECISION)
+        b_k = b_k.to(tl.float32) * b_rk[:, None]
+        b_dw = tl.load(dw + (rows * HV + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        b_dbk = tl.dot(b_At, b_dw, input_precision=PRECISION)  # d(beta exp(G) k)
+        b_dk_dot = tl.sum(b_dbk * b_k, axis=1)
+        b_dbeta += b_gamma * b_dk_dot
+        b_suffix += b_wk * b_dk_dot
+        b_dA = tl.dot(b_dw, tl.trans(b_k * b_wk[:, None]), b_dA, input_precision=PRECISION)
+        tl.store(p_dk, tl.load(p_dk, mask=m_tk, other=0.) + b_dbk * b_wk[:, None], mask=m_tk)
+    strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    b_dL = -tl.dot(tl.dot(b_At, b_dA, input_precision=PRECISION), b_At, input_precision=PRECISION)
+    b_decay = tl.exp(tl.where(strict, b_g[:, None] - b_g[None, :], float("-inf")))
+    b_kk *= b_rk[:, None] * b_rk[None, :]
+    b_dkk = b_dL * b_decay  # dL * exp(G_i - G_j): beta_i times the gradient of k_i . k_j
+    b_dbeta += tl.sum(b_dkk * b_kk, axis=1)
+    b_dkk *= b_beta[:, None]
+    b_dg = tl.cumsum(b_suffix, axis=0, reverse=True) + _pair_decay_gradient(b_dkk * b_kk, o_t)  # dL * L
+    for i_part in range(NK):
+        b_dg += tl.load(dg_parts + (rows * HV + i_h) * NK + i_part, mask=m_t, other=0.)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_dk = dk + (rows * HV + i_h)[:, None] * K + o_k[None, :]
+        b_k = _load_rows(k, rows, HK, i_hk, o_k, K, m_t).to(tl.float32) * b_rk[:, None]
+        b_dk = tl.dot(b_dkk, b_k, input_precision=PRECISION) + tl.dot(tl.trans(b_dkk), b_k, input_precision=PRECISION)
+        tl.store(p_dk, tl.load(p_dk, mask=m_tk, other=0.) + b_dk, mask=m_tk)
+    tl.store(dbeta + rows * HV + i_h, b_dbeta, mask=m_t)
+    tl.store(dg + rows * HV + i_h, b_dg, mask=m_t)
+
+
+@triton.heuristics({"USE_SCALE": given("r")})
+@triton.jit(do_not_specialize=["rows"])
+def qk_gradient_kernel(dx, x, r, out, rows, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+                       USE_SCALE: tl.constexpr):
+    """out = the sum over G value heads of dx, taken back through the l2 normalisation when USE_SCALE: for
+    x_hat = x r and d that sum, r (d - x_hat (x_hat . d)). dx float32 [rows, G, D]; x [rows, D]; r float32 [rows]
+    (inverse_norm_kernel's); out float32 [rows, D]. Grid (cdiv(rows, BR),)."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    mask = (o_r < rows)[:, None] & (o_d < D)[None, :]
+    b_d = tl.zeros([BR, BD], dtype=tl.float32)
+    for i_g in range(G):
+        b_d += tl.load(dx + (o_r * G + i_g)[:, None] * D + o_d[None, :], mask=mask, other=0.)
+    if USE_SCALE:
+        b_r = tl.load(r + o_r, mask=o_r < rows, other=0.)
+        b_x = tl.load(x + o_r[:, None] * D + o_d[None, :], mask=mask, other=0.).to(tl.float32) * b_r[:, None]
+        b_d = (b_d - b_x * tl.sum(b_x * b_d, axis=1)[:, None]) * b_r[:, None]
+    tl.store(out + o_r[:, None] * D + o_d[None, :], b_d, mask=mask)
+
+
+def qk_gradient(dx, x, r):
+    """dx float32 [B, T, HV, D] (per value head); x [B, T, HK, D]; r None or float32 [B, T, HK]. Returns float32
+    [B, T, HK, D]: the gradient of x (qk_gradient_kernel)."""
+    D = x.shape[-1]
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    rows = out.numel() // D
+    BD = triton.next_power_of_2(D)
+    BR = max(1, 4096 // BD)
+    qk_gradient_kernel[(triton.cdiv(rows, BR),)](dx, x, r, out, rows, G=dx.shape[2] // x.shape[2], D=D, BD=BD,
+                                                BR=BR, num_warps=4)
+    return out
+
+
+def gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                              cu_seqlens, mode, state_dtype, chunk_layout=None):
+    """The gradients of gated_delta_rule (kernels.autograd's contract), chunked whatever the forward's mode (the
+    same function); the states recomputed in float32 whatever state_dtype (its rounding passes the gradient
+    straight through). grads {"o": [B, T, HV, V] or None, "final_state": [N, HV, K, V] or None}; the inputs as the
+    forward's. Recomputes the forward's chunk intermediates, then chunk_dv, the reverse state pass chunk_dh,
+    chunk_dqkwg, the WY backward and qk_gradient. Returns float32 {q, k [B, T, HK, K], v [B, T, HV, V], g, beta
+    [B, T, HV], initial_state [N, HV, K, V] (None when it is None)}."""
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    B, T, HK, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    if cu_seqlens is not None and chunk_layout is None:
+        chunk_layout = prepare_chunk_layout(cu_seqlens, T)
+    f = _wy_state(q, k, v, g, beta, h0, False, use_qk_l2norm, cu_seqlens, chunk_layout, torch.float32)
+    do = torch.zeros_like(v) if grads["o"] is None else grads["o"].contiguous()
+    scales = dict(q_scale=f["q_scale"], k_scale=f["k_scale"])
+    dv = chunk_dv(q, k, f["g_cum"], do, scale, cu_seqlens, f["chunk_indices"], **scales)
+    dh, dh0 = chunk_dh(q, k, f["g_cum"], do, dv, scale, grads["final_state"], h0 is not None, cu_seqlens,
+                       f["chunk_offsets"], w=f["w"], **scales)
+    dq, dk, dw, dg_parts = chunk_dqkwg(q, k, f["v_new"], f["h"], f["g_cum"], do, dh, dv, scale, cu_seqlens,
+                                       f["chunk_indices"], use_w=True, **scales)
+    dbeta, dg = (torch.empty(B, T, HV, device=q.device, dtype=torch.float32) for _ in range(2))
+    chunk_wy_backward_kernel[(num_chunks(B, T, cu_seqlens), B * HV)](
+        k=k, v=v, beta=beta, g=f["g_cum"], k_scale=f["k_scale"], A=f["A"], dw=dw, dv=dv, dk=dk, dg_parts=dg_parts,
+        dbeta=dbeta, dg=dg, cu_seqlens=cu_seqlens, chunk_indices=f["chunk_indices"], T=T, NK=dg_parts.shape[-1],
+        HV=HV, HK=HK, K=K, V=V, BT=CHUNK, PRECISION=dot_precision(k.dtype))
+    return dict(q=qk_gradient(dq, q, f["q_scale"]), k=qk_gradient(dk, k, f["k_scale"]), v=dv, g=dg, beta=dbeta,
+                initial_state=dh0)
 
 
 def _aot_specs(HV, HK, K, V, dtype):
@@ -366,11 +540,24 @@ def _aot_specs(HV, HK, K, V, dtype):
                  num_warps=8, num_stages=2),
         *aot_specs("gated_delta_rule.", HV=HV, HK=HK, K=K, V=V, dtype=dtype, use_w=True, use_g=True,
                    use_qk_scale=True),
-        aot_spec(f"gated_delta_rule.recurrent[{label},BV=32]", recurrent_kernel,
-                 dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
-                      STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True),
-                 pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0="fp32", ht="fp32", cu_seqlens="i32"),
-                 floats=("scale",)),
+        aot_spec(f"gated_delta_rule.chunk_wy_backward[{label},BK=64,BV=64,w8]", chunk_wy_backward_kernel,
+                 dict(common, V=V, NK=triton.cdiv(K, dqkwg_block_k(K)), BK=64, BV=64),
+                 pointers=dict(k=dt, v=dt, beta="fp32", g="fp32", k_scale="fp32", A=dt, dw="fp32", dv="fp32",
+                               dk="fp32", dg_parts="fp32", dbeta="fp32", dg="fp32", **packing),
+                 num_warps=8, num_stages=2),
+        aot_spec(f"gated_delta_rule.qk_gradient[K={K},{dt},G={HV // HK}]", qk_gradient_kernel,
+                 dict(G=HV // HK, D=K, BD=triton.next_power_of_2(K), BR=4096 // triton.next_power_of_2(K),
+                      USE_SCALE=True),
+                 pointers=dict(dx="fp32", x=dt, r="fp32", out="fp32")),
+        # the decode kernel with a float32 and a bfloat16 state (rounded every token, half the state's bytes)
+        *(aot_spec(f"gated_delta_rule.recurrent[{label},BV=32{state_label}]", recurrent_kernel,
+                   dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
+                        STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True,
+                        STATE_ROUNDING=STATE_ROUNDING[state_dtype]),
+                   pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0=TRITON_DTYPE[state_dtype],
+                                 ht=TRITON_DTYPE[state_dtype], cu_seqlens="i32"),
+                   floats=("scale",))
+          for state_dtype, state_label in ((torch.float32, ""), (torch.bfloat16, ",state=bf16"))),
     ]
 
 
