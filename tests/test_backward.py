@@ -249,6 +249,20 @@ def test_torch_moe_backward_host_and_device_grouping_agree(case, seed, monkeypat
 
 
 @pytest.mark.parametrize("op", RECURRENT)
+def test_mkl_backward_with_a_half_precision_state(op, seed):
+    """state_dtype bfloat16: mkl's backward keeps its state in float32 and passes the rounding's gradient straight
+    through, as torch's: the same gradients (bfloat16 initial state and final-state gradient included)."""
+    args = _make(op, "packed_with_length_1", seed)
+    args["initial_state"] = args["initial_state"].to(torch.bfloat16)
+    got, _ = gradients(op, "mkl", args, seed, state_dtype=torch.bfloat16)
+    ref, _ = gradients(op, "torch", args, seed, state_dtype=torch.bfloat16)
+    for name, grad in got.items():
+        assert grad.dtype == args[name].dtype, f"d{name}'s dtype {grad.dtype}"
+        err = rel_err(grad, ref[name])  # the initial state's gradient within bfloat16's (its rounding to it)
+        assert err <= TOLERANCE[grad.dtype], f"d{name}: {err:.2e} from torch's (seed={seed})"
+
+
+@pytest.mark.parametrize("op", RECURRENT)
 @pytest.mark.parametrize("which", ["o", "final_state"])
 def test_gradient_from_one_output_only(op, which, seed):
     """The loss reads only o, or only the final state: the other output's gradient is None in the backward."""
