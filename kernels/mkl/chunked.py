@@ -225,10 +225,10 @@ def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use
 # (a [B T, Hv, V] buffer, the gated delta rule's; v itself for linear attention), then the groups in reverse
 # recompute their chunks' states from it (one GEMM a chunk) and run the reverse pass over them.
 STATE_GROUP = 8
-# The backward's default chunk: its GEMMs are twice the forward's per chunk and state-sized, and MKL runs those
-# on 16 rows at half its rate on 64 (T = 8192, K = V = 128, 1 thread: chunks of 16 took 1.8x the time of 64,
-# 128 the same as 64).
-BACKWARD_CHUNK_SIZE = 64
+# The backward's default chunk, larger than the forward's: it has twice the state-sized GEMMs per chunk, which MKL
+# runs at a low rate on 16 rows, against C^2 work per token (T = 8192, K = V = 128, 1 thread, by process CPU
+# time on a shared machine: 32 the fastest of 16, 32, 48, 64 and 128).
+BACKWARD_CHUNK_SIZE = 32
 
 
 @numba.njit
