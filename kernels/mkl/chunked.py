@@ -27,6 +27,10 @@ from kernels.validate import STATE_ROUNDING
 
 _sgemm = _library().sgemm_ if _library() is not None else None
 _strsm = _library().strsm_ if _library() is not None else None
+# Each job (a sequence and key head) calls MKL on one thread: the jobs are the parallelism. numba's worker threads
+# otherwise take MKL's default thread count (torch.set_num_threads sets the calling thread's), and every small
+# GEMM of a job forks a team of MKL threads over cores the other jobs hold.
+_mkl_local_threads = _library().MKL_Set_Num_Threads_Local if _library() is not None else None
 _NO_TRANSPOSE, _TRANSPOSE = ord("N"), ord("T")
 # Small chunks: with no copies into a chunk layout, the intra-chunk work (C^2 per token: decay matrices, the
 # solve) costs more than the state's products lose on fewer rows. At T = 8192, K = V = 128, 1 thread, chunks of
@@ -118,6 +122,7 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
     Hv, V = v.shape[1], v.shape[2]
     G = Hv // Hk
     C = chunk
+    threads = _mkl_local_threads(1)
     chars = np.empty(4, np.uint8)
     ints = np.empty(6, np.int32)
     floats = np.empty(2, np.float32)
@@ -169,6 +174,7 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
             _gemm(chars, ints, floats, True, False, K, V, c, 1.0, decayed_k.ctypes.data, K, U.ctypes.data, V,
                   gamma[c - 1], S.ctypes.data, V)
             _store(S, rounding)
+    _mkl_local_threads(threads)
 
 
 @numba.njit(parallel=True)
@@ -287,6 +293,7 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
     replaced by its initial state's; u [rows, Hv, V]: v_new's buffer (v for linear attention). dq, dk (zeros on
     entry: the value heads add to them), dv, dg, dbeta: the gradients' rows, written for this sequence and head
     (dq, dk of the scaled, l2-normalised q and k)."""
+    threads = _mkl_local_threads(1)
     Hk, K = k.shape[1], k.shape[2]
     Hv, V = v.shape[1], v.shape[2]
     G = Hv // Hk
@@ -459,6 +466,7 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
                         dKK[j, i] = dKK[i, j]
                 _gemm(chars, ints, floats, False, False, c, K, c, 1.0, dKK.ctypes.data, C, R.ctypes.data, K, 1.0,
                       dk[t0, hk].ctypes.data, Hk * K)
+    _mkl_local_threads(threads)
 
 
 @numba.njit(parallel=True)
