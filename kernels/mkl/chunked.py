@@ -222,7 +222,7 @@ def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use
 # The chunked backward of the same WY form (kernels/torch/linear_attention.py states it: the reverse pass
 # dv_new = P^T do + Kd dS1, dS0 = gamma_C dS1 + (gamma q)^T do - w^T dv_new, the triangular solve's backward,
 # dg summed from the gradients of the decays as such), per sequence and key head as the forward, chunk by chunk.
-# With W = [do; Y] (Y = A^-T dv_new, A = I + L, the solve's backward by strtrs' transpose) the state-sized
+# With W = [do; Y] (Y = A^-T dv_new, A = I + L, the solve's backward by strsm transposed) the state-sized
 # products of a chunk and value head are five GEMMs:
 #   dv_new = Kd dS1 (+ P^T do)          dKd = v_new dS1^T            dS0 = gamma_C dS1 + [gamma q; -beta gamma k]^T W
 #   W S0^T = [do S0^T; Y S0^T]          W v_new^T = [dP; -dL]        (P's and L's gradients, C x C)
