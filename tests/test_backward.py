@@ -78,8 +78,10 @@ def _cases(op):
                 ROUTE_CASES if op == "route" else MOE_CASES)
 
 
-# Backends other than torch run two cases: their backward is torch's (mkl: the same function) or torch's autograd
-# (the peers), which the torch backend's full list of cases checks; these check the wiring.
+# Backends with a backward of their own run every case: torch for every op, mkl for the linear attentions (its
+# compiled loop). The others run two cases: their backward is torch's (mkl's MoE ops: the same function) or
+# torch's autograd (the peers), which the torch backend's full list of cases checks; these check the wiring.
+OWN_BACKWARD = {"torch": registry.OPS, "mkl": RECURRENT}
 OTHER_BACKENDS_CASES = {"linear_attention": ("T_not_multiple_of_chunk", "packed_with_length_1"),
                         "gated_delta_rule": ("T_not_multiple_of_chunk", "packed_with_length_1"),
                         "attention": ("gqa", "kv_cache")}
@@ -184,7 +186,8 @@ def check_gradients(op, backend, args, seed, tol=None, device="cpu", **extra):
 
 CASES = [pytest.param(op, backend, case, id=f"{op}-{backend}-{case}")
          for op in registry.OPS for backend in with_backward(op)
-         for case in (_cases(op) if backend == "torch" else OTHER_BACKENDS_CASES.get(op, ("uniform", "dropped_slots")))]
+         for case in (_cases(op) if op in OWN_BACKWARD.get(backend, ()) else
+                      OTHER_BACKENDS_CASES.get(op, ("uniform", "dropped_slots")))]
 
 
 @pytest.mark.parametrize("op, backend, case", CASES)
@@ -205,25 +208,30 @@ def test_torch_gradients_on_gpu(op, case, dtype, seed):
     check_gradients(op, "torch", _make(op, case, seed, dtype), seed, device="cuda")
 
 
-@pytest.mark.parametrize("op", RECURRENT + ("moe", "grouped_gemm"))
-def test_half_precision_gradients(op, seed):
+@pytest.mark.parametrize("op, backend", [(op, backend) for op in RECURRENT + ("moe", "grouped_gemm")
+                                         for backend in with_backward(op) if op in OWN_BACKWARD.get(backend, ())])
+def test_half_precision_gradients(op, backend, seed):
     """float16 inputs: gradients in float16, within the forward's float16 tolerance."""
     case = "Hv_2Hk_recurrent" if op in RECURRENT else "dropped_slots"
-    check_gradients(op, "torch", _make(op, case, seed, torch.float16), seed)
+    check_gradients(op, backend, _make(op, case, seed, torch.float16), seed)
 
 
-@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("op, backend", [(op, backend) for op in RECURRENT for backend in with_backward(op)
+                                         if op in OWN_BACKWARD.get(backend, ())])
 @pytest.mark.parametrize("case", [dict(T=70, initial_state=True), dict(seqlens=[21, 1, 70], initial_state=True),
                                   dict(T=70, gate="strong", initial_state=True)], ids=["T70", "packed", "strong_decay"])
-def test_torch_backward_over_several_groups_of_chunks(op, case, seed):
-    """chunk_size 2: more than CHUNK_GROUP chunks, so the backward's forward pass over groups and its recompute of
-    each group in reverse both run."""
-    from kernels.torch.linear_attention import CHUNK_GROUP
+def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
+    """chunk_size 2: more than a group of chunks (torch's CHUNK_GROUP, mkl's STATE_GROUP), so the backward's
+    forward pass over groups and its recompute of each group in reverse both run."""
+    if backend == "mkl":
+        from kernels.mkl.chunked import STATE_GROUP as group
+    else:
+        from kernels.torch.linear_attention import CHUNK_GROUP as group
 
     args = inputs.make(op, seed=seed, **case)
     cu = args["cu_seqlens"]
-    assert (args["q"].shape[1] if cu is None else int(cu.diff().max())) / 2 > CHUNK_GROUP + 1
-    check_gradients(op, "torch", args | dict(mode="chunk"), seed, chunk_size=2)
+    assert (args["q"].shape[1] if cu is None else int(cu.diff().max())) / 2 > group + 1
+    check_gradients(op, backend, args | dict(mode="chunk"), seed, chunk_size=2)
 
 
 @pytest.mark.parametrize("case", ["uniform", "dropped_slots", "skewed_empty_experts"])
@@ -238,6 +246,20 @@ def test_torch_moe_backward_host_and_device_grouping_agree(case, seed, monkeypat
     on_device, _ = gradients("moe", "torch", args, seed)
     for name, grad in on_host.items():
         assert torch.equal(grad, on_device[name]), f"d{name} differs between host and device grouping"
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_mkl_backward_with_a_half_precision_state(op, seed):
+    """state_dtype bfloat16: mkl's backward keeps its state in float32 and passes the rounding's gradient straight
+    through, as torch's: the same gradients (bfloat16 initial state and final-state gradient included)."""
+    args = _make(op, "packed_with_length_1", seed)
+    args["initial_state"] = args["initial_state"].to(torch.bfloat16)
+    got, _ = gradients(op, "mkl", args, seed, state_dtype=torch.bfloat16)
+    ref, _ = gradients(op, "torch", args, seed, state_dtype=torch.bfloat16)
+    for name, grad in got.items():
+        assert grad.dtype == args[name].dtype, f"d{name}'s dtype {grad.dtype}"
+        err = rel_err(grad, ref[name])  # the initial state's gradient within bfloat16's (its rounding to it)
+        assert err <= TOLERANCE[grad.dtype], f"d{name}: {err:.2e} from torch's (seed={seed})"
 
 
 @pytest.mark.parametrize("op", RECURRENT)

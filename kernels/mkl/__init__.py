@@ -2,23 +2,21 @@
 tensor, and the chunked linear attentions as one numba-compiled loop of MKL calls (kernels/mkl/chunked.py).
 The MoE ops are not an "auto" choice: their packed copies add to the weights' memory.
 
-Backward: each forward computes the torch backend's function (the same chunked WY algorithm, the same expert
-products), so each takes the torch backend's backward, which recomputes what it needs from the inputs; an MKL
-backward of its own (one compiled loop, as the forward) is later work."""
-from kernels.registry import batch_variant, family_backends
+Backward: the linear attentions' is kernels.mkl.chunked's, one compiled loop of MKL calls as their forward
+(`<op>_backward` beside each forward); the MoE ops compute the torch backend's function (the same expert
+products), so they take the torch backend's backward, which recomputes what it needs from the inputs."""
+from kernels.registry import BESIDE, batch_variant, family_backends
 
 _PROBE = "kernels.mkl.packed:unavailable_reason"
-_TORCH_BACKWARD = {op: f"kernels.torch.{module}:{op}_backward" for op, module in (
-    ("grouped_gemm", "moe"), ("moe", "moe"), ("linear_attention", "linear_attention"),
-    ("gated_delta_rule", "gated_delta_rule"))}
+_TORCH_BACKWARD = {op: f"kernels.torch.moe:{op}_backward" for op in ("grouped_gemm", "moe")}
 # Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
 BACKENDS = batch_variant(
     family_backends("kernels.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"), probe=_PROBE,
-                    backward={op: _TORCH_BACKWARD[op] for op in ("grouped_gemm", "moe")})
+                    backward=_TORCH_BACKWARD)
     + family_backends("kernels.mkl", "mkl", ("cpu",), ops=("linear_attention", "gated_delta_rule"),
                       requires=("numba",), probe=_PROBE,
-                      backward={op: _TORCH_BACKWARD[op] for op in ("linear_attention", "gated_delta_rule")}), {
+                      backward={op: BESIDE for op in ("linear_attention", "gated_delta_rule")}), {
         "gated_delta_rule": "mode 'recurrent' runs the torch backend's code: a one-token sequence alone (T = 1, no "
                             "cu_seqlens) takes its decode_step, rounded otherwise than the token loop it takes "
                             "packed with other sequences",

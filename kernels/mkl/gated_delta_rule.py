@@ -2,7 +2,7 @@
 calls on the inputs where they lie). float64 inputs and the token-by-token mode run the torch backend's code."""
 import torch
 
-from kernels.mkl.chunked import chunked
+from kernels.mkl.chunked import chunked, chunked_backward
 from kernels.torch import gated_delta_rule as torch_gdr
 
 
@@ -16,3 +16,20 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                           cu_seqlens, mode, state_dtype, chunk_size=chunk_size)
     o, state = chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use_qk_l2norm, chunk_size)
     return o, state if output_final_state else None
+
+
+def gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                              cu_seqlens, mode, state_dtype, chunk_size=None):
+    """As kernels.torch.gated_delta_rule.gated_delta_rule_backward (kernels.autograd's contract): grads
+    {"o": [B, T, Hv, V] or None, "final_state": [N, Hv, K, V] or None}; the inputs as the forward's. The chunked
+    backward of kernels.mkl.chunked (one compiled loop of MKL calls, float32) whatever the forward's mode, the
+    state float32 whatever state_dtype (its rounding's gradient straight through, as the torch backend's);
+    float64 inputs take the torch backend's. Returns {q, k [B, T, Hk, K], v [B, T, Hv, V], g, beta [B, T, Hv],
+    initial_state [N, Hv, K, V] (None when it is None)} in float32 (float64 for float64 inputs)."""
+    if v.dtype == torch.float64:
+        return torch_gdr.gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state,
+                                                   use_qk_l2norm, cu_seqlens, mode, state_dtype,
+                                                   chunk_size=chunk_size)
+    dq, dk, dv, dg, dbeta, d_state = chunked_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, grads["o"],
+                                                      grads["final_state"], use_qk_l2norm, chunk_size)
+    return dict(q=dq, k=dk, v=dv, g=dg, beta=dbeta, initial_state=None if initial_state is None else d_state)

@@ -20,12 +20,14 @@ _int, _ptr = ctypes.c_int, ctypes.c_void_p
 
 @cache
 def _library():
-    """torch's CPU library with MKL's packed-GEMM entry points, sgemm and strsm typed, or None without MKL."""
+    """torch's CPU library with MKL's packed-GEMM entry points, sgemm, strsm and MKL_Set_Num_Threads_Local typed, or
+    None without MKL."""
     if not torch.backends.mkl.is_available():
         return None
     library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     if not all(hasattr(library, name) for name in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack",
-                                                   "cblas_sgemm_compute", "sgemm_", "strsm_")):
+                                                   "cblas_sgemm_compute", "sgemm_", "strsm_",
+                                                   "MKL_Set_Num_Threads_Local")):
         return None
     library.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
     library.cblas_sgemm_pack_get_size.argtypes = [_int] * 4
@@ -37,13 +39,17 @@ def _library():
     library.sgemm_.restype = library.strsm_.restype = None
     library.sgemm_.argtypes = [_ptr] * 13
     library.strsm_.argtypes = [_ptr] * 11
+    # the calling thread's MKL thread count (0: the global one), returning the previous: numba's worker threads
+    # are not the ones torch.set_num_threads sets (the C entry: mkl_set_num_threads_local is the Fortran one)
+    library.MKL_Set_Num_Threads_Local.restype = _int
+    library.MKL_Set_Num_Threads_Local.argtypes = [_int]
     return library
 
 
 def unavailable_reason():
     if _library() is None:
-        return ("needs torch built with MKL (cblas_sgemm_pack / cblas_sgemm_compute / sgemm_ / strsm_ in "
-                "libtorch_cpu), absent here")
+        return ("needs torch built with MKL (cblas_sgemm_pack / cblas_sgemm_compute / sgemm_ / strsm_ / "
+                "MKL_Set_Num_Threads_Local in libtorch_cpu), absent here")
     return None
 
 
