@@ -386,18 +386,25 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
                     row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
                     rows.append(row)
                     continue
-                try:
-                    row.update(run_backend(case, name, inputs, extra, check, dtype, device, budget_s, cuda_graph))
-                except Exception as exc:  # noqa: BLE001 - BackendUnavailable, OOM, a crash: in the row, go on
-                    row["error"] = _error_text(exc)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                if not row.get("error"):
-                    row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
-                rows.append(row)
+                rows.append(measured(row, functools.partial(run_backend, case, name, inputs, extra, check, dtype,
+                                                            device, budget_s, cuda_graph), flops, nbytes, device))
             del inputs, check
     bar.close()
     return rows
+
+
+def measured(row: dict, measure, flops, nbytes, device) -> dict:
+    """row with measure()'s fields and their metrics, or with the error it raised: BackendUnavailable, OOM, a
+    crash are recorded in the row and the sweep goes on."""
+    try:
+        row.update(measure())
+    except Exception as exc:  # noqa: BLE001 - in the row, go on
+        row["error"] = _error_text(exc)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if not row.get("error"):
+        row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
+    return row
 
 
 def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max_check_gb, quick, passes, bar):
@@ -425,15 +432,8 @@ def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max
             row = base_row(case.op, name, device, dtype, ceil) | dict(
                 shape=case.key, preset=case.preset, flops=flops, bytes=nbytes, peer=registered[name].peer,
                 **{"pass": which}, **case.shape)
-            try:
-                row.update(run_gradients(case, name, inputs, extra, check, dtype, device, budget_s, which, seed))
-            except Exception as exc:  # noqa: BLE001 - as in the forward rows: in the row, go on
-                row["error"] = _error_text(exc)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            if not row.get("error"):
-                row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
-            rows.append(row)
+            rows.append(measured(row, functools.partial(run_gradients, case, name, inputs, extra, check, dtype,
+                                                        device, budget_s, which, seed), flops, nbytes, device))
     return rows
 
 

@@ -40,3 +40,14 @@ def seed(request):
     request.node.user_properties.append(("seed", value))
     print(f"seed={value}")
     return value
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module of many tiny ops (autograd graphs, training steps of the small model): on a
+    shared machine each parallel region waits for a second thread to be scheduled and spins meanwhile (a training
+    step of the small model measured 0.1 s of CPU on one thread, 5 s on two)."""
+    from bench.sweep import one_thread
+
+    with one_thread():
+        yield

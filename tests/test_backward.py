@@ -13,16 +13,9 @@ import torch
 import kernels
 from bench import inputs
 from kernels import autograd, registry
-from bench.sweep import one_thread
 from tests.helpers import TOLERANCE, lab_backends, rel_err, to_float64, tolerance
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny ops (autograd graphs, training steps of the small model) on one thread: on a shared machine each
-    parallel region waits for a second thread to be scheduled and spins meanwhile (a training step of the small
-    model measured 0.1 s of CPU on one thread, 5 s on two)."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conftest.py)
 
 
 RECURRENT = ("linear_attention", "gated_delta_rule")

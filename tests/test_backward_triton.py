@@ -7,20 +7,14 @@ import torch
 
 import kernels
 from bench import inputs
-from bench.sweep import one_thread
 from tests.helpers import TOLERANCE, poisoned_allocations, rel_err, to_float64
 from tests.test_backward import (MOE_CASES, RECURRENT, RECURRENT_CASES, _differentiable, _leaves, _make, _on,
                                  check_gradients)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif("triton" not in kernels.backends("moe", DEVICE),
-                                reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.skipif("triton" not in kernels.backends("moe", DEVICE),
+                                 reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("torch_one_thread")]  # many tiny ops (conftest.py)
 
 
 def check(op, args, seed, **extra):

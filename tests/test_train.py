@@ -22,16 +22,9 @@ from model.model import OPS
 from model.train import main as train_main
 from model.train import next_token_loss, save_checkpoint, train, training_backends
 from model.weights import to_lab_state_dict
-from bench.sweep import one_thread
 from tests.helpers import rel_err
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny ops (autograd graphs, training steps of the small model) on one thread: on a shared machine each
-    parallel region waits for a second thread to be scheduled and spins meanwhile (a training step of the small
-    model measured 0.1 s of CPU on one thread, 5 s on two)."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conftest.py)
 
 
 GRAD_TOL = 1e-4
