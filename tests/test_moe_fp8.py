@@ -8,6 +8,7 @@ import torch
 
 import kernels
 from bench import inputs
+from bench.ops import FP8_FLIP_TOLERANCE
 from kernels.fp8 import (ACTIVATION_BLOCK, FP8, FP8_MAX, WEIGHT_BLOCK, _expand, dequantize, quantize,
                          quantize_activations, quantize_weights, quantized_bytes, scale_shape)
 from reference.tolerance import rel_err
@@ -68,10 +69,6 @@ MOE_CASES = {
     "one_expert": dict(N=17, D=128, E=8, I=128, top_k=1, routing="one_expert"),
     "one_token_int64": dict(N=1, D=128, E=4, I=128, top_k=2, id_dtype=torch.int64),
 }
-# x's quantization (and h's, inside moe_fp8) runs on values computed in float32 here and float64 in the reference:
-# where the two land on either side of an fp8 rounding boundary, one element moves by an fp8 step. Rare (about
-# float32's rounding over fp8's step), so the outputs agree far within this.
-FLIP_TOLERANCE = 1e-3
 
 
 def _check(op, backend, args, seed, tol):
@@ -89,7 +86,7 @@ def _check(op, backend, args, seed, tol):
 @pytest.mark.parametrize("backend", lab_backends("grouped_gemm_fp8"))
 def test_grouped_gemm_fp8_matches_reference(backend, case, dtype, seed):
     args = inputs.make("grouped_gemm_fp8", dtype=dtype, seed=seed, **GEMM_CASES[case])
-    _check("grouped_gemm_fp8", backend, args, seed, max(tolerance(dtype, "cpu"), FLIP_TOLERANCE))
+    _check("grouped_gemm_fp8", backend, args, seed, max(tolerance(dtype, "cpu"), FP8_FLIP_TOLERANCE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,7 +94,7 @@ def test_grouped_gemm_fp8_matches_reference(backend, case, dtype, seed):
 @pytest.mark.parametrize("backend", lab_backends("moe_fp8"))
 def test_moe_fp8_matches_reference(backend, case, dtype, seed):
     args = inputs.make("moe_fp8", dtype=dtype, seed=seed, **MOE_CASES[case])
-    _check("moe_fp8", backend, args, seed, max(tolerance(dtype, "cpu"), FLIP_TOLERANCE))
+    _check("moe_fp8", backend, args, seed, max(tolerance(dtype, "cpu"), FP8_FLIP_TOLERANCE))
 
 
 def test_reference_is_the_dequantized_gemm(seed):
