@@ -427,6 +427,23 @@ def test_training_step_of_the_lab_and_transformers(small_checkpoint):
             assert min(parts) > 0 and 0.5 * row["median_ms"] < sum(parts) < 2 * row["median_ms"], row
 
 
+def test_prefill_and_decode_rows_of_a_real_runner(small_checkpoint):
+    """A tiny real prefill/decode run of the model sweep (CI leaves the sweep itself out): the lab's torch backend
+    and transformers at two contexts, a prefill and a decode row each, tokens/s from their medians."""
+    from bench import model as bench_model
+
+    with sweep.one_thread():
+        for name in ("torch", "transformers"):
+            rows = bench_model.measure_runner(small_checkpoint, "hybrid", name, (16, 40), "cpu", torch.float32, 0.05,
+                                              1)
+            assert [(r["context"], r["phase"]) for r in rows] == [(16, "prefill"), (16, "decode"), (40, "prefill"),
+                                                                   (40, "decode")], rows
+            for row in rows:
+                assert not row.get("error") and row["peer"] == (name == "transformers") and row["median_ms"] > 0
+            prefill = rows[2]
+            assert prefill["tokens_per_s"] == pytest.approx(40 / (prefill["median_ms"] / 1e3))
+
+
 def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
     from bench import llama_cpp
 
