@@ -109,6 +109,14 @@ def compare(out, ref) -> tuple[float, str]:
     return worst, ""
 
 
+def parity(op: str, out, ref, dtype, device) -> tuple[float, str]:
+    """(compare's error, why the check failed or ""): compare's problem, or the error past the op's gate (the
+    dtype's tolerance, at least the op's own OpSpec.tolerance)."""
+    err, problem = compare(out, ref)
+    gate = max(tolerance(dtype, device), OPS[op].tolerance)
+    return err, problem or (f"rel_err {err:.2e} > {gate:.0e}" if err > gate else "")
+
+
 def _float64(inputs: dict) -> dict:
     """The inputs in float64 for the yardstick (float8 tensors, exact as they are and an op's own dtype, kept)."""
     out = {}
@@ -211,11 +219,9 @@ def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, 
     found = dict(checked_against=label, rel_err=math.nan)
     got = call()  # also the warm-up
     if ref is not None:
-        err, problem = compare(tuple(got), tuple(ref))
-        found["rel_err"] = err
-        gate = max(tolerance(dtype, device), OPS[case.op].tolerance)
-        if problem or err > gate:
-            found["error"] = f"gradient parity vs {label}: " + (problem or f"rel_err {err:.2e} > {gate:.0e}")
+        found["rel_err"], failure = parity(case.op, tuple(got), tuple(ref), dtype, device)
+        if failure:
+            found["error"] = f"gradient parity vs {label}: {failure}"
             return found
     del got
     with trusted_inputs():
@@ -285,11 +291,9 @@ def run_backend(case, backend, inputs, extra, check, dtype, device, budget_s, cu
     out = fn(**inputs, **extra)  # also the warm-up: compilation and autotuning happen here
     found = dict(checked_against=label, rel_err=math.nan)
     if ref is not None:
-        err, problem = compare(cut(out) if cut else out, ref)
-        found["rel_err"] = err
-        gate = max(tolerance(dtype, device), OPS[case.op].tolerance)
-        if problem or err > gate:
-            found["error"] = f"parity vs {label}: " + (problem or f"rel_err {err:.2e} > {gate:.0e}")
+        found["rel_err"], failure = parity(case.op, cut(out) if cut else out, ref, dtype, device)
+        if failure:
+            found["error"] = f"parity vs {label}: {failure}"
             return found
     del out
     with trusted_inputs():
