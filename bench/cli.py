@@ -166,7 +166,7 @@ def _dtype_name(dtype) -> str:
 def runnable(op: str, device: str, dtype=None) -> list[str]:
     """Backends of op (a registry op) that run on `device` tensors here and take `dtype` (a torch dtype) when
     given."""
-    from kernels import registry
+    from kernellab import registry
 
     table = registry.registered(op)
     return [name for name in registry.backends(op, device) if dtype is None or dtype in table[name].dtypes]
@@ -176,7 +176,7 @@ def _why_not(op: str, name: str, device: str, dtype=None) -> str | None:
     """Why backend `name` of op cannot run on `device` tensors of `dtype` here; None when it can."""
     import torch
 
-    from kernels import registry
+    from kernellab import registry
 
     table = registry.registered(op)
     kind = torch.device(device).type
@@ -198,7 +198,7 @@ def backend_problem(op: str, name: str, device: str, dtype=None) -> str | None:
     None for any) here, with the backends registered and those that run there; None when it can run."""
     import torch
 
-    from kernels import registry
+    from kernellab import registry
 
     if (why := _why_not(op, name, device, dtype)) is None:
         return None
@@ -214,7 +214,7 @@ def check_backend(parser: argparse.ArgumentParser, argument: str, op: str, name:
 
 
 def _model_why_not(name: str, device: str, dtype, peers: bool) -> str | None:
-    from kernels import registry
+    from kernellab import registry
     from model.model import OPS
 
     ops = [op for op in OPS if name in registry.registered(op)]
@@ -229,7 +229,7 @@ def model_backends(device: str, dtype=None, peers: bool = True) -> list[str]:
     """The backend names the Qwen3.5 model runs with on `device` tensors (of `dtype`) here: each one the
     backend of one of its ops at least, and running on every op it is registered for (the others take
     "auto"); peers' names only when `peers`."""
-    from kernels import registry
+    from kernellab import registry
     from model.model import OPS
 
     names = dict.fromkeys(name for op in OPS for name in registry.registered(op))

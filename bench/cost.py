@@ -142,7 +142,7 @@ def moe(inputs) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ backward
 #
 # `<op>_backward(inputs)`: (FLOPs, bytes) of one backward call: the gradients of every differentiable input
-# (kernels.autograd.DIFFERENTIABLE) from the gradients of the outputs. Bytes: the inputs the backward reads (the
+# (kernellab.autograd.DIFFERENTIABLE) from the gradients of the outputs. Bytes: the inputs the backward reads (the
 # forward's inputs, recomputed from, and the outputs' gradients) once, the inputs' gradients written once.
 # Forward + backward is the sum of the two models.
 

@@ -1,5 +1,5 @@
-"""The expert-parallel exchange of kernels.distributed, measured: dispatch and combine beside the all_to_all_single
-they are built on, the EP layer (moe_ep) beside kernels.moe in one process on the same tokens, and a projection
+"""The expert-parallel exchange of kernellab.distributed, measured: dispatch and combine beside the all_to_all_single
+they are built on, the EP layer (moe_ep) beside kernellab.moe in one process on the same tokens, and a projection
 of Qwen3.5-397B's exchange at EP 8, 16 and 32 from the measured bytes per token.
 
     python -m bench.sweep --op moe_dispatch [--quick] [--preset Qwen3.5-35B-A3B] [--device cuda] [--backend torch numba]
@@ -11,7 +11,7 @@ the report's section (the target, the bytes per token against their model, the p
 Each world size runs as a world of its own: W processes spawned here (torch.multiprocessing, "spawn"), joined
 on 127.0.0.1 (gloo on CPU, one thread each; NCCL on a GPU machine, one GPU each: a world needs W GPUs), that run
 every case of that size in turn; a world that outlives its deadline is killed and its unfinished cases get an
-error row, and a collective stuck for COLLECTIVE_TIMEOUT raises in the worker: nothing hangs. kernels.moe in one
+error row, and a collective stuck for COLLECTIVE_TIMEOUT raises in the worker: nothing hangs. kernellab.moe in one
 process runs in a process of its own too, on the world's W x N tokens and all E experts, with min(W, cores)
 threads on CPU (the cores the W one-thread ranks occupy; at most torch's threads in the caller, so --threads 1
 gives it one: on a loaded machine two threads stall at their barriers).
@@ -23,19 +23,19 @@ experts, from the case's seed and its rank.
 
 Parts, one row each (shape = the case's shape string + ",part=PART"), timed with bench.timing.time_collective
 (each call the slowest rank's wall-clock time, after a barrier, caches flushed before it):
-- dispatch:          kernels.distributed.dispatch (moe_permute, the counts' all_to_all, one host sync, the rows'
+- dispatch:          kernellab.distributed.dispatch (moe_permute, the counts' all_to_all, one host sync, the rows'
                      all_to_all with uneven splits);
-- combine:           kernels.distributed.combine (the rows back, moe_unpermute with the routing weights);
+- combine:           kernellab.distributed.combine (the rows back, moe_unpermute with the routing weights);
 - dispatch+combine:  the two in one call, with no experts between them (the exchange's round trip);
 - all_to_all:        all_to_all_single alone on buffers allocated beforehand, with dispatch's split sizes: the
                      transport's own rate on the same bytes;
-- permute, unpermute: kernels.moe_permute and kernels.moe_unpermute alone on the same rows: the exchange's own
+- permute, unpermute: kernellab.moe_permute and kernellab.moe_unpermute alone on the same rows: the exchange's own
                      work beside the transport's;
 - first_touch:       a fresh buffer of the received rows' size, allocated and written once (backend torch): what
                      dispatch's receive buffer, new every call, costs beyond the transport's copy;
-- experts:           the local experts alone (kernels.moe on the received rows);
+- experts:           the local experts alone (kernellab.moe on the received rows);
 - moe_ep:            the whole EP layer (check_inputs, dispatch, experts, combine);
-- moe:               kernels.moe in one process on the same tokens (all ranks' tokens, all experts).
+- moe:               kernellab.moe in one process on the same tokens (all ranks' tokens, all experts).
 - model:             model.generate's small random checkpoint on 1, 2 and 4 processes (MODEL_WORLDS; without
                      --preset), split tp = ep = W ways (model/parallel.py), greedy: the whole generate's time,
                      prefill_ms, tokens_per_s, decode_tokens_per_s, vs_one_process; an error row when its tokens
@@ -51,7 +51,7 @@ for permute and unpermute), gbps (bytes / median time; twice the bytes for dispa
 (bytes that leave a rank per token in the part: remote rows, plus dispatch's counts), of_all_to_all (the part's
 GB/s over the all_to_all's, same run and bytes), imbalance (rows received by the busiest rank / the mean),
 vs_one_process (moe's time / moe_ep's; the model's time on one process / on W), rel_err (moe_ep's first
-CHECK_TOKENS tokens of every rank against kernels.moe in one process), load (the 1-minute load average when the
+CHECK_TOKENS tokens of every rank against kernellab.moe in one process), load (the 1-minute load average when the
 case started), cores; on the model's rows batch, new_tokens, prefill_ms, tokens_per_s, decode_tokens_per_s (N: the
 batch's prompt tokens).
 """
@@ -70,7 +70,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import kernellab
 from bench import inputs, ops, timing
 from bench.ops import OPS
 from bench.presets import MODELS
@@ -85,7 +85,7 @@ LAYER = ("experts", "moe_ep", "moe")
 # A collective stuck longer than this raises in the worker; a world older than its deadline is killed.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 WORLD_DEADLINE_S = {True: 240.0, False: 1800.0}  # by quick
-# moe_ep's output on each rank's first tokens is checked against kernels.moe in one process.
+# moe_ep's output on each rank's first tokens is checked against kernellab.moe in one process.
 CHECK_TOKENS = 8
 # The layer parts run where one process can hold all experts and run them in seconds, by (device, quick): on CPU
 # the grid's shapes, not Qwen3.5-35B's at 4096 tokens per rank (0.4 TFLOP in one process: a minute per timed call
@@ -155,7 +155,7 @@ def _measure(case, world: int, rank: int, device, setting: dict) -> dict:
     of every rank, [W, CHECK_TOKENS, D] float64}, "load"}."""
     import torch.distributed as dist
 
-    from kernels.distributed import dispatch, moe_ep
+    from kernellab.distributed import dispatch, moe_ep
 
     shape, dtype = case.shape, setting["dtype"]
     E, seed = shape["E"], seed_of(OP, case.key)
@@ -170,7 +170,7 @@ def _measure(case, world: int, rank: int, device, setting: dict) -> dict:
             w_gate_up, w_down = experts(shape, rank, seed, dtype, device)
             ones = torch.ones(d.ids.shape, dtype=torch.float32, device=device)
             for name, permute in setting["backends"].items():
-                fn = kernels.get("moe", name)
+                fn = kernellab.get("moe", name)
                 layer = lambda: moe_ep(x, weights, ids, w_gate_up, w_down, backend=name,  # noqa: E731
                                        permute_backend=permute)
                 times[("experts", name)] = time_it(lambda: fn(d.x, ones, d.ids, w_gate_up, w_down)
@@ -210,7 +210,7 @@ def _first_touch(d, time_it) -> dict:
 def _exchange(x, weights, ids, E: int, name: str, time_it) -> dict:
     """{part: timing} of dispatch, combine, the two in one call, moe_permute and moe_unpermute with the permute
     backend `name`."""
-    from kernels.distributed import combine, dispatch
+    from kernellab.distributed import combine, dispatch
 
     d = dispatch(x, ids, E, permute_backend=name)
 
@@ -221,8 +221,8 @@ def _exchange(x, weights, ids, E: int, name: str, time_it) -> dict:
     return {"dispatch": time_it(lambda: dispatch(x, ids, E, permute_backend=name)),
             "combine": time_it(lambda: combine(d.x, weights, d)),
             "dispatch+combine": time_it(round_trip),
-            "permute": time_it(lambda: kernels.moe_permute(x, ids, E, backend=name)),
-            "unpermute": time_it(lambda: kernels.moe_unpermute(d.permutation.x, d.permutation, weights,
+            "permute": time_it(lambda: kernellab.moe_permute(x, ids, E, backend=name)),
+            "unpermute": time_it(lambda: kernellab.moe_unpermute(d.permutation.x, d.permutation, weights,
                                                               backend=name))}
 
 
@@ -317,7 +317,7 @@ def run_world(world: int, transport: str, cases: list, setting: dict, deadline_s
 
 def one_process(rank, cases: list, backends: list[str], device: str, dtype, budget_s: float, threads: int,
                 results) -> None:
-    """kernels.moe in this process (spawned: rank 0 of one) on each case's W N tokens and E experts (the world's,
+    """kernellab.moe in this process (spawned: rank 0 of one) on each case's W N tokens and E experts (the world's,
     from the same seeds), with `threads` torch threads. Puts (rank, (case key, backend), {"timing": columns,
     "heads": its output on the first CHECK_TOKENS tokens of every rank [W, c, D]}) per result."""
     torch.set_num_threads(threads)
@@ -332,7 +332,7 @@ def one_process(rank, cases: list, backends: list[str], device: str, dtype, budg
             del parts, shards
             for name in backends:
                 try:
-                    fn = kernels.get("moe", name)
+                    fn = kernellab.get("moe", name)
                     heads = fn(x, weights, ids, w_gate_up, w_down).view(world, N, -1)[:, :CHECK_TOKENS]
                     with trusted_inputs():
                         t = timing.time_call(lambda: fn(x, weights, ids, w_gate_up, w_down), device, budget_s)
@@ -477,7 +477,7 @@ def _case_rows(case, found: dict, device: str, dtype, transport: str, permute: l
 
 
 def _one_process_row(case, name: str, found: dict, device: str, dtype, threads: int) -> dict:
-    """The row of kernels.moe in one process on a case's tokens."""
+    """The row of kernellab.moe in one process on a case's tokens."""
     row = dict(op=OP, device=device, dtype=dtype_name(dtype), preset=case.preset, transport="", threads=threads,
                cores=os.cpu_count(), backend=name, shape=f"{case.key},part=moe", part="moe", **case.shape)
     if "error" in found:
@@ -486,10 +486,10 @@ def _one_process_row(case, name: str, found: dict, device: str, dtype, threads: 
 
 
 def _check(ep: dict, one: dict, ep_heads, heads, dtype, device: str) -> None:
-    """moe_ep's row gets its parity against kernels.moe in one process (the first CHECK_TOKENS tokens of every
+    """moe_ep's row gets its parity against kernellab.moe in one process (the first CHECK_TOKENS tokens of every
     rank) and vs_one_process; an error when the parity fails."""
     err = rel_err(torch.from_numpy(ep_heads), torch.from_numpy(heads))
-    ep.update(rel_err=err, checked_against=f"kernels.moe in one process ({ep['backend']}), the first {CHECK_TOKENS} "
+    ep.update(rel_err=err, checked_against=f"kernellab.moe in one process ({ep['backend']}), the first {CHECK_TOKENS} "
                                            f"tokens of every rank", vs_one_process=one["median_ms"] / ep["median_ms"])
     if err > tolerance(dtype, device):
         ep["error"] = f"parity vs one process: rel_err {err:.2e} > {tolerance(dtype, device):.0e}"
@@ -498,9 +498,9 @@ def _check(ep: dict, one: dict, ep_heads, heads, dtype, device: str) -> None:
 def permute_backends(device: str) -> list[str]:
     """The exchange's default moe_permute / moe_unpermute backends: "auto"'s choice first, then every other lab
     backend that runs natively on the device (bench.sweep's choice, less the reference's loops and peers)."""
-    registered = kernels.registry.registered("moe_permute")
+    registered = kernellab.registry.registered("moe_permute")
     lab = [n for n in sweep_backends("moe_permute", device, None) if n != "reference" and not registered[n].peer]
-    auto = kernels.registry.auto_backend("moe_permute", device)
+    auto = kernellab.registry.auto_backend("moe_permute", device)
     return [auto] + [n for n in lab if n != auto]
 
 
@@ -515,13 +515,13 @@ def _runnable_worlds(worlds, device: str) -> tuple[list[int], list[int]]:
 def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None,
           preset: str | None = None) -> list[dict]:
     """Rows of every case of bench.ops' MOE_DISPATCH on `device` (see the module's docstring): a world per world
-    size, then kernels.moe in one process; draws the three PNGs into out. backends: the moe backends of the layer
+    size, then kernellab.moe in one process; draws the three PNGs into out. backends: the moe backends of the layer
     parts (default: "auto"'s choice on the device); preset: only that model's shapes."""
     out = Path(out)
     dtype, transport = dtype_of(device), transport_of(device)
-    runs = {op: kernels.backends(op, device) for op in ("moe", "moe_permute")}
+    runs = {op: kernellab.backends(op, device) for op in ("moe", "moe_permute")}
     permute = [n for n in backends or () if n in runs["moe_permute"]] or permute_backends(device)
-    names = [n for n in backends or () if n in runs["moe"]] or [kernels.registry.auto_backend("moe", device)]
+    names = [n for n in backends or () if n in runs["moe"]] or [kernellab.registry.auto_backend("moe", device)]
     cases = OPS[OP].cases(device, quick, preset)
     worlds, skipped = _runnable_worlds({case.shape["world"] for case in cases}, device)
     if skipped:
@@ -545,7 +545,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                 ep[(case.key, name)] = (next(r for r in rows if r["shape"] == f"{case.key},part=moe_ep"
                                              and r["backend"] == name), heads)
     if layer:
-        print(f"  {OP}: kernels.moe in one process, {len(layer)} cases", flush=True)
+        print(f"  {OP}: kernellab.moe in one process, {len(layer)} cases", flush=True)
         # the cores the W one-thread ranks occupy, at most the threads torch was given here (--threads)
         threads = min(max(case.shape["world"] for case in layer), os.cpu_count() or 1, torch.get_num_threads())
         keys = [(case.key, name) for case in layer for name in names]
@@ -599,7 +599,7 @@ PROJECTED_TOKENS = (128, 4096)  # per rank: a decode batch (DeepEP's low-latency
 
 def bytes_per_token(world: int, top_k: int, D: int, itemsize: int, E: int, N: int, part: str = "dispatch+combine",
                     others: int | None = None) -> float:
-    """Bytes that leave a rank per token per MoE layer in the exchange of kernels.distributed, under uniform
+    """Bytes that leave a rank per token per MoE layer in the exchange of kernellab.distributed, under uniform
     routing: each of a token's top_k slots lands on any of the W ranks alike, so (W - 1) / W of them go away, D
     elements each (out in dispatch, back in combine); dispatch also sends its per-expert counts (E / W int64) to
     each other rank once per call (N tokens). others: count only the slots and counts for that many of the W - 1
@@ -763,7 +763,7 @@ def _exchange_lines(rows) -> list[str]:
     for r in ok:
         if r.get("part") == "moe_ep" and _number(r.get("vs_one_process")) > 0 and _text(r.get("preset")):
             lines.append(f"the EP layer at {r['preset']}'s shape, {int(r['world'])} ranks x {int(r['N'])} tokens "
-                         f"(`{r['backend']}`): {_ms(r['median_ms'])} against kernels.moe in one process "
+                         f"(`{r['backend']}`): {_ms(r['median_ms'])} against kernellab.moe in one process "
                          f"{_ms(r['median_ms'] * r['vs_one_process'])} on the same tokens "
                          f"({r['vs_one_process']:.2f}x; rel err {r['rel_err']:.1e})")
     checks = [c for c in bytes_check(rows) if c["model"] > 0]  # one rank alone sends nothing away
@@ -923,7 +923,7 @@ def plot(rows, out: Path) -> None:
             legend |= dict(zip(*reversed(ax.get_legend_handles_labels())))
         if legend:
             _legend_outside(axes[0, 2], handles=list(legend.values()), labels=list(legend))
-        fig.suptitle(f"{OP}: the exchange of kernels.distributed against all_to_all_single on the same bytes "
+        fig.suptitle(f"{OP}: the exchange of kernellab.distributed against all_to_all_single on the same bytes "
                      f"({ok[0]['device']}, {ok[0]['dtype']})", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / f"{OP}_exchange.png", dpi=90)
@@ -941,7 +941,7 @@ def plot(rows, out: Path) -> None:
                     ax.plot(*zip(*pts), styles[world], color=colors[(part, backend)],
                             label=f"{part} ({backend}), {who}")
         ax.set(xscale="log", yscale="log", xlabel="N (tokens per rank)", ylabel="time per call (ms, median)",
-               title="EP layer against kernels.moe in one process on the same tokens\n"
+               title="EP layer against kernellab.moe in one process on the same tokens\n"
                      + ", ".join(f"{k}={v}" for k, v in base.items()))
         ax.title.set_fontsize(9)
         ax.grid(True, which="both", alpha=0.3)

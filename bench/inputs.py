@@ -1,6 +1,6 @@
 """Inputs of every op, declared once and shared by the tests and the benchmarks.
 
-Each maker returns a dict of keyword arguments for the op's public function (kernels.<op>(**inputs)),
+Each maker returns a dict of keyword arguments for the op's public function (kernellab.<op>(**inputs)),
 drawn fresh from `seed` on the CPU generator (so a seed means the same numbers on every device) and then
 moved to `device`. Value ranges follow the models: log-sigmoid gates, sigmoid beta, unit-scale weights.
 """
@@ -199,7 +199,7 @@ def moe_unpermute(N=64, D=32, E=8, top_k=2, *, dtype=torch.float32, device="cpu"
 def grouped_gemm_fp8(N=64, E=8, top_k=2, K=32, Nout=48, *, dtype=torch.float32, device="cpu", seed=0,
                      routing="uniform", drop=0.0):
     """grouped_gemm's inputs with w quantized to float8_e4m3fn in 128 x 128 blocks (w, w_scale); x in dtype."""
-    from kernels.fp8 import quantize_weights
+    from kernellab.fp8 import quantize_weights
 
     made = grouped_gemm(N, E, top_k, K, Nout, dtype=torch.float32, seed=seed, routing=routing, drop=drop)
     w, w_scale = quantize_weights(made["w"])
@@ -210,7 +210,7 @@ def grouped_gemm_fp8(N=64, E=8, top_k=2, K=32, Nout=48, *, dtype=torch.float32, 
 def moe_fp8(N=64, D=32, E=8, I=16, top_k=2, *, dtype=torch.float32, device="cpu", seed=0, routing="uniform",
             drop=0.0, id_dtype=torch.int32):
     """moe's inputs with the expert weights quantized to float8_e4m3fn in 128 x 128 blocks; x in dtype."""
-    from kernels.fp8 import quantize_weights
+    from kernellab.fp8 import quantize_weights
 
     made = moe(N, D, E, I, top_k, dtype=torch.float32, seed=seed, routing=routing, drop=drop, id_dtype=id_dtype)
     (w_gate_up, w_gate_up_scale), (w_down, w_down_scale) = map(quantize_weights, (made["w_gate_up"], made["w_down"]))
@@ -225,5 +225,5 @@ MAKERS = {"linear_attention": linear_attention, "gated_delta_rule": gated_delta_
 
 
 def make(op, **shape):
-    """Inputs of op: kernels.<op>(**make(op, ...))."""
+    """Inputs of op: kernellab.<op>(**make(op, ...))."""
     return MAKERS[op](**shape)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import kernellab
 import model
 from bench import cli, llama_cpp, timing
 from bench.ops import OPS
@@ -542,8 +542,8 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     contexts = QUICK_CONTEXTS if quick else CONTEXTS[torch.device(device).type]
     budget_s = 0.5 if quick else 2.0
     # the lab's backends: every CPU (or GPU) backend of the gated delta rule but the slow reference
-    names = backends or [n for n in kernels.backends("gated_delta_rule", device)
-                         if n != "reference" and not kernels.registry.registered("gated_delta_rule")[n].peer]
+    names = backends or [n for n in kernellab.backends("gated_delta_rule", device)
+                         if n != "reference" and not kernellab.registry.registered("gated_delta_rule")[n].peer]
     peers = ["transformers", *llama_cpp.RUNNERS] if device == "cpu" else []
     rows = []
     all_attention = ["full_attention"] * BENCH_CONFIG["num_hidden_layers"]

@@ -157,7 +157,7 @@ class OpSpec:
         return list(unique.values())
 
     def inputs(self, case: Case, dtype, device, seed: int) -> dict:
-        """The keyword arguments of kernels.<op> for the case."""
+        """The keyword arguments of kernellab.<op> for the case."""
         return inputs.make(self.name, **self.make(case.shape), dtype=dtype, device=device, seed=seed)
 
 
@@ -463,7 +463,7 @@ MOE = OpSpec(
     flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' weights.",
     backward_flop_model="16 D I + 10 I FLOPs per routed slot (the projections recomputed, dX, dW).")
 
-# The expert ops on float8_e4m3fn weights with block scales (kernels/fp8.py): the shapes, reference budget and cost
+# The expert ops on float8_e4m3fn weights with block scales (kernellab/fp8.py): the shapes, reference budget and cost
 # models of their bf16 counterparts (bench.cost reads the weights' element size: 1 byte).
 # x's quantization (and h's, inside moe_fp8) runs on values computed in float32 by a backend and in float64 by the
 # reference: where the two land on either side of an fp8 rounding boundary, one element moves by an fp8 step. Rare
@@ -498,7 +498,7 @@ MODEL = OpSpec("model", sweep="bench.model:sweep", backend_ops=("gated_delta_rul
 # ---------------------------------------------------------------------------------------- expert parallelism
 
 def _dispatch_grid(scale):
-    """kernels.distributed's exchange against tokens per rank N, hidden size D and top-k around a base shape, and
+    """kernellab.distributed's exchange against tokens per rank N, hidden size D and top-k around a base shape, and
     skewed routing at the base, at each world size: 2 and 4 processes on CPU (1 too in the quick sweep, the
     exchange with nothing to send away: what a one-GPU machine runs), 1 to 8 GPUs on a GPU machine (bench.dispatch
     runs the worlds the machine has GPUs for)."""
@@ -530,7 +530,7 @@ def _dispatch_presets(scale):
 
 
 # Expert parallelism's exchange (bench/dispatch.py): dispatch and combine against all_to_all_single, moe_ep against
-# kernels.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
+# kernellab.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
 # the exchange and the moe backend of the local experts (each name for the ops it has).
 MOE_DISPATCH = OpSpec("moe_dispatch", ("world", "N", "D", "E", "I", "top_k", "routing"), grid=_dispatch_grid,
                       presets=_dispatch_presets, sweep="bench.dispatch:sweep", backend_ops=("moe_permute", "moe"),

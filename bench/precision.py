@@ -26,7 +26,7 @@ state dtype and conv states, 10 attention layers' KV cache, bfloat16) at a few c
 fit in 141 GB (an H200) beside the weights (bfloat16, or fp8 experts).
 
 fp8 experts: the MoE layer at Qwen3.5-35B-A3B's expert shape with bf16 weights and with the same weights in
-float8_e4m3fn (kernels.moe_fp8), against the float64 layer.
+float8_e4m3fn (kernellab.moe_fp8), against the float64 layer.
 
 Model: the bench checkpoint (random weights) loaded with a bf16 / fp16 state and fp8 experts, against the float32
 model: greedy tokens over a long generation, free and teacher-forced, and the logits' error.
@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
+import kernellab
 from bench import cli, timing
 from bench.model import cache_bytes_from_shapes
-from kernels.fp8 import quantized_bytes
+from kernellab.fp8 import quantized_bytes
 from model.config import ModelConfig
 from model.weights import checkpoint_shapes
 from reference.tolerance import rel_err
@@ -149,7 +149,7 @@ def piece_inputs(heads: Heads, gates, start: int, length: int, dtype, device, se
 
 def yardstick(wide: dict, state):
     """(o, final state) in float64: the torch backend token by token on float64 inputs, a float64 state."""
-    return kernels.gated_delta_rule(**wide, initial_state=state, output_final_state=True, use_qk_l2norm=True,
+    return kernellab.gated_delta_rule(**wide, initial_state=state, output_final_state=True, use_qk_l2norm=True,
                                     mode="recurrent", backend="torch")
 
 
@@ -187,10 +187,10 @@ def error_rows(heads: Heads, gates, t_grid, dtype, device, backends, seed: int =
                 continue
             backend, mode, sd = config
             try:
-                o, states[config] = kernels.gated_delta_rule(
+                o, states[config] = kernellab.gated_delta_rule(
                     **narrow, initial_state=states[config], output_final_state=True, use_qk_l2norm=True, mode=mode,
                     state_dtype=sd, backend=backend)
-            except (ValueError, kernels.BackendUnavailable) as error:  # a backend without this state dtype
+            except (ValueError, kernellab.BackendUnavailable) as error:  # a backend without this state dtype
                 failed[config] = f"{type(error).__name__}: {error}"[:300]
                 continue
             windows[config].add(o, ref_o)
@@ -219,7 +219,7 @@ def error_rows(heads: Heads, gates, t_grid, dtype, device, backends, seed: int =
 
 def weight_bytes(cfg: ModelConfig, fp8_experts: bool) -> int:
     """The checkpoint's bytes in bfloat16, or with the routed experts in float8_e4m3fn with 128 x 128 block
-    scales (kernels.fp8)."""
+    scales (kernellab.fp8)."""
     total = 0
     for name, shape in checkpoint_shapes(cfg).items():
         expert = name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
@@ -257,11 +257,11 @@ def fp8_rows(device: str, backends=("torch",), tokens: int = 64, experts: int = 
     (moe) and with the same weights in float8_e4m3fn (moe_fp8, per backend), against the float64 layer on the
     unquantized weights; and the grouped GEMM of its gate/up projection likewise."""
     from bench import inputs
-    from kernels.fp8 import quantize_weights
+    from kernellab.fp8 import quantize_weights
 
     shape = dict(N=tokens, D=2048, E=experts, I=512, top_k=8)
     dense = inputs.moe(**shape, seed=0)
-    exact = kernels.moe(**{k: v.double() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()},
+    exact = kernellab.moe(**{k: v.double() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()},
                         backend="reference")
     quantized = {**dense, "x": dense["x"].bfloat16()}
     (quantized["w_gate_up"], quantized["w_gate_up_scale"]), (quantized["w_down"], quantized["w_down_scale"]) = map(
@@ -272,11 +272,11 @@ def fp8_rows(device: str, backends=("torch",), tokens: int = 64, experts: int = 
     on = lambda args: {k: v.to(device) for k, v in args.items()}  # noqa: E731
     bf16 = {k: v.bfloat16() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()}
     rows = [dict(base, backend="torch", layer="moe, bf16 weights", shape=f"{experts_shape},layer=moe",
-                 rel_err_o=rel_err(kernels.moe(**on(bf16), backend="torch"), exact))]
+                 rel_err_o=rel_err(kernellab.moe(**on(bf16), backend="torch"), exact))]
     for backend in backends:
         try:
-            out = kernels.moe_fp8(**on(quantized), backend=backend)
-        except (ValueError, kernels.BackendUnavailable) as error:
+            out = kernellab.moe_fp8(**on(quantized), backend=backend)
+        except (ValueError, kernellab.BackendUnavailable) as error:
             rows.append(dict(base, backend=backend, layer="moe_fp8", shape=f"{experts_shape},layer=moe_fp8",
                              error=f"{type(error).__name__}: {error}"[:300]))
             continue
@@ -346,7 +346,7 @@ def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows = []
     for B in batches:
-        args = kernels.validate.gated_delta_rule(**_decode_inputs(B, dtype, device), mode="recurrent")
+        args = kernellab.validate.gated_delta_rule(**_decode_inputs(B, dtype, device), mode="recurrent")
         for backend in backends:
             for sd in STATE_DTYPES:
                 step = dict(args, initial_state=args["initial_state"].to(sd), state_dtype=sd)
@@ -355,10 +355,10 @@ def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
                             dtype=str(dtype).removeprefix("torch."), shape=f"{QWEN35.key},B={B},state={name},decode",
                             heads=QWEN35.key, B=B, mode="recurrent", state_dtype=name)
                 try:
-                    call = kernels.get(OP, backend)
+                    call = kernellab.get(OP, backend)
                     call(**step)
                     t = timing.time_call(lambda: call(**step), device, budget_s)
-                except (ValueError, kernels.BackendUnavailable) as error:
+                except (ValueError, kernellab.BackendUnavailable) as error:
                     rows.append(dict(base, error=f"{type(error).__name__}: {error}"[:300]))
                     continue
                 state = 2 * B * QWEN35.Hv * QWEN35.K * QWEN35.V * torch.empty((), dtype=sd).element_size()
@@ -463,8 +463,8 @@ def plot(rows, out: Path) -> list[Path]:
 def default_backends(device: str) -> list[str]:
     """The lab backends of the gated delta rule that run on device and implement state_dtype (the reference's
     loop is the short-T yardstick of the tests, too slow here)."""
-    names = [n for n in kernels.backends(OP, device) if n != "reference" and not
-             kernels.registry.registered(OP)[n].peer]
+    names = [n for n in kernellab.backends(OP, device) if n != "reference" and not
+             kernellab.registry.registered(OP)[n].peer]
     return [n for n in names if n in ("torch", "cuda", "triton")] if device == "cuda" else ["torch"]
 
 
@@ -479,7 +479,7 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
             rows += error_rows(heads, gates, t_grid, dtype, device, backends)
             print(f"  precision {heads.key} {'/'.join(gates)} {dtype}: T <= {t_grid[-1]} done", flush=True)
     rows += memory_rows(device)
-    rows += fp8_rows(device, [b for b in kernels.backends("moe_fp8", device) if b != "reference"])
+    rows += fp8_rows(device, [b for b in kernellab.backends("moe_fp8", device) if b != "reference"])
     rows += model_rows(device, new_tokens=32 if quick else 512)
     if device == "cuda":
         rows += decode_rows(device, backends, (1, 8, 64, 256), budget_s=0.5)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-import kernels
+import kernellab
 from bench import plots
 from bench.ops import OPS
-from kernels.registry import resolve
+from kernellab.registry import resolve
 
 CEILING_ANCHORS = {"cpu": ("116 GFLOP/s fp32 matmul, 22 GB/s copy", "the 2-core development machines, measured once"),
                    "cuda": ("H200: 989 TFLOP/s bf16 datasheet (about 790 measured), HBM 4.8 TB/s", "datasheet, ANCHORS.md")}
@@ -313,7 +313,7 @@ def invariance_table(frame) -> str:
     for spec in OPS.values():
         if not spec.registry or spec.name not in set(frame["op"]):
             continue
-        registered = kernels.registry.registered(spec.name)
+        registered = kernellab.registry.registered(spec.name)
         for name in sorted(set(frame.loc[frame["op"] == spec.name, "backend"]) & set(registered)):
             b = registered[name]
             body.append([spec.name, name, "yes" if b.deterministic else "no", "yes" if b.batch_invariant else "no",
@@ -391,7 +391,7 @@ def training_section(frame) -> list[str]:
     if training.empty:
         return ["No backward passes in this CSV: `python -m bench.sweep --op OP --pass forward backward "
                 "forward+backward` measures them.", ""]
-    md = ["Each backend with a backward (kernels/autograd.py): `backward` times the gradients of every "
+    md = ["Each backend with a backward (kernellab/autograd.py): `backward` times the gradients of every "
           "differentiable input from fixed output gradients on a graph built once; `forward+backward` both in one "
           "call. Gradients are checked against the float64 yardstick's autograd first. `x its forward`: this row's "
           "time over the same backend's forward row.", "",
@@ -441,7 +441,7 @@ def write(out: Path, device: str) -> Path:
            "Published numbers are leads from other machines: only a side-by-side run on one machine settles a "
            "comparison.", "", anchors_table(frame), "",
            "## Determinism and batch invariance", "",
-           "As each backend declares it (kernels/*/__init__.py) and tests/test_invariance.py checks on this machine: "
+           "As each backend declares it (kernellab/*/__init__.py) and tests/test_invariance.py checks on this machine: "
            "deterministic = repeated calls give bitwise equal outputs; batch-invariant = one sequence's or token's "
            "output is bitwise the same whatever else shares its batch.", "", invariance_table(frame), "",
            "## Training: backward and forward+backward", "", *training_section(frame)]

@@ -7,7 +7,7 @@
 
 What the sweep knows of an op is its declaration in bench/ops.py. For each shape and dtype, the inputs come
 from the op's bench.inputs maker, seeded by the shape. Each backend of the op that runs on the device
-(kernels.backends: new backends join by registering) is first checked against a float64 yardstick (the
+(kernellab.backends: new backends join by registering) is first checked against a float64 yardstick (the
 reference; where its loops are too slow, the reference on the first tokens when the op declares it, else the
 torch backend on float64 inputs: the row says which), then timed (bench.timing). With --pass backward or
 forward+backward (the passes of bench.ops.PASSES, a column of the CSV and of its key), each backend that has a
@@ -42,11 +42,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import kernels
+import kernellab
 from bench import cli, presets, timing
 from bench.ops import ALL_AXES, CATEGORICAL_AXES, OPS, PASSES, RENAMED, Case
-from kernels.registry import resolve
-from kernels.types import Permutation
+from kernellab.registry import resolve
+from kernellab.types import Permutation
 from reference.tolerance import rel_err, tolerance
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -145,7 +145,7 @@ def yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, quick:
     """(label, float64 output, how to cut a backend's output to the yardstick's rows, seconds of the reference
     on the whole case or None). The reference's own time is its row's time (its one call is the check)."""
     spec = OPS[case.op]
-    reference = kernels.get(case.op, "reference")
+    reference = kernellab.get(case.op, "reference")
     if spec.affordable(case.shape, quick):
         start = time.perf_counter()
         ref = reference(**_float64(inputs), **extra)
@@ -156,15 +156,15 @@ def yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, quick:
         head = {k: (v[:tokens] if k in names else v) for k, v in inputs.items()}
         return (f"reference (first {tokens} tokens)", reference(**_float64(head), **extra),
                 lambda out: out[:tokens], None)
-    if "torch" in kernels.backends(case.op, inputs_device(inputs)) and \
+    if "torch" in kernellab.backends(case.op, inputs_device(inputs)) and \
             2 * spec.gigabytes(case.shape, 8) <= max_check_gb:
-        return "torch-f64", kernels.get(case.op, "torch")(**_float64(inputs), **extra), None, None
+        return "torch-f64", kernellab.get(case.op, "torch")(**_float64(inputs), **extra), None, None
     return "none (too large for a float64 yardstick)", None, None, None
 
 
 def differentiable(op: str, inputs: dict) -> list[str]:
-    """The names of op's differentiable inputs (kernels.autograd.DIFFERENTIABLE) given in inputs."""
-    from kernels.autograd import DIFFERENTIABLE
+    """The names of op's differentiable inputs (kernellab.autograd.DIFFERENTIABLE) given in inputs."""
+    from kernellab.autograd import DIFFERENTIABLE
 
     return [name for name in DIFFERENTIABLE[op] if isinstance(inputs.get(name), torch.Tensor)]
 
@@ -202,19 +202,19 @@ def gradient_yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: floa
     device = inputs_device(inputs)
     if (spec.backward_affordable or spec.affordable)(case.shape, quick):
         name = "reference"
-    elif kernels.registry.registered(case.op)["torch"].backward is not None and \
-            "torch" in kernels.backends(case.op, device) and 4 * spec.gigabytes(case.shape, 8) <= max_check_gb:
+    elif kernellab.registry.registered(case.op)["torch"].backward is not None and \
+            "torch" in kernellab.backends(case.op, device) and 4 * spec.gigabytes(case.shape, 8) <= max_check_gb:
         name = "torch-f64"
     else:
         return "none (too large for a float64 yardstick)", None
     backend = "reference" if name == "reference" else "torch"
-    return name, grad_call(case.op, kernels.get(case.op, backend), _float64(inputs), extra, seed, "backward")()
+    return name, grad_call(case.op, kernellab.get(case.op, backend), _float64(inputs), extra, seed, "backward")()
 
 
 def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, which, seed) -> dict:
     """Check one backend's gradients on one case, then time its pass `which`. Returns the measured columns."""
     label, ref = check
-    fn = kernels.get(case.op, backend)
+    fn = kernellab.get(case.op, backend)
     call = grad_call(case.op, fn, inputs, extra, seed, which)
     found = dict(checked_against=label, rel_err=math.nan)
     got = call()  # also the warm-up
@@ -267,17 +267,17 @@ def base_row(op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict)
 
 @contextmanager
 def trusted_inputs():
-    """While timing: skip the host-side value checks of kernels.validate (a sync on a GPU); the check
+    """While timing: skip the host-side value checks of kernellab.validate (a sync on a GPU); the check
     before timing ran them on the same inputs."""
-    before = os.environ.get("KERNELS_TRUST_INPUTS")
-    os.environ["KERNELS_TRUST_INPUTS"] = "1"
+    before = os.environ.get("KERNELLAB_TRUST_INPUTS")
+    os.environ["KERNELLAB_TRUST_INPUTS"] = "1"
     try:
         yield
     finally:
         if before is None:
-            del os.environ["KERNELS_TRUST_INPUTS"]
+            del os.environ["KERNELLAB_TRUST_INPUTS"]
         else:
-            os.environ["KERNELS_TRUST_INPUTS"] = before
+            os.environ["KERNELLAB_TRUST_INPUTS"] = before
 
 
 def _error_text(exc: BaseException) -> str:
@@ -287,7 +287,7 @@ def _error_text(exc: BaseException) -> str:
 def run_backend(case, backend, inputs, extra, check, dtype, device, budget_s, cuda_graph) -> dict:
     """Check one backend on one case, then time it. Returns the measured columns (or an error)."""
     label, ref, cut, _ = check
-    fn = kernels.get(case.op, backend)
+    fn = kernellab.get(case.op, backend)
     out = fn(**inputs, **extra)  # also the warm-up: compilation and autotuning happen here
     found = dict(checked_against=label, rel_err=math.nan)
     if ref is not None:
@@ -323,8 +323,8 @@ def sweep_backends(op: str, device: str, wanted: list[str] | None) -> list[str]:
     numba.cuda simulator (their times mean nothing)."""
     if wanted is not None:
         return wanted
-    registered = kernels.registry.registered(op)
-    return [name for name in kernels.backends(op, device) if device != "cpu" or "cpu" in registered[name].places]
+    registered = kernellab.registry.registered(op)
+    return [name for name in kernellab.backends(op, device) if device != "cpu" or "cpu" in registered[name].places]
 
 
 def interleaved(plans: list[list]) -> list:
@@ -360,7 +360,7 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
                desc=f"{'+'.join(ops)} on {device}", disable=not progress, unit="run")
     for case in plan:
         spec = OPS[case.op]
-        registered = kernels.registry.registered(case.op)
+        registered = kernellab.registry.registered(case.op)
         for dtype in dtypes:
             shape = case.key
             inputs = spec.inputs(case, dtype, device, seed_of(case.op, shape))
@@ -416,7 +416,7 @@ def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max
     """The rows of the backward passes of one case and dtype: each backend of `names` that has a backward (the
     reference is the yardstick, not timed) checked on its gradients against the float64 yardstick's, then timed."""
     spec = OPS[case.op]
-    registered = kernels.registry.registered(case.op)
+    registered = kernellab.registry.registered(case.op)
     seed = seed_of(case.op, case.key)
     runs = [name for name in names if name != "reference" and name in registered
             and dtype in registered[name].dtypes and registered[name].backward is not None]
@@ -552,7 +552,7 @@ def backends_of(ops: list[str], device: str, dtypes, wanted: list[str] | None, r
         runs = [op for op in ops if problems[op] is None]
         if not runs:
             refuse(f"--backend {name}: " + "; ".join(problems.values()))
-        takes = [op for op in runs if set(dtypes) & set(kernels.registry.registered(op)[name].dtypes)]
+        takes = [op for op in runs if set(dtypes) & set(kernellab.registry.registered(op)[name].dtypes)]
         if not takes:
             refuse(f"--backend {name}: {cli.backend_problem(runs[0], name, device, dtypes[0])}")
         for op in takes:
@@ -566,9 +566,9 @@ def list_everything() -> str:
         if not spec.registry:
             lines.append(f"  {name}: a sweep of its own ({spec.sweep}; backends of {', '.join(spec.backend_ops)})")
             continue
-        here = {d: set(kernels.backends(name, d)) for d in ("cpu", "cuda")}
+        here = {d: set(kernellab.backends(name, d)) for d in ("cpu", "cuda")}
         described = []
-        for backend, b in kernels.registry.registered(name).items():
+        for backend, b in kernellab.registry.registered(name).items():
             where = "/".join(d for d in ("cpu", "cuda") if backend in here[d]) or "not here"
             described.append(f"{backend}{' (peer)' if b.peer else ''} [{where}]")
         lines.append(f"  {name} ({', '.join(spec.axes)}): {', '.join(described)}")
@@ -673,7 +673,7 @@ def check(args, parser):
     if args.backend is not None and "forward" not in args.passes:
         for name in dict.fromkeys(n for names in args.backend.values() for n in names):
             ops = [op for op in args.op if name in args.backend[op]]
-            if name == "reference" or all(kernels.registry.registered(op)[name].backward is None for op in ops):
+            if name == "reference" or all(kernellab.registry.registered(op)[name].backward is None for op in ops):
                 why = "is the yardstick of the gradients (not timed)" if name == "reference" else \
                     f"has no backward for {', '.join(ops)}"
                 parser.error(f"--backend {name}: {why}; --pass {' '.join(args.passes)} times backends with a "

@@ -24,7 +24,7 @@ import traceback
 import numpy as np
 import torch
 
-import kernels
+import kernellab
 from bench import cli, inputs
 from bench.timing import copy_gbps, device_name, matmul_tflops
 
@@ -56,7 +56,7 @@ def _compare(title, ours, theirs, args, parity):
                 start = time.perf_counter()
                 fn()
                 samples.append((time.perf_counter() - start) * 1e3)
-    print(_line("kernels.torch", ours_ms))
+    print(_line("kernellab.torch", ours_ms))
     print(_line("transformers", theirs_ms))
     ratios = np.array(theirs_ms) / np.array(ours_ms)
     print(f"  speedup: {np.median(theirs_ms) / np.median(ours_ms):.2f}x (ratio of medians), "
@@ -73,7 +73,7 @@ def _transformers_chunk_gdr():
 
 
 def gated_delta_rule_part(args):
-    ours_fn = kernels.get("gated_delta_rule", "torch")  # BackendUnavailable / ImportError if missing
+    ours_fn = kernellab.get("gated_delta_rule", "torch")  # BackendUnavailable / ImportError if missing
     theirs_fn = _transformers_chunk_gdr()
     for T in GDR_LENGTHS:
         x = inputs.make("gated_delta_rule", **GDR_SHAPE, T=T, seed=T, use_qk_l2norm=True, output_final_state=True)
@@ -103,7 +103,7 @@ def _expert_weights(D, E, I, seed=0):
 def moe_part(args):
     D, E, top_k, I = (MOE_SHAPE[k] for k in ("D", "E", "top_k", "I"))
     w_gate_up, w_down = _expert_weights(D, E, I)
-    ours_fn, theirs_fn = kernels.get("moe", "torch"), kernels.get("moe", "transformers")
+    ours_fn, theirs_fn = kernellab.get("moe", "torch"), kernellab.get("moe", "transformers")
     for N in MOE_TOKENS:
         weights, ids = inputs.routing_ids(N, E, top_k, seed=N)
         x = torch.randn(N, D, generator=torch.Generator().manual_seed(N + 1))
@@ -122,7 +122,7 @@ def moe_part(args):
 
         ours_ms = _compare(f"MoE experts, N = {N}, {MOE_SHAPE}, float32 ({active} active experts)",
                            ours, theirs, args, parity)
-        print(f"  kernels.torch: {flops / ours_ms / 1e6:.1f} GFLOP/s (matmul ceiling {args.matmul_gflops:.0f}); "
+        print(f"  kernellab.torch: {flops / ours_ms / 1e6:.1f} GFLOP/s (matmul ceiling {args.matmul_gflops:.0f}); "
               f"floor of reading the active experts' weights {floor_ms:.2f} ms at {args.copy_gbps:.1f} GB/s "
               f"(reached {floor_ms / ours_ms:.0%})")
 

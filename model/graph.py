@@ -4,7 +4,7 @@ recorded once per batch size, then replayed. Possible because the cache is stati
 advanced inside the step, rotary positions computed from it.
 
 Needs a CUDA device and backends that never read a tensor on the host inside a step (the triton ones; the
-inputs' value checks of kernels.validate are skipped during a capture). Not run on the CPU machines of this lab.
+inputs' value checks of kernellab.validate are skipped during a capture). Not run on the CPU machines of this lab.
 """
 from __future__ import annotations
 

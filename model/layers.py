@@ -1,8 +1,8 @@
 """The blocks of the Qwen3.5-MoE text decoder, as transformers defines them (modeling_qwen3_5_moe.py).
 
-Every token mixer and expert call goes through the lab's ops (`kernels`), with the backend chosen at load:
-`ops.gated_delta_rule`, `ops.attention`, `ops.route`, `ops.moe` are `kernels.get(op, backend)`, the callables
-behind `kernels.gated_delta_rule(..., backend=...)` & co, looked up once instead of on every call.
+Every token mixer and expert call goes through the lab's ops (`kernellab`), with the backend chosen at load:
+`ops.gated_delta_rule`, `ops.attention`, `ops.route`, `ops.moe` are `kernellab.get(op, backend)`, the callables
+behind `kernellab.gated_delta_rule(..., backend=...)` & co, looked up once instead of on every call.
 Shapes: B batch, T new tokens, D hidden size. On several processes (a model.parallel.Layout) each layer holds
 this rank's heads and experts only (model/parallel.py); without one, the whole layer.
 """
@@ -284,8 +284,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(E, D, I))
 
     def quantize_fp8(self):
-        """The weights in float8_e4m3fn with block scales (kernels.fp8.quantize_weights), for ops.moe_fp8."""
-        from kernels.fp8 import quantize_weights
+        """The weights in float8_e4m3fn with block scales (kernellab.fp8.quantize_weights), for ops.moe_fp8."""
+        from kernellab.fp8 import quantize_weights
 
         for name in ("gate_up_proj", "down_proj"):
             q, scale = quantize_weights(getattr(self, name).data)

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import kernels
-from kernels import registry
-from kernels.validate import STORED_STATE_DTYPES
+import kernellab
+from kernellab import registry
+from kernellab.validate import STORED_STATE_DTYPES
 from model.config import ModelConfig
 from model import graph, parallel
 from model.layers import DecoderLayer, RMSNorm, Step
@@ -95,9 +95,9 @@ class Qwen35Moe(nn.Module):
         self.config = cfg
         self.backends = backends
         self.layout = layout
-        ops = SimpleNamespace(**{op: kernels.get(op, name) for op, name in backends.items()})
+        ops = SimpleNamespace(**{op: kernellab.get(op, name) for op, name in backends.items()})
         if layout is not None and layout.ep > 1:  # the experts of the EP group, on the moe backend chosen
-            from kernels.distributed import moe_ep
+            from kernellab.distributed import moe_ep
 
             ops.moe = functools.partial(moe_ep, group=layout.ep_group, backend=backends["moe"],
                                         num_experts=cfg.num_experts)

@@ -11,8 +11,8 @@ W ranks hold the same tokens (one batch: no data parallelism); tp and ep each di
   (sum) of its output in the group.
 - MoE layers: of the N tokens, rank r takes rows r * n .. (r + 1) * n - 1, n = ceil(N / W) (fewer at the end,
   maybe none), routes them with the replicated router, runs them on experts split over expert-parallel groups of
-  ep consecutive ranks (`kernels.distributed.moe_ep`; member r % ep holds experts (r % ep) E / ep ..; with ep = 1
-  every rank holds all E and runs `kernels.moe`) and on the replicated shared expert; one all_gather gives every
+  ep consecutive ranks (`kernellab.distributed.moe_ep`; member r % ep holds experts (r % ep) E / ep ..; with ep = 1
+  every rank holds all E and runs `kernellab.moe`) and on the replicated shared expert; one all_gather gives every
   rank all N rows.
 - Embeddings, norms and the LM head: replicated. Every rank ends each layer with the same hidden states.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernels.registry import BackendUnavailable
+from kernellab.registry import BackendUnavailable
 from model.config import ModelConfig
 
 # What raise_together re-raises by name on every rank (anything else: a RuntimeError naming its type).

@@ -3,7 +3,7 @@
     python -m model.train                       # the small random checkpoint, a built-in token stream
     python -m model.train --checkpoint PATH --backend torch --steps 200 --batch 8 --seq-len 128 --lr 1e-3
 
-Every op of the model runs forward and backward on the backend chosen (one that has a backward: kernels/autograd.py;
+Every op of the model runs forward and backward on the backend chosen (one that has a backward: kernellab/autograd.py;
 "auto" takes the first of the auto order that has one). AdamW steps on the next-token cross-entropy of random
 windows of the stream, with the gradient norm clipped at 1; a progress bar with the loss; then, under --out,
 loss.png (the loss curve) and checkpoint/ (config.json and model.safetensors, with transformers' names), which
@@ -131,7 +131,7 @@ def plot_losses(losses: list[float], path: str | Path, title: str) -> Path:
 def training_backends(name: str, device) -> dict[str, str]:
     """{op: backend} for the model's ops when training: `name` for every op registered under it (each must have
     a backward), "auto" resolved to the first backend of the auto order that has one elsewhere."""
-    from kernels import registry
+    from kernellab import registry
     from model.model import OPS
 
     return {op: name if name != "auto" and name in registry.registered(op)
@@ -141,7 +141,7 @@ def training_backends(name: str, device) -> dict[str, str]:
 def backward_problem(name: str, device: str) -> str | None:
     """Why backend `name` cannot train the model (an op it is registered for has no backward), or None."""
     from bench import cli
-    from kernels import registry
+    from kernellab import registry
     from model.model import OPS
 
     def lacking(backend):

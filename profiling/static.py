@@ -7,21 +7,21 @@ kernel and configuration: registers per thread, shared memory, spills, stack fra
 one H100/H200 SM, and the tensor-core instructions found in the machine code.
 
 Where the kernels come from:
-- Triton: every module `kernels/triton/<name>.py` (names not starting with "_") lists `AOT_SPECS`, a list of
-  `kernels.triton.AotSpec` (built by `kernels.triton.aot_spec` from the kernel's own parameters; the kernel may
+- Triton: every module `kernellab/triton/<name>.py` (names not starting with "_") lists `AOT_SPECS`, a list of
+  `kernellab.triton.AotSpec` (built by `kernellab.triton.aot_spec` from the kernel's own parameters; the kernel may
   be an autotune / heuristics wrapper, compiled as the @triton.jit function inside it, the flags its heuristics
   would compute given as constexprs). Each is compiled with `triton.compile(triton_source(spec),
   target=GPUTarget("cuda", 90, 32))`; the ptxas report is the one Triton's own ptxas run prints (TRITON_DUMP_PTXAS_LOG). As at launch,
   pointers are specialised as 16-byte aligned; integers only where the spec says they are multiples of 16
   ("i32:16" in the signature, Triton's AOT notation, or a `divisible_by_16` attribute): without that the code
   can differ a lot from what runs (no vector loads, other pipelining, spills).
-- CUDA C: every `kernels/cuda/*.cu` through `nvcc -arch=sm_90 -cubin -Xptxas -v -I kernels/cuda`. A .cu file may
+- CUDA C: every `kernellab/cuda/*.cu` through `nvcc -arch=sm_90 -cubin -Xptxas -v -I kernellab/cuda`. A .cu file may
   declare configurations in comment lines, one per line:
       // aot: <label> [threads=N] [dynamic_smem=BYTES] [nvcc flags such as -DBLOCK_K=64 or -gencode=...]
   Without one it is compiled once as is. Threads per block come from `__launch_bounds__` (read back from the
   cubin) or from `threads=`; without either the occupancy columns stay empty. Shared memory is the static amount
   ptxas reports plus `dynamic_smem=`.
-- numba.cuda: modules `kernels/numba_cuda/*.py` may list `AOT_SPECS` whose entries have `name`, `kernel`
+- numba.cuda: modules `kernellab/numba_cuda/*.py` may list `AOT_SPECS` whose entries have `name`, `kernel`
   ("module:attr" of a `@cuda.jit` kernel) and `signature` (a numba signature string such as
   "void(float32[:, :], int32)"), optionally `threads`. They are compiled with `numba.cuda.compile_ptx(...,
   cc=(9, 0))` and then ptxas. numba.cuda kernels that no spec names are listed with status "skipped".
@@ -338,11 +338,11 @@ def cuda_configs(text: str) -> list[dict]:
 
 def discover() -> list[Job]:
     """Every kernel configuration of the lab, found from the files (no import needed here)."""
-    jobs = [Job("triton", _source_of(module), dict(module=module)) for module in _modules("kernels.triton")]
-    for path in sorted(glob.glob(str(ROOT / "kernels" / "cuda" / "*.cu"))):
+    jobs = [Job("triton", _source_of(module), dict(module=module)) for module in _modules("kernellab.triton")]
+    for path in sorted(glob.glob(str(ROOT / "kernellab" / "cuda" / "*.cu"))):
         source = str(Path(path).relative_to(ROOT))
         jobs += [Job("cuda", source, config) for config in cuda_configs(Path(path).read_text())]
-    jobs += [Job("numba", _source_of(module), dict(module=module)) for module in _modules("kernels.numba_cuda")
+    jobs += [Job("numba", _source_of(module), dict(module=module)) for module in _modules("kernellab.numba_cuda")
              if "cuda.jit" in (ROOT / _source_of(module)).read_text()]
     return jobs
 
@@ -364,7 +364,7 @@ def _resolve(target: str):
 
 
 def compile_triton_module(job: Job, cache: dict[str, list[dict]]) -> list[dict]:
-    """Rows of every AotSpec of one kernels/triton module."""
+    """Rows of every AotSpec of one kernellab/triton module."""
     import triton
 
     module_name = job.spec["module"]
@@ -413,7 +413,7 @@ def triton_source(spec):
     is the @triton.jit one inside the kernel's autotune / heuristics wrappers."""
     from triton.compiler import ASTSource
 
-    from kernels.triton import jit_function
+    from kernellab.triton import jit_function
 
     fn = jit_function(_resolve(spec.kernel))
     signature, divisible = triton_signature(spec)
@@ -513,7 +513,7 @@ def _numba_without_nvrtc():
 
 
 def compile_numba_module(job: Job, cache: dict[str, list[dict]]) -> list[dict]:
-    """Rows of the numba.cuda kernels of one kernels/numba_cuda module."""
+    """Rows of the numba.cuda kernels of one kernellab/numba_cuda module."""
     module_name = job.spec["module"]
     try:
         _numba_without_nvrtc()

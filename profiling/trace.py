@@ -115,17 +115,17 @@ def _prepare_environment(device: str):
 
 
 def make_call(op: str, backend: str, shape: dict, dtype_name: str, device: str):
-    """A no-argument function that runs kernels.<op> through `backend` once on fixed inputs, and the inputs."""
+    """A no-argument function that runs kernellab.<op> through `backend` once on fixed inputs, and the inputs."""
     import torch
 
-    import kernels
+    import kernellab
     from bench import inputs as bench_inputs
     from bench.ops import RENAMED
 
     op = RENAMED.get(op, op)
     dtype = getattr(torch, DTYPE_NAMES[dtype_name])
     made = bench_inputs.make(op, dtype=dtype, device=device, seed=0, **shape)
-    fn = kernels.get(op, backend)
+    fn = kernellab.get(op, backend)
 
     def call():
         return fn(**made)
@@ -206,7 +206,7 @@ def checked_call(parser, args, device: str):
     from bench import cli
     from bench import inputs as bench_inputs
     from bench.ops import RENAMED
-    from kernels import validate
+    from kernellab import validate
 
     op = RENAMED.get(args.op, args.op)
     cli.check_backend(parser, "--backend", op, args.backend, device, getattr(torch, DTYPE_NAMES[args.dtype]))
@@ -228,11 +228,11 @@ def checked_call(parser, args, device: str):
 def main(argv=None) -> int:
     from bench import cli
     from bench.ops import RENAMED
-    from kernels.registry import OPS
+    from kernellab.registry import OPS
 
     parser = cli.ArgumentParser(prog="python -m profiling.trace", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", required=True, choices=[*OPS, *RENAMED], help="an op of kernels")
-    parser.add_argument("--backend", required=True, help="a backend name (kernels.backends(op) lists them)")
+    parser.add_argument("--backend", required=True, help="a backend name (kernellab.backends(op) lists them)")
     parser.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
                         help="a keyword of the op's bench.inputs maker (repeatable); lists as 1,7,64")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))

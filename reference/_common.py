@@ -6,7 +6,7 @@ inputs are float64, so that a float64 run of the reference is the yardstick of e
 """
 import torch
 
-from kernels.validate import default_state_dtype
+from kernellab.validate import default_state_dtype
 
 
 def f64(*tensors):

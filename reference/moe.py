@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from kernels.types import Permutation
+from kernellab.types import Permutation
 
 
 def route(router_logits, top_k, renormalize=True):

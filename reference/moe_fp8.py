@@ -1,10 +1,10 @@
 """The expert ops on float8_e4m3fn weights with block scales, one expert (or one slot) at a time: the weights
-dequantized, the activations quantized in blocks of 1 x 128 as the ops define it (kernels/fp8.py), every product
+dequantized, the activations quantized in blocks of 1 x 128 as the ops define it (kernellab/fp8.py), every product
 in float64."""
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8 import ACTIVATION_BLOCK, WEIGHT_BLOCK, dequantize, quantize_activations
+from kernellab.fp8 import ACTIVATION_BLOCK, WEIGHT_BLOCK, dequantize, quantize_activations
 
 
 def _quantized(x):

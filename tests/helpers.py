@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 
-import kernels
-from kernels import registry
+import kernellab
+from kernellab import registry
 from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401 (for the tests)
 
 DTYPES = [torch.float32, torch.float16]
@@ -60,21 +60,21 @@ def lab_backends(op, device="cpu", simulated=False):
     """Every backend of op that runs on `device` tensors here, the reference excluded. Backends that reach the
     CPU only through the numba.cuda simulator are left out unless `simulated` (too slow for the full edge-case
     list: their own test file runs them at tiny sizes)."""
-    registered = kernels.registry.registered(op)
-    return [name for name in kernels.backends(op, device) if name != "reference"
+    registered = kernellab.registry.registered(op)
+    return [name for name in kernellab.backends(op, device) if name != "reference"
             and (simulated or device != "cpu" or registered[name].places != ("cuda", "cudasim"))]
 
 
 def gpu_backends(op):
     """Every registered non-reference backend of op that can run on a CUDA GPU (skipped here without one)."""
-    return [name for name, b in kernels.registry.registered(op).items() if name != "reference" and "cuda" in b.places]
+    return [name for name, b in kernellab.registry.registered(op).items() if name != "reference" and "cuda" in b.places]
 
 
 def _caller_tensors(args):
     """The caller's tensors among the arguments, by name (a Permutation's fields too); meta tensors hold nothing."""
     found = {}
     for key, value in args.items():
-        if isinstance(value, kernels.Permutation):
+        if isinstance(value, kernellab.Permutation):
             found |= {f"{key}.{field}": getattr(value, field) for field in ("x", "offsets", "source")}
         elif isinstance(value, torch.Tensor):
             found[key] = value
@@ -104,9 +104,9 @@ def check_recurrent_op(op, backend, args, seed, tol=None, **extra):
     reference on the same inputs, and check dtypes, the None state and that no input was written."""
     before = snapshot(args)
     with poisoned_allocations():
-        o, state = getattr(kernels, op)(**args, backend=backend, **extra)
+        o, state = getattr(kernellab, op)(**args, backend=backend, **extra)
     assert_unchanged(args, before)
-    ref_o, ref_state = getattr(kernels, op)(**to_float64(args), backend="reference")
+    ref_o, ref_state = getattr(kernellab, op)(**to_float64(args), backend="reference")
     dtype = args["v"].dtype
     tol = tolerance(dtype, args["v"].device.type) if tol is None else tol
     assert o.dtype == dtype, f"o has dtype {o.dtype}, v has {dtype}"
@@ -124,7 +124,7 @@ def check_bad_input(op, backend, args, match):
     """op raises ValueError naming the problem (match) and writes none of the caller's tensors."""
     before = snapshot(args)
     with pytest.raises(ValueError, match=match):
-        getattr(kernels, op)(**args, backend=backend)
+        getattr(kernellab, op)(**args, backend=backend)
     assert_unchanged(args, before)
 
 

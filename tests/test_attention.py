@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import (DTYPES, GPU_DTYPES, assert_close, assert_unchanged, backend_dtypes, bad_case_names,
                            check_bad_case, gpu_backends, lab_backends, poisoned_allocations, snapshot, to_float64,
@@ -38,9 +38,9 @@ CASES = {
 def _check(backend, args, seed, scale=None):
     before = snapshot(args)
     with poisoned_allocations():
-        o = kernels.attention(**args, scale=scale, backend=backend)
+        o = kernellab.attention(**args, scale=scale, backend=backend)
     assert_unchanged(args, before)
-    ref = kernels.attention(**to_float64(args), scale=scale, backend="reference")
+    ref = kernellab.attention(**to_float64(args), scale=scale, backend="reference")
     dtype = args["v"].dtype
     assert o.dtype == dtype, f"o has dtype {o.dtype}, v has {dtype}"
     assert_close(o, ref, dtype, f"{backend} o", seed, tolerance(dtype, args["v"].device.type))
@@ -59,18 +59,18 @@ def test_custom_scale(backend, seed):
 
 def test_torch_float64(seed):
     args = inputs.make("attention", T=50, Tk=60, dtype=torch.float64, seed=seed)
-    ref = kernels.attention(**args, backend="reference")
-    assert_close(kernels.attention(**args, backend="torch"), ref, torch.float64, "torch o", seed)
+    ref = kernellab.attention(**args, backend="reference")
+    assert_close(kernellab.attention(**args, backend="torch"), ref, torch.float64, "torch o", seed)
 
 
 def test_packed_equals_one_call_per_sequence(seed):
     """Each packed sequence gets the output of its own call: nothing leaks across the sequences' boundaries."""
     seqlens = [3, 1, 40]
     args = inputs.make("attention", seqlens=seqlens, seed=seed)
-    o = kernels.attention(**args, backend="torch")
+    o = kernellab.attention(**args, backend="torch")
     bounds = args["cu_seqlens"].tolist()
     for start, end in zip(bounds, bounds[1:]):
-        alone = kernels.attention(*(args[key][:, start:end] for key in ("q", "k", "v")), backend="reference")
+        alone = kernellab.attention(*(args[key][:, start:end] for key in ("q", "k", "v")), backend="reference")
         assert_close(o[:, start:end], alone, torch.float32, f"sequence {start}:{end}", seed)
 
 
@@ -78,10 +78,10 @@ def test_kv_lens_ignores_the_buffer_past_each_length(seed):
     """Keys and values past kv_lens[b] (here huge, but finite: SDPA's masked scores still multiply them) do not
     reach the output."""
     args = inputs.make("attention", B=2, T=2, Tk=30, kv_lens=[4, 30], seed=seed)
-    ref = kernels.attention(**to_float64(args), backend="reference")
+    ref = kernellab.attention(**to_float64(args), backend="reference")
     args["k"][0, 4:], args["v"][0, 4:] = 1e4, -1e4
     for backend in lab_backends("attention"):
-        assert_close(kernels.attention(**args, backend=backend), ref, torch.float32, backend, seed)
+        assert_close(kernellab.attention(**args, backend=backend), ref, torch.float32, backend, seed)
 
 
 @pytest.mark.gpu
@@ -149,8 +149,8 @@ def test_bad_packing_raises_and_writes_nothing(backend, case, seed):
 
 def test_unknown_and_unavailable_backends():
     args = inputs.make("attention", T=8)
-    with pytest.raises(kernels.BackendUnavailable, match="no backend 'nope'"):
-        kernels.attention(**args, backend="nope")
+    with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
+        kernellab.attention(**args, backend="nope")
     if not torch.cuda.is_available():
-        with pytest.raises(kernels.BackendUnavailable):
-            kernels.attention(**args, backend="flash_attn")
+        with pytest.raises(kernellab.BackendUnavailable):
+            kernellab.attention(**args, backend="flash_attn")

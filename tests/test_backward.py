@@ -1,7 +1,7 @@
 """Gradients: every backend that has a backward against the reference's autograd in float64, over the forward's
 edge cases; torch.autograd.gradcheck of the torch backward on tiny float64 shapes; forward outputs bitwise
 unchanged by requires_grad; a backend without a backward raises BackendUnavailable; the backward contract
-(kernels/autograd.py) enforced.
+(kernellab/autograd.py) enforced.
 
 Each gradient is that of a random projection of every differentiable output (the final state's included), drawn
 from the case's seed: sum(o * R_o) + sum(S * R_S)."""
@@ -10,9 +10,9 @@ import inspect
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
-from kernels import autograd, registry
+from kernellab import autograd, registry
 from tests.helpers import TOLERANCE, lab_backends, rel_err, to_float64, tolerance
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conftest.py)
@@ -125,7 +125,7 @@ def projected_loss(op, out, seed):
 def gradients(op, backend, args, seed, **extra):
     """{input name: gradient} of projected_loss through backend; the forward's result too."""
     leaves = _leaves(op, args)
-    out = getattr(kernels, op)(**leaves, backend=backend, **extra)
+    out = getattr(kernellab, op)(**leaves, backend=backend, **extra)
     projected_loss(op, out, seed).backward()
     return {name: leaves[name].grad for name in _differentiable(op, leaves)}, out
 
@@ -149,8 +149,8 @@ def _dropped(p):
 def _on(args, device):
     """args with every tensor (a Permutation's fields too) on device."""
     def move(value):
-        if isinstance(value, kernels.Permutation):
-            return kernels.Permutation(*(move(t) for t in (value.x, value.offsets, value.source)), value.num_tokens,
+        if isinstance(value, kernellab.Permutation):
+            return kernellab.Permutation(*(move(t) for t in (value.x, value.offsets, value.source)), value.num_tokens,
                                        value.top_k)
         return value.to(device) if isinstance(value, torch.Tensor) else value
 
@@ -217,9 +217,9 @@ def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
     """chunk_size 2: more than a group of chunks (torch's CHUNK_GROUP, mkl's STATE_GROUP), so the backward's
     forward pass over groups and its recompute of each group in reverse both run."""
     if backend == "mkl":
-        from kernels.mkl.chunked import STATE_GROUP as group
+        from kernellab.mkl.chunked import STATE_GROUP as group
     else:
-        from kernels.torch.linear_attention import CHUNK_GROUP as group
+        from kernellab.torch.linear_attention import CHUNK_GROUP as group
 
     args = inputs.make(op, seed=seed, **case)
     cu = args["cu_seqlens"]
@@ -230,7 +230,7 @@ def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
 @pytest.mark.parametrize("case", ["uniform", "dropped_slots", "skewed_empty_experts"])
 def test_torch_moe_backward_host_and_device_grouping_agree(case, seed, monkeypatch):
     """The torch moe groups slots on the host for small N and by a device sort above: the same gradients, bitwise."""
-    from kernels.torch import moe as torch_moe
+    from kernellab.torch import moe as torch_moe
 
     args = _make("moe", case, seed)
     monkeypatch.setattr(torch_moe, "HOST_GROUPING_MAX_SLOTS", 10**9)
@@ -263,7 +263,7 @@ def test_gradient_from_one_output_only(op, which, seed):
     results = {}
     for backend, case_args in (("torch", args), ("reference", to_float64(args))):
         leaves = _leaves(op, case_args)
-        o, state = getattr(kernels, op)(**leaves, backend=backend)
+        o, state = getattr(kernellab, op)(**leaves, backend=backend)
         (o if which == "o" else state).double().square().sum().backward()
         results[backend] = {name: leaves[name].grad for name in _differentiable(op, leaves)}
     for name, grad in results["torch"].items():
@@ -281,8 +281,8 @@ def test_permutation_carries_its_gradient_through_x(seed):
     grads = {}
     for backend, dtype in (("torch", torch.float32), ("reference", torch.float64)):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, w, weights)]
-        p = kernels.moe_permute(leaves[0], ids, 6, backend=backend)
-        y = kernels.moe_unpermute(kernels.grouped_gemm(p.x, leaves[1], p.offsets, backend=backend), p, leaves[2],
+        p = kernellab.moe_permute(leaves[0], ids, 6, backend=backend)
+        y = kernellab.moe_unpermute(kernellab.grouped_gemm(p.x, leaves[1], p.offsets, backend=backend), p, leaves[2],
                                   backend=backend)
         projected_loss("moe", y, seed).backward()
         grads[backend] = [t.grad for t in leaves]
@@ -297,7 +297,7 @@ def _gradcheck(op, args, **extra):
     names = _differentiable(op, args)
 
     def fn(*tensors):
-        out = getattr(kernels, op)(**(args | dict(zip(names, tensors))), backend="torch", **extra)
+        out = getattr(kernellab, op)(**(args | dict(zip(names, tensors))), backend="torch", **extra)
         return tuple(y for y in _outputs(op, out) if y is not None)
 
     leaves = tuple(args[name].detach().clone().requires_grad_(True) for name in names)
@@ -341,8 +341,8 @@ def test_forward_outputs_bitwise_unchanged_by_requires_grad(op, seed):
             "attention": "gqa", "route": "uniform"}.get(op, "dropped_slots")
     args = _make(op, case, seed)
     for backend in ["reference"] + with_backward(op):
-        plain = _outputs(op, getattr(kernels, op)(**args, backend=backend))
-        tracked = _outputs(op, getattr(kernels, op)(**_leaves(op, args), backend=backend))
+        plain = _outputs(op, getattr(kernellab, op)(**args, backend=backend))
+        tracked = _outputs(op, getattr(kernellab, op)(**_leaves(op, args), backend=backend))
         for a, b in zip(plain, tracked):
             assert b is None or b.requires_grad, f"{backend}: an output does not require grad"
             assert (a is None and b is None) or torch.equal(a, b.detach()), f"{backend}: outputs differ (seed={seed})"
@@ -357,17 +357,17 @@ def test_backend_without_backward_raises(op, backend, seed):
     """Asked for a gradient, a backend without a backward raises BackendUnavailable naming itself, before it
     runs."""
     args = _make(op, _cases(op)[1], seed)
-    with pytest.raises(kernels.BackendUnavailable, match=rf"backend '{backend}' of {op} has no backward"):
-        getattr(kernels, op)(**_leaves(op, args), backend=backend)
+    with pytest.raises(kernellab.BackendUnavailable, match=rf"backend '{backend}' of {op} has no backward"):
+        getattr(kernellab, op)(**_leaves(op, args), backend=backend)
 
 
 def test_inference_with_inputs_that_require_grad_runs_without_a_backward(seed):
     """Under torch.no_grad (or inference_mode) a call needs no gradient: a backend without a backward runs it."""
     args = _leaves("moe", _make("moe", "uniform", seed))
     with torch.no_grad():
-        y = kernels.moe(**args, backend="transformers")
+        y = kernellab.moe(**args, backend="transformers")
     with torch.inference_mode():
-        assert torch.equal(y, kernels.moe(**args, backend="transformers"))
+        assert torch.equal(y, kernellab.moe(**args, backend="transformers"))
     assert not y.requires_grad
 
 
@@ -394,7 +394,7 @@ def test_a_backward_that_misses_a_gradient_is_an_error(monkeypatch, seed):
     spy = registry.Backend("grouped_gemm", "spy", table["torch"].target, ("cpu",), backward=f"{__name__}:bad_backward")
     monkeypatch.setitem(table, "spy", spy)
     leaves = _leaves("grouped_gemm", _make("grouped_gemm", "uniform", seed))
-    y = kernels.grouped_gemm(**leaves, backend="spy")
+    y = kernellab.grouped_gemm(**leaves, backend="spy")
     with pytest.raises(RuntimeError, match="backend 'spy' of grouped_gemm: its backward .* gave nothing for the "
                                            "gradient of w"):
         y.sum().backward()

@@ -1,18 +1,18 @@
-"""The Triton backward kernels (kernels/triton: the chunked linear attentions' and the MoE ops') against the
+"""The Triton backward kernels (kernellab/triton: the chunked linear attentions' and the MoE ops') against the
 reference's autograd in float64, on the forward's edge cases (tests/test_backward.py's cases and checks), in float32
 and float16, with poisoned allocations (an element a kernel forgets to write is NaN). Without a GPU they run under
 TRITON_INTERPRET=1 (tests/conftest.py); on a GPU machine on CUDA tensors."""
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import TOLERANCE, poisoned_allocations, rel_err, to_float64
 from tests.test_backward import (MOE_CASES, RECURRENT, RECURRENT_CASES, _differentiable, _leaves, _make, _on,
                                  check_gradients)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [pytest.mark.skipif("triton" not in kernels.backends("moe", DEVICE),
+pytestmark = [pytest.mark.skipif("triton" not in kernellab.backends("moe", DEVICE),
                                  reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("torch_one_thread")]  # many tiny ops (conftest.py)
 
@@ -68,7 +68,7 @@ def test_gradient_from_the_final_state_only(op, seed):
     for backend, case_args in (("triton", args), ("reference", to_float64(args))):
         leaves = _leaves(op, _on(case_args, DEVICE if backend == "triton" else "cpu"))
         with poisoned_allocations():
-            _, state = getattr(kernels, op)(**leaves, backend=backend)
+            _, state = getattr(kernellab, op)(**leaves, backend=backend)
             state.double().square().sum().backward()
         grads[backend] = {name: leaves[name].grad.cpu() for name in _differentiable(op, leaves)
                           if leaves[name].grad is not None}
@@ -115,7 +115,7 @@ def test_moe_backward_is_deterministic(seed):
     results = []
     for _ in range(2):
         leaves = _leaves("moe", args)
-        (kernels.moe(**leaves, backend="triton").double() ** 2).sum().backward()
+        (kernellab.moe(**leaves, backend="triton").double() ** 2).sum().backward()
         results.append([leaves[name].grad for name in _differentiable("moe", leaves)])
     for first, second in zip(*results):
         assert torch.equal(first, second)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import bench
-import kernels
+import kernellab
 from bench import cost, gpu_check, inputs, plots, report, sweep, timing
 from bench.ops import OPS, PASSES, Case
-from kernels.registry import Backend
+from kernellab.registry import Backend
 
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
 TINY = {
@@ -35,10 +35,10 @@ def exploding_moe(x, weights, ids, w_gate_up, w_down):
 @pytest.fixture
 def fake_backends(monkeypatch):
     """Registers two fake moe backends (wrong output, raising) in the registry's table for this test."""
-    table = {op: dict(backends) for op, backends in kernels.registry._table().items()}
+    table = {op: dict(backends) for op, backends in kernellab.registry._table().items()}
     table["moe"]["wrong"] = Backend("moe", "wrong", "tests.test_bench:wrong_moe", ("cpu",))
     table["moe"]["exploding"] = Backend("moe", "exploding", "tests.test_bench:exploding_moe", ("cpu",))
-    monkeypatch.setattr(kernels.registry, "_table", lambda: table)
+    monkeypatch.setattr(kernellab.registry, "_table", lambda: table)
     return table
 
 
@@ -137,8 +137,8 @@ def test_compare_catches_unwritten_and_wrong_indices():
     bad = ref.clone()
     bad[1, 2] = float("nan")
     assert "non-finite" in sweep.compare(bad, ref)[1]
-    p = kernels.Permutation(ref, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
-    q = kernels.Permutation(ref, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
+    p = kernellab.Permutation(ref, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
+    q = kernellab.Permutation(ref, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
     assert "offsets differs" in sweep.compare(q, p)[1]
 
 
@@ -219,7 +219,7 @@ def test_several_ops_are_interleaved_by_sequence_length():
 
 
 def test_the_declarations_are_the_registry_ops():
-    assert {name for name, spec in OPS.items() if spec.registry} == set(kernels.registry.OPS)
+    assert {name for name, spec in OPS.items() if spec.registry} == set(kernellab.registry.OPS)
     for name, spec in OPS.items():
         assert set(spec.plot_axes) <= set(spec.axes) | {"heads", "dim"}, name
         assert all(set(columns) <= set(spec.axes) for columns in spec.plot_axes.values()), name
@@ -233,7 +233,7 @@ def test_the_declarations_are_the_registry_ops():
         for anchor in spec.anchors:
             assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, anchor)
             assert anchor.match.get("pass", "forward") in PASSES, (name, anchor)
-        if spec.registry and not name.endswith("_fp8"):  # differentiable (kernels/autograd.py): a backward cost
+        if spec.registry and not name.endswith("_fp8"):  # differentiable (kernellab/autograd.py): a backward cost
             assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward", name
         elif spec.registry:  # the fp8 ops are inference ops
             assert spec.backward_cost is None, name
@@ -249,7 +249,7 @@ def test_every_declaration_makes_inputs_and_costs_them(op, seed):
     flops, nbytes = spec.cost(args | spec.call(case.shape))
     assert flops >= 0 and nbytes > 0
     assert spec.affordable(case.shape, True)
-    kernels.get(op, "reference")(**args, **spec.call(case.shape))
+    kernellab.get(op, "reference")(**args, **spec.call(case.shape))
 
 
 def test_no_module_of_the_harness_names_an_op():
@@ -302,7 +302,7 @@ def test_a_renamed_op_is_said_and_runs_under_its_name(monkeypatch, capsys):
 
 def test_shape_filter_and_all(monkeypatch):
     args = sweep.parse(["--op", "all", "--quick"])
-    assert set(args.op) == set(kernels.registry.OPS)
+    assert set(args.op) == set(kernellab.registry.OPS)
     key = OPS["route"].cases("cpu", quick=True)[0].key
     assert [c.key for c in sweep.planned("route", "cpu", True, None, [key])] == [key]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +47,8 @@ def no_gpu(monkeypatch):
 # ----------------------------------------------------------------------------------------- bench.cli
 
 def test_backend_problem_names_registered_and_runnable():
-    registered = kernels.registry.registered("moe")
-    here = kernels.backends("moe", "cpu")
+    registered = kernellab.registry.registered("moe")
+    here = kernellab.backends("moe", "cpu")
     problem = cli.backend_problem("moe", "nosuch", "cpu")
     assert "'nosuch'" in problem and all(name in problem for name in registered)
     assert problem.endswith(f"run here on cpu: {', '.join(here)})")
@@ -66,8 +66,8 @@ def test_model_backends_run_every_op_they_name():
     names = cli.model_backends("cpu", torch.float32)
     assert "torch" in names and "reference" in names and "cuda" not in names
     for name in names:
-        ops = [op for op in OPS if name in kernels.registry.registered(op)]
-        assert ops and all(name in kernels.backends(op, "cpu") for op in ops)
+        ops = [op for op in OPS if name in kernellab.registry.registered(op)]
+        assert ops and all(name in kernellab.backends(op, "cpu") for op in ops)
     lab = cli.model_backends("cpu", torch.float32, peers=False)
     assert "transformers" in names and "transformers" not in lab
     assert "peer" in cli.model_backend_problem("transformers", "cpu", peers=False)
@@ -145,7 +145,7 @@ REFUSALS = [
     ("bench.gpu_check", ["--budget", "20"], ["--budget 20", "parity tests", "valid: 50 s or more"]),
     ("bench.gpu_check", ["--budget", "20", "--skip-tests", "--ops", "moe"], ["--budget 20", "a sweep", "50 s or more"]),
     ("bench.gpu_check", ["--ops", "nosuch"], ["argument --ops", "'gated_delta_rule'", "'moe'"]),
-    ("profiling.static", ["--only", "nosuch"], ["--only 'nosuch'", "kernels/triton/moe.py", "kernels/cuda/"]),
+    ("profiling.static", ["--only", "nosuch"], ["--only 'nosuch'", "kernellab/triton/moe.py", "kernellab/cuda/"]),
     ("profiling.static", ["--workers", "0"], ["argument --workers", ">= 1"]),
     ("profiling.static", ["--cache", "/nonexistent/kernels.csv"], ["argument --cache", "no file at /nonexistent"]),
     ("profiling.trace", ["--op", "nosuch", "--backend", "torch"],
@@ -247,7 +247,7 @@ def test_gpu_check_shortest_budget_starts_the_tests():
 def test_trace_refuses_a_dtype_the_backend_does_not_take(tmp_path, capsys):
     from profiling import trace
 
-    if "triton" not in kernels.backends("moe", "cpu"):
+    if "triton" not in kernellab.backends("moe", "cpu"):
         pytest.skip("the triton backend runs on CPU only under TRITON_INTERPRET=1, which is not set here")
     refused(trace.main, ["--op", "moe", "--backend", "triton", "--dtype", "float64", "--device", "cpu", "--out",
                          str(tmp_path / "out")], capsys, "--backend", "not float64", "run here on cpu float64")

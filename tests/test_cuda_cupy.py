@@ -1,6 +1,6 @@
 """The cuda (CUDA C++ through NVRTC) and cupy backends.
 
-Without a GPU: every kernels/cuda/*.cu compiles with nvcc for sm_90 with no register spills in its main kernels,
+Without a GPU: every kernellab/cuda/*.cu compiles with nvcc for sm_90 with no register spills in its main kernels,
 the grouped GEMM is built on tensor-core instructions, and the host-side part of the cuda chunked gated delta
 rule (torch's WY solve and outputs around the CUDA state pass) is exact when a torch model of the kernel stands in
 for it. On a GPU (marked gpu): parity of every cuda and cupy backend with the float64 reference in float32,
@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
-from kernels import registry
-from kernels.cuda import SOURCES
+from kernellab import registry
+from kernellab.cuda import SOURCES
 from profiling.static import parse_ptxas
 from reference.tolerance import state_tolerance
 from tests.helpers import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
 
-CUDA_DIR = Path(kernels.__file__).parent / "cuda"
+CUDA_DIR = Path(kernellab.__file__).parent / "cuda"
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) not found on this machine")
 
@@ -60,10 +60,10 @@ def test_grouped_gemm_runs_on_tensor_cores(tmp_path):
 
 
 def _torch_state_pass(k, w, u, gcum, h0, state_dtype):
-    """What gdr_chunk_state computes, in torch (kernels/cuda/gated_delta_rule.cu documents it); w None: linear
+    """What gdr_chunk_state computes, in torch (kernellab/cuda/gated_delta_rule.cu documents it); w None: linear
     attention's state pass. The state is float32, rounded to state_dtype after every chunk; h and the final state
     are returned in state_dtype."""
-    from kernels.cuda.gated_delta_rule import CHUNK
+    from kernellab.cuda.gated_delta_rule import CHUNK
 
     N, Hv, Tp, K = k.shape
     S = torch.zeros(N, Hv, K, u.shape[-1]) if h0 is None else h0.to(state_dtype).float()
@@ -90,7 +90,7 @@ GDR_CASES = {
 
 
 def _with_state_dtype(args, state_dtype):
-    """args with their initial state (if any) in state_dtype, checked by kernels.validate with that state_dtype."""
+    """args with their initial state (if any) in state_dtype, checked by kernellab.validate with that state_dtype."""
     if args["initial_state"] is not None:
         args["initial_state"] = args["initial_state"].to(state_dtype)
     return args | dict(state_dtype=state_dtype)
@@ -108,11 +108,11 @@ def _state_tolerances(dtype, state_dtype, T):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_chunk_host_side_on_cpu(case, dtype, state_dtype, seed):
-    from kernels.cuda.gated_delta_rule import chunk_gated_delta_rule
+    from kernellab.cuda.gated_delta_rule import chunk_gated_delta_rule
 
     raw = _with_state_dtype(inputs.gated_delta_rule(dtype=dtype, seed=seed, **case), state_dtype)
-    args = kernels.validate.gated_delta_rule(**raw)
-    ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
+    args = kernellab.validate.gated_delta_rule(**raw)
+    ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     del args["mode"]
     with poisoned_allocations():
         o, s = chunk_gated_delta_rule(**args, state_pass=_torch_state_pass)
@@ -135,11 +135,11 @@ LA_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_cuda_linear_attention_host_side_on_cpu(case, dtype, state_dtype, seed):
-    from kernels.cuda.linear_attention import linear_attention
+    from kernellab.cuda.linear_attention import linear_attention
 
     raw = _with_state_dtype(inputs.linear_attention(dtype=dtype, seed=seed, **case), state_dtype)
-    args = kernels.validate.linear_attention(**raw)
-    ref_o, ref_s = kernels.get("linear_attention", "reference")(**to_float64(args))
+    args = kernellab.validate.linear_attention(**raw)
+    ref_o, ref_s = kernellab.get("linear_attention", "reference")(**to_float64(args))
     with poisoned_allocations():
         o, s = linear_attention(**args, state_pass=_torch_state_pass)
     assert o.dtype == dtype and s.dtype == state_dtype
@@ -173,10 +173,10 @@ GPU_GDR_CASES = dict(GDR_CASES, decode_batch=dict(B=64, T=1, Hk=16, Hv=32, K=128
 @pytest.mark.parametrize("backend", _names("gated_delta_rule"))
 def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
     args = inputs.gated_delta_rule(dtype=dtype, seed=seed, device="cuda", **case)
-    ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
+    ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     before = None if args["initial_state"] is None else args["initial_state"].clone()
     with poisoned_allocations():
-        o, s = kernels.gated_delta_rule(**args, mode=mode, backend=backend)
+        o, s = kernellab.gated_delta_rule(**args, mode=mode, backend=backend)
     assert o.dtype == dtype and s.dtype == torch.float32
     # the chunked host side runs float32 matmuls, which may use tf32
     tol = max(_tolerance(dtype), TOLERANCE_TF32) if mode == "chunk" else TOLERANCE[dtype]
@@ -192,9 +192,9 @@ def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
 @pytest.mark.parametrize("backend", _names("linear_attention"))
 def test_linear_attention_on_gpu(backend, dtype, case, seed):
     args = inputs.linear_attention(dtype=dtype, seed=seed, device="cuda", **case)
-    ref_o, ref_s = kernels.get("linear_attention", "reference")(**to_float64(args))
+    ref_o, ref_s = kernellab.get("linear_attention", "reference")(**to_float64(args))
     with poisoned_allocations():
-        o, s = kernels.linear_attention(**args, backend=backend)
+        o, s = kernellab.linear_attention(**args, backend=backend)
     assert o.dtype == dtype and s.dtype == torch.float32
     tol = max(_tolerance(dtype), TOLERANCE_TF32)  # float32 matmuls around the kernel may use tf32
     assert_close(o, ref_o, dtype, f"{backend} o", seed, tol=tol)
@@ -218,27 +218,27 @@ MOE_CASES = {
 @pytest.mark.parametrize("backend", _names("moe_permute"))
 def test_moe_kernels_on_gpu(backend, dtype, case, seed):
     args = inputs.moe_permute(D=72, dtype=dtype, seed=seed, device="cuda", **case)
-    expected = kernels.moe_permute(**args, backend="reference")
+    expected = kernellab.moe_permute(**args, backend="reference")
     with poisoned_allocations():
-        p = kernels.moe_permute(**args, backend=backend)
+        p = kernellab.moe_permute(**args, backend=backend)
     assert torch.equal(p.x, expected.x), f"{backend}: permuted rows differ (seed={seed})"
     assert torch.equal(p.offsets.cpu(), expected.offsets.cpu()) and p.offsets.dtype == torch.int32
     assert torch.equal(p.source.cpu(), expected.source.cpu())
     args = inputs.moe_unpermute(D=72, dtype=dtype, seed=seed, device="cuda", **case)
-    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
+    ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     with poisoned_allocations():
-        out = kernels.moe_unpermute(**args, backend=backend)
+        out = kernellab.moe_unpermute(**args, backend=backend)
     assert_close(out, ref, dtype, f"{backend} unpermute", seed)
     gemm_case = {k: v for k, v in case.items() if k != "id_dtype"}
     args = inputs.grouped_gemm(K=96, Nout=80, dtype=dtype, seed=seed, device="cuda", **gemm_case)
-    ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
+    ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
     with poisoned_allocations():
-        out = kernels.grouped_gemm(**args, backend=backend)
+        out = kernellab.grouped_gemm(**args, backend=backend)
     assert_close(out, ref, dtype, f"{backend} grouped_gemm", seed, tol=_tolerance(dtype))
     args = inputs.moe(D=64, I=48, dtype=dtype, seed=seed, device="cuda", **case)
-    ref = kernels.moe(**to_float64(args), backend="reference")
+    ref = kernellab.moe(**to_float64(args), backend="reference")
     with poisoned_allocations():
-        out = kernels.moe(**args, backend=backend)
+        out = kernellab.moe(**args, backend=backend)
     assert_close(out, ref, dtype, f"{backend} moe", seed, tol=_tolerance(dtype))
 
 
@@ -275,7 +275,7 @@ CUPY_CASES = [
 
 
 def _outputs(result):
-    if isinstance(result, kernels.Permutation):
+    if isinstance(result, kernellab.Permutation):
         return dict(x=result.x, offsets=result.offsets, source=result.source)
     return dict(enumerate(result)) if isinstance(result, tuple) else {0: result}
 
@@ -285,9 +285,9 @@ def _outputs(result):
 def test_cupy_programs_through_numpy(op, case, extra, dtype, seed):
     if op == "route" and dtype == torch.bfloat16:
         dtype = torch.float16  # route's logits: a second half-precision dtype instead
-    args = getattr(kernels.validate, op)(**inputs.make(op, dtype=dtype, seed=seed, **case), **extra)
+    args = getattr(kernellab.validate, op)(**inputs.make(op, dtype=dtype, seed=seed, **case), **extra)
     exact = op == "moe_permute"  # rows are moved, not computed: compared with the reference on the same dtype
-    reference = _outputs(kernels.get(op, "reference")(**(args if exact else to_float64(args))))
+    reference = _outputs(kernellab.get(op, "reference")(**(args if exact else to_float64(args))))
     with poisoned_allocations():
         result = _outputs(registry.registered(op)["cupy"].impl(**args))
     for key, ref in reference.items():
@@ -308,9 +308,9 @@ def test_cupy_programs_through_numpy(op, case, extra, dtype, seed):
 def test_cupy_on_gpu(op, case, extra, dtype, seed):
     args = inputs.make(op, dtype=dtype, seed=seed, device="cuda", **case)
     exact = op == "moe_permute"
-    reference = _outputs(kernels.get(op, "reference")(**(args if exact else to_float64(args)), **extra))
+    reference = _outputs(kernellab.get(op, "reference")(**(args if exact else to_float64(args)), **extra))
     with poisoned_allocations():
-        result = _outputs(kernels.get(op, "cupy")(**args, **extra))
+        result = _outputs(kernellab.get(op, "cupy")(**args, **extra))
     for key, ref in reference.items():
         if ref is None:
             assert result[key] is None
@@ -329,7 +329,7 @@ def measure_gpu_targets(hbm_bytes_per_s=4.8e12):
     import os
     import statistics
 
-    os.environ["KERNELS_TRUST_INPUTS"] = "1"  # no host reads of ids / offsets inside the timed calls
+    os.environ["KERNELLAB_TRUST_INPUTS"] = "1"  # no host reads of ids / offsets inside the timed calls
 
     def milliseconds(fn, repeats=50):
         fn()
@@ -348,14 +348,14 @@ def measure_gpu_targets(hbm_bytes_per_s=4.8e12):
                                      initial_state=True)
     state_bytes = 2 * 64 * 32 * 128 * 128 * 4
     for name in ("cuda", "cupy", "numba_cuda"):
-        ms = milliseconds(lambda: kernels.gated_delta_rule(**decode, mode="recurrent", backend=name))
+        ms = milliseconds(lambda: kernellab.gated_delta_rule(**decode, mode="recurrent", backend=name))
         print(f"gated_delta_rule decode [{name}]: {ms * 1e3:.1f} us, {state_bytes / ms / 1e9:.0f} GB/s on the "
               f"state = {state_bytes / ms * 1e3 / hbm_bytes_per_s:.0%} of HBM")
     prefill = inputs.gated_delta_rule(B=1, T=4096, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
                                       initial_state=True)
     for name in ("cuda", "cupy"):
         print(f"gated_delta_rule chunk T=4096 [{name}]: "
-              f"{milliseconds(lambda: kernels.gated_delta_rule(**prefill, mode='chunk', backend=name), 10):.3f} ms")
+              f"{milliseconds(lambda: kernellab.gated_delta_rule(**prefill, mode='chunk', backend=name), 10):.3f} ms")
     shapes = dict(N=4096, E=256, top_k=8)
     cases = {
         "moe_permute": inputs.moe_permute(D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
@@ -367,7 +367,7 @@ def measure_gpu_targets(hbm_bytes_per_s=4.8e12):
         for name in ("cuda", "cupy", "numba_cuda"):
             if name in registry.registered(op):
                 print(f"{op} N=4096 E=256 top-8 bf16 [{name}]: "
-                      f"{milliseconds(lambda: kernels.get(op, name)(**args), 10):.3f} ms")
+                      f"{milliseconds(lambda: kernellab.get(op, name)(**args), 10):.3f} ms")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def test_sweep_end_to_end(swept):
             part["dispatch"]["bytes_per_token"] + part["combine"]["bytes_per_token"])
     ep = rows[rows["part"] == "moe_ep"]
     assert (ep["rel_err"] <= 1e-5).all() and (ep["vs_one_process"] > 0).all()
-    assert ep["checked_against"].str.startswith("kernels.moe in one process").all()
+    assert ep["checked_against"].str.startswith("kernellab.moe in one process").all()
     assert rows[rows["part"] == "moe"]["transport"].isna().all()
     skewed = rows[(rows["routing"] == "skewed") & (rows["part"] == "dispatch")]
     assert (skewed["imbalance"] > 1).all(), "rank 0's experts take most rows under skewed routing"

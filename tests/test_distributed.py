@@ -1,9 +1,9 @@
-"""kernels.distributed.moe_ep on CPU: gloo worlds of 2 and 4 processes on the loopback (127.0.0.1), spawned here.
+"""kernellab.distributed.moe_ep on CPU: gloo worlds of 2 and 4 processes on the loopback (127.0.0.1), spawned here.
 
 Starting a world costs seconds (each process imports torch), so one world per size runs every case of that size
 in turn (module fixtures), and each test reads its case's results. Every rank builds the whole problem from the
 same seed (all tokens, all experts), takes its share of both, runs the EP layer and compares with
-single-process kernels.moe on all experts; the workers send back numbers and messages only (a queue). A world
+single-process kernellab.moe on all experts; the workers send back numbers and messages only (a queue). A world
 that outlives its deadline is killed and its unfinished cases fail: nothing hangs.
 """
 import os
@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import kernels
+import kernellab
 from bench import inputs
-from kernels import registry
+from kernellab import registry
 from tests.helpers import (assert_raised_everywhere, lab_backends, poisoned_allocations, raises, ranks, rel_err,
                            snapshot, tolerance, world_fixtures)
 
@@ -33,7 +33,7 @@ D, I = 16, 8
 # spin against each other: a 12-row index_add_ took 80 ms with two threads).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 # The lab's CPU moe backends, run as the local experts (the reference too: tiny shapes). Peers are left out: they
-# take the same path through kernels.get, and importing transformers costs each process 5-15 s.
+# take the same path through kernellab.get, and importing transformers costs each process 5-15 s.
 CPU_BACKENDS = ["reference"] + [name for name in lab_backends("moe", "cpu")
                                  if not registry.registered("moe")[name].peer]
 
@@ -64,10 +64,10 @@ def _shard(a, world, rank, tokens):
 
 
 def _parity(world, rank, seed, tokens, E, top_k, backend="torch", reference=None, **problem):
-    """moe_ep on rank's share against kernels.moe on the whole problem (backend `reference`, default `backend`):
+    """moe_ep on rank's share against kernellab.moe on the whole problem (backend `reference`, default `backend`):
     the relative error, the dtype, whether a second call is bitwise equal and whether any caller tensor was
     written."""
-    from kernels.distributed import moe_ep
+    from kernellab.distributed import moe_ep
 
     a = _problem(world, seed, tokens, E, top_k, **problem)
     mine, rows = _shard(a, world, rank, tokens)
@@ -75,7 +75,7 @@ def _parity(world, rank, seed, tokens, E, top_k, backend="torch", reference=None
     with poisoned_allocations():
         y = moe_ep(**mine, backend=backend)
     again = moe_ep(**mine, backend=backend)
-    ref = kernels.moe(**a, backend=reference or backend)[rows]
+    ref = kernellab.moe(**a, backend=reference or backend)[rows]
     written = [key for key, value in before.items() if not torch.equal(value, mine[key])]
     return dict(err=rel_err(y, ref), shape=tuple(y.shape), expected_shape=tuple(ref.shape), dtype=str(y.dtype),
                 finite=bool(torch.isfinite(y).all()), deterministic=torch.equal(y, again), written=written)
@@ -117,16 +117,16 @@ def case_bfloat16(world, rank, seed):
 def case_halves_no_rows(world, rank, seed):
     """dispatch and combine by hand, with no slot on the last rank's experts (it receives nothing): rows sent
     and received per rank, and the parity of the result."""
-    from kernels.distributed import combine, dispatch
+    from kernellab.distributed import combine, dispatch
 
     E, tokens = 8, uneven_tokens(world)
     a = _problem(world, seed, tokens, E, top_k=2, drop=0.2, experts=E - E // world)
     mine, rows = _shard(a, world, rank, tokens)
     d = dispatch(mine["x"], mine["ids"], E)
-    experts_out = kernels.moe(d.x, torch.ones(d.ids.shape), d.ids, mine["w_gate_up"], mine["w_down"],
+    experts_out = kernellab.moe(d.x, torch.ones(d.ids.shape), d.ids, mine["w_gate_up"], mine["w_down"],
                               backend="torch")
     y = combine(experts_out, mine["weights"], d)
-    ref = kernels.moe(**a, backend="torch")[rows]
+    ref = kernellab.moe(**a, backend="torch")[rows]
     local, first = E // world, rank * (E // world)
     here = a["ids"][(a["ids"] >= first) & (a["ids"] < first + local)] - first  # every rank's slots on my experts
     return dict(err=rel_err(y, ref), sent=d.permutation.x.shape[0], routed=int((mine["ids"] >= 0).sum()),
@@ -137,7 +137,7 @@ def case_halves_no_rows(world, rank, seed):
 
 def case_backends(world, rank, seed):
     """Each CPU moe backend as the local experts of one rank, `world` backends per call (rank r runs the r-th;
-    ranks short of one run torch), against kernels.moe's torch backend: each process compiles or imports only its
+    ranks short of one run torch), against kernellab.moe's torch backend: each process compiles or imports only its
     own backends (mkl's numba loop: 8-30 s), beside the others'. Tiny shapes, -1 slots, a rank without tokens.
     Returns {backend: the parity of the call it ran in}."""
     tokens = [5, 0, 4, 3][:world]
@@ -153,7 +153,7 @@ def case_backends(world, rank, seed):
 def case_bad_inputs(world, rank, seed):
     """Each bad input on ONE rank (the last one; rank 0 for wrong weights): what every rank raised. Then a good
     call, to show the world is still usable."""
-    from kernels.distributed import moe_ep
+    from kernellab.distributed import moe_ep
 
     tokens = uneven_tokens(world)
     a = _problem(world, seed, tokens, E=2 * world, top_k=2)

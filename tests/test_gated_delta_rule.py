@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_case_names, bad_packed_inputs,
                            check_bad_case, check_bad_input, check_recurrent_op, gpu_backends, lab_backends)
@@ -66,7 +66,7 @@ def test_torch_float64(mode, seed):
 def test_torch_small_chunks(chunk_size, case, seed):
     """The torch backend's chunk_size keyword: many chunks, so that several groups of chunks (CHUNK_GROUP) run
     one after the other, as they do from T = 1024 at the CPU's chunk of 32."""
-    from kernels.torch.gated_delta_rule import CHUNK_GROUP
+    from kernellab.torch.gated_delta_rule import CHUNK_GROUP
 
     args = inputs.make("gated_delta_rule", seed=seed, **CASES[case])
     cu = args["cu_seqlens"]
@@ -75,7 +75,7 @@ def test_torch_small_chunks(chunk_size, case, seed):
     check_recurrent_op("gated_delta_rule", "torch", args | dict(mode="chunk"), seed, chunk_size=chunk_size)
 
 
-@pytest.mark.skipif("mkl" not in kernels.backends("gated_delta_rule"), reason="needs torch built with MKL (x86)")
+@pytest.mark.skipif("mkl" not in kernellab.backends("gated_delta_rule"), reason="needs torch built with MKL (x86)")
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "strong_decay", "Hv_4Hk",
                                   "beta_near_1_no_l2norm", "T1"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
@@ -146,8 +146,8 @@ def test_bad_packed_input_raises_and_writes_nothing(backend, case, seed):
 
 def test_unknown_and_unavailable_backends():
     args = inputs.make("gated_delta_rule", T=8)
-    with pytest.raises(kernels.BackendUnavailable, match="no backend 'nope'"):
-        kernels.gated_delta_rule(**args, backend="nope")
+    with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
+        kernellab.gated_delta_rule(**args, backend="nope")
     if not torch.cuda.is_available():
-        with pytest.raises(kernels.BackendUnavailable, match="runs on cuda"):
-            kernels.gated_delta_rule(**args, backend="fla")
+        with pytest.raises(kernellab.BackendUnavailable, match="runs on cuda"):
+            kernellab.gated_delta_rule(**args, backend="fla")

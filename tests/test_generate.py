@@ -393,7 +393,7 @@ def test_numba_uses_a_pool_that_sleeps():
     import subprocess
     import sys
 
-    code = ("import kernels, numba\n@numba.njit(parallel=True)\ndef f(x):\n    for i in numba.prange(x.shape[0]):\n"
+    code = ("import kernellab, numba\n@numba.njit(parallel=True)\ndef f(x):\n    for i in numba.prange(x.shape[0]):\n"
             "        x[i] += 1\nimport numpy as np\nf(np.zeros(8))\nprint(numba.threading_layer())\n")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -1,5 +1,5 @@
 """Determinism and batch invariance of every backend that runs on CPU tensors here, against its registration
-(kernels.registry.Backend: deterministic, batch_invariant, variance_note).
+(kernellab.registry.Backend: deterministic, batch_invariant, variance_note).
 
 - determinism: two calls on the same inputs give bitwise equal outputs (every output: o and the final state,
   a Permutation's x, offsets and source);
@@ -15,10 +15,10 @@ import inspect
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
-from kernels import registry
-from kernels.types import Permutation
+from kernellab import registry
+from kernellab.types import Permutation
 from tests.helpers import DTYPES, assert_close, lab_backends, tolerance
 
 OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "final_state"), "attention": ("o",),
@@ -98,7 +98,7 @@ def _make(op, name, dtype, kind, seed):
 
 def _run(op, name, args, mode):
     """The outputs of op through backend name, by name (OUTPUTS)."""
-    result = kernels.get(op, name)(**args, **({} if mode is None else dict(mode=mode)))
+    result = kernellab.get(op, name)(**args, **({} if mode is None else dict(mode=mode)))
     if isinstance(result, Permutation):
         result = (result.x, result.offsets, result.source)
     return dict(zip(OUTPUTS[op], result if isinstance(result, tuple) else (result,), strict=True))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_case_names, bad_packed_inputs,
                            check_bad_case, check_recurrent_op, gpu_backends, lab_backends)
@@ -39,7 +39,7 @@ def test_matches_reference(backend, dtype, case, seed):
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("backend", [b for b in ("torch", "mkl") if b in kernels.backends("linear_attention")])
+@pytest.mark.parametrize("backend", [b for b in ("torch", "mkl") if b in kernellab.backends("linear_attention")])
 def test_cpu_modes(backend, mode, case, seed):
     """The torch and mkl backends' chunked and token-by-token paths (their extra keyword `mode`): "auto" runs
     short sequences token by token, so the parity test above alone would not reach their chunked code on them."""
@@ -47,7 +47,7 @@ def test_cpu_modes(backend, mode, case, seed):
     check_recurrent_op("linear_attention", backend, args, seed, mode=mode)
 
 
-@pytest.mark.skipif("mkl" not in kernels.backends("linear_attention"), reason="needs torch built with MKL (x86)")
+@pytest.mark.skipif("mkl" not in kernellab.backends("linear_attention"), reason="needs torch built with MKL (x86)")
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "no_gate", "strong_decay"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
 def test_mkl_chunk_sizes(chunk_size, case, seed):
@@ -71,7 +71,7 @@ def test_torch_float64(seed):
 def test_torch_decay_factors_flush_to_zero_not_subnormal(seed):
     """The torch backends' decay factors: exp(x) down to the floor, exactly 0 below it (no subnormal numbers,
     which slow CPU matmuls a hundredfold); flush_tiny_ zeroes magnitudes under 2^-60 and keeps the rest."""
-    from kernels.torch.linear_attention import LOG_DECAY_FLOOR, decay_exp_, decay_matrix, flush_tiny_
+    from kernellab.torch.linear_attention import LOG_DECAY_FLOOR, decay_exp_, decay_matrix, flush_tiny_
 
     gen = torch.Generator().manual_seed(seed)
     log_decay = -torch.rand(1000, generator=gen) * 3 * abs(LOG_DECAY_FLOOR)
@@ -143,8 +143,8 @@ def test_bad_packed_input_raises_and_writes_nothing(backend, case, seed):
 
 def test_unknown_and_unavailable_backends():
     args = inputs.make("linear_attention", T=8)
-    with pytest.raises(kernels.BackendUnavailable, match="no backend 'nope'"):
-        kernels.linear_attention(**args, backend="nope")
+    with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
+        kernellab.linear_attention(**args, backend="nope")
     if not torch.cuda.is_available():
-        with pytest.raises(kernels.BackendUnavailable):
-            kernels.linear_attention(**args, backend="fla")
+        with pytest.raises(kernellab.BackendUnavailable):
+            kernellab.linear_attention(**args, backend="fla")

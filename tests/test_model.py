@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import kernels
+import kernellab
 import model
 from bench.model import transformers_torch_path
 from model.generate import SMALL_CONFIG, write_random_checkpoint
@@ -28,8 +28,8 @@ NEW_TOKENS = 6
 def _cpu_cases(interpreted: bool):
     cases = [pytest.param(OPS[0], "reference", id="all-reference")]
     for op in OPS:
-        registered = kernels.registry.registered(op)
-        for name in kernels.backends(op, "cpu"):
+        registered = kernellab.registry.registered(op)
+        for name in kernellab.backends(op, "cpu"):
             places = registered[name].places
             if name == "reference" or places == ("cuda", "cudasim") or (not interpreted and "interpret" in places):
                 continue

@@ -5,7 +5,7 @@ Shapes stay small (N <= 64, D <= 64, E <= 16): Triton runs here under its interp
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import (assert_close, assert_unchanged, gpu_backends, lab_backends, poisoned_allocations, snapshot,
                            to_float64, tolerance)
@@ -34,13 +34,13 @@ def _without(case, *keys):
 
 def _check_route(backend, args, seed):
     with poisoned_allocations():
-        weights, ids = kernels.route(**args, backend=backend)
+        weights, ids = kernellab.route(**args, backend=backend)
     logits, top_k = args["router_logits"], args["top_k"]
     N = logits.shape[0]
     assert weights.shape == ids.shape == (N, top_k)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
     probs = torch.softmax(logits.double(), dim=-1)
-    ref_ids = kernels.route(**args, backend="reference")[1]
+    ref_ids = kernellab.route(**args, backend="reference")[1]
     if logits.dtype == torch.float32:
         assert torch.equal(ids.cpu(), ref_ids.cpu()), f"ids differ from the reference (seed={seed})"
     else:  # half-precision logits tie: the chosen probabilities must be the top_k largest, in descending order
@@ -76,11 +76,11 @@ def test_route_gpu(backend, dtype, seed):
 def _check_permute(backend, args, seed):
     before = snapshot(args)
     with poisoned_allocations():
-        p = kernels.moe_permute(**args, backend=backend)
+        p = kernellab.moe_permute(**args, backend=backend)
     assert_unchanged(args, before)
-    ref = kernels.moe_permute(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
+    ref = kernellab.moe_permute(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()},
                               backend="reference")
-    assert isinstance(p, kernels.Permutation)
+    assert isinstance(p, kernellab.Permutation)
     assert (p.num_tokens, p.top_k) == tuple(args["ids"].shape)
     assert p.offsets.dtype == torch.int32, f"offsets must be int32, got {p.offsets.dtype}"
     assert p.source.dtype in (torch.int32, torch.int64)
@@ -127,11 +127,11 @@ def _check_unpermute(backend, args, seed, device="cpu"):
     args["weights"][_dropped_slots(args["p"]).to(args["weights"].device)] = float("nan")
     before = snapshot(args)
     with poisoned_allocations():
-        y = kernels.moe_unpermute(**args, backend=backend)
+        y = kernellab.moe_unpermute(**args, backend=backend)
     assert_unchanged(args, before)
     dtype = args["y_sorted"].dtype
     assert y.dtype == dtype and y.device == args["y_sorted"].device
-    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
+    ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     assert_close(y, ref, dtype, "y", seed, tol=tolerance(dtype, device))
     assert (y[_dropped_slots(args["p"]).all(1).to(y.device)] == 0).all(), f"tokens with no expert not 0 (seed={seed})"
 
@@ -158,11 +158,11 @@ def test_moe_unpermute_gpu(backend, case, dtype, seed):
 def _check_grouped_gemm(backend, args, seed, device="cpu"):
     before = snapshot(args)
     with poisoned_allocations():
-        y = kernels.grouped_gemm(**args, backend=backend)
+        y = kernellab.grouped_gemm(**args, backend=backend)
     assert_unchanged(args, before)
     dtype = args["x"].dtype
     assert y.dtype == dtype and y.device == args["x"].device
-    ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
+    ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
     assert_close(y, ref, dtype, "y", seed, tol=tolerance(dtype, device))
 
 
@@ -196,11 +196,11 @@ def _check_moe(backend, args, seed, device="cpu"):
     args["weights"][args["ids"] < 0] = float("nan")  # a slot with no expert contributes nothing
     before = snapshot(args)
     with poisoned_allocations():
-        y = kernels.moe(**args, backend=backend)
+        y = kernellab.moe(**args, backend=backend)
     assert_unchanged(args, before)
     dtype = args["x"].dtype
     assert y.dtype == dtype and y.device == args["x"].device
-    ref = kernels.moe(**to_float64(args), backend="reference")
+    ref = kernellab.moe(**to_float64(args), backend="reference")
     assert_close(y, ref, dtype, "y", seed, tol=tolerance(dtype, device))
     assert (y[(args["ids"] < 0).all(1)] == 0).all(), f"tokens with no expert must be 0 (seed={seed})"
     return y
@@ -222,13 +222,13 @@ def test_moe_shapes(backend, D, I, seed):
 @pytest.mark.parametrize("backend", lab_backends("moe"))
 def test_moe_is_deterministic(backend, seed):
     args = inputs.make("moe", N=48, E=4, top_k=4, D=32, I=16, seed=seed)
-    assert torch.equal(kernels.moe(**args, backend=backend), kernels.moe(**args, backend=backend))
+    assert torch.equal(kernellab.moe(**args, backend=backend), kernellab.moe(**args, backend=backend))
 
 
 @pytest.mark.parametrize("case", ["uniform", "dropped_slots", "all_slots_dropped", "skewed_empty_experts"])
 def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
     """The torch backend groups slots on the host for small N and by a device sort above: same result, bitwise."""
-    from kernels.torch import moe as torch_moe
+    from kernellab.torch import moe as torch_moe
 
     args = inputs.make("moe", **ROUTINGS[case], D=32, I=16, seed=seed)
     monkeypatch.setattr(torch_moe, "HOST_GROUPING_MAX_SLOTS", 10**9)
@@ -242,7 +242,7 @@ def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
 def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
     """Every token on one expert: rows on both sides of the bounds of the torch backend's transposed GEMMs
     (TRANSPOSED_ROWS), so that each GEMM form is checked, in the layer and in grouped_gemm."""
-    from kernels.torch import moe as torch_moe
+    from kernellab.torch import moe as torch_moe
 
     monkeypatch.setattr(torch_moe, "STREAMED_WEIGHT_BYTES", 0)  # small test weights take the streamed form too
     _check_moe("torch", inputs.make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=32, I=16, seed=seed), seed)
@@ -250,12 +250,12 @@ def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
                                              Nout=24, seed=seed), seed)
 
 
-@pytest.mark.skipif("mkl" not in kernels.backends("moe"),
+@pytest.mark.skipif("mkl" not in kernellab.backends("moe"),
                     reason="needs torch built with MKL, as its x86 CPU builds are (not ARM ones)")
 def test_mkl_packed_weights_follow_their_tensor(seed):
     """The mkl backend packs expert weights once per weight tensor: an in-place write to them, or other tensors,
     must be seen by the next call; the cache lets go of a tensor's packs when the tensor dies."""
-    from kernels.mkl import packed
+    from kernellab.mkl import packed
 
     args = inputs.make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
     _check_moe("mkl", args, seed)
@@ -276,7 +276,7 @@ def test_mkl_packed_weights_follow_their_tensor(seed):
     assert len(packed._CACHE) == cached - 1
 
 
-@pytest.mark.skipif("mkl" not in kernels.backends("moe"),
+@pytest.mark.skipif("mkl" not in kernellab.backends("moe"),
                     reason="needs torch built with MKL, as its x86 CPU builds are (not ARM ones)")
 def test_mkl_gate_over_the_float32_range(seed):
     """mkl's gate builds exp from a series and exponent bits: silu(gate) * up * weight against float64 from gates
@@ -284,7 +284,7 @@ def test_mkl_gate_over_the_float32_range(seed):
     exactly 0."""
     import numpy as np
 
-    from kernels.mkl.moe import _GATE_FLOOR, _gate_row
+    from kernellab.mkl.moe import _GATE_FLOOR, _gate_row
 
     gen = torch.Generator().manual_seed(seed)
     magnitudes = torch.logspace(-40, 2, 500, dtype=torch.float64)
@@ -305,10 +305,10 @@ def test_mkl_gate_over_the_float32_range(seed):
 
 def test_torch_moe_takes_zero_tokens(seed):
     args = inputs.make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
-    assert kernels.moe(**args, backend="torch").shape == (0, 16)
-    p = kernels.moe_permute(args["x"], args["ids"], 4, backend="torch")
+    assert kernellab.moe(**args, backend="torch").shape == (0, 16)
+    p = kernellab.moe_permute(args["x"], args["ids"], 4, backend="torch")
     assert p.x.shape == (0, 16) and p.offsets.tolist() == [0] * 5
-    assert kernels.moe_unpermute(p.x, p, args["weights"], backend="torch").shape == (0, 16)
+    assert kernellab.moe_unpermute(p.x, p, args["weights"], backend="torch").shape == (0, 16)
 
 
 @pytest.mark.gpu
@@ -416,12 +416,12 @@ BAD_INPUTS = {"route": _route_bad, "moe_permute": _moe_permute_bad, "moe_unpermu
 
 
 @pytest.mark.parametrize("op, backend, case", [(op, name, case) for op in BAD_INPUTS
-                                               for name in kernels.backends(op, "cpu") for case in BAD_INPUTS[op](0)])
+                                               for name in kernellab.backends(op, "cpu") for case in BAD_INPUTS[op](0)])
 def test_bad_input_raises_value_error_and_writes_nothing(op, backend, case, seed):
     args = BAD_INPUTS[op](seed)[case]
     before = snapshot(args)
     try:
-        kernels.get(op, backend)(**args)
+        kernellab.get(op, backend)(**args)
     except ValueError:
         pass
     else:
@@ -432,7 +432,7 @@ def test_bad_input_raises_value_error_and_writes_nothing(op, backend, case, seed
 def test_transformers_peer_holds_the_callers_weights():
     """The transformers peer wraps the given expert weights without copying them."""
     pytest.importorskip("transformers")
-    from kernels.peers.moe import _transformers_experts
+    from kernellab.peers.moe import _transformers_experts
 
     args = inputs.make("moe", N=4, E=4, top_k=2, D=16, I=8)
     experts = _transformers_experts(args["w_gate_up"], args["w_down"])

@@ -1,4 +1,4 @@
-"""fp8 experts: the block quantization helpers (kernels/fp8.py), grouped_gemm_fp8 and moe_fp8 of every backend
+"""fp8 experts: the block quantization helpers (kernellab/fp8.py), grouped_gemm_fp8 and moe_fp8 of every backend
 against their dequantizing float64 reference (edge cases of the routing included), the error of the fp8 layer
 against the bf16 one, and bad input."""
 import math
@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from bench.ops import FP8_FLIP_TOLERANCE
-from kernels.fp8 import (ACTIVATION_BLOCK, FP8, FP8_MAX, WEIGHT_BLOCK, _expand, dequantize, quantize,
+from kernellab.fp8 import (ACTIVATION_BLOCK, FP8, FP8_MAX, WEIGHT_BLOCK, _expand, dequantize, quantize,
                          quantize_activations, quantize_weights, quantized_bytes, scale_shape)
 from reference.tolerance import rel_err
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
@@ -74,9 +74,9 @@ MOE_CASES = {
 def _check(op, backend, args, seed, tol):
     before = snapshot(args)
     with poisoned_allocations():
-        out = getattr(kernels, op)(**args, backend=backend)
+        out = getattr(kernellab, op)(**args, backend=backend)
     assert_unchanged(args, before)
-    ref = getattr(kernels, op)(**to_float64(args), backend="reference")
+    ref = getattr(kernellab, op)(**to_float64(args), backend="reference")
     assert out.dtype == args["x"].dtype and out.shape == ref.shape
     assert_close(out, ref, args["x"].dtype, f"{backend} {op}", seed, tol)
 
@@ -104,7 +104,7 @@ def test_reference_is_the_dequantized_gemm(seed):
     w = dequantize(args["w"], args["w_scale"], WEIGHT_BLOCK, torch.float64)
     bounds = args["offsets"].tolist()
     expected = torch.cat([x[s:e] @ w[i].T for i, (s, e) in enumerate(zip(bounds, bounds[1:]))])
-    assert torch.equal(kernels.grouped_gemm_fp8(**to_float64(args), backend="reference"), expected)
+    assert torch.equal(kernellab.grouped_gemm_fp8(**to_float64(args), backend="reference"), expected)
 
 
 def test_moe_fp8_is_moe_on_the_dequantized_weights_up_to_the_activations(seed):
@@ -116,7 +116,7 @@ def test_moe_fp8_is_moe_on_the_dequantized_weights_up_to_the_activations(seed):
                  w_gate_up=dequantize(args["w_gate_up"], args["w_gate_up_scale"], WEIGHT_BLOCK),
                  w_down=dequantize(args["w_down"], args["w_down_scale"], WEIGHT_BLOCK))
     # h is not exact in fp8: its quantization is the one difference, bounded by fp8's step
-    error = rel_err(kernels.moe_fp8(**args, backend="reference"), kernels.moe(**to_float64(dense), backend="reference"))
+    error = rel_err(kernellab.moe_fp8(**args, backend="reference"), kernellab.moe(**to_float64(dense), backend="reference"))
     assert 0 < error < FP8_UNIT_ROUNDOFF
 
 
@@ -126,10 +126,10 @@ def test_fp8_layer_against_the_bf16_layer(seed):
     about fp8's unit roundoff over sqrt(3) (uniform rounding), add in quadrature: ~2 x 2^-4 / sqrt(3) = 7%."""
     shape = dict(N=64, D=512, E=8, I=256, top_k=2)
     dense = inputs.make("moe", seed=seed, **shape)
-    exact = kernels.moe(**to_float64(dense), backend="reference")
+    exact = kernellab.moe(**to_float64(dense), backend="reference")
     quantized = inputs.make("moe_fp8", seed=seed, **shape)  # the same weights, quantized
-    fp8 = rel_err(kernels.moe_fp8(**quantized, backend="torch"), exact)
-    bf16 = rel_err(kernels.moe(**{k: v.bfloat16() if k in ("x", "w_gate_up", "w_down") else v
+    fp8 = rel_err(kernellab.moe_fp8(**quantized, backend="torch"), exact)
+    bf16 = rel_err(kernellab.moe(**{k: v.bfloat16() if k in ("x", "w_gate_up", "w_down") else v
                                   for k, v in dense.items()}, backend="torch"), exact)
     assert bf16 < tolerance(torch.bfloat16, "cpu")
     assert 3 * bf16 < fp8 < 2 * FP8_UNIT_ROUNDOFF / math.sqrt(3) * 1.5
@@ -176,8 +176,8 @@ def test_bad_fp8_gemm_inputs_raise_and_write_nothing(backend, seed):
 def test_moe_fp8_on_gpu(backend, case, seed):
     args = inputs.make("moe_fp8", dtype=torch.bfloat16, seed=seed, device="cuda", **MOE_CASES[case])
     with poisoned_allocations():
-        out = kernels.moe_fp8(**args, backend=backend)
-    ref = kernels.moe_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
+        out = kernellab.moe_fp8(**args, backend=backend)
+    ref = kernellab.moe_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
     assert_close(out, ref, torch.bfloat16, f"{backend} moe_fp8", seed)
 
 
@@ -187,16 +187,16 @@ def test_moe_fp8_on_gpu(backend, case, seed):
 def test_grouped_gemm_fp8_on_gpu(backend, case, seed):
     args = inputs.make("grouped_gemm_fp8", dtype=torch.bfloat16, seed=seed, device="cuda", **GEMM_CASES[case])
     with poisoned_allocations():
-        out = kernels.grouped_gemm_fp8(**args, backend=backend)
-    ref = kernels.grouped_gemm_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
+        out = kernellab.grouped_gemm_fp8(**args, backend=backend)
+    ref = kernellab.grouped_gemm_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
     assert_close(out, ref, torch.bfloat16, f"{backend} grouped_gemm_fp8", seed)
 
 
-@pytest.mark.skipif("triton" not in kernels.backends("moe_fp8"), reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.skipif("triton" not in kernellab.backends("moe_fp8"), reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
 def test_triton_quantization_is_kernels_fp8s(seed):
-    """kernels.triton.moe_fp8's quantization (its own float32 -> e4m3 rounding, then an exact cast) gives
-    kernels.fp8's bits: every e4m3 midpoint (ties to even), subnormals, saturation, blocks of 10^-8 to 10^4."""
-    from kernels.triton.moe_fp8 import quantize_activations as triton_quantize
+    """kernellab.triton.moe_fp8's quantization (its own float32 -> e4m3 rounding, then an exact cast) gives
+    kernellab.fp8's bits: every e4m3 midpoint (ties to even), subnormals, saturation, blocks of 10^-8 to 10^4."""
+    from kernellab.triton.moe_fp8 import quantize_activations as triton_quantize
 
     grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     grid = grid[torch.isfinite(grid)].unique()

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
-from kernels import registry
+from kernellab import registry
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not torch.cuda.is_available()
@@ -44,9 +44,9 @@ GDR_CASES = {
 
 def _check_gdr(backend, case, dtype, seed, device="cpu", **extra):
     args = inputs.gated_delta_rule(dtype=dtype, seed=seed, device=device, **case)
-    ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
+    ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     with poisoned_allocations():
-        o, s = kernels.get("gated_delta_rule", backend)(**args, **extra)
+        o, s = kernellab.get("gated_delta_rule", backend)(**args, **extra)
     assert o.dtype == args["v"].dtype and s.dtype == torch.float32
     assert_close(o, ref_o, dtype, f"{backend} o", seed)
     assert_close(s, ref_s, torch.float32 if dtype != torch.float64 else dtype, f"{backend} final state", seed)
@@ -63,8 +63,8 @@ def test_numba_gated_delta_rule_small_chunks_leave_inputs_alone(seed):
     """chunk_size 16 puts several chunk boundaries inside each sequence; the caller's state is not written."""
     args = inputs.gated_delta_rule(seqlens=[40, 1, 17], initial_state=True, seed=seed)
     before = args["initial_state"].clone()
-    ref_o, ref_s = kernels.get("gated_delta_rule", "reference")(**to_float64(args))
-    o, s = kernels.gated_delta_rule(**args, mode="chunk", backend="numba", chunk_size=16)
+    ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
+    o, s = kernellab.gated_delta_rule(**args, mode="chunk", backend="numba", chunk_size=16)
     assert torch.equal(args["initial_state"], before)
     assert_close(o, ref_o, torch.float32, "numba chunk_size=16 o", seed)
     assert_close(s, ref_s, torch.float32, "numba chunk_size=16 state", seed)
@@ -84,9 +84,9 @@ MOE_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_numba_moe(case, dtype, seed):
     args = inputs.moe(dtype=dtype, seed=seed, **case)
-    ref = kernels.get("moe", "reference")(**to_float64(args))
+    ref = kernellab.get("moe", "reference")(**to_float64(args))
     with poisoned_allocations():
-        out = kernels.moe(**args, backend="numba")
+        out = kernellab.moe(**args, backend="numba")
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "numba moe", seed)
 
@@ -96,14 +96,14 @@ def test_numba_moe(case, dtype, seed):
 def test_numba_permute_unpermute(case, dtype, seed):
     shape = {k: v for k, v in case.items() if k != "I"}
     args = inputs.moe_permute(dtype=dtype, seed=seed, **shape)
-    expected = kernels.moe_permute(**args, backend="reference")
-    p = kernels.moe_permute(**args, backend="numba")
+    expected = kernellab.moe_permute(**args, backend="reference")
+    p = kernellab.moe_permute(**args, backend="numba")
     assert torch.equal(p.x, expected.x) and p.x.dtype == dtype, f"rows differ (seed={seed})"
     assert torch.equal(p.offsets, expected.offsets) and p.offsets.dtype == torch.int32
     assert torch.equal(p.source, expected.source)
     args = inputs.moe_unpermute(dtype=dtype, seed=seed, **shape)
-    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
-    assert_close(kernels.moe_unpermute(**args, backend="numba"), ref, dtype, "numba unpermute", seed)
+    ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
+    assert_close(kernellab.moe_unpermute(**args, backend="numba"), ref, dtype, "numba unpermute", seed)
 
 
 # numba.cuda kernels: tiny sizes (the simulator runs every thread in Python)
@@ -134,21 +134,21 @@ def test_numba_cuda_gated_delta_rule(case, seed):
 def test_numba_cuda_moe_kernels(case, seed):
     dtype = torch.float32
     args = inputs.moe_permute(D=8, dtype=dtype, seed=seed, device=CUDA_DEVICE, **case)
-    expected = kernels.moe_permute(**args, backend="reference")
+    expected = kernellab.moe_permute(**args, backend="reference")
     with poisoned_allocations():
-        p = kernels.moe_permute(**args, backend="numba_cuda")
+        p = kernellab.moe_permute(**args, backend="numba_cuda")
     assert torch.equal(p.x, expected.x), f"rows differ (seed={seed})"
     assert torch.equal(p.offsets, expected.offsets) and torch.equal(p.source, expected.source)
     args = inputs.moe_unpermute(D=8, dtype=dtype, seed=seed, device=CUDA_DEVICE, **case)
-    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
+    ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     with poisoned_allocations():
-        out = kernels.moe_unpermute(**args, backend="numba_cuda")
+        out = kernellab.moe_unpermute(**args, backend="numba_cuda")
     assert_close(out, ref, dtype, "numba_cuda unpermute", seed)
     gemm = {k: v for k, v in case.items() if k != "id_dtype"}
     args = inputs.grouped_gemm(K=20, Nout=18, dtype=dtype, seed=seed, device=CUDA_DEVICE, **gemm)
-    ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
+    ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
     with poisoned_allocations():
-        out = kernels.grouped_gemm(**args, backend="numba_cuda")
+        out = kernellab.grouped_gemm(**args, backend="numba_cuda")
     assert_close(out, ref, dtype, "numba_cuda grouped_gemm", seed)
 
 
@@ -158,7 +158,7 @@ def test_numba_cuda_kernels_compile_for_sm90(tmp_path):
     """The simulator accepts code the real compiler rejects (shared arrays sized by expressions, for one): every
     numba.cuda kernel compiles for sm_90 through profiling.static (its AOT_SPECS), with no spills."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
-    result = subprocess.run([sys.executable, "-m", "profiling.static", "--only", "kernels/numba_cuda/", "--out",
+    result = subprocess.run([sys.executable, "-m", "profiling.static", "--only", "kernellab/numba_cuda/", "--out",
                              str(tmp_path), "--workers", "1", "--force"], capture_output=True, text=True, env=env,
                             cwd=Path(__file__).parent.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -178,14 +178,14 @@ def test_numba_cuda_on_gpu(dtype, seed):
                device="cuda", mode="recurrent")
     case = dict(N=300, E=16, top_k=4, drop=0.1)
     args = inputs.moe_permute(D=256, dtype=dtype, seed=seed, device="cuda", **case)
-    p, expected = (kernels.moe_permute(**args, backend=name) for name in ("numba_cuda", "reference"))
+    p, expected = (kernellab.moe_permute(**args, backend=name) for name in ("numba_cuda", "reference"))
     assert torch.equal(p.x, expected.x) and torch.equal(p.source, expected.source)
     args = inputs.moe_unpermute(D=256, dtype=dtype, seed=seed, device="cuda", **case)
-    ref = kernels.moe_unpermute(**to_float64(args), backend="reference")
-    assert_close(kernels.moe_unpermute(**args, backend="numba_cuda"), ref, dtype, "unpermute", seed)
+    ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
+    assert_close(kernellab.moe_unpermute(**args, backend="numba_cuda"), ref, dtype, "unpermute", seed)
     args = inputs.grouped_gemm(N=300, E=16, top_k=4, K=256, Nout=192, dtype=dtype, seed=seed, device="cuda")
-    ref = kernels.grouped_gemm(**to_float64(args), backend="reference")
-    assert_close(kernels.grouped_gemm(**args, backend="numba_cuda"), ref, dtype, "grouped_gemm", seed)
+    ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
+    assert_close(kernellab.grouped_gemm(**args, backend="numba_cuda"), ref, dtype, "grouped_gemm", seed)
 
 
 def _median_seconds(fn, repeats):
@@ -208,14 +208,14 @@ def measure_targets():
     routes = [(torch.softmax(torch.randn(1, top_k, generator=gen), -1),
                torch.randperm(E, generator=gen)[:top_k].to(torch.int32)[None]) for _ in range(16)]
     calls = iter(routes * 100)
-    seconds = _median_seconds(lambda: kernels.moe(x, *next(calls), w_gate_up, w_down, backend="numba"), 15)
+    seconds = _median_seconds(lambda: kernellab.moe(x, *next(calls), w_gate_up, w_down, backend="numba"), 15)
     floor = top_k * 3 * I * D * 4 / 22e9
     print(f"numba moe decode (N=1, D={D}, I={I}, top_k={top_k}, float32): {seconds * 1e3:.2f} ms; floor "
           f"(active weights / 22 GB/s) {floor * 1e3:.2f} ms -> {seconds / floor:.2f}x")
     args = inputs.gated_delta_rule(B=1, T=1024, Hk=4, Hv=8, K=128, V=128)
-    seconds = {mode: _median_seconds(lambda: kernels.gated_delta_rule(**args, mode=mode, backend="numba"), 5)
+    seconds = {mode: _median_seconds(lambda: kernellab.gated_delta_rule(**args, mode=mode, backend="numba"), 5)
                for mode in ("recurrent", "chunk")}
-    ref = _median_seconds(lambda: kernels.gated_delta_rule(**args, backend="reference"), 1)
+    ref = _median_seconds(lambda: kernellab.gated_delta_rule(**args, backend="reference"), 1)
     for mode, ours in seconds.items():
         print(f"numba gated delta rule {mode} (T=1024, Hv=8, d=128): {1024 / ours:.0f} tokens/s, "
               f"{ref / ours:.1f}x the reference's {1024 / ref:.0f} tokens/s")

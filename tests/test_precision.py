@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import precision, sweep
 from bench.precision import Heads
 from reference.tolerance import rel_err
@@ -20,7 +20,7 @@ def test_yardstick_is_the_reference_at_short_T():
     narrow, wide = precision.piece_inputs(TINY, precision.GATES, 0, 160, torch.float32, "cpu", seed=1)
     state = torch.randn(len(precision.GATES), TINY.Hv, TINY.K, TINY.V, dtype=torch.float64)
     o, final = precision.yardstick(wide, state)
-    ref_o, ref_final = kernels.gated_delta_rule(**wide, initial_state=state, output_final_state=True,
+    ref_o, ref_final = kernellab.gated_delta_rule(**wide, initial_state=state, output_final_state=True,
                                                 use_qk_l2norm=True, backend="reference")
     assert rel_err(o, ref_o) < 1e-12 and rel_err(final, ref_final) < 1e-12
 
@@ -60,7 +60,7 @@ def test_error_rows_say_what_a_state_dtype_costs():
 
 def test_a_backend_without_the_state_dtype_gets_error_rows():
     rows = precision.error_rows(TINY, ("zero",), (64,), torch.float32, "cpu", ["numba"])
-    if "numba" not in kernels.backends("gated_delta_rule"):
+    if "numba" not in kernellab.backends("gated_delta_rule"):
         pytest.skip("numba is not installed (its refusal is what this checks)")
     refused = [r for r in rows if r["state_dtype"] != "float32"]
     assert refused and all("state_dtype" in r["error"] for r in refused)
@@ -172,7 +172,7 @@ def test_model_with_fp8_experts(small_checkpoint):
     with torch.no_grad():
         error = rel_err(m(ids), base(ids))
     assert 1e-3 < error < 0.5
-    with pytest.raises(kernels.BackendUnavailable, match="backend 'torch' of moe_fp8 has no backward"):
+    with pytest.raises(kernellab.BackendUnavailable, match="backend 'torch' of moe_fp8 has no backward"):
         m(ids)  # grad mode on: the parameters require grad, and moe_fp8 has no backward
 
 

@@ -112,7 +112,7 @@ def test_cuda_aot_lines():
 _TRITON_SAMPLE = '''
 import triton
 import triton.language as tl
-from kernels.triton import AotSpec
+from kernellab.triton import AotSpec
 
 
 @triton.jit
@@ -247,9 +247,9 @@ def test_static_table_of_sample_cuda_and_numba_kernels(tmp_path, monkeypatch):
 
 
 def _registered_triton_specs():
-    """(module, spec name) of every AotSpec of every kernels/triton module, found by importing them."""
+    """(module, spec name) of every AotSpec of every kernellab/triton module, found by importing them."""
     expected = []
-    for module_name in static._modules("kernels.triton"):
+    for module_name in static._modules("kernellab.triton"):
         module = importlib.import_module(module_name)
         specs = getattr(module, "AOT_SPECS", None)
         assert specs, f"{module_name} defines no AOT_SPECS (profiling.static compiles its kernels from them)"
@@ -269,7 +269,7 @@ def _table_of(toolchain, tmp_path):
 
 
 def test_static_table_covers_every_triton_kernel(tmp_path):
-    """Every AotSpec of every kernels/triton module compiles for sm_90 and has its row."""
+    """Every AotSpec of every kernellab/triton module compiles for sm_90 and has its row."""
     rows = _table_of("triton", tmp_path)
     have = {(row["source"], row["kernel"]) for row in rows if row["status"] == "ok"}
     missing = [spec for spec in _registered_triton_specs() if spec not in have]
@@ -278,9 +278,9 @@ def test_static_table_covers_every_triton_kernel(tmp_path):
 
 @needs_nvcc
 def test_static_table_covers_every_cu_file(tmp_path):
-    """Every kernels/cuda/*.cu compiles with nvcc for sm_90 and contributes at least one kernel row."""
+    """Every kernellab/cuda/*.cu compiles with nvcc for sm_90 and contributes at least one kernel row."""
     rows = _table_of("cuda", tmp_path)
-    cu_files = sorted(str(p.relative_to(static.ROOT)) for p in (static.ROOT / "kernels" / "cuda").glob("*.cu"))
+    cu_files = sorted(str(p.relative_to(static.ROOT)) for p in (static.ROOT / "kernellab" / "cuda").glob("*.cu"))
     compiled = {row["source"] for row in rows if row["status"] == "ok" and row["registers"] is not None}
     assert [f for f in cu_files if f not in compiled] == []
 

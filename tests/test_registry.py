@@ -1,4 +1,4 @@
-"""The registry: names, availability, "auto", strict keywords, and a light `import kernels`."""
+"""The registry: names, availability, "auto", strict keywords, and a light `import kernellab`."""
 import ast
 import dataclasses
 import importlib.util
@@ -9,21 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import registry
+import kernellab
+from kernellab import registry
 from bench import inputs
 
 
 def test_import_is_light():
-    code = ("import sys, kernels; heavy = [m for m in ('triton', 'numba', 'cupy', 'transformers', 'fla') "
+    code = ("import sys, kernellab; heavy = [m for m in ('triton', 'numba', 'cupy', 'transformers', 'fla') "
             "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, f"import kernels pulled in {done.stdout.strip()}"
+    assert done.returncode == 0, f"import kernellab pulled in {done.stdout.strip()}"
 
 
 @pytest.mark.parametrize("op", registry.OPS)
 def test_every_op_has_reference_and_torch(op):
-    names = kernels.backends(op, "cpu")
+    names = kernellab.backends(op, "cpu")
     assert "reference" in names and "torch" in names
 
 
@@ -41,27 +41,27 @@ def test_auto_on_cpu_is_a_lab_backend():
 
 
 def test_unknown_backend_and_op():
-    with pytest.raises(kernels.BackendUnavailable, match="no backend 'nope'"):
-        kernels.get("moe", "nope")
+    with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
+        kernellab.get("moe", "nope")
     with pytest.raises(ValueError, match="op must be one of"):
-        kernels.backends("softmax")
+        kernellab.backends("softmax")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")
 def test_gpu_only_backend_names_why():
-    with pytest.raises(kernels.BackendUnavailable, match="runs on cuda"):
-        kernels.get("gated_delta_rule", "fla")
+    with pytest.raises(kernellab.BackendUnavailable, match="runs on cuda"):
+        kernellab.get("gated_delta_rule", "fla")
 
 
 def test_a_probe_says_why_a_backend_cannot_run(monkeypatch):
     """mkl's probe: without MKL's packed GEMM in torch's build the backend is not listed, and asking for it
     names the reason."""
-    from kernels.mkl import packed
+    from kernellab.mkl import packed
 
     monkeypatch.setattr(packed, "_library", lambda: None)
-    assert "mkl" not in kernels.backends("moe") and "mkl" in registry.registered("moe")
-    with pytest.raises(kernels.BackendUnavailable, match="needs torch built with MKL"):
-        kernels.get("moe", "mkl")(**inputs.make("moe", N=4, E=2, top_k=1, D=8, I=4))
+    assert "mkl" not in kernellab.backends("moe") and "mkl" in registry.registered("moe")
+    with pytest.raises(kernellab.BackendUnavailable, match="needs torch built with MKL"):
+        kernellab.get("moe", "mkl")(**inputs.make("moe", N=4, E=2, top_k=1, D=8, I=4))
 
 
 CALLS = []
@@ -77,7 +77,7 @@ def test_extra_keywords_pass_through_to_the_implementation(seed, monkeypatch):
     table = registry._table()["grouped_gemm"]
     monkeypatch.setitem(table, "spy", registry.Backend("grouped_gemm", "spy", f"{__name__}:spy", ("cpu",)))
     CALLS.clear()
-    kernels.grouped_gemm(**inputs.make("grouped_gemm", seed=seed), backend="spy", tag="hello")
+    kernellab.grouped_gemm(**inputs.make("grouped_gemm", seed=seed), backend="spy", tag="hello")
     assert CALLS == ["hello"]
 
 
@@ -85,15 +85,15 @@ def test_bad_input_raises_before_the_backend_runs(seed):
     args = inputs.make("grouped_gemm", seed=seed)
     args["offsets"] = args["offsets"].flip(0)
     with pytest.raises(ValueError, match="offsets"):
-        kernels.grouped_gemm(**args, backend="reference")
+        kernellab.grouped_gemm(**args, backend="reference")
 
 
 def test_a_misspelt_keyword_names_the_backend_and_the_keyword(seed):
     args = inputs.make("gated_delta_rule", T=8, seed=seed)
     with pytest.raises(ValueError, match=r"backend 'torch' of gated_delta_rule takes no keyword 'chunk_sise'.*chunk_size"):
-        kernels.gated_delta_rule(**args, backend="torch", chunk_sise=16)
+        kernellab.gated_delta_rule(**args, backend="torch", chunk_sise=16)
     with pytest.raises(ValueError, match="backend 'reference' of moe takes no keyword 'path'"):
-        kernels.moe(**inputs.make("moe", N=4, seed=seed), backend="reference", path="decode")
+        kernellab.moe(**inputs.make("moe", N=4, seed=seed), backend="reference", path="decode")
 
 
 def _function_node(target):
@@ -122,7 +122,7 @@ def test_no_implementation_swallows_unknown_keywords(op):
 def test_linear_attention_mode_is_validated(mode, seed):
     args = inputs.make("linear_attention", T=8, seed=seed)
     with pytest.raises(ValueError, match="mode must be 'auto', 'chunk' or 'recurrent'"):
-        kernels.linear_attention(**args, mode=mode, backend="reference")
+        kernellab.linear_attention(**args, mode=mode, backend="reference")
 
 
 def test_auto_is_resolved_once_per_op_device_and_dtype(monkeypatch, seed):
@@ -131,11 +131,11 @@ def test_auto_is_resolved_once_per_op_device_and_dtype(monkeypatch, seed):
     original = registry.Backend.unavailable_reason
     monkeypatch.setattr(registry.Backend, "unavailable_reason", lambda self: probes.append(self.name) or original(self))
     args = inputs.make("grouped_gemm", seed=seed)
-    kernels.grouped_gemm(**args)
+    kernellab.grouped_gemm(**args)
     first = len(probes)
     assert first > 0
     for _ in range(3):
-        kernels.grouped_gemm(**args)
+        kernellab.grouped_gemm(**args)
     # later calls probe only the chosen backend (is it still here?), never the whole order again
     assert len(probes) - first <= 3, probes[first:]
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from reference.tolerance import UNIT_ROUNDOFF, rel_err, state_tolerance
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
@@ -47,7 +47,7 @@ def _rounded_reference(op, args, state_dtype):
     wide = to_float64(args)
     if args["initial_state"] is not None:
         wide["initial_state"] = args["initial_state"]
-    return getattr(kernels, op)(**wide, state_dtype=state_dtype, backend="reference")
+    return getattr(kernellab, op)(**wide, state_dtype=state_dtype, backend="reference")
 
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
@@ -61,10 +61,10 @@ def test_state_dtype_matches_its_yardsticks(op, backend, state_dtype, case, mode
         return
     before = snapshot(args)
     with poisoned_allocations():
-        o, state = getattr(kernels, op)(**args, mode=mode, state_dtype=state_dtype, backend=backend)
+        o, state = getattr(kernellab, op)(**args, mode=mode, state_dtype=state_dtype, backend=backend)
     assert_unchanged(args, before)
     assert o.dtype == args["v"].dtype and state.dtype == state_dtype
-    exact_o, exact_state = getattr(kernels, op)(**to_float64(args), backend="reference")
+    exact_o, exact_state = getattr(kernellab, op)(**to_float64(args), backend="reference")
     T = args["q"].shape[1]
     if mode == "recurrent" and (op, backend) not in CHUNKED_ONLY:
         # the same roundings as the reference's: only where float32 arithmetic lands a value on the other side of a
@@ -84,11 +84,11 @@ def test_state_dtype_matches_its_yardsticks(op, backend, state_dtype, case, mode
 def test_stored_chunk_states_round_less_than_every_token(op, backend, seed):
     """The chunked path rounds only the state it stores between chunks: closer to the exact result than the
     reference that rounds after every token."""
-    if backend not in kernels.backends(op):
+    if backend not in kernellab.backends(op):
         pytest.skip(f"{backend} does not run here")
     args = _args(op, torch.bfloat16, seed=seed, T=256, initial_state=True)
-    o, state = kernels.get(op, backend)(**args, mode="chunk", state_dtype=torch.bfloat16)
-    exact_o, exact_state = getattr(kernels, op)(**to_float64(args), backend="reference")
+    o, state = kernellab.get(op, backend)(**args, mode="chunk", state_dtype=torch.bfloat16)
+    exact_o, exact_state = getattr(kernellab, op)(**to_float64(args), backend="reference")
     every_token_o, _ = _rounded_reference(op, args, torch.bfloat16)
     assert rel_err(o, exact_o) < rel_err(every_token_o, exact_o), "chunk rounding is no better than every token's"
 
@@ -96,7 +96,7 @@ def test_stored_chunk_states_round_less_than_every_token(op, backend, seed):
 @pytest.mark.parametrize("op", OPS)
 def test_float16_inputs_with_bfloat16_state(op, seed):
     args = _args(op, torch.bfloat16, dtype=torch.float16, seed=seed, T=70, initial_state=True)
-    o, state = getattr(kernels, op)(**args, mode="recurrent", state_dtype=torch.bfloat16, backend="torch")
+    o, state = getattr(kernellab, op)(**args, mode="recurrent", state_dtype=torch.bfloat16, backend="torch")
     assert o.dtype == torch.float16 and state.dtype == torch.bfloat16
     rounded_o, rounded_state = _rounded_reference(op, args, torch.bfloat16)
     tol = state_tolerance(torch.float16, "cpu", torch.bfloat16, 1)
@@ -109,15 +109,15 @@ def test_float32_state_is_the_default(op, seed):
     """state_dtype=float32 named is the call without it, bit for bit."""
     args = _args(op, torch.float32, seed=seed, T=70, initial_state=True)
     for mode in ("chunk", "recurrent"):
-        default = getattr(kernels, op)(**args, mode=mode, backend="torch")
-        named = getattr(kernels, op)(**args, mode=mode, state_dtype=torch.float32, backend="torch")
+        default = getattr(kernellab, op)(**args, mode=mode, backend="torch")
+        named = getattr(kernellab, op)(**args, mode=mode, state_dtype=torch.float32, backend="torch")
         assert torch.equal(default[0], named[0]) and torch.equal(default[1], named[1])
 
 
 def test_reference_rounds_the_stored_state_only():
     """One token: the output reads the state before it is rounded; the returned state is that state rounded."""
     args = _args("gated_delta_rule", torch.bfloat16, T=1, initial_state=True)
-    exact_o, exact_state = kernels.gated_delta_rule(**to_float64(args), backend="reference")
+    exact_o, exact_state = kernellab.gated_delta_rule(**to_float64(args), backend="reference")
     o, state = _rounded_reference("gated_delta_rule", args, torch.bfloat16)
     assert torch.equal(o, exact_o)
     assert state.dtype == torch.bfloat16 and torch.equal(state, exact_state.to(torch.bfloat16))
@@ -130,10 +130,10 @@ def test_bfloat16_state_at_16k_tokens_is_measurably_worse(op, mode):
     within its rounding's bound; the float32 state stays at float32's level."""
     T = 16384
     args = _args(op, torch.float32, seed=7, T=T, K=32, V=32, initial_state=False)
-    exact_o, exact_state = getattr(kernels, op)(**to_float64(args), mode="chunk", backend="torch")
+    exact_o, exact_state = getattr(kernellab, op)(**to_float64(args), mode="chunk", backend="torch")
     errors = {}
     for state_dtype in (torch.float32, torch.bfloat16):
-        o, state = getattr(kernels, op)(**args, mode=mode, state_dtype=state_dtype, backend="torch")
+        o, state = getattr(kernellab, op)(**args, mode=mode, state_dtype=state_dtype, backend="torch")
         errors[state_dtype] = rel_err(o, exact_o), rel_err(state, exact_state)
     f32, bf16 = errors[torch.float32], errors[torch.bfloat16]
     assert max(f32) < 1e-4, f"float32 state: errors {f32}"
@@ -146,8 +146,8 @@ def test_the_float64_chunked_yardstick_of_16k_matches_the_reference():
     at 16K): at T = 300 it is the reference within float64's tolerance."""
     for op in OPS:
         args = to_float64(_args(op, torch.float32, seed=3, T=300, K=32, V=32))
-        o, state = getattr(kernels, op)(**args, mode="chunk", backend="torch")
-        ref_o, ref_state = getattr(kernels, op)(**args, backend="reference")
+        o, state = getattr(kernellab, op)(**args, mode="chunk", backend="torch")
+        ref_o, ref_state = getattr(kernellab, op)(**args, backend="reference")
         assert_close(o, ref_o, torch.float64, f"{op} float64 chunked o", 3)
         assert_close(state, ref_state, torch.float64, f"{op} float64 chunked state", 3)
 
@@ -161,13 +161,13 @@ def test_unit_roundoff_table():
 
 # --------------------------------------------------------------------------------- mkl's rounding in numba
 
-@pytest.mark.skipif("mkl" not in kernels.backends("gated_delta_rule"), reason="needs torch built with MKL (x86)")
+@pytest.mark.skipif("mkl" not in kernellab.backends("gated_delta_rule"), reason="needs torch built with MKL (x86)")
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 def test_mkl_rounding_is_torchs(state_dtype):
-    """kernels.mkl.chunked._store rounds float32 bits as torch's conversions do: normal numbers and ties,
+    """kernellab.mkl.chunked._store rounds float32 bits as torch's conversions do: normal numbers and ties,
     float16's subnormals and overflow to infinity, signed zeros."""
-    from kernels.mkl.chunked import _store
-    from kernels.validate import STATE_ROUNDING
+    from kernellab.mkl.chunked import _store
+    from kernellab.validate import STATE_ROUNDING
 
     gen = torch.Generator().manual_seed(0)
     exponents = torch.randint(-40, 20, (64, 64), generator=gen).float()
@@ -199,10 +199,10 @@ def test_float64_inputs_take_a_float64_or_rounded_state(seed):
     """float64 inputs: the state defaults to float64, and a narrower one rounds it (the chunked yardstick of the
     rounding); the torch backend's float64 runs agree with the reference's."""
     args = to_float64(_args("gated_delta_rule", torch.float32, seed=seed, T=70))
-    o, state = kernels.gated_delta_rule(**args, state_dtype=torch.float64, backend="torch")
+    o, state = kernellab.gated_delta_rule(**args, state_dtype=torch.float64, backend="torch")
     assert state.dtype == torch.float64
-    o, state = kernels.gated_delta_rule(**args, mode="recurrent", state_dtype=torch.bfloat16, backend="torch")
-    ref_o, ref_state = kernels.gated_delta_rule(**args, state_dtype=torch.bfloat16, backend="reference")
+    o, state = kernellab.gated_delta_rule(**args, mode="recurrent", state_dtype=torch.bfloat16, backend="torch")
+    ref_o, ref_state = kernellab.gated_delta_rule(**args, state_dtype=torch.bfloat16, backend="reference")
     assert o.dtype == torch.float64 and state.dtype == torch.bfloat16
     assert_close(o, ref_o, torch.float32, "float64 inputs, bf16 state", seed, UNIT_ROUNDOFF[torch.bfloat16])
 
@@ -220,14 +220,14 @@ def test_state_dtype_on_gpu(op, backend, dtype, state_dtype, mode, seed):
     args = _args(op, state_dtype, dtype=dtype, seed=seed, seqlens=[700, 300], K=128, V=128, initial_state=True)
     cuda_args = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in args.items()}
     with poisoned_allocations():
-        o, state = getattr(kernels, op)(**cuda_args, mode=mode, state_dtype=state_dtype, backend=backend)
+        o, state = getattr(kernellab, op)(**cuda_args, mode=mode, state_dtype=state_dtype, backend=backend)
     assert o.dtype == dtype and state.dtype == state_dtype
     if mode == "recurrent" and (op, backend) not in CHUNKED_ONLY:
         rounded_o, rounded_state = _rounded_reference(op, args, state_dtype)
         tol = state_tolerance(dtype, "cuda", state_dtype, 1)
         assert_close(o, rounded_o, dtype, f"{backend} o vs the rounding reference", seed, tol)
         assert_close(state, rounded_state, dtype, f"{backend} state vs the rounding reference", seed, tol)
-    exact_o, exact_state = getattr(kernels, op)(**to_float64(args), backend="reference")
+    exact_o, exact_state = getattr(kernellab, op)(**to_float64(args), backend="reference")
     tol = state_tolerance(dtype, "cuda", state_dtype, 700)
     assert_close(o, exact_o, dtype, f"{backend} {mode} o vs exact", seed, tol)
     assert_close(state, exact_state, dtype, f"{backend} {mode} state vs exact", seed, tol)

@@ -14,7 +14,7 @@ import secrets
 import pytest
 import torch
 
-import kernels
+import kernellab
 import model
 from bench.model import transformers_torch_path
 from model.generate import SMALL_CONFIG, write_random_checkpoint
@@ -37,8 +37,8 @@ def _cases():
     Interpreted and simulated backends have no backward; peers are measured, not tested here."""
     cases = [pytest.param(OPS[0], "torch", id="all-torch"), pytest.param(OPS[0], "reference", id="all-reference")]
     for op in OPS:
-        table = kernels.registry.registered(op)
-        for name in kernels.backends(op, "cpu"):
+        table = kernellab.registry.registered(op)
+        for name in kernellab.backends(op, "cpu"):
             if name not in ("torch", "reference") and table[name].backward is not None and not table[name].peer:
                 cases.append(pytest.param(op, name, id=f"{op}-{name}"))
     return cases

@@ -1,5 +1,5 @@
-"""The Triton attention family (kernels/triton/{gated_delta_rule, linear_attention, attention}.py and their shared
-chunk machinery kernels/triton/_chunk.py) against the float64 references, beyond the shared parity suites.
+"""The Triton attention family (kernellab/triton/{gated_delta_rule, linear_attention, attention}.py and their shared
+chunk machinery kernellab/triton/_chunk.py) against the float64 references, beyond the shared parity suites.
 
 CPU: under TRITON_INTERPRET=1 (set by conftest), fp32 and fp16, at small sizes over the edge cases: T = 1, T not a
 multiple of the chunk (65, 130), Hv = 2 Hk, initial states, packed sequences of unequal length (one of length 1,
@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
-tg = pytest.importorskip("kernels.triton.gated_delta_rule")
-tl_attention = pytest.importorskip("kernels.triton.attention")
-from kernels.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
+tg = pytest.importorskip("kernellab.triton.gated_delta_rule")
+tl_attention = pytest.importorskip("kernellab.triton.attention")
+from kernellab.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -68,10 +68,10 @@ ATTENTION_CASES = {
 
 def _parity(op, args, dtype, seed, **extra):
     """Run op's triton backend on args (allocations poisoned) and compare every output with the reference."""
-    ref = getattr(kernels, op)(**to_float64({k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()}),
+    ref = getattr(kernellab, op)(**to_float64({k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()}),
                                backend="reference")
     with poisoned_allocations():
-        out = getattr(kernels, op)(**args, backend="triton", **extra)
+        out = getattr(kernellab, op)(**args, backend="triton", **extra)
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     for name, got, want in zip(("o", "final_state"), outs, refs):
         if want is not None:
@@ -158,7 +158,7 @@ def test_chunked_path_does_not_synchronise(seed):
         o3, _ = tla.linear_attention(args["q"], args["k"], args["v"][:, :, :1], args["g"][:, :, :1], scale, None,
                                      False, args["cu_seqlens"], "chunk", torch.float32)
     assert torch.equal(o, o2) and torch.equal(final, final2)
-    ref_o, _ = kernels.gated_delta_rule(**to_float64(args), backend="reference")
+    ref_o, _ = kernellab.gated_delta_rule(**to_float64(args), backend="reference")
     assert_close(o, ref_o, torch.float32, "o", seed)
     assert o3.shape == (1, 70, 1, SMALL["V"])
 
@@ -167,8 +167,8 @@ def test_chunk_and_recurrent_agree_in_fp32(seed):
     """The two modes compute the same function: equal to float32 rounding on one mixed case."""
     args = inputs.make("gated_delta_rule", **SMALL, seqlens=[65, 2], initial_state=True, gate="strong",
                        dtype=torch.float32, seed=seed, device=DEVICE)
-    o_chunk, s_chunk = kernels.gated_delta_rule(**args, backend="triton", mode="chunk")
-    o_rec, s_rec = kernels.gated_delta_rule(**args, backend="triton", mode="recurrent")
+    o_chunk, s_chunk = kernellab.gated_delta_rule(**args, backend="triton", mode="chunk")
+    o_rec, s_rec = kernellab.gated_delta_rule(**args, backend="triton", mode="recurrent")
     assert_close(o_chunk, o_rec, torch.float32, "o", seed)
     assert_close(s_chunk, s_rec, torch.float32, "final_state", seed)
 
@@ -196,7 +196,7 @@ for module_name in sys.argv[1:]:
                                 wgmma="wgmma" in k.asm["ptx"], mma="mma.sync" in k.asm["ptx"])
 print(json.dumps(found))
 """
-AOT_MODULES = ("kernels.triton.gated_delta_rule", "kernels.triton.linear_attention", "kernels.triton.attention")
+AOT_MODULES = ("kernellab.triton.gated_delta_rule", "kernellab.triton.linear_attention", "kernellab.triton.attention")
 
 
 def _jitted_kernels(module):
@@ -276,8 +276,8 @@ def test_no_recompile_per_sequence_length(seed):
         args = inputs.make("gated_delta_rule", Hk=2, Hv=4, K=128, V=128, T=T, initial_state=True,
                            dtype=torch.bfloat16, seed=seed, device="cuda")
         for mode in ("chunk", "recurrent"):
-            kernels.gated_delta_rule(**args, backend="triton", mode=mode)
-        kernels.attention(**inputs.make("attention", T=T, Hq=4, Hkv=2, D=128, dtype=torch.bfloat16, seed=seed,
+            kernellab.gated_delta_rule(**args, backend="triton", mode=mode)
+        kernellab.attention(**inputs.make("attention", T=T, Hq=4, Hkv=2, D=128, dtype=torch.bfloat16, seed=seed,
                                         device="cuda"), backend="triton")
         torch.cuda.synchronize()
 

@@ -1,4 +1,4 @@
-"""The Triton MoE kernels (kernels/triton/{route, moe_align, moe_permute, grouped_gemm, moe}.py) beyond the shared
+"""The Triton MoE kernels (kernellab/triton/{route, moe_align, moe_permute, grouped_gemm, moe}.py) beyond the shared
 parity suite (tests/test_moe.py): tie breaking in routing, permutation across chunk boundaries, the row-bound (no
 synchronisation) path, the block-aligned layout's invariants, forced BLOCK_M of the grouped GEMM, the decode and
 prefill paths of the fused layer, and an ahead-of-time sm_90 compile of representative kernels. CPU tests run
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
-tm = pytest.importorskip("kernels.triton.moe")
-from kernels.triton import (grouped_gemm as tgg, moe_align as talign, moe_permute as tperm,  # noqa: E402
+tm = pytest.importorskip("kernellab.triton.moe")
+from kernellab.triton import (grouped_gemm as tgg, moe_align as talign, moe_permute as tperm,  # noqa: E402
                             route as troute)
 
 MOE_MODULES = (troute, talign, tperm, tgg, tm)
@@ -55,7 +55,7 @@ class NoHostSync:
 
 def _moe_args(case, dtype, seed, **shape):
     args = inputs.make("moe", **(CASES[case] | shape), dtype=dtype, seed=seed, device=DEVICE)
-    return args, kernels.moe(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
+    return args, kernellab.moe(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
 
 
 # ------------------------------------------------------------------------------------------------- route
@@ -76,7 +76,7 @@ def test_route_matches_reference_across_blocks(E, top_k, seed):
     args = inputs.make("route", N=37, E=E, top_k=top_k, seed=seed, routing="skewed", device=DEVICE)
     with poisoned_allocations():
         weights, ids = troute.route(**args)
-    ref_weights, ref_ids = kernels.route(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
+    ref_weights, ref_ids = kernellab.route(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                                          backend="reference")
     assert ids.dtype == torch.int32 and torch.equal(ids.cpu(), ref_ids), f"seed={seed}"
     assert_close(weights, ref_weights.double(), torch.float32, "weights", seed)
@@ -90,7 +90,7 @@ def test_permute_matches_reference(case, dtype, seed):
     args = inputs.make("moe_permute", **CASES[case], D=20, dtype=dtype, seed=seed, device=DEVICE)
     with poisoned_allocations():
         p = tperm.moe_permute(**args)
-    ref = kernels.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
+    ref = kernellab.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                               backend="reference")
     assert p.offsets.dtype == torch.int32 and p.source.dtype == torch.int64
     assert torch.equal(p.offsets.cpu(), ref.offsets), f"seed={seed}"
@@ -107,7 +107,7 @@ def test_permute_with_row_bound_does_not_synchronise(id_dtype, seed):
                        device=DEVICE)
     with poisoned_allocations(), NoHostSync():
         p = tperm.moe_permute(**args, max_rows=N * top_k)
-    ref = kernels.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
+    ref = kernellab.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                               backend="reference")
     M = int(ref.offsets[-1])
     assert p.x.shape == (N * top_k, 12) and p.source.shape == (N * top_k,)
@@ -120,7 +120,7 @@ def test_permute_with_row_bound_does_not_synchronise(id_dtype, seed):
     with poisoned_allocations(), NoHostSync():
         y = tperm.moe_unpermute(y_sorted, p, weights)
     ref.x = ref.x.double()
-    expected = kernels.moe_unpermute(y_sorted[:M].cpu().double(), ref, weights.cpu().double(), backend="reference")
+    expected = kernellab.moe_unpermute(y_sorted[:M].cpu().double(), ref, weights.cpu().double(), backend="reference")
     assert_close(y, expected, torch.float32, "y", seed)
 
 
@@ -132,13 +132,13 @@ def test_unpermute_matches_reference(case, dtype, seed):
     args["p"].source = args["p"].source.to(DEVICE)
     with poisoned_allocations():
         y = tperm.moe_unpermute(**args)
-    ref = kernels.moe_unpermute(**to_float64({k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()}),
+    ref = kernellab.moe_unpermute(**to_float64({k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()}),
                                 backend="reference")
     assert_close(y, ref, dtype, "y", seed)
 
 
 def _check_block_aligned(row_map, block_expert, num_blocks, ids_flat, E, block_m, contiguous_rows=None):
-    """The invariants of the block-aligned layout (see kernels.triton.moe_align.align_slots)."""
+    """The invariants of the block-aligned layout (see kernellab.triton.moe_align.align_slots)."""
     row_map, block_expert, ids_flat = row_map.cpu().long(), block_expert.cpu().long(), ids_flat.cpu().long()
     counts = torch.bincount(ids_flat[ids_flat >= 0], minlength=E)
     blocks = int(num_blocks)
@@ -204,7 +204,7 @@ def test_grouped_gemm_forced_block_m(case, dtype, block_m, seed):
     args = inputs.make("grouped_gemm", **shape, K=40, Nout=24, dtype=dtype, seed=seed, device=DEVICE)
     with poisoned_allocations(), NoHostSync():
         y = tgg.grouped_gemm(**args, block_m=block_m)
-    ref = kernels.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
+    ref = kernellab.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
     assert_close(y, ref, dtype, "y", seed, tol=1e-3 if DEVICE == "cuda" and dtype == torch.float32 else None)
 
 
@@ -244,7 +244,7 @@ from triton.backends.compiler import GPUTarget
 from profiling.static import triton_source
 MODULES = ("route", "moe_align", "moe_permute", "grouped_gemm", "moe")
 found = {}
-for spec in (spec for name in MODULES for spec in importlib.import_module(f"kernels.triton.{name}").AOT_SPECS):
+for spec in (spec for name in MODULES for spec in importlib.import_module(f"kernellab.triton.{name}").AOT_SPECS):
     if not any(part in spec.name for part in sys.argv[1:]):
         continue
     k = triton.compile(triton_source(spec), target=GPUTarget("cuda", 90, 32),
@@ -260,7 +260,7 @@ def test_aot_specs_name_every_kernel_and_compile_for_sm90():
     specs = [spec for module in MOE_MODULES for spec in module.AOT_SPECS]
     jitted = {f"{module.__name__}:{name}" for module in MOE_MODULES for name, value in vars(module).items()
               if isinstance(value, tgg.triton.runtime.KernelInterface)
-              and name.endswith("_kernel")}  # helpers called from kernels (e.g. _padded_starts) are inlined
+              and name.endswith("_kernel")}  # helpers called from kernellab (e.g. _padded_starts) are inlined
     assert jitted == {spec.kernel for spec in specs}
     def representative(name):
         prefill_gemm = name.startswith(("moe.gemm[gate_up,", "moe.gemm[down,")) and ",w=8,s=3]" in name
@@ -299,13 +299,13 @@ def test_bf16_gpu_ops(op, seed):
         args = inputs.make(op, N=777, D=256, E=64, top_k=8, drop=0.1, dtype=torch.bfloat16, seed=seed,
                            device="cuda")
         p = tperm.moe_permute(**args)
-        ref = kernels.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
+        ref = kernellab.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                                   backend="reference")
         assert torch.equal(p.source.cpu(), ref.source) and torch.equal(p.x.cpu(), ref.x)
     else:
         args = inputs.make(op, N=777, E=64, top_k=8, K=512, Nout=256, dtype=torch.bfloat16, seed=seed,
                            device="cuda", routing="skewed")
-        ref = kernels.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
+        ref = kernellab.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
         assert_close(tgg.grouped_gemm(**args), ref, torch.bfloat16, "y", seed)
 
 

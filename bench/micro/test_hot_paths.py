@@ -8,7 +8,7 @@ Kept out of tests/ so the parity suite stays untimed. Inputs come from bench.inp
 import pytest
 import torch
 
-import kernels
+import kernellab
 from bench import inputs
 
 # prefill of the gated delta rule: one sequence of 512 tokens, Qwen3.5's head ratio at K = V = 128
@@ -21,20 +21,20 @@ PERMUTE = dict(N=1024, D=1024, E=64, top_k=8)
 
 def cpu_backends(op):
     """Lab backends of op that run natively on the CPU (no interpreter or simulator, no reference, no peers)."""
-    registered = kernels.registry.registered(op)
-    return [name for name in kernels.backends(op, "cpu")
+    registered = kernellab.registry.registered(op)
+    return [name for name in kernellab.backends(op, "cpu")
             if name != "reference" and not registered[name].peer and "cpu" in registered[name].places]
 
 
 @pytest.fixture(autouse=True)
 def trusted_inputs(monkeypatch):
-    monkeypatch.setenv("KERNELS_TRUST_INPUTS", "1")  # time the kernels, not the host-side value checks
+    monkeypatch.setenv("KERNELLAB_TRUST_INPUTS", "1")  # time the kernels, not the host-side value checks
 
 
 @pytest.mark.parametrize("backend", cpu_backends("gated_delta_rule"))
 def test_gated_delta_rule_chunk(benchmark, backend):
     x = inputs.make("gated_delta_rule", **GDR_CHUNK, seed=1)
-    fn = kernels.get("gated_delta_rule", backend)
+    fn = kernellab.get("gated_delta_rule", backend)
     benchmark.extra_info.update(GDR_CHUNK, threads=torch.get_num_threads())
     o, _ = benchmark(fn, **x, mode="chunk")
     assert o.shape == x["v"].shape
@@ -43,7 +43,7 @@ def test_gated_delta_rule_chunk(benchmark, backend):
 @pytest.mark.parametrize("backend", cpu_backends("moe"))
 def test_moe_decode(benchmark, backend):
     x = inputs.make("moe", **MOE_DECODE, seed=2)
-    fn = kernels.get("moe", backend)
+    fn = kernellab.get("moe", backend)
     benchmark.extra_info.update(MOE_DECODE, threads=torch.get_num_threads())
     y = benchmark(fn, **x)
     assert y.shape == x["x"].shape
@@ -52,7 +52,7 @@ def test_moe_decode(benchmark, backend):
 @pytest.mark.parametrize("backend", cpu_backends("moe_permute"))
 def test_moe_permute(benchmark, backend):
     x = inputs.make("moe_permute", **PERMUTE, seed=3)
-    fn = kernels.get("moe_permute", backend)
+    fn = kernellab.get("moe_permute", backend)
     benchmark.extra_info.update(PERMUTE, threads=torch.get_num_threads())
     p = benchmark(fn, **x)
     assert p.x.shape == (PERMUTE["N"] * PERMUTE["top_k"], PERMUTE["D"])

@@ -1,0 +1,192 @@
+// The gated delta rule in CUDA C++: the recurrent (decode) kernel and the state pass of the chunked algorithm.
+// Compiled at run time by NVRTC (kernellab/cuda/gated_delta_rule.py) and standalone by
+// `nvcc -arch=sm_90 -cubin -Xptxas -v` (the explicit instantiations at the end give real code).
+#include "common.cuh"
+
+// Recurrent gated delta rule, per value head h (key head h / (Hv / Hk)):
+//   S' = e^g S;  u = beta (v - S'^T k);  S = S' + k u^T;  o = scale S^T q.
+// Grid (cdiv(V, BV), Hv, N); block (BV, SPLIT). Thread (x, y) holds rows y*KPT .. y*KPT+KPT-1 of state column
+// blockIdx.x * BV + x in registers for the whole sequence: the state is read once and written once. The K-sums
+// are per-thread partials over its KPT rows, combined across the SPLIT row groups through shared memory.
+// q, k [B*T, Hk, K]; v, o [B*T, Hv, V] (tokens flat); g, beta [B*T, Hv] float32; states [N, Hv, K, V] in ST
+// (state_dtype: float, __half or __nv_bfloat16; h0 and ht may be null: zero initial state / no final state);
+// cu_seqlens [N + 1] or null (then sequence n is tokens n*T .. n*T + T). The arithmetic is float; after each
+// token's output the state in registers is rounded to ST (lab::stored), as if stored between steps.
+template <typename T, typename ST, int K, int BV, int SPLIT>
+__global__ void __launch_bounds__(BV * SPLIT)
+gdr_recurrent(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+              const float* __restrict__ g, const float* __restrict__ beta, const ST* __restrict__ h0,
+              ST* __restrict__ ht, T* __restrict__ o, const long long* __restrict__ cu_seqlens,
+              int seq_len, int Hk, int Hv, int V, float scale, int use_qk_l2norm) {
+    static_assert(K % SPLIT == 0, "K must split evenly over the row groups");
+    constexpr int KPT = K / SPLIT;
+    constexpr int THREADS = BV * SPLIT;
+    constexpr int WARPS = (THREADS + 31) / 32;
+    __shared__ float qs[K], ks[K];
+    __shared__ float partial[SPLIT][BV];
+    __shared__ float norms[2][WARPS];
+
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * BV + tx;
+    const int col = blockIdx.x * BV + tx, h = blockIdx.y, n = blockIdx.z;
+    const int hk = h / (Hv / Hk);
+    const bool active = col < V;
+    const long long start = cu_seqlens ? cu_seqlens[n] : (long long)n * seq_len;
+    const long long end = cu_seqlens ? cu_seqlens[n + 1] : start + seq_len;
+
+    float S[KPT];
+    const long long state_at = (((long long)n * Hv + h) * K + ty * KPT) * V + col;
+#pragma unroll
+    for (int r = 0; r < KPT; ++r)
+        S[r] = (h0 != nullptr && active) ? lab::to_float(h0[state_at + (long long)r * V]) : 0.f;
+
+    for (long long tok = start; tok < end; ++tok) {
+        float q_sq = 0.f, k_sq = 0.f;
+        for (int i = tid; i < K; i += THREADS) {
+            const float qi = lab::to_float(q[(tok * Hk + hk) * K + i]);
+            const float ki = lab::to_float(k[(tok * Hk + hk) * K + i]);
+            qs[i] = qi;
+            ks[i] = ki;
+            q_sq += qi * qi;
+            k_sq += ki * ki;
+        }
+        float q_norm = 1.f, k_norm = 1.f;
+        if (use_qk_l2norm) {
+            q_sq = lab::warp_sum(q_sq);
+            k_sq = lab::warp_sum(k_sq);
+            if (tid % 32 == 0) {
+                norms[0][tid / 32] = q_sq;
+                norms[1][tid / 32] = k_sq;
+            }
+        }
+        __syncthreads();
+        if (use_qk_l2norm) {
+            q_sq = 0.f;
+            k_sq = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                q_sq += norms[0][w];
+                k_sq += norms[1][w];
+            }
+            q_norm = rsqrtf(q_sq + 1e-6f);
+            k_norm = rsqrtf(k_sq + 1e-6f);
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < KPT; ++r) acc += ks[ty * KPT + r] * S[r];
+        partial[ty][tx] = acc;
+        __syncthreads();
+        float kS = 0.f;
+#pragma unroll
+        for (int y = 0; y < SPLIT; ++y) kS += partial[y][tx];
+        const float decay = expf(g[tok * Hv + h]);
+        const float v_col = active ? lab::to_float(v[(tok * Hv + h) * V + col]) : 0.f;
+        const float u = beta[tok * Hv + h] * (v_col - decay * k_norm * kS);
+        const float ku = k_norm * u;
+        acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < KPT; ++r) {
+            const float s = decay * S[r] + ks[ty * KPT + r] * ku;
+            acc += qs[ty * KPT + r] * s;
+            S[r] = lab::stored<ST>(s);
+        }
+        __syncthreads();  // every thread has read partial (kS)
+        partial[ty][tx] = acc;
+        __syncthreads();
+        if (ty == 0 && active) {
+            float qS = 0.f;
+#pragma unroll
+            for (int y = 0; y < SPLIT; ++y) qS += partial[y][tx];
+            o[(tok * Hv + h) * V + col] = lab::from_float<T>(scale * q_norm * qS);
+        }
+        __syncthreads();  // qs, ks, partial are rewritten by the next token
+    }
+    if (ht != nullptr && active) {
+#pragma unroll
+        for (int r = 0; r < KPT; ++r) ht[state_at + (long long)r * V] = lab::from_float<ST>(S[r]);
+    }
+}
+
+// The state pass of the chunked gated delta rule (fla's chunk_gated_delta_rule_fwd_h). Sequences are padded to
+// whole chunks of C tokens (padding has k = w = u = 0, gate 0: it leaves the state alone). For each chunk c of
+// sequence n and value head h, with S the state entering it:
+//   h_out[c] = S;  v_new = u - w S  [C, V];  S = e^{G_last} S + sum_t e^{G_last - G_t} k_t v_new_t^T.
+// k, w [N, Hv, Tp, K], u, v_new [N, Hv, Tp, V], gcum [N, Hv, Tp] (log decay summed within each chunk), all
+// float32; h_out [N, Hv, Tp / C, K, V] (the stored chunk states), h0, ht [N, Hv, K, V] (h0 may be null) in ST
+// (state_dtype): the state is rounded to ST after every chunk. With w and v_new null it is the state pass of plain
+// (scalar-gated) linear attention: v_new = u = v.
+// Grid (cdiv(V, BV), Hv, N); block (BV, ROWS). The state tile [K, BV] stays in shared memory across chunks;
+// thread (x, y) owns column x, chunk rows y, y + ROWS, ... of v_new and state rows y, y + ROWS, ....
+template <typename ST, int K, int BV, int ROWS, int C>
+__global__ void __launch_bounds__(BV * ROWS)
+gdr_chunk_state(const float* __restrict__ k, const float* __restrict__ w, const float* __restrict__ u,
+                const float* __restrict__ gcum, const ST* __restrict__ h0, ST* __restrict__ h_out,
+                float* __restrict__ v_new, ST* __restrict__ ht, int padded_len, int Hv, int V) {
+    __shared__ float S[K][BV];
+    __shared__ float vn[C][BV];
+    __shared__ float decay_to_end[C];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int col = blockIdx.x * BV + tx, h = blockIdx.y, n = blockIdx.z;
+    const bool active = col < V;
+    const long long head = (long long)n * Hv + h;
+    const long long state_at = head * K * V + col;
+    for (int i = ty; i < K; i += ROWS)
+        S[i][tx] = (h0 != nullptr && active) ? lab::to_float(h0[state_at + (long long)i * V]) : 0.f;
+    const int chunks = padded_len / C;
+    for (int c = 0; c < chunks; ++c) {
+        const long long tok0 = head * padded_len + (long long)c * C;
+        __syncthreads();  // S is complete
+        if (active) {
+            ST* h_chunk = h_out + (head * chunks + c) * K * V + col;
+            for (int i = ty; i < K; i += ROWS) h_chunk[(long long)i * V] = lab::from_float<ST>(S[i][tx]);
+        }
+        for (int t = ty; t < C; t += ROWS) {
+            float wS = 0.f;
+            if (w != nullptr) {
+                const float* w_row = w + (tok0 + t) * K;  // the same address across the warp: one broadcast load
+#pragma unroll 8
+                for (int i = 0; i < K; ++i) wS += w_row[i] * S[i][tx];
+            }
+            const float value = active ? u[(tok0 + t) * V + col] - wS : 0.f;
+            vn[t][tx] = value;
+            if (active && v_new != nullptr) v_new[(tok0 + t) * V + col] = value;
+        }
+        const float g_last = gcum[tok0 + C - 1];
+        for (int t = tx + ty * BV; t < C; t += BV * ROWS) decay_to_end[t] = expf(g_last - gcum[tok0 + t]);
+        __syncthreads();  // vn, decay_to_end ready
+        const float chunk_decay = expf(g_last);
+        for (int i = ty; i < K; i += ROWS) {
+            float update = 0.f;
+#pragma unroll 8
+            for (int t = 0; t < C; ++t) update += k[(tok0 + t) * K + i] * decay_to_end[t] * vn[t][tx];
+            S[i][tx] = lab::stored<ST>(chunk_decay * S[i][tx] + update);
+        }
+    }
+    __syncthreads();
+    if (ht != nullptr && active)
+        for (int i = ty; i < K; i += ROWS) ht[state_at + (long long)i * V] = lab::from_float<ST>(S[i][tx]);
+}
+
+// The instantiations the launcher uses (NVRTC looks them up by these names; nvcc emits their code): every input
+// dtype T with every state dtype ST.
+#define LAB_GDR_RECURRENT(T, ST, K) \
+    template __global__ void gdr_recurrent<T, ST, K, 32, 4>(const T*, const T*, const T*, const float*, \
+        const float*, const ST*, ST*, T*, const long long*, int, int, int, int, float, int);
+#define LAB_GDR_RECURRENT_STATES(T, K) \
+    LAB_GDR_RECURRENT(T, float, K) LAB_GDR_RECURRENT(T, __half, K) LAB_GDR_RECURRENT(T, __nv_bfloat16, K)
+#define LAB_GDR_RECURRENT_ALL_DTYPES(K) \
+    LAB_GDR_RECURRENT_STATES(float, K) LAB_GDR_RECURRENT_STATES(__half, K) LAB_GDR_RECURRENT_STATES(__nv_bfloat16, K)
+LAB_GDR_RECURRENT_ALL_DTYPES(16)
+LAB_GDR_RECURRENT_ALL_DTYPES(32)
+LAB_GDR_RECURRENT_ALL_DTYPES(64)
+LAB_GDR_RECURRENT_ALL_DTYPES(128)
+LAB_GDR_RECURRENT_ALL_DTYPES(256)
+
+#define LAB_GDR_CHUNK_STATE(ST, K) \
+    template __global__ void gdr_chunk_state<ST, K, 32, 8, 64>(const float*, const float*, const float*, \
+        const float*, const ST*, ST*, float*, ST*, int, int, int);
+#define LAB_GDR_CHUNK_STATE_ALL_DTYPES(K) \
+    LAB_GDR_CHUNK_STATE(float, K) LAB_GDR_CHUNK_STATE(__half, K) LAB_GDR_CHUNK_STATE(__nv_bfloat16, K)
+LAB_GDR_CHUNK_STATE_ALL_DTYPES(16)
+LAB_GDR_CHUNK_STATE_ALL_DTYPES(32)
+LAB_GDR_CHUNK_STATE_ALL_DTYPES(64)
+LAB_GDR_CHUNK_STATE_ALL_DTYPES(128)

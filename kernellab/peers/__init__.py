@@ -1,0 +1,36 @@
+"""Peers: implementations written elsewhere, wrapped to the lab's API so they are measured beside ours and
+cross-check the references. Never chosen by "auto". Backward: where the peer's own code is differentiable torch (transformers' Gated DeltaNet,
+SDPA), torch's autograd through it, the training baseline the lab's backward is measured against; the others
+have none."""
+import torch
+
+
+from kernellab.registry import AUTOGRAD, Backend
+
+_NO_FLOAT64 = (torch.float32, torch.float16, torch.bfloat16)
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)  # peers that compute in float32 at best
+
+BACKENDS = [
+    # transformers' pure-torch Gated DeltaNet (chunked and token-by-token) and eager experts
+    Backend("gated_delta_rule", "transformers", "kernellab.peers.linear_attention:transformers_gated_delta_rule",
+            ("cpu", "cuda"), requires=("transformers",), dtypes=_LOW, peer=True, backward=AUTOGRAD),
+    Backend("moe", "transformers", "kernellab.peers.moe:transformers_moe", ("cpu", "cuda"),
+            requires=("transformers",), peer=True, batch_invariant=False,
+            variance_note="CPU GEMM blocking depends on M: each expert's F.linear over the rows of its tokens "
+                          "(MKL's matrix-vector kernel at M = 1) rounds a token's sums otherwise with the other "
+                          "tokens routed to that expert (tests/test_invariance.py)"),
+    # flash-linear-attention's Triton kernels (GPU only)
+    Backend("gated_delta_rule", "fla", "kernellab.peers.linear_attention:fla_gated_delta_rule", ("cuda",),
+            requires=("fla",), dtypes=_LOW, peer=True),
+    Backend("linear_attention", "fla", "kernellab.peers.linear_attention:fla_linear_attention", ("cuda",),
+            requires=("fla",), dtypes=_LOW, peer=True),
+    # quadratic attention baselines
+    Backend("attention", "sdpa", "kernellab.peers.attention:sdpa_attention", ("cpu", "cuda"), peer=True,
+            backward=AUTOGRAD),
+    Backend("attention", "flash_attn", "kernellab.peers.attention:flash_attn_attention", ("cuda",),
+            requires=("flash_attn",), dtypes=(torch.float16, torch.bfloat16), peer=True),
+    # torch's grouped GEMM
+    Backend("grouped_gemm", "torch_grouped_mm", "kernellab.peers.moe:torch_grouped_mm", ("cpu", "cuda"),
+            dtypes=_NO_FLOAT64, peer=True),
+]

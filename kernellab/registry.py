@@ -1,0 +1,300 @@
+"""Which implementation of which op runs where.
+
+Each toolchain package (kernellab/torch, kernellab/triton, ...) declares its backends in a list
+`BACKENDS` of `Backend` records in its `__init__.py`, without importing its heavy dependencies;
+the implementation module is imported the first time the backend is asked for.
+
+A backend implementation takes the op's arguments by keyword, already checked and normalised by
+`kernellab.validate` (scale a float, mode "chunk" or "recurrent"), plus the extra keywords its signature names
+(no catch-all `**kwargs`): a call's other keywords are refused with a ValueError naming the backend and the
+keyword, so that a misspelt option never silently times the default.
+
+Gradients: a call in which a floating-point input requires grad (grad mode on) runs through kernellab.autograd
+with the backend's `backward` (see `Backend`); every other call runs the implementation directly, as before.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass, replace
+from functools import cache
+
+import torch
+
+from kernellab import validate
+
+OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute",
+       "grouped_gemm", "moe", "grouped_gemm_fp8", "moe_fp8")
+# The expert ops on float8_e4m3fn weights with block scales (kernellab/fp8.py), a family of their own.
+FP8_OPS = ("grouped_gemm_fp8", "moe_fp8")
+# One file per op family: the module of each op inside reference/ and inside every toolchain package.
+OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
+             "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe",
+             "grouped_gemm_fp8": "moe_fp8", "moe_fp8": "moe_fp8"}
+TOOLCHAINS = ("kernellab.torch", "kernellab.mkl", "kernellab.triton", "kernellab.cuda", "kernellab.cupy", "kernellab.numba",
+              "kernellab.numba_cuda", "kernellab.peers")
+ALL_DTYPES = validate.FLOAT_DTYPES
+
+# "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto", nor
+# do mkl's MoE ops (their packed weight copies cost memory: asked for by name).
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch", "cupy", "numba_cuda", "reference"),
+    "cpu": ("torch", "numba", "reference"),
+}
+# Ops where measurement says another order wins on a device: {(op, device type): order}. On CPU mkl's chunked
+# linear attentions (one compiled loop of MKL calls, no layout copies) take about half torch's time at long
+# sequences (reports/cpu); mkl falls back on torch's code for everything else.
+AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {
+    (op, "cpu"): ("mkl", "torch", "numba", "reference") for op in ("linear_attention", "gated_delta_rule")}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run on this machine or on these inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    target:   "package.module:function", imported on first use.
+    places:   where it runs: "cpu", "cuda" (a CUDA GPU is present), "interpret" (CPU tensors under
+              TRITON_INTERPRET=1), "cudasim" (CPU tensors under NUMBA_ENABLE_CUDASIM=1).
+    requires: modules that must be importable.
+    dtypes:   input dtypes it accepts (others are a ValueError naming the backend).
+    peer:     code written elsewhere (fla, transformers, ...), measured beside ours, never "auto".
+    probe:    "module:function" returning why it cannot run here (None when it can), for needs that no
+              importable module names (a library inside torch's build).
+    deterministic:   repeated calls on the same inputs give bitwise equal outputs.
+    batch_invariant: one sequence's (or token's) output is bitwise the same whatever else shares its batch or
+              its packed row; where it is not, the output still agrees within the dtype's tolerance.
+    variance_note:   why, where either of the two is False (tests/test_invariance.py and the report print it).
+    backward: how the gradients of a call that needs them are computed (kernellab/autograd.py states the contract):
+              None, no backward: such a call raises BackendUnavailable; AUTOGRAD ("autograd"): torch's autograd
+              through the implementation as written (differentiable torch ops: the reference, SDPA);
+              "package.module:function": the backend's own backward, by convention `<op>_backward` beside the
+              forward in the same module (`family_backends(..., backward={op: BESIDE})`).
+    """
+
+    op: str
+    name: str
+    target: str
+    places: tuple[str, ...]
+    requires: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    peer: bool = False
+    probe: str | None = None
+    deterministic: bool = True
+    batch_invariant: bool = True
+    variance_note: str = ""
+    backward: str | None = None
+
+    def devices(self) -> tuple[str, ...]:
+        """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""
+        found = []
+        for place in self.places:
+            if place == "cuda" and _cuda_available():
+                found.append("cuda")
+            elif place == "cpu" or (place == "interpret" and os.environ.get("TRITON_INTERPRET") == "1") or (
+                    place == "cudasim" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"):
+                found.append("cpu")
+        return tuple(dict.fromkeys(found))
+
+    def unavailable_reason(self) -> str | None:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"backend {self.name!r} of {self.op} needs the package(s) {', '.join(missing)}, not installed"
+        if self.probe and (reason := resolve(self.probe)()):
+            return f"backend {self.name!r} of {self.op}: {reason}"
+        if not self.devices():
+            return (f"backend {self.name!r} of {self.op} runs on {' or '.join(self.places)}, none of which is "
+                    f"here (no CUDA GPU; TRITON_INTERPRET / NUMBA_ENABLE_CUDASIM not set)")
+        return None
+
+    @property
+    def impl(self):
+        return resolve(self.target)
+
+
+def resolve(target: str):
+    """The object named by "package.module:attribute"."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+AUTOGRAD = "autograd"  # Backend.backward: torch's autograd through the forward as written
+BESIDE = "beside"  # family_backends' backward={op: BESIDE}: <op>_backward in the forward's module
+
+
+def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, backward: dict | None = None,
+                    **options) -> list[Backend]:
+    """Backend `name` of every op in ops, each implemented at package.<OP_MODULE[op]>:<op>. backward: {op: BESIDE,
+    AUTOGRAD or "module:function"} for the ops that have one (BESIDE: package.<OP_MODULE[op]>:<op>_backward)."""
+    backward = backward or {}
+    unknown = set(backward) - set(ops)
+    if unknown:
+        raise ValueError(f"{package}: backward declared for op(s) {sorted(unknown)} not in ops")
+
+    def backward_of(op):
+        how = backward.get(op)
+        return f"{package}.{OP_MODULE[op]}:{op}_backward" if how == BESIDE else how
+
+    return [Backend(op, name, f"{package}.{OP_MODULE[op]}:{op}", places, backward=backward_of(op), **options)
+            for op in ops]
+
+
+def batch_variant(backends: list[Backend], notes: dict[str, str]) -> list[Backend]:
+    """backends, with those of the ops in notes declared not batch invariant and notes[op] their variance_note."""
+    return [replace(b, batch_invariant=False, variance_note=notes[b.op]) if b.op in notes else b for b in backends]
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@cache
+def _table() -> dict[str, dict[str, Backend]]:
+    table: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+    for backend in _reference_backends():
+        table[backend.op][backend.name] = backend
+    for package in TOOLCHAINS:
+        for backend in importlib.import_module(package).BACKENDS:
+            if backend.op not in table:
+                raise RuntimeError(f"{package} registers unknown op {backend.op!r}")
+            if backend.name in table[backend.op]:
+                raise RuntimeError(f"{package} registers {backend.op}/{backend.name} twice")
+            table[backend.op][backend.name] = backend
+    return table
+
+
+def _reference_backends():
+    # its gradients: torch's autograd through the float64 token loops, the yardstick of every backward
+    return family_backends("reference", "reference", ("cpu", "cuda"), backward={op: AUTOGRAD for op in OPS})
+
+
+def _check_op(op):
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+
+
+def registered(op: str) -> dict[str, Backend]:
+    """Every backend of op, whether or not it runs here."""
+    _check_op(op)
+    return dict(_table()[op])
+
+
+def backends(op: str, device: str | torch.device | None = None) -> list[str]:
+    """Names of op's backends that run on this machine (on tensors of `device` when given)."""
+    _check_op(op)
+    kind = None if device is None else torch.device(device).type
+    return [name for name, b in _table()[op].items()
+            if b.unavailable_reason() is None and (kind is None or kind in b.devices())]
+
+
+def auto_backend(op: str, device: str | torch.device, dtype: torch.dtype | None = None, grad: bool = False) -> str:
+    """The name "auto" resolves to for op on tensors of `device` (and `dtype`, when given: the first backend of
+    the order that takes it; `grad`: the first that has a backward, for calls that need gradients). Resolved once
+    per (op, device type, dtype, grad) and cached: `reset()` forgets."""
+    _check_op(op)
+    return _auto(op, torch.device(device).type, dtype, grad)
+
+
+@cache
+def _auto(op: str, kind: str, dtype: torch.dtype | None, grad: bool = False) -> str:
+    runnable = set(backends(op, kind))
+    table = _table()[op]
+    order = AUTO_ORDER_BY_OP.get((op, kind), AUTO_ORDER.get(kind, ("reference",)))
+    for name in order:
+        if name in runnable and (dtype is None or dtype in table[name].dtypes) and (
+                not grad or table[name].backward is not None):
+            return name
+    raise BackendUnavailable(f"no backend of {op}{' with a backward' if grad else ''} runs on {kind} tensors"
+                             f"{'' if dtype is None else f' of {dtype}'} here")
+
+
+def reset() -> None:
+    """Forget the cached table, "auto" choices and signatures (after the environment changed, e.g. in tests)."""
+    for cached in (_table, _auto, _extra_keywords):
+        cached.cache_clear()
+
+
+@cache
+def _api_keywords(op: str) -> frozenset[str]:
+    """The keywords of op's public signature (kernellab.validate's function), which every backend receives."""
+    return frozenset(inspect.signature(getattr(validate, op)).parameters)
+
+
+@cache
+def _extra_keywords(backend: Backend) -> frozenset[str]:
+    """The keywords backend's implementation takes beyond the op's public ones, read once from its signature."""
+    parameters = inspect.signature(backend.impl).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        raise TypeError(f"backend {backend.name!r} of {backend.op} ({backend.target}) takes **kwargs: its extra "
+                        f"keywords must be named in its signature")
+    return frozenset(parameters) - _api_keywords(backend.op)
+
+
+def check_keywords(backend: Backend, keywords) -> None:
+    """ValueError naming the backend and the keyword when a call passes a keyword its implementation lacks."""
+    unknown = sorted(set(keywords) - _extra_keywords(backend))
+    if unknown:
+        allowed = sorted(_extra_keywords(backend))
+        raise ValueError(f"backend {backend.name!r} of {backend.op} takes no keyword {unknown[0]!r}"
+                         f"{f' (nor {unknown[1:]})' if len(unknown) > 1 else ''}; its extra keywords: "
+                         f"{', '.join(allowed) or 'none'}")
+
+
+def requires_grad(checked: dict) -> bool:
+    """Whether a tensor among a call's checked arguments requires grad (only floating-point tensors can). A plain
+    loop: about 40% cheaper than any() over a generator, on every call made with grad mode on."""
+    for x in checked.values():
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+    return False
+
+
+def _lookup(op: str, name: str) -> Backend:
+    table = _table()[op]
+    if name not in table:
+        raise BackendUnavailable(f"{op} has no backend {name!r}; registered: {', '.join(table)}")
+    reason = table[name].unavailable_reason()
+    if reason:
+        raise BackendUnavailable(reason)
+    return table[name]
+
+
+def get(op: str, name: str = "auto"):
+    """The callable for op's backend `name` (or "auto"), with the op's public signature minus `backend`.
+
+    It checks its inputs (ValueError naming the argument) and its extra keywords against the implementation's
+    signature, then runs the implementation; when a floating-point input requires grad and grad mode is on, inside
+    kernellab.autograd's Function with the backend's backward ("auto" then takes the first backend that has one).
+    Under torch.no_grad / inference_mode, or with no input requiring grad, the call is the implementation's."""
+    _check_op(op)
+    fixed = None if name == "auto" else _lookup(op, name)
+    check = getattr(validate, op)
+    api_names = _api_keywords(op)
+
+    def call(*args, **kwargs):
+        api = {key: kwargs.pop(key) for key in list(kwargs) if key in api_names}
+        checked = check(*args, **api)
+        tensor = next(iter(checked.values()))  # every op's first argument is a tensor
+        grad = torch.is_grad_enabled() and requires_grad(checked)
+        backend = fixed or _lookup(op, _auto(op, tensor.device.type, tensor.dtype, grad))
+        if tensor.device.type not in backend.devices():
+            raise BackendUnavailable(f"backend {backend.name!r} of {op} does not run on {tensor.device.type} "
+                                     f"tensors here (runs on: {', '.join(backend.devices()) or 'nothing here'})")
+        if tensor.dtype not in backend.dtypes:
+            raise ValueError(f"backend {backend.name!r} of {op} does not take {tensor.dtype} inputs")
+        if kwargs:
+            check_keywords(backend, kwargs)
+        if grad:
+            from kernellab import autograd  # light (torch only); imported here: it imports this module
+
+            return autograd.apply(backend, checked, kwargs)
+        return backend.impl(**checked, **kwargs)
+
+    call.__name__ = f"{op}[{name}]"
+    call.__doc__ = f"{op} through backend {name!r}; see kernellab.{op}."
+    return call

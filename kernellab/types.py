@@ -1,0 +1,28 @@
+"""Value types shared by every backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Permutation:
+    """Tokens grouped by expert, as returned by `kernellab.moe_permute`.
+
+    x:       [M, D] rows x[n] for every slot (n, j) with ids[n, j] >= 0, grouped by expert in ascending
+             expert order and, within an expert, in ascending flat slot index n * top_k + j.
+    offsets: int32 [E + 1]; rows offsets[e]:offsets[e + 1] belong to expert e.
+    source:  int64 [M]; the flat slot index n * top_k + j of each row.
+    num_tokens, top_k: the shape of the ids it was built from (N, top_k), checked by moe_unpermute.
+    """
+
+    x: torch.Tensor
+    offsets: torch.Tensor
+    source: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.shape[0] - 1

@@ -1,6 +1,0 @@
-"""numba backend: CPU kernels (numba.njit(parallel=True)); declared here, imported on first use. The numba.cuda
-kernels are the `numba_cuda` backend (kernels/numba_cuda)."""
-from kernels.registry import family_backends
-
-BACKENDS = family_backends("kernels.numba", "numba", ("cpu",), requires=("numba",),
-                           ops=("gated_delta_rule", "moe_permute", "moe_unpermute", "moe"))
