@@ -191,7 +191,8 @@ def time_call(fn, device, budget_s: float = 0.5, cuda_graph: bool = False, warmu
     return time_cpu(fn, budget_s=budget_s, warmup=warmup, flush_cache=flush_cache)
 
 
-def device_name(device) -> str:
+def device_model(device) -> str:
+    """The exact device: the GPU's name, or the CPU's model name from /proc/cpuinfo."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -200,10 +201,29 @@ def device_name(device) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
+            fields = dict(line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        model = fields.get("model name", model)
+        # a virtual machine's CPU may be named only "AMD EPYC": its family and model tell the generation
+        if "cpu family" in fields:
+            model += f" family {fields['cpu family']} model {fields.get('model', '?')}"
+    except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return model
+
+
+def device_name(device) -> str:
+    """The device of a row: its model, and on CPU the threads it ran on."""
+    model = device_model(device)
+    return model if torch.device(device).type == "cuda" else f"{model} ({torch.get_num_threads()} threads)"
+
+
+def host_slug(device) -> str:
+    """The device's model as a folder name ("amd-epyc-family-25-model-17", "nvidia-h200"): reports/<device type>/<slug>/."""
+    import re
+
+    words = re.sub(r"\(.*?\)|\b(\d+-core|processor|cpu)\b|@.*", " ", device_model(device).lower())
+    return re.sub(r"[^a-z0-9]+", "-", words).strip("-")
 
 
 def matmul_tflops(dtype: torch.dtype, device, budget_s: float = 0.5) -> float:
