@@ -579,6 +579,8 @@ def _check_mode(args) -> str:
 def run(args) -> int:
     mode = _check_mode(args)
     out = args.out or ROOT / "reports" / args.device / "compare"
+    if problem := cli.writable_problem(out):  # before the sweeps of --interleave, not after them
+        raise Refused(f"--out: {problem}")
     filters = {"op": args.op, "backend": args.backend, "shape": args.shape}
     notes = []
     if mode == "commits":
