@@ -152,28 +152,42 @@ def ordered(frame: pd.DataFrame) -> pd.DataFrame:
 
 def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
     """speedup_vs_reference, speedup_vs_<peer> for every peer and speedup_vs_best_peer, from the rows of the
-    same (op, shape, dtype, device, pass) that passed their check. Rows with an error get none."""
+    same (op, shape, dtype, device, pass) that passed their check. Rows with an error get none. (Plain lists, not
+    per-cell pandas writes: a sweep rewrites the whole table after every row.)"""
     frame = frame.drop(columns=[c for c in frame.columns if c.startswith(PEER_PREFIX)] + ["best_peer"],
                        errors="ignore")
-    ok = frame["error"].fillna("").eq("") & frame["median_ms"].notna()
-    group = ["op", "shape", "dtype", "device", "pass"]
-    peer = frame["peer"].astype(str).str.lower().eq("true")
-    frame["speedup_vs_reference"] = math.nan
-    frame["best_peer"] = ""
-    frame["speedup_vs_best_peer"] = math.nan
-    for _, rows in frame[ok].groupby(group):
-        times = dict(zip(rows["backend"], rows["median_ms"]))
-        peers = {b: t for b, t in times.items() if peer[rows.index[rows["backend"] == b][0]]}
-        for index, backend, median in zip(rows.index, rows["backend"], rows["median_ms"]):
-            if "reference" in times and backend != "reference":
-                frame.loc[index, "speedup_vs_reference"] = times["reference"] / median
-            others = {b: t for b, t in peers.items() if b != backend}
+    n = len(frame)
+    ok = (frame["error"].fillna("").eq("") & frame["median_ms"].notna()).tolist()
+    peer = frame["peer"].astype(str).str.lower().eq("true").tolist()
+    backend, median = frame["backend"].tolist(), frame["median_ms"].tolist()
+    columns = [frame[c].tolist() for c in ("op", "shape", "dtype", "device", "pass")]
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n):
+        key = tuple(column[i] for column in columns)
+        if ok[i] and not any(pd.isna(k) for k in key):
+            groups.setdefault(key, []).append(i)
+    vs_reference, best_peer, vs_best = [math.nan] * n, [""] * n, [math.nan] * n
+    vs_peer: dict[str, list[float]] = {}
+    for rows in groups.values():
+        times = {backend[i]: median[i] for i in rows}
+        first = {}
+        for i in rows:
+            first.setdefault(backend[i], i)
+        peers = {b: t for b, t in times.items() if peer[first[b]]}
+        for i in rows:
+            if "reference" in times and backend[i] != "reference":
+                vs_reference[i] = times["reference"] / median[i]
+            others = {b: t for b, t in peers.items() if b != backend[i]}
             for name, t in others.items():
-                frame.loc[index, PEER_PREFIX + name] = t / median
+                vs_peer.setdefault(name, [math.nan] * n)[i] = t / median[i]
             if others:
                 best = min(others, key=others.get)
-                frame.loc[index, "best_peer"] = best
-                frame.loc[index, "speedup_vs_best_peer"] = others[best] / median
+                best_peer[i], vs_best[i] = best, others[best] / median[i]
+    frame["speedup_vs_reference"] = vs_reference
+    frame["best_peer"] = best_peer
+    frame["speedup_vs_best_peer"] = vs_best
+    for name in sorted(vs_peer):
+        frame[PEER_PREFIX + name] = vs_peer[name]
     return frame
 
 
