@@ -379,3 +379,23 @@ def test_training_that_diverges_stops_and_saves_nothing(checkpoint, tmp_path, ca
     assert train.main(["--checkpoint", str(checkpoint), "--backend", "torch", "--lr", "1e-3", "--steps", "2",
                        "--batch", "1", "--seq-len", "8", "--threads", "1", "--out", str(out)]) == 0
     assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_report_refuses_a_damaged_csv_with_its_line(tmp_path, capsys):
+    from bench import report
+
+    (tmp_path / "results.csv").write_text("op,backend,median_ms\nmoe,torch,1.0\nmoe,torch,fast\n")
+    refused(report.main, ["--out", str(tmp_path)], capsys, "--out", f"{tmp_path / 'results.csv'}:3:",
+            "median_ms is 'fast', not a number")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no plot, no README.md
+
+
+def test_the_model_clis_import_no_bench():
+    """model <- bench, never the reverse: the model's CLIs, refusing or checking backends, load no bench module."""
+    code = ("import sys\nfrom model import generate, train\n"
+            "for main in (generate.main, train.main):\n"
+            "    try:\n        main(['--backend', 'nosuch'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bench'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
