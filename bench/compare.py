@@ -116,7 +116,7 @@ def csv_history(path: Path) -> pd.DataFrame:
     """Rows of the CSV at path and of every version of it committed to git (where it is in a git work tree),
     one row per (key, commit): the newest."""
     if not path.is_file():
-        raise Refused(f"--csv: no results CSV at {path} (the default; sweeps write reports/<device>/results.csv); "
+        raise Refused(f"--csv: no results CSV at {path} (the default: the published reports/<device>/results.csv); "
                       "valid: a results CSV's path")
     frames = [read_rows(path, f"--csv {path}")]
     top = _git(path.resolve().parent, "rev-parse", "--show-toplevel")
