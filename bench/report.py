@@ -10,7 +10,6 @@ backward and forward+backward rows beside each backend's forward, with the publi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path

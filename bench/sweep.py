@@ -420,12 +420,15 @@ def row_key(op: str, backend: str, shape: str, dtype: torch.dtype, device: str, 
     return op, backend, shape, dtype_name(dtype), device, which
 
 
+PASS_WORK = {"forward": 1, "backward": 2, "forward+backward": 3}  # in forwards: a backward costs about two
+
+
 def plan(ops, device: str, dtypes, quick: bool, wanted, preset, budget_s: float | None, ceil: dict, shapes=None,
          passes=("forward",), done=frozenset()) -> dict:
     """What sweep() with these arguments will run, and a lower bound of its time from the cost model and the
     ceilings: {"rows", "backends" {op: names}, "cases", "seconds"}. Per row max(budget, MIN_REPEATS x floor) +
     2 x floor (the warm-up and the check), floor = max(flops / peak, bytes / bandwidth); per case and dtype the
-    float64 yardstick's floor (at half the float32 rate; 3x for the gradients'). Rows in `done` are left out."""
+    float64 yardstick's floor (at half the float32 rate), all scaled by PASS_WORK. Rows in `done` are left out."""
     ops = [ops] if isinstance(ops, str) else list(ops)
     budget_s = budget_s if budget_s is not None else (0.1 if quick else 0.5)
     repeats = 10 if torch.device(device).type == "cuda" else 3  # the timers' least number of timed calls
@@ -437,7 +440,7 @@ def plan(ops, device: str, dtypes, quick: bool, wanted, preset, budget_s: float 
         registered = kernellab.registry.registered(case.op)
         for dtype in dtypes:
             compute = ceil["matmul_tflops"].get(dtype_name(dtype), math.nan) * 1e12
-            flops, nbytes = _rough_cost(case, dtype, device)
+            flops, nbytes = _rough_cost(case, dtype)
             for which in passes:
                 if which != "forward" and spec.backward_cost is None:
                     continue
@@ -450,7 +453,7 @@ def plan(ops, device: str, dtypes, quick: bool, wanted, preset, budget_s: float 
                 if not runs:
                     continue
                 cases += 1
-                work = 1 if which == "forward" else 3  # a backward costs about twice its forward
+                work = PASS_WORK[which]
                 floor = work * max(flops / compute if compute > 0 else 0.0, nbytes / bandwidth)
                 yard = work * max(flops / (compute / 2) if compute > 0 else 0.0,
                                   nbytes * 8 / dtype.itemsize / bandwidth)
@@ -460,7 +463,7 @@ def plan(ops, device: str, dtypes, quick: bool, wanted, preset, budget_s: float 
     return {"rows": rows, "backends": names, "cases": cases, "seconds": seconds}
 
 
-def _rough_cost(case: Case, dtype, device: str) -> tuple[float, float]:
+def _rough_cost(case: Case, dtype) -> tuple[float, float]:
     """(FLOPs, bytes) of one forward call of case: the cost model on the inputs where they are small (made on the
     CPU), else the inputs' size alone (spec.gigabytes)."""
     spec = OPS[case.op]
@@ -485,8 +488,9 @@ def plan_text(found: dict, device: str, dtypes, passes, budget_s: float | None, 
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def measured(row: dict, measure, flops, nbytes, device) -> dict:
