@@ -634,7 +634,8 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=["forward"], metavar="PASS",
                         help=f"what each row times: {', '.join(PASSES)} (default: forward; the backward passes run "
                              f"the backends that have a backward)")
-    parser.add_argument("--threads", type=cli.positive_int, help="threads of torch and numba (default: theirs)")
+    parser.add_argument("--threads", type=cli.positive_int,
+                        help="threads of torch and numba (default: theirs; at most the cores this process may use)")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
     parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
     return parser
@@ -772,7 +773,7 @@ def main(argv=None) -> int:
         print(plan_text(found, args.device, args.dtype, args.passes, args.budget, args.quick)
               + (f"; {len(done)} rows already in {csv} are skipped" if done else ""), flush=True)
         save_ceilings(out, ceil)
-        rows = []
+        rows, started = [], time.perf_counter()
         try:
             rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
                          args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes, done=done,
@@ -781,6 +782,7 @@ def main(argv=None) -> int:
             print(f"\ninterrupted: the {len(rows)} rows finished are in {csv}; `python -m bench.sweep ... --resume "
                   f"--out {out}` continues", file=sys.stderr)
             return 130
+        print(f"took {_duration(time.perf_counter() - started)} (planned: {_duration(found['seconds'])} at least)")
     frame = results.read(csv) if csv.is_file() else None
     failed = [r for r in rows if r.get("error")]
     print(f"{len(rows)} rows ({len(failed)} with an error) -> {csv} ({0 if frame is None else len(frame)} rows in "
