@@ -56,7 +56,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from bench import cli, plots, report  # noqa: E402
-from bench.sweep import KEY, read_results, text_column  # noqa: E402
+from bench.results import KEY, text_column  # noqa: E402
+from bench import results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMES = ["median_ms", "p20_ms", "p80_ms"]
@@ -85,7 +86,9 @@ def read_rows(source, name: str) -> pd.DataFrame:
     comparison needs (SIDE): KEY, median_ms, p20_ms, p80_ms, samples (from repeats), rounds (1), commit,
     threads, device_name, timestamp, error ("" when it passed)."""
     try:
-        frame = read_results(source)
+        frame = results.read(source)
+    except results.Damaged as exc:  # never compared: its path and line say where
+        raise Refused(f"{name}: {exc}") from None
     except (OSError, pd.errors.EmptyDataError) as exc:
         raise Refused(f"{name}: cannot be read ({exc})") from None
     missing = [c for c in KEY + TIMES if c not in frame]
@@ -95,7 +98,7 @@ def read_rows(source, name: str) -> pd.DataFrame:
     for column in SIDE:
         if column not in frame:
             frame[column] = math.nan
-    for column in ("commit", "device_name", "timestamp", "error"):  # those the CSV may lack: "" as read_results does
+    for column in ("commit", "device_name", "timestamp", "error"):  # those the CSV may lack: "" as results.read does
         frame[column] = text_column(frame[column])
     return frame[KEY + SIDE]
 
@@ -113,7 +116,7 @@ def csv_history(path: Path) -> pd.DataFrame:
     """Rows of the CSV at path and of every version of it committed to git (where it is in a git work tree),
     one row per (key, commit): the newest."""
     if not path.is_file():
-        raise Refused(f"--csv: no results CSV at {path} (the default; sweeps write reports/<device>/results.csv); "
+        raise Refused(f"--csv: no results CSV at {path} (the default: the published reports/<device>/results.csv); "
                       "valid: a results CSV's path")
     frames = [read_rows(path, f"--csv {path}")]
     top = _git(path.resolve().parent, "rev-parse", "--show-toplevel")
@@ -576,6 +579,8 @@ def _check_mode(args) -> str:
 def run(args) -> int:
     mode = _check_mode(args)
     out = args.out or ROOT / "reports" / args.device / "compare"
+    if problem := cli.writable_problem(out):  # before the sweeps of --interleave, not after them
+        raise Refused(f"--out: {problem}")
     filters = {"op": args.op, "backend": args.backend, "shape": args.shape}
     notes = []
     if mode == "commits":

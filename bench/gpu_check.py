@@ -1,6 +1,6 @@
 """The one GPU run: parity on the GPU, a short sweep of every op, plots and a summary, in under 8 minutes.
 
-    python -m bench.gpu_check [--out DIR] [--budget 480] [--ops gated_delta_rule moe ...] [--skip-tests]
+    python -m bench.gpu_check [--out DIR] [--budget 480] [--op gated_delta_rule moe ...] [--skip-tests]
 
 On a CUDA machine, in this order, each step in its own process with its own timeout:
 1. the GPU-marked parity tests, `pytest -m gpu tests/` (they cover bfloat16, float16 and float32), with a JUnit
@@ -136,9 +136,9 @@ def sweep_table(results_csv: Path, ops: list[str], since: datetime.datetime | No
         return []
     import pandas as pd
 
-    from bench.sweep import read_results
+    from bench import results
 
-    frame = read_results(results_csv)
+    frame = results.read(results_csv)
     frame = frame[(frame["device"].astype(str) == "cuda") & frame["op"].isin(ops)]
     if since is not None and "timestamp" in frame:
         written = pd.to_datetime(frame["timestamp"], utc=True, errors="coerce")
@@ -229,7 +229,7 @@ def plan(out: Path, ops: list[str], skip_tests: bool) -> list[Step]:
             steps.append(Step(f"sweep {'+'.join([op, *joined])}",
                               [python, "-m", "bench.sweep", "--op", op, *joined, "--device", "cuda", *args,
                                "--budget", SWEEP_SECONDS_PER_SHAPE, "--no-report", "--out", str(out)]))
-    steps.append(Step("report", [python, "-m", "bench.report", "--device", "cuda", "--dir", str(out)]))
+    steps.append(Step("report", [python, "-m", "bench.report", "--device", "cuda", "--out", str(out)]))
     steps.append(Step("roofline", [python, "-m", "profiling.roofline", "--csv", str(out / "results.csv"),
                                    "--device", "cuda", "--out", str(out)]))
     return steps
@@ -299,7 +299,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=cli.out_folder, default=None, help="default reports/<gpu name>/")
     parser.add_argument("--budget", type=cli.positive_float, default=BUDGET_S,
                         help="seconds for the whole run (default 480)")
-    parser.add_argument("--ops", nargs="+", default=[op for op, _ in SWEEPS], choices=[op for op, _ in SWEEPS])
+    parser.add_argument("--op", dest="ops", nargs="+", default=[op for op, _ in SWEEPS],
+                        choices=[op for op, _ in SWEEPS], help="the ops to sweep (default: all of them)")
     parser.add_argument("--skip-tests", action="store_true", help="only the sweeps and the summary")
     args = parser.parse_args(argv)
     if not _starts_tests_or_a_sweep(args.budget, args.ops, args.skip_tests):

@@ -19,15 +19,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench import results  # noqa: E402
 from bench.ops import OPS  # noqa: E402
 
 MAX_GROUPS_PER_AXIS = 3
 
 
 def load(path) -> pd.DataFrame:
-    from bench.sweep import read_results
-
-    frame = read_results(path)
+    frame = results.read(path)
     for column in ("error", "preset", "best_peer", "checked_against"):
         if column not in frame:
             frame[column] = ""

@@ -1,6 +1,6 @@
 """The Markdown report of one device, written from its results CSV (and ceilings.json) only.
 
-    python -m bench.report --device cpu [--dir reports/cpu]
+    python -m bench.report --device cpu [--out reports/cpu]
 
 Writes the plots (bench.plots) and README.md: the machine and its measured ceilings, the targets of the ops'
 declarations (bench/ops.py) computed from the rows, linear versus quadratic attention, the published numbers of
@@ -10,7 +10,6 @@ backward and forward+backward rows beside each backend's forward, with the publi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -464,13 +463,21 @@ def write(out: Path, device: str) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    from bench import cli, results
+
+    parser = cli.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="reports/<device>/ (cpu, cuda)")
-    parser.add_argument("--dir", type=Path, help="results folder (default reports/<device>)")
+    parser.add_argument("--out", type=cli.existing_folder,
+                        help="results folder: its results.csv is read, its plots and README.md written "
+                             "(default reports/<device>)")
     args = parser.parse_args(argv)
-    out = args.dir or Path(__file__).resolve().parent.parent / "reports" / args.device
-    if not (out / "results.csv").is_file():
-        parser.exit(2, f"python -m bench.report: error: no results.csv in {out} (run python -m bench.sweep first)\n")
+    out = args.out or Path(__file__).resolve().parent.parent / "reports" / args.device
+    if not (out / results.NAME).is_file():
+        parser.error(f"--out: no {results.NAME} in {out} (run python -m bench.sweep first)")
+    try:
+        results.read(out / results.NAME)
+    except results.Damaged as exc:  # nothing plotted from a table that cannot be trusted
+        parser.error(f"--out: {exc}")
     print(write(out, args.device))
     return 0
 

@@ -1,7 +1,8 @@
 """The sweep CLI: every backend of an op over its shape axes, checked, timed and written to a CSV.
 
     python -m bench.sweep --op gated_delta_rule [--backend torch ...] [--device cpu|cuda] [--dtype float32 ...]
-                          [--quick] [--preset Qwen3.5-35B-A3B] [--shape KEY ...] [--out DIR] [--list]
+                          [--quick] [--preset Qwen3.5-35B-A3B] [--shape KEY ...] [--out DIR] [--resume]
+                          [--threads N] [--list]
     python -m bench.sweep --op all --quick          # every registry op, their cases interleaved
     python -m bench.sweep --op gated_delta_rule --pass forward backward forward+backward   # training passes
 
@@ -18,11 +19,17 @@ or raises, gets its error in its row and no speedup, and the sweep goes on. Bad 
 backend or shape, a backend that cannot run on the device or dtype, an empty selection) are refused before
 anything runs, and nothing is written.
 
-Results go to DIR/results.csv (default reports/<device>/), one long-format row per (op, backend, shape,
-dtype, device, pass): a rerun replaces its own rows and keeps every other (rows of CSVs written before the pass
-column are forward rows). The ceilings measured at the start
-of the run are stored in each row and in DIR/ceilings.json. Plots and README.md are then regenerated from
-the CSV (bench.report).
+Before the first timed call the sweep checks that it can write its folder (and that a CSV there is whole),
+measures the ceilings and prints its plan: the rows, the backends and a lower bound of the time it will take
+(sweep.plan: the roofline floor of each row at those ceilings, the timing budget, the yardstick's floor).
+
+Results go to DIR/results.csv (--out DIR; default a run folder of its own, runs/<op>-<host>-<YYYYmmdd-HHMMSS>/,
+which git ignores: the published reports/ change only by bench.report --publish), one long-format row per (op,
+backend, shape, dtype, device, pass), each written as soon as it is measured (bench.results: atomic, locked): a
+rerun replaces its own rows and keeps every other, and a sweep stopped part way (Ctrl-C: exit 130) keeps the rows
+it finished; --resume runs only the rows not yet in the folder's CSV (by that key; without --out, in the newest
+run folder of the same ops and host). The ceilings measured at the start of the run are stored in each row and
+in DIR/ceilings.json. Plots and README.md are then regenerated from the CSV (bench.report).
 """
 from __future__ import annotations
 
@@ -39,25 +46,17 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 import kernellab
-from bench import cli, presets, timing
-from bench.ops import ALL_AXES, CATEGORICAL_AXES, OPS, PASSES, RENAMED, Case
+from bench import cli, presets, results, timing
+from bench.ops import OPS, PASSES, RENAMED, Case
 from kernellab.registry import resolve
 from kernellab.types import Permutation
 from reference.tolerance import rel_err, tolerance
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-KEY = ["op", "backend", "shape", "dtype", "device", "pass"]
-COLUMNS = (["op", "backend", "peer", "device", "device_name", "dtype", "shape", "pass", "preset", *ALL_AXES,
-            "median_ms", "p20_ms", "p80_ms", "repeats", "cuda_graph", "flops", "bytes", "tflops", "gbps",
-            "peak_tflops", "peak_gbps", "floor_ms", "bound", "roofline_fraction", "rel_err", "checked_against",
-            "error", "speedup_vs_reference", "best_peer", "speedup_vs_best_peer"]
-           + ["threads", "torch_version", "commit", "timestamp"])
-PEER_PREFIX = "speedup_vs_"
 
 
 @functools.cache
@@ -343,11 +342,13 @@ def planned(op: str, device: str, quick: bool, preset: str | None, shapes=None) 
 def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False, wanted=None,
           preset: str | None = None, budget_s: float | None = None, cuda_graph: str = "auto",
           max_check_gb: float = 8.0, ceil: dict | None = None, progress: bool = True, shapes=None,
-          passes=("forward",)) -> list[dict]:
+          passes=("forward",), done=frozenset(), on_rows=None) -> list[dict]:
     """Check and time every backend of each registry op of `ops` (one name or several, whose cases are then
     interleaved) over its cases; one row dict per (case, dtype, backend, pass). wanted: backend names for every
     op, or {op: names}; shapes: only these shape strings; passes: of PASSES (the backward ones for the backends
-    that have a backward, of the ops that declare a backward cost)."""
+    that have a backward, of the ops that declare a backward cost); done: row keys (results.KEY tuples) not to
+    run again (--resume); on_rows: called with each row as it finishes (written at once: a killed sweep keeps
+    it)."""
     from tqdm import tqdm
 
     ops = [ops] if isinstance(ops, str) else list(ops)
@@ -356,6 +357,12 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
     names = {op: sweep_backends(op, device, wanted.get(op) if isinstance(wanted, dict) else wanted) for op in ops}
     plan = interleaved([planned(op, device, quick, preset, shapes) for op in ops])
     rows = []
+
+    def finished(row):
+        rows.append(row)
+        if on_rows is not None:
+            on_rows([row])
+
     bar = tqdm(total=sum(len(names[case.op]) for case in plan) * len(dtypes) * len(passes),
                desc=f"{'+'.join(ops)} on {device}", disable=not progress, unit="run")
     for case in plan:
@@ -363,12 +370,22 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
         registered = kernellab.registry.registered(case.op)
         for dtype in dtypes:
             shape = case.key
+            todo = {which: [name for name in names[case.op]
+                            if row_key(case.op, name, shape, dtype, device, which) not in done] for which in passes}
+            if not any(todo.values()):  # resumed: every row of this case and dtype is in the CSV
+                bar.update(len(names[case.op]) * len(passes))
+                continue
             inputs = spec.inputs(case, dtype, device, seed_of(case.op, shape))
             extra = spec.call(case.shape)
             if spec.backward_cost is not None and set(passes) - {"forward"}:
-                rows += gradient_rows(case, names[case.op], inputs, extra, dtype, device, ceil, budget_s, max_check_gb,
-                                      quick, [which for which in passes if which != "forward"], bar)
+                for row in gradient_rows(case, names[case.op], inputs, extra, dtype, device, ceil, budget_s,
+                                         max_check_gb, quick, [which for which in passes if which != "forward"], bar,
+                                         todo):
+                    finished(row)
             if "forward" not in passes:
+                continue
+            if not todo["forward"]:
+                bar.update(len(names[case.op]))
                 continue
             flops, nbytes = spec.cost(inputs | extra)
             try:
@@ -379,7 +396,7 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
             for name in names[case.op]:
                 bar.set_postfix_str(f"{case.op} {name} {shape}", refresh=False)
                 bar.update()
-                if name in registered and dtype not in registered[name].dtypes:
+                if name in registered and dtype not in registered[name].dtypes or name not in todo["forward"]:
                     continue
                 row = base_row(case.op, name, device, dtype, ceil) | dict(
                     shape=shape, preset=case.preset, flops=flops, bytes=nbytes, **{"pass": "forward"},
@@ -389,13 +406,91 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
                         continue  # its loops would take minutes here: no reference row
                     row.update(_reference_row(check[3]))
                     row.update(metrics(flops, nbytes, row["median_ms"], row["peak_tflops"], row["peak_gbps"]))
-                    rows.append(row)
+                    finished(row)
                     continue
-                rows.append(measured(row, functools.partial(run_backend, case, name, inputs, extra, check, dtype,
-                                                            device, budget_s, cuda_graph), flops, nbytes, device))
+                finished(measured(row, functools.partial(run_backend, case, name, inputs, extra, check, dtype,
+                                                         device, budget_s, cuda_graph), flops, nbytes, device))
             del inputs, check
     bar.close()
     return rows
+
+
+def row_key(op: str, backend: str, shape: str, dtype: torch.dtype, device: str, which: str) -> tuple[str, ...]:
+    """The results.KEY tuple of a row (as results.keys reads it from the CSV): what --resume skips."""
+    return op, backend, shape, dtype_name(dtype), device, which
+
+
+PASS_WORK = {"forward": 1, "backward": 2, "forward+backward": 3}  # in forwards: a backward costs about two
+
+
+def plan(ops, device: str, dtypes, quick: bool, wanted, preset, budget_s: float | None, ceil: dict, shapes=None,
+         passes=("forward",), done=frozenset()) -> dict:
+    """What sweep() with these arguments will run, and a lower bound of its time from the cost model and the
+    ceilings: {"rows", "backends" {op: names}, "cases", "seconds"}. Per row max(budget, MIN_REPEATS x floor) +
+    2 x floor (the warm-up and the check), floor = max(flops / peak, bytes / bandwidth); per case and dtype the
+    float64 yardstick's floor (at half the float32 rate), all scaled by PASS_WORK. Rows in `done` are left out."""
+    ops = [ops] if isinstance(ops, str) else list(ops)
+    budget_s = budget_s if budget_s is not None else (0.1 if quick else 0.5)
+    repeats = 10 if torch.device(device).type == "cuda" else 3  # the timers' least number of timed calls
+    names = {op: sweep_backends(op, device, wanted.get(op) if isinstance(wanted, dict) else wanted) for op in ops}
+    bandwidth = ceil["copy_gbps"] * 1e9
+    rows, seconds, cases = 0, 0.0, 0
+    for case in interleaved([planned(op, device, quick, preset, shapes) for op in ops]):
+        spec = OPS[case.op]
+        registered = kernellab.registry.registered(case.op)
+        for dtype in dtypes:
+            compute = ceil["matmul_tflops"].get(dtype_name(dtype), math.nan) * 1e12
+            flops, nbytes = _rough_cost(case, dtype)
+            for which in passes:
+                if which != "forward" and spec.backward_cost is None:
+                    continue
+                runs = [name for name in names[case.op]
+                        if row_key(case.op, name, case.key, dtype, device, which) not in done
+                        and (name not in registered or dtype in registered[name].dtypes)
+                        and (which == "forward" and (name != "reference" or spec.affordable(case.shape, quick))
+                             or which != "forward" and name != "reference" and name in registered
+                             and registered[name].backward is not None)]
+                if not runs:
+                    continue
+                cases += 1
+                work = PASS_WORK[which]
+                floor = work * max(flops / compute if compute > 0 else 0.0, nbytes / bandwidth)
+                yard = work * max(flops / (compute / 2) if compute > 0 else 0.0,
+                                  nbytes * 8 / dtype.itemsize / bandwidth)
+                rows += len(runs)
+                seconds += yard + sum(max(budget_s, repeats * floor) + 2 * floor
+                                      for name in runs if name != "reference")
+    return {"rows": rows, "backends": names, "cases": cases, "seconds": seconds}
+
+
+def _rough_cost(case: Case, dtype) -> tuple[float, float]:
+    """(FLOPs, bytes) of one forward call of case: the cost model on the inputs where they are small (made on the
+    CPU), else the inputs' size alone (spec.gigabytes)."""
+    spec = OPS[case.op]
+    gigabytes = spec.gigabytes(case.shape, dtype.itemsize)
+    if spec.cost is not None and gigabytes <= 0.25:
+        try:
+            inputs = spec.inputs(case, dtype, "cpu", seed_of(case.op, case.key))
+            return spec.cost(inputs | spec.call(case.shape))
+        except Exception:  # noqa: BLE001 - an estimate: the size below will do
+            pass
+    return 0.0, gigabytes * 2**30
+
+
+def plan_text(found: dict, device: str, dtypes, passes, budget_s: float | None, quick: bool) -> str:
+    """The plan printed before the first timed call."""
+    backends = "; ".join(f"{op}: {', '.join(names)}" for op, names in found["backends"].items())
+    budget = budget_s if budget_s is not None else (0.1 if quick else 0.5)
+    return (f"plan: {found['rows']} rows on {device} ({found['cases']} case x dtype x pass; "
+            f"{', '.join(map(dtype_name, dtypes))}; {', '.join(passes)}); backends {backends}; "
+            f"estimated {_duration(found['seconds'])} at least (per row max(budget {budget:g} s, the timer's "
+            f"repeats x the roofline floor at the ceilings just measured), plus the float64 yardstick's floor)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def measured(row: dict, measure, flops, nbytes, device) -> dict:
@@ -412,130 +507,50 @@ def measured(row: dict, measure, flops, nbytes, device) -> dict:
     return row
 
 
-def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max_check_gb, quick, passes, bar):
-    """The rows of the backward passes of one case and dtype: each backend of `names` that has a backward (the
-    reference is the yardstick, not timed) checked on its gradients against the float64 yardstick's, then timed."""
+def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max_check_gb, quick, passes, bar,
+                  todo=None):
+    """The rows of the backward passes of one case and dtype, one at a time (a generator): each backend of `names`
+    that has a backward (the reference is the yardstick, not timed) checked on its gradients against the float64
+    yardstick's, then timed. todo: {pass: backend names still to run} (default: all)."""
     spec = OPS[case.op]
     registered = kernellab.registry.registered(case.op)
     seed = seed_of(case.op, case.key)
+    todo = todo or {which: names for which in passes}
     runs = [name for name in names if name != "reference" and name in registered
             and dtype in registered[name].dtypes and registered[name].backward is not None]
     bar.update(len(names) * len(passes) - len(runs) * len(passes))
-    if not runs:
-        return []
+    if not any(name in todo[which] for which in passes for name in runs):
+        bar.update(len(runs) * len(passes))
+        return
     try:
         with one_thread():
             check = gradient_yardstick(case, inputs, extra, max_check_gb, seed, quick)
     except Exception as exc:  # noqa: BLE001 - a broken yardstick is recorded, the backends still run
         check = (f"none (yardstick failed: {_error_text(exc)})", None)
-    rows = []
     for which in passes:
         flops, nbytes = pass_cost(spec, inputs | extra, which)
         for name in runs:
             bar.set_postfix_str(f"{case.op} {name} {which} {case.key}", refresh=False)
             bar.update()
+            if name not in todo[which]:
+                continue
             row = base_row(case.op, name, device, dtype, ceil) | dict(
                 shape=case.key, preset=case.preset, flops=flops, bytes=nbytes, peer=registered[name].peer,
                 **{"pass": which}, **case.shape)
-            rows.append(measured(row, functools.partial(run_gradients, case, name, inputs, extra, check, dtype,
-                                                        device, budget_s, which, seed), flops, nbytes, device))
-    return rows
+            yield measured(row, functools.partial(run_gradients, case, name, inputs, extra, check, dtype, device,
+                                                  budget_s, which, seed), flops, nbytes, device)
 
 
 # ------------------------------------------------------------------------------------------------- CSV
 
-def add_speedups(frame: pd.DataFrame) -> pd.DataFrame:
-    """speedup_vs_reference, speedup_vs_<peer> for every peer and speedup_vs_best_peer, from the rows of the
-    same (op, shape, dtype, device) that passed their check. Rows with an error get none."""
-    frame = frame.drop(columns=[c for c in frame.columns if c.startswith(PEER_PREFIX)] + ["best_peer"],
-                       errors="ignore")
-    ok = frame["error"].fillna("").eq("") & frame["median_ms"].notna()
-    group = ["op", "shape", "dtype", "device", "pass"]
-    peer = frame["peer"].astype(str).str.lower().eq("true")
-    frame["speedup_vs_reference"] = math.nan
-    frame["best_peer"] = ""
-    frame["speedup_vs_best_peer"] = math.nan
-    for _, rows in frame[ok].groupby(group):
-        times = dict(zip(rows["backend"], rows["median_ms"]))
-        peers = {b: t for b, t in times.items() if peer[rows.index[rows["backend"] == b][0]]}
-        for index, backend, median in zip(rows.index, rows["backend"], rows["median_ms"]):
-            if "reference" in times and backend != "reference":
-                frame.loc[index, "speedup_vs_reference"] = times["reference"] / median
-            others = {b: t for b, t in peers.items() if b != backend}
-            for name, t in others.items():
-                frame.loc[index, PEER_PREFIX + name] = t / median
-            if others:
-                best = min(others, key=others.get)
-                frame.loc[index, "best_peer"] = best
-                frame.loc[index, "speedup_vs_best_peer"] = others[best] / median
-    return frame
-
-
-def with_pass(frame: pd.DataFrame) -> pd.DataFrame:
-    """frame with its pass column, "forward" where a row has none (rows written before passes were swept, rows of
-    a sweep of its own)."""
-    frame["pass"] = frame["pass"].fillna("forward").replace("", "forward") if "pass" in frame else "forward"
-    return frame
-
-
-def ordered(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = with_pass(frame)
-    for column in COLUMNS:
-        if column not in frame:
-            frame[column] = math.nan if column not in ("error", "best_peer", "preset") else ""
-    peers = sorted(c for c in frame.columns if c.startswith(PEER_PREFIX) and c not in COLUMNS)
-    rest = [c for c in frame.columns if c not in COLUMNS and c not in peers]
-    frame = frame[COLUMNS[:COLUMNS.index("speedup_vs_best_peer") + 1] + peers
-                  + COLUMNS[COLUMNS.index("speedup_vs_best_peer") + 1:] + rest]
-    return frame.sort_values(["op", "dtype", "shape", "pass", "backend"], kind="stable").reset_index(drop=True)
-
-
-# Columns of text: read as text (a commit hash like 0501666 is no int), "" where empty.
-TEXT_COLUMNS = ("op", "backend", "device", "device_name", "dtype", "shape", "preset", *CATEGORICAL_AXES,
-                "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp", "peer",
-                "variant", "phase", "how", "transport", "part", "pass")
-
-
-def read_results(source) -> pd.DataFrame:
-    """A results CSV (a path or a file object) with its text columns as text ("" for empty), the rest parsed as
-    numbers, and its pass column (forward where a row has none)."""
-    frame = pd.read_csv(source, keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT_COLUMNS})
-    for column in TEXT_COLUMNS:
-        if column in frame:
-            frame[column] = text_column(frame[column])
-    return with_pass(frame)
-
-
-def text_column(values: pd.Series) -> list[str]:
-    """A column of text with "" for missing values (read_csv makes an all-empty column float NaN)."""
-    return ["" if pd.isna(v) else str(v) for v in values]
-
-
-def merge(path: Path, rows: list[dict]) -> pd.DataFrame:
-    """Write rows into the CSV at path: rows with the same (op, backend, shape, dtype, device, pass) are replaced,
-    all others kept; speedups recomputed over the whole table."""
-    new = with_pass(pd.DataFrame(rows))
-    if path.exists():
-        old = read_results(path)
-        keys = set(map(tuple, new[KEY].astype(str).values)) if len(new) else set()
-        keep = [tuple(k) not in keys for k in old[KEY].astype(str).values]
-        new = pd.concat([old[keep], new], ignore_index=True) if len(new) else old
-    for column in ("error", "preset", "best_peer"):
-        if column in new:
-            new[column] = text_column(new[column])
-    frame = ordered(add_speedups(ordered(new)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
-    return frame
-
-
 def save_ceilings(out: Path, ceil: dict) -> None:
     """Append this run's ceilings to out/ceilings.json (a list, newest last)."""
     path = out / "ceilings.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(ceil | {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "commit": commit(), "torch_version": torch.__version__})
-    path.write_text(json.dumps(runs, indent=1) + "\n")
+    with results.locked(path):  # two sweeps into one folder: both runs kept, the file never torn
+        runs = json.loads(path.read_text()) if path.exists() else []
+        runs.append(ceil | {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "commit": commit(), "torch_version": torch.__version__})
+        results.write_atomic(path, json.dumps(runs, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -608,14 +623,19 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--preset", choices=list(presets.MODELS), help="only this model's shapes")
     parser.add_argument("--shape", nargs="+", metavar="KEY",
                         help="only the cases with these shape strings (as in the CSV, e.g. N=64,D=512,...)")
-    parser.add_argument("--out", type=cli.out_folder, help="results folder (default reports/<device>)")
+    parser.add_argument("--out", type=cli.out_folder,
+                        help="results folder (default: a run folder of its own, runs/<op>-<host>-<time>/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the rows already in the folder's CSV (--out, default the newest run folder of "
+                             "the same op and host): continues a sweep that was stopped")
     parser.add_argument("--budget", type=cli.positive_float, help="seconds of timed calls per backend and shape")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
                         help="time CUDA-graph replays (auto: for calls under 50 us)")
     parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=["forward"], metavar="PASS",
                         help=f"what each row times: {', '.join(PASSES)} (default: forward; the backward passes run "
                              f"the backends that have a backward)")
-    parser.add_argument("--threads", type=cli.positive_int, help="threads of torch and numba (default: theirs)")
+    parser.add_argument("--threads", type=cli.positive_int,
+                        help="threads of torch and numba (default: theirs; at most the cores this process may use)")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and README.md")
     parser.add_argument("--list", action="store_true", help="print ops, backends and presets")
     return parser
@@ -632,12 +652,14 @@ def parse(argv=None, machine: bool = False):
     if not args.op:
         parser_.error("--op is required (or --list)")
     ops = []
+    args.op_given = args.op
     for name in args.op:
         if name in RENAMED:
             print(f"note: --op {name} is called {RENAMED[name]} now (the API's name, in the CSV and the report)",
                   file=sys.stderr)
         ops += [n for n, s in OPS.items() if s.registry] if name == "all" else [RENAMED.get(name, name)]
     args.op = list(dict.fromkeys(ops))
+    args.label = "all" if "all" in args.op_given else "+".join(args.op)
     own = [op for op in args.op if not OPS[op].registry]
     if own and len(args.op) > 1:
         parser_.error(f"--op {own[0]} runs alone (it has a sweep of its own)")
@@ -661,7 +683,13 @@ def check(args, parser):
     does not run on the device or dtype, an op's missing sweep, a shape or preset that selects nothing. Resolves
     --backend to {op: names} (None: every backend that runs here)."""
     cli.check_device(parser, "--device", args.device)
+    cores = len(os.sched_getaffinity(0))
+    if args.threads and args.threads > cores:
+        parser.error(f"--threads {args.threads}: more than the {cores} cores this process may run on "
+                     f"(os.sched_getaffinity); valid: 1 to {cores}")
     spec = OPS[args.op[0]]
+    if args.resume and not spec.registry:
+        parser.error(f"--resume: --op {spec.name} has a sweep of its own, which writes its rows at its end")
     if not spec.registry:
         if not _sweep_present(spec):
             parser.error(f"{spec.sweep.partition(':')[0]} is missing: the {spec.name} sweep is not written yet")
@@ -696,14 +724,37 @@ def check(args, parser):
     return args
 
 
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+def run_folder(label: str, device: str, resume: bool) -> Path | None:
+    """The default results folder: runs/<label>-<host>-<YYYYmmdd-HHMMSS>/ (ignored by git, apart from the
+    published reports/), or with resume the newest such folder of label and host (None if there is none)."""
+    prefix = f"{label}-{timing.host_slug(device)}-"
+    if resume:
+        found = sorted(p for p in RUNS.glob(prefix + "*") if (p / results.NAME).is_file())
+        return found[-1] if found else None
+    return RUNS / (prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
 def main(argv=None) -> int:
+    parser_ = parser()
     args = parse(argv, machine=True)
     if args.list:
         print(list_everything())
         return 0
+    out = args.out or run_folder(args.label, args.device, args.resume)
+    if out is None:
+        parser_.error(f"--resume: no run folder runs/{args.label}-{timing.host_slug(args.device)}-* with a "
+                      f"{results.NAME}; valid: --resume --out DIR (a folder a sweep wrote)")
+    csv = out / results.NAME
+    try:  # before the first timed call: a sweep that cannot write its rows does not start
+        results.check_folder(out)
+        done = results.keys(results.read(csv)) if args.resume and csv.is_file() else set()
+    except (PermissionError, results.Damaged) as exc:
+        parser_.error(f"--out: {exc}")
     if args.threads:
         set_threads(args.threads)
-    out = args.out or Path(__file__).resolve().parent.parent / "reports" / args.device
     ceil = timing.ceilings(args.device, args.dtype)
     spec = OPS[args.op[0]]
     if not spec.registry:
@@ -714,18 +765,32 @@ def main(argv=None) -> int:
             for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0], ceil).items():
                 if column not in ("dtype",) and row.get(column) in (None, ""):
                     row[column] = value
+        save_ceilings(out, ceil)
+        results.merge(csv, rows)
     else:
-        rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
-                     args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes)
-    out.mkdir(parents=True, exist_ok=True)
-    save_ceilings(out, ceil)
-    frame = merge(out / "results.csv", rows)
+        found = plan(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget, ceil,
+                     args.shape, args.passes, done)
+        print(plan_text(found, args.device, args.dtype, args.passes, args.budget, args.quick)
+              + (f"; {len(done)} rows already in {csv} are skipped" if done else ""), flush=True)
+        save_ceilings(out, ceil)
+        rows, started = [], time.perf_counter()
+        try:
+            rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
+                         args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes, done=done,
+                         on_rows=lambda new: (rows.extend(new), results.append(csv, new)))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the {len(rows)} rows finished are in {csv}; `python -m bench.sweep ... --resume "
+                  f"--out {out}` continues", file=sys.stderr)
+            return 130
+        print(f"took {_duration(time.perf_counter() - started)} (planned: {_duration(found['seconds'])} at least)")
+    frame = results.read(csv) if csv.is_file() else None
     failed = [r for r in rows if r.get("error")]
-    print(f"{len(rows)} rows ({len(failed)} with an error) -> {out / 'results.csv'} ({len(frame)} rows in all)")
+    print(f"{len(rows)} rows ({len(failed)} with an error) -> {csv} ({0 if frame is None else len(frame)} rows in "
+          f"all)")
     for row in failed:
         print(f"  {row['op']} {row['backend']} {row['shape']} {row['dtype']} {row.get('pass', 'forward')}: "
               f"{row['error']}")
-    if not args.no_report:
+    if not args.no_report and frame is not None:
         from bench import report
 
         report.write(out, args.device)

@@ -77,7 +77,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def _parser():
-    from bench import cli
+    from model import cli
 
     parser = cli.ArgumentParser(prog="python -m model.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +96,7 @@ def _parser():
     parser.add_argument("--top-k", type=cli.positive_int, default=None, help="sample among the k likeliest")
     parser.add_argument("--top-p", type=cli.probability, default=None,
                         help="sample among the likeliest tokens whose probability reaches p")
-    parser.add_argument("--seed", type=int, default=0, help="of the sampling and of random prompts")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="of the sampling and of random prompts (< 2**64)")
     parser.add_argument("--ignore-eos", action="store_true", help="always make --new-tokens tokens")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
@@ -116,12 +116,21 @@ def world_size() -> int:
 
 
 def _check(parser, args) -> str:
-    """Every refusal that needs no checkpoint; returns the device."""
-    from bench import cli
+    """Every refusal that needs no tensor of the checkpoint (its config.json and files' headers are checked);
+    returns the device."""
+    from model import cli
+    from model.config import ModelConfig
 
     if args.checkpoint and not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint: no config.json in {args.checkpoint} (a Hugging Face checkpoint folder holds "
                      f"config.json and *.safetensors)")
+    cfg = cli.check_checkpoint(parser, "--checkpoint", args.checkpoint) if args.checkpoint else \
+        ModelConfig(**SMALL_CONFIG)
+    if not (args.prompt or args.prompt_ids) and args.prompt_len + args.new_tokens > cfg.max_position_embeddings:
+        parser.error(f"--prompt-len {args.prompt_len}: with --new-tokens {args.new_tokens} it needs "
+                     f"{args.prompt_len + args.new_tokens} positions, more than the model's "
+                     f"{cfg.max_position_embeddings}; valid: --prompt-len 1 to "
+                     f"{max(cfg.max_position_embeddings - args.new_tokens, 1)}")
     if args.prompt and args.prompt_ids:
         parser.error("--prompt-ids: give prompts as text (--prompt) or as token ids, not both")
     if args.checkpoint and args.prompt and not (args.checkpoint / "tokenizer.json").is_file():
@@ -131,24 +140,22 @@ def _check(parser, args) -> str:
     device = cli.check_device(parser, "--device", args.device) or "cpu"
     if args.cuda_graph and torch.device(device).type != "cuda":
         parser.error(f"--cuda-graph: needs --device cuda (the step is captured on a GPU), got {device}")
-    _check_layout(parser, args)
+    _check_layout(parser, args, cfg)
     if args.backend != "auto" and (problem := cli.model_backend_problem(
             args.backend, device, args.dtype and getattr(torch, args.dtype))):
         parser.error(f"--backend: {problem} (or auto)")
     return device
 
 
-def _check_layout(parser, args):
-    """Refuse --tp / --ep that do not split this checkpoint over the processes started (the same answer on every
-    rank: each reads the same arguments, config and WORLD_SIZE, before any collective)."""
-    from model.config import ModelConfig
+def _check_layout(parser, args, cfg):
+    """Refuse --tp / --ep that do not split this checkpoint (its config cfg) over the processes started (the same
+    answer on every rank: each reads the same arguments, config and WORLD_SIZE, before any collective)."""
     from model.parallel import layout_problem
 
     world = world_size()
     if world > 1 and args.tp == args.ep == 1:
         parser.error(f"--tp/--ep: {world} processes (WORLD_SIZE), but tp = ep = 1 splits nothing; give --tp, --ep "
                      f"or both, each dividing {world}")
-    cfg = ModelConfig.from_folder(args.checkpoint) if args.checkpoint else ModelConfig(**SMALL_CONFIG)
     needed = math.lcm(args.tp, args.ep)  # the fewest processes these sizes split over
     if problem := layout_problem(cfg, args.tp, args.ep, world if world > 1 else None):
         parser.error(f"--{problem[0]}: {problem[1]}")
@@ -189,10 +196,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     import model
+    from model.weights import CheckpointError
 
     with _processes(device) as device:
-        m = model.from_pretrained(path, backend=args.backend, dtype=args.dtype, device=device, tp=args.tp,
-                                  ep=args.ep)
+        try:
+            m = model.from_pretrained(path, backend=args.backend, dtype=args.dtype, device=device, tp=args.tp,
+                                      ep=args.ep)
+        except CheckpointError as exc:  # what the headers could not tell (a tensor's data): still before any work
+            parser.error(f"--checkpoint: {exc}")
         split = f"; tp {args.tp}, ep {args.ep} on {world_size()} processes" if m.layout else ""
         print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}"
               f"{split}", file=sys.stderr if prompts else sys.stdout)

@@ -7,7 +7,8 @@ Every op of the model runs forward and backward on the backend chosen (one that 
 "auto" takes the first of the auto order that has one). AdamW steps on the next-token cross-entropy of random
 windows of the stream, with the gradient norm clipped at 1; a progress bar with the loss; then, under --out,
 loss.png (the loss curve) and checkpoint/ (config.json and model.safetensors, with transformers' names), which
-`model.from_pretrained` loads back.
+`model.from_pretrained` loads back. Training that diverges (a loss that is not finite: too high an --lr) stops
+at that step with exit status 1 and saves nothing.
 
 The built-in stream: tokens that follow a fixed random successor map (token -> successor[token]) with a random
 token every RESTART_EVERY positions, so that the loss can fall from ln(vocab) towards ln(vocab) / RESTART_EVERY.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -77,9 +80,14 @@ def train_step(m, ids: torch.Tensor, optimizer, logits=None, sync=None) -> tuple
     return loss.detach(), {part: b - a for part, a, b in zip(STEP_PARTS, clock, clock[1:])}
 
 
+class Diverged(RuntimeError):
+    """Training whose loss (or parameters) stopped being finite: nothing of it is worth saving."""
+
+
 def train(m, stream: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int = 0,
           progress: bool = True) -> list[float]:
-    """AdamW steps of m (in place) on batches of the stream (train_step); returns the loss of every step."""
+    """AdamW steps of m (in place) on batches of the stream (train_step); returns the loss of every step.
+    Diverged at the first step whose loss is not finite."""
     from tqdm import tqdm
 
     m.train()
@@ -91,7 +99,12 @@ def train(m, stream: torch.Tensor, steps: int, batch: int, seq_len: int, lr: flo
         for _ in bar:
             loss, _ = train_step(m, batch_of(stream, batch, seq_len, gen).to(device), optimizer)
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise Diverged(f"the loss is {losses[-1]} at step {len(losses)} of {steps} (lr {lr:g}): training "
+                               f"diverged")
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if not all(torch.isfinite(p).all() for p in m.parameters()):  # the last step's update, after its loss
+        raise Diverged(f"parameters are not finite after step {steps} (lr {lr:g}): training diverged")
     return losses
 
 
@@ -140,8 +153,8 @@ def training_backends(name: str, device) -> dict[str, str]:
 
 def backward_problem(name: str, device: str) -> str | None:
     """Why backend `name` cannot train the model (an op it is registered for has no backward), or None."""
-    from bench import cli
     from kernellab import registry
+    from model import cli
     from model.model import OPS
 
     def lacking(backend):
@@ -156,7 +169,8 @@ def backward_problem(name: str, device: str) -> str | None:
 
 
 def main(argv=None):
-    from bench import cli
+    from model import cli
+    from model.generate import SMALL_CONFIG
 
     parser = cli.ArgumentParser(prog="python -m model.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +182,7 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=cli.positive_int, default=64, help="tokens per sequence (at least 2)")
     parser.add_argument("--lr", type=cli.positive_float, default=3e-3, help="AdamW's learning rate")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0, help="of the batches and the stream (< 2**64)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (on a busy machine 1 avoids oversubscription)")
     parser.add_argument("--out", type=cli.out_folder, default=Path("out/train"),
@@ -179,29 +193,48 @@ def main(argv=None):
     if args.checkpoint and not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint: no config.json in {args.checkpoint} (a Hugging Face checkpoint folder holds "
                      f"config.json and *.safetensors)")
+    from model.config import ModelConfig
+
+    cfg = cli.check_checkpoint(parser, "--checkpoint", args.checkpoint) if args.checkpoint else \
+        ModelConfig(**SMALL_CONFIG)
+    longest = min(STREAM_TOKENS, cfg.max_position_embeddings)  # windows of the stream, within the positions
+    if args.seq_len > longest:
+        parser.error(f"--seq-len {args.seq_len}: more than the "
+                     + ("stream's" if longest == STREAM_TOKENS else "model's max_position_embeddings")
+                     + f" {longest} tokens; valid: 2 to {longest}")
     device = cli.check_device(parser, "--device", args.device) or "cpu"
     if args.backend != "auto" and (problem := cli.model_backend_problem(args.backend, device, torch.float32)
                                    or backward_problem(args.backend, device)):
         parser.error(f"--backend: {problem} (or auto)")
+    cli.check_writable(parser, "--out", args.out)  # before training, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import model
     from model.generate import default_checkpoint
+    from model.weights import CheckpointError
 
     path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-    m = model.from_pretrained(path, backend=training_backends(args.backend, device), dtype=torch.float32,
-                              device=device)
+    try:
+        m = model.from_pretrained(path, backend=training_backends(args.backend, device), dtype=torch.float32,
+                                  device=device)
+    except CheckpointError as exc:
+        parser.error(f"--checkpoint: {exc}")
     stream = token_stream(m.config.vocab_size, seed=args.seed)
     print(f"checkpoint {path}; backends {m.backends}; {sum(p.numel() for p in m.parameters()):,} parameters; "
           f"{args.steps} steps of {args.batch} x {args.seq_len} tokens")
-    losses = train(m, stream, args.steps, args.batch, args.seq_len, args.lr, seed=args.seed)
+    try:
+        losses = train(m, stream, args.steps, args.batch, args.seq_len, args.lr, seed=args.seed)
+    except Diverged as exc:
+        print(f"python -m model.train: {exc}; nothing saved (try a smaller --lr)", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     curve = plot_losses(losses, args.out / "loss.png", f"{path.name}, backends {set(m.backends.values())}, "
                                                        f"batch {args.batch} x {args.seq_len}, lr {args.lr:g}")
     saved = save_checkpoint(m, args.out / "checkpoint", json.loads((path / "config.json").read_text()))
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; loss curve {curve}; checkpoint {saved}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,9 @@
 """Loading a Hugging Face Qwen3.5-MoE checkpoint: safetensors only (no pickle), one file or shards with
 model.safetensors.index.json. Tensors are checked by name and shape against the config, then renamed to
 the lab model's parameters (a few projections fused so each runs as one GEMM). On several processes each rank
-reads only its shard (model.parallel.checkpoint_slice) through safetensors' lazy slices."""
+reads only its shard (model.parallel.checkpoint_slice) through safetensors' lazy slices. A checkpoint that cannot
+be loaded (a truncated or garbled safetensors file, a missing tensor, a wrong shape) raises CheckpointError naming
+the file; `check_files` finds it from the files' headers alone, before any tensor is read."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors import safe_open as _safe_open
 
 from model import parallel
 from model.config import ModelConfig
@@ -24,6 +27,46 @@ IGNORED = re.compile(r"^(mtp\.|model\.visual\.)")  # multi-token-prediction head
 # and loaded back would not give its logits bit for bit.
 ALIGNMENT = 64
 PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: the message names the file and what is wrong with it."""
+
+
+def safe_open(path, **kwargs):
+    """safetensors' safe_open, its errors (a truncated file, a garbled header) as CheckpointError naming the file."""
+    try:
+        return _safe_open(path, **kwargs)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a whole safetensors file ({exc})") from None
+
+
+def check_files(folder: str | Path, cfg: ModelConfig) -> None:
+    """CheckpointError unless every safetensors file of folder opens (headers whole: safetensors checks that the
+    data covers the file) and holds the text model's tensors with the config's shapes. Reads headers only."""
+    folder = Path(folder)
+    expected = checkpoint_shapes(cfg)
+    found = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in _shard_files(folder).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            stored = set(f.keys())
+            for name in names:
+                if name not in stored:
+                    raise CheckpointError(f"{path.name} does not hold tensor {name!r} (listed in {INDEX_FILE})")
+                target = name
+                for old, new in PREFIXES:
+                    target = new + target[len(old):] if target.startswith(old) else target
+                found[target] = (tuple(f.get_slice(name).get_shape()), path.name)
+    stacked = {m.group(1) for m in map(PER_EXPERT.match, found) if m}  # per-expert tensors, fused when read
+    for name, shape in expected.items():
+        if name in found and found[name][0] != shape:
+            raise CheckpointError(f"tensor {name!r} in {found[name][1]} has shape {found[name][0]}, expected {shape} "
+                                  f"from config.json")
+        if name not in found and name.rpartition(".")[0] not in stacked:
+            raise CheckpointError(f"checkpoint {folder} has no tensor {name!r}")
 
 
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -69,7 +112,7 @@ def _shard_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+            raise CheckpointError(f"{index}: no 'weight_map' object")
         files = {name: folder / file for name, file in weight_map.items()}
         for path in sorted(set(files.values())):
             if not path.is_file():
@@ -107,7 +150,7 @@ def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | N
             stored = set(f.keys())
             for name in names:
                 if name not in stored:
-                    raise ValueError(f"{path.name} does not hold tensor {name!r} (listed in {INDEX_FILE})")
+                    raise CheckpointError(f"{path.name} does not hold tensor {name!r} (listed in {INDEX_FILE})")
                 target = name
                 for old, new in PREFIXES:
                     if target.startswith(old):
@@ -136,13 +179,13 @@ def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | N
     mine = "" if layout is None else " (this rank's shard)"
     for name, shape in expected.items():
         if name not in tensors:
-            raise ValueError(f"checkpoint {folder} has no tensor {name!r}")
+            raise CheckpointError(f"checkpoint {folder} has no tensor {name!r}")
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"tensor {name!r} in {origin.get(name, folder)} has shape {tuple(tensors[name].shape)},"
+            raise CheckpointError(f"tensor {name!r} in {origin.get(name, folder)} has shape {tuple(tensors[name].shape)},"
                              f" expected {shape} from config.json{mine}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise ValueError(f"checkpoint {folder} holds tensors this config does not use: {unexpected[:5]}"
+        raise CheckpointError(f"checkpoint {folder} holds tensors this config does not use: {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
     return tensors
 
@@ -153,7 +196,7 @@ def _read_shard(f, name: str, target: str, expected: dict, cfg: ModelConfig, lay
     part = f.get_slice(name)
     shape = tuple(part.get_shape())
     if target in expected and shape != expected[target]:
-        raise ValueError(f"tensor {target!r} has shape {shape}, expected {expected[target]} from config.json")
+        raise CheckpointError(f"tensor {target!r} has shape {shape}, expected {expected[target]} from config.json")
     selection = parallel.checkpoint_slice(target, cfg, layout)
     if selection is None:
         return f.get_tensor(name)
@@ -171,7 +214,7 @@ def _stack_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig, experts: 
             found = kinds.get(kind, {})
             missing = [e for e in experts if e not in found]
             if missing:
-                raise ValueError(f"checkpoint has no tensor {prefix}.{missing[0]}.{kind}.weight")
+                raise CheckpointError(f"checkpoint has no tensor {prefix}.{missing[0]}.{kind}.weight")
             return torch.stack([found[e] for e in experts])
         tensors[prefix + ".gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
         tensors[prefix + ".down_proj"] = stack("down_proj")

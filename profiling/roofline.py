@@ -24,9 +24,9 @@ MARKERS = "osD^vP*Xh<>p"
 
 
 def load(path: Path) -> pd.DataFrame:
-    from bench.sweep import read_results
+    from bench import results
 
-    frame = read_results(path)
+    frame = results.read(path)
     if "error" not in frame:
         frame["error"] = ""
     return frame

@@ -7,7 +7,7 @@ import torch
 
 import bench
 import kernellab
-from bench import cost, gpu_check, inputs, plots, report, sweep, timing
+from bench import cost, gpu_check, inputs, plots, report, results, sweep, timing
 from bench.ops import OPS, PASSES, Case
 from kernellab.registry import Backend
 
@@ -58,7 +58,7 @@ def test_gate_records_wrong_and_raising_backends_and_goes_on(monkeypatch, fake_b
     torch_row = rows["torch"]
     if not torch_row["error"]:  # the torch backend is someone else's: if it fails, its error is in its row
         assert torch_row["rel_err"] <= 5e-5 and torch_row["median_ms"] > 0
-    frame = sweep.add_speedups(sweep.ordered(pd.DataFrame(list(rows.values()))))
+    frame = results.add_speedups(results.ordered(pd.DataFrame(list(rows.values()))))
     by_backend = frame.set_index("backend")
     assert math.isnan(by_backend.loc["wrong", "speedup_vs_reference"])
     assert math.isnan(by_backend.loc["exploding", "speedup_vs_reference"])
@@ -77,7 +77,7 @@ def test_row_metrics_and_schema(monkeypatch, tmp_path):
     floor = max(flops / 0.1e12, nbytes / 20e9)
     assert row["roofline_fraction"] == pytest.approx(floor / (row["median_ms"] * 1e-3))
     assert row["tflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e12)
-    frame = sweep.merge(tmp_path / "results.csv", rows)
+    frame = results.merge(tmp_path / "results.csv", rows)
     required = ["op", "backend", "device", "dtype", "shape", "pass", "B", "T", "Hk", "Hv", "K", "V", "median_ms", "p20_ms",
                 "p80_ms", "flops", "bytes", "tflops", "gbps", "peak_tflops", "peak_gbps", "roofline_fraction",
                 "rel_err", "error", "speedup_vs_reference", "threads", "torch_version", "commit", "timestamp",
@@ -95,9 +95,9 @@ def _row(backend, shape, median, op="moe", peer=False, error=""):
 
 def test_keyed_append_replaces_own_rows_only(tmp_path):
     path = tmp_path / "results.csv"
-    sweep.merge(path, [_row("reference", "N=1", 10.0), _row("torch", "N=1", 2.0), _row("torch", "N=2", 4.0),
+    results.merge(path, [_row("reference", "N=1", 10.0), _row("torch", "N=1", 2.0), _row("torch", "N=2", 4.0),
                        _row("transformers", "N=1", 5.0, peer=True)])
-    frame = sweep.merge(path, [_row("torch", "N=1", 1.0), _row("torch", "N=3", 3.0)])
+    frame = results.merge(path, [_row("torch", "N=1", 1.0), _row("torch", "N=3", 3.0)])
     assert len(frame) == 5
     torch_rows = frame[frame["backend"] == "torch"].set_index("shape")
     assert torch_rows.loc["N=1", "median_ms"] == 1.0 and torch_rows.loc["N=2", "median_ms"] == 4.0
@@ -106,7 +106,7 @@ def test_keyed_append_replaces_own_rows_only(tmp_path):
     assert torch_rows.loc["N=1", "best_peer"] == "transformers"
     assert math.isnan(torch_rows.loc["N=3", "speedup_vs_reference"])
     # another device's CSV row in the same file survives, and a failed rerun loses its speedup
-    frame = sweep.merge(path, [dict(_row("torch", "N=1", 9.0), device="cuda"),
+    frame = results.merge(path, [dict(_row("torch", "N=1", 9.0), device="cuda"),
                                _row("torch", "N=1", math.nan, error="parity vs reference: rel_err 1e-1")])
     assert len(frame) == 6
     failed = frame[(frame["backend"] == "torch") & (frame["shape"] == "N=1") & (frame["device"] == "cpu")]
@@ -172,7 +172,7 @@ def test_plots_and_report_from_csv(tmp_path):
                  dict(_row("torch", f"T={T}", T * T / 5e4, op="attention"), B=1, T=T, Hq=4, Hkv=2, D=128,
                       p20_ms=1.0, p80_ms=2.0, flops=1e9, bytes=1e6, tflops=0.1, gbps=1.0, peak_tflops=0.1,
                       peak_gbps=20.0, roofline_fraction=0.2, bound="compute", floor_ms=1.0)]
-    sweep.merge(tmp_path / "results.csv", rows)
+    results.merge(tmp_path / "results.csv", rows)
     found = plots.linear_vs_quadratic(plots.load(tmp_path / "results.csv"))
     assert found["crossover"][("gated_delta_rule", "lab")] == 512  # 5.12 <= 5.24 ms at 512, 2.56 > 1.31 at 256
     readme = report.write(tmp_path, "cpu")
@@ -397,7 +397,7 @@ def test_model_training_target_in_the_report(tmp_path):
 
     rows = [dict(r, shape="bench", device="cpu") for r in _model_rows() if r.get("phase") == "train"]
     bench_model.plot(rows, tmp_path)  # the model's sweep draws its own PNGs; the report links them
-    sweep.merge(tmp_path / "results.csv", [dict(r, peak_tflops=0.1, peak_gbps=20.0, device_name="test cpu")
+    results.merge(tmp_path / "results.csv", [dict(r, peak_tflops=0.1, peak_gbps=20.0, device_name="test cpu")
                                            for r in rows])
     text = report.write(tmp_path, "cpu").read_text()
     target = text.split("### Model training")[1].split("\n### ")[0]
@@ -492,13 +492,13 @@ def test_forward_rows_keep_their_key_beside_backward_rows(tmp_path):
     under their own key, and a rerun of a pass replaces that pass's rows only."""
     path = tmp_path / "results.csv"
     pd.DataFrame([_row("torch", "N=1", 2.0), _row("reference", "N=1", 10.0)]).to_csv(path, index=False)
-    frame = sweep.merge(path, [dict(_row("torch", "N=1", 5.0), **{"pass": "backward"})])
+    frame = results.merge(path, [dict(_row("torch", "N=1", 5.0), **{"pass": "backward"})])
     assert len(frame) == 3 and set(frame["pass"]) == {"forward", "backward"}
     forward = frame[(frame["backend"] == "torch") & (frame["pass"] == "forward")]
     assert forward["median_ms"].iloc[0] == 2.0 and forward["speedup_vs_reference"].iloc[0] == pytest.approx(5.0)
     backward = frame[frame["pass"] == "backward"]
     assert math.isnan(backward["speedup_vs_reference"].iloc[0])  # no reference row of that pass
-    frame = sweep.merge(path, [dict(_row("torch", "N=1", 4.0), **{"pass": "backward"})])
+    frame = results.merge(path, [dict(_row("torch", "N=1", 4.0), **{"pass": "backward"})])
     assert len(frame) == 3 and frame.loc[frame["pass"] == "backward", "median_ms"].iloc[0] == 4.0
     assert frame.loc[(frame["pass"] == "forward") & (frame["backend"] == "torch"), "median_ms"].iloc[0] == 2.0
 
@@ -512,7 +512,7 @@ def test_report_has_a_training_section(tmp_path):
             dict(_row("transformers", "T=512", 30.0, op="gated_delta_rule", peer=True), **common,
                  **{"pass": "forward+backward"}),
             dict(_row("torch", "T=512", 6.0, op="gated_delta_rule"), **common, **{"pass": "forward+backward"})]
-    sweep.merge(tmp_path / "results.csv", rows)
+    results.merge(tmp_path / "results.csv", rows)
     text = report.write(tmp_path, "cpu").read_text()
     training = text.split("## Training: backward and forward+backward")[1].split("\n## ")[0]
     assert "FlashQLA 0.789 / fla 1.444" in training and "Backward FLOP model" in training

@@ -126,6 +126,10 @@ REFUSALS = [
     ("model.generate", ["--tp", "3"], ["--tp", "tp = 3 does not divide the 4 linear-attention value heads", "1, 2, 4"]),
     ("model.generate", ["--ep", "3"], ["--ep", "ep = 3 does not divide the 8 experts", "1, 2, 4, 8"]),
     ("model.generate", ["--tp", "2", "--ep", "4"], ["--tp/--ep", "need 4 processes", "torchrun --nproc-per-node 4"]),
+    ("model.generate", ["--prompt-len", "5000"], ["--prompt-len 5000", "5016 positions", "the model's 4096",
+                                                  "valid: --prompt-len 1 to 4080"]),
+    ("model.generate", ["--seed", str(2**64)], ["argument --seed", "below 2**64"]),
+    ("model.generate", ["--seed", "-1"], ["argument --seed", ">= 0"]),
     ("model.train", ["--checkpoint", "/nonexistent/ckpt"], ["argument --checkpoint", "no folder at /nonexistent"]),
     ("model.train", ["--checkpoint", "TMP"], ["--checkpoint", "no config.json", "config.json and *.safetensors"]),
     ("model.train", ["--backend", "nosuch"], ["--backend", "'nosuch'", "torch", "(or auto)"]),
@@ -138,13 +142,22 @@ REFUSALS = [
     ("model.train", ["--lr", "fast"], ["argument --lr", "'fast'"]),
     ("model.train", ["--device", "mps"], ["--device", "unknown device 'mps'", "cpu, cuda"]),
     ("model.train", ["--threads", "0"], ["argument --threads", ">= 1"]),
+    ("model.train", ["--seq-len", "100000"], ["--seq-len 100000", "max_position_embeddings 4096",
+                                              "valid: 2 to 4096"]),
+    ("model.train", ["--seed", str(2**64)], ["argument --seed", "below 2**64"]),
+    ("model.train", ["--out", "TMP/file/below"], ["--out", "file is a file"]),
+    ("bench.sweep", ["--op", "route", "--quick", "--threads", "100000"], ["--threads 100000", "cores",
+                                                                          "os.sched_getaffinity"]),
+    ("bench.sweep", ["--op", "route", "--quick", "--out", "TMP/file/below"], ["--out", "file is a file"]),
+    ("bench.report", ["--out", "/nonexistent/reports"], ["argument --out", "no folder at /nonexistent"]),
+    ("bench.report", ["--out", "TMP"], ["--out", "no results.csv in"]),
     ("bench.vs_transformers", ["--parts", "nosuch"], ["argument --parts", "'gdr', 'moe'"]),
     ("bench.vs_transformers", ["--repeats", "0"], ["argument --repeats", ">= 1"]),
     ("bench.gpu_check", ["--budget", "0"], ["argument --budget", "> 0"]),
     ("bench.gpu_check", ["--budget", "-5"], ["argument --budget", "> 0"]),
     ("bench.gpu_check", ["--budget", "20"], ["--budget 20", "parity tests", "valid: 50 s or more"]),
-    ("bench.gpu_check", ["--budget", "20", "--skip-tests", "--ops", "moe"], ["--budget 20", "a sweep", "50 s or more"]),
-    ("bench.gpu_check", ["--ops", "nosuch"], ["argument --ops", "'gated_delta_rule'", "'moe'"]),
+    ("bench.gpu_check", ["--budget", "20", "--skip-tests", "--op", "moe"], ["--budget 20", "a sweep", "50 s or more"]),
+    ("bench.gpu_check", ["--op", "nosuch"], ["argument --op", "'gated_delta_rule'", "'moe'"]),
     ("profiling.static", ["--only", "nosuch"], ["--only 'nosuch'", "kernellab/triton/moe.py", "kernellab/cuda/"]),
     ("profiling.static", ["--workers", "0"], ["argument --workers", ">= 1"]),
     ("profiling.static", ["--cache", "/nonexistent/kernels.csv"], ["argument --cache", "no file at /nonexistent"]),
@@ -180,8 +193,8 @@ def cache_home(tmp_path, monkeypatch):
 def _main(module: str, argv: list[str], out: Path):
     """module's main, and argv with OUT and TMP replaced by `out` and its parent (--out OUT added where the CLI
     writes into a default folder otherwise, --device cpu for the trace)."""
-    if module in ("bench.model", "bench.gpu_check", "profiling.static", "profiling.trace",
-                  "model.train") and "OUT" not in argv:
+    if module in ("bench.model", "bench.gpu_check", "profiling.static", "profiling.trace", "model.train",
+                  "bench.sweep") and "--out" not in argv:
         argv = [*argv, "--out", "OUT"]
     if module == "profiling.trace" and "--device" not in argv:
         argv = [*argv, "--device", "cpu"]
@@ -197,8 +210,10 @@ def _main(module: str, argv: list[str], out: Path):
 @pytest.mark.parametrize("module, argv, expected", REFUSALS, ids=[f"{m} {' '.join(a)}" for m, a, _ in REFUSALS])
 def test_refuses(module, argv, expected, tmp_path, cache_home, capsys):
     out = tmp_path / "out"
+    (tmp_path / "file").write_text("a file, where a folder is needed")
     refused(*_main(module, argv, out), capsys, *expected)
-    assert empty(out) and empty(cache_home)  # no CSV, plot, trace, table or default checkpoint written
+    # no CSV, plot, trace, table or default checkpoint written (matplotlib, imported, may cache its fonts there)
+    assert empty(out) and not [p for p in cache_home.iterdir() if p.name != "matplotlib"]
 
 
 @pytest.mark.parametrize("module", ["bench.model", "model.generate", "model.train", "profiling.trace"])
@@ -303,3 +318,84 @@ def test_generate_refuses_triton_on_cpu_without_the_interpreter(tmp_path):
     assert "--backend: backend 'triton' of" in result.stderr and "TRITON_INTERPRET" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert empty(tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------ bad checkpoints, divergence
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from model.generate import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", tokenizer=False)
+
+
+def _damaged(checkpoint: Path, folder: Path, how: str) -> tuple[Path, str]:
+    """A copy of checkpoint damaged `how`, and the text its refusal must hold."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, folder)
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if how == "truncated safetensors":
+        data = weights.read_bytes()
+        weights.write_bytes(data[:len(data) * 2 // 3])
+        return folder, f"{weights} is not a whole safetensors file"
+    if how == "garbled safetensors":
+        weights.write_bytes(b"\x00garbage" * 100)
+        return folder, f"{weights} is not a whole safetensors file"
+    if how == "invalid config.json":
+        config.write_text(config.read_text()[:-20])
+        return folder, f"{config} is not valid JSON"
+    if how == "another model_type":
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"model_type": "llama"}))
+        return folder, "model_type 'llama' is not a Qwen3.5-MoE model"
+    if how == "a wrong shape":
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"hidden_size": 96}))
+        return folder, "expected (512, 96) from config.json"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated safetensors", "garbled safetensors", "invalid config.json",
+                                 "another model_type", "a wrong shape"])
+@pytest.mark.parametrize("module", ["model.generate", "model.train"])
+def test_a_bad_checkpoint_is_refused_before_any_work(module, how, checkpoint, tmp_path, cache_home, capsys):
+    folder, says = _damaged(checkpoint, tmp_path / "bad", how)
+    out = tmp_path / "out"
+    main, argv = _main(module, ["--checkpoint", str(folder), "--backend", "torch"], out)
+    refused(main, argv, capsys, "--checkpoint", says)
+    assert empty(out) and empty(cache_home)
+
+
+def test_training_that_diverges_stops_and_saves_nothing(checkpoint, tmp_path, capsys):
+    from model import train
+
+    out = tmp_path / "out"
+    code = train.main(["--checkpoint", str(checkpoint), "--backend", "torch", "--lr", "1e30", "--steps", "4",
+                       "--batch", "1", "--seq-len", "8", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged" in err and "nothing saved" in err, err
+    assert empty(out)
+    # the same run at a sane rate trains and saves
+    assert train.main(["--checkpoint", str(checkpoint), "--backend", "torch", "--lr", "1e-3", "--steps", "2",
+                       "--batch", "1", "--seq-len", "8", "--threads", "1", "--out", str(out)]) == 0
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_report_refuses_a_damaged_csv_with_its_line(tmp_path, capsys):
+    from bench import report
+
+    (tmp_path / "results.csv").write_text("op,backend,median_ms\nmoe,torch,1.0\nmoe,torch,fast\n")
+    refused(report.main, ["--out", str(tmp_path)], capsys, "--out", f"{tmp_path / 'results.csv'}:3:",
+            "median_ms is 'fast', not a number")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no plot, no README.md
+
+
+def test_the_model_clis_import_no_bench():
+    """model <- bench, never the reverse: the model's CLIs, refusing or checking backends, load no bench module."""
+    code = ("import sys\nfrom model import generate, train\n"
+            "for main in (generate.main, train.main):\n"
+            "    try:\n        main(['--backend', 'nosuch'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bench'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

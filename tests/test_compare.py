@@ -122,14 +122,21 @@ def test_files_mode_writes_markdown_csv_png(tmp_path, capsys):
     (["aaaa111"], "A B aaaa111: 1 given; valid: two commits, base then new"),
     (["a", "b", "--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
     ([], "A B: missing; valid: two commits A B, or --base CSV --new CSV, or --interleave REV_A REV_B"),
+    (["--base", "{damaged}", "--new", "{new}"], "--base {damaged}: {damaged}:3: 1 fields, the header has 12"),
+    (["--base", "{base}", "--new", "{new}", "--out", "{tmp}/file/below"], "--out: {tmp}/file is a file"),
 ])
 def test_bad_input_is_refused_with_one_line_and_nothing_written(tmp_path, capsys, argv, says):
     base, new = _write_pair(tmp_path)
     other = tmp_path / "other.csv"
     other.write_text(csv_text("cccc333", ("triton", "N=1", 1, 1, 1, 5)))
+    damaged = tmp_path / "damaged.csv"  # a junk row on line 3: never compared
+    lines = base.read_text().splitlines(keepends=True)
+    damaged.write_text("".join(lines[:2]) + "junk\n" + "".join(lines[2:]))
+    (tmp_path / "file").write_text("x")
     out = tmp_path / "out"
-    argv = [a.format(tmp=tmp_path, base=base, new=new, other=other) for a in argv]
-    refused(argv + ["--out", str(out)], capsys, says)
+    names = dict(tmp=tmp_path, base=base, new=new, other=other, damaged=damaged)
+    argv = [a.format(**names) for a in argv]
+    refused(argv + ([] if "--out" in argv else ["--out", str(out)]), capsys, says.format(**names))
     assert not out.exists()
 
 
