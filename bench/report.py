@@ -20,7 +20,7 @@ import pandas as pd
 import kernellab
 from bench import plots
 from bench.ops import OPS
-from kernellab.registry import resolve
+
 
 CEILING_ANCHORS = {"cpu": ("116 GFLOP/s fp32 matmul, 22 GB/s copy", "the 2-core development machines, measured once"),
                    "cuda": ("H200: 989 TFLOP/s bf16 datasheet (about 790 measured), HBM 4.8 TB/s", "datasheet, ANCHORS.md")}
@@ -449,15 +449,18 @@ def write(out: Path, device: str) -> Path:
     for spec in [s for s in OPS.values() if s.name in present]:
         rows = forward[forward["op"] == spec.name]
         md += [f"## {spec.name}", "", "### Where the time goes", ""]
-        if spec.registry or not spec.summary:  # a sweep of its own says where its time goes in its summary
+        if spec.registry:  # a sweep of its own says where its time goes in its summary
             md += [f"- {line}" for line in where_time_goes(rows, spec)]
-        if spec.summary:
-            md += [line if _markdown(line) else f"- {line}." for line in resolve(spec.summary)(rows.to_dict("records"))]
+        else:
+            md += [line if _markdown(line) else f"- {line}." for line in spec.sweep.report.summary(rows.to_dict("records"))]
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
-        own = resolve(spec.table)(rows.to_dict("records")) if spec.table else _own_table(rows)
-        md += ["", _rows_table(rows) if spec.registry else own, ""]
+        if spec.registry:
+            md += ["", _rows_table(rows), ""]
+        else:
+            table = getattr(spec.sweep.report, "table", None)
+            md += ["", table(rows.to_dict("records")) if table else _own_table(rows), ""]
     readme = out / "README.md"
     readme.write_text("\n".join(md))
     return readme

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-import bench
+
 import kernellab
 from bench import cost, gpu_check, inputs, plots, report, sweep, timing
 from bench.ops import OPS, PASSES, Case
@@ -182,7 +182,7 @@ def test_plots_and_report_from_csv(tmp_path):
     assert "## gated_delta_rule" in text and "Where the time goes" in text and "FlashQLA" in text
 
 
-def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
+def test_model_op_delegates_to_its_suite(monkeypatch, tmp_path):
     import types
 
     seen = {}
@@ -192,22 +192,12 @@ def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
         return [dict(op="model", backend="torch", device=device, dtype="float32", shape="ctx=64,phase=prefill",
                      median_ms=3.0, p20_ms=2.9, p80_ms=3.1, phase="prefill")]
 
-    fake = types.SimpleNamespace(sweep=fake_sweep)
-    # both routes to it: the module table, and the package attribute an earlier real import may have set
-    monkeypatch.setitem(__import__("sys").modules, "bench.model", fake)
-    monkeypatch.setattr(bench, "model", fake, raising=False)
-    monkeypatch.setattr(sweep, "_sweep_present", lambda spec: True)
+    monkeypatch.setattr(OPS["model"], "sweep", types.SimpleNamespace(run=types.SimpleNamespace(sweep=fake_sweep)))
     monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
     assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
     assert seen == dict(quick=True, device="cpu", out=tmp_path)
     row = pd.read_csv(tmp_path / "results.csv").iloc[0]
     assert row["op"] == "model" and row["phase"] == "prefill" and row["device_name"] == "test cpu"
-
-    monkeypatch.setattr(sweep, "_sweep_present", lambda spec: False)
-    with pytest.raises(SystemExit) as exit:
-        sweep.main(["--op", "model", "--out", str(tmp_path)])
-    assert exit.value.code == 2
-    assert "bench.model is missing" in capsys.readouterr().err
 
 
 def test_several_ops_are_interleaved_by_sequence_length():
@@ -316,7 +306,7 @@ def test_numbers_read_as_a_person_reads_them():
     assert report.fmt_flops(0.116) == "116 GFLOP/s" and report.fmt_flops(650.6) == "651 TFLOP/s"
 
 
-# ---- the model benchmark (bench/model.py, bench/llama_cpp.py): its byte model, plots and skips ----
+# ---- the model benchmark (bench/suites/model/, bench/peers/llama_cpp.py): its byte model, plots and skips ----
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
@@ -333,10 +323,10 @@ def small_model(small_checkpoint):
 
 
 def test_decode_step_bytes_count_every_weight_once(small_model):
-    from bench import model as bench_model
+    from bench.suites.model.floor import decode_step_bytes
 
     m, cfg = small_model, small_model.config
-    parts = bench_model.decode_step_bytes(m, 100)
+    parts = decode_step_bytes(m, 100)
     total = sum(p.numel() * 4 for p in m.parameters())
     experts = sum(p.numel() * 4 for name, p in m.named_parameters() if ".experts." in name)
     embedding = m.embed_tokens.weight.numel() * 4
@@ -346,7 +336,7 @@ def test_decode_step_bytes_count_every_weight_once(small_model):
     linear = [s for s in cache.states if hasattr(s, "recurrent")]
     assert parts["states"] == 2 * sum(s.conv.nbytes + s.recurrent.nbytes for s in linear)  # read and written
     assert parts["kv"] == cache.nbytes() - parts["states"] // 2
-    assert bench_model.decode_step_bytes(m, 200)["kv"] == 2 * parts["kv"]
+    assert decode_step_bytes(m, 200)["kv"] == 2 * parts["kv"]
 
 
 def _model_rows():
@@ -375,13 +365,13 @@ def _model_rows():
 
 
 def test_model_plots_and_summary(tmp_path):
-    from bench import model as bench_model
+    from bench.suites.model import report as model_report
 
     rows = _model_rows()
-    bench_model.plot(rows, tmp_path)
+    model_report.plot(rows, tmp_path)
     for name in ("model_tokens_per_s", "model_gap", "model_decode_floor", "model_cache_memory", "model_train"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
-    lines = bench_model.summary(rows)
+    lines = model_report.summary(rows)
     assert "train at 2048: mkl 12047.1 tok/s, 170 ms per step (forward 50 + backward 100 + optimizer 20 ms)" in lines
     assert "train at 2048: mkl (the lab's fastest) = 8.47x transformers' tokens/s on the same checkpoint " \
            "(target: at least 5x at 2048 tokens)" in lines
@@ -393,10 +383,10 @@ def test_model_plots_and_summary(tmp_path):
 def test_model_training_target_in_the_report(tmp_path):
     """The train rows meet the model's declared target in the report (ours / transformers' time per step), and the
     step's parts are columns of the model's table."""
-    from bench import model as bench_model
+    from bench.suites.model import report as model_report
 
     rows = [dict(r, shape="bench", device="cpu") for r in _model_rows() if r.get("phase") == "train"]
-    bench_model.plot(rows, tmp_path)  # the model's sweep draws its own PNGs; the report links them
+    model_report.plot(rows, tmp_path)  # the model's sweep draws its own PNGs; the report links them
     sweep.merge(tmp_path / "results.csv", [dict(r, peak_tflops=0.1, peak_gbps=20.0, device_name="test cpu")
                                            for r in rows])
     text = report.write(tmp_path, "cpu").read_text()
@@ -411,11 +401,11 @@ def test_model_training_target_in_the_report(tmp_path):
 def test_training_step_of_the_lab_and_transformers(small_checkpoint):
     """A tiny real train phase: the lab's torch backend and transformers, one sequence of 12 tokens of the small
     checkpoint, timed steps whose parts add up to about the step."""
-    from bench import model as bench_model
+    from bench.suites.model import measure
 
     with sweep.one_thread():
         for name in ("torch", "transformers"):
-            (row,) = bench_model.measure_training(small_checkpoint, "hybrid", name, 12, "cpu", torch.float32, 0.05,
+            (row,) = measure.measure_training(small_checkpoint, "hybrid", name, 12, "cpu", torch.float32, 0.05,
                                                   1)
             assert not row.get("error"), row
             assert row["phase"] == "train" and row["context"] == 12 and row["repeats"] >= 1
@@ -430,11 +420,11 @@ def test_training_step_of_the_lab_and_transformers(small_checkpoint):
 def test_prefill_and_decode_rows_of_a_real_runner(small_checkpoint):
     """A tiny real prefill/decode run of the model sweep (CI leaves the sweep itself out): the lab's torch backend
     and transformers at two contexts, a prefill and a decode row each, tokens/s from their medians."""
-    from bench import model as bench_model
+    from bench.suites.model import measure
 
     with sweep.one_thread():
         for name in ("torch", "transformers"):
-            rows = bench_model.measure_runner(small_checkpoint, "hybrid", name, (16, 40), "cpu", torch.float32, 0.05,
+            rows = measure.measure_runner(small_checkpoint, "hybrid", name, (16, 40), "cpu", torch.float32, 0.05,
                                               1)
             assert [(r["context"], r["phase"]) for r in rows] == [(16, "prefill"), (16, "decode"), (40, "prefill"),
                                                                    (40, "decode")], rows
@@ -445,7 +435,7 @@ def test_prefill_and_decode_rows_of_a_real_runner(small_checkpoint):
 
 
 def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
-    from bench import llama_cpp
+    from bench.peers import llama_cpp
 
     monkeypatch.setattr(llama_cpp.importlib.util, "find_spec", lambda name: None)
     skipped = llama_cpp.prepare({"hybrid": tmp_path})

@@ -1,6 +1,6 @@
 """The issue's measurement on CPU: the lab's torch backend against transformers' pure-torch Qwen3.5 code.
 
-    python -m bench.vs_transformers [--parts gdr moe] [--repeats 5]
+    python -m bench.peers.transformers [--parts gdr moe] [--repeats 5]
 
 (a) Chunked gated delta rule, B = 1, Hk = 2, Hv = 4, K = V = 128, float32, T = 2048 and 8192, q/k l2-normalised,
     final state written: kernels' torch backend (mode="chunk") vs transformers' torch_chunk_gated_delta_rule.
@@ -17,6 +17,7 @@ when a part failed while it ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -133,8 +134,59 @@ PART_BACKENDS = {"gdr": [("gated_delta_rule", "torch"), ("gated_delta_rule", "tr
                  "moe": [("moe", "torch"), ("moe", "transformers")]}
 
 
+@contextlib.contextmanager
+def transformers_torch_path(calls: dict | None = None):
+    """With flash-linear-attention installed, transformers sends its Gated DeltaNet to fla's GPU kernels,
+    which fail on CPU tensors: within the block it uses its pure-torch originals (`__wrapped__`), counting
+    their calls into `calls` when given."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf_module
+
+    saved = {}
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+        fn = saved[name] = getattr(hf_module, name)
+        original = getattr(fn, "__wrapped__", fn)
+
+        def run(*args, _original=original, _name=name, **kwargs):
+            if calls is not None:
+                calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(hf_module, name, run)
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(hf_module, name, fn)
+
+
+class Transformers:
+    """Prefill and decode of transformers' Qwen3_5MoeForCausalLM (its default CPU kernels: sdpa attention,
+    grouped_mm experts, the torch Gated DeltaNet)."""
+
+    def __init__(self, path, device, dtype):
+        from transformers import Qwen3_5MoeForCausalLM
+
+        self.m = Qwen3_5MoeForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+    @torch.inference_mode()
+    def prefill(self, ids):
+        out = self.m(ids, use_cache=True, logits_to_keep=1)
+        return out.logits, out.cache
+
+    @torch.inference_mode()
+    def decode(self, token, cache, position: int):
+        """One step after the tokens so far (its cache cannot be rewound: repeated steps extend the context by a
+        few tokens, at most the timer's repeats)."""
+        return self.m(token, cache=cache, use_cache=True).logits
+
+    @staticmethod
+    def cache_bytes(cache):
+        return None  # its DynamicCache grows by concatenation: not comparable tensor for tensor
+
+
+
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m bench.vs_transformers", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m bench.peers.transformers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--repeats", type=cli.positive_int, default=5,

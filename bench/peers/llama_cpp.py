@@ -1,6 +1,6 @@
 """llama.cpp as the model's CPU peer: the bench checkpoint converted to GGUF (F32, and Q8_0 as a second row) with
 llama.cpp's own converter, run through llama-cpp-python at the lab's thread count; prefill and decode timed like
-the lab's runners (bench/model.py), greedy tokens and the prompt's logits compared with the lab model's.
+the lab's runners (bench/suites/model/), greedy tokens and the prompt's logits compared with the lab model's.
 
 Needs the optional extra `pip install -e ".[llama]"` (llama-cpp-python, built from source: about 12 minutes on 2
 cores) and the converter, which the wheel does not carry: the package's source (`pip download --no-deps
@@ -10,7 +10,7 @@ cores) and the converter, which the wheel does not carry: the package's source (
 Two things the converter needs told: the random checkpoints' home-made byte-level BPE has a pre-tokenizer whose
 hash it does not know (it is GPT-2's regex, so "gpt-2" is declared; the comparison feeds token ids anyway), and
 --no-mtp (the checkpoints have no multi-token-prediction head). llama.cpp also requires equal key and value head
-dims in the linear-attention layers, which bench.model's config has.
+dims in the linear-attention layers, which the model sweep's config has.
 """
 from __future__ import annotations
 
