@@ -419,19 +419,48 @@ def test_training_step_of_the_lab_and_transformers(small_checkpoint):
 
 def test_prefill_and_decode_rows_of_a_real_runner(small_checkpoint):
     """A tiny real prefill/decode run of the model sweep (CI leaves the sweep itself out): the lab's torch backend
-    and transformers at two contexts, a prefill and a decode row each, tokens/s from their medians."""
+    and transformers, a prefill row at one context, then decode rows on caches filled to two contexts (no prefill
+    of them), tokens/s from their medians."""
     from bench.suites.model import measure
 
     with sweep.one_thread():
         for name in ("torch", "transformers"):
-            rows = measure.measure_runner(small_checkpoint, "hybrid", name, (16, 40), "cpu", torch.float32, 0.05,
-                                              1)
-            assert [(r["context"], r["phase"]) for r in rows] == [(16, "prefill"), (16, "decode"), (40, "prefill"),
-                                                                   (40, "decode")], rows
+            rows = measure.measure_runner(small_checkpoint, "hybrid", name, (16,), (16, 40), "cpu", torch.float32,
+                                          0.05, 1)
+            assert [(r["context"], r["phase"]) for r in rows] == [(16, "prefill"), (16, "decode"), (40, "decode")], rows
             for row in rows:
                 assert not row.get("error") and row["peer"] == (name == "transformers") and row["median_ms"] > 0
-            prefill = rows[2]
-            assert prefill["tokens_per_s"] == pytest.approx(40 / (prefill["median_ms"] / 1e3))
+            assert [r.get("cache_fill") for r in rows[1:]] == ["filled", "filled"]
+            prefill = rows[0]
+            assert prefill["tokens_per_s"] == pytest.approx(16 / (prefill["median_ms"] / 1e3))
+            assert rows[2]["tokens_per_s"] == pytest.approx(1 / (rows[2]["median_ms"] / 1e3))
+
+
+def test_model_plan_prefills_the_twin_once_and_fits_the_budget(capsys):
+    """The plan: every runner decodes on filled caches at every decode context but llama.cpp (after its prefills);
+    the all-attention twin's prefill is run by the first lab backend alone (peers keep theirs); training at 2K for
+    the trained runners; the full CPU sweep of three lab backends and three peers estimated under 20 minutes."""
+    from bench.suites.model import config, run
+
+    names, peers = ["torch", "mkl", "numba"], ["transformers", "llama.cpp-f32", "llama.cpp-q8_0"]
+    jobs = run.plan(False, "cpu", names, peers, names + ["transformers"])
+    measured = {(j.variant, j.name): j for j in jobs if j.kind == "measure"}
+    assert set(measured) == {(v, n) for v in run.VARIANTS for n in names + peers}
+    twin_prefills = [n for (v, n), j in measured.items() if v == "all_attention" and j.prefill]
+    assert twin_prefills == ["torch"] + peers
+    for (variant, name), job in measured.items():
+        assert job.decode == (() if name.startswith("llama.cpp") else config.DECODE_CONTEXTS["cpu"])
+        assert job.prefill in ((), config.PREFILL_CONTEXTS["cpu"])
+        assert max(job.prefill, default=0) <= 8192  # no long prefill per context any more
+    assert [(j.name, j.train) for j in jobs if j.kind == "train"] == [(n, 2048) for n in names + ["transformers"]]
+    assert [j.variant for j in jobs if j.kind == "parity"] == list(run.VARIANTS)
+    with sweep.one_thread():
+        total = sum(run.estimate_s(j, "cpu", False) for j in jobs)
+        text = run.describe(jobs, "cpu", False)
+    assert 5 * 60 < total < 20 * 60, total
+    assert text.splitlines()[0].startswith("model sweep on cpu, 1 thread(s): 18 processes, about ")
+    assert "decode on caches filled to 512, 1K, 2K, 4K, 8K, 16K, 32K" in text
+    assert "llama.cpp-f32 all_attention: prefill 512, 2K, 8K; decode after each prefill" in text
 
 
 def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):

@@ -1,4 +1,6 @@
-"""The issue's measurement on CPU: the lab's torch backend against transformers' pure-torch Qwen3.5 code.
+"""transformers as a bench peer: its Qwen3_5MoeForCausalLM as a runner of the model sweep (Transformers: prefill,
+decode on a cache filled to a context, transformers_torch_path), and the issue's measurement on CPU: the lab's torch
+backend against transformers' pure-torch Qwen3.5 code (main):
 
     python -m bench.peers.transformers [--parts gdr moe] [--repeats 5]
 
@@ -28,6 +30,7 @@ import torch
 import kernellab
 from bench import cli, inputs
 from bench.timing import copy_gbps, device_name, matmul_tflops
+from model.cache import SAMPLE_TOKENS
 
 GDR_SHAPE = dict(B=1, Hk=2, Hv=4, K=128, V=128)
 GDR_LENGTHS = (2048, 8192)
@@ -178,6 +181,26 @@ class Transformers:
         """One step after the tokens so far (its cache cannot be rewound: repeated steps extend the context by a
         few tokens, at most the timer's repeats)."""
         return self.m(token, cache=cache, use_cache=True).logits
+
+    @torch.inference_mode()
+    def fill(self, context: int, sample_tokens: int = SAMPLE_TOKENS, seed: int = 0):
+        """Its DynamicCache brought to `context` tokens as model.cache.fill brings the lab's: a real prefill of
+        min(context, sample_tokens) random tokens, whose linear-attention states are kept and whose keys and
+        values [B, Hkv, T, Dh] are repeated along T to `context` positions; the layers' token counts set to
+        `context`. Returns the cache."""
+        sample = min(context, sample_tokens)
+        ids = torch.randint(self.m.config.vocab_size, (1, sample), generator=torch.Generator().manual_seed(seed))
+        cache = self.prefill(ids.to(self.m.device))[1]
+        repeat = torch.arange(context, device=self.m.device) % sample
+        for layer in cache.layers:
+            if hasattr(layer, "cumulative_length_linear"):  # a Gated DeltaNet layer: states of fixed size
+                layer.cumulative_length_linear.fill_(context)
+            else:
+                layer.keys, layer.values = layer.keys[:, :, repeat].contiguous(), layer.values[:, :, repeat].contiguous()
+        if cache.get_seq_length() != context:
+            raise RuntimeError(f"transformers' cache holds {cache.get_seq_length()} tokens after filling {context}: "
+                               f"its cache layout changed")
+        return cache
 
     @staticmethod
     def cache_bytes(cache):
