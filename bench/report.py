@@ -1,12 +1,20 @@
-"""The Markdown report of one device, written from its results CSV (and ceilings.json) only.
+"""The Markdown report of one host, written from its results CSV (and ceilings.json) only.
 
-    python -m bench.report --device cpu [--dir reports/cpu]
+    python -m bench.report --dir RUN [--device cpu]         # the report of a run, in its own folder
+    python -m bench.report --publish RUN [RUN ...]          # the published reports: reports/<device>/<host>/
 
-Writes the plots (bench.plots) and README.md: the machine and its measured ceilings, the targets of the ops'
-declarations (bench/ops.py) computed from the rows, linear versus quadratic attention, the published numbers of
-the declarations' anchors (ANCHORS.md) beside ours, which backends are deterministic and batch-invariant, per
-op a short "where the time goes", the plots and the table of rows (forward rows), and a training section: the
-backward and forward+backward rows beside each backend's forward, with the published backward numbers.
+Writes the plots (bench.plots) and README.md: a contents list and a one-screen scoreboard (per op the fastest lab
+backend, its speedup over the best peer, its median fraction of the roofline, its targets met or not with their
+numbers), the machine and its measured ceilings, the targets of the ops' declarations (bench/ops.py) computed from
+the rows, linear versus quadratic attention, the published numbers of the declarations' anchors (ANCHORS.md)
+beside ours, which backends are deterministic and batch-invariant, per op a short "where the time goes", the
+plots and the rows (forward rows, folded), and a training section: the backward and forward+backward rows beside
+each backend's forward, with the published backward numbers.
+
+The published reports are one per host (the exact device of the rows' device_name: reports/cpu/intel-xeon/,
+reports/cpu/amd-epyc-family-25-model-17/); only --publish rewrites them, from full runs (rows not marked quick):
+each run's rows are merged into the results.csv of their host's folder, its ceilings into that ceilings.json, and
+the host's report is regenerated.
 """
 from __future__ import annotations
 
@@ -400,11 +408,66 @@ def training_section(frame) -> list[str]:
         md += [f"### {spec.name}", ""]
         if spec.backward_flop_model:
             md += [f"Backward FLOP model: {spec.backward_flop_model}", ""]
-        md += [training_table(training[training["op"] == spec.name], forward[forward["op"] == spec.name]), ""]
+        md += _folded(f"The backward rows of {spec.name}", training_table(training[training["op"] == spec.name],
+                                                                         forward[forward["op"] == spec.name]))
     return md
 
 
 # ---------------------------------------------------------------------------------------------- report
+
+def _target_cell(frame, spec, target, highest: dict, lvq) -> str:
+    """A target in a few words: met or not, with its number (the bold figure of its sentence)."""
+    text = " ".join(target_lines(frame, spec, target, highest, lvq))
+    figure = text.split("**")[1] if text.count("**") >= 2 else ""
+    verdict = "not measured" if "ot measured" in text and not figure else \
+        "not met" if "not met" in text else "met" if text.rstrip(".").endswith("met") else "?"
+    return f"{verdict}{': ' + figure if figure else ''} ({target.kind} {target.threshold:g})"
+
+
+def scoreboard(frame, highest: dict | None = None) -> list[str]:
+    """One line per op measured: the lab backend fastest on most shapes, the median over shapes of its speedup over
+    the best peer and of its fraction of the roofline (on the shapes where it is fastest), and each declared target
+    met or not with its number."""
+    forward = plots.forward_rows(frame)
+    lvq = plots.linear_vs_quadratic(forward)
+    body = []
+    for spec in OPS.values():
+        rows = forward[forward["op"] == spec.name]
+        if rows.empty:
+            continue
+        lab = _lab(plots.measured(rows))
+        best, speedup, roofline = "none measured", "", ""
+        if not lab.empty:
+            group = [c for c in ("shape", "dtype", "variant", "phase", "context", "part") if c in lab]
+            fastest = lab.loc[lab.groupby(group, dropna=False)["median_ms"].idxmin()]
+            wins = fastest["backend"].value_counts()
+            best = f"`{wins.index[0]}` ({wins.iloc[0]} of {len(fastest)} shapes)"
+            own = fastest[fastest["backend"] == wins.index[0]]
+            if "speedup_vs_best_peer" in own and own["speedup_vs_best_peer"].notna().any():
+                speedup = f"{own['speedup_vs_best_peer'].median():.2f}x"
+            if "roofline_fraction" in own and own["roofline_fraction"].notna().any():
+                roofline = fmt_share(own["roofline_fraction"].median())
+        cells = "; ".join(_target_cell(frame, spec, t, highest or {}, lvq) for t in spec.targets)
+        body.append([f"[{spec.name}](#{spec.name})", best, speedup, roofline, cells])
+    return [_table(["op", "fastest lab backend", "x best peer (median)", "roofline (median)", "targets"], body),
+            "", "x best peer and roofline: medians over the shapes where that backend is the fastest lab backend; "
+            "targets: met or not, with the number its section below explains.", ""]
+
+
+def _contents(sections: list[str]) -> list[str]:
+    """Links to the report's sections (GitHub's anchors: lower case, spaces as dashes, punctuation dropped)."""
+    def anchor(title):
+        import re
+
+        return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
+
+    return [f"- [{title}](#{anchor(title)})" for title in sections] + [""]
+
+
+def _folded(summary: str, body: str) -> list[str]:
+    """A section folded away (<details>): the raw rows under the plots."""
+    return ["<details>", f"<summary>{summary}</summary>", "", body, "", "</details>", ""]
+
 
 def write(out: Path, device: str) -> Path:
     """Regenerate the plots and README.md of out/results.csv."""
@@ -415,15 +478,17 @@ def write(out: Path, device: str) -> Path:
     ok = plots.measured(frame)
     names = _values(frame, "device_name")
     md = [f"# Benchmarks on {device}: {names}", "",
-          "Generated by `python -m bench.report --device " + device + "` from `results.csv` (written by "
-          "`python -m bench.sweep --op OP --device " + device + "`). Do not edit by hand.", "",
+          "Generated by `python -m bench.report` from `results.csv` (rows of `python -m bench.sweep --op OP --device "
+          + device + "`; the published reports by `python -m bench.report --publish RUN`, full runs only). Do not "
+          "edit by hand.", "",
           f"{fmt(len(frame))} rows, {fmt(len(ok))} measured, {fmt(int((frame['error'] != '').sum()))} with an error; "
           f"commits {_values(frame, 'commit')}; torch {_values(frame, 'torch_version')}; threads "
           f"{_values(frame, 'threads')}; from {frame['timestamp'].min()} to {frame['timestamp'].max()}.", ""]
-    if device == "cpu":
-        md += ["Timing on a shared 2-core machine is noisy: the p20-p80 spread of each row says how much; ratios "
-               "taken within one run are more trustworthy than absolute times. Rerun a sweep on a quiet machine to "
-               "confirm a number.", ""]
+    present = set(forward["op"])
+    sections = ["Scoreboard", "Measured ceilings", "Targets", "Linear versus quadratic attention",
+                "Published numbers beside ours", "Determinism and batch invariance",
+                "Training: backward and forward+backward"] + [s.name for s in OPS.values() if s.name in present]
+    md += ["## Contents", "", *_contents(sections), "## Scoreboard", "", *scoreboard(frame, highest_ceilings(out))]
     over = plots.measured(forward)[plots.measured(forward)["roofline_fraction"] > 1]
     if len(over):
         md += [f"{len(over)} rows run faster than their roofline floor (fraction > 1): their working set fits in a "
@@ -445,7 +510,6 @@ def write(out: Path, device: str) -> Path:
            "deterministic = repeated calls give bitwise equal outputs; batch-invariant = one sequence's or token's "
            "output is bitwise the same whatever else shares its batch.", "", invariance_table(frame), "",
            "## Training: backward and forward+backward", "", *training_section(frame)]
-    present = set(forward["op"])
     for spec in [s for s in OPS.values() if s.name in present]:
         rows = forward[forward["op"] == spec.name]
         md += [f"## {spec.name}", "", "### Where the time goes", ""]
@@ -457,24 +521,101 @@ def write(out: Path, device: str) -> Path:
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
         if spec.registry:
-            md += ["", _rows_table(rows), ""]
+            table = _rows_table(rows)
         else:
-            table = getattr(spec.sweep.report, "table", None)
-            md += ["", table(rows.to_dict("records")) if table else _own_table(rows), ""]
+            own = getattr(spec.sweep.report, "table", None)
+            table = own(rows.to_dict("records")) if own else _own_table(rows)
+        md += ["", *_folded(f"The {len(rows)} rows of {spec.name}", table)]
     readme = out / "README.md"
     readme.write_text("\n".join(md))
     return readme
 
 
+# ------------------------------------------------------------------------------------------- publishing
+
+# Rows written before bench.timing.device_model added a CPU's family and model, by the machines that wrote them
+# (the 2-core development machines: AMD EPYC family 25 model 17).
+LEGACY_DEVICE_MODELS = {"AMD EPYC": "AMD EPYC family 25 model 17"}
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+
+
+def exact_device_name(name: str) -> str:
+    """A row's device_name with the exact model where an old row has only the vendor's name
+    ("AMD EPYC (1 threads)" -> "AMD EPYC family 25 model 17 (1 threads)")."""
+    model, bracket, rest = str(name).partition(" (")
+    return LEGACY_DEVICE_MODELS.get(model, model) + bracket + rest
+
+
+def host_folder(root: Path, device: str, device_name: str) -> Path:
+    """reports/<device type>/<host>/ of a row: its exact model as a folder name (bench.timing.model_slug; the
+    threads it ran on left out: one host, one report)."""
+    from bench.timing import model_slug
+
+    return Path(root) / device / model_slug(exact_device_name(device_name))
+
+
+def _merge_ceilings(source: Path, target: Path, names: set[str]) -> None:
+    """Append to target (a ceilings.json) the runs of source measured on `names` that it does not hold yet."""
+    runs = json.loads(target.read_text()) if target.exists() else []
+    seen = {(r["device_name"], r["timestamp"]) for r in runs}
+    for run in json.loads(source.read_text()) if source.exists() else []:
+        run = dict(run, device_name=exact_device_name(run["device_name"]))
+        if run["device_name"] in names and (run["device_name"], run["timestamp"]) not in seen:
+            runs.append(run)
+    if runs:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(sorted(runs, key=lambda r: r["timestamp"]), indent=1) + "\n")
+
+
+def publish(runs: list[Path], root: Path = REPORTS) -> list[Path]:
+    """The published reports from full runs: every run folder's rows (its results.csv; ValueError naming it when
+    it has none, or holds rows of a quick run) merged into the results.csv of their host's folder
+    (host_folder: rows of several hosts go to several folders), its ceilings into that folder's ceilings.json;
+    then each host's plots and README.md regenerated from its folder alone. Returns the READMEs written."""
+    from bench.sweep import merge, read_results
+
+    frames = []
+    for run in map(Path, runs):
+        if not (run / "results.csv").is_file():
+            raise ValueError(f"--publish: no results.csv in {run}")
+        frame = read_results(run / "results.csv")
+        if "quick" in frame and frame["quick"].astype(str).str.lower().eq("true").any():
+            raise ValueError(f"--publish: {run} holds rows of a quick run (bench.sweep --quick): only full runs are "
+                             f"published")
+        frames.append((run, frame.assign(device_name=frame["device_name"].map(exact_device_name))))
+    hosts = {}
+    for run, frame in frames:
+        for (device, name), rows in frame.groupby(["device", "device_name"]):
+            folder = host_folder(root, device, name)
+            merge(folder / "results.csv", rows.to_dict("records"))
+            _merge_ceilings(run / "ceilings.json", folder / "ceilings.json", {name})
+            hosts[folder] = device
+    return [write(folder, device) for folder, device in sorted(hosts.items())]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="reports/<device>/ (cpu, cuda)")
-    parser.add_argument("--dir", type=Path, help="results folder (default reports/<device>)")
+    parser.add_argument("--device", default="cpu", help="the device type of --dir's rows (cpu, cuda)")
+    parser.add_argument("--dir", type=Path, help="the run folder whose report to write, from its results.csv")
+    parser.add_argument("--publish", nargs="+", type=Path, metavar="RUN",
+                        help="merge these full runs' rows into reports/<device>/<host>/ and rewrite those reports")
     args = parser.parse_args(argv)
-    out = args.dir or Path(__file__).resolve().parent.parent / "reports" / args.device
-    if not (out / "results.csv").is_file():
-        parser.exit(2, f"python -m bench.report: error: no results.csv in {out} (run python -m bench.sweep first)\n")
-    print(write(out, args.device))
+    if args.publish:
+        if args.dir:
+            parser.error("--dir and --publish: --publish writes the published reports, --dir a run's own")
+        try:
+            for readme in publish(args.publish):
+                print(readme)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return 0
+    if args.dir is None:
+        parser.error("--dir RUN (a run's own report) or --publish RUN ... (the published reports under "
+                     "reports/<device>/<host>/, rewritten by --publish only)")
+    if not (args.dir / "results.csv").is_file():
+        parser.exit(2, f"python -m bench.report: error: no results.csv in {args.dir} (run python -m bench.sweep "
+                       f"first)\n")
+    print(write(args.dir, args.device))
     return 0
 
 

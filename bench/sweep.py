@@ -708,6 +708,8 @@ def main(argv=None) -> int:
     else:
         rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
                      args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes)
+    for row in rows:  # bench.report --publish takes the rows of full runs only
+        row["quick"] = args.quick
     out.mkdir(parents=True, exist_ok=True)
     save_ceilings(out, ceil)
     frame = merge(out / "results.csv", rows)

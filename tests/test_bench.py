@@ -183,6 +183,7 @@ def test_plots_and_report_from_csv(tmp_path):
 
 
 def test_model_op_delegates_to_its_suite(monkeypatch, tmp_path):
+    import dataclasses
     import types
 
     seen = {}
@@ -192,7 +193,8 @@ def test_model_op_delegates_to_its_suite(monkeypatch, tmp_path):
         return [dict(op="model", backend="torch", device=device, dtype="float32", shape="ctx=64,phase=prefill",
                      median_ms=3.0, p20_ms=2.9, p80_ms=3.1, phase="prefill")]
 
-    monkeypatch.setattr(OPS["model"], "sweep", types.SimpleNamespace(run=types.SimpleNamespace(sweep=fake_sweep)))
+    suite = types.SimpleNamespace(run=types.SimpleNamespace(sweep=fake_sweep))
+    monkeypatch.setitem(OPS, "model", dataclasses.replace(OPS["model"], sweep=suite))
     monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
     assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
     assert seen == dict(quick=True, device="cpu", out=tmp_path)
