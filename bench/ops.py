@@ -497,8 +497,8 @@ MODEL = OpSpec("model", sweep=model_suite, backend_ops=("gated_delta_rule", "att
 def _dispatch_grid(scale):
     """kernellab.distributed's exchange against tokens per rank N, hidden size D and top-k around a base shape, and
     skewed routing at the base, at each world size: 2 and 4 processes on CPU (1 too in the quick sweep, the
-    exchange with nothing to send away: what a one-GPU machine runs), 1 to 8 GPUs on a GPU machine (bench.suites.moe_dispatch
-    runs the worlds the machine has GPUs for)."""
+    exchange with nothing to send away: what a one-GPU machine runs), 1 to 8 GPUs on a GPU machine
+    (bench.suites.moe_dispatch runs the worlds the machine has GPUs for)."""
     if scale == "cuda":
         worlds, base = (1, 2, 4, 8), dict(N=4096, D=4096, E=256, I=512, top_k=8, routing="uniform")
         axes = dict(N=(128, 512, 2048, 4096, 16384), D=(2048, 4096, 7168), top_k=(1, 2, 4, 8, 10))
@@ -526,8 +526,8 @@ def _dispatch_presets(scale):
             for model in models for world in worlds]
 
 
-# Expert parallelism's exchange (bench/suites/moe_dispatch/): dispatch and combine against all_to_all_single, moe_ep against
-# kernellab.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
+# Expert parallelism's exchange (bench/suites/moe_dispatch/): dispatch and combine against all_to_all_single,
+# moe_ep against kernellab.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
 # the exchange and the moe backend of the local experts (each name for the ops it has).
 MOE_DISPATCH = OpSpec("moe_dispatch", ("world", "N", "D", "E", "I", "top_k", "routing"), grid=_dispatch_grid,
                       presets=_dispatch_presets, sweep=moe_dispatch_suite, backend_ops=("moe_permute", "moe"))

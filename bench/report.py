@@ -415,13 +415,22 @@ def training_section(frame) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- report
 
+# How each kind of target states its threshold in the scoreboard.
+GOALS = {"ceiling": lambda t: f">= {t:.0%} of the matmul ceiling", "floor": lambda t: f"<= {t:g}x the memory floor",
+         "peer": lambda t: f">= {t:g}x", "op": lambda t: f">= {t:g}x", "crossover": lambda t: f"from T <= {t:g}"}
+
+
 def _target_cell(frame, spec, target, highest: dict, lvq) -> str:
-    """A target in a few words: met or not, with its number (the bold figure of its sentence)."""
+    """A target in a few words: met or not, its number (from the bold figure of its sentence) and its goal."""
+    import re
+
     text = " ".join(target_lines(frame, spec, target, highest, lvq))
-    figure = text.split("**")[1] if text.count("**") >= 2 else ""
-    verdict = "not measured" if "ot measured" in text and not figure else \
-        "not met" if "not met" in text else "met" if text.rstrip(".").endswith("met") else "?"
-    return f"{verdict}{': ' + figure if figure else ''} ({target.kind} {target.threshold:g})"
+    bold = text.split("**")[1] if text.count("**") >= 2 else ""
+    figure = re.search(r"T = \d+|never|[\d.,]+\s*[x%]?", bold)
+    said = re.findall(r"\b(not met|met)\b", text)  # the sentence's verdict is its last
+    verdict = said[-1] if said else "not measured"
+    goal = GOALS.get(target.kind, lambda t: f"{t:g}")(target.threshold)
+    return f"{verdict}: {figure.group(0).strip() if figure else ''} ({goal})" if figure else f"{verdict} ({goal})"
 
 
 def scoreboard(frame, highest: dict | None = None) -> list[str]:
@@ -516,8 +525,11 @@ def write(out: Path, device: str) -> Path:
         if spec.registry:  # a sweep of its own says where its time goes in its summary
             md += [f"- {line}" for line in where_time_goes(rows, spec)]
         else:
-            md += [line if _markdown(line) else f"- {line}." for line in spec.sweep.report.summary(rows.to_dict("records"))]
+            lines = spec.sweep.report.summary(rows.to_dict("records"))
+            md += [line if _markdown(line) else f"- {line}." for line in lines]
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
+        if not spec.registry:  # a sweep of its own draws its plots: again here, from these rows alone
+            spec.sweep.report.plot(rows.to_dict("records"), out)
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
         if spec.registry:

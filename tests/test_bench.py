@@ -1,10 +1,10 @@
 """The benchmark harness on tiny cases: CSV schema, keyed append, the correctness gate, the cost model, plots."""
+import json
 import math
 
 import pandas as pd
 import pytest
 import torch
-
 
 import kernellab
 from bench import cost, gpu_check, inputs, plots, report, sweep, timing
@@ -180,6 +180,66 @@ def test_plots_and_report_from_csv(tmp_path):
     assert (tmp_path / "gated_delta_rule_T.png").exists() and (tmp_path / "attention_roofline.png").exists()
     text = readme.read_text()
     assert "## gated_delta_rule" in text and "Where the time goes" in text and "FlashQLA" in text
+    # a contents list and the scoreboard open the report; the raw rows are folded
+    assert text.index("## Contents") < text.index("## Scoreboard") < text.index("## Measured ceilings")
+    assert "- [Scoreboard](#scoreboard)" in text and "- [gated_delta_rule](#gated_delta_rule)" in text
+    board = text.split("## Scoreboard")[1].split("\n## ")[0]
+    assert "| [gated_delta_rule](#gated_delta_rule) | `torch` (3 of 3 shapes) |  | 50% | " in board
+    assert "met: T = 512 (from T <= 1024)" in board  # the crossover target with its number
+    assert "<details>\n<summary>The 3 rows of gated_delta_rule</summary>" in text
+
+
+def _host_rows(name, Ts=(256, 512, 1024), B=1, quick=None):
+    more = {} if quick is None else dict(quick=quick)
+    return [dict(_row("torch", f"B={B},T={T}", T / 100, op="gated_delta_rule"), device_name=name, B=B, T=T, seqs=1,
+                 Hk=2, Hv=4, K=128, V=128, mode="chunk", p20_ms=T / 110, p80_ms=T / 90, flops=1e9, bytes=1e6,
+                 tflops=0.1, gbps=1.0, **more) for T in Ts]
+
+
+def test_plot_files_say_what_they_hold_and_never_mix_hosts(tmp_path):
+    """Two groups along T (B = 1 and B = 4) on two hosts: one file per host and B, named by them, no "_1"."""
+    rows = [r for name in ("Intel(R) Xeon(R) Processor (1 threads)", "AMD EPYC family 25 model 17 (1 threads)")
+            for B in (1, 4) for r in _host_rows(name, B=B)]
+    plots.MAX_GROUPS_PER_AXIS, saved = 4, plots.MAX_GROUPS_PER_AXIS
+    try:
+        written = plots.plot_axis(pd.DataFrame(rows).assign(peer=False), "gated_delta_rule", "T", tmp_path)
+    finally:
+        plots.MAX_GROUPS_PER_AXIS = saved
+    assert sorted(p.name for p in written) == sorted(
+        f"gated_delta_rule_T_{host}-1threads_B{B}.png" for host in ("intel-xeon", "amd-epyc-family-25-model-17")
+        for B in (1, 4))
+    one = plots.plot_axis(pd.DataFrame(_host_rows("test cpu")).assign(peer=False), "gated_delta_rule", "T", tmp_path)
+    assert [p.name for p in one] == ["gated_delta_rule_T.png"]  # one group: nothing to tell apart
+
+
+def test_publish_writes_one_report_per_host_from_full_runs(tmp_path, capsys):
+    """A run holding two hosts' rows (one under the old name "AMD EPYC") lands in two folders under
+    reports/cpu/<host>/, each report from its own rows; a quick run, or a folder without results.csv, is refused
+    naming it, and nothing is written; bench.report without --dir or --publish refuses to guess."""
+    run, root = tmp_path / "run", tmp_path / "reports"
+    sweep.merge(run / "results.csv", _host_rows("Intel(R) Xeon(R) Processor (1 threads)") + _host_rows(
+        "AMD EPYC (1 threads)", Ts=(128, 256, 512)))
+    (run / "ceilings.json").write_text(json.dumps([dict(CEILINGS, device_name="AMD EPYC (1 threads)",
+                                                        timestamp="2026-12-01T00:00:00+00:00")]))
+    readmes = report.publish([run], root)
+    assert sorted(p.parent.name for p in readmes) == ["amd-epyc-family-25-model-17", "intel-xeon"]
+    amd = root / "cpu" / "amd-epyc-family-25-model-17"
+    frame = pd.read_csv(amd / "results.csv")
+    assert set(frame["device_name"]) == {"AMD EPYC family 25 model 17 (1 threads)"} and len(frame) == 3
+    assert json.loads((amd / "ceilings.json").read_text())[0]["device_name"] == frame["device_name"][0]
+    assert not (root / "cpu" / "intel-xeon" / "ceilings.json").exists()  # no ceilings of that host in the run
+    assert "# Benchmarks on cpu: AMD EPYC family 25 model 17 (1 threads)" in (amd / "README.md").read_text()
+    assert (amd / "gated_delta_rule_T.png").exists()
+
+    quick = tmp_path / "quick"
+    sweep.merge(quick / "results.csv", _host_rows("test cpu", quick=True))
+    for runs, message in (([quick], f"{quick} holds rows of a quick run"), ([tmp_path / "none"], "no results.csv")):
+        with pytest.raises(ValueError, match=message):
+            report.publish(runs, root)
+    assert not (root / "cpu" / "test").exists()
+    with pytest.raises(SystemExit) as exit:
+        report.main(["--device", "cpu"])
+    assert exit.value.code == 2 and "--publish" in capsys.readouterr().err
 
 
 def test_model_op_delegates_to_its_suite(monkeypatch, tmp_path):

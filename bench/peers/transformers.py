@@ -196,7 +196,8 @@ class Transformers:
             if hasattr(layer, "cumulative_length_linear"):  # a Gated DeltaNet layer: states of fixed size
                 layer.cumulative_length_linear.fill_(context)
             else:
-                layer.keys, layer.values = layer.keys[:, :, repeat].contiguous(), layer.values[:, :, repeat].contiguous()
+                layer.keys = layer.keys[:, :, repeat].contiguous()
+                layer.values = layer.values[:, :, repeat].contiguous()
         if cache.get_seq_length() != context:
             raise RuntimeError(f"transformers' cache holds {cache.get_seq_length()} tokens after filling {context}: "
                                f"its cache layout changed")

@@ -10,7 +10,7 @@ import model
 from bench import timing
 from bench.peers import llama_cpp
 from bench.peers.transformers import Transformers, transformers_torch_path
-from bench.suites.model.config import MAX_DECODE_STEPS, WARMUP_CONTEXT, TRAIN_LR, shape_label, _params
+from bench.suites.model.config import MAX_DECODE_STEPS, TRAIN_LR, WARMUP_CONTEXT, _params, shape_label
 from bench.suites.model.floor import cache_bytes_from_shapes
 from model.cache import fill
 from model.train import STEP_PARTS, train_step, training_backends

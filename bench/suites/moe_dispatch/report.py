@@ -10,7 +10,9 @@ import torch
 from bench.ops import OPS
 from bench.suites.moe_dispatch.parallel_model import MODEL
 from bench.suites.moe_dispatch.parts import EXCHANGE, FIRST_TOUCH, LAYER, LOCAL, OP
-from bench.suites.moe_dispatch.projection import bytes_per_token, DEEPEP, DEEPEP_LOW_LATENCY_US, EXPERT_RATE_SOURCE, EXPERT_TFLOPS, GPUS_PER_NODE, HBM_GBPS, INFINIBAND, NVLINK, PROJECTED_MODEL, PROJECTED_EP, PROJECTED_TOKENS, project
+from bench.suites.moe_dispatch.projection import (DEEPEP, DEEPEP_LOW_LATENCY_US, EXPERT_RATE_SOURCE, EXPERT_TFLOPS,
+                                                  GPUS_PER_NODE, HBM_GBPS, INFINIBAND, NVLINK, PROJECTED_EP,
+                                                  PROJECTED_MODEL, PROJECTED_TOKENS, bytes_per_token, project)
 from bench.suites.moe_dispatch.worlds import _ranks
 
 

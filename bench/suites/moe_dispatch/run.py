@@ -66,7 +66,8 @@ import torch
 import kernellab
 from bench.ops import OPS
 from bench.suites.moe_dispatch.parallel_model import model_rows
-from bench.suites.moe_dispatch.parts import CHECK_TOKENS, EXCHANGE, FIRST_TOUCH, LOCAL, OP, dtype_of, layer_affordable, one_process, run_world, transport_of
+from bench.suites.moe_dispatch.parts import (CHECK_TOKENS, EXCHANGE, FIRST_TOUCH, LOCAL, OP, dtype_of, layer_affordable,
+                                             one_process, run_world, transport_of)
 from bench.suites.moe_dispatch.report import plot
 from bench.suites.moe_dispatch.worlds import WORKER_ENV, _runnable_worlds, spawn
 from bench.sweep import dtype_name, sweep_backends

@@ -316,7 +316,7 @@ def _forced_logits(m, prompt, tokens):
 
 
 def model_rows(device: str, backend: str = "torch", prompt_len: int = 64, new_tokens: int = 512) -> list[dict]:
-    """Rows of phase "model": the bench checkpoint (bench.suites.model.config.BENCH_CONFIG, random weights) loaded with each of
+    """Rows of phase "model": the bench checkpoint (bench/suites/model's BENCH_CONFIG, random weights) loaded with each of
     MODEL_VARIANTS against the float32 model (float32 weights and state): greedy tokens decoded freely (the
     first step where they differ) and teacher-forced on the float32 model's tokens (the share of steps whose
     greedy token agrees, the logits' relative error per step)."""
