@@ -239,10 +239,10 @@ OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "
                       "x_floor": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
                       "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}", "bytes": fmt_bytes,
                       "bytes_per_token": fmt_bytes, "of_all_to_all": fmt_share}
-OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "transport", "median_ms", "p20_ms",
-               "p80_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms", "dense_share", "step_bytes",
-               "floor_ms", "x_floor", "cache_bytes", "bytes", "gbps", "bytes_per_token", "of_all_to_all", "imbalance",
-               "vs_one_process", "rel_err", "tokens_equal", "divergence", "load", "error"]
+OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "cache_fill", "transport", "median_ms",
+               "p20_ms", "p80_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms", "dense_share",
+               "step_bytes", "floor_ms", "x_floor", "cache_bytes", "bytes", "gbps", "bytes_per_token", "of_all_to_all",
+               "imbalance", "vs_one_process", "rel_err", "tokens_equal", "divergence", "load", "error"]
 # The order of an own table's rows: by these columns, those it has.
 OWN_SORT = ("variant", "phase", "context", "world", "routing", "D", "top_k", "N", "part", "backend")
 

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     from bench import cli
 
     parser = cli.ArgumentParser(prog="python -m profiling.roofline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--csv", type=Path, default=None, help="the sweep's CSV (default: this host's published rows, reports/<device>/<host>/results.csv)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="the sweep's CSV (default: this host's published rows, reports/<device>/<host>/results.csv)")
     parser.add_argument("--device", default=None, help="only rows of this device (the CSV's device column)")
     parser.add_argument("--out", type=cli.out_folder, default=None, help="folder of the plot (default: the CSV's)")
     args = parser.parse_args(argv)
