@@ -229,3 +229,7 @@ def main(argv=None):
     pd.DataFrame(rows).to_csv(out / "model.csv", index=False)
     print("\n".join(summary(rows)))
     print(f"wrote {out / 'model.csv'} and model_*.png")
+
+
+if __name__ == "__main__":
+    main()

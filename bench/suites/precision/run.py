@@ -433,3 +433,7 @@ def main(argv=None):
     from bench.suites.precision.report import summary
 
     print("\n".join(summary(rows)))
+
+
+if __name__ == "__main__":
+    main()
