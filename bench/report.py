@@ -27,6 +27,7 @@ import pandas as pd
 
 import kernellab
 from bench import plots
+from bench.peers import llama_cpp
 from bench.ops import OPS
 
 
@@ -434,9 +435,9 @@ def _target_cell(frame, spec, target, highest: dict, lvq) -> str:
 
 
 def scoreboard(frame, highest: dict | None = None) -> list[str]:
-    """One line per op measured: the lab backend fastest on most shapes, the median over shapes of its speedup over
-    the best peer and of its fraction of the roofline (on the shapes where it is fastest), and each declared target
-    met or not with its number."""
+    """One line per op measured: the lab backend fastest on most shapes, the median over those shapes of its speedup
+    over the fastest peer on the same case and of its fraction of the roofline, and each declared target met or not
+    with its number."""
     forward = plots.forward_rows(frame)
     lvq = plots.linear_vs_quadratic(forward)
     body = []
@@ -444,16 +445,20 @@ def scoreboard(frame, highest: dict | None = None) -> list[str]:
         rows = forward[forward["op"] == spec.name]
         if rows.empty:
             continue
-        lab = _lab(plots.measured(rows))
+        ok = plots.measured(rows)
+        lab = _lab(ok)
         best, speedup, roofline = "none measured", "", ""
         if not lab.empty:
-            group = [c for c in ("shape", "dtype", "variant", "phase", "context", "part") if c in lab]
-            fastest = lab.loc[lab.groupby(group, dropna=False)["median_ms"].idxmin()]
+            # one case: a shape of a registry op; a sweep of its own's rows differ by phase, context, part too
+            case = [c for c in ("shape", "dtype", "variant", "phase", "context", "part") if c in lab]
+            fastest = lab.loc[lab.groupby(case, dropna=False)["median_ms"].idxmin()]
             wins = fastest["backend"].value_counts()
             best = f"`{wins.index[0]}` ({wins.iloc[0]} of {len(fastest)} shapes)"
             own = fastest[fastest["backend"] == wins.index[0]]
-            if "speedup_vs_best_peer" in own and own["speedup_vs_best_peer"].notna().any():
-                speedup = f"{own['speedup_vs_best_peer'].median():.2f}x"
+            peers = ok[ok["peer"]].groupby(case, dropna=False)["median_ms"].min().rename("peer_ms")
+            ratios = own.join(peers, on=case)["peer_ms"] / own["median_ms"]
+            if ratios.notna().any():
+                speedup = f"{ratios.median():.2f}x"
             if "roofline_fraction" in own and own["roofline_fraction"].notna().any():
                 roofline = fmt_share(own["roofline_fraction"].median())
         cells = "; ".join(_target_cell(frame, spec, t, highest or {}, lvq) for t in spec.targets)
@@ -583,7 +588,9 @@ def publish(runs: list[Path], root: Path = REPORTS) -> list[Path]:
     """The published reports from full runs: every run folder's rows (its results.csv; ValueError naming it when
     it has none, or holds rows of a quick run) merged into the results.csv of their host's folder
     (host_folder: rows of several hosts go to several folders), its ceilings into that folder's ceilings.json;
-    then each host's plots and README.md regenerated from its folder alone. Returns the READMEs written."""
+    then each host's plots and README.md regenerated from its folder alone. Returns the READMEs written. Old rows
+    are read with what is known of them now: the exact model of their host (exact_device_name), the model sweep's
+    peers marked as peers."""
     from bench.sweep import merge, read_results
 
     frames = []
@@ -594,7 +601,10 @@ def publish(runs: list[Path], root: Path = REPORTS) -> list[Path]:
         if "quick" in frame and frame["quick"].astype(str).str.lower().eq("true").any():
             raise ValueError(f"--publish: {run} holds rows of a quick run (bench.sweep --quick): only full runs are "
                              f"published")
-        frames.append((run, frame.assign(device_name=frame["device_name"].map(exact_device_name))))
+        frame = frame.assign(device_name=frame["device_name"].map(exact_device_name))
+        # the model's peers, in rows written before the model sweep marked them
+        frame.loc[(frame["op"] == "model") & frame["backend"].isin(["transformers", *llama_cpp.RUNNERS]), "peer"] = "True"
+        frames.append((run, frame))
     hosts = {}
     for run, frame in frames:
         for (device, name), rows in frame.groupby(["device", "device_name"]):

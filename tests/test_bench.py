@@ -217,15 +217,18 @@ def test_publish_writes_one_report_per_host_from_full_runs(tmp_path, capsys):
     reports/cpu/<host>/, each report from its own rows; a quick run, or a folder without results.csv, is refused
     naming it, and nothing is written; bench.report without --dir or --publish refuses to guess."""
     run, root = tmp_path / "run", tmp_path / "reports"
+    old_peer = dict(_row("transformers", "bench", 5.0, op="model"), device_name="AMD EPYC (1 threads)", phase="decode",
+                    context=512, variant="hybrid")  # written before the model sweep marked its peers
     sweep.merge(run / "results.csv", _host_rows("Intel(R) Xeon(R) Processor (1 threads)") + _host_rows(
-        "AMD EPYC (1 threads)", Ts=(128, 256, 512)))
+        "AMD EPYC (1 threads)", Ts=(128, 256, 512)) + [old_peer])
     (run / "ceilings.json").write_text(json.dumps([dict(CEILINGS, device_name="AMD EPYC (1 threads)",
                                                         timestamp="2026-12-01T00:00:00+00:00")]))
     readmes = report.publish([run], root)
     assert sorted(p.parent.name for p in readmes) == ["amd-epyc-family-25-model-17", "intel-xeon"]
     amd = root / "cpu" / "amd-epyc-family-25-model-17"
     frame = pd.read_csv(amd / "results.csv")
-    assert set(frame["device_name"]) == {"AMD EPYC family 25 model 17 (1 threads)"} and len(frame) == 3
+    assert set(frame["device_name"]) == {"AMD EPYC family 25 model 17 (1 threads)"} and len(frame) == 4
+    assert frame.loc[frame["op"] == "model", "peer"].tolist() == [True]
     assert json.loads((amd / "ceilings.json").read_text())[0]["device_name"] == frame["device_name"][0]
     assert not (root / "cpu" / "intel-xeon" / "ceilings.json").exists()  # no ceilings of that host in the run
     assert "# Benchmarks on cpu: AMD EPYC family 25 model 17 (1 threads)" in (amd / "README.md").read_text()
@@ -454,6 +457,8 @@ def test_model_training_target_in_the_report(tmp_path):
     text = report.write(tmp_path, "cpu").read_text()
     target = text.split("### Model training")[1].split("\n### ")[0]
     assert "`mkl` 170 ms; `transformers` 1.44 s: **8.47x**: met." in target
+    # the scoreboard: the fastest lab backend against the fastest peer on the same case, the target's verdict
+    assert "| [model](#model) | `mkl` (1 of 1 shapes) | 8.47x |  | met: 8.47x (>= 5x) |" in text
     model_section = text.split("## model")[1]
     assert "| median | p20 | p80 | tokens/s | forward | backward | optimizer |" in model_section
     assert "| mkl | float32 | bench | hybrid | train | 2,048 | 170 ms |" in model_section
