@@ -443,6 +443,9 @@ def test_model_plots_and_summary(tmp_path):
     assert any(line.startswith("decode floor at 2048 (all_attention): torch") for line in lines)
     assert any("all-attention / hybrid = " in line for line in lines)
     assert any(line.startswith("llama.cpp-f32 (hybrid) skipped: not installed") for line in lines)
+    assert not any("filled" in line for line in lines)  # rows of a sweep that prefilled every context
+    filled = model_report.summary([dict(r, cache_fill="filled") if r.get("phase") == "decode" else r for r in rows])
+    assert filled[0].startswith("decode steps timed on caches filled to each context (512 to 2048 tokens)")
 
 
 def test_model_training_target_in_the_report(tmp_path):

@@ -172,8 +172,12 @@ def _context_axis(ax, contexts):
 
 
 def summary(rows) -> list[str]:
-    """The targets: ours / transformers at the longest context (prefill, decode), cache at 32K."""
-    lines = []
+    """How decode was timed; the targets: ours / transformers at the longest prefill context (prefill, decode),
+    the floors, llama.cpp, training, cache at 32K."""
+    filled = sorted({int(r["context"]) for r in _measured(rows, "decode") if r.get("cache_fill") == "filled"})
+    lines = [f"decode steps timed on caches filled to each context ({filled[0]} to {filled[-1]} tokens) from a short "
+             f"real prefill's states, keys and values (model.cache.fill), not after a prefill of the context; "
+             f"llama.cpp's (its cache cannot be filled from outside) after its prefills"] if filled else []
     longest = max((int(r["context"]) for r in rows if r.get("phase") == "prefill"), default=None)
     for phase in ("prefill", "decode"):
         at = {r["backend"]: r["tokens_per_s"] for r in rows

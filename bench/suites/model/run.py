@@ -77,10 +77,10 @@ def plan(quick: bool, device: str, names: list[str], peers: list[str], trained: 
     scale = torch.device(device).type
     prefill = QUICK_PREFILL_CONTEXTS if quick else PREFILL_CONTEXTS[scale]
     decode = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS[scale]
-    jobs = []
+    jobs, first = [], names[0] if names else None  # the twin's prefill: the first lab backend's alone
     for variant in VARIANTS:
         for name in names + peers:
-            once = variant == "hybrid" or name in peers or name == names[0]
+            once = variant == "hybrid" or name in peers or name == first
             jobs.append(Job("measure", variant, name, prefill if once else (),
                             () if name in llama_cpp.RUNNERS else decode))
         if llama_cpp.RUNNERS.keys() & set(peers):
