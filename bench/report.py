@@ -589,8 +589,8 @@ def publish(runs: list[Path], root: Path = REPORTS) -> list[Path]:
     it has none, or holds rows of a quick run) merged into the results.csv of their host's folder
     (host_folder: rows of several hosts go to several folders), its ceilings into that folder's ceilings.json;
     then each host's plots and README.md regenerated from its folder alone. Returns the READMEs written. Old rows
-    are read with what is known of them now: the exact model of their host (exact_device_name), the model sweep's
-    peers marked as peers."""
+    are read with what is known of them now: the exact model of their host (exact_device_name), transformers and
+    llama.cpp marked as peers."""
     from bench.sweep import merge, read_results
 
     frames = []
@@ -602,8 +602,8 @@ def publish(runs: list[Path], root: Path = REPORTS) -> list[Path]:
             raise ValueError(f"--publish: {run} holds rows of a quick run (bench.sweep --quick): only full runs are "
                              f"published")
         frame = frame.assign(device_name=frame["device_name"].map(exact_device_name))
-        # the model's peers, in rows written before the model sweep marked them
-        frame.loc[(frame["op"] == "model") & frame["backend"].isin(["transformers", *llama_cpp.RUNNERS]), "peer"] = "True"
+        # transformers and llama.cpp are peers wherever they run (old rows of the model sweep did not say so)
+        frame.loc[frame["backend"].isin(["transformers", *llama_cpp.RUNNERS]), "peer"] = "True"
         frames.append((run, frame))
     hosts = {}
     for run, frame in frames:
