@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-
 from bench.ops import OPS
 from bench.peers import llama_cpp
 from bench.suites.model.config import MEMORY_CONTEXTS

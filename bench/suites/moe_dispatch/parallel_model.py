@@ -9,7 +9,7 @@ import torch
 
 from bench import ops, timing
 from bench.suites.moe_dispatch.parts import COLLECTIVE_TIMEOUT, OP, _timed, transport_of
-from bench.suites.moe_dispatch.worlds import WORKER_ENV, _free_port, _runnable_worlds, _ranks, spawn
+from bench.suites.moe_dispatch.worlds import WORKER_ENV, _free_port, _ranks, _runnable_worlds, spawn
 from bench.sweep import seed_of
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bench.suites.precision.run import CONTEXTS, GPU_MEMORY_BYTES, THRESHOLD, MODES, GATES, QWEN35
+from bench.suites.precision.run import CONTEXTS, GATES, GPU_MEMORY_BYTES, MODES, QWEN35, THRESHOLD
 
 
 _COLORS = {"float32": "tab:blue", "bfloat16": "tab:red", "float16": "tab:green"}
