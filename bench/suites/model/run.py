@@ -11,7 +11,7 @@ transformers' own Qwen3_5MoeForCausalLM (prefill, decode on its cache filled the
 decodes after each of its prefills) on the same checkpoint.
 
     python -m bench.sweep --op model [--quick]     # rows merged into results.csv, the report's model section
-    python -m bench.suites.model.run [--quick] [--device cpu] [--out OUT] [--threads 1] [--backend torch]
+    python -m bench.suites.model.run [--quick] [--device cpu] [--out runs/NAME] [--threads 1] [--backend torch]
 
 The plan, with its estimated time, is printed first (plan, COST in config.py): under 20 minutes on 2 cores with
 1 thread. `sweep(quick, device, out)` returns the rows and writes model_tokens_per_s.png, model_gap.png,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
 import math
 import multiprocessing
 import tempfile
@@ -34,7 +35,7 @@ import torch
 
 import kernellab
 import model
-from bench import cli
+from bench import cli, timing
 from bench.peers import llama_cpp
 from bench.suites.model.config import (BENCH_CONFIG, BUDGET_S, COST, DECODE_CONTEXTS, PREFILL_CONTEXTS,
                                        QUICK_DECODE_CONTEXTS, QUICK_PREFILL_CONTEXTS, QUICK_TRAIN_CONTEXT,
@@ -212,7 +213,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short contexts, fewer repeats")
     parser.add_argument("--device", default="cpu", choices=cli.DEVICES)
-    parser.add_argument("--out", type=cli.out_folder, default=None, help="output folder (default reports/<device>)")
+    parser.add_argument("--out", type=cli.out_folder, default=None,
+                        help="output folder (default runs/model-<host>-<time>: the published reports are rewritten by "
+                             "python -m bench.report --publish only)")
     parser.add_argument("--backend", action="append", help="lab backend(s) to run (default: every one here)")
     parser.add_argument("--threads", type=cli.positive_int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -222,7 +225,8 @@ def main(argv=None):
             parser.error(f"--backend: {problem}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out or f"reports/{args.device}")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"runs/model-{timing.host_slug(args.device)}-{stamp}")
     rows = sweep(args.quick, args.device, out, args.backend)
     import pandas as pd
 
