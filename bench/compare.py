@@ -8,7 +8,7 @@
 Commits: A and B (hash prefixes, or git revisions) name values of the CSV's `commit` column (default
 reports/<device>/results.csv). A rerun of a sweep replaces its rows in that file, so the rows of A and B are
 looked up in the file on disk and in every committed version of it (git log), the newest row per commit and
-key. Files: the rows of two CSVs (e.g. a CI run against the committed reports/cpu/results.csv). Interleaved:
+key. Files: the rows of two CSVs (e.g. a CI run against the committed reports/cpu/<host>/results.csv). Interleaved:
 the only trustworthy comparison on a shared machine, whose load drifts over minutes: both revisions are
 checked out as detached git worktrees in a temporary folder, and the same `python -m bench.sweep` runs in each
 in turn (its cwd that worktree, so that worktree's packages are imported: checked before the first round),

@@ -13,9 +13,11 @@ shape with the model preset it came from, and its key is the shape string of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Callable
 
 from bench import cost, inputs
+from bench.suites import model as model_suite, moe_dispatch as moe_dispatch_suite, precision as precision_suite
 from bench.presets import MODELS, PRESET_MAX_GB, PRESET_TOKENS, SEQ_LENS, TOKENS, scale_of, seqlens, vary
 
 CATEGORICAL_AXES = ("mode", "routing")
@@ -93,16 +95,14 @@ class OpSpec:
     targets:     the report's targets on this op's rows.
     anchors:     published figures (ANCHORS.md) the report puts beside this op's rows.
     flop_model:  a sentence on the FLOP model, for the report (backward_flop_model: its backward's).
-    sweep:       "module:function" of a sweep of its own (the model's), run instead of the registry's backends:
-                 (quick, device, out, backends) -> rows, and a `preset` keyword when the op has presets (its
-                 cases are then the op's own: grid and presets as above); such an op has no registry entry and runs
-                 alone.
+    sweep:       the package of a sweep of its own (bench.suites.<name>), run instead of the registry's
+                 backends: its run.sweep(quick, device, out, backends) -> rows, with a `preset` keyword when the op
+                 has presets (its cases are then the op's own: grid and presets as above); its report.summary(rows)
+                 -> lines for the report (its targets: each a sentence the report makes a bullet, or a Markdown line
+                 kept as it is: empty, a heading "#...", a table row "|..."), and report.table(rows) -> the Markdown
+                 table of its rows where it has one (default: every column that has a value, one line per row).
+                 Such an op has no registry entry and runs alone.
     backend_ops: for such an op, the registry ops whose backends its --backend names.
-    summary:     "module:function" of lines for the report from such an op's rows (its targets): each a sentence
-                 the report makes a bullet, or a Markdown line kept as it is (empty, a heading "#...", a table
-                 row "|...").
-    table:       "module:function" of the markdown table of such an op's rows (default: every column that has a
-                 value, one line per row).
     tolerance:   the least parity gate of this op's rows (its own rounding's floor), beside the dtype's.
     swept_with:  the op whose sweep this one joins in gpu_check's run (one sweep of both: their ratio measured in one
                  run, and one share of the run's time).
@@ -126,10 +126,8 @@ class OpSpec:
     anchors: tuple[Anchor, ...] = ()
     flop_model: str = ""
     backward_flop_model: str = ""
-    sweep: str | None = None
+    sweep: ModuleType | None = None
     backend_ops: tuple[str, ...] = ()
-    summary: str | None = None
-    table: str | None = None
     swept_with: str | None = None
     tolerance: float = 0.0
 
@@ -486,9 +484,8 @@ MOE_FP8 = replace(
                     peer="moe"),),
     anchors=(), flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' fp8 weights.")
 
-# The Qwen3.5-MoE model's prefill and decode (bench/model.py), on the backends of the ops it runs.
-MODEL = OpSpec("model", sweep="bench.model:sweep", backend_ops=("gated_delta_rule", "attention", "route", "moe"),
-               summary="bench.model:summary",
+# The Qwen3.5-MoE model's prefill and decode (bench/suites/model/), on the backends of the ops it runs.
+MODEL = OpSpec("model", sweep=model_suite, backend_ops=("gated_delta_rule", "attention", "route", "moe"),
                targets=(Target("Model training (forward, backward, AdamW step) on 2K-token sequences, bench checkpoint "
                                "(CPU, float32): at least 5x the tokens/s of transformers' Qwen3_5MoeForCausalLM",
                                "peer", 5.0, dict(phase="train", context=2048, variant="hybrid", device="cpu",
@@ -500,8 +497,8 @@ MODEL = OpSpec("model", sweep="bench.model:sweep", backend_ops=("gated_delta_rul
 def _dispatch_grid(scale):
     """kernellab.distributed's exchange against tokens per rank N, hidden size D and top-k around a base shape, and
     skewed routing at the base, at each world size: 2 and 4 processes on CPU (1 too in the quick sweep, the
-    exchange with nothing to send away: what a one-GPU machine runs), 1 to 8 GPUs on a GPU machine (bench.dispatch
-    runs the worlds the machine has GPUs for)."""
+    exchange with nothing to send away: what a one-GPU machine runs), 1 to 8 GPUs on a GPU machine
+    (bench.suites.moe_dispatch runs the worlds the machine has GPUs for)."""
     if scale == "cuda":
         worlds, base = (1, 2, 4, 8), dict(N=4096, D=4096, E=256, I=512, top_k=8, routing="uniform")
         axes = dict(N=(128, 512, 2048, 4096, 16384), D=(2048, 4096, 7168), top_k=(1, 2, 4, 8, 10))
@@ -529,17 +526,15 @@ def _dispatch_presets(scale):
             for model in models for world in worlds]
 
 
-# Expert parallelism's exchange (bench/dispatch.py): dispatch and combine against all_to_all_single, moe_ep against
-# kernellab.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
+# Expert parallelism's exchange (bench/suites/moe_dispatch/): dispatch and combine against all_to_all_single,
+# moe_ep against kernellab.moe in one process, in processes of its own; --backend names the moe_permute / moe_unpermute backend of
 # the exchange and the moe backend of the local experts (each name for the ops it has).
 MOE_DISPATCH = OpSpec("moe_dispatch", ("world", "N", "D", "E", "I", "top_k", "routing"), grid=_dispatch_grid,
-                      presets=_dispatch_presets, sweep="bench.dispatch:sweep", backend_ops=("moe_permute", "moe"),
-                      summary="bench.dispatch:summary")
+                      presets=_dispatch_presets, sweep=moe_dispatch_suite, backend_ops=("moe_permute", "moe"))
 
 # The gated delta rule's state dtype: error against float64 as the sequence grows, memory and decode time
-# (bench/precision.py), on the backends that implement state_dtype.
-PRECISION = OpSpec("precision", sweep="bench.precision:sweep", backend_ops=("gated_delta_rule",),
-                   summary="bench.precision:summary", table="bench.precision:table")
+# (bench/suites/precision/), on the backends that implement state_dtype.
+PRECISION = OpSpec("precision", sweep=precision_suite, backend_ops=("gated_delta_rule",))
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE,

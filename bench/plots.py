@@ -1,8 +1,10 @@
 """Plots from a results CSV only (bench.sweep's long format), with matplotlib's Agg backend.
 
-- <op>_<axis>[_<n>].png: latency (median, p20-p80 bars) and throughput (TFLOP/s, or GB/s for ops without
-  FLOPs) against one shape axis, one line per backend, the other axes held fixed (one file per fixed group
-  with at least three points on a numeric axis, two on another).
+- <op>_<axis>[_<what is held>].png: latency (median, p20-p80 bars) and throughput (TFLOP/s, or GB/s for ops
+  without FLOPs) against one shape axis, one line per backend, the host, the dtype and the other axes held fixed
+  (one file per fixed group with at least three points on a numeric axis, two on another; where an axis has
+  several, each file's name says the values that set it apart, e.g. gated_delta_rule_T_B4_bfloat16.png). A
+  figure never mixes hosts (device_name).
 - <op>_roofline.png: the fraction of the roofline floor each backend reaches, every shape.
 - linear_vs_quadratic.png: the fastest lab backend of linear attention, the gated delta rule and softmax
   attention against sequence length at matched heads, the crossover marked.
@@ -54,7 +56,7 @@ def _label(values):
 def _groups(rows, op, columns):
     """Groups of rows with every other axis (and dtype) equal and >= 3 distinct values on a numeric axis (>= 2
     on a categorical or compound one), the largest first."""
-    fixed = ["dtype"] + [a for a in OPS[op].axes if a not in columns and a in rows]
+    fixed = ["device_name", "dtype"] + [a for a in OPS[op].axes if a not in columns and a in rows]
     found = []
     for key, group in rows.groupby(fixed, dropna=False):
         categorical = len(columns) > 1 or not pd.api.types.is_numeric_dtype(group[columns[0]])
@@ -73,12 +75,31 @@ def _throughput(group, rows):
     return group["gbps"], "GB/s"
 
 
+def _held(fixed: dict, every: list[dict]) -> str:
+    """The file name's suffix of one group: the fixed values that set it apart from the axis' other groups
+    ("_B4_bfloat16"; a host as its folder name and threads, "_intel-xeon-2threads"; "" when the axis has one
+    group)."""
+    from bench.timing import model_slug
+
+    parts = []
+    for key, value in fixed.items():
+        if len({str(f[key]) for f in every}) <= 1:
+            continue
+        if key == "device_name":
+            threads = re.search(r"\((\d+) threads?\)", str(value))
+            parts.append(model_slug(str(value)) + (f"-{threads.group(1)}threads" if threads else ""))
+        else:
+            parts.append(_label([value]) if key == "dtype" else f"{key}{_label([value])}")
+    return "".join(f"_{re.sub(r'[^A-Za-z0-9.+-]+', '-', part)}" for part in parts)
+
+
 def plot_axis(frame: pd.DataFrame, op: str, axis: str, out: Path) -> list[Path]:
     """Latency and throughput of op against `axis`, one figure per group of fixed other axes."""
     columns = list(OPS[op].plot_axes[axis])
     rows = measured(frame[frame["op"] == op])
     written = []
-    for n, (fixed, group) in enumerate(_groups(rows, op, columns)):
+    groups = _groups(rows, op, columns)
+    for fixed, group in groups:
         numeric = len(columns) == 1 and pd.api.types.is_numeric_dtype(group[columns[0]])
         order = group[columns].drop_duplicates().sort_values(columns)
         position = {tuple(v): i for i, v in enumerate(order.itertuples(index=False))}
@@ -110,7 +131,7 @@ def plot_axis(frame: pd.DataFrame, op: str, axis: str, out: Path) -> list[Path]:
         fig.suptitle(f"{op} on {group['device_name'].iloc[0]}: " + ", ".join(f"{k}={_label([v])}" for k, v in fixed.items()),
                      fontsize=9)
         fig.tight_layout()
-        path = out / f"{op}_{axis}{'' if n == 0 else f'_{n}'}.png"
+        path = out / f"{op}_{axis}{_held(fixed, [f for f, _ in groups])}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
@@ -276,7 +297,7 @@ def plot_all(frame: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     for op in [name for name, spec in OPS.items() if spec.registry]:  # earlier plots (others draw their own)
         # this op's names only: "moe_*" would take moe_permute's and moe_dispatch's too
-        own = re.compile(rf"{re.escape(op)}_({'|'.join(map(re.escape, [*OPS[op].plot_axes, 'roofline']))})(_\d+)?")
+        own = re.compile(rf"{re.escape(op)}_({'|'.join(map(re.escape, [*OPS[op].plot_axes, 'roofline']))})(_.+)?")
         for stale in out.glob(f"{op}_*.png"):  # a smaller table may draw fewer
             if own.fullmatch(stale.stem):
                 stale.unlink()

@@ -1,12 +1,20 @@
-"""The Markdown report of one device, written from its results CSV (and ceilings.json) only.
+"""The Markdown report of one host, written from its results CSV (and ceilings.json) only.
 
-    python -m bench.report --device cpu [--out reports/cpu]
+    python -m bench.report --out RUN [--device cpu]         # the report of a run, in its own folder
+    python -m bench.report --publish RUN [RUN ...]          # the published reports: reports/<device>/<host>/
 
-Writes the plots (bench.plots) and README.md: the machine and its measured ceilings, the targets of the ops'
-declarations (bench/ops.py) computed from the rows, linear versus quadratic attention, the published numbers of
-the declarations' anchors (ANCHORS.md) beside ours, which backends are deterministic and batch-invariant, per
-op a short "where the time goes", the plots and the table of rows (forward rows), and a training section: the
-backward and forward+backward rows beside each backend's forward, with the published backward numbers.
+Writes the plots (bench.plots) and README.md: a contents list and a one-screen scoreboard (per op the fastest lab
+backend, its speedup over the best peer, its median fraction of the roofline, its targets met or not with their
+numbers), the machine and its measured ceilings, the targets of the ops' declarations (bench/ops.py) computed from
+the rows, linear versus quadratic attention, the published numbers of the declarations' anchors (ANCHORS.md)
+beside ours, which backends are deterministic and batch-invariant, per op a short "where the time goes", the
+plots and the rows (forward rows, folded), and a training section: the backward and forward+backward rows beside
+each backend's forward, with the published backward numbers.
+
+The published reports are one per host (the exact device of the rows' device_name: reports/cpu/intel-xeon/,
+reports/cpu/amd-epyc-family-25-model-17/); only --publish rewrites them, from full runs (rows not marked quick):
+each run's rows are merged into the results.csv of their host's folder, its ceilings into that ceilings.json, and
+the host's report is regenerated.
 """
 from __future__ import annotations
 
@@ -18,8 +26,9 @@ import pandas as pd
 
 import kernellab
 from bench import plots
+from bench.peers import llama_cpp
 from bench.ops import OPS
-from kernellab.registry import resolve
+
 
 CEILING_ANCHORS = {"cpu": ("116 GFLOP/s fp32 matmul, 22 GB/s copy", "the 2-core development machines, measured once"),
                    "cuda": ("H200: 989 TFLOP/s bf16 datasheet (about 790 measured), HBM 4.8 TB/s", "datasheet, ANCHORS.md")}
@@ -230,10 +239,10 @@ OWN_COLUMN_FORMATS = {"median_ms": fmt_ms, "p20_ms": fmt_ms, "p80_ms": fmt_ms, "
                       "x_floor": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
                       "rel_err": lambda v: "" if pd.isna(v) else f"{v:.1e}", "bytes": fmt_bytes,
                       "bytes_per_token": fmt_bytes, "of_all_to_all": fmt_share}
-OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "transport", "median_ms", "p20_ms",
-               "p80_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms", "dense_share", "step_bytes",
-               "floor_ms", "x_floor", "cache_bytes", "bytes", "gbps", "bytes_per_token", "of_all_to_all", "imbalance",
-               "vs_one_process", "rel_err", "tokens_equal", "divergence", "load", "error"]
+OWN_COLUMNS = ["backend", "dtype", "shape", "variant", "phase", "context", "cache_fill", "transport", "median_ms",
+               "p20_ms", "p80_ms", "tokens_per_s", "forward_ms", "backward_ms", "optimizer_ms", "dense_share",
+               "step_bytes", "floor_ms", "x_floor", "cache_bytes", "bytes", "gbps", "bytes_per_token", "of_all_to_all",
+               "imbalance", "vs_one_process", "rel_err", "tokens_equal", "divergence", "load", "error"]
 # The order of an own table's rows: by these columns, those it has.
 OWN_SORT = ("variant", "phase", "context", "world", "routing", "D", "top_k", "N", "part", "backend")
 
@@ -399,11 +408,79 @@ def training_section(frame) -> list[str]:
         md += [f"### {spec.name}", ""]
         if spec.backward_flop_model:
             md += [f"Backward FLOP model: {spec.backward_flop_model}", ""]
-        md += [training_table(training[training["op"] == spec.name], forward[forward["op"] == spec.name]), ""]
+        md += _folded(f"The backward rows of {spec.name}", training_table(training[training["op"] == spec.name],
+                                                                         forward[forward["op"] == spec.name]))
     return md
 
 
 # ---------------------------------------------------------------------------------------------- report
+
+# How each kind of target states its threshold in the scoreboard.
+GOALS = {"ceiling": lambda t: f">= {t:.0%} of the matmul ceiling", "floor": lambda t: f"<= {t:g}x the memory floor",
+         "peer": lambda t: f">= {t:g}x", "op": lambda t: f">= {t:g}x", "crossover": lambda t: f"from T <= {t:g}"}
+
+
+def _target_cell(frame, spec, target, highest: dict, lvq) -> str:
+    """A target in a few words: met or not, its number (from the bold figure of its sentence) and its goal."""
+    import re
+
+    text = " ".join(target_lines(frame, spec, target, highest, lvq))
+    bold = text.split("**")[1] if text.count("**") >= 2 else ""
+    figure = re.search(r"T = \d+|never|[\d.,]+\s*[x%]?", bold)
+    said = re.findall(r"\b(not met|met)\b", text)  # the sentence's verdict is its last
+    verdict = said[-1] if said else "not measured"
+    goal = GOALS.get(target.kind, lambda t: f"{t:g}")(target.threshold)
+    return f"{verdict}: {figure.group(0).strip() if figure else ''} ({goal})" if figure else f"{verdict} ({goal})"
+
+
+def scoreboard(frame, highest: dict | None = None) -> list[str]:
+    """One line per op measured: the lab backend fastest on most shapes, the median over those shapes of its speedup
+    over the fastest peer on the same case and of its fraction of the roofline, and each declared target met or not
+    with its number."""
+    forward = plots.forward_rows(frame)
+    lvq = plots.linear_vs_quadratic(forward)
+    body = []
+    for spec in OPS.values():
+        rows = forward[forward["op"] == spec.name]
+        if rows.empty:
+            continue
+        ok = plots.measured(rows)
+        lab = _lab(ok)
+        best, speedup, roofline = "none measured", "", ""
+        if not lab.empty:
+            # one case: a shape of a registry op; a sweep of its own's rows differ by phase, context, part too
+            case = [c for c in ("shape", "dtype", "variant", "phase", "context", "part") if c in lab]
+            fastest = lab.loc[lab.groupby(case, dropna=False)["median_ms"].idxmin()]
+            wins = fastest["backend"].value_counts()
+            best = f"`{wins.index[0]}` ({wins.iloc[0]} of {len(fastest)} shapes)"
+            own = fastest[fastest["backend"] == wins.index[0]]
+            peers = ok[ok["peer"]].groupby(case, dropna=False)["median_ms"].min().rename("peer_ms")
+            ratios = own.join(peers, on=case)["peer_ms"] / own["median_ms"]
+            if ratios.notna().any():
+                speedup = f"{ratios.median():.2f}x"
+            if "roofline_fraction" in own and own["roofline_fraction"].notna().any():
+                roofline = fmt_share(own["roofline_fraction"].median())
+        cells = "; ".join(_target_cell(frame, spec, t, highest or {}, lvq) for t in spec.targets)
+        body.append([f"[{spec.name}](#{spec.name})", best, speedup, roofline, cells])
+    return [_table(["op", "fastest lab backend", "x best peer (median)", "roofline (median)", "targets"], body),
+            "", "x best peer and roofline: medians over the shapes where that backend is the fastest lab backend; "
+            "targets: met or not, with the number its section below explains.", ""]
+
+
+def _contents(sections: list[str]) -> list[str]:
+    """Links to the report's sections (GitHub's anchors: lower case, spaces as dashes, punctuation dropped)."""
+    def anchor(title):
+        import re
+
+        return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
+
+    return [f"- [{title}](#{anchor(title)})" for title in sections] + [""]
+
+
+def _folded(summary: str, body: str) -> list[str]:
+    """A section folded away (<details>): the raw rows under the plots."""
+    return ["<details>", f"<summary>{summary}</summary>", "", body, "", "</details>", ""]
+
 
 def write(out: Path, device: str) -> Path:
     """Regenerate the plots and README.md of out/results.csv."""
@@ -414,15 +491,17 @@ def write(out: Path, device: str) -> Path:
     ok = plots.measured(frame)
     names = _values(frame, "device_name")
     md = [f"# Benchmarks on {device}: {names}", "",
-          "Generated by `python -m bench.report --device " + device + "` from `results.csv` (written by "
-          "`python -m bench.sweep --op OP --device " + device + "`). Do not edit by hand.", "",
+          "Generated by `python -m bench.report` from `results.csv` (rows of `python -m bench.sweep --op OP --device "
+          + device + "`; the published reports by `python -m bench.report --publish RUN`, full runs only). Do not "
+          "edit by hand.", "",
           f"{fmt(len(frame))} rows, {fmt(len(ok))} measured, {fmt(int((frame['error'] != '').sum()))} with an error; "
           f"commits {_values(frame, 'commit')}; torch {_values(frame, 'torch_version')}; threads "
           f"{_values(frame, 'threads')}; from {frame['timestamp'].min()} to {frame['timestamp'].max()}.", ""]
-    if device == "cpu":
-        md += ["Timing on a shared 2-core machine is noisy: the p20-p80 spread of each row says how much; ratios "
-               "taken within one run are more trustworthy than absolute times. Rerun a sweep on a quiet machine to "
-               "confirm a number.", ""]
+    present = set(forward["op"])
+    sections = ["Scoreboard", "Measured ceilings", "Targets", "Linear versus quadratic attention",
+                "Published numbers beside ours", "Determinism and batch invariance",
+                "Training: backward and forward+backward"] + [s.name for s in OPS.values() if s.name in present]
+    md += ["## Contents", "", *_contents(sections), "## Scoreboard", "", *scoreboard(frame, highest_ceilings(out))]
     over = plots.measured(forward)[plots.measured(forward)["roofline_fraction"] > 1]
     if len(over):
         md += [f"{len(over)} rows run faster than their roofline floor (fraction > 1): their working set fits in a "
@@ -444,41 +523,129 @@ def write(out: Path, device: str) -> Path:
            "deterministic = repeated calls give bitwise equal outputs; batch-invariant = one sequence's or token's "
            "output is bitwise the same whatever else shares its batch.", "", invariance_table(frame), "",
            "## Training: backward and forward+backward", "", *training_section(frame)]
-    present = set(forward["op"])
     for spec in [s for s in OPS.values() if s.name in present]:
         rows = forward[forward["op"] == spec.name]
         md += [f"## {spec.name}", "", "### Where the time goes", ""]
-        if spec.registry or not spec.summary:  # a sweep of its own says where its time goes in its summary
+        if spec.registry:  # a sweep of its own says where its time goes in its summary
             md += [f"- {line}" for line in where_time_goes(rows, spec)]
-        if spec.summary:
-            md += [line if _markdown(line) else f"- {line}." for line in resolve(spec.summary)(rows.to_dict("records"))]
+        else:
+            lines = spec.sweep.report.summary(rows.to_dict("records"))
+            md += [line if _markdown(line) else f"- {line}." for line in lines]
         md += [""] + ([f"FLOP model: {spec.flop_model}", ""] if spec.flop_model else [])
+        if not spec.registry:  # a sweep of its own draws its plots: again here, from these rows alone
+            spec.sweep.report.plot(rows.to_dict("records"), out)
         drawn = written.get(spec.name, []) + (sorted(out.glob(f"{spec.name}_*.png")) if not spec.registry else [])
         md += [f"![{path.stem}]({path.name})" for path in drawn]
-        own = resolve(spec.table)(rows.to_dict("records")) if spec.table else _own_table(rows)
-        md += ["", _rows_table(rows) if spec.registry else own, ""]
+        if spec.registry:
+            table = _rows_table(rows)
+        else:
+            own = getattr(spec.sweep.report, "table", None)
+            table = own(rows.to_dict("records")) if own else _own_table(rows)
+        md += ["", *_folded(f"The {len(rows)} rows of {spec.name}", table)]
     readme = out / "README.md"
     readme.write_text("\n".join(md))
     return readme
+
+
+# ------------------------------------------------------------------------------------------- publishing
+
+# Rows written before bench.timing.device_model added a CPU's family and model, by the machines that wrote them
+# (the 2-core development machines: AMD EPYC family 25 model 17).
+LEGACY_DEVICE_MODELS = {"AMD EPYC": "AMD EPYC family 25 model 17"}
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+
+
+def exact_device_name(name: str) -> str:
+    """A row's device_name with the exact model where an old row has only the vendor's name
+    ("AMD EPYC (1 threads)" -> "AMD EPYC family 25 model 17 (1 threads)")."""
+    model, bracket, rest = str(name).partition(" (")
+    return LEGACY_DEVICE_MODELS.get(model, model) + bracket + rest
+
+
+def host_folder(root: Path, device: str, device_name: str) -> Path:
+    """reports/<device type>/<host>/ of a row: its exact model as a folder name (bench.timing.model_slug; the
+    threads it ran on left out: one host, one report)."""
+    from bench.timing import model_slug
+
+    return Path(root) / device / model_slug(exact_device_name(device_name))
+
+
+def _merge_ceilings(source: Path, target: Path, names: set[str]) -> None:
+    """Append to target (a ceilings.json) the runs of source measured on `names` that it does not hold yet."""
+    runs = json.loads(target.read_text()) if target.exists() else []
+    seen = {(r["device_name"], r["timestamp"]) for r in runs}
+    for run in json.loads(source.read_text()) if source.exists() else []:
+        run = dict(run, device_name=exact_device_name(run["device_name"]))
+        if run["device_name"] in names and (run["device_name"], run["timestamp"]) not in seen:
+            runs.append(run)
+    if runs:
+        from bench import results
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        results.write_atomic(target, json.dumps(sorted(runs, key=lambda r: r["timestamp"]), indent=1) + "\n")
+
+
+def publish(runs: list[Path], root: Path = REPORTS) -> list[Path]:
+    """The published reports from full runs: every run folder's rows (its results.csv; ValueError naming it when
+    it has none, or holds rows of a quick run) merged into the results.csv of their host's folder
+    (host_folder: rows of several hosts go to several folders), its ceilings into that folder's ceilings.json;
+    then each host's plots and README.md regenerated from its folder alone. Returns the READMEs written. Old rows
+    are read with what is known of them now: the exact model of their host (exact_device_name), transformers and
+    llama.cpp marked as peers."""
+    from bench import results
+
+    frames = []
+    for run in map(Path, runs):
+        if not (run / results.NAME).is_file():
+            raise ValueError(f"no {results.NAME} in {run}")
+        frame = results.read(run / results.NAME)
+        if "quick" in frame and frame["quick"].astype(str).str.lower().eq("true").any():
+            raise ValueError(f"{run} holds rows of a quick run (bench.sweep --quick): only full runs are "
+                             f"published")
+        frame = frame.assign(device_name=frame["device_name"].map(exact_device_name))
+        # transformers and llama.cpp are peers wherever they run (old rows of the model sweep did not say so)
+        frame.loc[frame["backend"].isin(["transformers", *llama_cpp.RUNNERS]), "peer"] = "True"
+        frames.append((run, frame))
+    hosts = {}
+    for run, frame in frames:
+        for (device, name), rows in frame.groupby(["device", "device_name"]):
+            folder = host_folder(root, device, name)
+            results.merge(folder / results.NAME, rows.to_dict("records"))
+            _merge_ceilings(run / "ceilings.json", folder / "ceilings.json", {name})
+            hosts[folder] = device
+    return [write(folder, device) for folder, device in sorted(hosts.items())]
 
 
 def main(argv=None) -> int:
     from bench import cli, results
 
     parser = cli.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="reports/<device>/ (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="the device type of --out's rows (cpu, cuda)")
     parser.add_argument("--out", type=cli.existing_folder,
-                        help="results folder: its results.csv is read, its plots and README.md written "
-                             "(default reports/<device>)")
+                        help="the run folder whose report to write: its results.csv is read, its plots and "
+                             "README.md written")
+    parser.add_argument("--publish", nargs="+", type=Path, metavar="RUN",
+                        help="merge these full runs' rows into reports/<device>/<host>/ and rewrite those reports")
     args = parser.parse_args(argv)
-    out = args.out or Path(__file__).resolve().parent.parent / "reports" / args.device
-    if not (out / results.NAME).is_file():
-        parser.error(f"--out: no {results.NAME} in {out} (run python -m bench.sweep first)")
+    if args.publish:
+        if args.out:
+            parser.error("--out and --publish: --publish writes the published reports, --out a run's own")
+        try:
+            for readme in publish(args.publish):
+                print(readme)
+        except ValueError as exc:  # results.Damaged included: nothing published from a table that cannot be trusted
+            parser.error(f"--publish: {exc}")
+        return 0
+    if args.out is None:
+        parser.error("--out RUN (a run's own report) or --publish RUN ... (the published reports under "
+                     "reports/<device>/<host>/, rewritten by --publish only)")
+    if not (args.out / results.NAME).is_file():
+        parser.error(f"--out: no {results.NAME} in {args.out} (run python -m bench.sweep first)")
     try:
-        results.read(out / results.NAME)
+        results.read(args.out / results.NAME)
     except results.Damaged as exc:  # nothing plotted from a table that cannot be trusted
         parser.error(f"--out: {exc}")
-    print(write(out, args.device))
+    print(write(args.out, args.device))
     return 0
 
 

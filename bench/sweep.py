@@ -51,7 +51,6 @@ import torch
 import kernellab
 from bench import cli, presets, results, timing
 from bench.ops import OPS, PASSES, RENAMED, Case
-from kernellab.registry import resolve
 from kernellab.types import Permutation
 from reference.tolerance import rel_err, tolerance
 
@@ -257,7 +256,7 @@ def metrics(flops: float, nbytes: float, median_ms: float, peak_tflops: float, p
 
 
 def base_row(op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict) -> dict:
-    """The columns every row has, whoever times it (bench.model fills the rest the same way)."""
+    """The columns every row has, whoever times it (a suite of bench/suites/ fills the rest the same way)."""
     return dict(op=op, backend=backend, device=device, device_name=ceil["device_name"], dtype=dtype_name(dtype),
                 peak_tflops=ceil["matmul_tflops"].get(dtype_name(dtype), math.nan), peak_gbps=ceil["copy_gbps"],
                 threads=torch.get_num_threads(), torch_version=torch.__version__, commit=commit(),
@@ -579,7 +578,7 @@ def list_everything() -> str:
     lines = ["ops: backends registered [runs here on cpu / cuda]"]
     for name, spec in OPS.items():
         if not spec.registry:
-            lines.append(f"  {name}: a sweep of its own ({spec.sweep}; backends of {', '.join(spec.backend_ops)})")
+            lines.append(f"  {name}: a sweep of its own ({spec.sweep.__name__}; backends of {', '.join(spec.backend_ops)})")
             continue
         here = {d: set(kernellab.backends(name, d)) for d in ("cpu", "cuda")}
         described = []
@@ -591,12 +590,6 @@ def list_everything() -> str:
     lines.append("presets (ANCHORS.md shapes): " + ", ".join(presets.MODELS))
     lines.append("dtypes: " + ", ".join(DTYPES))
     return "\n".join(lines)
-
-
-def _sweep_present(spec) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(spec.sweep.partition(":")[0]) is not None
 
 
 def set_threads(threads: int) -> None:
@@ -680,7 +673,7 @@ def parse(argv=None, machine: bool = False):
 
 def check(args, parser):
     """Refuse (parser.error: one line, exit 2) what cannot run here: a GPU device without a GPU, a backend that
-    does not run on the device or dtype, an op's missing sweep, a shape or preset that selects nothing. Resolves
+    does not run on the device or dtype, a shape or preset that selects nothing. Resolves
     --backend to {op: names} (None: every backend that runs here)."""
     cli.check_device(parser, "--device", args.device)
     cores = len(os.sched_getaffinity(0))
@@ -691,8 +684,6 @@ def check(args, parser):
     if args.resume and not spec.registry:
         parser.error(f"--resume: --op {spec.name} has a sweep of its own, which writes its rows at its end")
     if not spec.registry:
-        if not _sweep_present(spec):
-            parser.error(f"{spec.sweep.partition(':')[0]} is missing: the {spec.name} sweep is not written yet")
         args.backend = backends_of(list(spec.backend_ops), args.device, args.dtype, args.backend, parser.error)
         if args.preset and not planned(spec.name, args.device, args.quick, args.preset):
             parser.error(f"no shapes of {spec.name} for preset {args.preset} on {args.device}: nothing would run")
@@ -757,10 +748,16 @@ def main(argv=None) -> int:
         set_threads(args.threads)
     ceil = timing.ceilings(args.device, args.dtype)
     spec = OPS[args.op[0]]
+
+    def quick(rows):  # bench.report --publish takes the rows of full runs only
+        for row in rows:
+            row["quick"] = args.quick
+        return rows
+
     if not spec.registry:
         names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values() for n in found))
         chosen = {"preset": args.preset} if args.preset else {}
-        rows = resolve(spec.sweep)(quick=args.quick, device=args.device, out=out, backends=names, **chosen)
+        rows = quick(spec.sweep.run.sweep(quick=args.quick, device=args.device, out=out, backends=names, **chosen))
         for row in rows:  # columns these rows may leave out, filled the way every other row has them
             for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0], ceil).items():
                 if column not in ("dtype",) and row.get(column) in (None, ""):
@@ -777,7 +774,7 @@ def main(argv=None) -> int:
         try:
             rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
                          args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes, done=done,
-                         on_rows=lambda new: (rows.extend(new), results.append(csv, new)))
+                         on_rows=lambda new: (rows.extend(quick(new)), results.append(csv, new)))
         except KeyboardInterrupt:
             print(f"\ninterrupted: the {len(rows)} rows finished are in {csv}; `python -m bench.sweep ... --resume "
                   f"--out {out}` continues", file=sys.stderr)

@@ -220,9 +220,14 @@ def device_name(device) -> str:
 
 def host_slug(device) -> str:
     """The device's model as a folder name ("amd-epyc-family-25-model-17", "nvidia-h200"): reports/<device type>/<slug>/."""
+    return model_slug(device_model(device))
+
+
+def model_slug(model: str) -> str:
+    """A device model's folder name (host_slug's, for a model read from the rows' device_name)."""
     import re
 
-    words = re.sub(r"\(.*?\)|\b(\d+-core|processor|cpu)\b|@.*", " ", device_model(device).lower())
+    words = re.sub(r"\(.*?\)|\b(\d+-core|processor|cpu)\b|@.*", " ", model.lower())
     return re.sub(r"[^a-z0-9]+", "-", words).strip("-")
 
 

@@ -1,11 +1,11 @@
 """Roofline plots from the sweep's CSV: each backend's achieved FLOP/s against operational intensity, under the
 ceilings measured in the same run.
 
-    python -m profiling.roofline [--csv reports/cpu/results.csv] [--device cpu] [--out DIR]
+    python -m profiling.roofline [--csv reports/cpu/<host>/results.csv] [--device cpu] [--out DIR]
 
 Reads the long-format CSV of `bench.sweep` (columns op, backend, device, dtype, shape, median_ms, flops, bytes,
 peak_tflops, peak_gbps, error, ...). For each device in it (or only --device), writes roofline.png into --out
-(default: the CSV's folder, i.e. reports/<device>/); with several devices and no --device, roofline_<device>.png.
+(default: the CSV's folder, e.g. reports/<device>/<host>/); with several devices and no --device, roofline_<device>.png.
 A point is one (op, backend, shape, dtype) row that passed its check: x = flops / bytes (the analytic models of
 bench.cost: FLOP per byte of compulsory traffic), y = flops / median time. The lines are the roofs
 min(peak FLOP/s, intensity x peak bandwidth) per dtype, with the peaks measured at the start of the sweep
@@ -134,13 +134,22 @@ def main(argv=None) -> int:
     from bench import cli
 
     parser = cli.ArgumentParser(prog="python -m profiling.roofline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--csv", type=Path, default=None, help="the sweep's CSV (default reports/<device>/results.csv)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="the sweep's CSV (default: this host's published rows, reports/<device>/<host>/results.csv)")
     parser.add_argument("--device", default=None, help="only rows of this device (the CSV's device column)")
     parser.add_argument("--out", type=cli.out_folder, default=None, help="folder of the plot (default: the CSV's)")
     args = parser.parse_args(argv)
-    csv_path = args.csv or ROOT / "reports" / (args.device or "cpu") / "results.csv"
+    csv_path = args.csv
+    if csv_path is None:  # this host's published rows
+        import torch
+
+        from bench.timing import host_slug
+
+        device = args.device or "cpu"
+        here = host_slug(device) if device == "cpu" or torch.cuda.is_available() else "no-gpu-here"
+        csv_path = ROOT / "reports" / device / here / "results.csv"
     if not csv_path.is_file():
-        present = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("reports/*/results.csv"))
+        present = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("reports/*/*/results.csv"))
         argument = "--csv" if args.csv else f"--device {args.device or 'cpu'} (its CSV)"
         parser.error(f"{argument}: no sweep CSV at {csv_path} (python -m bench.sweep writes one); present: "
                      f"{', '.join(present) or 'none'}")

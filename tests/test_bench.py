@@ -1,11 +1,11 @@
 """The benchmark harness on tiny cases: CSV schema, keyed append, the correctness gate, the cost model, plots."""
+import json
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-import bench
 import kernellab
 from bench import cost, gpu_check, inputs, plots, report, results, sweep, timing
 from bench.ops import OPS, PASSES, Case
@@ -180,9 +180,73 @@ def test_plots_and_report_from_csv(tmp_path):
     assert (tmp_path / "gated_delta_rule_T.png").exists() and (tmp_path / "attention_roofline.png").exists()
     text = readme.read_text()
     assert "## gated_delta_rule" in text and "Where the time goes" in text and "FlashQLA" in text
+    # a contents list and the scoreboard open the report; the raw rows are folded
+    assert text.index("## Contents") < text.index("## Scoreboard") < text.index("## Measured ceilings")
+    assert "- [Scoreboard](#scoreboard)" in text and "- [gated_delta_rule](#gated_delta_rule)" in text
+    board = text.split("## Scoreboard")[1].split("\n## ")[0]
+    assert "| [gated_delta_rule](#gated_delta_rule) | `torch` (3 of 3 shapes) |  | 50% | " in board
+    assert "met: T = 512 (from T <= 1024)" in board  # the crossover target with its number
+    assert "<details>\n<summary>The 3 rows of gated_delta_rule</summary>" in text
 
 
-def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
+def _host_rows(name, Ts=(256, 512, 1024), B=1, quick=None):
+    more = {} if quick is None else dict(quick=quick)
+    return [dict(_row("torch", f"B={B},T={T}", T / 100, op="gated_delta_rule"), device_name=name, B=B, T=T, seqs=1,
+                 Hk=2, Hv=4, K=128, V=128, mode="chunk", p20_ms=T / 110, p80_ms=T / 90, flops=1e9, bytes=1e6,
+                 tflops=0.1, gbps=1.0, **more) for T in Ts]
+
+
+def test_plot_files_say_what_they_hold_and_never_mix_hosts(tmp_path):
+    """Two groups along T (B = 1 and B = 4) on two hosts: one file per host and B, named by them, no "_1"."""
+    rows = [r for name in ("Intel(R) Xeon(R) Processor (1 threads)", "AMD EPYC family 25 model 17 (1 threads)")
+            for B in (1, 4) for r in _host_rows(name, B=B)]
+    plots.MAX_GROUPS_PER_AXIS, saved = 4, plots.MAX_GROUPS_PER_AXIS
+    try:
+        written = plots.plot_axis(pd.DataFrame(rows).assign(peer=False), "gated_delta_rule", "T", tmp_path)
+    finally:
+        plots.MAX_GROUPS_PER_AXIS = saved
+    assert sorted(p.name for p in written) == sorted(
+        f"gated_delta_rule_T_{host}-1threads_B{B}.png" for host in ("intel-xeon", "amd-epyc-family-25-model-17")
+        for B in (1, 4))
+    one = plots.plot_axis(pd.DataFrame(_host_rows("test cpu")).assign(peer=False), "gated_delta_rule", "T", tmp_path)
+    assert [p.name for p in one] == ["gated_delta_rule_T.png"]  # one group: nothing to tell apart
+
+
+def test_publish_writes_one_report_per_host_from_full_runs(tmp_path, capsys):
+    """A run holding two hosts' rows (one under the old name "AMD EPYC") lands in two folders under
+    reports/cpu/<host>/, each report from its own rows; a quick run, or a folder without results.csv, is refused
+    naming it, and nothing is written; bench.report without --dir or --publish refuses to guess."""
+    run, root = tmp_path / "run", tmp_path / "reports"
+    old_peer = dict(_row("transformers", "bench", 5.0, op="model"), device_name="AMD EPYC (1 threads)", phase="decode",
+                    context=512, variant="hybrid")  # written before the model sweep marked its peers
+    sweep.merge(run / "results.csv", _host_rows("Intel(R) Xeon(R) Processor (1 threads)") + _host_rows(
+        "AMD EPYC (1 threads)", Ts=(128, 256, 512)) + [old_peer])
+    (run / "ceilings.json").write_text(json.dumps([dict(CEILINGS, device_name="AMD EPYC (1 threads)",
+                                                        timestamp="2026-12-01T00:00:00+00:00")]))
+    readmes = report.publish([run], root)
+    assert sorted(p.parent.name for p in readmes) == ["amd-epyc-family-25-model-17", "intel-xeon"]
+    amd = root / "cpu" / "amd-epyc-family-25-model-17"
+    frame = pd.read_csv(amd / "results.csv")
+    assert set(frame["device_name"]) == {"AMD EPYC family 25 model 17 (1 threads)"} and len(frame) == 4
+    assert frame.loc[frame["op"] == "model", "peer"].tolist() == [True]
+    assert json.loads((amd / "ceilings.json").read_text())[0]["device_name"] == frame["device_name"][0]
+    assert not (root / "cpu" / "intel-xeon" / "ceilings.json").exists()  # no ceilings of that host in the run
+    assert "# Benchmarks on cpu: AMD EPYC family 25 model 17 (1 threads)" in (amd / "README.md").read_text()
+    assert (amd / "gated_delta_rule_T.png").exists()
+
+    quick = tmp_path / "quick"
+    sweep.merge(quick / "results.csv", _host_rows("test cpu", quick=True))
+    for runs, message in (([quick], f"{quick} holds rows of a quick run"), ([tmp_path / "none"], "no results.csv")):
+        with pytest.raises(ValueError, match=message):
+            report.publish(runs, root)
+    assert not (root / "cpu" / "test").exists()
+    with pytest.raises(SystemExit) as exit:
+        report.main(["--device", "cpu"])
+    assert exit.value.code == 2 and "--publish" in capsys.readouterr().err
+
+
+def test_model_op_delegates_to_its_suite(monkeypatch, tmp_path):
+    import dataclasses
     import types
 
     seen = {}
@@ -192,22 +256,13 @@ def test_model_op_delegates_to_bench_model(monkeypatch, tmp_path, capsys):
         return [dict(op="model", backend="torch", device=device, dtype="float32", shape="ctx=64,phase=prefill",
                      median_ms=3.0, p20_ms=2.9, p80_ms=3.1, phase="prefill")]
 
-    fake = types.SimpleNamespace(sweep=fake_sweep)
-    # both routes to it: the module table, and the package attribute an earlier real import may have set
-    monkeypatch.setitem(__import__("sys").modules, "bench.model", fake)
-    monkeypatch.setattr(bench, "model", fake, raising=False)
-    monkeypatch.setattr(sweep, "_sweep_present", lambda spec: True)
+    suite = types.SimpleNamespace(run=types.SimpleNamespace(sweep=fake_sweep))
+    monkeypatch.setitem(OPS, "model", dataclasses.replace(OPS["model"], sweep=suite))
     monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
     assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
     assert seen == dict(quick=True, device="cpu", out=tmp_path)
     row = pd.read_csv(tmp_path / "results.csv").iloc[0]
     assert row["op"] == "model" and row["phase"] == "prefill" and row["device_name"] == "test cpu"
-
-    monkeypatch.setattr(sweep, "_sweep_present", lambda spec: False)
-    with pytest.raises(SystemExit) as exit:
-        sweep.main(["--op", "model", "--out", str(tmp_path)])
-    assert exit.value.code == 2
-    assert "bench.model is missing" in capsys.readouterr().err
 
 
 def test_several_ops_are_interleaved_by_sequence_length():
@@ -316,7 +371,7 @@ def test_numbers_read_as_a_person_reads_them():
     assert report.fmt_flops(0.116) == "116 GFLOP/s" and report.fmt_flops(650.6) == "651 TFLOP/s"
 
 
-# ---- the model benchmark (bench/model.py, bench/llama_cpp.py): its byte model, plots and skips ----
+# ---- the model benchmark (bench/suites/model/, bench/peers/llama_cpp.py): its byte model, plots and skips ----
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
@@ -333,10 +388,10 @@ def small_model(small_checkpoint):
 
 
 def test_decode_step_bytes_count_every_weight_once(small_model):
-    from bench import model as bench_model
+    from bench.suites.model.floor import decode_step_bytes
 
     m, cfg = small_model, small_model.config
-    parts = bench_model.decode_step_bytes(m, 100)
+    parts = decode_step_bytes(m, 100)
     total = sum(p.numel() * 4 for p in m.parameters())
     experts = sum(p.numel() * 4 for name, p in m.named_parameters() if ".experts." in name)
     embedding = m.embed_tokens.weight.numel() * 4
@@ -346,7 +401,7 @@ def test_decode_step_bytes_count_every_weight_once(small_model):
     linear = [s for s in cache.states if hasattr(s, "recurrent")]
     assert parts["states"] == 2 * sum(s.conv.nbytes + s.recurrent.nbytes for s in linear)  # read and written
     assert parts["kv"] == cache.nbytes() - parts["states"] // 2
-    assert bench_model.decode_step_bytes(m, 200)["kv"] == 2 * parts["kv"]
+    assert decode_step_bytes(m, 200)["kv"] == 2 * parts["kv"]
 
 
 def _model_rows():
@@ -375,33 +430,38 @@ def _model_rows():
 
 
 def test_model_plots_and_summary(tmp_path):
-    from bench import model as bench_model
+    from bench.suites.model import report as model_report
 
     rows = _model_rows()
-    bench_model.plot(rows, tmp_path)
+    model_report.plot(rows, tmp_path)
     for name in ("model_tokens_per_s", "model_gap", "model_decode_floor", "model_cache_memory", "model_train"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
-    lines = bench_model.summary(rows)
+    lines = model_report.summary(rows)
     assert "train at 2048: mkl 12047.1 tok/s, 170 ms per step (forward 50 + backward 100 + optimizer 20 ms)" in lines
     assert "train at 2048: mkl (the lab's fastest) = 8.47x transformers' tokens/s on the same checkpoint " \
            "(target: at least 5x at 2048 tokens)" in lines
     assert any(line.startswith("decode floor at 2048 (all_attention): torch") for line in lines)
     assert any("all-attention / hybrid = " in line for line in lines)
     assert any(line.startswith("llama.cpp-f32 (hybrid) skipped: not installed") for line in lines)
+    assert not any("filled" in line for line in lines)  # rows of a sweep that prefilled every context
+    filled = model_report.summary([dict(r, cache_fill="filled") if r.get("phase") == "decode" else r for r in rows])
+    assert filled[0].startswith("decode steps timed on caches filled to each context (512 to 2048 tokens)")
 
 
 def test_model_training_target_in_the_report(tmp_path):
     """The train rows meet the model's declared target in the report (ours / transformers' time per step), and the
     step's parts are columns of the model's table."""
-    from bench import model as bench_model
+    from bench.suites.model import report as model_report
 
     rows = [dict(r, shape="bench", device="cpu") for r in _model_rows() if r.get("phase") == "train"]
-    bench_model.plot(rows, tmp_path)  # the model's sweep draws its own PNGs; the report links them
+    model_report.plot(rows, tmp_path)  # the model's sweep draws its own PNGs; the report links them
     results.merge(tmp_path / "results.csv", [dict(r, peak_tflops=0.1, peak_gbps=20.0, device_name="test cpu")
                                            for r in rows])
     text = report.write(tmp_path, "cpu").read_text()
     target = text.split("### Model training")[1].split("\n### ")[0]
     assert "`mkl` 170 ms; `transformers` 1.44 s: **8.47x**: met." in target
+    # the scoreboard: the fastest lab backend against the fastest peer on the same case, the target's verdict
+    assert "| [model](#model) | `mkl` (1 of 1 shapes) | 8.47x |  | met: 8.47x (>= 5x) |" in text
     model_section = text.split("## model")[1]
     assert "| median | p20 | p80 | tokens/s | forward | backward | optimizer |" in model_section
     assert "| mkl | float32 | bench | hybrid | train | 2,048 | 170 ms |" in model_section
@@ -411,11 +471,11 @@ def test_model_training_target_in_the_report(tmp_path):
 def test_training_step_of_the_lab_and_transformers(small_checkpoint):
     """A tiny real train phase: the lab's torch backend and transformers, one sequence of 12 tokens of the small
     checkpoint, timed steps whose parts add up to about the step."""
-    from bench import model as bench_model
+    from bench.suites.model import measure
 
     with sweep.one_thread():
         for name in ("torch", "transformers"):
-            (row,) = bench_model.measure_training(small_checkpoint, "hybrid", name, 12, "cpu", torch.float32, 0.05,
+            (row,) = measure.measure_training(small_checkpoint, "hybrid", name, 12, "cpu", torch.float32, 0.05,
                                                   1)
             assert not row.get("error"), row
             assert row["phase"] == "train" and row["context"] == 12 and row["repeats"] >= 1
@@ -429,23 +489,52 @@ def test_training_step_of_the_lab_and_transformers(small_checkpoint):
 
 def test_prefill_and_decode_rows_of_a_real_runner(small_checkpoint):
     """A tiny real prefill/decode run of the model sweep (CI leaves the sweep itself out): the lab's torch backend
-    and transformers at two contexts, a prefill and a decode row each, tokens/s from their medians."""
-    from bench import model as bench_model
+    and transformers, a prefill row at one context, then decode rows on caches filled to two contexts (no prefill
+    of them), tokens/s from their medians."""
+    from bench.suites.model import measure
 
     with sweep.one_thread():
         for name in ("torch", "transformers"):
-            rows = bench_model.measure_runner(small_checkpoint, "hybrid", name, (16, 40), "cpu", torch.float32, 0.05,
-                                              1)
-            assert [(r["context"], r["phase"]) for r in rows] == [(16, "prefill"), (16, "decode"), (40, "prefill"),
-                                                                   (40, "decode")], rows
+            rows = measure.measure_runner(small_checkpoint, "hybrid", name, (16,), (16, 40), "cpu", torch.float32,
+                                          0.05, 1)
+            assert [(r["context"], r["phase"]) for r in rows] == [(16, "prefill"), (16, "decode"), (40, "decode")], rows
             for row in rows:
                 assert not row.get("error") and row["peer"] == (name == "transformers") and row["median_ms"] > 0
-            prefill = rows[2]
-            assert prefill["tokens_per_s"] == pytest.approx(40 / (prefill["median_ms"] / 1e3))
+            assert [r.get("cache_fill") for r in rows[1:]] == ["filled", "filled"]
+            prefill = rows[0]
+            assert prefill["tokens_per_s"] == pytest.approx(16 / (prefill["median_ms"] / 1e3))
+            assert rows[2]["tokens_per_s"] == pytest.approx(1 / (rows[2]["median_ms"] / 1e3))
+
+
+def test_model_plan_prefills_the_twin_once_and_fits_the_budget(capsys):
+    """The plan: every runner decodes on filled caches at every decode context but llama.cpp (after its prefills);
+    the all-attention twin's prefill is run by the first lab backend alone (peers keep theirs); training at 2K for
+    the trained runners; the full CPU sweep of three lab backends and three peers estimated under 20 minutes."""
+    from bench.suites.model import config, run
+
+    names, peers = ["torch", "mkl", "numba"], ["transformers", "llama.cpp-f32", "llama.cpp-q8_0"]
+    jobs = run.plan(False, "cpu", names, peers, names + ["transformers"])
+    measured = {(j.variant, j.name): j for j in jobs if j.kind == "measure"}
+    assert set(measured) == {(v, n) for v in run.VARIANTS for n in names + peers}
+    twin_prefills = [n for (v, n), j in measured.items() if v == "all_attention" and j.prefill]
+    assert twin_prefills == ["torch"] + peers
+    for (variant, name), job in measured.items():
+        assert job.decode == (() if name.startswith("llama.cpp") else config.DECODE_CONTEXTS["cpu"])
+        assert job.prefill in ((), config.PREFILL_CONTEXTS["cpu"])
+        assert max(job.prefill, default=0) <= 8192  # no long prefill per context any more
+    assert [(j.name, j.train) for j in jobs if j.kind == "train"] == [(n, 2048) for n in names + ["transformers"]]
+    assert [j.variant for j in jobs if j.kind == "parity"] == list(run.VARIANTS)
+    with sweep.one_thread():
+        total = sum(run.estimate_s(j, "cpu", False) for j in jobs)
+        text = run.describe(jobs, "cpu", False)
+    assert 5 * 60 < total < 20 * 60, total
+    assert text.splitlines()[0].startswith("model sweep on cpu, 1 thread(s): 18 processes, about ")
+    assert "decode on caches filled to 512, 1K, 2K, 4K, 8K, 16K, 32K" in text
+    assert "llama.cpp-f32 all_attention: prefill 512, 2K, 8K; decode after each prefill" in text
 
 
 def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
-    from bench import llama_cpp
+    from bench.peers import llama_cpp
 
     monkeypatch.setattr(llama_cpp.importlib.util, "find_spec", lambda name: None)
     skipped = llama_cpp.prepare({"hybrid": tmp_path})

@@ -96,11 +96,11 @@ def test_errors_are_one_line(capsys):
 # tmp_path itself.
 TRACE = ["--op", "moe", "--backend", "torch", "--device", "cpu", "--out", "OUT"]
 REFUSALS = [
-    ("bench.model", ["--backend", "nosuch"], ["--backend", "'nosuch'", "the model runs here with: reference, torch"]),
-    ("bench.model", ["--backend", "transformers"], ["--backend", "peer", "torch"]),
-    ("bench.model", ["--backend", "torch", "--backend", "cuda"], ["--backend", "backend 'cuda'", "torch"]),
-    ("bench.model", ["--device", "mps"], ["argument --device", "'cpu', 'cuda'"]),
-    ("bench.model", ["--threads", "0"], ["argument --threads", ">= 1"]),
+    ("bench.suites.model.run", ["--backend", "nosuch"], ["--backend", "'nosuch'", "the model runs here with: reference, torch"]),
+    ("bench.suites.model.run", ["--backend", "transformers"], ["--backend", "peer", "torch"]),
+    ("bench.suites.model.run", ["--backend", "torch", "--backend", "cuda"], ["--backend", "backend 'cuda'", "torch"]),
+    ("bench.suites.model.run", ["--device", "mps"], ["argument --device", "'cpu', 'cuda'"]),
+    ("bench.suites.model.run", ["--threads", "0"], ["argument --threads", ">= 1"]),
     ("model.generate", ["--checkpoint", "/nonexistent/ckpt"], ["argument --checkpoint", "no folder at /nonexistent"]),
     ("model.generate", ["--checkpoint", "TMP"], ["--checkpoint", "no config.json", "config.json and *.safetensors"]),
     ("model.generate", ["--backend", "nosuch"], ["--backend", "'nosuch'", "torch", "(or auto)"]),
@@ -151,8 +151,8 @@ REFUSALS = [
     ("bench.sweep", ["--op", "route", "--quick", "--out", "TMP/file/below"], ["--out", "file is a file"]),
     ("bench.report", ["--out", "/nonexistent/reports"], ["argument --out", "no folder at /nonexistent"]),
     ("bench.report", ["--out", "TMP"], ["--out", "no results.csv in"]),
-    ("bench.vs_transformers", ["--parts", "nosuch"], ["argument --parts", "'gdr', 'moe'"]),
-    ("bench.vs_transformers", ["--repeats", "0"], ["argument --repeats", ">= 1"]),
+    ("bench.peers.transformers", ["--parts", "nosuch"], ["argument --parts", "'gdr', 'moe'"]),
+    ("bench.peers.transformers", ["--repeats", "0"], ["argument --repeats", ">= 1"]),
     ("bench.gpu_check", ["--budget", "0"], ["argument --budget", "> 0"]),
     ("bench.gpu_check", ["--budget", "-5"], ["argument --budget", "> 0"]),
     ("bench.gpu_check", ["--budget", "20"], ["--budget 20", "parity tests", "valid: 50 s or more"]),
@@ -193,7 +193,7 @@ def cache_home(tmp_path, monkeypatch):
 def _main(module: str, argv: list[str], out: Path):
     """module's main, and argv with OUT and TMP replaced by `out` and its parent (--out OUT added where the CLI
     writes into a default folder otherwise, --device cpu for the trace)."""
-    if module in ("bench.model", "bench.gpu_check", "profiling.static", "profiling.trace", "model.train",
+    if module in ("bench.suites.model.run", "bench.gpu_check", "profiling.static", "profiling.trace", "model.train",
                   "bench.sweep") and "--out" not in argv:
         argv = [*argv, "--out", "OUT"]
     if module == "profiling.trace" and "--device" not in argv:
@@ -216,7 +216,7 @@ def test_refuses(module, argv, expected, tmp_path, cache_home, capsys):
     assert empty(out) and not [p for p in cache_home.iterdir() if p.name != "matplotlib"]
 
 
-@pytest.mark.parametrize("module", ["bench.model", "model.generate", "model.train", "profiling.trace"])
+@pytest.mark.parametrize("module", ["bench.suites.model.run", "model.generate", "model.train", "profiling.trace"])
 def test_refuses_cuda_without_gpu(module, no_gpu, tmp_path, cache_home, capsys):
     out = tmp_path / "out"
     argv = ["--device", "cuda"] + (["--op", "moe", "--backend", "torch"] if module == "profiling.trace" else [])
@@ -224,7 +224,7 @@ def test_refuses_cuda_without_gpu(module, no_gpu, tmp_path, cache_home, capsys):
     assert empty(out) and empty(cache_home)
 
 
-@pytest.mark.parametrize("module", ["bench.model", "bench.gpu_check", "profiling.static", "profiling.trace",
+@pytest.mark.parametrize("module", ["bench.suites.model.run", "bench.gpu_check", "profiling.static", "profiling.trace",
                                     "profiling.roofline", "model.train"])
 def test_refuses_a_file_as_out(module, tmp_path, capsys):
     (tmp_path / "out").write_text("a file")
@@ -243,7 +243,7 @@ def test_generate_runs_with_the_smallest_arguments(tmp_path, cache_home, capsys)
 
 
 def test_vs_transformers_refuses_a_part_whose_backends_cannot_run(monkeypatch, capsys):
-    from bench import vs_transformers
+    from bench.peers import transformers as vs_transformers
 
     # as on a machine where moe's second backend is missing: the cuda backend never runs on CPU tensors
     monkeypatch.setitem(vs_transformers.PART_BACKENDS, "moe", [("moe", "torch"), ("moe", "cuda")])
@@ -294,7 +294,7 @@ def _run(module: str, *argv, env=None):
 
 
 @pytest.mark.parametrize("module, argv, expected", [
-    ("bench.model", ["--backend", "nosuch", "--out", "OUT"], "--backend"),
+    ("bench.suites.model.run", ["--backend", "nosuch", "--out", "OUT"], "--backend"),
     ("model.generate", ["--checkpoint", "/nonexistent"], "--checkpoint"),
     ("model.train", ["--backend", "numba", "--out", "OUT"], "--backend"),
     ("profiling.trace", ["--op", "moe", "--backend", "nosuch", "--device", "cpu", "--out", "OUT"], "--backend"),

@@ -1,4 +1,4 @@
-"""bench.dispatch, the expert-parallel exchange's benchmark (python -m bench.sweep --op moe_dispatch): the sweep on
+"""bench.suites.moe_dispatch, the expert-parallel exchange's benchmark (python -m bench.sweep --op moe_dispatch): the sweep on
 tiny shapes end to end (gloo worlds of 2 and 4 spawned on 127.0.0.1: rows, columns, files, the report), the bytes
 each rank counted against the ids it routed and against the projection's model, bad arguments refused before
 anything runs, the projection's arithmetic, the collective timer, the deadline that bounds a spawned world.
@@ -15,11 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench import dispatch, ops, sweep, timing
+from bench import ops, sweep, timing
+from bench.suites.moe_dispatch import parallel_model, projection, report, worlds
+from bench.suites.moe_dispatch import parts as exchange, run as dispatch_run
 from bench.presets import MODELS
 from tests.test_bench import CEILINGS
 
-OP = dispatch.OP
+OP = exchange.OP
 # Tiny cases: 512 tokens per rank with 4 slots each, so that the remote share of the slots sits within a few
 # percent of (W - 1) / W; a skewed case (rank 0's experts take most rows).
 TINY = [dict(world=2, N=512, D=16, E=8, I=8, top_k=4, routing="uniform"),
@@ -35,17 +37,17 @@ MODEL_WORLDS = (1, 2)  # the model part's worlds here (4 processes more would co
 
 def _tiny(monkeypatch):
     monkeypatch.setitem(ops.OPS, OP, dataclasses.replace(ops.OPS[OP], grid=lambda scale: TINY, presets=lambda s: []))
-    monkeypatch.setattr(dispatch, "MODEL_WORLDS", MODEL_WORLDS)
+    monkeypatch.setattr(parallel_model, "MODEL_WORLDS", MODEL_WORLDS)
 
 
 def _model_keys():
     from model.generate import SMALL_CONFIG
 
-    run = dispatch.MODEL_RUN[True]
+    run = parallel_model.MODEL_RUN[True]
     shape = dict(N=run["batch"] * run["prompt"], D=SMALL_CONFIG["hidden_size"], E=SMALL_CONFIG["num_experts"],
                  I=SMALL_CONFIG["moe_intermediate_size"], top_k=SMALL_CONFIG["num_experts_per_tok"],
-                 routing=dispatch.MODEL)
-    return [f"{ops.Case(OP, dict(world=world) | shape).key},part={dispatch.MODEL}" for world in MODEL_WORLDS]
+                 routing=parallel_model.MODEL)
+    return [f"{ops.Case(OP, dict(world=world) | shape).key},part={parallel_model.MODEL}" for world in MODEL_WORLDS]
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +66,24 @@ def test_sweep_end_to_end(swept):
     out, frame = swept
     rows = frame[frame["op"] == OP]
     assert set(OWN_COLUMNS) <= set(frame.columns)
-    parts = dispatch.EXCHANGE + dispatch.LOCAL + dispatch.LAYER
+    parts = exchange.EXCHANGE + exchange.LOCAL + exchange.LAYER
     expected = {(f"{key},part={part}", "gloo" if part == "all_to_all" else backend)
                 for key in TINY_KEYS for part in parts for backend in ("torch", "reference")}
-    expected |= {(f"{key},part={dispatch.FIRST_TOUCH}", "torch") for key in TINY_KEYS}
+    expected |= {(f"{key},part={exchange.FIRST_TOUCH}", "torch") for key in TINY_KEYS}
     expected |= {(key, "torch") for key in _model_keys()}  # the model on the first --backend
     found = set(zip(rows["shape"], rows["backend"]))
     assert found == expected, found ^ expected
     assert rows["error"].fillna("").eq("").all(), rows.loc[rows["error"].fillna("") != "", ["shape", "error"]]
     assert (rows["median_ms"] > 0).all() and (rows["p20_ms"] <= rows["p80_ms"]).all()
-    exchange = rows[rows["part"].isin(dispatch.EXCHANGE + dispatch.LOCAL + (dispatch.FIRST_TOUCH,))]
-    assert (exchange["transport"] == "gloo").all()
-    assert (exchange["gbps"] > 0).all() and (exchange["bytes"] > 0).all()
-    shares = exchange[exchange["part"].isin(dispatch.EXCHANGE[:3])]["of_all_to_all"]
-    assert (shares > 0).all() and exchange[~exchange["part"].isin(dispatch.EXCHANGE[:3])]["of_all_to_all"].isna().all()
+    moved = rows[rows["part"].isin(exchange.EXCHANGE + exchange.LOCAL + (exchange.FIRST_TOUCH,))]
+    assert (moved["transport"] == "gloo").all()
+    assert (moved["gbps"] > 0).all() and (moved["bytes"] > 0).all()
+    shares = moved[moved["part"].isin(exchange.EXCHANGE[:3])]["of_all_to_all"]
+    assert (shares > 0).all() and moved[~moved["part"].isin(exchange.EXCHANGE[:3])]["of_all_to_all"].isna().all()
     # dispatch+combine moves each row out and back: twice dispatch's bytes, twice combine's per token plus counts
     for key in TINY_KEYS:
         part = {p: rows[(rows["shape"] == f"{key},part={p}") & rows["backend"].isin(["torch", "gloo"])].iloc[0]
-                for p in dispatch.EXCHANGE}
+                for p in exchange.EXCHANGE}
         assert part["dispatch+combine"]["bytes"] == 2 * part["dispatch"]["bytes"] == 2 * part["all_to_all"]["bytes"]
         assert part["dispatch+combine"]["bytes_per_token"] == pytest.approx(
             part["dispatch"]["bytes_per_token"] + part["combine"]["bytes_per_token"])
@@ -104,7 +106,7 @@ def test_model_rows(swept):
     """The model on 1 and 2 processes (tp = ep = W): its tokens/s, and tokens identical to one process's (else the
     row would hold an error, which test_sweep_end_to_end refuses); the report's line."""
     out, frame = swept
-    model = frame[frame["part"] == dispatch.MODEL].sort_values("world")
+    model = frame[frame["part"] == parallel_model.MODEL].sort_values("world")
     assert list(model["world"]) == list(MODEL_WORLDS) and list(model["shape"]) == _model_keys()
     assert (model["tokens_per_s"] > 0).all() and (model["decode_tokens_per_s"] > 0).all()
     assert (model["prefill_ms"] < model["median_ms"]).all() and (model["vs_one_process"] > 0).all()
@@ -122,12 +124,12 @@ def test_measured_bytes_are_the_routed_slots(swept):
         seed = sweep.seed_of(OP, key)
         away = 0
         for rank in range(world):
-            _, _, ids = dispatch.tokens(shape, rank, seed, torch.float32, "cpu")
+            _, _, ids = exchange.tokens(shape, rank, seed, torch.float32, "cpu")
             away += int(((ids // (E // world)) != rank).sum())
         row = frame[frame["shape"] == f"{key},part=dispatch"].iloc[0]
         counts = (world - 1) * (E // world) * 8
         assert row["bytes_per_token"] == pytest.approx((away / world * D * 4 + counts) / N, rel=1e-12), key
-    checks = dispatch.bytes_check(frame.to_dict("records"))
+    checks = report.bytes_check(frame.to_dict("records"))
     assert {c["world"] for c in checks} == {2, 4}
     for c in checks:
         assert c["ratio"] == pytest.approx(1.0, abs=0.05), c
@@ -144,7 +146,8 @@ def test_measured_bytes_are_the_routed_slots(swept):
 ])
 def test_bad_arguments_are_refused_before_anything_runs(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(timing, "ceilings", lambda *a, **k: pytest.fail("measured ceilings for a refused run"))
-    monkeypatch.setattr(dispatch, "spawn", lambda *a, **k: pytest.fail("spawned processes for a refused run"))
+    for module in (exchange, dispatch_run, parallel_model):  # each calls the spawn it imported
+        monkeypatch.setattr(module, "spawn", lambda *a, **k: pytest.fail("spawned processes for a refused run"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit:
         sweep.main(["--op", OP, *argv, "--out", str(out)])
@@ -178,38 +181,38 @@ def test_grids_vary_every_axis_at_each_world():
 
 def test_the_layer_runs_where_one_process_affords_it():
     cpu = [shape for _, shape in ops.OPS[OP].presets("cpu")]
-    assert cpu and not any(dispatch.layer_affordable(s, False, "cpu") for s in cpu)  # minutes per call here
-    assert all(dispatch.layer_affordable(s, True, "cpu") for s in ops.OPS[OP].grid("quick") if s["N"] <= 256)
+    assert cpu and not any(exchange.layer_affordable(s, False, "cpu") for s in cpu)  # minutes per call here
+    assert all(exchange.layer_affordable(s, True, "cpu") for s in ops.OPS[OP].grid("quick") if s["N"] <= 256)
     base = dict(world=2, N=1024, D=1024, E=64, I=256, top_k=8, routing="uniform")
-    assert dispatch.layer_affordable(base, False, "cpu")
-    assert all(dispatch.layer_affordable(s, False, "cuda") for _, s in ops.OPS[OP].presets("cuda"))
+    assert exchange.layer_affordable(base, False, "cpu")
+    assert all(exchange.layer_affordable(s, False, "cuda") for _, s in ops.OPS[OP].presets("cuda"))
 
 
 # ----------------------------------------------------------------------------------------------- projection
 
 def test_bytes_per_token_arithmetic():
     # Qwen3.5-397B at EP 8, bf16: 10 slots, 7 of 8 away, 8 KiB each, out and back; counts 64 int64 to 7 ranks
-    assert dispatch.bytes_per_token(8, 10, 4096, 2, 512, 4096, "combine") == 10 * 7 / 8 * 4096 * 2
-    assert dispatch.bytes_per_token(8, 10, 4096, 2, 512, 4096, "dispatch") == 10 * 7 / 8 * 4096 * 2 + 7 * 64 * 8 / 4096
-    assert dispatch.bytes_per_token(8, 10, 4096, 2, 512, 4096) == 2 * 71680 + 0.875
-    assert dispatch.bytes_per_token(1, 10, 4096, 2, 512, 4096) == 0  # one rank: nothing leaves
-    inside = dispatch.bytes_per_token(32, 10, 4096, 2, 512, 4096, "combine", others=7)
-    outside = dispatch.bytes_per_token(32, 10, 4096, 2, 512, 4096, "combine", others=24)
-    assert inside + outside == dispatch.bytes_per_token(32, 10, 4096, 2, 512, 4096, "combine")
+    assert projection.bytes_per_token(8, 10, 4096, 2, 512, 4096, "combine") == 10 * 7 / 8 * 4096 * 2
+    assert projection.bytes_per_token(8, 10, 4096, 2, 512, 4096, "dispatch") == 10 * 7 / 8 * 4096 * 2 + 7 * 64 * 8 / 4096
+    assert projection.bytes_per_token(8, 10, 4096, 2, 512, 4096) == 2 * 71680 + 0.875
+    assert projection.bytes_per_token(1, 10, 4096, 2, 512, 4096) == 0  # one rank: nothing leaves
+    inside = projection.bytes_per_token(32, 10, 4096, 2, 512, 4096, "combine", others=7)
+    outside = projection.bytes_per_token(32, 10, 4096, 2, 512, 4096, "combine", others=24)
+    assert inside + outside == projection.bytes_per_token(32, 10, 4096, 2, 512, 4096, "combine")
     assert outside == 10 * 24 / 32 * 8192 and outside == pytest.approx(24 / 7 * inside)
 
 
 def test_nodes_reached():
-    assert dispatch.nodes_reached(8, 10, 512) == 0.0  # one node
-    assert dispatch.nodes_reached(16, 10, 512) == pytest.approx(1 - math.comb(256, 10) / math.comb(512, 10))
-    four = dispatch.nodes_reached(32, 10, 512)
+    assert projection.nodes_reached(8, 10, 512) == 0.0  # one node
+    assert projection.nodes_reached(16, 10, 512) == pytest.approx(1 - math.comb(256, 10) / math.comb(512, 10))
+    four = projection.nodes_reached(32, 10, 512)
     assert four == pytest.approx(3 * (1 - math.comb(384, 10) / math.comb(512, 10))) and 2.5 < four < 3
 
 
 def test_projection_arithmetic():
     m = MODELS["Qwen3.5-397B-A17B"]
     D, E, k, I = m["hidden"], m["experts"], m["top_k"], m["expert_size"]
-    found = {(p["world"], p["N"]): p for p in dispatch.project()}
+    found = {(p["world"], p["N"]): p for p in projection.project()}
     assert set(found) == {(w, n) for w in (8, 16, 32) for n in (128, 4096)}
     p = found[(8, 4096)]
     slots = 4096 * k * 7 / 8 * D * 2
@@ -221,12 +224,12 @@ def test_projection_arithmetic():
     p = found[(16, 4096)]  # 7 of 16 ranks on the node, 8 across InfiniBand: the IB half decides
     assert p["ib_bytes"] == 4096 * k * 8 / 16 * D * 2 + 8 * 32 * 8
     assert p["link_ms"] == pytest.approx((2 * 4096 * k * 8 / 16 * D * 2 + 8 * 32 * 8) / 50e9 * 1e3)
-    assert p["ib_bytes_per_node"] == pytest.approx(4096 * dispatch.nodes_reached(16, k, E) * D * 2)
+    assert p["ib_bytes_per_node"] == pytest.approx(4096 * projection.nodes_reached(16, k, E) * D * 2)
     p = found[(8, 128)]  # decode: the 64 local experts' weights from HBM take longer than their FLOPs
     assert p["expert_weight_bytes"] == pytest.approx(64 * (1 - (1 - k / E) ** 1024) * 3 * D * I * 2)
     assert p["experts_ms"] == pytest.approx(p["expert_weight_bytes"] / 4.8e12 * 1e3)
     assert p["experts_ms"] > p["expert_flops"] / 523e12 * 1e3
-    text = "\n".join(dispatch.projection_lines())
+    text = "\n".join(report.projection_lines())
     assert "4096 tokens per rank: at link rates compute stops hiding it at EP 16; at DeepEP's rates compute stops " \
            "hiding it at EP 8" in text
     assert "128 tokens per rank: at link rates compute stops hiding it at EP 16" in text
@@ -237,12 +240,12 @@ def test_summary_reads_the_target_row():
     row = dict(op=OP, backend="torch", device="cpu", transport="gloo", preset="Qwen3.5-35B-A3B",
                part="dispatch+combine", shape="x", dtype="float32", median_ms=100.0, gbps=6.0, of_all_to_all=0.6,
                bytes_per_token=16384.5, load=0.4, cores=2, commit="abc", error="", **shape)
-    lines = dispatch.summary([row])
+    lines = report.summary([row])
     assert "**60%**" in lines[0] and lines[0].endswith(": met") and "all_to_all 10.00 GB/s" in lines[0]
     assert "load 0.4 on 2 cores" in lines[0]
-    low = dispatch.summary([dict(row, of_all_to_all=0.4)])[0]
+    low = report.summary([dict(row, of_all_to_all=0.4)])[0]
     assert low.endswith(": not met")
-    assert "not measured in this CSV" in dispatch.summary([dict(row, world=4)])[0]
+    assert "not measured in this CSV" in report.summary([dict(row, world=4)])[0]
 
 
 # ----------------------------------------------------------------------------------------- timer and world
@@ -250,7 +253,7 @@ def test_summary_reads_the_target_row():
 @pytest.fixture
 def world_of_one():
     """A gloo group of this process alone on 127.0.0.1, destroyed afterwards."""
-    port = dispatch._free_port()
+    port = worlds._free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=timedelta(seconds=30))
     yield
@@ -272,6 +275,6 @@ def sleeper(rank, seconds, results):
 
 def test_a_world_past_its_deadline_is_killed():
     start = time.monotonic()
-    found = dispatch.spawn(sleeper, [(120,), (120,)], ["a", "b"], deadline_s=2.0, env={})
+    found = worlds.spawn(sleeper, [(120,), (120,)], ["a", "b"], deadline_s=2.0, env={})
     assert time.monotonic() - start < 60
     assert set(found) == {"a", "b"} and all("deadline" in found[k]["error"] for k in found)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import kernellab
 import model
-from bench.model import transformers_torch_path
+from bench.peers.transformers import transformers_torch_path
 from model.generate import SMALL_CONFIG, write_random_checkpoint
 from model.model import OPS
 from tests.helpers import rel_err

@@ -5,7 +5,7 @@ loopback (127.0.0.1), spawned here.
 One world per size (a module fixture) runs every case of that size in turn; each test reads its case's results.
 Every rank loads the whole model (one process's) and the split one from the same random checkpoint (attention
 biases on: o_proj's bias is added once, after the all_reduce) and compares them on the same inputs; the workers
-send back numbers and messages only. bench.dispatch.spawn bounds the world by a deadline and a collective by
+send back numbers and messages only. bench.suites.moe_dispatch.worlds.spawn bounds the world by a deadline and a collective by
 COLLECTIVE_TIMEOUT: a case that does not finish fails, nothing hangs.
 """
 import traceback
@@ -166,7 +166,7 @@ def _cases(world):
 # ---------------------------------------------------------------------------------------------- the worlds
 def _worker(rank, world, port, checkpoint, seed, results):
     """One rank: join the gloo world, load the whole model, run the cases in order (a barrier between them),
-    report each; after a case raises the rank reports it and stops (bench.dispatch.spawn then ends the world)."""
+    report each; after a case raises the rank reports it and stops (bench.suites.moe_dispatch.worlds.spawn then ends the world)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
@@ -194,7 +194,7 @@ def checkpoint(tmp_path_factory):
 
 def _run_world(world, seed, checkpoint):
     """Spawn `world` ranks running every case of that size: {case: [result of rank 0, 1, ...]}."""
-    from bench.dispatch import WORKER_ENV, _free_port, spawn  # the parent only: bench imports cost seconds
+    from bench.suites.moe_dispatch.worlds import WORKER_ENV, _free_port, spawn  # the parent only: bench imports cost seconds
 
     keys = [(name, rank) for name in _cases(world) for rank in range(world)]
     found = spawn(_worker, [(world, _free_port(), checkpoint, seed)] * world, keys, WORLD_DEADLINE_S, WORKER_ENV)

@@ -1,4 +1,4 @@
-"""The precision sweep (bench/precision.py): its yardstick, its pieces, its memory model, its answers, and the
+"""The precision sweep (bench/suites/precision/): its yardstick, its pieces, its memory model, its answers, and the
 sweep CLI and report around it, at tiny sizes."""
 import math
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import kernellab
-from bench import precision, sweep
-from bench.precision import Heads
+from bench import sweep
+from bench.suites.precision import report as precision_report, run as precision
+from bench.suites.precision.run import Heads
 from reference.tolerance import rel_err
 
 TINY = Heads(1, 2, 16, 16)
@@ -91,11 +92,11 @@ def test_summary_answers_the_questions():
     rows += precision.memory_rows("cpu")
     rows += [dict(phase="decode", backend="torch", device="cpu", B=1, state_dtype=sd, median_ms=ms, error="")
              for sd, ms in (("float32", 2.0), ("bfloat16", 1.0))]
-    lines = precision.summary(rows)
+    lines = precision_report.summary(rows)
     assert any("passes 1% at T = 512" in line and "float32 state 2.00e-07" in line for line in lines)
     assert any(line.startswith("memory at 4096 tokens") for line in lines)
     assert any("float32 state 2000.0 us, bfloat16 1000.0 us (2.00x)" in line for line in lines)
-    assert "T=512" in precision.table(rows)
+    assert "T=512" in precision_report.table(rows)
 
 
 def test_sweep_cli_and_report(monkeypatch, tmp_path):

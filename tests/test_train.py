@@ -16,7 +16,7 @@ import torch
 
 import kernellab
 import model
-from bench.model import transformers_torch_path
+from bench.peers.transformers import transformers_torch_path
 from model.generate import SMALL_CONFIG, write_random_checkpoint
 from model.model import OPS
 from model.train import main as train_main

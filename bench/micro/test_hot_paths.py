@@ -1,6 +1,6 @@
 """pytest-benchmark micro-benchmarks of the hot CPU paths, one per lab CPU backend.
 
-    pytest bench/micro --benchmark-json=reports/cpu/micro.json            # save
+    pytest bench/micro --benchmark-json=reports/cpu/<host>/micro.json            # save
     pytest bench/micro --benchmark-compare=<saved run> --benchmark-autosave  # compare with a saved run
 
 Kept out of tests/ so the parity suite stays untimed. Inputs come from bench.inputs, seeded per shape.
