@@ -12,7 +12,7 @@ plots and the rows (forward rows, folded), and a training section: the backward 
 each backend's forward, with the published backward numbers.
 
 The published reports are one per host (the exact device of the rows' device_name: reports/cpu/intel-xeon/,
-reports/cpu/amd-epyc-family-25-model-17/); only --publish rewrites them, from full runs (rows not marked quick):
+reports/cpu/amd-epyc-family-25-model-17/, ...); only --publish rewrites them, from full runs (rows not marked quick):
 each run's rows are merged into the results.csv of their host's folder, its ceilings into that ceilings.json, and
 the host's report is regenerated.
 """
@@ -549,15 +549,16 @@ def write(out: Path, device: str) -> Path:
 
 # ------------------------------------------------------------------------------------------- publishing
 
-# Rows written before bench.timing.device_model added a CPU's family and model, by the machines that wrote them
-# (the 2-core development machines: AMD EPYC family 25 model 17).
-LEGACY_DEVICE_MODELS = {"AMD EPYC": "AMD EPYC family 25 model 17"}
+# Rows written before bench.timing.device_model added a CPU's family and model name only the vendor's "AMD EPYC":
+# which EPYC (the development machines have reported Zen 4 and Zen 5 parts) was not recorded, so they keep a host
+# of their own rather than joining a measured one.
+LEGACY_DEVICE_MODELS = {"AMD EPYC": "AMD EPYC family not recorded"}
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 
 
 def exact_device_name(name: str) -> str:
     """A row's device_name with the exact model where an old row has only the vendor's name
-    ("AMD EPYC (1 threads)" -> "AMD EPYC family 25 model 17 (1 threads)")."""
+    ("AMD EPYC (1 threads)" -> "AMD EPYC family not recorded (1 threads)")."""
     model, bracket, rest = str(name).partition(" (")
     return LEGACY_DEVICE_MODELS.get(model, model) + bracket + rest
 

@@ -215,27 +215,27 @@ def test_plot_files_say_what_they_hold_and_never_mix_hosts(tmp_path):
 def test_publish_writes_one_report_per_host_from_full_runs(tmp_path, capsys):
     """A run holding two hosts' rows (one under the old name "AMD EPYC") lands in two folders under
     reports/cpu/<host>/, each report from its own rows; a quick run, or a folder without results.csv, is refused
-    naming it, and nothing is written; bench.report without --dir or --publish refuses to guess."""
+    naming it, and nothing is written; bench.report without --out or --publish refuses to guess."""
     run, root = tmp_path / "run", tmp_path / "reports"
     old_peer = dict(_row("transformers", "bench", 5.0, op="model"), device_name="AMD EPYC (1 threads)", phase="decode",
                     context=512, variant="hybrid")  # written before the model sweep marked its peers
-    sweep.merge(run / "results.csv", _host_rows("Intel(R) Xeon(R) Processor (1 threads)") + _host_rows(
+    results.merge(run / "results.csv", _host_rows("Intel(R) Xeon(R) Processor (1 threads)") + _host_rows(
         "AMD EPYC (1 threads)", Ts=(128, 256, 512)) + [old_peer])
     (run / "ceilings.json").write_text(json.dumps([dict(CEILINGS, device_name="AMD EPYC (1 threads)",
                                                         timestamp="2026-12-01T00:00:00+00:00")]))
     readmes = report.publish([run], root)
-    assert sorted(p.parent.name for p in readmes) == ["amd-epyc-family-25-model-17", "intel-xeon"]
-    amd = root / "cpu" / "amd-epyc-family-25-model-17"
+    assert sorted(p.parent.name for p in readmes) == ["amd-epyc-family-not-recorded", "intel-xeon"]
+    amd = root / "cpu" / "amd-epyc-family-not-recorded"
     frame = pd.read_csv(amd / "results.csv")
-    assert set(frame["device_name"]) == {"AMD EPYC family 25 model 17 (1 threads)"} and len(frame) == 4
+    assert set(frame["device_name"]) == {"AMD EPYC family not recorded (1 threads)"} and len(frame) == 4
     assert frame.loc[frame["op"] == "model", "peer"].tolist() == [True]
     assert json.loads((amd / "ceilings.json").read_text())[0]["device_name"] == frame["device_name"][0]
     assert not (root / "cpu" / "intel-xeon" / "ceilings.json").exists()  # no ceilings of that host in the run
-    assert "# Benchmarks on cpu: AMD EPYC family 25 model 17 (1 threads)" in (amd / "README.md").read_text()
+    assert "# Benchmarks on cpu: AMD EPYC family not recorded (1 threads)" in (amd / "README.md").read_text()
     assert (amd / "gated_delta_rule_T.png").exists()
 
     quick = tmp_path / "quick"
-    sweep.merge(quick / "results.csv", _host_rows("test cpu", quick=True))
+    results.merge(quick / "results.csv", _host_rows("test cpu", quick=True))
     for runs, message in (([quick], f"{quick} holds rows of a quick run"), ([tmp_path / "none"], "no results.csv")):
         with pytest.raises(ValueError, match=message):
             report.publish(runs, root)

@@ -189,10 +189,10 @@ def test_model_load_options_refuse_bad_values(small_checkpoint):
 def test_model_rows(monkeypatch, small_checkpoint):
     """The sweep's model agreement on a small config: every variant measured, the state variants agreeing on
     every greedy token over a short generation."""
-    from bench import model as bench_model
+    from bench.suites.model import config as model_config
     from model.generate import SMALL_CONFIG
 
-    monkeypatch.setattr(bench_model, "BENCH_CONFIG", SMALL_CONFIG)
+    monkeypatch.setattr(model_config, "BENCH_CONFIG", SMALL_CONFIG)
     rows = precision.model_rows("cpu", prompt_len=8, new_tokens=6)
     assert [r["variant"] for r in rows] == list(precision.MODEL_VARIANTS)
     by = {r["variant"]: r for r in rows}
