@@ -5,7 +5,7 @@ side pins other versions of transformers and numba than the lab's; `pip install 
 The library is chosen as vLLM's CPU platform does: _C (AVX-512 with BF16), _C_AVX512, else _C_AVX2.
 
 gated_delta_rule, bfloat16 only (the kernels take no other dtype): mode "chunk" runs chunk_gated_delta_rule_cpu
-(key and value head dims equal, 64 or 128); mode "recurrent" runs fused_sigmoid_gating_delta_rule_update_cpu, its
+(key and value head dims equal, 64 or 128: others up to 128 are zero-padded to one, the exact function); mode "recurrent" runs fused_sigmoid_gating_delta_rule_update_cpu, its
 decode kernel, one token of every live sequence per call (a prompt of T tokens is T calls). Both update a state pool
 [P, Hv, K, V] float32 (the lab's layout) in place: the wrapper hands them a copy of the lab's state. The decode kernel
 fuses the gating; the lab passes g and beta, so the wrapper inverts it (kernellab.peers.zentorch.decode_gating), a and
@@ -91,24 +91,31 @@ def vllm_cpu_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_fin
     check_state_dtype(state_dtype, v, "vllm_cpu", "gated_delta_rule")
     B, T, Hv, V = v.shape
     K = q.shape[-1]
-    if mode == "chunk" and not (K == V and K in CHUNK_HEAD_DIMS):
-        raise ValueError(f"q, v: backend 'vllm_cpu' of gated_delta_rule (mode 'chunk') takes head dims K = V in "
-                         f"{CHUNK_HEAD_DIMS}, got K = {K}, V = {V}")
+    # the chunk kernel's head dims are equal, 64 or 128: zero columns on k, q and v add nothing to any product and
+    # leave the state's extra rows and columns zero; the kernels scale by the padded K^-0.5
+    Kp = K if mode != "chunk" else next((d for d in CHUNK_HEAD_DIMS if d >= max(K, V)), None)
+    if Kp is None:
+        raise ValueError(f"q, v: backend 'vllm_cpu' of gated_delta_rule (mode 'chunk') takes head dims up to "
+                         f"{CHUNK_HEAD_DIMS[-1]}, got K = {K}, V = {V}")
+    Vp = V if mode != "chunk" else Kp
     bounds = packed_bounds(B, T, cu_seqlens, v.device)
     N = bounds.shape[0] - 1
-    pool = (torch.zeros(N, Hv, K, V, dtype=torch.float32, device=v.device) if initial_state is None
-            else initial_state.float().clone())  # the kernels write the pool in place
-    packed = lambda x: x.reshape(1, B * T, *x.shape[2:]).contiguous()  # noqa: E731
-    q, k, v, g, beta = packed(q), packed(k), packed(v), packed(g), packed(beta)
+    pool = torch.zeros(N, Hv, Kp, Vp, dtype=torch.float32, device=v.device)  # the kernels write it in place
+    if initial_state is not None:
+        pool[..., :K, :V] = initial_state
+    pad = torch.nn.functional.pad
+    packed = lambda x, width=0: pad(x.reshape(1, B * T, *x.shape[2:]), (0, width)).contiguous()  # noqa: E731
+    q, k, v, g, beta = packed(q, Kp - K), packed(k, Kp - K), packed(v, Vp - V), packed(g), packed(beta)
     indices = torch.arange(N, dtype=torch.int32, device=v.device)
     if mode == "chunk":
         o, _ = _ops().chunk_gated_delta_rule_cpu(q, k, v, g.float(), beta.to(v.dtype), pool, output_final_state,
                                                  bounds, False, use_qk_l2norm, indices, L2NORM_EPS)
     else:
         o = _decode(q, k, v, g, beta, pool, bounds, use_qk_l2norm)
-    if scale != K ** -0.5:  # the kernels scale by K^-0.5; o = scale S^T q is linear in scale, the state is not touched
-        o = o * (scale * K ** 0.5)
-    return o.reshape(B, T, Hv, V), pool if output_final_state else None
+    if scale != Kp ** -0.5:  # o = scale S^T q is linear in scale, and the state does not depend on it
+        o = o * (scale * Kp ** 0.5)
+    state = pool[..., :K, :V] if output_final_state else None
+    return o[..., :V].reshape(B, T, Hv, V), state
 
 
 def _decode(q, k, v, g, beta, pool, bounds, use_qk_l2norm):

@@ -3,13 +3,13 @@ layer, on the lab's API. CPU only; float32 and bfloat16 (its kernels reject floa
 
 gated_delta_rule: mode "chunk" runs gdn_chunk_gated_delta_rule_fwd (vLLM's chunked algorithm, chunk 64, packed
 sequences in one batch row); mode "recurrent" runs gdn_fused_sigmoid_gating_delta_rule_update, its decode kernel,
-which updates a state pool in place. Both keep the state as [N, Hv, V, K] (V x K, vLLM's layout) where the lab's is
-[N, Hv, K, V]: the lab's states are handed over and taken back as transposed views where the kernel takes them, or
-transposed copies. The decode kernel's pool keeps slot 0 as vLLM's null block. The decode kernel fuses the gating (g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b));
-the lab passes g and beta themselves, so the wrapper inverts it (A_log = 0, dt_bias = 0, a = log(expm1(-g)),
-b = logit(beta)) in float64 before the call. use_qk_l2norm: gdn_l2norm_fwd (chunk; eps 1e-6 as the lab's) or the
-decode kernel's own (eps 1e-6).
-moe: zentorch_fused_moe on the lab's [E, 2I, D] / [E, D, I] weights (gate rows first: vLLM's w13), SiLU; it has no
+which updates a state pool in place (slot 0 there is vLLM's null block: sequence n lives in slot n + 1). Both keep
+the state as [N, Hv, V, K] (V x K, vLLM's layout) where the lab's is [N, Hv, K, V]: the lab's states go in and come
+back transposed (a copy in, a view out). The decode kernel fuses the gating (g = -exp(A_log) * softplus(a + dt_bias),
+beta = sigmoid(b)); the lab passes g and beta themselves, so the wrapper inverts it (A_log = 0, dt_bias = 0,
+a = log(expm1(-g)), b = logit(beta)) in float64 before the call. use_qk_l2norm: gdn_l2norm_fwd (chunk; eps 1e-6 as
+the lab's) or the decode kernel's own (eps 1e-6).
+moe: zentorch_fused_moe on the lab's [E, 2I, D] / [E, D, I] weights (gate rows first: vLLM's w13), SiLU. It has no
 "no expert" slot: the lab's -1 ids go to expert 0 with weight 0 (computed, then weighed out); its grouped GEMM
 refuses a call that hits a single expert, so such a call gets one extra zero row on another expert, weight 0.
 """
