@@ -378,14 +378,16 @@ MICROARCHITECTURES = {
 }
 
 
+CPUFREQ_MAX = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"  # kHz
+
+
 def cpu_clock_ghz() -> tuple[float, str]:
     """(GHz, where it came from): cpufreq's cpuinfo_max_freq (the highest clock, boost included) where the kernel
     exposes it, else /proc/cpuinfo's "cpu MHz" (the clock now; in a virtual machine the host's nominal rate, below
     its boost: a measured rate may then exceed the peak computed from it)."""
-    path = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"
     try:
-        with open(path) as f:
-            return int(f.read()) / 1e6, path
+        with open(CPUFREQ_MAX) as f:
+            return int(f.read()) / 1e6, CPUFREQ_MAX
     except (OSError, ValueError):
         pass
     mhz = _cpuinfo().get("cpu MHz")

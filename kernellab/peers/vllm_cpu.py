@@ -100,7 +100,8 @@ def vllm_cpu_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_fin
     Vp = V if mode != "chunk" else Kp
     bounds = packed_bounds(B, T, cu_seqlens, v.device)
     N = bounds.shape[0] - 1
-    pool = torch.zeros(N, Hv, Kp, Vp, dtype=torch.float32, device=v.device)  # the kernels write it in place
+    with torch.inference_mode(False):  # the kernels write it in place, which an inference tensor refuses
+        pool = torch.zeros(N, Hv, Kp, Vp, dtype=torch.float32, device=v.device)
     if initial_state is not None:
         pool[..., :K, :V] = initial_state
     pad = torch.nn.functional.pad

@@ -109,12 +109,14 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, bounds, N,
     zeros = torch.zeros(Hv, dtype=torch.float32, device=v.device)
     # the pool: V x K per head, slot 0 vLLM's null block (a sequence there is skipped), sequence n in slot n + 1; a
     # copy of the lab's state, which the kernel then updates in place
-    pool = torch.zeros(N + 1, Hv, V, K, dtype=torch.float32, device=v.device)
-    if initial_state is not None:
-        pool[1:] = initial_state.transpose(-1, -2)
-    o = _ops().gdn_fused_sigmoid_gating_delta_rule_update(
-        zeros, a.to(q.dtype), b.to(q.dtype), zeros, q, k, v, 1.0, 20.0, float(scale), pool, bounds,
-        torch.arange(1, N + 1, dtype=torch.int32, device=v.device), None, use_qk_l2norm)
+    # outside inference mode: the kernel turns it off inside and then writes its (inference) output in place
+    with torch.inference_mode(False):
+        pool = torch.zeros(N + 1, Hv, V, K, dtype=torch.float32, device=v.device)
+        if initial_state is not None:
+            pool[1:] = initial_state.transpose(-1, -2)
+        o = _ops().gdn_fused_sigmoid_gating_delta_rule_update(
+            zeros, a.to(q.dtype), b.to(q.dtype), zeros, q, k, v, 1.0, 20.0, float(scale), pool, bounds,
+            torch.arange(1, N + 1, dtype=torch.int32, device=v.device), None, use_qk_l2norm)
     return o.to(v.dtype), pool[1:].transpose(-1, -2)
 
 
