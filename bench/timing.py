@@ -333,9 +333,9 @@ def gemm_rates(dtype: torch.dtype, device, n: int | None = None, budget_s: float
         calls[name] = call
     best_s = dict.fromkeys(calls, math.inf)
     start, rounds, budget = time.perf_counter(), 0, budget_s * len(calls)
-    # a round longer than the budget (a GEMM the host runs without vector units) is not repeated past 5 budgets
+    # min_rounds, unless one round takes over 5 budgets (a GEMM the host runs without vector units: float16 here)
     while calls and (rounds == 0 or time.perf_counter() - start < budget or (
-            rounds < min_rounds and (time.perf_counter() - start) * (rounds + 1) / rounds < 5 * budget)):
+            rounds < min_rounds and (time.perf_counter() - start) / rounds <= 5 * budget)):
         for name, call in calls.items():
             synchronize(device)
             t0 = time.perf_counter()
@@ -418,9 +418,7 @@ def cpu_flop_per_cycle(use_table: bool = True) -> tuple[dict, str]:
         vendor, family, model = info.get("vendor_id"), int(info.get("cpu family", -1)), int(info.get("model", -1))
         for first, last, name, rate in MICROARCHITECTURES.get((vendor, family), []):
             if first <= model <= last:
-                if rate != fp32:
-                    fp32 = rate
-                    how = f"table: {vendor} family {family} model {model} is {name}, {rate} fp32 FLOP per cycle"
+                fp32, how = rate, f"table: {vendor} family {family} model {model} is {name}, {rate} fp32 FLOP per cycle"
                 break
     found = {"float32": fp32, "float64": fp32 // 2, "bfloat16": fp32, "float16": fp32}
     for half, avx, amx in (("bfloat16", "avx512_bf16", "amx_bf16"), ("float16", "avx512_fp16", "amx_fp16")):
@@ -440,9 +438,11 @@ def physical_peak(device, threads: int | None = None, measured: dict | None = No
     per_cycle, how = cpu_flop_per_cycle()
     peak = lambda rates: {name: rate * ghz * cores / 1e3 for name, rate in rates.items()}  # noqa: E731
     beaten = [name for name, rate in (measured or {}).items() if rate > peak(per_cycle).get(name, math.inf)]
-    if beaten and how.startswith("table"):
-        per_cycle, flags_how = cpu_flop_per_cycle(use_table=False)
-        how = f"{flags_how} (the {how} was beaten by this run's {', '.join(beaten)} GEMM)"
+    flags, flags_how = cpu_flop_per_cycle(use_table=False)
+    if beaten and any(flags[name] > per_cycle[name] for name in beaten):
+        per_cycle, how = flags, f"{flags_how} (the {how} was beaten by this run's {', '.join(beaten)} GEMM)"
+    elif beaten:  # the flags' bound is the table's: the clock read must be below the one the GEMM ran at
+        how += f" (exceeded by this run's {', '.join(beaten)} GEMM: the clock ran above the one read)"
     return {"tflops": peak(per_cycle), "flop_per_cycle": per_cycle, "ghz": ghz, "cores": cores,
             "how": f"{how}; clock {ghz:.3f} GHz from {clock}; x {cores} core(s)"}
 
