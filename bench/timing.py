@@ -30,6 +30,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from reference.tolerance import TOLERANCE
+
 L2_FLUSH_BYTES = 256 * 2**20
 CPU_FLUSH_MAX_BYTES = 2**30
 
@@ -241,12 +243,10 @@ def host_slug(device) -> str:
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
 # working sets of the bandwidth ceilings, bytes: 64 KiB to 256 MiB (CPU) / 1 GiB (GPU), a factor 4 apart
 BANDWIDTH_SIZES = {"cpu": tuple(4 ** i for i in range(8, 15)), "cuda": tuple(4 ** i for i in range(8, 16))}
-# a GEMM whose relative error against float64 exceeds this does not compute the dtype's GEMM (a lower-precision
-# mode): its rate is recorded, not a ceiling
-GEMM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
-def dtype_label(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
+    """bench.sweep.dtype_name (which imports this module)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -345,8 +345,10 @@ def gemm_rates(dtype: torch.dtype, device, n: int | None = None, budget_s: float
         rounds += 1
     for name, seconds in best_s.items():
         found[name]["tflops"] = 2 * n**3 / seconds / 1e12
+    # a GEMM beyond the backends' tolerance against float64 does not compute the dtype's GEMM (a lower-precision
+    # mode): its rate is recorded, not a ceiling
     exact = {name: row["tflops"] for name, row in found.items()
-             if "tflops" in row and row["rel_err"] <= GEMM_TOLERANCE.get(dtype, 3e-2)}
+             if "tflops" in row and row["rel_err"] <= TOLERANCE.get(dtype, math.inf)}
     best = max(exact, key=exact.get, default=None)
     return {"n": n, "rounds": rounds, "best": best, "tflops": exact.get(best, math.nan), "gemms": found}
 
@@ -502,7 +504,7 @@ def ceilings(device, dtypes, budget_s: float = 0.5, gemm_n: int | None = None, b
     TFLOP/s}, "matmul": {dtype name: gemm_rates(...)} (each GEMM's rate and error, which won), "physical_peak"
     (physical_peak(), CPU only), "copy_gbps" and "read_gbps" (the largest working set), "bandwidth"
     (bandwidth_table: per working-set size; bandwidth_at reads it)}."""
-    matmul = {dtype_label(d): gemm_rates(d, device, gemm_n, budget_s) for d in dtypes}
+    matmul = {_dtype_name(d): gemm_rates(d, device, gemm_n, budget_s) for d in dtypes}
     best = {name: found["tflops"] for name, found in matmul.items()}
     table = bandwidth_table(device, budget_s, bandwidth_sizes)
     return {"device_name": device_name(device), "threads": torch.get_num_threads(), "matmul_tflops": best,

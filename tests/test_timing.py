@@ -23,12 +23,12 @@ def _fake_gemm(log, name, error=0.0):
 def test_gemms_are_timed_interleaved_and_the_fastest_exact_one_is_the_ceiling(monkeypatch):
     log = []
     monkeypatch.setitem(timing.GEMMS, "cpu", {"a": _fake_gemm(log, "a"), "b": _fake_gemm(log, "b"),
-                                              "lossy": _fake_gemm(log, "lossy", error=1e-2)})
+                                              "lossy": _fake_gemm(log, "lossy", error=1e-3)})
     found = timing.gemm_rates(torch.float32, "cpu", n=32, budget_s=0.01, min_rounds=3)
     calls = log[3:]  # after one checked warm-up call of each
     assert log[:3] == ["a", "b", "lossy"] and len(calls) == 3 * found["rounds"] and found["rounds"] >= 3
     assert calls == ["a", "b", "lossy"] * found["rounds"], "one call of each GEMM per round"
-    assert found["gemms"]["lossy"]["rel_err"] == pytest.approx(1e-2, rel=1e-3)
+    assert found["gemms"]["lossy"]["rel_err"] == pytest.approx(1e-3, rel=1e-2)
     assert found["gemms"]["a"]["rel_err"] < 1e-6
     exact = {name: found["gemms"][name]["tflops"] for name in ("a", "b")}
     assert found["best"] == max(exact, key=exact.get) and found["tflops"] == exact[found["best"]]
