@@ -255,10 +255,12 @@ def metrics(flops: float, nbytes: float, median_ms: float, peak_tflops: float, p
                 bound="compute" if compute_s >= memory_s else "memory", roofline_fraction=floor_s / seconds)
 
 
-def base_row(op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict) -> dict:
-    """The columns every row has, whoever times it (a suite of bench/suites/ fills the rest the same way)."""
+def base_row(op: str, backend: str, device: str, dtype: torch.dtype, ceil: dict, nbytes: float | None = None) -> dict:
+    """The columns every row has, whoever times it (a suite of bench/suites/ fills the rest the same way). peak_gbps:
+    the bandwidth ceiling of a working set of the row's nbytes (bench.timing.bandwidth_at; the largest one's without)."""
     return dict(op=op, backend=backend, device=device, device_name=ceil["device_name"], dtype=dtype_name(dtype),
-                peak_tflops=ceil["matmul_tflops"].get(dtype_name(dtype), math.nan), peak_gbps=ceil["copy_gbps"],
+                peak_tflops=ceil["matmul_tflops"].get(dtype_name(dtype), math.nan),
+                peak_gbps=timing.bandwidth_at(ceil, nbytes),
                 threads=torch.get_num_threads(), torch_version=torch.__version__, commit=commit(),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), error="")
 
@@ -397,7 +399,7 @@ def sweep(ops, device: str = "cpu", dtypes=(torch.float32,), quick: bool = False
                 bar.update()
                 if name in registered and dtype not in registered[name].dtypes or name not in todo["forward"]:
                     continue
-                row = base_row(case.op, name, device, dtype, ceil) | dict(
+                row = base_row(case.op, name, device, dtype, ceil, nbytes) | dict(
                     shape=shape, preset=case.preset, flops=flops, bytes=nbytes, **{"pass": "forward"},
                     peer=bool(name in registered and registered[name].peer), **case.shape)
                 if name == "reference":
@@ -533,7 +535,7 @@ def gradient_rows(case, names, inputs, extra, dtype, device, ceil, budget_s, max
             bar.update()
             if name not in todo[which]:
                 continue
-            row = base_row(case.op, name, device, dtype, ceil) | dict(
+            row = base_row(case.op, name, device, dtype, ceil, nbytes) | dict(
                 shape=case.key, preset=case.preset, flops=flops, bytes=nbytes, peer=registered[name].peer,
                 **{"pass": which}, **case.shape)
             yield measured(row, functools.partial(run_gradients, case, name, inputs, extra, check, dtype, device,

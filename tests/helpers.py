@@ -57,11 +57,14 @@ def to_float64(inputs):
 
 
 def lab_backends(op, device="cpu", simulated=False):
-    """Every backend of op that runs on `device` tensors here, the reference excluded. Backends that reach the
-    CPU only through the numba.cuda simulator are left out unless `simulated` (too slow for the full edge-case
-    list: their own test file runs them at tiny sizes)."""
+    """Every backend of op that runs on `device` tensors here, the reference and the CPU engines' kernels
+    (kernellab.peers.ENGINE_PEERS: tests/test_cpu_peers.py) excluded. Backends that reach the CPU only through the
+    numba.cuda simulator are left out unless `simulated` (too slow for the full edge-case list: their own test file
+    runs them at tiny sizes)."""
+    from kernellab.peers import ENGINE_PEERS
+
     registered = kernellab.registry.registered(op)
-    return [name for name in kernellab.backends(op, device) if name != "reference"
+    return [name for name in kernellab.backends(op, device) if name != "reference" and name not in ENGINE_PEERS
             and (simulated or device != "cpu" or registered[name].places != ("cuda", "cudasim"))]
 
 
