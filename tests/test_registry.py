@@ -99,7 +99,9 @@ def test_a_misspelt_keyword_names_the_backend_and_the_keyword(seed):
 def _function_node(target):
     """The ast of the function at "module:name", found without importing the module (a re-export is followed)."""
     module, _, name = target.partition(":")
-    path = importlib.util.find_spec(module).origin
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{target}: no module {module}"
+    path = spec.origin
     for node in ast.walk(ast.parse(Path(path).read_text())):
         if isinstance(node, ast.FunctionDef) and node.name == name:
             return node
@@ -116,6 +118,43 @@ def test_no_implementation_swallows_unknown_keywords(op):
     for name, backend in registry.registered(op).items():
         node = _function_node(backend.target)
         assert node.args.kwarg is None, f"{op}/{name} ({backend.target}) takes **{node.args.kwarg.arg}"
+
+
+def _targets(backend):
+    """The "module:function" names a registration points to: its forward, and its backward when it names one."""
+    return [backend.target] + ([backend.backward] if backend.backward not in (None, registry.AUTOGRAD) else [])
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+def test_every_registered_target_exists(op):
+    """Every backend's forward and backward are functions in files that exist, read with ast (no heavy import):
+    a toolchain cannot register an op whose file or function is missing (whether or not it runs here)."""
+    for name, backend in registry.registered(op).items():
+        for target in _targets(backend):
+            node = _function_node(target)
+            assert isinstance(node, ast.FunctionDef), f"{op}/{name}: {target} is not a function"
+
+
+def test_every_toolchain_lists_its_ops_explicitly():
+    """family_backends takes the ops a toolchain implements (no default of every op), and refuses an unknown one."""
+    with pytest.raises(TypeError):
+        registry.family_backends("kernellab.torch", "torch", ("cpu",))  # noqa: the ops are required
+    with pytest.raises(ValueError, match="softmax"):
+        registry.family_backends("kernellab.torch", "torch", ("cpu",), ("softmax",))
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+def test_every_op_record_has_its_function_validation_and_reference(op):
+    """Each record of kernellab/ops.py: the public function kernellab.<op>, its check kernellab.validate.<op>, and
+    reference/<family>.py's <op> (whose file is the family's)."""
+    from kernellab import ops, validate
+
+    record = ops.OPS[op]
+    assert callable(getattr(kernellab, op)) and op in kernellab.__all__
+    assert callable(getattr(validate, op))
+    assert _function_node(f"reference.{record.family}:{op}")
+    assert set(record.constant_outputs) <= set(record.outputs)
+    assert next(iter(registry.registered(op))) == "reference"
 
 
 @pytest.mark.parametrize("mode", ["chunked", "", None])

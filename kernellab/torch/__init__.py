@@ -5,7 +5,10 @@ from kernellab.registry import AUTOGRAD, BESIDE, batch_variant, family_backends
 
 # Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
-BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), backward={
+# Every op of kernellab/ops.py.
+OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm",
+       "moe", "grouped_gemm_fp8", "moe_fp8")
+BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), OPS, backward={
     "linear_attention": BESIDE, "gated_delta_rule": BESIDE, "attention": AUTOGRAD, "route": AUTOGRAD,
     "moe_permute": BESIDE, "moe_unpermute": BESIDE, "grouped_gemm": BESIDE, "moe": BESIDE}), {
     "gated_delta_rule": "mode 'recurrent': a one-token sequence alone (T = 1, no cu_seqlens) runs decode_step, "
