@@ -16,7 +16,7 @@ process runs in a process of its own too, on the world's W x N tokens and all E 
 threads on CPU (the cores the W one-thread ranks occupy; at most torch's threads in the caller, so --threads 1
 gives it one: on a loaded machine two threads stall at their barriers).
 
-Shapes (bench/ops.py, MOE_DISPATCH): world = W ranks, N = tokens per rank, D hidden, E experts in all (E / W per
+Shapes (bench/ops/moe_dispatch.py, MOE_DISPATCH): world = W ranks, N = tokens per rank, D hidden, E experts in all (E / W per
 rank, contiguous), I expert size, top_k, routing ("uniform": random router logits; "skewed": a Zipf-like bias
 towards low expert ids, so rank 0's experts receive most rows). Every rank draws its own tokens, and its own
 experts, from the case's seed and its rank.
@@ -71,9 +71,9 @@ from pathlib import Path
 import torch
 
 import kernellab
-from bench import inputs, ops, timing
-from bench.ops import OPS
-from bench.presets import MODELS
+from bench import ops, timing
+from bench.ops import MODELS, OPS
+from bench.ops.moe import routing_ids
 from bench.sweep import dtype_name, seed_of, sweep_backends, trusted_inputs
 from reference.tolerance import rel_err, tolerance
 
@@ -109,10 +109,10 @@ def transport_of(device: str) -> str:
 # ---------------------------------------------------------------------------------------------- the problem
 
 def tokens(shape: dict, rank: int, seed: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank's tokens: x [N, D] (unit normal), weights float32 and ids int32 [N, top_k] (bench.inputs.routing_ids:
+    """Rank's tokens: x [N, D] (unit normal), weights float32 and ids int32 [N, top_k] (bench.ops.moe.routing_ids:
     top_k distinct experts of E per token)."""
     N, D = shape["N"], shape["D"]
-    weights, ids = inputs.routing_ids(N, shape["E"], shape["top_k"], seed=seed + rank, routing=shape["routing"])
+    weights, ids = routing_ids(N, shape["E"], shape["top_k"], seed=seed + rank, routing=shape["routing"])
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(seed + rank))
     return x.to(dtype).to(device), weights.to(device), ids.to(device)
 
@@ -128,7 +128,7 @@ def experts(shape: dict, rank: int, seed: int, dtype, device) -> tuple[torch.Ten
 
 
 def layer_flops(shape: dict) -> float:
-    """FLOPs of the layer on the world's W N tokens (bench.cost.moe's per-slot count, every slot routed)."""
+    """FLOPs of the layer on the world's W N tokens (bench.ops.moe.moe_cost's per-slot count, every slot routed)."""
     D, I = shape["D"], shape["I"]
     return shape["world"] * shape["N"] * shape["top_k"] * (6 * D * I + 5 * I + 2 * D)
 
@@ -623,7 +623,7 @@ def nodes_reached(world: int, top_k: int, E: int, gpus_per_node: int = GPUS_PER_
 
 def project(model: str = PROJECTED_MODEL, worlds=PROJECTED_EP, tokens_per_rank=PROJECTED_TOKENS,
             itemsize: int = 2) -> list[dict]:
-    """The exchange and the experts of one MoE layer of `model` (bench.presets.MODELS) on one rank, at each EP
+    """The exchange and the experts of one MoE layer of `model` (bench.ops.MODELS) on one rank, at each EP
     size and tokens per rank, in a dtype of `itemsize` bytes (bf16). One dict each with
     bytes_per_token: out and back (bytes_per_token);
     nvlink_bytes, ib_bytes: the rank's dispatch bytes to the other ranks of its node (NVLink) and to those outside

@@ -5,8 +5,8 @@
     python -m bench.sweep --op all --quick          # every registry op, their cases interleaved
     python -m bench.sweep --op gated_delta_rule --pass forward backward forward+backward   # training passes
 
-What the sweep knows of an op is its declaration in bench/ops.py. For each shape and dtype, the inputs come
-from the op's bench.inputs maker, seeded by the shape. Each backend of the op that runs on the device
+What the sweep knows of an op is its declaration in bench/ops/<family>.py. For each shape and dtype, the inputs come
+from the op's input maker (OpSpec.maker), seeded by the shape. Each backend of the op that runs on the device
 (kernellab.backends: new backends join by registering) is first checked against a float64 yardstick (the
 reference; where its loops are too slow, the reference on the first tokens when the op declares it, else the
 torch backend on float64 inputs: the row says which), then timed (bench.timing). With --pass backward or
@@ -43,8 +43,8 @@ import pandas as pd
 import torch
 
 import kernellab
-from bench import cli, presets, timing
-from bench.ops import ALL_AXES, CATEGORICAL_AXES, OPS, PASSES, RENAMED, Case
+from bench import cli, timing
+from bench.ops import ALL_AXES, CATEGORICAL_AXES, MODELS, OPS, PASSES, RENAMED, Case
 from kernellab.registry import resolve
 from kernellab.types import Permutation
 from reference.tolerance import rel_err, tolerance
@@ -232,7 +232,7 @@ def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, 
 
 
 def pass_cost(spec, inputs: dict, which: str) -> tuple[int, int]:
-    """(FLOPs, bytes) of one call of pass `which` of spec's op (bench.cost: forward, backward, their sum)."""
+    """(FLOPs, bytes) of one call of pass `which` of spec's op (its OpSpec's cost models: forward, backward, their sum)."""
     if which == "forward":
         return spec.cost(inputs)
     backward = spec.backward_cost(inputs)
@@ -573,7 +573,7 @@ def list_everything() -> str:
             described.append(f"{backend}{' (peer)' if b.peer else ''} [{where}]")
         lines.append(f"  {name} ({', '.join(spec.axes)}): {', '.join(described)}")
     lines.append("  all: every op above but " + ", ".join(n for n, s in OPS.items() if not s.registry))
-    lines.append("presets (ANCHORS.md shapes): " + ", ".join(presets.MODELS))
+    lines.append("presets (ANCHORS.md shapes): " + ", ".join(MODELS))
     lines.append("dtypes: " + ", ".join(DTYPES))
     return "\n".join(lines)
 
@@ -605,7 +605,7 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--quick", action="store_true", help="a small CPU-sized sweep of every axis")
-    parser.add_argument("--preset", choices=list(presets.MODELS), help="only this model's shapes")
+    parser.add_argument("--preset", choices=list(MODELS), help="only this model's shapes")
     parser.add_argument("--shape", nargs="+", metavar="KEY",
                         help="only the cases with these shape strings (as in the CSV, e.g. N=64,D=512,...)")
     parser.add_argument("--out", type=cli.out_folder, help="results folder (default reports/<device>)")
@@ -651,7 +651,7 @@ def parse(argv=None, machine: bool = False):
     if "forward" not in args.passes:
         flat = [op for op in args.op if OPS[op].backward_cost is None]
         if flat:
-            parser_.error(f"--pass {' '.join(args.passes)}: {', '.join(flat)} has no backward cost model (bench/ops.py)")
+            parser_.error(f"--pass {' '.join(args.passes)}: {', '.join(flat)} has no backward cost model (bench/ops/)")
     args.dtype = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
     return check(args, parser_) if machine else args
 

@@ -34,9 +34,10 @@ class Op:
         return tuple(name for name in self.outputs if name not in self.constant_outputs)
 
 
+# In report order (bench's tables and the report's sections follow it).
 RECORDS = (
-    Op("linear_attention", "linear_attention", ("q", "k", "v", "g", "initial_state"), ("o", "final_state")),
     Op("gated_delta_rule", "gated_delta_rule", ("q", "k", "v", "g", "beta", "initial_state"), ("o", "final_state")),
+    Op("linear_attention", "linear_attention", ("q", "k", "v", "g", "initial_state"), ("o", "final_state")),
     Op("attention", "attention", ("q", "k", "v"), ("o",)),
     Op("route", "moe", ("router_logits",), ("weights", "ids"), constant_outputs=("ids",)),
     Op("moe_permute", "moe", ("x",), ("x", "offsets", "source"), constant_outputs=("offsets", "source")),

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
 from kernellab import autograd, registry
+from bench.ops import make
+from bench.ops.moe import routing_ids
 from tests.helpers import TOLERANCE, lab_backends, rel_err, to_float64, tolerance
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conftest.py)
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conft
 RECURRENT = ("linear_attention", "gated_delta_rule")
 MOE_OPS = ("route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe")
 
-# The forward's edge cases (tests/test_gated_delta_rule.py, tests/test_moe.py), as bench.inputs keywords plus the
+# The forward's edge cases (tests/test_gated_delta_rule.py, tests/test_moe.py), as input makers' keywords (bench.ops.make) plus the
 # forward's mode: token by token ("recurrent", or "auto" for short sequences) and chunked, both forward paths
 # meet the one backward. Sequences stay short: the reference's autograd runs token by token.
 RECURRENT_CASES = {
@@ -133,7 +134,7 @@ def gradients(op, backend, args, seed, **extra):
 def _make(op, case, seed, dtype=torch.float32):
     shape = dict(_case(op, case))
     mode = shape.pop("mode", None)
-    args = inputs.make(op, **shape, dtype=dtype, seed=seed) | ({} if mode is None else dict(mode=mode))
+    args = make(op, **shape, dtype=dtype, seed=seed) | ({} if mode is None else dict(mode=mode))
     if op in ("moe", "moe_unpermute") and case == "dropped_slots":
         # the weight of a slot with no expert reaches neither y nor any gradient, even when it is NaN
         args["weights"][args["ids"] < 0 if op == "moe" else _dropped(args["p"])] = float("nan")
@@ -221,7 +222,7 @@ def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
     else:
         from kernellab.torch.linear_attention import CHUNK_GROUP as group
 
-    args = inputs.make(op, seed=seed, **case)
+    args = make(op, seed=seed, **case)
     cu = args["cu_seqlens"]
     assert (args["q"].shape[1] if cu is None else int(cu.diff().max())) / 2 > group + 1
     check_gradients(op, backend, args | dict(mode="chunk"), seed, chunk_size=2)
@@ -275,7 +276,7 @@ def test_gradient_from_one_output_only(op, which, seed):
 def test_permutation_carries_its_gradient_through_x(seed):
     """moe_permute -> grouped_gemm -> moe_unpermute: gradients reach x through p.x, and w and the weights, as the
     reference's composition gives them."""
-    weights, ids = inputs.routing_ids(N=30, E=6, top_k=2, seed=seed, drop=0.2)
+    weights, ids = routing_ids(N=30, E=6, top_k=2, seed=seed, drop=0.2)
     gen = torch.Generator().manual_seed(seed)
     x, w = torch.randn(30, 16, generator=gen), torch.randn(6, 24, 16, generator=gen) * 0.25
     grads = {}
@@ -308,13 +309,13 @@ def _gradcheck(op, args, **extra):
 @pytest.mark.parametrize("case", [dict(T=5, initial_state=True), dict(seqlens=[2, 1, 3], initial_state=True),
                                   dict(T=5, use_qk_l2norm=False, beta="high")])
 def test_gradcheck_gated_delta_rule(case, seed):
-    args = inputs.make("gated_delta_rule", Hk=1, Hv=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
+    args = make("gated_delta_rule", Hk=1, Hv=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
     _gradcheck("gated_delta_rule", args, mode="chunk", chunk_size=2)
 
 
 @pytest.mark.parametrize("case", [dict(T=5, initial_state=True), dict(seqlens=[2, 1, 3], initial_state=True)])
 def test_gradcheck_linear_attention(case, seed):
-    args = inputs.make("linear_attention", H=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
+    args = make("linear_attention", H=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
     _gradcheck("linear_attention", args, mode="chunk", chunk_size=2)
 
 
@@ -327,7 +328,7 @@ def test_gradcheck_moe_ops_and_attention(op, seed):
         shape |= dict(I=3, drop=0.2)
     elif op == "grouped_gemm":
         shape = dict(N=5, E=3, top_k=2, K=4, Nout=3)
-    args = inputs.make(op, **shape, dtype=torch.float64, seed=seed)
+    args = make(op, **shape, dtype=torch.float64, seed=seed)
     _gradcheck(op, to_float64(args))
 
 

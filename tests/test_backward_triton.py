@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 from tests.helpers import TOLERANCE, poisoned_allocations, rel_err, to_float64
 from tests.test_backward import (MOE_CASES, RECURRENT, RECURRENT_CASES, _differentiable, _leaves, _make, _on,
                                  check_gradients)
@@ -49,12 +49,12 @@ def test_chunked_gradients_float16(op, case, seed):
 def test_chunked_gradients_other_head_dims(op, shape, seed):
     """K = 128: two K tiles in the dq/dk/dw/dg kernel (g's gradient in two parts) and in the WY backward; K = 24,
     V = 40: tiles wider than the heads (masked columns)."""
-    check(op, inputs.make(op, **shape, seed=seed) | dict(mode="chunk"), seed)
+    check(op, make(op, **shape, seed=seed) | dict(mode="chunk"), seed)
 
 
 def test_linear_attention_without_gate(seed):
     """g None: no decays, and no gradient for g."""
-    args = inputs.make("linear_attention", T=70, gate=None, initial_state=True, seed=seed)
+    args = make("linear_attention", T=70, gate=None, initial_state=True, seed=seed)
     assert args["g"] is None
     check("linear_attention", args, seed)
 

@@ -7,8 +7,11 @@ import torch
 
 import bench
 import kernellab
-from bench import cost, gpu_check, inputs, plots, report, sweep, timing
-from bench.ops import OPS, PASSES, Case
+from bench import gpu_check, plots, report, sweep, timing
+from bench.ops import OPS, PASSES, Case, make
+from bench.ops.attention import attention_backward_cost, attention_cost
+from bench.ops.gated_delta_rule import gated_delta_rule_backward_cost, gated_delta_rule_cost
+from bench.ops.moe import grouped_gemm_backward_cost, grouped_gemm_cost, moe_backward_cost, moe_cost
 from kernellab.registry import Backend
 
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
@@ -114,21 +117,21 @@ def test_keyed_append_replaces_own_rows_only(tmp_path):
 
 
 def test_cost_model():
-    gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
-    flops, nbytes = cost.gated_delta_rule(gdr | {"mode": "chunk"})
+    gdr = make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
+    flops, nbytes = gated_delta_rule_cost(gdr | {"mode": "chunk"})
     assert flops == 128 * 2 * 9.5 * 128**2  # ANCHORS.md: 9.5 d^2 per token per head at d = 128, chunk 64
     state = 2 * 128 * 128 * 4
     inputs_bytes = 4 * 128 * (2 * 128 + 2 * 128 + 2 * 2)  # q, k, v, g, beta in float32
     assert nbytes == inputs_bytes + 4 * 128 * 2 * 128 + 2 * state  # + o, + initial and final state
-    att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
-    assert cost.attention(att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
-    moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
-    flops, nbytes = cost.moe(moe)
+    att = make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
+    assert attention_cost(att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
+    moe = make("moe", N=1, D=16, E=8, I=4, top_k=2)
+    flops, nbytes = moe_cost(moe)
     assert flops == 2 * (6 * 16 * 4 + 5 * 4 + 2 * 16)
     assert nbytes >= 2 * 3 * 4 * 16 * 4  # the two active experts' weights
-    gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
+    gg = make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
     active = int((gg["offsets"][1:] > gg["offsets"][:-1]).sum())
-    assert cost.grouped_gemm(gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
+    assert grouped_gemm_cost(gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
 
 
 def test_compare_catches_unwritten_and_wrong_indices():
@@ -540,16 +543,16 @@ def test_sweep_refuses_bad_passes(argv, message, tmp_path, capsys, monkeypatch):
 
 
 def test_backward_cost_models():
-    gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
-    flops, nbytes = cost.gated_delta_rule_backward(gdr | {"mode": "chunk"})
+    gdr = make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
+    flops, nbytes = gated_delta_rule_backward_cost(gdr | {"mode": "chunk"})
     assert flops == 128 * 2 * 25.5 * 128**2  # 16 d^2 + 64 (19 d) = 25.5 d^2 per token per head at d = 128
-    forward_bytes = cost.gated_delta_rule(gdr | {"mode": "chunk"})[1]  # inputs, initial state, o, final state
+    forward_bytes = gated_delta_rule_cost(gdr | {"mode": "chunk"})[1]  # inputs, initial state, o, final state
     o, state = 4 * 128 * 2 * 128, 2 * 128 * 128 * 4
     # the inputs and the initial state read and their gradients written, do and the final state's gradient read
     assert nbytes == 2 * (forward_bytes - o - state) + o + state
-    gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
-    assert cost.grouped_gemm_backward(gg)[0] == 2 * cost.grouped_gemm(gg)[0]  # dX and dW
-    att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
-    assert cost.attention_backward(att)[0] == 10 * 8 * (1 + 2 + 3 + 4)
-    moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
-    assert cost.moe_backward(moe)[0] == 2 * (16 * 16 * 4 + 10 * 4)
+    gg = make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
+    assert grouped_gemm_backward_cost(gg)[0] == 2 * grouped_gemm_cost(gg)[0]  # dX and dW
+    att = make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
+    assert attention_backward_cost(att)[0] == 10 * 8 * (1 + 2 + 3 + 4)
+    moe = make("moe", N=1, D=16, E=8, I=4, top_k=2)
+    assert moe_backward_cost(moe)[0] == 2 * (16 * 16 * 4 + 10 * 4)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from bench import dispatch, ops, sweep, timing
-from bench.presets import MODELS
+from bench.ops import MODELS
 from tests.test_bench import CEILINGS
 
 OP = dispatch.OP

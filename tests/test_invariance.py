@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
 from kernellab import registry
 from kernellab.types import Permutation
+from bench.ops import make
 from tests.helpers import DTYPES, assert_close, lab_backends, tolerance
 
 OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "final_state"), "attention": ("o",),
@@ -26,7 +26,7 @@ OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "
            "grouped_gemm": ("y",), "moe": ("y",), "grouped_gemm_fp8": ("y",), "moe_fp8": ("y",)}
 RECURRENT = ("linear_attention", "gated_delta_rule")
 
-# Each op's batch, as keywords of bench.inputs, by how the backend reaches CPU tensors: natively ("cpu"), under
+# Each op's batch, as keywords of its input maker (bench.ops.make), by how the backend reaches CPU tensors: natively ("cpu"), under
 # Triton's interpreter ("interpret"), under the numba.cuda simulator ("cudasim", every thread in Python). The
 # recurrent ops have two: a batch of 3 sequences ("batch") and 3 of unequal lengths packed into one row
 # ("packed"); lengths cross the chunks of the chunked backends (16 to 64 tokens).
@@ -93,7 +93,7 @@ CASES = list(_cases())
 def _make(op, name, dtype, kind, seed):
     shape = SHAPES[op][_runs_on(registry.registered(op)[name])][kind]
     extra = dict(initial_state=True) if op in RECURRENT else {}
-    return inputs.make(op, **shape, **extra, dtype=dtype, seed=seed)
+    return make(op, **shape, **extra, dtype=dtype, seed=seed)
 
 
 def _run(op, name, args, mode):

@@ -11,7 +11,7 @@ import torch
 
 import kernellab
 from kernellab import registry
-from bench import inputs
+from bench.ops import make
 
 
 def test_import_is_light():
@@ -61,7 +61,7 @@ def test_a_probe_says_why_a_backend_cannot_run(monkeypatch):
     monkeypatch.setattr(packed, "_library", lambda: None)
     assert "mkl" not in kernellab.backends("moe") and "mkl" in registry.registered("moe")
     with pytest.raises(kernellab.BackendUnavailable, match="needs torch built with MKL"):
-        kernellab.get("moe", "mkl")(**inputs.make("moe", N=4, E=2, top_k=1, D=8, I=4))
+        kernellab.get("moe", "mkl")(**make("moe", N=4, E=2, top_k=1, D=8, I=4))
 
 
 CALLS = []
@@ -77,23 +77,23 @@ def test_extra_keywords_pass_through_to_the_implementation(seed, monkeypatch):
     table = registry._table()["grouped_gemm"]
     monkeypatch.setitem(table, "spy", registry.Backend("grouped_gemm", "spy", f"{__name__}:spy", ("cpu",)))
     CALLS.clear()
-    kernellab.grouped_gemm(**inputs.make("grouped_gemm", seed=seed), backend="spy", tag="hello")
+    kernellab.grouped_gemm(**make("grouped_gemm", seed=seed), backend="spy", tag="hello")
     assert CALLS == ["hello"]
 
 
 def test_bad_input_raises_before_the_backend_runs(seed):
-    args = inputs.make("grouped_gemm", seed=seed)
+    args = make("grouped_gemm", seed=seed)
     args["offsets"] = args["offsets"].flip(0)
     with pytest.raises(ValueError, match="offsets"):
         kernellab.grouped_gemm(**args, backend="reference")
 
 
 def test_a_misspelt_keyword_names_the_backend_and_the_keyword(seed):
-    args = inputs.make("gated_delta_rule", T=8, seed=seed)
+    args = make("gated_delta_rule", T=8, seed=seed)
     with pytest.raises(ValueError, match=r"backend 'torch' of gated_delta_rule takes no keyword 'chunk_sise'.*chunk_size"):
         kernellab.gated_delta_rule(**args, backend="torch", chunk_sise=16)
     with pytest.raises(ValueError, match="backend 'reference' of moe takes no keyword 'path'"):
-        kernellab.moe(**inputs.make("moe", N=4, seed=seed), backend="reference", path="decode")
+        kernellab.moe(**make("moe", N=4, seed=seed), backend="reference", path="decode")
 
 
 def _function_node(target):
@@ -159,7 +159,7 @@ def test_every_op_record_has_its_function_validation_and_reference(op):
 
 @pytest.mark.parametrize("mode", ["chunked", "", None])
 def test_linear_attention_mode_is_validated(mode, seed):
-    args = inputs.make("linear_attention", T=8, seed=seed)
+    args = make("linear_attention", T=8, seed=seed)
     with pytest.raises(ValueError, match="mode must be 'auto', 'chunk' or 'recurrent'"):
         kernellab.linear_attention(**args, mode=mode, backend="reference")
 
@@ -169,7 +169,7 @@ def test_auto_is_resolved_once_per_op_device_and_dtype(monkeypatch, seed):
     probes = []
     original = registry.Backend.unavailable_reason
     monkeypatch.setattr(registry.Backend, "unavailable_reason", lambda self: probes.append(self.name) or original(self))
-    args = inputs.make("grouped_gemm", seed=seed)
+    args = make("grouped_gemm", seed=seed)
     kernellab.grouped_gemm(**args)
     first = len(probes)
     assert first > 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 from reference.tolerance import UNIT_ROUNDOFF, rel_err, state_tolerance
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
                            poisoned_allocations, snapshot, to_float64)
@@ -36,7 +36,7 @@ def _args(op, state_dtype, dtype=torch.float32, seed=0, **case):
     """The op's inputs with the initial state (if any) in state_dtype."""
     if op == "linear_attention":
         case = {"H": 2, **case}
-    args = inputs.make(op, dtype=dtype, seed=seed, **case)
+    args = make(op, dtype=dtype, seed=seed, **case)
     if args["initial_state"] is not None:
         args["initial_state"] = args["initial_state"].to(state_dtype)
     return args
