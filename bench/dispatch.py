@@ -72,10 +72,10 @@ import torch
 
 import kernellab
 from bench import ops, timing
+from bench.check import rel_err, tolerance
 from bench.ops import MODELS, OPS
 from bench.ops.moe import routing_ids
 from bench.sweep import dtype_name, seed_of, sweep_backends, trusted_inputs
-from reference.tolerance import rel_err, tolerance
 
 OP = "moe_dispatch"
 EXCHANGE = ("dispatch", "combine", "dispatch+combine", "all_to_all")

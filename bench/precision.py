@@ -48,12 +48,12 @@ import torch.nn.functional as F
 
 import kernellab
 from bench import cli, timing
+from bench.check import rel_err
 from bench.model import cache_bytes_from_shapes
 from bench.ops import make
 from kernellab.fp8 import quantized_bytes
 from model.config import ModelConfig
 from model.weights import checkpoint_shapes
-from reference.tolerance import rel_err
 
 OP = "gated_delta_rule"
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

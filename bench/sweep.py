@@ -44,10 +44,9 @@ import torch
 
 import kernellab
 from bench import cli, timing
+from bench.check import outputs, parity, to_float64
 from bench.ops import ALL_AXES, CATEGORICAL_AXES, MODELS, OPS, PASSES, RENAMED, Case
 from kernellab.registry import resolve
-from kernellab.types import Permutation
-from reference.tolerance import rel_err, tolerance
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,55 +79,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------------------------------- checking
 
-def _tensors(out) -> dict:
-    if isinstance(out, Permutation):
-        return {"x": out.x, "offsets": out.offsets, "source": out.source}
-    if isinstance(out, (tuple, list)):
-        return {f"output {i}": t for i, t in enumerate(out) if t is not None}
-    return {"output": out}
-
-
-def compare(out, ref) -> tuple[float, str]:
-    """(largest ||out - ref|| / ||ref|| over the output tensors, a problem or ""). Integer outputs must match
-    exactly; a non-finite element (unwritten, or overflow) is a problem."""
-    got, want = _tensors(out), _tensors(ref)
-    worst = 0.0
-    for name, expected in want.items():
-        actual = got.get(name)
-        if actual is None:
-            return math.nan, f"{name} missing"
-        if tuple(actual.shape) != tuple(expected.shape):
-            return math.nan, f"{name} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-        if not expected.is_floating_point():
-            if not torch.equal(actual.cpu().long(), expected.cpu().long()):
-                return math.nan, f"{name} differs from the yardstick"
-            continue
-        if not torch.isfinite(actual.detach().double()).all():
-            return math.nan, f"{name} has non-finite elements"
-        worst = max(worst, rel_err(actual, expected))
-    return worst, ""
-
-
-def parity(op: str, out, ref, dtype, device) -> tuple[float, str]:
-    """(compare's error, why the check failed or ""): compare's problem, or the error past the op's gate (the
-    dtype's tolerance, at least the op's own OpSpec.tolerance)."""
-    err, problem = compare(out, ref)
-    gate = max(tolerance(dtype, device), OPS[op].tolerance)
-    return err, problem or (f"rel_err {err:.2e} > {gate:.0e}" if err > gate else "")
-
-
-def _float64(inputs: dict) -> dict:
-    """The inputs in float64 for the yardstick (float8 tensors, exact as they are and an op's own dtype, kept)."""
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.element_size() > 1:
-            value = value.double()
-        elif isinstance(value, Permutation):
-            value = Permutation(value.x.double(), value.offsets, value.source, value.num_tokens, value.top_k)
-        out[key] = value
-    return out
-
-
 @contextmanager
 def one_thread():
     """Untimed float64 work runs on one thread: on a loaded machine, torch's threads wait on each other
@@ -148,17 +98,17 @@ def yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, quick:
     reference = kernellab.get(case.op, "reference")
     if spec.affordable(case.shape, quick):
         start = time.perf_counter()
-        ref = reference(**_float64(inputs), **extra)
+        ref = reference(**to_float64(inputs), **extra)
         timing.synchronize(inputs_device(inputs))
         return "reference", ref, None, time.perf_counter() - start
     if spec.check_head:
         names, tokens = spec.check_head
         head = {k: (v[:tokens] if k in names else v) for k, v in inputs.items()}
-        return (f"reference (first {tokens} tokens)", reference(**_float64(head), **extra),
+        return (f"reference (first {tokens} tokens)", reference(**to_float64(head), **extra),
                 lambda out: out[:tokens], None)
     if "torch" in kernellab.backends(case.op, inputs_device(inputs)) and \
             2 * spec.gigabytes(case.shape, 8) <= max_check_gb:
-        return "torch-f64", kernellab.get(case.op, "torch")(**_float64(inputs), **extra), None, None
+        return "torch-f64", kernellab.get(case.op, "torch")(**to_float64(inputs), **extra), None, None
     return "none (too large for a float64 yardstick)", None, None, None
 
 
@@ -171,7 +121,7 @@ def differentiable(op: str, inputs: dict) -> list[str]:
 
 def _float_outputs(out) -> list[torch.Tensor]:
     """The floating-point tensors of a result (integer outputs carry no gradient)."""
-    return [t for t in _tensors(out).values() if t.is_floating_point()]
+    return [t for t in outputs(out).values() if t.is_floating_point()]
 
 
 def output_gradients(outputs, seed: int) -> list[torch.Tensor]:
@@ -208,7 +158,7 @@ def gradient_yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: floa
     else:
         return "none (too large for a float64 yardstick)", None
     backend = "reference" if name == "reference" else "torch"
-    return name, grad_call(case.op, kernellab.get(case.op, backend), _float64(inputs), extra, seed, "backward")()
+    return name, grad_call(case.op, kernellab.get(case.op, backend), to_float64(inputs), extra, seed, "backward")()
 
 
 def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, which, seed) -> dict:

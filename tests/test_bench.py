@@ -7,7 +7,7 @@ import torch
 
 import bench
 import kernellab
-from bench import gpu_check, plots, report, sweep, timing
+from bench import check, gpu_check, plots, report, sweep, timing
 from bench.ops import OPS, PASSES, Case, make
 from bench.ops.attention import attention_backward_cost, attention_cost
 from bench.ops.gated_delta_rule import gated_delta_rule_backward_cost, gated_delta_rule_cost
@@ -136,13 +136,13 @@ def test_cost_model():
 
 def test_compare_catches_unwritten_and_wrong_indices():
     ref = torch.randn(3, 4, dtype=torch.float64)
-    assert sweep.compare(ref.float(), ref)[1] == ""
+    assert check.compare(ref.float(), ref)[1] == ""
     bad = ref.clone()
     bad[1, 2] = float("nan")
-    assert "non-finite" in sweep.compare(bad, ref)[1]
+    assert "non-finite" in check.compare(bad, ref)[1]
     p = kernellab.Permutation(ref, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
     q = kernellab.Permutation(ref, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
-    assert "offsets differs" in sweep.compare(q, p)[1]
+    assert "offsets differs" in check.compare(q, p)[1]
 
 
 def test_timer_and_ceilings(monkeypatch):
@@ -236,8 +236,11 @@ def test_the_declarations_are_the_registry_ops():
         for anchor in spec.anchors:
             assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, anchor)
             assert anchor.match.get("pass", "forward") in PASSES, (name, anchor)
+        if spec.registry:  # the family file's names: <op>_inputs, <op>_cost, <op>_backward_cost
+            assert spec.maker is not None and spec.maker.__name__ == f"{name}_inputs", name
         if spec.registry and not name.endswith("_fp8"):  # differentiable (kernellab/autograd.py): a backward cost
-            assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward", name
+            assert spec.cost.__name__ == f"{name}_cost", name
+            assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward_cost", name
         elif spec.registry:  # the fp8 ops are inference ops
             assert spec.backward_cost is None, name
 

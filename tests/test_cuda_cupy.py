@@ -17,9 +17,9 @@ import torch
 import kernellab
 from kernellab import registry
 from kernellab.cuda import SOURCES
+from bench.check import state_tolerance
 from bench.ops import make
 from profiling.static import parse_ptxas
-from reference.tolerance import state_tolerance
 from tests.helpers import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
 
 CUDA_DIR = Path(kernellab.__file__).parent / "cuda"

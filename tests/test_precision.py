@@ -8,8 +8,8 @@ import torch
 
 import kernellab
 from bench import precision, sweep
+from bench.check import rel_err
 from bench.precision import Heads
-from reference.tolerance import rel_err
 
 TINY = Heads(1, 2, 16, 16)
 
