@@ -157,6 +157,21 @@ def test_every_op_record_has_its_function_validation_and_reference(op):
     assert next(iter(registry.registered(op))) == "reference"
 
 
+def test_an_op_without_a_written_function_gets_one_from_its_check(seed):
+    """kernellab._public makes kernellab.<op> from kernellab.validate.<op> for a new op: the written function's
+    results (positional or keyword), its signature plus backend, bad input refused naming the argument."""
+    import inspect
+
+    args = make("grouped_gemm", seed=seed)
+    made = kernellab._public("grouped_gemm")
+    assert list(inspect.signature(made).parameters) == ["x", "w", "offsets", "backend", "kwargs"]
+    expected = kernellab.grouped_gemm(**args, backend="torch")
+    assert torch.equal(made(**args, backend="torch"), expected)
+    assert torch.equal(made(args["x"], args["w"], args["offsets"], backend="torch"), expected)
+    with pytest.raises(ValueError, match="offsets"):
+        made(**args | {"offsets": args["offsets"].flip(0)}, backend="torch")
+
+
 @pytest.mark.parametrize("mode", ["chunked", "", None])
 def test_linear_attention_mode_is_validated(mode, seed):
     args = make("linear_attention", T=8, seed=seed)

@@ -1,13 +1,14 @@
 """Vectorised PyTorch backends: run wherever torch runs (CPU and CUDA). Backward: the chunked linear attentions'
 and the MoE ops' own (`<op>_backward` beside each forward); attention through SDPA's autograd, route through
 softmax / top-k's."""
+from kernellab.ops import NAMES
 from kernellab.registry import AUTOGRAD, BESIDE, batch_variant, family_backends
 
 # Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
-# Every op of kernellab/ops.py.
-OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm",
-       "moe", "grouped_gemm_fp8", "moe_fp8")
+# Every op of kernellab/ops.py: torch is the baseline every op has (tests/test_registry.py), at
+# kernellab/torch/<family>.py:<op> (tests/test_registry.py finds each without importing it).
+OPS = NAMES
 BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), OPS, backward={
     "linear_attention": BESIDE, "gated_delta_rule": BESIDE, "attention": AUTOGRAD, "route": AUTOGRAD,
     "moe_permute": BESIDE, "moe_unpermute": BESIDE, "grouped_gemm": BESIDE, "moe": BESIDE}), {
