@@ -94,8 +94,9 @@ class OpSpec:
     presets:     scale ("cpu", "cuda") -> [(model, shape)]: the shapes of real models (ANCHORS.md).
     cost:        the op's inputs (plus call keywords) -> (FLOPs, bytes) of one call (the family file's
                  <op>_cost: a multiply-add counts 2; bytes the fewest the call must move).
-    backward_cost: the same for its backward (the family file's <op>_backward_cost): a differentiable op, whose sweep may
-                 time the passes "backward" and "forward+backward" (PASSES) beside "forward"; None: forward only.
+    backward_cost: the same for its backward (the family file's <op>_backward_cost): a differentiable op, whose
+                 sweep may time the passes "backward" and "forward+backward" (PASSES) beside "forward"; None:
+                 forward only.
     affordable:  (shape, quick) -> whether the float64 reference's loops check this case in seconds.
     backward_affordable: the same for the reference's autograd, the gradients' yardstick (default: affordable);
                  where it is not, the torch backward in float64 is the yardstick.
@@ -118,6 +119,15 @@ class OpSpec:
     table:       "module:function" of the markdown table of such an op's rows (default: every column that has a
                  value, one line per row).
     tolerance:   the least parity gate of this op's rows (its own rounding's floor), beside the dtype's.
+    tiny:        a shape of the sweep's axes small enough for the tests' sweeps (tests/test_bench.py).
+    gradient_cases: the edge cases of the op's gradients (tests/test_backward.py): case name -> keywords of the
+                 maker, plus the forward's `mode` where it has one; short, the reference's autograd runs them.
+    gradient_spot_checks: the two of gradient_cases that a backend whose backward is not its own (another's,
+                 or a peer's autograd) runs, and the GPU's.
+    invariance:  the batches of tests/test_invariance.py: how the backend reaches CPU tensors ("cpu",
+                 "interpret", "cudasim") -> {part kind: keywords of the maker}; the part kinds: "batch" and "packed"
+                 (a recurrent op's sequences, of a batch or packed), "rows" (attention's batch rows), "token"
+                 (an MoE op's tokens), "expert" (grouped_gemm's expert blocks).
     swept_with:  the op whose sweep this one joins in gpu_check's run (one sweep of both: their ratio measured in one
                  run, and one share of the run's time).
     """
@@ -147,6 +157,10 @@ class OpSpec:
     table: str | None = None
     swept_with: str | None = None
     tolerance: float = 0.0
+    tiny: dict = field(default_factory=dict)
+    gradient_cases: dict = field(default_factory=dict)
+    gradient_spot_checks: tuple[str, ...] = ()
+    invariance: dict = field(default_factory=dict)
 
     @property
     def registry(self) -> bool:

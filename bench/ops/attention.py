@@ -80,7 +80,12 @@ ATTENTION = OpSpec(
              Anchor("FlashAttention-3 fp16 forward, best (75% of peak)", "TFLOP/s", "740", "H100",
                     "FlashAttention-3 paper", best="tflops")),
     flop_model="4 D FLOPs per visible (query, key) pair per query head.",
-    backward_flop_model="10 D FLOPs per visible pair per query head (FlashAttention's backward).")
+    backward_flop_model="10 D FLOPs per visible pair per query head (FlashAttention's backward).",
+    tiny=dict(B=1, T=32, Hq=2, Hkv=1, D=16),
+    gradient_cases={"T1": dict(T=1), "gqa": dict(T=37, Hq=4, Hkv=2), "kv_cache": dict(T=5, Tk=19),
+                    "not_causal": dict(T=20, causal=False)},
+    gradient_spot_checks=("gqa", "kv_cache"),
+    invariance={"cpu": dict(rows=dict(B=3, T=40, Tk=48)), "interpret": dict(rows=dict(B=3, T=20, Tk=24, D=16))})
 
 
 SPECS = (ATTENTION,)

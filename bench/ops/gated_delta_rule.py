@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from bench.ops import MODELS, Anchor, OpSpec, Target, Versus, generator, nbytes, randn, seqlens, time_layout, to_device
 from bench.ops.linear_attention import (CHUNK, RECURRENT_PLOTS, draw_gate, num_seqs, recurrent_backward_bytes,
-                                        recurrent_gigabytes, recurrent_grid, state_bytes, token_loop_affordable,
-                                        wide_states)
+                                        recurrent_gigabytes, recurrent_grid, recurrent_invariance, state_bytes,
+                                        token_loop_affordable, wide_states)
 
 BETAS = ("sigmoid", "low", "high")  # low: near 0, high: near 1
 
@@ -105,6 +105,23 @@ def gdr_presets(scale):
 _GDR_CPU_8K = dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk")
 
 
+# The gradients' edge cases (tests/test_backward.py; the forward's own in tests/test_gated_delta_rule.py): token by
+# token ("recurrent", or "auto" for short sequences) and chunked, both forward paths meet the one backward.
+GRADIENT_CASES = {
+    "T1": dict(T=1),
+    "T1_batch2_initial_state": dict(B=2, T=1, initial_state=True),
+    "T_not_multiple_of_chunk": dict(T=70, initial_state=True, mode="chunk"),
+    "recurrent_initial_state": dict(Hk=2, Hv=4, T=20, initial_state=True, mode="recurrent"),
+    "Hv_4Hk_no_l2norm": dict(Hk=1, Hv=4, T=40, use_qk_l2norm=False, mode="chunk"),
+    "packed_with_length_1": dict(seqlens=[21, 1, 40], initial_state=True, mode="chunk"),
+    "packed_no_initial_state": dict(seqlens=[1, 33, 5], mode="recurrent"),
+    "g_zero": dict(T=40, gate="zero", initial_state=True, mode="chunk"),
+    "strong_decay": dict(T=40, gate="strong", initial_state=True, mode="chunk"),
+    "beta_near_0": dict(T=40, beta="low", initial_state=True, mode="chunk"),
+    "beta_near_1_no_l2norm": dict(T=40, beta="high", use_qk_l2norm=False, initial_state=True, mode="chunk"),
+    "no_final_state": dict(T=40, initial_state=True, output_final_state=False, mode="chunk"),
+}
+
 GATED_DELTA_RULE = OpSpec(
     "gated_delta_rule", ("B", "T", "seqs", "Hk", "Hv", "K", "V", "mode"), maker=gated_delta_rule_inputs,
     make=lambda s: dict(B=s["B"], T=s["T"], Hk=s["Hk"], Hv=s["Hv"], K=s["K"], V=s["V"],
@@ -157,7 +174,10 @@ GATED_DELTA_RULE = OpSpec(
     flop_model="chunked gated delta rule: 6 K V + 64 (4 K + 3 V) FLOPs per token per value head (9.5 d^2 at "
                "d = 128), 6 K V in recurrent mode.",
     backward_flop_model="16 K V + 64 (12 K + 7 V) FLOPs per token per value head (25.5 d^2 at d = 128; the "
-                        "solve left out), whatever the forward's mode.")
+                        "solve left out), whatever the forward's mode.",
+    tiny=dict(B=1, T=40, seqs=2, Hk=1, Hv=2, K=16, V=16, mode="chunk"),
+    gradient_cases=GRADIENT_CASES, gradient_spot_checks=("T_not_multiple_of_chunk", "packed_with_length_1"),
+    invariance=recurrent_invariance(cudasim=True))
 
 
 SPECS = (GATED_DELTA_RULE,)

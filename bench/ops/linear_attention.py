@@ -140,6 +140,34 @@ def token_loop_affordable(heads, full=2**29):
     return lambda s, quick: s["B"] * s["T"] * s[heads] * s["K"] * s["V"] <= (min(full, 2**26) if quick else full)
 
 
+def recurrent_invariance(cudasim: bool = False) -> dict:
+    """The recurrent ops' batches (tests/test_invariance.py), initial states given: a batch of 3 sequences
+    ("batch") and 3 of unequal lengths packed into one row ("packed"); lengths cross the chunks of the chunked
+    backends (16 to 64 tokens). cudasim: tiny ones for the numba.cuda simulator (every thread in Python)."""
+    state = dict(initial_state=True)
+    found = {"cpu": dict(batch=dict(B=3, T=80, **state), packed=dict(seqlens=[37, 1, 70], **state)),
+             "interpret": dict(batch=dict(B=3, T=70, K=16, V=16, **state),
+                               packed=dict(seqlens=[37, 1, 70], K=16, V=16, **state))}
+    if cudasim:
+        found["cudasim"] = dict(batch=dict(B=3, T=5, K=8, V=8, **state),
+                                packed=dict(seqlens=[4, 1, 6], K=8, V=8, **state))
+    return found
+
+
+# The gradients' edge cases (tests/test_backward.py), as the gated delta rule's without its own keywords.
+GRADIENT_CASES = {
+    "T1": dict(T=1),
+    "T1_batch2_initial_state": dict(B=2, T=1, initial_state=True),
+    "T_not_multiple_of_chunk": dict(T=70, initial_state=True, mode="chunk"),
+    "recurrent_initial_state": dict(T=20, initial_state=True, mode="recurrent"),
+    "chunk_no_initial_state": dict(T=40, mode="chunk"),
+    "packed_with_length_1": dict(seqlens=[21, 1, 40], initial_state=True, mode="chunk"),
+    "packed_no_initial_state": dict(seqlens=[1, 33, 5], mode="recurrent"),
+    "g_zero": dict(T=40, gate="zero", initial_state=True, mode="chunk"),
+    "strong_decay": dict(T=40, gate="strong", initial_state=True, mode="chunk"),
+    "chunk_initial_state": dict(T=40, initial_state=True, mode="chunk"),
+    "no_final_state": dict(T=40, initial_state=True, output_final_state=False, mode="chunk"),
+}
 RECURRENT_PLOTS = {"T": ("T",), "B": ("B",), "seqs": ("seqs",), "dim": ("K", "V")}
 
 LINEAR_ATTENTION = OpSpec(
@@ -155,7 +183,10 @@ LINEAR_ATTENTION = OpSpec(
                     "(CPU, float32)", "crossover", 1024),),
     flop_model="chunked linear attention: 4 K V + 64 (K + V) FLOPs per token per head.",
     backward_flop_model="10 K V + 64 (3 K + 2 V) FLOPs per token per head (recompute, reverse state pass, "
-                        "gradients).")
+                        "gradients).",
+    tiny=dict(B=1, T=40, seqs=2, H=2, K=16, V=16),
+    gradient_cases=GRADIENT_CASES, gradient_spot_checks=("T_not_multiple_of_chunk", "packed_with_length_1"),
+    invariance=recurrent_invariance())
 
 
 SPECS = (LINEAR_ATTENTION,)

@@ -239,6 +239,21 @@ def _permute_grid():
         lambda scale: dict(N=TOKENS[scale], E=(8, 64, 256, 512), D=(512, 1024, 2048, 4096)))
 
 
+# The gradients' edge cases (tests/test_backward.py; the forward's own in tests/test_moe.py), as maker keywords; the
+# spot checks of a backend whose backward is not its own: "uniform" and "dropped_slots".
+GRADIENT_CASES = {
+    "one_token": dict(N=1, E=4, top_k=2),
+    "uniform": dict(N=37, E=8, top_k=2),
+    "skewed_empty_experts": dict(N=24, E=16, top_k=4, routing="skewed"),
+    "every_token_on_one_expert": dict(N=33, E=8, top_k=1, routing="one_expert"),
+    "top_k_equals_E": dict(N=16, E=4, top_k=4, id_dtype=torch.int64),
+    "dropped_slots": dict(N=40, E=8, top_k=3, drop=0.3, id_dtype=torch.int64),
+}
+SPOT_CHECKS = ("uniform", "dropped_slots")
+# The batches of tests/test_invariance.py: tokens alone against their rows of the batch.
+MOE_BATCH = dict(N=64, E=4, top_k=2)
+MOE_BATCH_SMALL = dict(N=24, E=4, top_k=2)
+
 ROUTE = OpSpec(
     "route", maker=route_inputs, axes=("N", "E", "top_k", "routing"),
     make=_ROUTED,
@@ -249,7 +264,12 @@ ROUTE = OpSpec(
     cost=route_cost, backward_cost=route_backward_cost,
     affordable=lambda s, quick: s["N"] * s["E"] <= 2**26,
     gigabytes=lambda s, itemsize: s["N"] * s["E"] * itemsize / 2**30, plot_axes=_MOE_PLOTS,
-    flop_model="no matmul FLOPs: softmax and top-k are a few operations per logit (memory-bound).")
+    flop_model="no matmul FLOPs: softmax and top-k are a few operations per logit (memory-bound).",
+    tiny=dict(N=8, E=6, top_k=2, routing="skewed"),
+    gradient_cases={"one_token": dict(N=1, E=4, top_k=2), "uniform": dict(N=37, E=8, top_k=2),
+                    "top_k_equals_E": dict(N=16, E=4, top_k=4), "not_renormalized": dict(N=20, E=8, renormalize=False)},
+    gradient_spot_checks=("one_token", "uniform"),
+    invariance={"cpu": dict(token=dict(N=64, E=16, top_k=4)), "interpret": dict(token=dict(N=24, E=8, top_k=2))})
 
 MOE_PERMUTE = OpSpec(
     "moe_permute", maker=moe_permute_inputs, axes=("N", "D", "E", "top_k", "routing"),
@@ -260,7 +280,11 @@ MOE_PERMUTE = OpSpec(
     gigabytes=_permute_gigabytes, plot_axes=_MOE_PLOTS | {"D": ("D",)},
     anchors=(Anchor("vLLM moe_align_block_size, per dispatch", "ms", "0.020 to 0.027", "GPU", "vLLM PR 55225",
                     dict(N=1)),),
-    flop_model="no FLOPs: a gather of the routed rows (memory-bound).")
+    flop_model="no FLOPs: a gather of the routed rows (memory-bound).",
+    tiny=dict(N=8, D=16, E=4, top_k=2, routing="uniform"), gradient_cases=GRADIENT_CASES,
+    gradient_spot_checks=SPOT_CHECKS, invariance={"cpu": dict(token=dict(MOE_BATCH, D=64, drop=0.2)),
+                                                  "interpret": dict(token=dict(MOE_BATCH_SMALL, D=16, drop=0.2)),
+                                                  "cudasim": dict(token=dict(N=6, E=3, top_k=2, D=8, drop=0.2))})
 
 MOE_UNPERMUTE = OpSpec(
     "moe_unpermute", maker=moe_unpermute_inputs, axes=("N", "D", "E", "top_k", "routing"),
@@ -269,7 +293,11 @@ MOE_UNPERMUTE = OpSpec(
     cost=moe_unpermute_cost, backward_cost=moe_unpermute_backward_cost,
     affordable=lambda s, quick: s["N"] * s["top_k"] <= 300_000,  # a Python loop over rows
     gigabytes=_permute_gigabytes, plot_axes=_MOE_PLOTS | {"D": ("D",)},
-    flop_model="2 FLOPs per routed element (the weighted sum): memory-bound.")
+    flop_model="2 FLOPs per routed element (the weighted sum): memory-bound.",
+    tiny=dict(N=8, D=16, E=4, top_k=2, routing="uniform"), gradient_cases=GRADIENT_CASES,
+    gradient_spot_checks=SPOT_CHECKS, invariance={"cpu": dict(token=dict(MOE_BATCH, D=64, drop=0.2)),
+                                                  "interpret": dict(token=dict(MOE_BATCH_SMALL, D=16, drop=0.2)),
+                                                  "cudasim": dict(token=dict(N=6, E=3, top_k=2, D=8, drop=0.2))})
 
 
 def _grouped_gemm_gigabytes(s, itemsize):
@@ -292,7 +320,14 @@ GROUPED_GEMM = OpSpec(
     anchors=(Anchor("CUTLASS grouped bf16 GEMM, 8 groups of 4096 x 768 x 2048", "TFLOP/s", "650.6", "H100",
                     "TransformerEngine", dict(dtype="bfloat16"), best="tflops"),),
     flop_model="2 M K Nout FLOPs (M routed rows).",
-    backward_flop_model="4 M K Nout FLOPs (dX = dY W, dW = dY^T X).")
+    backward_flop_model="4 M K Nout FLOPs (dX = dY W, dW = dY^T X).",
+    tiny=dict(N=8, E=4, top_k=2, K=16, Nout=8, routing="uniform"),
+    # its inputs take no id dtype (offsets are int32)
+    gradient_cases={name: {k: v for k, v in case.items() if k != "id_dtype"} for name, case in GRADIENT_CASES.items()},
+    gradient_spot_checks=SPOT_CHECKS,
+    invariance={"cpu": dict(expert=dict(MOE_BATCH, K=64, Nout=48)),
+                "interpret": dict(expert=dict(MOE_BATCH_SMALL, K=32, Nout=16)),
+                "cudasim": dict(expert=dict(N=6, E=3, top_k=2, K=8, Nout=8))})
 
 
 def _moe_gigabytes(s, itemsize):
@@ -337,7 +372,10 @@ MOE = OpSpec(
              Anchor("Liger fused MoE, Qwen3-30B-A3B shape, bf16 forward + backward", "TFLOP/s", "413", "H100",
                     "Liger kernel", {"preset": "Qwen3-30B-A3B", "pass": "forward+backward"}, best="tflops")),
     flop_model="6 D I + 5 I + 2 D FLOPs per routed slot; bytes include the active experts' weights.",
-    backward_flop_model="16 D I + 10 I FLOPs per routed slot (the projections recomputed, dX, dW).")
+    backward_flop_model="16 D I + 10 I FLOPs per routed slot (the projections recomputed, dX, dW).",
+    tiny=dict(N=8, D=16, E=4, I=8, top_k=2, routing="uniform"), gradient_cases=GRADIENT_CASES,
+    gradient_spot_checks=SPOT_CHECKS, invariance={"cpu": dict(token=dict(MOE_BATCH, D=64, I=32, drop=0.2)),
+                                                  "interpret": dict(token=dict(MOE_BATCH_SMALL, D=32, I=16, drop=0.2))})
 
 
 SPECS = (ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE)
