@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kernellab
-from kernellab import registry
 from bench import check
 from bench.check import TOLERANCE, TOLERANCE_TF32, rel_err, to_float64, tolerance  # noqa: F401 (for the tests)
+from kernellab import registry
 
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

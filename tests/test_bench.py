@@ -15,13 +15,8 @@ from bench.ops.moe import grouped_gemm_backward_cost, grouped_gemm_cost, moe_bac
 from kernellab.registry import Backend
 
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
-TINY = {
-    "gated_delta_rule": Case("gated_delta_rule", dict(B=1, T=40, seqs=2, Hk=1, Hv=2, K=16, V=16, mode="chunk")),
-    "attention": Case("attention", dict(B=1, T=32, Hq=2, Hkv=1, D=16)),
-    "moe": Case("moe", dict(N=8, D=16, E=4, I=8, top_k=2, routing="uniform")),
-    "route": Case("route", dict(N=8, E=6, top_k=2, routing="skewed")),
-    "moe_unpermute": Case("moe_unpermute", dict(N=8, D=16, E=4, top_k=2, routing="uniform")),
-}
+# A tiny case of every registry op: its family file's (OpSpec.tiny)
+TINY = {name: Case(name, spec.tiny) for name, spec in OPS.items() if spec.registry}
 
 
 def wrong_moe(x, weights, ids, w_gate_up, w_down):
@@ -270,12 +265,17 @@ def test_no_module_of_the_harness_names_an_op():
         assert not found, f"{module.__name__} names ops {found}"
 
 
-@pytest.mark.parametrize("op", ["route", "moe_unpermute"])
-def test_route_and_unpermute_sweep_like_the_rest(monkeypatch, op):
-    rows = {r["backend"]: r for r in _tiny_sweep(monkeypatch, op, ["reference", "torch"])}
-    assert rows["reference"]["checked_against"].startswith("(is the yardstick")
-    assert rows["torch"]["error"] == "" and rows["torch"]["rel_err"] <= 1e-5 and rows["torch"]["median_ms"] > 0
-    assert rows["torch"]["bytes"] > 0
+@pytest.mark.parametrize("op", list(TINY))
+def test_every_op_sweeps_its_tiny_case(monkeypatch, op):
+    """Every registry op's family file is enough for a sweep: the reference its yardstick, torch checked and timed
+    on each pass its declaration has, with its cost models."""
+    passes = PASSES if OPS[op].backward_cost else ("forward",)
+    rows = {(r["backend"], r["pass"]): r for r in _tiny_sweep(monkeypatch, op, ["reference", "torch"], passes=passes)}
+    assert rows["reference", "forward"]["checked_against"].startswith("(is the yardstick")
+    for which in passes:
+        row = rows["torch", which]
+        assert row["error"] == "" and row["rel_err"] <= 1e-5 and row["median_ms"] > 0, row
+        assert row["bytes"] > 0 and row["shape"] == TINY[op].key, row
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import kernellab
-from kernellab import registry
-from kernellab.cuda import SOURCES
 from bench.check import state_tolerance
 from bench.ops import make
+from kernellab import registry
+from kernellab.cuda import SOURCES
 from profiling.static import parse_ptxas
 from tests.helpers import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
 

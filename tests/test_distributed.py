@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernellab
-from kernellab import registry
 from bench.ops import make
 from bench.ops.moe import routing_ids
+from kernellab import registry
 from tests.helpers import (assert_raised_everywhere, lab_backends, poisoned_allocations, raises, ranks, rel_err,
                            snapshot, tolerance, world_fixtures)
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import kernellab
-from kernellab import registry
 from bench.ops import make
+from kernellab import registry
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not torch.cuda.is_available()

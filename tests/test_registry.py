@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kernellab
-from kernellab import registry
 from bench.ops import make
+from kernellab import registry
 
 
 def test_import_is_light():

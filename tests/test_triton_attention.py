@@ -23,8 +23,8 @@ from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tg = pytest.importorskip("kernellab.triton.gated_delta_rule")
 tl_attention = pytest.importorskip("kernellab.triton.attention")
-from kernellab.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
 from bench.ops import cu_seqlens_of, make
+from kernellab.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
