@@ -295,9 +295,9 @@ def nbytes(*tensors) -> int:
 
 def _collect() -> dict[str, OpSpec]:
     """Every family file's SPECS: the lab's ops in kernellab/ops.py's order, then the sweeps of their own by file
-    name. Family files are found, not listed: a new one needs no line here."""
+    name. Family files are found, not listed: a new one needs no line here (a module named _* is a helper)."""
     found: dict[str, OpSpec] = {}
-    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
         for spec in importlib.import_module(f"{__name__}.{module}").SPECS:
             if spec.name in found:
                 raise RuntimeError(f"bench/ops/{module}.py declares {spec.name!r}, declared before")
