@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import kernellab
-from kernellab.fp8 import (ACTIVATION_BLOCK, FP8, FP8_MAX, WEIGHT_BLOCK, _expand, dequantize, quantize,
 from bench.check import rel_err
 from bench.ops import make
 from bench.ops.moe_fp8 import FP8_FLIP_TOLERANCE
-                         quantize_activations, quantize_weights, quantized_bytes, scale_shape)
+from kernellab.fp8 import (ACTIVATION_BLOCK, FP8, FP8_MAX, WEIGHT_BLOCK, _expand, dequantize, quantize,
+                           quantize_activations, quantize_weights, quantized_bytes, scale_shape)
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
                            poisoned_allocations, snapshot, to_float64, tolerance)
 

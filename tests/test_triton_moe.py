@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import kernellab
+from bench.ops import make
+from bench.ops.moe import group_offsets, routing_ids
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tm = pytest.importorskip("kernellab.triton.moe")
 from kernellab.triton import (grouped_gemm as tgg, moe_align as talign, moe_permute as tperm,  # noqa: E402
-from bench.ops import make
-from bench.ops.moe import group_offsets, routing_ids
                             route as troute)
 
 MOE_MODULES = (troute, talign, tperm, tgg, tm)

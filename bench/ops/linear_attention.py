@@ -165,7 +165,6 @@ GRADIENT_CASES = {
     "packed_no_initial_state": dict(seqlens=[1, 33, 5], mode="recurrent"),
     "g_zero": dict(T=40, gate="zero", initial_state=True, mode="chunk"),
     "strong_decay": dict(T=40, gate="strong", initial_state=True, mode="chunk"),
-    "chunk_initial_state": dict(T=40, initial_state=True, mode="chunk"),
     "no_final_state": dict(T=40, initial_state=True, output_final_state=False, mode="chunk"),
 }
 RECURRENT_PLOTS = {"T": ("T",), "B": ("B",), "seqs": ("seqs",), "dim": ("K", "V")}
