@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.ops import make
 from reference import moe as ref
 from tests.helpers import assert_close
 

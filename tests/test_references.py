@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.ops import make
 from reference.attention import attention as reference_attention
 from reference.gated_delta_rule import gated_delta_rule as reference_gdr
 from reference.linear_attention import linear_attention as reference_linear_attention
