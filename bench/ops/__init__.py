@@ -6,8 +6,8 @@ moe_dispatch.py and precision.py for the sweeps of their own) holds, for each of
 (`<op>_inputs`: the keyword arguments of kernellab.<op>, shared by the tests and the benchmarks), its forward and
 backward cost (`<op>_cost`, `<op>_backward_cost`: analytic FLOPs and bytes), its sweep grid at each scale (the
 "quick" one CI's) and its model presets, its yardstick policy (how large a case the slow float64 reference may
-check, its tolerance) and the targets and anchors the report computes, in an `OpSpec`; the file lists its
-specs in `SPECS`. `OPS` below collects them: the lab's ops in the order of kernellab/ops.py, then the sweeps of
+check, its tolerance), the targets and anchors the report computes, and the tests' cases (a tiny sweep case,
+the gradients' edge cases, the batch-invariance batches), in an `OpSpec`; the file lists its specs in `SPECS`. `OPS` below collects them: the lab's ops in the order of kernellab/ops.py, then the sweeps of
 their own. A new op family is a new file here; nothing else in bench/ names an op.
 
 An `OpSpec` holds the op's name (the API's: the registry op, `--op` of the sweep, the CSV's op column, the
@@ -190,8 +190,6 @@ class OpSpec:
         return self.maker(**self.make(case.shape), dtype=dtype, device=device, seed=seed)
 
 
-
-
 @dataclass(frozen=True)
 class Case:
     """One shape of one op. shape: axis -> value (ints, or strings for mode and routing)."""
@@ -204,7 +202,6 @@ class Case:
     def key(self) -> str:
         """The compact shape string, e.g. "B=1,T=2048,seqs=1,Hk=2,Hv=4,K=128,V=128,mode=chunk"."""
         return ",".join(f"{axis}={self.shape[axis]}" for axis in OPS[self.op].axes)
-
 
 
 # ------------------------------------------------------------------- shapes the sweeps share (real models, scales)
