@@ -37,7 +37,7 @@ TESTS_LIMIT_S = 190  # leaves each of the eight sweeps (the fp8 ops join their b
 REPORT_RESERVE_S = 45
 ROOFLINE_RESERVE_S = 15
 PRESET = "Qwen3.5-35B-A3B"
-# (sweep op, its arguments) of every registry op (bench/ops.py): the model's own shapes where the op has them,
+# (sweep op, its arguments) of every registry op (bench/ops/): the model's own shapes where the op has them,
 # else the quick axes.
 SWEEPS = [(spec.name, ["--preset", PRESET] if any(model == PRESET for model, _ in spec.presets("cuda")) else ["--quick"])
           for spec in OPS.values() if spec.registry]
@@ -224,7 +224,7 @@ def plan(out: Path, ops: list[str], skip_tests: bool) -> list[Step]:
         steps.append(Step("parity tests", [python, "-m", "pytest", "-m", "gpu", "tests/", "-v", "-rfE",
                                            "-p", "no:cacheprovider", f"--junitxml={out / 'pytest.xml'}"]))
     for op, args in SWEEPS:
-        joined = [o for o in ops if OPS[o].swept_with == op]  # swept in this op's run (bench/ops.py swept_with)
+        joined = [o for o in ops if OPS[o].swept_with == op]  # swept in this op's run (bench/ops/ swept_with)
         if op in ops and OPS[op].swept_with not in ops:
             steps.append(Step(f"sweep {'+'.join([op, *joined])}",
                               [python, "-m", "bench.sweep", "--op", op, *joined, "--device", "cuda", *args,

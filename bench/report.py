@@ -5,7 +5,7 @@
 
 Writes the plots (bench.plots) and README.md: a contents list and a one-screen scoreboard (per op the fastest lab
 backend, its speedup over the best peer, its median fraction of the roofline, its targets met or not with their
-numbers), the machine and its measured ceilings, the targets of the ops' declarations (bench/ops.py) computed from
+numbers), the machine and its measured ceilings, the targets of the ops' declarations (bench/ops/) computed from
 the rows, linear versus quadratic attention, the published numbers of the declarations' anchors (ANCHORS.md)
 beside ours, which backends are deterministic and batch-invariant, per op a short "where the time goes", the
 plots and the rows (forward rows, folded), and a training section: the backward and forward+backward rows beside
@@ -509,7 +509,7 @@ def write(out: Path, device: str) -> Path:
                "the machine dropped after the ceilings were measured at the start of their run.", ""]
     lvq = plots.linear_vs_quadratic(forward)
     md += ["Columns: median, p20, p80 over adaptive repeats (bench.timing); FLOP/s and GB/s from the analytic "
-           "models of bench/cost.py; roofline = max(FLOPs / matmul ceiling, bytes / copy bandwidth) / time, with the "
+           "models of bench/ops/<family>.py; roofline = max(FLOPs / matmul ceiling, bytes / copy bandwidth) / time, with the "
            "ceilings measured at the start of the run; `rel err (vs)`: relative Frobenius error against the float64 "
            "yardstick named; `x ref`, `x best peer`: speedups on the same shape (none when a check failed).", "",
            "## Measured ceilings", "", *ceilings_section(out, device), "",

@@ -6,8 +6,8 @@
     python -m bench.sweep --op all --quick          # every registry op, their cases interleaved
     python -m bench.sweep --op gated_delta_rule --pass forward backward forward+backward   # training passes
 
-What the sweep knows of an op is its declaration in bench/ops.py. For each shape and dtype, the inputs come
-from the op's bench.inputs maker, seeded by the shape. Each backend of the op that runs on the device
+What the sweep knows of an op is its declaration in bench/ops/<family>.py. For each shape and dtype, the inputs come
+from the op's input maker (OpSpec.maker), seeded by the shape. Each backend of the op that runs on the device
 (kernellab.backends: new backends join by registering) is first checked against a float64 yardstick (the
 reference; where its loops are too slow, the reference on the first tokens when the op declares it, else the
 torch backend on float64 inputs: the row says which), then timed (bench.timing). With --pass backward or
@@ -49,10 +49,9 @@ from pathlib import Path
 import torch
 
 import kernellab
-from bench import cli, presets, results, timing
-from bench.ops import OPS, PASSES, RENAMED, Case
-from kernellab.types import Permutation
-from reference.tolerance import rel_err, tolerance
+from bench import cli, results, timing
+from bench.check import outputs, parity, to_float64
+from bench.ops import MODELS, OPS, PASSES, RENAMED, Case
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,55 +77,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------------------------------- checking
 
-def _tensors(out) -> dict:
-    if isinstance(out, Permutation):
-        return {"x": out.x, "offsets": out.offsets, "source": out.source}
-    if isinstance(out, (tuple, list)):
-        return {f"output {i}": t for i, t in enumerate(out) if t is not None}
-    return {"output": out}
-
-
-def compare(out, ref) -> tuple[float, str]:
-    """(largest ||out - ref|| / ||ref|| over the output tensors, a problem or ""). Integer outputs must match
-    exactly; a non-finite element (unwritten, or overflow) is a problem."""
-    got, want = _tensors(out), _tensors(ref)
-    worst = 0.0
-    for name, expected in want.items():
-        actual = got.get(name)
-        if actual is None:
-            return math.nan, f"{name} missing"
-        if tuple(actual.shape) != tuple(expected.shape):
-            return math.nan, f"{name} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-        if not expected.is_floating_point():
-            if not torch.equal(actual.cpu().long(), expected.cpu().long()):
-                return math.nan, f"{name} differs from the yardstick"
-            continue
-        if not torch.isfinite(actual.detach().double()).all():
-            return math.nan, f"{name} has non-finite elements"
-        worst = max(worst, rel_err(actual, expected))
-    return worst, ""
-
-
-def parity(op: str, out, ref, dtype, device) -> tuple[float, str]:
-    """(compare's error, why the check failed or ""): compare's problem, or the error past the op's gate (the
-    dtype's tolerance, at least the op's own OpSpec.tolerance)."""
-    err, problem = compare(out, ref)
-    gate = max(tolerance(dtype, device), OPS[op].tolerance)
-    return err, problem or (f"rel_err {err:.2e} > {gate:.0e}" if err > gate else "")
-
-
-def _float64(inputs: dict) -> dict:
-    """The inputs in float64 for the yardstick (float8 tensors, exact as they are and an op's own dtype, kept)."""
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.element_size() > 1:
-            value = value.double()
-        elif isinstance(value, Permutation):
-            value = Permutation(value.x.double(), value.offsets, value.source, value.num_tokens, value.top_k)
-        out[key] = value
-    return out
-
-
 @contextmanager
 def one_thread():
     """Untimed float64 work runs on one thread: on a loaded machine, torch's threads wait on each other
@@ -146,17 +96,17 @@ def yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: float, quick:
     reference = kernellab.get(case.op, "reference")
     if spec.affordable(case.shape, quick):
         start = time.perf_counter()
-        ref = reference(**_float64(inputs), **extra)
+        ref = reference(**to_float64(inputs), **extra)
         timing.synchronize(inputs_device(inputs))
         return "reference", ref, None, time.perf_counter() - start
     if spec.check_head:
         names, tokens = spec.check_head
         head = {k: (v[:tokens] if k in names else v) for k, v in inputs.items()}
-        return (f"reference (first {tokens} tokens)", reference(**_float64(head), **extra),
+        return (f"reference (first {tokens} tokens)", reference(**to_float64(head), **extra),
                 lambda out: out[:tokens], None)
     if "torch" in kernellab.backends(case.op, inputs_device(inputs)) and \
             2 * spec.gigabytes(case.shape, 8) <= max_check_gb:
-        return "torch-f64", kernellab.get(case.op, "torch")(**_float64(inputs), **extra), None, None
+        return "torch-f64", kernellab.get(case.op, "torch")(**to_float64(inputs), **extra), None, None
     return "none (too large for a float64 yardstick)", None, None, None
 
 
@@ -169,7 +119,7 @@ def differentiable(op: str, inputs: dict) -> list[str]:
 
 def _float_outputs(out) -> list[torch.Tensor]:
     """The floating-point tensors of a result (integer outputs carry no gradient)."""
-    return [t for t in _tensors(out).values() if t.is_floating_point()]
+    return [t for t in outputs(out).values() if t.is_floating_point()]
 
 
 def output_gradients(outputs, seed: int) -> list[torch.Tensor]:
@@ -206,7 +156,7 @@ def gradient_yardstick(case: Case, inputs: dict, extra: dict, max_check_gb: floa
     else:
         return "none (too large for a float64 yardstick)", None
     backend = "reference" if name == "reference" else "torch"
-    return name, grad_call(case.op, kernellab.get(case.op, backend), _float64(inputs), extra, seed, "backward")()
+    return name, grad_call(case.op, kernellab.get(case.op, backend), to_float64(inputs), extra, seed, "backward")()
 
 
 def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, which, seed) -> dict:
@@ -230,7 +180,7 @@ def run_gradients(case, backend, inputs, extra, check, dtype, device, budget_s, 
 
 
 def pass_cost(spec, inputs: dict, which: str) -> tuple[int, int]:
-    """(FLOPs, bytes) of one call of pass `which` of spec's op (bench.cost: forward, backward, their sum)."""
+    """(FLOPs, bytes) of one call of pass `which` of spec's op (its OpSpec's cost models: forward, backward, their sum)."""
     if which == "forward":
         return spec.cost(inputs)
     backward = spec.backward_cost(inputs)
@@ -589,7 +539,7 @@ def list_everything() -> str:
             described.append(f"{backend}{' (peer)' if b.peer else ''} [{where}]")
         lines.append(f"  {name} ({', '.join(spec.axes)}): {', '.join(described)}")
     lines.append("  all: every op above but " + ", ".join(n for n, s in OPS.items() if not s.registry))
-    lines.append("presets (ANCHORS.md shapes): " + ", ".join(presets.MODELS))
+    lines.append("presets (ANCHORS.md shapes): " + ", ".join(MODELS))
     lines.append("dtypes: " + ", ".join(DTYPES))
     return "\n".join(lines)
 
@@ -615,7 +565,7 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--quick", action="store_true", help="a small CPU-sized sweep of every axis")
-    parser.add_argument("--preset", choices=list(presets.MODELS), help="only this model's shapes")
+    parser.add_argument("--preset", choices=list(MODELS), help="only this model's shapes")
     parser.add_argument("--shape", nargs="+", metavar="KEY",
                         help="only the cases with these shape strings (as in the CSV, e.g. N=64,D=512,...)")
     parser.add_argument("--out", type=cli.out_folder,
@@ -668,7 +618,7 @@ def parse(argv=None, machine: bool = False):
     if "forward" not in args.passes:
         flat = [op for op in args.op if OPS[op].backward_cost is None]
         if flat:
-            parser_.error(f"--pass {' '.join(args.passes)}: {', '.join(flat)} has no backward cost model (bench/ops.py)")
+            parser_.error(f"--pass {' '.join(args.passes)}: {', '.join(flat)} has no backward cost model (bench/ops/)")
     args.dtype = [DTYPES[d] for d in (args.dtype or (["float32"] if args.device == "cpu" else ["bfloat16"]))]
     return check(args, parser_) if machine else args
 

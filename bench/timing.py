@@ -30,7 +30,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from reference.tolerance import TOLERANCE, tolerance
+from bench.check import TOLERANCE, tolerance
 
 L2_FLUSH_BYTES = 256 * 2**20
 CPU_FLUSH_MAX_BYTES = 2**30

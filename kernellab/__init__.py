@@ -1,15 +1,18 @@
 """The lab's public ops (../shared/API.md). Light on import: backends load when first asked for."""
+import inspect
 import os
 
 # numba's default OpenMP thread pool spins after each parallel region: on a 2-core machine every torch op that
 # follows an mkl / numba call then ran up to 500x slower (a 512 KB copy: 18 ms instead of 0.035, measured in a
 # decode step after an mkl prefill). Its workqueue pool sleeps instead. Read when numba is first imported.
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+from kernellab import validate
+from kernellab.ops import NAMES
 from kernellab.registry import BackendUnavailable, backends, get
 from kernellab.types import Permutation
 
-__all__ = ["BackendUnavailable", "Permutation", "backends", "get", "linear_attention", "gated_delta_rule",
-           "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe", "grouped_gemm_fp8", "moe_fp8"]
+# The public function of each op of kernellab/ops.py: written below, or made by _public from its check.
+__all__ = ["BackendUnavailable", "Permutation", "backends", "get", *NAMES]
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -89,3 +92,25 @@ def moe_fp8(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale, b
     w_gate_up [E, 2I, D], w_down [E, D, I] float8_e4m3fn; their scales float32 [E, ceil(rows / 128),
     ceil(cols / 128)]. Returns [N, D] in x's dtype."""
     return get("moe_fp8", backend)(x, weights, ids, w_gate_up, w_gate_up_scale, w_down, w_down_scale, **kwargs)
+
+
+def _public(op: str):
+    """kernellab.<op> for an op of kernellab/ops.py without a function written above: kernellab.validate.<op>'s
+    signature and docstring, plus backend="auto" and the backend's own keywords."""
+    check = getattr(validate, op)
+
+    def call(*args, backend="auto", **kwargs):
+        return get(op, backend)(*args, **kwargs)
+
+    parameters = [*inspect.signature(check).parameters.values(),
+                  inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto"),
+                  inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    call.__signature__ = inspect.Signature(parameters)
+    call.__name__ = call.__qualname__ = op
+    call.__doc__ = check.__doc__
+    return call
+
+
+for _op in NAMES:
+    if _op not in globals():
+        globals()[_op] = _public(_op)

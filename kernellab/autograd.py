@@ -37,40 +37,20 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernellab.ops import OPS
 from kernellab.types import Permutation
 
-# The inputs that carry a gradient, per op (API.md "Gradients"), in the order of the op's signature.
-DIFFERENTIABLE = {
-    "linear_attention": ("q", "k", "v", "g", "initial_state"),
-    "gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state"),
-    "attention": ("q", "k", "v"),
-    "route": ("router_logits",),
-    "moe_permute": ("x",),
-    "moe_unpermute": ("y_sorted", "weights"),
-    "grouped_gemm": ("x", "w"),
-    "moe": ("x", "weights", "w_gate_up", "w_down"),
-    # no backend of the fp8 ops has a backward: a call that needs one says so (BackendUnavailable)
-    "grouped_gemm_fp8": ("x",),
-    "moe_fp8": ("x", "weights"),
-}
-# The outputs as the Function returns them (a tuple of tensors or None), and the differentiable ones among them:
-# the keys of a backward's `grads`.
-OUTPUTS = {
-    "linear_attention": ("o", "final_state"),
-    "gated_delta_rule": ("o", "final_state"),
-    "attention": ("o",),
-    "route": ("weights", "ids"),
-    "moe_permute": ("x", "offsets", "source"),
-    "moe_unpermute": ("y",),
-    "grouped_gemm": ("y",),
-    "moe": ("y",),
-}
-NOT_DIFFERENTIABLE_OUTPUTS = {"route": ("ids",), "moe_permute": ("offsets", "source")}
+# Backend.backward: torch's autograd through the forward as written (the registry re-exports it).
+AUTOGRAD = "autograd"
+# The inputs that carry a gradient, per op (API.md "Gradients"), in the order of the op's signature, and the outputs
+# as the Function returns them (a tuple of tensors or None): kernellab/ops.py's records.
+DIFFERENTIABLE = {name: record.differentiable for name, record in OPS.items()}
+OUTPUTS = {name: record.outputs for name, record in OPS.items()}
 
 
 def differentiable_outputs(op: str) -> tuple[str, ...]:
     """The names of op's outputs that carry a gradient (the keys of its backward's `grads`)."""
-    return tuple(name for name in OUTPUTS[op] if name not in NOT_DIFFERENTIABLE_OUTPUTS.get(op, ()))
+    return OPS[op].differentiable_outputs
 
 
 def _flatten(op, out):
@@ -90,20 +70,9 @@ def _rebuild(op, flat, inputs):
 
 def apply(backend, inputs: dict, extra: dict):
     """Run backend's implementation on inputs (kernellab.validate's checked dict) and the extra keywords, so that
-    gradients reach every differentiable input that requires grad. Raises BackendUnavailable when the backend
-    has no backward."""
-    from kernellab.registry import AUTOGRAD, BackendUnavailable, registered
-
+    gradients reach every differentiable input that requires grad. The backend has a backward (the registry
+    raises BackendUnavailable for one that has none, before coming here)."""
     op = backend.op
-    if backend.backward is None:
-        wanted = [name for name in DIFFERENTIABLE[op] if isinstance(inputs.get(name), torch.Tensor)
-                  and inputs[name].requires_grad]
-        able = [name for name, b in registered(op).items() if b.backward is not None]
-        raise BackendUnavailable(
-            f"backend {backend.name!r} of {op} has no backward, and {', '.join(wanted)} "
-            f"{'requires' if len(wanted) == 1 else 'require'} grad; backends "
-            f"of {op} with a backward: {', '.join(able) or 'none'} (for inference, call it under torch.no_grad() "
-            f"or torch.inference_mode())")
     if backend.backward == AUTOGRAD:
         return backend.impl(**inputs, **extra)
     names = tuple(name for name in DIFFERENTIABLE[op] if inputs.get(name) is not None)
@@ -127,18 +96,16 @@ class _BackendFunction(torch.autograd.Function):
         ctx.backend, ctx.extra, ctx.names = backend, extra, names
         ctx.set_materialize_grads(False)  # None where no gradient flows: the backward may skip that work
         ctx.mark_non_differentiable(*(t for name, t in zip(OUTPUTS[op], flat)
-                                      if name in NOT_DIFFERENTIABLE_OUTPUTS.get(op, ()) and t is not None))
+                                      if name in OPS[op].constant_outputs and t is not None))
         return flat
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
-        from kernellab.registry import resolve
-
         backend, op = ctx.backend, ctx.backend.op
         inputs = dict(zip(ctx.saved_names, ctx.saved_tensors)) | ctx.constants
         grads = {name: grad for name, grad in zip(OUTPUTS[op], grad_outputs) if name in differentiable_outputs(op)}
-        found = resolve(backend.backward)(grads, **inputs, **ctx.extra)
+        found = backend.backward_impl(grads, **inputs, **ctx.extra)
         out = []
         for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):
             grad = found.get(name) if needed else None

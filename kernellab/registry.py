@@ -23,16 +23,17 @@ from functools import cache
 
 import torch
 
-from kernellab import validate
+from kernellab import autograd, validate
+from kernellab import ops as op_records
+from kernellab.autograd import AUTOGRAD
+from kernellab.types import BackendUnavailable
 
-OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute",
-       "grouped_gemm", "moe", "grouped_gemm_fp8", "moe_fp8")
+# The op list is kernellab/ops.py's records; these are read from it.
+OPS = op_records.NAMES
 # The expert ops on float8_e4m3fn weights with block scales (kernellab/fp8.py), a family of their own.
-FP8_OPS = ("grouped_gemm_fp8", "moe_fp8")
+FP8_OPS = op_records.family("moe_fp8")
 # One file per op family: the module of each op inside reference/ and inside every toolchain package.
-OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
-             "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe",
-             "grouped_gemm_fp8": "moe_fp8", "moe_fp8": "moe_fp8"}
+OP_MODULE = {name: record.family for name, record in op_records.OPS.items()}
 TOOLCHAINS = ("kernellab.torch", "kernellab.mkl", "kernellab.triton", "kernellab.cuda", "kernellab.cupy", "kernellab.numba",
               "kernellab.numba_cuda", "kernellab.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES
@@ -48,10 +49,6 @@ AUTO_ORDER = {
 # sequences (reports/cpu); mkl falls back on torch's code for everything else.
 AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {
     (op, "cpu"): ("mkl", "torch", "numba", "reference") for op in ("linear_attention", "gated_delta_rule")}
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend asked for cannot run on this machine or on these inputs; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +113,11 @@ class Backend:
     def impl(self):
         return resolve(self.target)
 
+    @property
+    def backward_impl(self):
+        """The function of a backward named "module:function" (not None, not AUTOGRAD)."""
+        return resolve(self.backward)
+
 
 def resolve(target: str):
     """The object named by "package.module:attribute"."""
@@ -123,15 +125,15 @@ def resolve(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-AUTOGRAD = "autograd"  # Backend.backward: torch's autograd through the forward as written
 BESIDE = "beside"  # family_backends' backward={op: BESIDE}: <op>_backward in the forward's module
 
 
-def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, backward: dict | None = None,
-                    **options) -> list[Backend]:
+def family_backends(package: str, name: str, places: tuple[str, ...], ops: tuple[str, ...],
+                    backward: dict | None = None, **options) -> list[Backend]:
     """Backend `name` of every op in ops, each implemented at package.<OP_MODULE[op]>:<op>. backward: {op: BESIDE,
     AUTOGRAD or "module:function"} for the ops that have one (BESIDE: package.<OP_MODULE[op]>:<op>_backward)."""
     backward = backward or {}
+    _check_ops(package, ops)
     unknown = set(backward) - set(ops)
     if unknown:
         raise ValueError(f"{package}: backward declared for op(s) {sorted(unknown)} not in ops")
@@ -142,6 +144,12 @@ def family_backends(package: str, name: str, places: tuple[str, ...], ops=OPS, b
 
     return [Backend(op, name, f"{package}.{OP_MODULE[op]}:{op}", places, backward=backward_of(op), **options)
             for op in ops]
+
+
+def _check_ops(package: str, ops) -> None:
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"{package}: ops {unknown} are not ops of kernellab/ops.py")
 
 
 def batch_variant(backends: list[Backend], notes: dict[str, str]) -> list[Backend]:
@@ -170,7 +178,7 @@ def _table() -> dict[str, dict[str, Backend]]:
 
 def _reference_backends():
     # its gradients: torch's autograd through the float64 token loops, the yardstick of every backward
-    return family_backends("reference", "reference", ("cpu", "cuda"), backward={op: AUTOGRAD for op in OPS})
+    return family_backends("reference", "reference", ("cpu", "cuda"), OPS, backward={op: AUTOGRAD for op in OPS})
 
 
 def _check_op(op):
@@ -254,6 +262,20 @@ def requires_grad(checked: dict) -> bool:
     return False
 
 
+def no_backward(backend: Backend, checked: dict) -> BackendUnavailable:
+    """The error of a call that needs gradients from a backend without a backward: which inputs require grad, and
+    the backends of the op that have one."""
+    op = backend.op
+    wanted = [name for name in op_records.OPS[op].differentiable if isinstance(checked.get(name), torch.Tensor)
+              and checked[name].requires_grad]
+    able = [name for name, b in registered(op).items() if b.backward is not None]
+    return BackendUnavailable(
+        f"backend {backend.name!r} of {op} has no backward, and {', '.join(wanted)} "
+        f"{'requires' if len(wanted) == 1 else 'require'} grad; backends "
+        f"of {op} with a backward: {', '.join(able) or 'none'} (for inference, call it under torch.no_grad() "
+        f"or torch.inference_mode())")
+
+
 def _lookup(op: str, name: str) -> Backend:
     table = _table()[op]
     if name not in table:
@@ -290,8 +312,8 @@ def get(op: str, name: str = "auto"):
         if kwargs:
             check_keywords(backend, kwargs)
         if grad:
-            from kernellab import autograd  # light (torch only); imported here: it imports this module
-
+            if backend.backward is None:
+                raise no_backward(backend, checked)
             return autograd.apply(backend, checked, kwargs)
         return backend.impl(**checked, **kwargs)
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 import torch
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run on this machine or on these inputs; the message says why."""
+
+
 @dataclass
 class Permutation:
     """Tokens grouped by expert, as returned by `kernellab.moe_permute`.

@@ -7,7 +7,7 @@ Reads the long-format CSV of `bench.sweep` (columns op, backend, device, dtype, 
 peak_tflops, peak_gbps, error, ...). For each device in it (or only --device), writes roofline.png into --out
 (default: the CSV's folder, e.g. reports/<device>/<host>/); with several devices and no --device, roofline_<device>.png.
 A point is one (op, backend, shape, dtype) row that passed its check: x = flops / bytes (the analytic models of
-bench.cost: FLOP per byte of compulsory traffic), y = flops / median time. The lines are the roofs
+bench/ops' cost models: FLOP per byte of compulsory traffic), y = flops / median time. The lines are the roofs
 min(peak FLOP/s, intensity x peak bandwidth) per dtype, with the peaks measured at the start of the sweep
 (matmul rate, copy bandwidth). Colours are backends, markers ops.
 """

@@ -3,7 +3,7 @@
     python -m profiling.trace --op gated_delta_rule --backend torch --shape T=1024 --shape Hv=8 [--dtype float32]
                               [--device cpu|cuda] [--calls 5] [--warmup 2] [--out DIR] [--plain]
 
-Inputs come from `bench.inputs.make(op, **shape)` (seed 0), so a shape means the same numbers as in the tests
+Inputs come from `bench.ops.make(op, **shape)` (seed 0), so a shape means the same numbers as in the tests
 and the sweeps. Writes under --out (default reports/<device>/traces/):
 - trace_<op>_<backend>.json: the Chrome trace (open in chrome://tracing or https://ui.perfetto.dev);
 - top_<op>_<backend>.txt / .csv: the operators, functions and kernels that take the most time (self time, on
@@ -119,12 +119,11 @@ def make_call(op: str, backend: str, shape: dict, dtype_name: str, device: str):
     import torch
 
     import kernellab
-    from bench import inputs as bench_inputs
-    from bench.ops import RENAMED
+    from bench.ops import RENAMED, make
 
     op = RENAMED.get(op, op)
     dtype = getattr(torch, DTYPE_NAMES[dtype_name])
-    made = bench_inputs.make(op, dtype=dtype, device=device, seed=0, **shape)
+    made = make(op, dtype=dtype, device=device, seed=0, **shape)
     fn = kernellab.get(op, backend)
 
     def call():
@@ -197,15 +196,14 @@ def _unparse(value) -> str:
 
 def checked_call(parser, args, device: str):
     """make_call for main, after checking what the command line asks for: op, backend on device and dtype,
-    the shape's keys (the op's bench.inputs maker's keywords) and values (the op's input checks, before any
+    the shape's keys (the op's input maker's keywords (bench/ops/<family>.py)) and values (the op's input checks, before any
     call). Refuses through parser.error."""
     import inspect
 
     import torch
 
     from bench import cli
-    from bench import inputs as bench_inputs
-    from bench.ops import RENAMED
+    from bench.ops import MAKERS, RENAMED
     from kernellab import validate
 
     op = RENAMED.get(args.op, args.op)
@@ -214,7 +212,7 @@ def checked_call(parser, args, device: str):
         shape = parse_shape(args.shape)
     except ValueError as exc:
         parser.error(str(exc))
-    keys = [k for k in inspect.signature(bench_inputs.MAKERS[op]).parameters if k not in ("dtype", "device", "seed")]
+    keys = [k for k in inspect.signature(MAKERS[op]).parameters if k not in ("dtype", "device", "seed")]
     if unknown := [k for k in shape if k not in keys]:
         parser.error(f"--shape: {', '.join(unknown)} not a keyword of {op}'s inputs; valid: {', '.join(keys)}")
     try:
@@ -234,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--op", required=True, choices=[*OPS, *RENAMED], help="an op of kernels")
     parser.add_argument("--backend", required=True, help="a backend name (kernellab.backends(op) lists them)")
     parser.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
-                        help="a keyword of the op's bench.inputs maker (repeatable); lists as 1,7,64")
+                        help="a keyword of the op's input maker (bench/ops/<family>.py) (repeatable); lists as 1,7,64")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--device", default=None, choices=cli.DEVICES, help="default: cuda when present")
     parser.add_argument("--calls", type=cli.positive_int, default=5, help="profiled calls")

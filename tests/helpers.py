@@ -7,19 +7,20 @@ import pytest
 import torch
 
 import kernellab
+from bench import check
+from bench.check import TOLERANCE, TOLERANCE_TF32, rel_err, to_float64, tolerance  # noqa: F401 (for the tests)
 from kernellab import registry
-from reference.tolerance import TOLERANCE, TOLERANCE_TF32, rel_err, tolerance  # noqa: F401 (for the tests)
 
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def assert_close(out, ref, dtype, what, seed, tol=None):
-    """out matches ref within the tolerance of dtype; NaN anywhere (a poisoned, unwritten element) fails."""
+    """out matches ref within the tolerance of dtype (bench.check.compare: shapes, integer outputs exact); NaN
+    anywhere (a poisoned, unwritten element) fails."""
     tol = TOLERANCE[dtype] if tol is None else tol
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)} (seed={seed})"
-    assert torch.isfinite(out.detach().double()).all(), f"{what}: non-finite or unwritten elements (seed={seed})"
-    err = rel_err(out, ref)
+    err, problem = check.compare(out, ref)
+    assert not problem, f"{what}: {problem} (seed={seed})"
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} for {dtype} (seed={seed})"
 
 
@@ -47,13 +48,6 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty, torch.empty_strided = originals
-
-
-def to_float64(inputs):
-    """The same inputs in float64 (floating tensors only, float8 weights kept: exact, and the fp8 ops' own dtype),
-    for the reference run: exact arithmetic and a float64 state (a state_dtype among the inputs is dropped)."""
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.element_size() > 1 else v
-            for k, v in inputs.items() if k != "state_dtype"}
 
 
 def lab_backends(op, device="cpu", simulated=False):

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 from tests.helpers import (DTYPES, GPU_DTYPES, assert_close, assert_unchanged, backend_dtypes, bad_case_names,
                            check_bad_case, gpu_backends, lab_backends, poisoned_allocations, snapshot, to_float64,
                            tolerance)
 
-# As keywords of bench.inputs.attention (Hq = 4, Hkv = 2, D = 32 unless said).
+# As keywords of bench.ops.attention.attention_inputs (Hq = 4, Hkv = 2, D = 32 unless said).
 CASES = {
     "T1": dict(T=1),
     "decode_with_cache": dict(T=1, Tk=77),
@@ -49,16 +49,16 @@ def _check(backend, args, seed, scale=None):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(lab_backends("attention"), "attention", DTYPES))
 def test_matches_reference(backend, dtype, case, seed):
-    _check(backend, inputs.make("attention", dtype=dtype, seed=seed, **CASES[case]), seed)
+    _check(backend, make("attention", dtype=dtype, seed=seed, **CASES[case]), seed)
 
 
 @pytest.mark.parametrize("backend", lab_backends("attention"))
 def test_custom_scale(backend, seed):
-    _check(backend, inputs.make("attention", T=40, Tk=50, seed=seed), seed, scale=0.05)
+    _check(backend, make("attention", T=40, Tk=50, seed=seed), seed, scale=0.05)
 
 
 def test_torch_float64(seed):
-    args = inputs.make("attention", T=50, Tk=60, dtype=torch.float64, seed=seed)
+    args = make("attention", T=50, Tk=60, dtype=torch.float64, seed=seed)
     ref = kernellab.attention(**args, backend="reference")
     assert_close(kernellab.attention(**args, backend="torch"), ref, torch.float64, "torch o", seed)
 
@@ -66,7 +66,7 @@ def test_torch_float64(seed):
 def test_packed_equals_one_call_per_sequence(seed):
     """Each packed sequence gets the output of its own call: nothing leaks across the sequences' boundaries."""
     seqlens = [3, 1, 40]
-    args = inputs.make("attention", seqlens=seqlens, seed=seed)
+    args = make("attention", seqlens=seqlens, seed=seed)
     o = kernellab.attention(**args, backend="torch")
     bounds = args["cu_seqlens"].tolist()
     for start, end in zip(bounds, bounds[1:]):
@@ -77,7 +77,7 @@ def test_packed_equals_one_call_per_sequence(seed):
 def test_kv_lens_ignores_the_buffer_past_each_length(seed):
     """Keys and values past kv_lens[b] (here huge, but finite: SDPA's masked scores still multiply them) do not
     reach the output."""
-    args = inputs.make("attention", B=2, T=2, Tk=30, kv_lens=[4, 30], seed=seed)
+    args = make("attention", B=2, T=2, Tk=30, kv_lens=[4, 30], seed=seed)
     ref = kernellab.attention(**to_float64(args), backend="reference")
     args["k"][0, 4:], args["v"][0, 4:] = 1e4, -1e4
     for backend in lab_backends("attention"):
@@ -89,7 +89,7 @@ def test_kv_lens_ignores_the_buffer_past_each_length(seed):
                                   "kv_lens_decode", "kv_lens_chunk"])
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("attention"), "attention", GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, seed):
-    _check(backend, inputs.make("attention", dtype=dtype, device="cuda", seed=seed, **CASES[case]), seed)
+    _check(backend, make("attention", dtype=dtype, device="cuda", seed=seed, **CASES[case]), seed)
 
 
 def _bad_inputs(args):
@@ -128,7 +128,7 @@ def _bad_packed(args):
 
 
 def _bad_args(seed):
-    return inputs.make("attention", B=2, T=20, seed=seed)
+    return make("attention", B=2, T=20, seed=seed)
 
 
 @pytest.mark.parametrize("case", bad_case_names(_bad_inputs, _bad_args))
@@ -138,7 +138,7 @@ def test_bad_input_raises_and_writes_nothing(backend, case, seed):
 
 
 def _packed_args(seed):
-    return inputs.make("attention", seqlens=[8, 12], seed=seed)
+    return make("attention", seqlens=[8, 12], seed=seed)
 
 
 @pytest.mark.parametrize("case", bad_case_names(_bad_packed, _packed_args))
@@ -148,7 +148,7 @@ def test_bad_packing_raises_and_writes_nothing(backend, case, seed):
 
 
 def test_unknown_and_unavailable_backends():
-    args = inputs.make("attention", T=8)
+    args = make("attention", T=8)
     with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
         kernellab.attention(**args, backend="nope")
     if not torch.cuda.is_available():

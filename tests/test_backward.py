@@ -11,73 +11,32 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
-from kernellab import autograd, registry
+from bench.ops import OPS, make
+from bench.ops.moe import routing_ids
+from kernellab import ops, registry
 from tests.helpers import TOLERANCE, lab_backends, rel_err, to_float64, tolerance
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conftest.py)
 
 
 RECURRENT = ("linear_attention", "gated_delta_rule")
-MOE_OPS = ("route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe")
 
-# The forward's edge cases (tests/test_gated_delta_rule.py, tests/test_moe.py), as bench.inputs keywords plus the
-# forward's mode: token by token ("recurrent", or "auto" for short sequences) and chunked, both forward paths
-# meet the one backward. Sequences stay short: the reference's autograd runs token by token.
-RECURRENT_CASES = {
-    "T1": dict(T=1),
-    "T1_batch2_initial_state": dict(B=2, T=1, initial_state=True),
-    "T_not_multiple_of_chunk": dict(T=70, initial_state=True, mode="chunk"),
-    "Hv_2Hk_recurrent": dict(Hk=2, Hv=4, T=20, initial_state=True, mode="recurrent"),
-    "Hv_4Hk_no_l2norm": dict(Hk=1, Hv=4, T=40, use_qk_l2norm=False, mode="chunk"),
-    "packed_with_length_1": dict(seqlens=[21, 1, 40], initial_state=True, mode="chunk"),
-    "packed_no_initial_state": dict(seqlens=[1, 33, 5], mode="recurrent"),
-    "g_zero": dict(T=40, gate="zero", initial_state=True, mode="chunk"),
-    "strong_decay": dict(T=40, gate="strong", initial_state=True, mode="chunk"),
-    "beta_near_0": dict(T=40, beta="low", initial_state=True, mode="chunk"),
-    "beta_near_1_no_l2norm": dict(T=40, beta="high", use_qk_l2norm=False, initial_state=True, mode="chunk"),
-    "no_final_state": dict(T=40, initial_state=True, output_final_state=False, mode="chunk"),
-}
-GDR_ONLY = ("beta", "use_qk_l2norm", "Hk", "Hv")
-MOE_CASES = {
-    "one_token": dict(N=1, E=4, top_k=2),
-    "uniform": dict(N=37, E=8, top_k=2),
-    "skewed_empty_experts": dict(N=24, E=16, top_k=4, routing="skewed"),
-    "every_token_on_one_expert": dict(N=33, E=8, top_k=1, routing="one_expert"),
-    "top_k_equals_E": dict(N=16, E=4, top_k=4, id_dtype=torch.int64),
-    "dropped_slots": dict(N=40, E=8, top_k=3, drop=0.3, id_dtype=torch.int64),
-}
-ROUTE_CASES = {"one_token": dict(N=1, E=4, top_k=2), "uniform": dict(N=37, E=8, top_k=2),
-               "top_k_equals_E": dict(N=16, E=4, top_k=4), "not_renormalized": dict(N=20, E=8, renormalize=False)}
-ATTENTION_CASES = {"T1": dict(T=1), "gqa": dict(T=37, Hq=4, Hkv=2), "kv_cache": dict(T=5, Tk=19),
-                   "not_causal": dict(T=20, causal=False)}
-
-
-def _case(op, case):
-    if op == "linear_attention":
-        return {key: value for key, value in RECURRENT_CASES[case].items() if key not in GDR_ONLY}
-    if op in RECURRENT:
-        return RECURRENT_CASES[case]
-    if op == "attention":
-        return ATTENTION_CASES[case]
-    if op == "route":
-        return ROUTE_CASES[case]
-    return {key: value for key, value in MOE_CASES[case].items()
-            if not (op in ("grouped_gemm", "grouped_gemm_fp8") and key == "id_dtype")}
+# The gradients' edge cases: each op's family file's (OpSpec.gradient_cases, as input maker keywords plus the
+# forward's mode). Backends with a backward of their own run every case: torch for every op, mkl where its backward
+# sits beside its forward (the linear attentions' compiled loop). The others run the op's two spot checks
+# (OpSpec.gradient_spot_checks): their backward is torch's (mkl's MoE ops: the same function) or torch's autograd
+# (the peers), which the torch backend's full list of cases checks; these check the wiring.
 
 
 def _cases(op):
-    return list(RECURRENT_CASES if op in RECURRENT else ATTENTION_CASES if op == "attention" else
-                ROUTE_CASES if op == "route" else MOE_CASES)
+    return list(OPS[op].gradient_cases)
 
 
-# Backends with a backward of their own run every case: torch for every op, mkl for the linear attentions (its
-# compiled loop). The others run two cases: their backward is torch's (mkl's MoE ops: the same function) or
-# torch's autograd (the peers), which the torch backend's full list of cases checks; these check the wiring.
-OWN_BACKWARD = {"torch": registry.OPS, "mkl": RECURRENT}
-OTHER_BACKENDS_CASES = {"linear_attention": ("T_not_multiple_of_chunk", "packed_with_length_1"),
-                        "gated_delta_rule": ("T_not_multiple_of_chunk", "packed_with_length_1"),
-                        "attention": ("gqa", "kv_cache")}
+def runs_every_case(op, name):
+    backend = registry.registered(op)[name]
+    own = backend.backward not in (None, registry.AUTOGRAD) and \
+        backend.backward.partition(":")[0] == backend.target.partition(":")[0]
+    return name == "torch" or (name == "mkl" and own)
 
 
 def with_backward(op):
@@ -93,7 +52,7 @@ def without_backward(op):
 
 
 def _differentiable(op, args):
-    return [name for name in autograd.DIFFERENTIABLE[op] if isinstance(args.get(name), torch.Tensor)]
+    return [name for name in ops.OPS[op].differentiable if isinstance(args.get(name), torch.Tensor)]
 
 
 def _leaves(op, args):
@@ -102,14 +61,13 @@ def _leaves(op, args):
 
 
 def _outputs(op, out):
-    """The differentiable outputs of a result, as a list (None for a final state not returned)."""
-    if op in RECURRENT:
-        return list(out)
-    if op == "route":
-        return [out[0]]
-    if op == "moe_permute":
-        return [out.x]
-    return [out]
+    """The differentiable outputs of a result (kernellab/ops.py's), as a list (None for a final state not
+    returned)."""
+    record = ops.OPS[op]
+    flat = (out.x, out.offsets, out.source) if isinstance(out, kernellab.Permutation) else \
+        out if isinstance(out, tuple) else (out,)
+    named = dict(zip(record.outputs, flat, strict=True))
+    return [named[name] for name in record.differentiable_outputs]
 
 
 def projected_loss(op, out, seed):
@@ -131,9 +89,9 @@ def gradients(op, backend, args, seed, **extra):
 
 
 def _make(op, case, seed, dtype=torch.float32):
-    shape = dict(_case(op, case))
+    shape = dict(OPS[op].gradient_cases[case])
     mode = shape.pop("mode", None)
-    args = inputs.make(op, **shape, dtype=dtype, seed=seed) | ({} if mode is None else dict(mode=mode))
+    args = make(op, **shape, dtype=dtype, seed=seed) | ({} if mode is None else dict(mode=mode))
     if op in ("moe", "moe_unpermute") and case == "dropped_slots":
         # the weight of a slot with no expert reaches neither y nor any gradient, even when it is NaN
         args["weights"][args["ids"] < 0 if op == "moe" else _dropped(args["p"])] = float("nan")
@@ -179,8 +137,7 @@ def check_gradients(op, backend, args, seed, tol=None, device="cpu", **extra):
 
 CASES = [pytest.param(op, backend, case, id=f"{op}-{backend}-{case}")
          for op in registry.OPS for backend in with_backward(op)
-         for case in (_cases(op) if op in OWN_BACKWARD.get(backend, ()) else
-                      OTHER_BACKENDS_CASES.get(op, ("uniform", "dropped_slots")))]
+         for case in (_cases(op) if runs_every_case(op, backend) else OPS[op].gradient_spot_checks)]
 
 
 @pytest.mark.parametrize("op, backend, case", CASES)
@@ -189,8 +146,7 @@ def test_gradients_match_reference(op, backend, case, seed):
 
 
 GPU_CASES = [pytest.param(op, case, dtype, id=f"{op}-{case}-{str(dtype).removeprefix('torch.')}")
-             for op in registry.OPS for case in OTHER_BACKENDS_CASES.get(op, _cases(op)[:2] if op == "route" else
-                                                                         ("uniform", "dropped_slots"))
+             for op in registry.OPS for case in OPS[op].gradient_spot_checks
              for dtype in (torch.float32, torch.bfloat16)]
 
 
@@ -202,15 +158,15 @@ def test_torch_gradients_on_gpu(op, case, dtype, seed):
 
 
 @pytest.mark.parametrize("op, backend", [(op, backend) for op in RECURRENT + ("moe", "grouped_gemm")
-                                         for backend in with_backward(op) if op in OWN_BACKWARD.get(backend, ())])
+                                         for backend in with_backward(op) if runs_every_case(op, backend)])
 def test_half_precision_gradients(op, backend, seed):
     """float16 inputs: gradients in float16, within the forward's float16 tolerance."""
-    case = "Hv_2Hk_recurrent" if op in RECURRENT else "dropped_slots"
+    case = "recurrent_initial_state" if op in RECURRENT else "dropped_slots"
     check_gradients(op, backend, _make(op, case, seed, torch.float16), seed)
 
 
 @pytest.mark.parametrize("op, backend", [(op, backend) for op in RECURRENT for backend in with_backward(op)
-                                         if op in OWN_BACKWARD.get(backend, ())])
+                                         if runs_every_case(op, backend)])
 @pytest.mark.parametrize("case", [dict(T=70, initial_state=True), dict(seqlens=[21, 1, 70], initial_state=True),
                                   dict(T=70, gate="strong", initial_state=True)], ids=["T70", "packed", "strong_decay"])
 def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
@@ -221,7 +177,7 @@ def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
     else:
         from kernellab.torch.linear_attention import CHUNK_GROUP as group
 
-    args = inputs.make(op, seed=seed, **case)
+    args = make(op, seed=seed, **case)
     cu = args["cu_seqlens"]
     assert (args["q"].shape[1] if cu is None else int(cu.diff().max())) / 2 > group + 1
     check_gradients(op, backend, args | dict(mode="chunk"), seed, chunk_size=2)
@@ -275,7 +231,7 @@ def test_gradient_from_one_output_only(op, which, seed):
 def test_permutation_carries_its_gradient_through_x(seed):
     """moe_permute -> grouped_gemm -> moe_unpermute: gradients reach x through p.x, and w and the weights, as the
     reference's composition gives them."""
-    weights, ids = inputs.routing_ids(N=30, E=6, top_k=2, seed=seed, drop=0.2)
+    weights, ids = routing_ids(N=30, E=6, top_k=2, seed=seed, drop=0.2)
     gen = torch.Generator().manual_seed(seed)
     x, w = torch.randn(30, 16, generator=gen), torch.randn(6, 24, 16, generator=gen) * 0.25
     grads = {}
@@ -308,13 +264,13 @@ def _gradcheck(op, args, **extra):
 @pytest.mark.parametrize("case", [dict(T=5, initial_state=True), dict(seqlens=[2, 1, 3], initial_state=True),
                                   dict(T=5, use_qk_l2norm=False, beta="high")])
 def test_gradcheck_gated_delta_rule(case, seed):
-    args = inputs.make("gated_delta_rule", Hk=1, Hv=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
+    args = make("gated_delta_rule", Hk=1, Hv=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
     _gradcheck("gated_delta_rule", args, mode="chunk", chunk_size=2)
 
 
 @pytest.mark.parametrize("case", [dict(T=5, initial_state=True), dict(seqlens=[2, 1, 3], initial_state=True)])
 def test_gradcheck_linear_attention(case, seed):
-    args = inputs.make("linear_attention", H=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
+    args = make("linear_attention", H=2, K=3, V=2, dtype=torch.float64, seed=seed, **case)
     _gradcheck("linear_attention", args, mode="chunk", chunk_size=2)
 
 
@@ -327,7 +283,7 @@ def test_gradcheck_moe_ops_and_attention(op, seed):
         shape |= dict(I=3, drop=0.2)
     elif op == "grouped_gemm":
         shape = dict(N=5, E=3, top_k=2, K=4, Nout=3)
-    args = inputs.make(op, **shape, dtype=torch.float64, seed=seed)
+    args = make(op, **shape, dtype=torch.float64, seed=seed)
     _gradcheck(op, to_float64(args))
 
 
@@ -337,9 +293,7 @@ def test_gradcheck_moe_ops_and_attention(op, seed):
 def test_forward_outputs_bitwise_unchanged_by_requires_grad(op, seed):
     """Every backend with a backward (and the reference): the same outputs, bit for bit, with and without inputs
     that require grad."""
-    case = {"linear_attention": "packed_with_length_1", "gated_delta_rule": "packed_with_length_1",
-            "attention": "gqa", "route": "uniform"}.get(op, "dropped_slots")
-    args = _make(op, case, seed)
+    args = _make(op, OPS[op].gradient_spot_checks[1], seed)
     for backend in ["reference"] + with_backward(op):
         plain = _outputs(op, getattr(kernellab, op)(**args, backend=backend))
         tracked = _outputs(op, getattr(kernellab, op)(**_leaves(op, args), backend=backend))

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import OPS, make
 from tests.helpers import TOLERANCE, poisoned_allocations, rel_err, to_float64
-from tests.test_backward import (MOE_CASES, RECURRENT, RECURRENT_CASES, _differentiable, _leaves, _make, _on,
-                                 check_gradients)
+from tests.test_backward import RECURRENT, _differentiable, _leaves, _make, _on, check_gradients
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.skipif("triton" not in kernellab.backends("moe", DEVICE),
@@ -23,11 +22,8 @@ def check(op, args, seed, **extra):
         check_gradients(op, "triton", args, seed, device=DEVICE, **extra)
 
 
-# Linear attention has no beta, Hk / Hv or l2norm: of RECURRENT_CASES it takes the cases that differ without them.
-LINEAR_ATTENTION_CASES = ("T1", "T1_batch2_initial_state", "T_not_multiple_of_chunk", "packed_with_length_1",
-                          "packed_no_initial_state", "g_zero", "strong_decay", "no_final_state")
-FLOAT32_CASES = [pytest.param(op, case, id=f"{op}-{case}") for op in RECURRENT
-                 for case in (RECURRENT_CASES if op == "gated_delta_rule" else LINEAR_ATTENTION_CASES)]
+# The gradients' edge cases of each op's family file (OpSpec.gradient_cases).
+FLOAT32_CASES = [pytest.param(op, case, id=f"{op}-{case}") for op in RECURRENT for case in OPS[op].gradient_cases]
 
 
 @pytest.mark.parametrize("op, case", FLOAT32_CASES)
@@ -36,10 +32,8 @@ def test_chunked_gradients_float32(op, case, seed):
 
 
 @pytest.mark.parametrize("op", RECURRENT)
-@pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_with_length_1", "Hv_2Hk_recurrent"])
+@pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_with_length_1", "recurrent_initial_state"])
 def test_chunked_gradients_float16(op, case, seed):
-    if op == "linear_attention" and case == "Hv_2Hk_recurrent":
-        case = "strong_decay"
     check(op, _make(op, case, seed, torch.float16), seed)
 
 
@@ -49,12 +43,12 @@ def test_chunked_gradients_float16(op, case, seed):
 def test_chunked_gradients_other_head_dims(op, shape, seed):
     """K = 128: two K tiles in the dq/dk/dw/dg kernel (g's gradient in two parts) and in the WY backward; K = 24,
     V = 40: tiles wider than the heads (masked columns)."""
-    check(op, inputs.make(op, **shape, seed=seed) | dict(mode="chunk"), seed)
+    check(op, make(op, **shape, seed=seed) | dict(mode="chunk"), seed)
 
 
 def test_linear_attention_without_gate(seed):
     """g None: no decays, and no gradient for g."""
-    args = inputs.make("linear_attention", T=70, gate=None, initial_state=True, seed=seed)
+    args = make("linear_attention", T=70, gate=None, initial_state=True, seed=seed)
     assert args["g"] is None
     check("linear_attention", args, seed)
 
@@ -82,8 +76,8 @@ def test_gradient_from_the_final_state_only(op, seed):
 MOE_OPS = ("grouped_gemm", "moe_permute", "moe_unpermute", "moe")
 
 
-@pytest.mark.parametrize("op", MOE_OPS)
-@pytest.mark.parametrize("case", list(MOE_CASES))
+@pytest.mark.parametrize("op, case", [pytest.param(op, case, id=f"{op}-{case}") for op in MOE_OPS
+                                      for case in OPS[op].gradient_cases])
 def test_moe_gradients_float32(op, case, seed):
     check(op, _make(op, case, seed), seed)
 

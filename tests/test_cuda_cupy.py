@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.check import state_tolerance
+from bench.ops import make
 from kernellab import registry
 from kernellab.cuda import SOURCES
 from profiling.static import parse_ptxas
-from reference.tolerance import state_tolerance
 from tests.helpers import TOLERANCE, TOLERANCE_TF32, assert_close, poisoned_allocations, to_float64
 
 CUDA_DIR = Path(kernellab.__file__).parent / "cuda"
@@ -110,7 +110,7 @@ def _state_tolerances(dtype, state_dtype, T):
 def test_cuda_chunk_host_side_on_cpu(case, dtype, state_dtype, seed):
     from kernellab.cuda.gated_delta_rule import chunk_gated_delta_rule
 
-    raw = _with_state_dtype(inputs.gated_delta_rule(dtype=dtype, seed=seed, **case), state_dtype)
+    raw = _with_state_dtype(make("gated_delta_rule", dtype=dtype, seed=seed, **case), state_dtype)
     args = kernellab.validate.gated_delta_rule(**raw)
     ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     del args["mode"]
@@ -137,7 +137,7 @@ LA_CASES = {
 def test_cuda_linear_attention_host_side_on_cpu(case, dtype, state_dtype, seed):
     from kernellab.cuda.linear_attention import linear_attention
 
-    raw = _with_state_dtype(inputs.linear_attention(dtype=dtype, seed=seed, **case), state_dtype)
+    raw = _with_state_dtype(make("linear_attention", dtype=dtype, seed=seed, **case), state_dtype)
     args = kernellab.validate.linear_attention(**raw)
     ref_o, ref_s = kernellab.get("linear_attention", "reference")(**to_float64(args))
     with poisoned_allocations():
@@ -172,7 +172,7 @@ GPU_GDR_CASES = dict(GDR_CASES, decode_batch=dict(B=64, T=1, Hk=16, Hv=32, K=128
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("backend", _names("gated_delta_rule"))
 def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
-    args = inputs.gated_delta_rule(dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("gated_delta_rule", dtype=dtype, seed=seed, device="cuda", **case)
     ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     before = None if args["initial_state"] is None else args["initial_state"].clone()
     with poisoned_allocations():
@@ -191,7 +191,7 @@ def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("backend", _names("linear_attention"))
 def test_linear_attention_on_gpu(backend, dtype, case, seed):
-    args = inputs.linear_attention(dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("linear_attention", dtype=dtype, seed=seed, device="cuda", **case)
     ref_o, ref_s = kernellab.get("linear_attention", "reference")(**to_float64(args))
     with poisoned_allocations():
         o, s = kernellab.linear_attention(**args, backend=backend)
@@ -217,25 +217,25 @@ MOE_CASES = {
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("backend", _names("moe_permute"))
 def test_moe_kernels_on_gpu(backend, dtype, case, seed):
-    args = inputs.moe_permute(D=72, dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("moe_permute", D=72, dtype=dtype, seed=seed, device="cuda", **case)
     expected = kernellab.moe_permute(**args, backend="reference")
     with poisoned_allocations():
         p = kernellab.moe_permute(**args, backend=backend)
     assert torch.equal(p.x, expected.x), f"{backend}: permuted rows differ (seed={seed})"
     assert torch.equal(p.offsets.cpu(), expected.offsets.cpu()) and p.offsets.dtype == torch.int32
     assert torch.equal(p.source.cpu(), expected.source.cpu())
-    args = inputs.moe_unpermute(D=72, dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("moe_unpermute", D=72, dtype=dtype, seed=seed, device="cuda", **case)
     ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     with poisoned_allocations():
         out = kernellab.moe_unpermute(**args, backend=backend)
     assert_close(out, ref, dtype, f"{backend} unpermute", seed)
     gemm_case = {k: v for k, v in case.items() if k != "id_dtype"}
-    args = inputs.grouped_gemm(K=96, Nout=80, dtype=dtype, seed=seed, device="cuda", **gemm_case)
+    args = make("grouped_gemm", K=96, Nout=80, dtype=dtype, seed=seed, device="cuda", **gemm_case)
     ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
     with poisoned_allocations():
         out = kernellab.grouped_gemm(**args, backend=backend)
     assert_close(out, ref, dtype, f"{backend} grouped_gemm", seed, tol=_tolerance(dtype))
-    args = inputs.moe(D=64, I=48, dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("moe", D=64, I=48, dtype=dtype, seed=seed, device="cuda", **case)
     ref = kernellab.moe(**to_float64(args), backend="reference")
     with poisoned_allocations():
         out = kernellab.moe(**args, backend=backend)
@@ -285,7 +285,7 @@ def _outputs(result):
 def test_cupy_programs_through_numpy(op, case, extra, dtype, seed):
     if op == "route" and dtype == torch.bfloat16:
         dtype = torch.float16  # route's logits: a second half-precision dtype instead
-    args = getattr(kernellab.validate, op)(**inputs.make(op, dtype=dtype, seed=seed, **case), **extra)
+    args = getattr(kernellab.validate, op)(**make(op, dtype=dtype, seed=seed, **case), **extra)
     exact = op == "moe_permute"  # rows are moved, not computed: compared with the reference on the same dtype
     reference = _outputs(kernellab.get(op, "reference")(**(args if exact else to_float64(args))))
     with poisoned_allocations():
@@ -306,7 +306,7 @@ def test_cupy_programs_through_numpy(op, case, extra, dtype, seed):
 @pytest.mark.parametrize("op, case, extra", CUPY_CASES, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(CUPY_CASES)])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_cupy_on_gpu(op, case, extra, dtype, seed):
-    args = inputs.make(op, dtype=dtype, seed=seed, device="cuda", **case)
+    args = make(op, dtype=dtype, seed=seed, device="cuda", **case)
     exact = op == "moe_permute"
     reference = _outputs(kernellab.get(op, "reference")(**(args if exact else to_float64(args)), **extra))
     with poisoned_allocations():
@@ -344,24 +344,24 @@ def measure_gpu_targets(hbm_bytes_per_s=4.8e12):
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
-    decode = inputs.gated_delta_rule(B=64, T=1, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
+    decode = make("gated_delta_rule", B=64, T=1, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
                                      initial_state=True)
     state_bytes = 2 * 64 * 32 * 128 * 128 * 4
     for name in ("cuda", "cupy", "numba_cuda"):
         ms = milliseconds(lambda: kernellab.gated_delta_rule(**decode, mode="recurrent", backend=name))
         print(f"gated_delta_rule decode [{name}]: {ms * 1e3:.1f} us, {state_bytes / ms / 1e9:.0f} GB/s on the "
               f"state = {state_bytes / ms * 1e3 / hbm_bytes_per_s:.0%} of HBM")
-    prefill = inputs.gated_delta_rule(B=1, T=4096, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
+    prefill = make("gated_delta_rule", B=1, T=4096, Hk=16, Hv=32, K=128, V=128, dtype=torch.bfloat16, device="cuda",
                                       initial_state=True)
     for name in ("cuda", "cupy"):
         print(f"gated_delta_rule chunk T=4096 [{name}]: "
               f"{milliseconds(lambda: kernellab.gated_delta_rule(**prefill, mode='chunk', backend=name), 10):.3f} ms")
     shapes = dict(N=4096, E=256, top_k=8)
     cases = {
-        "moe_permute": inputs.moe_permute(D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
-        "moe_unpermute": inputs.moe_unpermute(D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
-        "grouped_gemm": inputs.grouped_gemm(K=2048, Nout=1024, dtype=torch.bfloat16, device="cuda", **shapes),
-        "moe": inputs.moe(D=2048, I=512, dtype=torch.bfloat16, device="cuda", **shapes),
+        "moe_permute": make("moe_permute", D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
+        "moe_unpermute": make("moe_unpermute", D=2048, dtype=torch.bfloat16, device="cuda", **shapes),
+        "grouped_gemm": make("grouped_gemm", K=2048, Nout=1024, dtype=torch.bfloat16, device="cuda", **shapes),
+        "moe": make("moe", D=2048, I=512, dtype=torch.bfloat16, device="cuda", **shapes),
     }
     for op, args in cases.items():
         for name in ("cuda", "cupy", "numba_cuda"):

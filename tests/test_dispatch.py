@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from bench import ops, sweep, timing
+from bench.ops import MODELS
 from bench.suites.moe_dispatch import parallel_model, projection, report, worlds
 from bench.suites.moe_dispatch import parts as exchange, run as dispatch_run
-from bench.presets import MODELS
 from tests.test_bench import CEILINGS
 
 OP = exchange.OP

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernellab
-from bench import inputs
+from bench.ops import make
+from bench.ops.moe import routing_ids
 from kernellab import registry
 from tests.helpers import (assert_raised_everywhere, lab_backends, poisoned_allocations, raises, ranks, rel_err,
                            snapshot, tolerance, world_fixtures)
@@ -43,10 +44,10 @@ def _problem(world, seed, tokens, E, top_k, dtype=torch.float32, routing="unifor
              id_dtype=torch.int32, experts=None, drop_first=False):
     """All ranks' inputs: tokens[r] tokens on rank r, E experts; ids drawn among the first `experts` experts
     (default E: all of them); drop_first: every slot of the first token (rank 0's, else the next rank's) -1."""
-    a = inputs.moe(N=sum(tokens), D=D, E=E, I=I, top_k=top_k, dtype=dtype, seed=seed, routing=routing, drop=drop,
+    a = make("moe", N=sum(tokens), D=D, E=E, I=I, top_k=top_k, dtype=dtype, seed=seed, routing=routing, drop=drop,
                    id_dtype=id_dtype)
     if experts is not None:
-        a["weights"], a["ids"] = inputs.routing_ids(sum(tokens), experts, top_k, seed=seed, routing=routing,
+        a["weights"], a["ids"] = routing_ids(sum(tokens), experts, top_k, seed=seed, routing=routing,
                                                     drop=drop, id_dtype=id_dtype)
     if drop_first:
         a["ids"][0] = -1

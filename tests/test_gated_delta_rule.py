@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import cu_seqlens_of, make
 from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_case_names, bad_packed_inputs,
                            check_bad_case, check_bad_input, check_recurrent_op, gpu_backends, lab_backends)
 
 MODES = ["chunk", "recurrent"]
 
-# The edge cases, as keywords of bench.inputs.gated_delta_rule (Hk = 2, Hv = 4 unless said). Lengths are named
+# The edge cases, as keywords of bench.ops.gated_delta_rule.gated_delta_rule_inputs (Hk = 2, Hv = 4 unless said). Lengths are named
 # for chunks of 64 (the GPU kernels'); the torch backend on CPU runs chunks of 32, so "one_chunk" is two there.
 CASES = {
     "T1": dict(T=1),
@@ -39,14 +39,14 @@ CASES = {
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(lab_backends("gated_delta_rule"), "gated_delta_rule",
                                                           DTYPES))
 def test_matches_reference(backend, dtype, case, mode, seed):
-    args = inputs.make("gated_delta_rule", dtype=dtype, seed=seed, **CASES[case])
+    args = make("gated_delta_rule", dtype=dtype, seed=seed, **CASES[case])
     check_recurrent_op("gated_delta_rule", backend, args | dict(mode=mode), seed)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", lab_backends("gated_delta_rule"))
 def test_custom_scale_and_no_final_state(backend, mode, seed):
-    args = inputs.make("gated_delta_rule", T=70, seed=seed, initial_state=True, output_final_state=False)
+    args = make("gated_delta_rule", T=70, seed=seed, initial_state=True, output_final_state=False)
     args |= dict(scale=0.3, mode=mode)
     if backend == "transformers":  # it always scales by K^-0.5: it must refuse rather than compute another thing
         check_bad_input("gated_delta_rule", backend, args, "scale")
@@ -57,7 +57,7 @@ def test_custom_scale_and_no_final_state(backend, mode, seed):
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_float64(mode, seed):
     """float64 inputs: computed and returned in float64 (the state too)."""
-    args = inputs.make("gated_delta_rule", T=100, dtype=torch.float64, seed=seed, initial_state=True)
+    args = make("gated_delta_rule", T=100, dtype=torch.float64, seed=seed, initial_state=True)
     check_recurrent_op("gated_delta_rule", "torch", args | dict(mode=mode), seed)
 
 
@@ -68,7 +68,7 @@ def test_torch_small_chunks(chunk_size, case, seed):
     one after the other, as they do from T = 1024 at the CPU's chunk of 32."""
     from kernellab.torch.gated_delta_rule import CHUNK_GROUP
 
-    args = inputs.make("gated_delta_rule", seed=seed, **CASES[case])
+    args = make("gated_delta_rule", seed=seed, **CASES[case])
     cu = args["cu_seqlens"]
     longest = args["q"].shape[1] if cu is None else int(cu.diff().max())
     assert longest / chunk_size > CHUNK_GROUP + 1, "the case must span more than one group of chunks"
@@ -82,7 +82,7 @@ def test_torch_small_chunks(chunk_size, case, seed):
 def test_mkl_chunk_sizes(chunk_size, case, seed):
     """mkl's chunked loop at other chunk sizes: one token, a size that divides nothing, one longer than some
     sequences (the last chunk of a sequence is short; nothing is padded)."""
-    args = inputs.make("gated_delta_rule", seed=seed, **CASES[case])
+    args = make("gated_delta_rule", seed=seed, **CASES[case])
     check_recurrent_op("gated_delta_rule", "mkl", args | dict(mode="chunk"), seed, chunk_size=chunk_size)
 
 
@@ -93,7 +93,7 @@ def test_mkl_chunk_sizes(chunk_size, case, seed):
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("gated_delta_rule"), "gated_delta_rule",
                                                           GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, mode, seed):
-    args = inputs.make("gated_delta_rule", dtype=dtype, device="cuda", seed=seed, **CASES[case])
+    args = make("gated_delta_rule", dtype=dtype, device="cuda", seed=seed, **CASES[case])
     check_recurrent_op("gated_delta_rule", backend, args | dict(mode=mode), seed)
 
 
@@ -118,18 +118,18 @@ def _bad_inputs(args):
         ("device_mismatch", dict(k=k.to("meta")), "k is on meta"),
         ("state_shape", dict(initial_state=s0[:, :, :, :-1]), "initial_state must have shape"),
         ("state_dtype", dict(initial_state=s0.half()), "initial_state must have dtype"),
-        ("cu_seqlens_batch", dict(cu_seqlens=inputs.cu_seqlens_of([T])), "cu_seqlens needs batch size 1"),
+        ("cu_seqlens_batch", dict(cu_seqlens=cu_seqlens_of([T])), "cu_seqlens needs batch size 1"),
         ("mode", dict(mode="parallel"), "mode must be"),
         ("scale_inf", dict(scale=math.inf), "scale must be"),
     ]
 
 
 def _bad_args(seed):
-    return inputs.make("gated_delta_rule", B=2, T=40, seed=seed, initial_state=True)
+    return make("gated_delta_rule", B=2, T=40, seed=seed, initial_state=True)
 
 
 def _bad_packed_args(seed):
-    return inputs.make("gated_delta_rule", seqlens=[20, 1, 19], seed=seed, initial_state=True)
+    return make("gated_delta_rule", seqlens=[20, 1, 19], seed=seed, initial_state=True)
 
 
 @pytest.mark.parametrize("case", bad_case_names(_bad_inputs, _bad_args))
@@ -145,7 +145,7 @@ def test_bad_packed_input_raises_and_writes_nothing(backend, case, seed):
 
 
 def test_unknown_and_unavailable_backends():
-    args = inputs.make("gated_delta_rule", T=8)
+    args = make("gated_delta_rule", T=8)
     with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
         kernellab.gated_delta_rule(**args, backend="nope")
     if not torch.cuda.is_available():

@@ -16,48 +16,13 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
-from kernellab import registry
+from bench.ops import OPS, make
+from kernellab import ops, registry
 from kernellab.types import Permutation
 from tests.helpers import DTYPES, assert_close, lab_backends, tolerance
 
-OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "final_state"), "attention": ("o",),
-           "route": ("weights", "ids"), "moe_permute": ("x", "offsets", "source"), "moe_unpermute": ("y",),
-           "grouped_gemm": ("y",), "moe": ("y",), "grouped_gemm_fp8": ("y",), "moe_fp8": ("y",)}
-RECURRENT = ("linear_attention", "gated_delta_rule")
-
-# Each op's batch, as keywords of bench.inputs, by how the backend reaches CPU tensors: natively ("cpu"), under
-# Triton's interpreter ("interpret"), under the numba.cuda simulator ("cudasim", every thread in Python). The
-# recurrent ops have two: a batch of 3 sequences ("batch") and 3 of unequal lengths packed into one row
-# ("packed"); lengths cross the chunks of the chunked backends (16 to 64 tokens).
-_MOE = dict(N=64, E=4, top_k=2)
-_MOE_SMALL = dict(N=24, E=4, top_k=2)
-SHAPES = {
-    "linear_attention": {
-        "cpu": dict(batch=dict(B=3, T=80), packed=dict(seqlens=[37, 1, 70])),
-        "interpret": dict(batch=dict(B=3, T=70, K=16, V=16), packed=dict(seqlens=[37, 1, 70], K=16, V=16))},
-    "gated_delta_rule": {
-        "cpu": dict(batch=dict(B=3, T=80), packed=dict(seqlens=[37, 1, 70])),
-        "interpret": dict(batch=dict(B=3, T=70, K=16, V=16), packed=dict(seqlens=[37, 1, 70], K=16, V=16)),
-        "cudasim": dict(batch=dict(B=3, T=5, K=8, V=8), packed=dict(seqlens=[4, 1, 6], K=8, V=8))},
-    "attention": {"cpu": dict(batch=dict(B=3, T=40, Tk=48)), "interpret": dict(batch=dict(B=3, T=20, Tk=24, D=16))},
-    "route": {"cpu": dict(token=dict(N=64, E=16, top_k=4)), "interpret": dict(token=dict(N=24, E=8, top_k=2))},
-    "moe_permute": {"cpu": dict(token=dict(_MOE, D=64, drop=0.2)),
-                    "interpret": dict(token=dict(_MOE_SMALL, D=16, drop=0.2)),
-                    "cudasim": dict(token=dict(N=6, E=3, top_k=2, D=8, drop=0.2))},
-    "moe_unpermute": {"cpu": dict(token=dict(_MOE, D=64, drop=0.2)),
-                      "interpret": dict(token=dict(_MOE_SMALL, D=16, drop=0.2)),
-                      "cudasim": dict(token=dict(N=6, E=3, top_k=2, D=8, drop=0.2))},
-    "grouped_gemm": {"cpu": dict(expert=dict(_MOE, K=64, Nout=48)),
-                     "interpret": dict(expert=dict(_MOE_SMALL, K=32, Nout=16)),
-                     "cudasim": dict(expert=dict(N=6, E=3, top_k=2, K=8, Nout=8))},
-    "moe": {"cpu": dict(token=dict(_MOE, D=64, I=32, drop=0.2)),
-            "interpret": dict(token=dict(_MOE_SMALL, D=32, I=16, drop=0.2))},
-    "grouped_gemm_fp8": {"cpu": dict(expert=dict(_MOE, K=160, Nout=48)),
-                         "interpret": dict(expert=dict(_MOE_SMALL, K=160, Nout=16))},
-    "moe_fp8": {"cpu": dict(token=dict(_MOE, D=160, I=32, drop=0.2)),
-                "interpret": dict(token=dict(_MOE_SMALL, D=160, I=16, drop=0.2))},
-}
+# Each op's batches: its family file's OpSpec.invariance, by how the backend reaches CPU tensors: natively ("cpu"),
+# under Triton's interpreter ("interpret"), under the numba.cuda simulator ("cudasim", every thread in Python).
 TOKENS = (0, 1, -1)  # the tokens of a batch checked alone (route, moe_permute, moe_unpermute, moe)
 
 
@@ -80,7 +45,7 @@ def _cases():
     for op in registry.OPS:
         for name in lab_backends(op, simulated=True):
             backend = registry.registered(op)[name]
-            for kind in SHAPES[op][_runs_on(backend)]:
+            for kind in OPS[op].invariance[_runs_on(backend)]:
                 for dtype in DTYPES:
                     for mode in _modes(op, name) if dtype in backend.dtypes else ():
                         yield pytest.param(op, name, dtype, kind, mode, id="-".join(
@@ -91,17 +56,16 @@ CASES = list(_cases())
 
 
 def _make(op, name, dtype, kind, seed):
-    shape = SHAPES[op][_runs_on(registry.registered(op)[name])][kind]
-    extra = dict(initial_state=True) if op in RECURRENT else {}
-    return inputs.make(op, **shape, **extra, dtype=dtype, seed=seed)
+    shape = OPS[op].invariance[_runs_on(registry.registered(op)[name])][kind]
+    return make(op, **shape, dtype=dtype, seed=seed)
 
 
 def _run(op, name, args, mode):
-    """The outputs of op through backend name, by name (OUTPUTS)."""
+    """The outputs of op through backend name, by name (kernellab/ops.py's outputs)."""
     result = kernellab.get(op, name)(**args, **({} if mode is None else dict(mode=mode)))
     if isinstance(result, Permutation):
         result = (result.x, result.offsets, result.source)
-    return dict(zip(OUTPUTS[op], result if isinstance(result, tuple) else (result,), strict=True))
+    return dict(zip(ops.OPS[op].outputs, result if isinstance(result, tuple) else (result,), strict=True))
 
 
 def _assert_same(got, expected, bitwise, dtype, what, seed):
@@ -200,11 +164,12 @@ def _experts(args):
 
 
 def _parts(op, args, kind):
-    if op in RECURRENT:
+    """The parts of a batch by their kind (OpSpec.invariance's)."""
+    if kind in ("batch", "packed"):
         return _sequences(args, kind)
-    if op == "attention":
+    if kind == "rows":
         return _attention_rows(args)
-    if op in ("grouped_gemm", "grouped_gemm_fp8"):
+    if kind == "expert":
         return _experts(args)
     return _tokens(op, args)
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import cu_seqlens_of, make
 from tests.helpers import (DTYPES, GPU_DTYPES, backend_dtypes, bad_case_names, bad_packed_inputs,
                            check_bad_case, check_recurrent_op, gpu_backends, lab_backends)
 
 # ---------------------------------------------------------------------------------------------- parity
 
-# The edge cases, as keywords of bench.inputs.linear_attention (chunk 64 in the chunked backends).
+# The edge cases, as keywords of bench.ops.linear_attention.linear_attention_inputs (chunk 64 in the chunked backends).
 CASES = {
     "T1": dict(T=1),
     "one_chunk": dict(T=64, initial_state=True),
@@ -33,7 +33,7 @@ CASES = {
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(lab_backends("linear_attention"), "linear_attention",
                                                           DTYPES))
 def test_matches_reference(backend, dtype, case, seed):
-    check_recurrent_op("linear_attention", backend, inputs.make("linear_attention", dtype=dtype, seed=seed,
+    check_recurrent_op("linear_attention", backend, make("linear_attention", dtype=dtype, seed=seed,
                                                                 **CASES[case]), seed)
 
 
@@ -43,7 +43,7 @@ def test_matches_reference(backend, dtype, case, seed):
 def test_cpu_modes(backend, mode, case, seed):
     """The torch and mkl backends' chunked and token-by-token paths (their extra keyword `mode`): "auto" runs
     short sequences token by token, so the parity test above alone would not reach their chunked code on them."""
-    args = inputs.make("linear_attention", seed=seed, **CASES[case])
+    args = make("linear_attention", seed=seed, **CASES[case])
     check_recurrent_op("linear_attention", backend, args, seed, mode=mode)
 
 
@@ -52,19 +52,19 @@ def test_cpu_modes(backend, mode, case, seed):
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
 def test_mkl_chunk_sizes(chunk_size, case, seed):
     """mkl's chunked loop at other chunk sizes (see the gated delta rule's test of the same name)."""
-    args = inputs.make("linear_attention", seed=seed, **CASES[case])
+    args = make("linear_attention", seed=seed, **CASES[case])
     check_recurrent_op("linear_attention", "mkl", args, seed, mode="chunk", chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("backend", lab_backends("linear_attention"))
 def test_custom_scale_and_no_final_state(backend, seed):
-    args = inputs.make("linear_attention", T=70, seed=seed, initial_state=True, output_final_state=False)
+    args = make("linear_attention", T=70, seed=seed, initial_state=True, output_final_state=False)
     check_recurrent_op("linear_attention", backend, args | dict(scale=0.3), seed)
 
 
 def test_torch_float64(seed):
     """float64 inputs: computed and returned in float64 (the state too)."""
-    args = inputs.make("linear_attention", T=100, dtype=torch.float64, seed=seed, initial_state=True)
+    args = make("linear_attention", T=100, dtype=torch.float64, seed=seed, initial_state=True)
     check_recurrent_op("linear_attention", "torch", args, seed)
 
 
@@ -94,7 +94,7 @@ def test_torch_decay_factors_flush_to_zero_not_subnormal(seed):
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(gpu_backends("linear_attention"), "linear_attention",
                                                           GPU_DTYPES))
 def test_matches_reference_gpu(backend, dtype, case, seed):
-    args = inputs.make("linear_attention", dtype=dtype, device="cuda", seed=seed, **CASES[case])
+    args = make("linear_attention", dtype=dtype, device="cuda", seed=seed, **CASES[case])
     check_recurrent_op("linear_attention", backend, args, seed)
 
 
@@ -116,17 +116,17 @@ def _bad_inputs(args):
         ("device_mismatch", dict(v=v.to("meta")), "v is on meta"),
         ("state_shape", dict(initial_state=s0[:, :, :-1]), "initial_state must have shape"),
         ("state_dtype", dict(initial_state=s0.half()), "initial_state must have dtype"),
-        ("cu_seqlens_batch", dict(cu_seqlens=inputs.cu_seqlens_of([T])), "cu_seqlens needs batch size 1"),
+        ("cu_seqlens_batch", dict(cu_seqlens=cu_seqlens_of([T])), "cu_seqlens needs batch size 1"),
         ("scale_nan", dict(scale=math.nan), "scale must be"),
     ]
 
 
 def _bad_args(seed):
-    return inputs.make("linear_attention", B=2, T=40, seed=seed, initial_state=True)
+    return make("linear_attention", B=2, T=40, seed=seed, initial_state=True)
 
 
 def _bad_packed_args(seed):
-    return inputs.make("linear_attention", seqlens=[20, 1, 19], seed=seed, initial_state=True)
+    return make("linear_attention", seqlens=[20, 1, 19], seed=seed, initial_state=True)
 
 
 @pytest.mark.parametrize("case", bad_case_names(_bad_inputs, _bad_args))
@@ -142,7 +142,7 @@ def test_bad_packed_input_raises_and_writes_nothing(backend, case, seed):
 
 
 def test_unknown_and_unavailable_backends():
-    args = inputs.make("linear_attention", T=8)
+    args = make("linear_attention", T=8)
     with pytest.raises(kernellab.BackendUnavailable, match="no backend 'nope'"):
         kernellab.linear_attention(**args, backend="nope")
     if not torch.cuda.is_available():

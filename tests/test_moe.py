@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 from tests.helpers import (assert_close, assert_unchanged, gpu_backends, lab_backends, poisoned_allocations, snapshot,
                            to_float64, tolerance)
 
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# The MoE edge cases, as keywords of the bench.inputs makers (N tokens, E experts, top_k slots per token).
+# The MoE edge cases, as keywords of the input makers (bench/ops/moe.py) (N tokens, E experts, top_k slots per token).
 ROUTINGS = {
     "one_token": dict(N=1, E=4, top_k=2),
     "uniform": dict(N=37, E=8, top_k=2),
@@ -60,14 +60,14 @@ def _check_route(backend, args, seed):
 @pytest.mark.parametrize("backend", lab_backends("route"))
 def test_route(backend, case, dtype, renormalize, seed):
     shape = _without(ROUTINGS[case], "drop", "id_dtype")
-    _check_route(backend, inputs.make("route", **shape, dtype=dtype, seed=seed, renormalize=renormalize), seed)
+    _check_route(backend, make("route", **shape, dtype=dtype, seed=seed, renormalize=renormalize), seed)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("backend", gpu_backends("route"))
 def test_route_gpu(backend, dtype, seed):
-    args = inputs.make("route", N=300, E=64, top_k=8, dtype=dtype, seed=seed, device="cuda")
+    args = make("route", N=300, E=64, top_k=8, dtype=dtype, seed=seed, device="cuda")
     _check_route(backend, args, seed)
 
 
@@ -94,13 +94,13 @@ def _check_permute(backend, args, seed):
 @pytest.mark.parametrize("case", ROUTINGS, ids=str)
 @pytest.mark.parametrize("backend", lab_backends("moe_permute"))
 def test_moe_permute(backend, case, dtype, seed):
-    _check_permute(backend, inputs.make("moe_permute", **ROUTINGS[case], D=24, dtype=dtype, seed=seed), seed)
+    _check_permute(backend, make("moe_permute", **ROUTINGS[case], D=24, dtype=dtype, seed=seed), seed)
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("backend", lab_backends("moe_permute"))
 def test_moe_permute_id_dtypes(backend, id_dtype, seed):
-    args = inputs.make("moe_permute", N=29, E=8, top_k=2, drop=0.2, id_dtype=id_dtype, seed=seed)
+    args = make("moe_permute", N=29, E=8, top_k=2, drop=0.2, id_dtype=id_dtype, seed=seed)
     _check_permute(backend, args, seed)
 
 
@@ -110,7 +110,7 @@ def test_moe_permute_id_dtypes(backend, id_dtype, seed):
 @pytest.mark.parametrize("backend", gpu_backends("moe_permute"))
 def test_moe_permute_gpu(backend, case, dtype, seed):
     shape = ROUTINGS[case] | dict(N=500, E=64)
-    _check_permute(backend, inputs.make("moe_permute", **shape, D=128, dtype=dtype, seed=seed, device="cuda"), seed)
+    _check_permute(backend, make("moe_permute", **shape, D=128, dtype=dtype, seed=seed, device="cuda"), seed)
 
 
 # ---------------------------------------------------------------------------------------- moe_unpermute
@@ -140,7 +140,7 @@ def _check_unpermute(backend, args, seed, device="cpu"):
 @pytest.mark.parametrize("case", ROUTINGS, ids=str)
 @pytest.mark.parametrize("backend", lab_backends("moe_unpermute"))
 def test_moe_unpermute(backend, case, dtype, seed):
-    _check_unpermute(backend, inputs.make("moe_unpermute", **ROUTINGS[case], D=40, dtype=dtype, seed=seed), seed)
+    _check_unpermute(backend, make("moe_unpermute", **ROUTINGS[case], D=40, dtype=dtype, seed=seed), seed)
 
 
 @pytest.mark.gpu
@@ -149,7 +149,7 @@ def test_moe_unpermute(backend, case, dtype, seed):
 @pytest.mark.parametrize("backend", gpu_backends("moe_unpermute"))
 def test_moe_unpermute_gpu(backend, case, dtype, seed):
     shape = ROUTINGS[case] | dict(N=500)
-    args = inputs.make("moe_unpermute", **shape, D=256, dtype=dtype, seed=seed, device="cuda")
+    args = make("moe_unpermute", **shape, D=256, dtype=dtype, seed=seed, device="cuda")
     _check_unpermute(backend, args, seed, device="cuda")
 
 
@@ -171,13 +171,13 @@ def _check_grouped_gemm(backend, args, seed, device="cpu"):
 @pytest.mark.parametrize("backend", lab_backends("grouped_gemm"))
 def test_grouped_gemm(backend, case, dtype, seed):
     shape = _without(ROUTINGS[case], *NO_ID_DTYPE)
-    _check_grouped_gemm(backend, inputs.make("grouped_gemm", **shape, K=32, Nout=48, dtype=dtype, seed=seed), seed)
+    _check_grouped_gemm(backend, make("grouped_gemm", **shape, K=32, Nout=48, dtype=dtype, seed=seed), seed)
 
 
 @pytest.mark.parametrize("K, Nout", [(64, 16), (8, 40)])
 @pytest.mark.parametrize("backend", lab_backends("grouped_gemm"))
 def test_grouped_gemm_shapes(backend, K, Nout, seed):
-    _check_grouped_gemm(backend, inputs.make("grouped_gemm", N=45, E=8, top_k=2, K=K, Nout=Nout, seed=seed), seed)
+    _check_grouped_gemm(backend, make("grouped_gemm", N=45, E=8, top_k=2, K=K, Nout=Nout, seed=seed), seed)
 
 
 @pytest.mark.gpu
@@ -186,7 +186,7 @@ def test_grouped_gemm_shapes(backend, K, Nout, seed):
 @pytest.mark.parametrize("backend", gpu_backends("grouped_gemm"))
 def test_grouped_gemm_gpu(backend, case, dtype, seed):
     shape = _without(ROUTINGS[case], *NO_ID_DTYPE) | dict(N=700)
-    args = inputs.make("grouped_gemm", **shape, K=256, Nout=384, dtype=dtype, seed=seed, device="cuda")
+    args = make("grouped_gemm", **shape, K=256, Nout=384, dtype=dtype, seed=seed, device="cuda")
     _check_grouped_gemm(backend, args, seed, device="cuda")
 
 
@@ -210,18 +210,18 @@ def _check_moe(backend, args, seed, device="cpu"):
 @pytest.mark.parametrize("case", ROUTINGS, ids=str)
 @pytest.mark.parametrize("backend", lab_backends("moe"))
 def test_moe(backend, case, dtype, seed):
-    _check_moe(backend, inputs.make("moe", **ROUTINGS[case], D=32, I=16, dtype=dtype, seed=seed), seed)
+    _check_moe(backend, make("moe", **ROUTINGS[case], D=32, I=16, dtype=dtype, seed=seed), seed)
 
 
 @pytest.mark.parametrize("D, I", [(64, 8), (16, 48)])
 @pytest.mark.parametrize("backend", lab_backends("moe"))
 def test_moe_shapes(backend, D, I, seed):
-    _check_moe(backend, inputs.make("moe", N=50, E=16, top_k=4, D=D, I=I, seed=seed), seed)
+    _check_moe(backend, make("moe", N=50, E=16, top_k=4, D=D, I=I, seed=seed), seed)
 
 
 @pytest.mark.parametrize("backend", lab_backends("moe"))
 def test_moe_is_deterministic(backend, seed):
-    args = inputs.make("moe", N=48, E=4, top_k=4, D=32, I=16, seed=seed)
+    args = make("moe", N=48, E=4, top_k=4, D=32, I=16, seed=seed)
     assert torch.equal(kernellab.moe(**args, backend=backend), kernellab.moe(**args, backend=backend))
 
 
@@ -230,7 +230,7 @@ def test_torch_moe_host_and_device_grouping_agree(case, seed, monkeypatch):
     """The torch backend groups slots on the host for small N and by a device sort above: same result, bitwise."""
     from kernellab.torch import moe as torch_moe
 
-    args = inputs.make("moe", **ROUTINGS[case], D=32, I=16, seed=seed)
+    args = make("moe", **ROUTINGS[case], D=32, I=16, seed=seed)
     monkeypatch.setattr(torch_moe, "HOST_GROUPING_MAX_SLOTS", 10**9)
     on_host = _check_moe("torch", args, seed)
     monkeypatch.setattr(torch_moe, "HOST_GROUPING_MAX_SLOTS", 0)
@@ -245,8 +245,8 @@ def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
     from kernellab.torch import moe as torch_moe
 
     monkeypatch.setattr(torch_moe, "STREAMED_WEIGHT_BYTES", 0)  # small test weights take the streamed form too
-    _check_moe("torch", inputs.make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=32, I=16, seed=seed), seed)
-    _check_grouped_gemm("torch", inputs.make("grouped_gemm", N=rows, E=2, top_k=1, routing="one_expert", K=32,
+    _check_moe("torch", make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=32, I=16, seed=seed), seed)
+    _check_grouped_gemm("torch", make("grouped_gemm", N=rows, E=2, top_k=1, routing="one_expert", K=32,
                                              Nout=24, seed=seed), seed)
 
 
@@ -257,13 +257,13 @@ def test_mkl_packed_weights_follow_their_tensor(seed):
     must be seen by the next call; the cache lets go of a tensor's packs when the tensor dies."""
     from kernellab.mkl import packed
 
-    args = inputs.make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
+    args = make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
     _check_moe("mkl", args, seed)
     args["w_gate_up"].mul_(-0.5)
     args["w_down"][1].add_(0.25)  # through a view: one version counter for the whole tensor
     _check_moe("mkl", args, seed)
     _check_moe("mkl", dict(args, w_down=args["w_down"].clone()), seed)
-    gg = inputs.make("grouped_gemm", N=30, E=4, top_k=2, K=32, Nout=24, seed=seed)
+    gg = make("grouped_gemm", N=30, E=4, top_k=2, K=32, Nout=24, seed=seed)
     _check_grouped_gemm("mkl", gg, seed)
     gg["w"][2].neg_()
     _check_grouped_gemm("mkl", gg, seed)
@@ -271,7 +271,7 @@ def test_mkl_packed_weights_follow_their_tensor(seed):
     del gg
     assert len(packed._CACHE) == cached - 1
     with torch.inference_mode():  # inference tensors have no version counter: not packed, still right
-        frozen = inputs.make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
+        frozen = make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
         _check_moe("mkl", frozen, seed)
     assert len(packed._CACHE) == cached - 1
 
@@ -304,7 +304,7 @@ def test_mkl_gate_over_the_float32_range(seed):
 
 
 def test_torch_moe_takes_zero_tokens(seed):
-    args = inputs.make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
+    args = make("moe", N=0, E=4, top_k=2, D=16, I=8, seed=seed)
     assert kernellab.moe(**args, backend="torch").shape == (0, 16)
     p = kernellab.moe_permute(args["x"], args["ids"], 4, backend="torch")
     assert p.x.shape == (0, 16) and p.offsets.tolist() == [0] * 5
@@ -317,14 +317,14 @@ def test_torch_moe_takes_zero_tokens(seed):
 @pytest.mark.parametrize("backend", gpu_backends("moe"))
 def test_moe_gpu(backend, case, dtype, seed):
     shape = ROUTINGS[case] | (dict() if case == "one_token" else dict(N=300, E=32))
-    args = inputs.make("moe", **shape, D=256, I=128, dtype=dtype, seed=seed, device="cuda")
+    args = make("moe", **shape, D=256, I=128, dtype=dtype, seed=seed, device="cuda")
     _check_moe(backend, args, seed, device="cuda")
 
 
 # ------------------------------------------------------------------------------------------ bad input
 
 def _route_bad(seed):
-    good = inputs.make("route", N=6, E=4, top_k=2, seed=seed)
+    good = make("route", N=6, E=4, top_k=2, seed=seed)
     logits = good["router_logits"]
     return {
         "logits rank 1": dict(good, router_logits=logits[0]),
@@ -338,7 +338,7 @@ def _route_bad(seed):
 
 
 def _moe_permute_bad(seed):
-    good = inputs.make("moe_permute", N=6, D=8, E=4, top_k=2, seed=seed)
+    good = make("moe_permute", N=6, D=8, E=4, top_k=2, seed=seed)
     x, ids = good["x"], good["ids"]
     return {
         "x rank 1": dict(good, x=x[0]),
@@ -357,7 +357,7 @@ def _moe_permute_bad(seed):
 
 
 def _moe_unpermute_bad(seed):
-    good = inputs.make("moe_unpermute", N=6, D=8, E=4, top_k=2, seed=seed)
+    good = make("moe_unpermute", N=6, D=8, E=4, top_k=2, seed=seed)
     y, p, weights = good["y_sorted"], good["p"], good["weights"]
     return {
         "p not a Permutation": dict(good, p=(p.x, p.offsets, p.source)),
@@ -372,7 +372,7 @@ def _moe_unpermute_bad(seed):
 
 
 def _grouped_gemm_bad(seed):
-    good = inputs.make("grouped_gemm", N=12, E=4, top_k=2, K=8, Nout=16, seed=seed)
+    good = make("grouped_gemm", N=12, E=4, top_k=2, K=8, Nout=16, seed=seed)
     x, w, offsets = good["x"], good["w"], good["offsets"]
     swapped = offsets.clone()
     swapped[1], swapped[2] = offsets[2] + 1, offsets[1]
@@ -392,7 +392,7 @@ def _grouped_gemm_bad(seed):
 
 
 def _moe_bad(seed):
-    good = inputs.make("moe", N=6, D=8, E=4, I=4, top_k=2, seed=seed)
+    good = make("moe", N=6, D=8, E=4, I=4, top_k=2, seed=seed)
     x, weights, ids, w_gate_up, w_down = (good[k] for k in ("x", "weights", "ids", "w_gate_up", "w_down"))
     return {
         "x rank 1": dict(good, x=x[0]),
@@ -434,7 +434,7 @@ def test_transformers_peer_holds_the_callers_weights():
     pytest.importorskip("transformers")
     from kernellab.peers.moe import _transformers_experts
 
-    args = inputs.make("moe", N=4, E=4, top_k=2, D=16, I=8)
+    args = make("moe", N=4, E=4, top_k=2, D=16, I=8)
     experts = _transformers_experts(args["w_gate_up"], args["w_down"])
     assert experts.gate_up_proj.data_ptr() == args["w_gate_up"].data_ptr()
     assert experts.down_proj.data_ptr() == args["w_down"].data_ptr()

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
-from bench.ops import FP8_FLIP_TOLERANCE
+from bench.check import rel_err
+from bench.ops import make
+from bench.ops.moe_fp8 import FP8_FLIP_TOLERANCE
 from kernellab.fp8 import (ACTIVATION_BLOCK, FP8, FP8_MAX, WEIGHT_BLOCK, _expand, dequantize, quantize,
-                         quantize_activations, quantize_weights, quantized_bytes, scale_shape)
-from reference.tolerance import rel_err
+                           quantize_activations, quantize_weights, quantized_bytes, scale_shape)
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
                            poisoned_allocations, snapshot, to_float64, tolerance)
 
@@ -85,7 +85,7 @@ def _check(op, backend, args, seed, tol):
 @pytest.mark.parametrize("case", GEMM_CASES)
 @pytest.mark.parametrize("backend", lab_backends("grouped_gemm_fp8"))
 def test_grouped_gemm_fp8_matches_reference(backend, case, dtype, seed):
-    args = inputs.make("grouped_gemm_fp8", dtype=dtype, seed=seed, **GEMM_CASES[case])
+    args = make("grouped_gemm_fp8", dtype=dtype, seed=seed, **GEMM_CASES[case])
     _check("grouped_gemm_fp8", backend, args, seed, max(tolerance(dtype, "cpu"), FP8_FLIP_TOLERANCE))
 
 
@@ -93,13 +93,13 @@ def test_grouped_gemm_fp8_matches_reference(backend, case, dtype, seed):
 @pytest.mark.parametrize("case", MOE_CASES)
 @pytest.mark.parametrize("backend", lab_backends("moe_fp8"))
 def test_moe_fp8_matches_reference(backend, case, dtype, seed):
-    args = inputs.make("moe_fp8", dtype=dtype, seed=seed, **MOE_CASES[case])
+    args = make("moe_fp8", dtype=dtype, seed=seed, **MOE_CASES[case])
     _check("moe_fp8", backend, args, seed, max(tolerance(dtype, "cpu"), FP8_FLIP_TOLERANCE))
 
 
 def test_reference_is_the_dequantized_gemm(seed):
     """The reference by hand: x quantized per 1 x 128, w per 128 x 128, one float64 matmul per expert."""
-    args = inputs.make("grouped_gemm_fp8", seed=seed, **GEMM_CASES["ragged_dims"])
+    args = make("grouped_gemm_fp8", seed=seed, **GEMM_CASES["ragged_dims"])
     x = dequantize(*quantize_activations(args["x"]), ACTIVATION_BLOCK, torch.float64)
     w = dequantize(args["w"], args["w_scale"], WEIGHT_BLOCK, torch.float64)
     bounds = args["offsets"].tolist()
@@ -110,7 +110,7 @@ def test_reference_is_the_dequantized_gemm(seed):
 def test_moe_fp8_is_moe_on_the_dequantized_weights_up_to_the_activations(seed):
     """With activations that quantize exactly (multiples of a power of two, few bits), moe_fp8 is moe on the
     dequantized weights."""
-    args = inputs.make("moe_fp8", seed=seed, **MOE_CASES["uniform"])
+    args = make("moe_fp8", seed=seed, **MOE_CASES["uniform"])
     args["x"] = torch.randint(-8, 9, args["x"].shape).float() / 4  # exact in fp8 for any block scale
     dense = dict(x=args["x"], weights=args["weights"], ids=args["ids"],
                  w_gate_up=dequantize(args["w_gate_up"], args["w_gate_up_scale"], WEIGHT_BLOCK),
@@ -125,9 +125,9 @@ def test_fp8_layer_against_the_bf16_layer(seed):
     the exact layer on the unquantized weights, next to the bf16 layer's. Four quantized operands, each off by
     about fp8's unit roundoff over sqrt(3) (uniform rounding), add in quadrature: ~2 x 2^-4 / sqrt(3) = 7%."""
     shape = dict(N=64, D=512, E=8, I=256, top_k=2)
-    dense = inputs.make("moe", seed=seed, **shape)
+    dense = make("moe", seed=seed, **shape)
     exact = kernellab.moe(**to_float64(dense), backend="reference")
-    quantized = inputs.make("moe_fp8", seed=seed, **shape)  # the same weights, quantized
+    quantized = make("moe_fp8", seed=seed, **shape)  # the same weights, quantized
     fp8 = rel_err(kernellab.moe_fp8(**quantized, backend="torch"), exact)
     bf16 = rel_err(kernellab.moe(**{k: v.bfloat16() if k in ("x", "w_gate_up", "w_down") else v
                                   for k, v in dense.items()}, backend="torch"), exact)
@@ -139,7 +139,7 @@ def test_fp8_layer_against_the_bf16_layer(seed):
 
 @pytest.mark.parametrize("backend", lab_backends("moe_fp8"))
 def test_bad_fp8_inputs_raise_and_write_nothing(backend, seed):
-    args = inputs.make("moe_fp8", seed=seed, N=8, D=256, E=4, I=128, top_k=2)
+    args = make("moe_fp8", seed=seed, N=8, D=256, E=4, I=128, top_k=2)
     bad = [
         (dict(w_gate_up=args["w_gate_up"].float()), "w_gate_up must have dtype"),
         (dict(w_gate_up_scale=args["w_gate_up_scale"][:, :1]), "w_gate_up_scale must have shape"),
@@ -156,7 +156,7 @@ def test_bad_fp8_inputs_raise_and_write_nothing(backend, seed):
 
 @pytest.mark.parametrize("backend", lab_backends("grouped_gemm_fp8"))
 def test_bad_fp8_gemm_inputs_raise_and_write_nothing(backend, seed):
-    args = inputs.make("grouped_gemm_fp8", seed=seed, N=8, E=4, top_k=2, K=256, Nout=128)
+    args = make("grouped_gemm_fp8", seed=seed, N=8, E=4, top_k=2, K=256, Nout=128)
     bad = [
         (dict(w=args["w"].bfloat16()), "w must have dtype"),
         (dict(w_scale=args["w_scale"][..., :1]), "w_scale must have shape"),
@@ -174,7 +174,7 @@ def test_bad_fp8_gemm_inputs_raise_and_write_nothing(backend, seed):
 @pytest.mark.parametrize("case", ["uniform", "dropped_slots", "one_expert"])
 @pytest.mark.parametrize("backend", gpu_backends("moe_fp8"))
 def test_moe_fp8_on_gpu(backend, case, seed):
-    args = inputs.make("moe_fp8", dtype=torch.bfloat16, seed=seed, device="cuda", **MOE_CASES[case])
+    args = make("moe_fp8", dtype=torch.bfloat16, seed=seed, device="cuda", **MOE_CASES[case])
     with poisoned_allocations():
         out = kernellab.moe_fp8(**args, backend=backend)
     ref = kernellab.moe_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
@@ -185,7 +185,7 @@ def test_moe_fp8_on_gpu(backend, case, seed):
 @pytest.mark.parametrize("case", ["uniform", "empty_experts", "one_token"])
 @pytest.mark.parametrize("backend", gpu_backends("grouped_gemm_fp8"))
 def test_grouped_gemm_fp8_on_gpu(backend, case, seed):
-    args = inputs.make("grouped_gemm_fp8", dtype=torch.bfloat16, seed=seed, device="cuda", **GEMM_CASES[case])
+    args = make("grouped_gemm_fp8", dtype=torch.bfloat16, seed=seed, device="cuda", **GEMM_CASES[case])
     with poisoned_allocations():
         out = kernellab.grouped_gemm_fp8(**args, backend=backend)
     ref = kernellab.grouped_gemm_fp8(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")

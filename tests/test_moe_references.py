@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import inputs
+from bench.ops import make
 from reference import moe as ref
 from tests.helpers import assert_close
 
@@ -54,7 +54,7 @@ def _qwen_experts(w_gate_up, w_down, top_k):
 
 @pytest.mark.parametrize("case", CASES)
 def test_moe_matches_qwen_experts(case, seed):
-    args = inputs.make("moe", **CASES[case], D=24, I=12, dtype=torch.float64, seed=seed)
+    args = make("moe", **CASES[case], D=24, I=12, dtype=torch.float64, seed=seed)
     weights = args["weights"].double()
     E = args["w_gate_up"].shape[0]
     experts = _qwen_experts(args["w_gate_up"], args["w_down"], args["ids"].shape[1])
@@ -67,7 +67,7 @@ def test_moe_matches_qwen_experts(case, seed):
 
 @pytest.mark.parametrize("case", CASES)
 def test_permute_gemm_unpermute_compose_to_the_qwen_experts(case, seed):
-    args = inputs.make("moe", **CASES[case], D=24, I=12, dtype=torch.float64, seed=seed)
+    args = make("moe", **CASES[case], D=24, I=12, dtype=torch.float64, seed=seed)
     x, ids, w_gate_up, w_down = args["x"], args["ids"], args["w_gate_up"], args["w_down"]
     weights = args["weights"].double()
     E, I = w_gate_up.shape[0], w_down.shape[2]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 from kernellab import registry
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
@@ -43,7 +43,7 @@ GDR_CASES = {
 
 
 def _check_gdr(backend, case, dtype, seed, device="cpu", **extra):
-    args = inputs.gated_delta_rule(dtype=dtype, seed=seed, device=device, **case)
+    args = make("gated_delta_rule", dtype=dtype, seed=seed, device=device, **case)
     ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     with poisoned_allocations():
         o, s = kernellab.get("gated_delta_rule", backend)(**args, **extra)
@@ -61,7 +61,7 @@ def test_numba_gated_delta_rule(case, mode, dtype, seed):
 
 def test_numba_gated_delta_rule_small_chunks_leave_inputs_alone(seed):
     """chunk_size 16 puts several chunk boundaries inside each sequence; the caller's state is not written."""
-    args = inputs.gated_delta_rule(seqlens=[40, 1, 17], initial_state=True, seed=seed)
+    args = make("gated_delta_rule", seqlens=[40, 1, 17], initial_state=True, seed=seed)
     before = args["initial_state"].clone()
     ref_o, ref_s = kernellab.get("gated_delta_rule", "reference")(**to_float64(args))
     o, s = kernellab.gated_delta_rule(**args, mode="chunk", backend="numba", chunk_size=16)
@@ -83,7 +83,7 @@ MOE_CASES = {
 @pytest.mark.parametrize("case", MOE_CASES.values(), ids=MOE_CASES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_numba_moe(case, dtype, seed):
-    args = inputs.moe(dtype=dtype, seed=seed, **case)
+    args = make("moe", dtype=dtype, seed=seed, **case)
     ref = kernellab.get("moe", "reference")(**to_float64(args))
     with poisoned_allocations():
         out = kernellab.moe(**args, backend="numba")
@@ -95,13 +95,13 @@ def test_numba_moe(case, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_numba_permute_unpermute(case, dtype, seed):
     shape = {k: v for k, v in case.items() if k != "I"}
-    args = inputs.moe_permute(dtype=dtype, seed=seed, **shape)
+    args = make("moe_permute", dtype=dtype, seed=seed, **shape)
     expected = kernellab.moe_permute(**args, backend="reference")
     p = kernellab.moe_permute(**args, backend="numba")
     assert torch.equal(p.x, expected.x) and p.x.dtype == dtype, f"rows differ (seed={seed})"
     assert torch.equal(p.offsets, expected.offsets) and p.offsets.dtype == torch.int32
     assert torch.equal(p.source, expected.source)
-    args = inputs.moe_unpermute(dtype=dtype, seed=seed, **shape)
+    args = make("moe_unpermute", dtype=dtype, seed=seed, **shape)
     ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     assert_close(kernellab.moe_unpermute(**args, backend="numba"), ref, dtype, "numba unpermute", seed)
 
@@ -133,19 +133,19 @@ def test_numba_cuda_gated_delta_rule(case, seed):
 @pytest.mark.parametrize("case", SIM_MOE_CASES.values(), ids=SIM_MOE_CASES.keys())
 def test_numba_cuda_moe_kernels(case, seed):
     dtype = torch.float32
-    args = inputs.moe_permute(D=8, dtype=dtype, seed=seed, device=CUDA_DEVICE, **case)
+    args = make("moe_permute", D=8, dtype=dtype, seed=seed, device=CUDA_DEVICE, **case)
     expected = kernellab.moe_permute(**args, backend="reference")
     with poisoned_allocations():
         p = kernellab.moe_permute(**args, backend="numba_cuda")
     assert torch.equal(p.x, expected.x), f"rows differ (seed={seed})"
     assert torch.equal(p.offsets, expected.offsets) and torch.equal(p.source, expected.source)
-    args = inputs.moe_unpermute(D=8, dtype=dtype, seed=seed, device=CUDA_DEVICE, **case)
+    args = make("moe_unpermute", D=8, dtype=dtype, seed=seed, device=CUDA_DEVICE, **case)
     ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     with poisoned_allocations():
         out = kernellab.moe_unpermute(**args, backend="numba_cuda")
     assert_close(out, ref, dtype, "numba_cuda unpermute", seed)
     gemm = {k: v for k, v in case.items() if k != "id_dtype"}
-    args = inputs.grouped_gemm(K=20, Nout=18, dtype=dtype, seed=seed, device=CUDA_DEVICE, **gemm)
+    args = make("grouped_gemm", K=20, Nout=18, dtype=dtype, seed=seed, device=CUDA_DEVICE, **gemm)
     ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
     with poisoned_allocations():
         out = kernellab.grouped_gemm(**args, backend="numba_cuda")
@@ -177,13 +177,13 @@ def test_numba_cuda_on_gpu(dtype, seed):
     _check_gdr("numba_cuda", dict(B=4, T=37, Hk=4, Hv=8, K=128, V=128, initial_state=True), dtype, seed,
                device="cuda", mode="recurrent")
     case = dict(N=300, E=16, top_k=4, drop=0.1)
-    args = inputs.moe_permute(D=256, dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("moe_permute", D=256, dtype=dtype, seed=seed, device="cuda", **case)
     p, expected = (kernellab.moe_permute(**args, backend=name) for name in ("numba_cuda", "reference"))
     assert torch.equal(p.x, expected.x) and torch.equal(p.source, expected.source)
-    args = inputs.moe_unpermute(D=256, dtype=dtype, seed=seed, device="cuda", **case)
+    args = make("moe_unpermute", D=256, dtype=dtype, seed=seed, device="cuda", **case)
     ref = kernellab.moe_unpermute(**to_float64(args), backend="reference")
     assert_close(kernellab.moe_unpermute(**args, backend="numba_cuda"), ref, dtype, "unpermute", seed)
-    args = inputs.grouped_gemm(N=300, E=16, top_k=4, K=256, Nout=192, dtype=dtype, seed=seed, device="cuda")
+    args = make("grouped_gemm", N=300, E=16, top_k=4, K=256, Nout=192, dtype=dtype, seed=seed, device="cuda")
     ref = kernellab.grouped_gemm(**to_float64(args), backend="reference")
     assert_close(kernellab.grouped_gemm(**args, backend="numba_cuda"), ref, dtype, "grouped_gemm", seed)
 
@@ -212,7 +212,7 @@ def measure_targets():
     floor = top_k * 3 * I * D * 4 / 22e9
     print(f"numba moe decode (N=1, D={D}, I={I}, top_k={top_k}, float32): {seconds * 1e3:.2f} ms; floor "
           f"(active weights / 22 GB/s) {floor * 1e3:.2f} ms -> {seconds / floor:.2f}x")
-    args = inputs.gated_delta_rule(B=1, T=1024, Hk=4, Hv=8, K=128, V=128)
+    args = make("gated_delta_rule", B=1, T=1024, Hk=4, Hv=8, K=128, V=128)
     seconds = {mode: _median_seconds(lambda: kernellab.gated_delta_rule(**args, mode=mode, backend="numba"), 5)
                for mode in ("recurrent", "chunk")}
     ref = _median_seconds(lambda: kernellab.gated_delta_rule(**args, backend="reference"), 1)

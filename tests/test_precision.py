@@ -8,9 +8,9 @@ import torch
 
 import kernellab
 from bench import sweep
+from bench.check import rel_err
 from bench.suites.precision import report as precision_report, run as precision
 from bench.suites.precision.run import Heads
-from reference.tolerance import rel_err
 
 TINY = Heads(1, 2, 16, 16)
 

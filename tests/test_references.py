@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import inputs
+from bench.ops import make
 from reference.attention import attention as reference_attention
 from reference.gated_delta_rule import gated_delta_rule as reference_gdr
 from reference.linear_attention import linear_attention as reference_linear_attention
@@ -43,7 +43,7 @@ def _reference_gdr(args):
 @pytest.mark.parametrize("name", ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"])
 def test_gated_delta_rule_vs_transformers(name, case, seed):
     fn = _unwrapped(getattr(_qwen(), name))
-    args = inputs.make("gated_delta_rule", seed=seed, **GDR_CASES[case])
+    args = make("gated_delta_rule", seed=seed, **GDR_CASES[case])
     o, state = fn(args["q"], args["k"], args["v"], args["g"], args["beta"], initial_state=args["initial_state"],
                   output_final_state=True, use_qk_l2norm_in_kernel=args["use_qk_l2norm"])
     ref_o, ref_state = _reference_gdr(args)
@@ -55,7 +55,7 @@ def test_gated_delta_rule_packed_vs_transformers_per_sequence(seed):
     """cu_seqlens in the reference = transformers run on each sequence from its own initial state."""
     fn = _unwrapped(_qwen().torch_chunk_gated_delta_rule)
     seqlens = [37, 1, 70]
-    args = inputs.make("gated_delta_rule", seqlens=seqlens, seed=seed, initial_state=True)
+    args = make("gated_delta_rule", seqlens=seqlens, seed=seed, initial_state=True)
     ref_o, ref_state = _reference_gdr(args)
     bounds = args["cu_seqlens"].tolist()
     for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
@@ -77,7 +77,7 @@ def _fla_layout(args):
 def test_gated_delta_rule_vs_fla_naive(name, case, seed):
     """fla's naive references have no l2norm option: run them on unit-norm keys (use_qk_l2norm=False)."""
     naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
-    args = inputs.make("gated_delta_rule", seed=seed, **(GDR_CASES[case] | dict(use_qk_l2norm=False)))
+    args = make("gated_delta_rule", seed=seed, **(GDR_CASES[case] | dict(use_qk_l2norm=False)))
     args["scale"] = 0.3  # a custom scale, which both take
     q, k = _fla_layout(args)
     common = dict(scale=args["scale"], initial_state=args["initial_state"], output_final_state=True)
@@ -103,7 +103,7 @@ LA_CASES = {
 @pytest.mark.parametrize("name", ["naive_recurrent_simple_gla", "naive_chunk_simple_gla"])
 def test_linear_attention_vs_fla_naive(name, case, seed):
     naive = pytest.importorskip("fla.ops.simple_gla.naive")
-    args = inputs.make("linear_attention", seed=seed, **LA_CASES[case])
+    args = make("linear_attention", seed=seed, **LA_CASES[case])
     q, k, v = args["q"], args["k"], args["v"]
     g = torch.zeros(q.shape[:3]) if args["g"] is None else args["g"]  # fla's naive versions need a gate tensor
     o, state = getattr(naive, name)(q, k, v, g, scale=0.3, initial_state=args["initial_state"],
@@ -124,7 +124,7 @@ ATTENTION_CASES = {
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_attention_vs_sdpa(case, seed):
     """SDPA in float64 on repeated KV heads, with the bottom-right causal mask written out."""
-    args = inputs.make("attention", dtype=torch.float64, seed=seed, **ATTENTION_CASES[case])
+    args = make("attention", dtype=torch.float64, seed=seed, **ATTENTION_CASES[case])
     q, k, v = (args[key].transpose(1, 2) for key in ("q", "k", "v"))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -4,7 +4,7 @@
 Every lab backend either honours a state dtype or refuses it with a ValueError naming state_dtype. Those that
 honour it are compared with two yardsticks: the reference with the same state_dtype (a float64 token loop that
 rounds its state after every token: the rounding alone) for the token-by-token mode, and the exact float64
-reference for both modes, within a tolerance derived from the rounding (reference.tolerance.state_tolerance).
+reference for both modes, within a tolerance derived from the rounding (bench.check.state_tolerance).
 A bfloat16 state at T = 16K must be measurably worse than a float32 one, so the option is real."""
 import math
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
-from reference.tolerance import UNIT_ROUNDOFF, rel_err, state_tolerance
+from bench.check import UNIT_ROUNDOFF, rel_err, state_tolerance
+from bench.ops import make
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
                            poisoned_allocations, snapshot, to_float64)
 
@@ -36,7 +36,7 @@ def _args(op, state_dtype, dtype=torch.float32, seed=0, **case):
     """The op's inputs with the initial state (if any) in state_dtype."""
     if op == "linear_attention":
         case = {"H": 2, **case}
-    args = inputs.make(op, dtype=dtype, seed=seed, **case)
+    args = make(op, dtype=dtype, seed=seed, **case)
     if args["initial_state"] is not None:
         args["initial_state"] = args["initial_state"].to(state_dtype)
     return args

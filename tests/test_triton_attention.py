@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tg = pytest.importorskip("kernellab.triton.gated_delta_rule")
 tl_attention = pytest.importorskip("kernellab.triton.attention")
+from bench.ops import cu_seqlens_of, make
 from kernellab.triton import _chunk, jit_function, linear_attention as tla  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,28 +86,28 @@ def _shape(case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GDR_CASES, ids=str)
 def test_gated_delta_rule_chunk(case, dtype, seed):
-    args = inputs.make("gated_delta_rule", **_shape(GDR_CASES[case]), dtype=dtype, seed=seed, device=DEVICE)
+    args = make("gated_delta_rule", **_shape(GDR_CASES[case]), dtype=dtype, seed=seed, device=DEVICE)
     _parity("gated_delta_rule", args, dtype, seed, mode="chunk")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", RECURRENT_CASES, ids=str)
 def test_gated_delta_rule_recurrent(case, dtype, seed):
-    args = inputs.make("gated_delta_rule", **_shape(RECURRENT_CASES[case]), dtype=dtype, seed=seed, device=DEVICE)
+    args = make("gated_delta_rule", **_shape(RECURRENT_CASES[case]), dtype=dtype, seed=seed, device=DEVICE)
     _parity("gated_delta_rule", args, dtype, seed, mode="recurrent")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", LA_CASES, ids=str)
 def test_linear_attention(case, dtype, seed):
-    args = inputs.make("linear_attention", H=2, K=16, V=32, **LA_CASES[case], dtype=dtype, seed=seed, device=DEVICE)
+    args = make("linear_attention", H=2, K=16, V=32, **LA_CASES[case], dtype=dtype, seed=seed, device=DEVICE)
     _parity("linear_attention", args, dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_attention(case, dtype, seed):
-    args = inputs.make("attention", **(dict(Hq=4, Hkv=2, D=32) | ATTENTION_CASES[case]), dtype=dtype, seed=seed,
+    args = make("attention", **(dict(Hq=4, Hkv=2, D=32) | ATTENTION_CASES[case]), dtype=dtype, seed=seed,
                        device=DEVICE)
     _parity("attention", args, dtype, seed)
 
@@ -134,7 +134,7 @@ class NoHostSync:
 @pytest.mark.parametrize("seqlens", [[1], [64], [65, 0, 1], [0, 130, 64, 63, 2]], ids=str)
 def test_chunk_layout_on_device(seqlens):
     """Chunk indices and offsets of packed sequences, built without reading cu_seqlens on the host."""
-    cu = inputs.cu_seqlens_of(seqlens, device=DEVICE)
+    cu = cu_seqlens_of(seqlens, device=DEVICE)
     with NoHostSync():
         indices, offsets = _chunk.prepare_chunk_layout(cu, sum(seqlens))
     expected = [(n, c) for n, length in enumerate(seqlens) for c in range(-(-length // 64))]
@@ -147,7 +147,7 @@ def test_chunk_layout_on_device(seqlens):
 def test_chunked_path_does_not_synchronise(seed):
     """The implementation behind validation (which itself reads cu_seqlens) never reads a tensor on the host,
     with or without a precomputed chunk layout, and both give the same result."""
-    args = inputs.make("gated_delta_rule", **SMALL, seqlens=[3, 66, 1], initial_state=True, dtype=torch.float32,
+    args = make("gated_delta_rule", **SMALL, seqlens=[3, 66, 1], initial_state=True, dtype=torch.float32,
                        seed=seed, device=DEVICE)
     scale = SMALL["K"] ** -0.5
     with NoHostSync():
@@ -165,7 +165,7 @@ def test_chunked_path_does_not_synchronise(seed):
 
 def test_chunk_and_recurrent_agree_in_fp32(seed):
     """The two modes compute the same function: equal to float32 rounding on one mixed case."""
-    args = inputs.make("gated_delta_rule", **SMALL, seqlens=[65, 2], initial_state=True, gate="strong",
+    args = make("gated_delta_rule", **SMALL, seqlens=[65, 2], initial_state=True, gate="strong",
                        dtype=torch.float32, seed=seed, device=DEVICE)
     o_chunk, s_chunk = kernellab.gated_delta_rule(**args, backend="triton", mode="chunk")
     o_rec, s_rec = kernellab.gated_delta_rule(**args, backend="triton", mode="recurrent")
@@ -239,7 +239,7 @@ def test_aot_specs_compile_for_sm90_without_spills():
 @pytest.mark.parametrize("case", ["single", "packed", "batch"], ids=str)
 def test_gated_delta_rule_bf16_gpu(case, mode, seed):
     shape = dict(single=dict(T=1000), packed=dict(seqlens=[1, 300, 64, 777]), batch=dict(B=3, T=200))[case]
-    args = inputs.make("gated_delta_rule", Hk=4, Hv=8, K=128, V=128, **shape, initial_state=True,
+    args = make("gated_delta_rule", Hk=4, Hv=8, K=128, V=128, **shape, initial_state=True,
                        dtype=torch.bfloat16, seed=seed, device="cuda")
     _parity("gated_delta_rule", args, torch.bfloat16, seed, mode=mode)
 
@@ -248,7 +248,7 @@ def test_gated_delta_rule_bf16_gpu(case, mode, seed):
 @pytest.mark.parametrize("case", ["single", "packed"], ids=str)
 def test_linear_attention_bf16_gpu(case, seed):
     shape = dict(single=dict(T=1000), packed=dict(seqlens=[1, 300, 64, 777]))[case]
-    args = inputs.make("linear_attention", H=4, K=128, V=128, **shape, initial_state=True, dtype=torch.bfloat16,
+    args = make("linear_attention", H=4, K=128, V=128, **shape, initial_state=True, dtype=torch.bfloat16,
                        seed=seed, device="cuda")
     _parity("linear_attention", args, torch.bfloat16, seed)
 
@@ -257,7 +257,7 @@ def test_linear_attention_bf16_gpu(case, seed):
 @pytest.mark.parametrize("D", [128, 256])
 @pytest.mark.parametrize("Tk", [None, 1500])
 def test_attention_bf16_gpu(D, Tk, seed):
-    args = inputs.make("attention", B=2, T=1000, Tk=Tk, Hq=8, Hkv=2, D=D, dtype=torch.bfloat16, seed=seed,
+    args = make("attention", B=2, T=1000, Tk=Tk, Hq=8, Hkv=2, D=D, dtype=torch.bfloat16, seed=seed,
                        device="cuda")
     _parity("attention", args, torch.bfloat16, seed)
 
@@ -273,11 +273,11 @@ def test_no_recompile_per_sequence_length(seed):
         return sum(len(cache[0]) for fn in kernels_used for cache in jit_function(fn).device_caches.values())
 
     def run(T):
-        args = inputs.make("gated_delta_rule", Hk=2, Hv=4, K=128, V=128, T=T, initial_state=True,
+        args = make("gated_delta_rule", Hk=2, Hv=4, K=128, V=128, T=T, initial_state=True,
                            dtype=torch.bfloat16, seed=seed, device="cuda")
         for mode in ("chunk", "recurrent"):
             kernellab.gated_delta_rule(**args, backend="triton", mode=mode)
-        kernellab.attention(**inputs.make("attention", T=T, Hq=4, Hkv=2, D=128, dtype=torch.bfloat16, seed=seed,
+        kernellab.attention(**make("attention", T=T, Hq=4, Hkv=2, D=128, dtype=torch.bfloat16, seed=seed,
                                         device="cuda"), backend="triton")
         torch.cuda.synchronize()
 

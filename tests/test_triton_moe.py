@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
+from bench.ops.moe import group_offsets, routing_ids
 from tests.helpers import assert_close, poisoned_allocations, to_float64
 
 tm = pytest.importorskip("kernellab.triton.moe")
@@ -54,7 +55,7 @@ class NoHostSync:
 
 
 def _moe_args(case, dtype, seed, **shape):
-    args = inputs.make("moe", **(CASES[case] | shape), dtype=dtype, seed=seed, device=DEVICE)
+    args = make("moe", **(CASES[case] | shape), dtype=dtype, seed=seed, device=DEVICE)
     return args, kernellab.moe(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
 
 
@@ -73,7 +74,7 @@ def test_route_breaks_ties_by_lowest_index(dtype):
 @pytest.mark.parametrize("E, top_k", [(10, 3), (5, 5), (40, 8)])
 def test_route_matches_reference_across_blocks(E, top_k, seed):
     """N = 37 spans several token blocks; E not a power of two leaves masked columns."""
-    args = inputs.make("route", N=37, E=E, top_k=top_k, seed=seed, routing="skewed", device=DEVICE)
+    args = make("route", N=37, E=E, top_k=top_k, seed=seed, routing="skewed", device=DEVICE)
     with poisoned_allocations():
         weights, ids = troute.route(**args)
     ref_weights, ref_ids = kernellab.route(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
@@ -87,7 +88,7 @@ def test_route_matches_reference_across_blocks(E, top_k, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_permute_matches_reference(case, dtype, seed):
-    args = inputs.make("moe_permute", **CASES[case], D=20, dtype=dtype, seed=seed, device=DEVICE)
+    args = make("moe_permute", **CASES[case], D=20, dtype=dtype, seed=seed, device=DEVICE)
     with poisoned_allocations():
         p = tperm.moe_permute(**args)
     ref = kernellab.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
@@ -103,7 +104,7 @@ def test_permute_with_row_bound_does_not_synchronise(id_dtype, seed):
     """max_rows = N * top_k: no host read; the first M rows are API.md's, the rest have source -1 and x 0, and
     moe_unpermute of the bounded permutation equals the reference."""
     N, E, top_k = 70, 8, 3
-    args = inputs.make("moe_permute", N=N, D=12, E=E, top_k=top_k, drop=0.25, id_dtype=id_dtype, seed=seed,
+    args = make("moe_permute", N=N, D=12, E=E, top_k=top_k, drop=0.25, id_dtype=id_dtype, seed=seed,
                        device=DEVICE)
     with poisoned_allocations(), NoHostSync():
         p = tperm.moe_permute(**args, max_rows=N * top_k)
@@ -127,7 +128,7 @@ def test_permute_with_row_bound_does_not_synchronise(id_dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["one_token", "dropped_int64", "top_k_equals_E"], ids=str)
 def test_unpermute_matches_reference(case, dtype, seed):
-    args = inputs.make("moe_unpermute", **CASES[case], D=24, dtype=dtype, seed=seed)
+    args = make("moe_unpermute", **CASES[case], D=24, dtype=dtype, seed=seed)
     args = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()}
     args["p"].source = args["p"].source.to(DEVICE)
     with poisoned_allocations():
@@ -167,18 +168,18 @@ def _check_block_aligned(row_map, block_expert, num_blocks, ids_flat, E, block_m
 @pytest.mark.parametrize("block_m", [16, 64])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_block_aligned_layout_invariants(case, block_m, one_program, seed):
-    weights, ids = inputs.routing_ids(**CASES[case], seed=seed, device=DEVICE)
+    weights, ids = routing_ids(**CASES[case], seed=seed, device=DEVICE)
     E = CASES[case]["E"]
     with poisoned_allocations(), NoHostSync():
         row_map, block_expert, num_blocks, offsets = talign.align_slots(ids, E, block_m, one_program=one_program)
     _check_block_aligned(row_map, block_expert, num_blocks, ids.reshape(-1), E, block_m)
-    assert torch.equal(offsets.cpu(), inputs.group_offsets(ids.cpu(), E))
+    assert torch.equal(offsets.cpu(), group_offsets(ids.cpu(), E))
 
 
 def test_block_table_of_grouped_rows(seed):
     """grouped_gemm's table from offsets: row_map holds offsets[e] + i, empty groups get no block."""
-    _, ids = inputs.routing_ids(N=60, E=16, top_k=2, routing="skewed", seed=seed, device=DEVICE)
-    offsets = inputs.group_offsets(ids, 16)
+    _, ids = routing_ids(N=60, E=16, top_k=2, routing="skewed", seed=seed, device=DEVICE)
+    offsets = group_offsets(ids, 16)
     sorted_ids = torch.sort(ids.reshape(-1)[ids.reshape(-1) >= 0].cpu()).values
     M, block_m = int(offsets[-1]), 16
     max_blocks = talign.max_aligned_blocks(M, 16, block_m)
@@ -201,7 +202,7 @@ def test_decode_layout_does_not_pad_to_the_prefill_tile():
 @pytest.mark.parametrize("case", ["one_token", "empty_experts_skewed", "one_expert", "all_dropped"], ids=str)
 def test_grouped_gemm_forced_block_m(case, dtype, block_m, seed):
     shape = {k: v for k, v in CASES[case].items() if k != "id_dtype"}
-    args = inputs.make("grouped_gemm", **shape, K=40, Nout=24, dtype=dtype, seed=seed, device=DEVICE)
+    args = make("grouped_gemm", **shape, K=40, Nout=24, dtype=dtype, seed=seed, device=DEVICE)
     with poisoned_allocations(), NoHostSync():
         y = tgg.grouped_gemm(**args, block_m=block_m)
     ref = kernellab.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
@@ -296,14 +297,14 @@ def test_fused_layer_bf16_gpu(case, path, seed):
 @pytest.mark.parametrize("op", ["moe_permute", "grouped_gemm"])
 def test_bf16_gpu_ops(op, seed):
     if op == "moe_permute":
-        args = inputs.make(op, N=777, D=256, E=64, top_k=8, drop=0.1, dtype=torch.bfloat16, seed=seed,
+        args = make(op, N=777, D=256, E=64, top_k=8, drop=0.1, dtype=torch.bfloat16, seed=seed,
                            device="cuda")
         p = tperm.moe_permute(**args)
         ref = kernellab.moe_permute(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
                                   backend="reference")
         assert torch.equal(p.source.cpu(), ref.source) and torch.equal(p.x.cpu(), ref.x)
     else:
-        args = inputs.make(op, N=777, E=64, top_k=8, K=512, Nout=256, dtype=torch.bfloat16, seed=seed,
+        args = make(op, N=777, E=64, top_k=8, K=512, Nout=256, dtype=torch.bfloat16, seed=seed,
                            device="cuda", routing="skewed")
         ref = kernellab.grouped_gemm(**to_float64({k: v.cpu() for k, v in args.items()}), backend="reference")
         assert_close(tgg.grouped_gemm(**args), ref, torch.bfloat16, "y", seed)

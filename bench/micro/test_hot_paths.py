@@ -3,13 +3,13 @@
     pytest bench/micro --benchmark-json=reports/cpu/<host>/micro.json            # save
     pytest bench/micro --benchmark-compare=<saved run> --benchmark-autosave  # compare with a saved run
 
-Kept out of tests/ so the parity suite stays untimed. Inputs come from bench.inputs, seeded per shape.
+Kept out of tests/ so the parity suite stays untimed. Inputs come from bench.ops.make, seeded per shape.
 """
 import pytest
 import torch
 
 import kernellab
-from bench import inputs
+from bench.ops import make
 
 # prefill of the gated delta rule: one sequence of 512 tokens, Qwen3.5's head ratio at K = V = 128
 GDR_CHUNK = dict(B=1, T=512, Hk=2, Hv=4, K=128, V=128, initial_state=True)
@@ -33,7 +33,7 @@ def trusted_inputs(monkeypatch):
 
 @pytest.mark.parametrize("backend", cpu_backends("gated_delta_rule"))
 def test_gated_delta_rule_chunk(benchmark, backend):
-    x = inputs.make("gated_delta_rule", **GDR_CHUNK, seed=1)
+    x = make("gated_delta_rule", **GDR_CHUNK, seed=1)
     fn = kernellab.get("gated_delta_rule", backend)
     benchmark.extra_info.update(GDR_CHUNK, threads=torch.get_num_threads())
     o, _ = benchmark(fn, **x, mode="chunk")
@@ -42,7 +42,7 @@ def test_gated_delta_rule_chunk(benchmark, backend):
 
 @pytest.mark.parametrize("backend", cpu_backends("moe"))
 def test_moe_decode(benchmark, backend):
-    x = inputs.make("moe", **MOE_DECODE, seed=2)
+    x = make("moe", **MOE_DECODE, seed=2)
     fn = kernellab.get("moe", backend)
     benchmark.extra_info.update(MOE_DECODE, threads=torch.get_num_threads())
     y = benchmark(fn, **x)
@@ -51,7 +51,7 @@ def test_moe_decode(benchmark, backend):
 
 @pytest.mark.parametrize("backend", cpu_backends("moe_permute"))
 def test_moe_permute(benchmark, backend):
-    x = inputs.make("moe_permute", **PERMUTE, seed=3)
+    x = make("moe_permute", **PERMUTE, seed=3)
     fn = kernellab.get("moe_permute", backend)
     benchmark.extra_info.update(PERMUTE, threads=torch.get_num_threads())
     p = benchmark(fn, **x)

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 import kernellab
-from bench import cli, inputs
+from bench import cli
+from bench.ops import make
+from bench.ops.moe import routing_ids
 from bench.timing import copy_gbps, device_name, matmul_tflops
 from model.cache import SAMPLE_TOKENS
 
@@ -80,7 +82,7 @@ def gated_delta_rule_part(args):
     ours_fn = kernellab.get("gated_delta_rule", "torch")  # BackendUnavailable / ImportError if missing
     theirs_fn = _transformers_chunk_gdr()
     for T in GDR_LENGTHS:
-        x = inputs.make("gated_delta_rule", **GDR_SHAPE, T=T, seed=T, use_qk_l2norm=True, output_final_state=True)
+        x = make("gated_delta_rule", **GDR_SHAPE, T=T, seed=T, use_qk_l2norm=True, output_final_state=True)
 
         def ours():
             return ours_fn(**x, mode="chunk")
@@ -96,7 +98,7 @@ def gated_delta_rule_part(args):
 
 
 def _expert_weights(D, E, I, seed=0):
-    """w_gate_up [E, 2I, D], w_down [E, D, I] drawn directly in float32 (bench.inputs.moe draws float64 first,
+    """w_gate_up [E, 2I, D], w_down [E, D, I] drawn directly in float32 (bench.ops.moe.moe_inputs draws float64 first,
     which at this size is 6.4 GB), scaled like nn.Linear's init."""
     gen = torch.Generator().manual_seed(seed)
     w_gate_up = torch.randn(E, 2 * I, D, generator=gen).mul_(D ** -0.5)
@@ -109,7 +111,7 @@ def moe_part(args):
     w_gate_up, w_down = _expert_weights(D, E, I)
     ours_fn, theirs_fn = kernellab.get("moe", "torch"), kernellab.get("moe", "transformers")
     for N in MOE_TOKENS:
-        weights, ids = inputs.routing_ids(N, E, top_k, seed=N)
+        weights, ids = routing_ids(N, E, top_k, seed=N)
         x = torch.randn(N, D, generator=torch.Generator().manual_seed(N + 1))
         active = int(ids.unique().numel())
         floor_ms = active * 3 * D * I * 4 / (args.copy_gbps * 1e9) * 1e3

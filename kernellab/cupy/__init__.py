@@ -3,8 +3,10 @@ possible, plus fused ElementwiseKernel / ReductionKernel parts). Declared here, 
 programs run on NumPy arrays for CPU tensors (tests/test_cuda_cupy.py checks them that way without a GPU)."""
 import torch
 
-from kernellab.registry import FP8_OPS, OPS, family_backends
+from kernellab.registry import family_backends
 
-BACKENDS = family_backends("kernellab.cupy", "cupy", ("cuda",), requires=("cupy",),
-                           dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                           ops=tuple(op for op in OPS if op not in FP8_OPS))
+# Not the fp8 ops: no kernellab/cupy/moe_fp8.py.
+OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm",
+       "moe")
+BACKENDS = family_backends("kernellab.cupy", "cupy", ("cuda",), OPS, requires=("cupy",),
+                           dtypes=(torch.float32, torch.float16, torch.bfloat16))

@@ -1,13 +1,19 @@
 """Vectorised PyTorch backends: run wherever torch runs (CPU and CUDA). Backward: the chunked linear attentions'
 and the MoE ops' own (`<op>_backward` beside each forward); attention through SDPA's autograd, route through
 softmax / top-k's."""
+from kernellab.ops import NAMES
 from kernellab.registry import AUTOGRAD, BESIDE, batch_variant, family_backends
 
+# Every op of kernellab/ops.py: torch is the baseline every op has (tests/test_registry.py), at
+# kernellab/torch/<family>.py:<op>, its backward beside it (<op>_backward) but where OTHER_BACKWARD says otherwise
+# (tests/test_registry.py finds each function without importing it): a new op adds no line here.
+OPS = NAMES
+OTHER_BACKWARD = {"attention": AUTOGRAD, "route": AUTOGRAD,
+                  "grouped_gemm_fp8": None, "moe_fp8": None}  # the fp8 ops are inference ops
 # Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
-BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), backward={
-    "linear_attention": BESIDE, "gated_delta_rule": BESIDE, "attention": AUTOGRAD, "route": AUTOGRAD,
-    "moe_permute": BESIDE, "moe_unpermute": BESIDE, "grouped_gemm": BESIDE, "moe": BESIDE}), {
+BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), OPS, backward={
+    op: OTHER_BACKWARD.get(op, BESIDE) for op in OPS}), {
     "gated_delta_rule": "mode 'recurrent': a one-token sequence alone (T = 1, no cu_seqlens) runs decode_step, "
                         "whose batched ops round in the last bits otherwise than the token loop that the same "
                         "token takes packed with other sequences",

@@ -8,7 +8,8 @@ import traceback
 import torch
 
 import kernellab
-from bench import inputs, timing
+from bench import timing
+from bench.ops.moe import routing_ids
 from bench.suites.moe_dispatch.worlds import COLLECTIVE_TIMEOUT, WORKER_ENV, _free_port, spawn
 from bench.sweep import seed_of, trusted_inputs
 
@@ -51,10 +52,10 @@ def transport_of(device: str) -> str:
 
 
 def tokens(shape: dict, rank: int, seed: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank's tokens: x [N, D] (unit normal), weights float32 and ids int32 [N, top_k] (bench.inputs.routing_ids:
+    """Rank's tokens: x [N, D] (unit normal), weights float32 and ids int32 [N, top_k] (bench.ops.moe.routing_ids:
     top_k distinct experts of E per token)."""
     N, D = shape["N"], shape["D"]
-    weights, ids = inputs.routing_ids(N, shape["E"], shape["top_k"], seed=seed + rank, routing=shape["routing"])
+    weights, ids = routing_ids(N, shape["E"], shape["top_k"], seed=seed + rank, routing=shape["routing"])
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(seed + rank))
     return x.to(dtype).to(device), weights.to(device), ids.to(device)
 
@@ -70,7 +71,7 @@ def experts(shape: dict, rank: int, seed: int, dtype, device) -> tuple[torch.Ten
 
 
 def layer_flops(shape: dict) -> float:
-    """FLOPs of the layer on the world's W N tokens (bench.cost.moe's per-slot count, every slot routed)."""
+    """FLOPs of the layer on the world's W N tokens (bench.ops.moe.moe_cost's per-slot count, every slot routed)."""
     D, I = shape["D"], shape["I"]
     return shape["world"] * shape["N"] * shape["top_k"] * (6 * D * I + 5 * I + 2 * D)
 

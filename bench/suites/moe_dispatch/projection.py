@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bench.presets import MODELS
+from bench.ops import MODELS
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def nodes_reached(world: int, top_k: int, E: int, gpus_per_node: int = GPUS_PER_
 
 def project(model: str = PROJECTED_MODEL, worlds=PROJECTED_EP, tokens_per_rank=PROJECTED_TOKENS,
             itemsize: int = 2) -> list[dict]:
-    """The exchange and the experts of one MoE layer of `model` (bench.presets.MODELS) on one rank, at each EP
+    """The exchange and the experts of one MoE layer of `model` (bench.ops.MODELS) on one rank, at each EP
     size and tokens per rank, in a dtype of `itemsize` bytes (bf16). One dict each with
     bytes_per_token: out and back (bytes_per_token);
     nvlink_bytes, ib_bytes: the rank's dispatch bytes to the other ranks of its node (NVLink) and to those outside

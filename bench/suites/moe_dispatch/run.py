@@ -71,7 +71,7 @@ from bench.suites.moe_dispatch.parts import (CHECK_TOKENS, EXCHANGE, FIRST_TOUCH
 from bench.suites.moe_dispatch.report import plot
 from bench.suites.moe_dispatch.worlds import WORKER_ENV, _runnable_worlds, spawn
 from bench.sweep import dtype_name, sweep_backends
-from reference.tolerance import rel_err, tolerance
+from bench.check import rel_err, tolerance
 
 
 WORLD_DEADLINE_S = {True: 240.0, False: 1800.0}  # by quick

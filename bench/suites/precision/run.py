@@ -48,11 +48,12 @@ import torch.nn.functional as F
 
 import kernellab
 from bench import cli, timing
+from bench.check import rel_err
+from bench.ops import make
 from bench.suites.model.floor import cache_bytes_from_shapes
 from kernellab.fp8 import quantized_bytes
 from model.config import ModelConfig
 from model.weights import checkpoint_shapes
-from reference.tolerance import rel_err
 
 
 OP = "gated_delta_rule"
@@ -153,7 +154,7 @@ def _token_block(heads: Heads, gates, index: int, decays, seed: int) -> dict:
 
 def piece_inputs(heads: Heads, gates, start: int, length: int, dtype, device, seed: int) -> tuple[dict, dict]:
     """The gated delta rule's inputs for tokens start .. start + length (multiples of TOKEN_BLOCK) of every batch
-    row (one per gate): q, k, v in dtype, g and beta float32 (as bench.inputs makes them); and the same values in
+    row (one per gate): q, k, v in dtype, g and beta float32 (as bench.ops.make makes them); and the same values in
     float64 for the yardstick."""
     decays = head_decays(heads.Hv, seed)
     blocks = [_token_block(heads, gates, i, decays, seed)
@@ -271,11 +272,10 @@ def fp8_rows(device: str, backends=("torch",), tokens: int = 64, experts: int = 
     of its 256 experts: the error of a slot does not depend on how many others there are) with bf16 weights
     (moe) and with the same weights in float8_e4m3fn (moe_fp8, per backend), against the float64 layer on the
     unquantized weights; and the grouped GEMM of its gate/up projection likewise."""
-    from bench import inputs
     from kernellab.fp8 import quantize_weights
 
     shape = dict(N=tokens, D=2048, E=experts, I=512, top_k=8)
-    dense = inputs.moe(**shape, seed=0)
+    dense = make("moe", **shape, seed=0)
     exact = kernellab.moe(**{k: v.double() if k in ("x", "w_gate_up", "w_down") else v for k, v in dense.items()},
                         backend="reference")
     quantized = {**dense, "x": dense["x"].bfloat16()}
@@ -379,10 +379,8 @@ def decode_rows(device: str, backends, batches, budget_s: float) -> list[dict]:
 
 
 def _decode_inputs(B, dtype, device):
-    from bench import inputs
-
-    return inputs.gated_delta_rule(B=B, T=1, Hk=QWEN35.Hk, Hv=QWEN35.Hv, K=QWEN35.K, V=QWEN35.V, dtype=dtype,
-                                   device=device, initial_state=True)
+    return make("gated_delta_rule", B=B, T=1, Hk=QWEN35.Hk, Hv=QWEN35.Hv, K=QWEN35.K, V=QWEN35.V, dtype=dtype,
+                device=device, initial_state=True)
 
 
 def default_backends(device: str) -> list[str]:
