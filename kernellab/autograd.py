@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernellab import guard
 from kernellab.types import Permutation
 
 # The inputs that carry a gradient, per op (API.md "Gradients"), in the order of the op's signature.
@@ -138,6 +139,7 @@ class _BackendFunction(torch.autograd.Function):
         backend, op = ctx.backend, ctx.backend.op
         inputs = dict(zip(ctx.saved_names, ctx.saved_tensors)) | ctx.constants
         grads = {name: grad for name, grad in zip(OUTPUTS[op], grad_outputs) if name in differentiable_outputs(op)}
+        grads = guard.layout(backend, grads)  # an incoming gradient has any strides (that of a transposed state)
         found = resolve(backend.backward)(grads, **inputs, **ctx.extra)
         out = []
         for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):
