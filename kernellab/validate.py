@@ -30,6 +30,11 @@ STATE_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Below this many tokens per sequence, "auto" runs the gated delta rule token by token (decode).
 RECURRENT_MAX_T = 64
+# Log decays below this are raised to it before any backend sees them (docs/api.md "Values outside the domain"):
+# exp(-41) = 1.6e-18, which the kernels flush to an exact 0 (kernellab.torch.linear_attention.LOG_DECAY_FLOOR =
+# -40), so g = -inf and g = -3e38 are a decay of exactly 0 on every backend, and a chunk's float32 cumulative sum
+# of log decays never absorbs its later terms into one huge one.
+LOG_DECAY_MIN = -41.0
 
 
 def auto_mode(T: int, cu_seqlens) -> str:
@@ -139,6 +144,41 @@ def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, o
                          f"{str(state_dtype).removeprefix('torch.')} (other backends implement it)")
 
 
+def _finite(name, x):
+    """ValueError naming x unless every element of x is finite. One reduction as a screen (a sum is finite when
+    every term is, unless it overflows: only then the exact elementwise test), read on the host."""
+    if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
+
+
+def _log_decay(g):
+    """g [B, T, H] checked against the domain: no NaN, no value > 0 (ValueError naming g); -inf and every value
+    below LOG_DECAY_MIN come back raised to LOG_DECAY_MIN (a new tensor; g's gradient passes where it was not
+    raised). Values read on the host: skipped with the other value checks (_check_values)."""
+    if g is None or not _check_values():
+        return g
+    lo, hi = (float(x) for x in torch.aminmax(g))
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError("g must not hold NaN (a log decay in [-inf, 0])")
+    if hi > 0:
+        raise ValueError(f"g must be <= 0 (the log of a decay in [0, 1]), got values up to {hi:.4g}")
+    return g.clamp(min=LOG_DECAY_MIN) if lo < LOG_DECAY_MIN else g
+
+
+def _recurrent_values(q, k, v, beta, initial_state):
+    """The value checks of the linear attentions' other inputs: q, k, v, beta and initial_state finite, beta in
+    [0, 1] (ValueError naming the argument). Skipped with the other value checks."""
+    if not _check_values():
+        return
+    for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)):
+        if x is not None:
+            _finite(name, x)
+    if beta is not None:
+        lo, hi = (float(x) for x in torch.aminmax(beta))
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
+            raise ValueError(f"beta must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+
+
 def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, **per_step):
     """Shared checks of the two linear-attention recurrences; returns the number of sequences N and the state
     dtype resolved."""
@@ -184,7 +224,8 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
                                        initial_state, cu_seqlens, state_dtype, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
-    return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+    _recurrent_values(q, k, v, None, initial_state)
+    return dict(q=q, k=k, v=v, g=_log_decay(g), scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
                 mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
@@ -197,7 +238,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
-    return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+    _recurrent_values(q, k, v, beta, initial_state)
+    return dict(q=q, k=k, v=v, g=_log_decay(g), beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
@@ -241,6 +283,12 @@ def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
             if lo < Tq or hi > Tk:
                 raise ValueError(f"kv_lens must lie in [Tq, Tk] = [{Tq}, {Tk}] (each sequence's queries are its "
                                  f"last Tq valid positions), got values in [{lo}, {hi}]")
+    if _check_values():
+        _finite("q", q)
+        # positions past kv_lens are never read: they may hold anything (a cache's unwritten rows)
+        valid = None if kv_lens is None else (torch.arange(Tk, device=k.device) < kv_lens[:, None])[..., None, None]
+        for name, x in (("k", k), ("v", v)):
+            _finite(name, x if valid is None else torch.where(valid, x, 0))
     return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D), cu_seqlens=cu_seqlens, kv_lens=kv_lens)
 
 
@@ -249,6 +297,8 @@ def route(router_logits, top_k, renormalize=True):
     N, E = router_logits.shape
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    if _check_values():
+        _finite("router_logits", router_logits)  # NaN has no rank: top-k would pick by each backend's own rule
     return dict(router_logits=router_logits, top_k=top_k, renormalize=bool(renormalize))
 
 
@@ -286,20 +336,49 @@ def _num_experts(num_experts):
 def moe_permute(x, ids, num_experts):
     _tensor("x", x, 2)
     _num_experts(num_experts)
+    if isinstance(ids, torch.Tensor):  # before the range check reads ids on their device
+        _same_device("x", x, ids=ids)
     _ids(ids, x.shape[0], num_experts)
-    _same_device("x", x, ids=ids)
     return dict(x=x, ids=ids, num_experts=num_experts)
+
+
+def _permutation(p):
+    """A Permutation's own structure (it may be built by hand): source int [M] on offsets' device, offsets
+    [E + 1] from 0 to M, non-decreasing, and every source a distinct slot in [0, num_tokens * top_k) (values read
+    on the host, skipped with the other value checks): an index out of range would be read or written out of
+    bounds by the compiled backends."""
+    _tensor("p.source", p.source, 1, INDEX_DTYPES)
+    _same_device("p.source", p.source, **{"p.offsets": p.offsets})
+    for name in ("num_tokens", "top_k"):
+        value = getattr(p, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_tokens" else 1):
+            raise ValueError(f"p.{name} must be a {'non-negative' if name == 'num_tokens' else 'positive'} int, "
+                             f"got {value!r}")
+    M, slots = p.source.shape[0], p.num_tokens * p.top_k
+    _offsets("p.offsets", p.offsets, M, "M (p.source's length)")
+    if M > slots:
+        raise ValueError(f"p.source has {M} rows, more than the {slots} slots (num_tokens * top_k) of p")
+    if _check_values() and M:
+        lo, hi = int(p.source.min()), int(p.source.max())
+        if lo < 0 or hi >= slots:
+            raise ValueError(f"p.source must lie in [0, {slots}) (num_tokens * top_k), got values in [{lo}, {hi}]")
+        if int(torch.bincount(p.source.to(torch.int64), minlength=slots).max()) > 1:
+            raise ValueError("p.source must name each slot at most once, got a repeated slot")
 
 
 def moe_unpermute(y_sorted, p, weights):
     if not isinstance(p, Permutation):
         raise ValueError(f"p must be a kernellab.Permutation (from moe_permute), got {type(p).__name__}")
+    _permutation(p)
     _tensor("y_sorted", y_sorted, 2)
     if y_sorted.shape[0] != p.source.shape[0]:
         raise ValueError(f"y_sorted must have the {p.source.shape[0]} rows of p, got {y_sorted.shape[0]}")
     _tensor("weights", weights, 2)
     _shape("weights", weights, (p.num_tokens, p.top_k), "[N, top_k] of p")
     _same_device("y_sorted", y_sorted, weights=weights, **{"p.source": p.source})
+    if _check_values():
+        _finite("y_sorted", y_sorted)
+        _finite("weights", weights)
     return dict(y_sorted=y_sorted, p=p, weights=weights)
 
 
@@ -313,6 +392,8 @@ def grouped_gemm(x, w, offsets):
     _offsets("offsets", offsets, x.shape[0], "M (x's rows)")
     if offsets.shape[0] != w.shape[0] + 1:
         raise ValueError(f"offsets must have E + 1 = {w.shape[0] + 1} entries (E = w.shape[0]), got {offsets.shape[0]}")
+    if _check_values():
+        _finite("x", x)  # the weights are not read here: a pass over every expert per call (docs/api.md)
     return dict(x=x, w=w, offsets=offsets)
 
 
@@ -320,6 +401,9 @@ def moe(x, weights, ids, w_gate_up, w_down):
     checked = moe_shapes(x, weights, ids, w_gate_up, w_down)
     if (found := ids_range(ids)) is not None:
         check_ids_range(*found, w_gate_up.shape[0])
+    if _check_values():
+        _finite("x", x)
+        _finite("weights", weights)
     return checked
 
 
