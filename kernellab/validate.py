@@ -147,6 +147,7 @@ def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, o
 def _finite(name, x):
     """ValueError naming x unless every element of x is finite. One reduction as a screen (a sum is finite when
     every term is, unless it overflows: only then the exact elementwise test), read on the host."""
+    x = x.detach()
     if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
 
@@ -157,7 +158,7 @@ def _log_decay(g):
     raised). Values read on the host: skipped with the other value checks (_check_values)."""
     if g is None or not _check_values():
         return g
-    lo, hi = (float(x) for x in torch.aminmax(g))
+    lo, hi = (float(x) for x in torch.aminmax(g.detach()))
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError("g must not hold NaN (a log decay in [-inf, 0])")
     if hi > 0:
@@ -174,7 +175,7 @@ def _recurrent_values(q, k, v, beta, initial_state):
         if x is not None:
             _finite(name, x)
     if beta is not None:
-        lo, hi = (float(x) for x in torch.aminmax(beta))
+        lo, hi = (float(x) for x in torch.aminmax(beta.detach()))
         if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
             raise ValueError(f"beta must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
