@@ -152,32 +152,34 @@ def _finite(name, x):
         raise ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
 
 
-def _log_decay(g):
-    """g [B, T, H] checked against the domain: no NaN, no value > 0 (ValueError naming g); -inf and every value
-    below LOG_DECAY_MIN come back raised to LOG_DECAY_MIN (a new tensor; g's gradient passes where it was not
-    raised). Values read on the host: skipped with the other value checks (_check_values)."""
-    if g is None or not _check_values():
+def _recurrent_domain(q, k, v, g, beta, initial_state):
+    """The linear attentions' value checks (docs/api.md "Values outside the domain"), one host read for all:
+    q, k, v, initial_state finite; g without NaN and <= 0; beta in [0, 1] (ValueError naming the argument).
+    Returns g, with -inf and every value below LOG_DECAY_MIN raised to LOG_DECAY_MIN (a new tensor; g's gradient
+    passes where it was not raised). Skipped with the other value checks (_check_values): g as given."""
+    if not _check_values():
         return g
-    lo, hi = (float(x) for x in torch.aminmax(g.detach()))
+    sums = {name: x for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)) if x is not None}
+    ranges = {name: x for name, x in (("g", g), ("beta", beta)) if x is not None}
+    # device-side reductions first, then one transfer: on a GPU, one synchronisation per call
+    found = torch.stack([x.detach().sum().double() for x in sums.values()]
+                        + [y.double() for x in ranges.values() for y in torch.aminmax(x.detach())]).tolist()
+    for (name, x), total in zip(sums.items(), found):
+        if not math.isfinite(total):
+            _finite(name, x)  # the exact test: a sum of finite values may overflow
+    bounds = dict(zip(ranges, zip(found[len(sums)::2], found[len(sums) + 1::2])))
+    if "beta" in bounds:
+        lo, hi = bounds["beta"]
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
+            raise ValueError(f"beta must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if g is None:
+        return g
+    lo, hi = bounds["g"]
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError("g must not hold NaN (a log decay in [-inf, 0])")
     if hi > 0:
         raise ValueError(f"g must be <= 0 (the log of a decay in [0, 1]), got values up to {hi:.4g}")
     return g.clamp(min=LOG_DECAY_MIN) if lo < LOG_DECAY_MIN else g
-
-
-def _recurrent_values(q, k, v, beta, initial_state):
-    """The value checks of the linear attentions' other inputs: q, k, v, beta and initial_state finite, beta in
-    [0, 1] (ValueError naming the argument). Skipped with the other value checks."""
-    if not _check_values():
-        return
-    for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)):
-        if x is not None:
-            _finite(name, x)
-    if beta is not None:
-        lo, hi = (float(x) for x in torch.aminmax(beta.detach()))
-        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
-            raise ValueError(f"beta must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
 
 def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, **per_step):
@@ -225,8 +227,7 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
                                        initial_state, cu_seqlens, state_dtype, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
-    _recurrent_values(q, k, v, None, initial_state)
-    return dict(q=q, k=k, v=v, g=_log_decay(g), scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+    return dict(q=q, k=k, v=v, g=_recurrent_domain(q, k, v, g, None, initial_state), scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
                 mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
@@ -239,8 +240,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
-    _recurrent_values(q, k, v, beta, initial_state)
-    return dict(q=q, k=k, v=v, g=_log_decay(g), beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+    return dict(q=q, k=k, v=v, g=_recurrent_domain(q, k, v, g, beta, initial_state), beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 

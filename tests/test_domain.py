@@ -333,14 +333,15 @@ _BOUNDSCHECKED = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_numba_kernels_under_bounds_checking():
+def test_numba_kernels_under_bounds_checking(tmp_path):
     """The numba kernels (numba and mkl's compiled loops) once with NUMBA_BOUNDSCHECK=1, in a subprocess (the flag
     is read at compile time): an out-of-bounds index raises IndexError there instead of reading or writing
-    memory silently; a bad Permutation never reaches them."""
+    memory silently; a bad Permutation never reaches them. A cache folder of its own: the kernels cached with
+    cache=True were compiled without the checks."""
     if "numba" not in kernellab.backends("moe", "cpu"):
         pytest.skip("numba is not installed")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = os.environ | {"NUMBA_BOUNDSCHECK": "1", "PYTHONPATH": root}
+    env = os.environ | {"NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
     done = subprocess.run([sys.executable, "-c", _BOUNDSCHECKED], env=env, cwd=root, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
