@@ -346,3 +346,24 @@ def test_numba_kernels_under_bounds_checking(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refused" in done.stdout
+
+
+@settings(max_examples=15, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=4), N=st.integers(1, 6),
+       K=st.sampled_from([4, 8, 12]), layout=st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]),
+       argument=st.sampled_from(["x", "w"]), seed=st.integers(0, 2**31 - 1))
+def test_grouped_gemm_properties(sizes, N, K, layout, argument, seed):
+    """Every CPU backend (triton aside) against the reference over group sizes (empty groups, empty x), widths
+    and one operand's layout."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32)
+    args = dict(x=torch.randn(sum(sizes), K, generator=gen), w=torch.randn(len(sizes), N, K, generator=gen),
+                offsets=offsets)
+    args[argument] = relayout(args[argument], layout)
+    ref = kernellab.grouped_gemm(args["x"].double(), args["w"].double(), offsets, backend="reference")
+    for backend in _every_backend("grouped_gemm"):
+        out = kernellab.grouped_gemm(**args, backend=backend)
+        assert out.shape == ref.shape, f"{backend}: shape {tuple(out.shape)} (seed={seed})"
+        if ref.numel():
+            assert_close(out, ref, torch.float32, f"{backend} sizes={sizes} {argument} {layout}", seed)
