@@ -227,7 +227,8 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
                                        initial_state, cu_seqlens, state_dtype, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
-    return dict(q=q, k=k, v=v, g=_recurrent_domain(q, k, v, g, None, initial_state), scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+    g = _recurrent_domain(q, k, v, g, None, initial_state)
+    return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
                 mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
@@ -240,7 +241,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
-    return dict(q=q, k=k, v=v, g=_recurrent_domain(q, k, v, g, beta, initial_state), beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+    g = _recurrent_domain(q, k, v, g, beta, initial_state)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
