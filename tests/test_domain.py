@@ -177,6 +177,7 @@ def test_decay_of_exactly_zero(op, mode, seed):
         assert_close(o, ref, torch.float32, f"{op}[{backend}] {mode} with decays of 0", seed)
 
 
+@pytest.mark.slow
 def test_chunked_accuracy_at_the_decay_floor(seed):
     """The stated limit (docs/api.md): log decays are raised to LOG_DECAY_MIN = -41; a chunk whose first tokens
     all sit there carries float32 cumulative sums of magnitude 41 x tokens, so the later tokens' decays lose about
