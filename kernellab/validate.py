@@ -144,11 +144,17 @@ def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, o
                          f"{str(state_dtype).removeprefix('torch.')} (other backends implement it)")
 
 
-def _finite(name, x):
-    """ValueError naming x unless every element of x is finite. One reduction as a screen (a sum is finite when
-    every term is, unless it overflows: only then the exact elementwise test), read on the host."""
+def _finite(name, x, valid=None):
+    """ValueError naming x unless every element of x is finite (valid: bool [B, T], only x[b, t] where it is True
+    counts, x [B, T, ...]). One reduction as a screen (a sum is finite when every term is, unless it overflows:
+    only then the exact elementwise test), read on the host."""
     x = x.detach()
-    if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
+    if valid is None:
+        suspect = not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all())
+    else:
+        rows = ~torch.isfinite(x.sum(dim=tuple(range(2, x.ndim)))) & valid
+        suspect = bool(rows.any()) and not bool(torch.isfinite(x[rows]).all())
+    if suspect:
         raise ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
 
 
@@ -289,9 +295,9 @@ def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
     if _check_values():
         _finite("q", q)
         # positions past kv_lens are never read: they may hold anything (a cache's unwritten rows)
-        valid = None if kv_lens is None else (torch.arange(Tk, device=k.device) < kv_lens[:, None])[..., None, None]
+        valid = None if kv_lens is None else torch.arange(Tk, device=k.device) < kv_lens[:, None]  # [B, Tk]
         for name, x in (("k", k), ("v", v)):
-            _finite(name, x if valid is None else torch.where(valid, x, 0))
+            _finite(name, x, valid)
     return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D), cu_seqlens=cu_seqlens, kv_lens=kv_lens)
 
 
