@@ -144,18 +144,38 @@ def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, o
                          f"{str(state_dtype).removeprefix('torch.')} (other backends implement it)")
 
 
-def _finite(name, x, valid=None):
-    """ValueError naming x unless every element of x is finite (valid: bool [B, T], only x[b, t] where it is True
-    counts, x [B, T, ...]). One reduction as a screen (a sum is finite when every term is, unless it overflows:
-    only then the exact elementwise test), read on the host."""
+def _finite(name, x):
+    """ValueError naming x unless every element of x is finite. One reduction as a screen (a sum is finite when
+    every term is, unless it overflows: only then the exact elementwise test), read on the host."""
     x = x.detach()
-    if valid is None:
-        suspect = not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all())
-    else:
-        rows = ~torch.isfinite(x.sum(dim=tuple(range(2, x.ndim)))) & valid
-        suspect = bool(rows.any()) and not bool(torch.isfinite(x[rows]).all())
-    if suspect:
-        raise ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
+    if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
+        raise _not_finite(name)
+
+
+def _not_finite(name):
+    return ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
+
+
+def _kv_buffer(name, x, kv_lens, lo, hi):
+    """x [B, Tk, H, D], a KV buffer of which the first kv_lens[b] positions of row b are valid (lo, hi: kv_lens'
+    min and max): ValueError naming x when a valid position holds a non-finite value; when a position past
+    kv_lens does, x with those positions zeroed (a copy: they are never read, but a masked score still
+    multiplies its value, and 0 * NaN is NaN); else x itself. Sums as screens, per position only in the band
+    [lo, hi) where rows differ: no allocation that grows with the buffer unless a copy is needed."""
+    data = x.detach()
+    _finite(name, data[:, :lo])
+    garbage = not bool(torch.isfinite(data[:, hi:].sum()))  # an overflowing sum only costs a needless copy
+    if hi > lo:
+        valid = torch.arange(lo, hi, device=x.device) < kv_lens[:, None]  # [B, hi - lo]
+        rows = ~torch.isfinite(data[:, lo:hi].sum(dim=(2, 3)))
+        flagged = rows & valid
+        if bool(flagged.any()) and not bool(torch.isfinite(data[:, lo:hi][flagged]).all()):
+            raise _not_finite(name)
+        garbage = garbage or bool((rows & ~valid).any())
+    if not garbage:
+        return x
+    valid = torch.arange(x.shape[1], device=x.device) < kv_lens[:, None]
+    return torch.where(valid[:, :, None, None], x, 0)
 
 
 def _recurrent_domain(q, k, v, g, beta, initial_state):
@@ -294,10 +314,11 @@ def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
                                  f"last Tq valid positions), got values in [{lo}, {hi}]")
     if _check_values():
         _finite("q", q)
-        # positions past kv_lens are never read: they may hold anything (a cache's unwritten rows)
-        valid = None if kv_lens is None else torch.arange(Tk, device=k.device) < kv_lens[:, None]  # [B, Tk]
-        for name, x in (("k", k), ("v", v)):
-            _finite(name, x, valid)
+        if kv_lens is None:
+            _finite("k", k)
+            _finite("v", v)
+        else:  # positions past kv_lens are never read: they may hold anything (a cache's unwritten rows)
+            k, v = _kv_buffer("k", k, kv_lens, lo, hi), _kv_buffer("v", v, kv_lens, lo, hi)
     return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D), cu_seqlens=cu_seqlens, kv_lens=kv_lens)
 
 

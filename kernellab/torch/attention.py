@@ -26,9 +26,8 @@ def attention(q, k, v, causal, scale, cu_seqlens, kv_lens):
     """q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] with Hq % Hkv == 0 and Tk >= Tq (query i sits at key Tk - Tq + i).
     cu_seqlens [N + 1] (B = 1): one SDPA call per packed sequence (its causal fast path; a block-diagonal mask
     would cost T^2). kv_lens [B]: one call over the whole buffer with a mask built on the device (no host read,
-    so a decode step can be captured in a CUDA graph); the buffer past kv_lens is never read: it may hold anything,
-    NaN included (zeroed in a copy first: a masked score still multiplies its value, and 0 * NaN is NaN). Returns
-    [B, Tq, Hq, D] in v's dtype, contiguous."""
+    so a decode step can be captured in a CUDA graph); the buffer past kv_lens must be finite (masked scores
+    still multiply it: a zero-initialised cache is). Returns [B, Tq, Hq, D] in v's dtype, contiguous."""
     if cu_seqlens is not None:
         o = torch.empty_like(q, dtype=v.dtype)
         bounds = cu_seqlens.tolist()
@@ -41,8 +40,6 @@ def attention(q, k, v, causal, scale, cu_seqlens, kv_lens):
         keys = torch.arange(Tk, device=q.device)
         last = kv_lens[:, None, None, None]  # [B, 1, 1, 1]: one past the last valid key of each sequence
         mask = keys < last
-        valid = mask[:, 0, 0, :, None, None]  # [B, Tk, 1, 1]
-        k, v = torch.where(valid, k, 0), torch.where(valid, v, 0)
         if causal:  # query i sees keys up to kv_lens - Tq + i
             mask = mask & (keys <= last - Tq + torch.arange(Tq, device=q.device)[:, None])
         return _sdpa(q, k, v, causal, scale, mask).contiguous()
