@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernellab import guard
 from kernellab.ops import OPS
 from kernellab.types import Permutation
 
@@ -105,6 +106,7 @@ class _BackendFunction(torch.autograd.Function):
         backend, op = ctx.backend, ctx.backend.op
         inputs = dict(zip(ctx.saved_names, ctx.saved_tensors)) | ctx.constants
         grads = {name: grad for name, grad in zip(OUTPUTS[op], grad_outputs) if name in differentiable_outputs(op)}
+        grads = guard.layout(backend, grads)  # an incoming gradient has any strides (that of a transposed state)
         found = backend.backward_impl(grads, **inputs, **ctx.extra)
         out = []
         for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):

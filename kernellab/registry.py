@@ -23,7 +23,7 @@ from functools import cache
 
 import torch
 
-from kernellab import autograd, validate
+from kernellab import autograd, guard, validate
 from kernellab import ops as op_records
 from kernellab.autograd import AUTOGRAD
 from kernellab.types import BackendUnavailable
@@ -67,6 +67,9 @@ class Backend:
     batch_invariant: one sequence's (or token's) output is bitwise the same whatever else shares its batch or
               its packed row; where it is not, the output still agrees within the dtype's tolerance.
     variance_note:   why, where either of the two is False (tests/test_invariance.py and the report print it).
+    row_major: its code reads tensors as dense row-major memory (compiled loops through pointers or NumPy views):
+              kernellab.guard gives it every tensor argument, and its backward every incoming gradient,
+              contiguous. False: torch ops that handle any strides (the caller's tensors pass as they are).
     backward: how the gradients of a call that needs them are computed (kernellab/autograd.py states the contract):
               None, no backward: such a call raises BackendUnavailable; AUTOGRAD ("autograd"): torch's autograd
               through the implementation as written (differentiable torch ops: the reference, SDPA);
@@ -86,6 +89,7 @@ class Backend:
     batch_invariant: bool = True
     variance_note: str = ""
     backward: str | None = None
+    row_major: bool = False
 
     def devices(self) -> tuple[str, ...]:
         """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""
@@ -311,6 +315,7 @@ def get(op: str, name: str = "auto"):
             raise ValueError(f"backend {backend.name!r} of {op} does not take {tensor.dtype} inputs")
         if kwargs:
             check_keywords(backend, kwargs)
+        checked = guard.layout(backend, checked)  # the layout the backend reads (a copy only where it differs)
         if grad:
             if backend.backward is None:
                 raise no_backward(backend, checked)

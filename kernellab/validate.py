@@ -30,6 +30,11 @@ STATE_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Below this many tokens per sequence, "auto" runs the gated delta rule token by token (decode).
 RECURRENT_MAX_T = 64
+# Log decays below this are raised to it before any backend sees them (docs/api.md "Values outside the domain"):
+# exp(-41) = 1.6e-18, which the kernels flush to an exact 0 (kernellab.torch.linear_attention.LOG_DECAY_FLOOR =
+# -40), so g = -inf and g = -3e38 are a decay of exactly 0 on every backend, and a chunk's float32 cumulative sum
+# of log decays never absorbs its later terms into one huge one.
+LOG_DECAY_MIN = -41.0
 
 
 def auto_mode(T: int, cu_seqlens) -> str:
@@ -39,8 +44,14 @@ def auto_mode(T: int, cu_seqlens) -> str:
     return "recurrent" if per_sequence <= RECURRENT_MAX_T else "chunk"
 
 
+def trusted_inputs() -> bool:
+    """KERNELLAB_TRUST_INPUTS=1: the caller vouches for its inputs' values (and its weights' packs): value checks
+    are skipped."""
+    return os.environ.get("KERNELLAB_TRUST_INPUTS") == "1"
+
+
 def _check_values() -> bool:
-    if os.environ.get("KERNELLAB_TRUST_INPUTS") == "1":
+    if trusted_inputs():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -133,6 +144,70 @@ def check_state_dtype(state_dtype: torch.dtype, v: torch.Tensor, backend: str, o
                          f"{str(state_dtype).removeprefix('torch.')} (other backends implement it)")
 
 
+def _finite(name, x):
+    """ValueError naming x unless every element of x is finite. One reduction as a screen (a sum is finite when
+    every term is, unless it overflows: only then the exact elementwise test), read on the host."""
+    x = x.detach()
+    if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
+        raise _not_finite(name)
+
+
+def _not_finite(name):
+    return ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
+
+
+def _kv_buffer(name, x, kv_lens, lo, hi):
+    """x [B, Tk, H, D], a KV buffer of which the first kv_lens[b] positions of row b are valid (lo, hi: kv_lens'
+    min and max): ValueError naming x when a valid position holds a non-finite value; when a position past
+    kv_lens does, x with those positions zeroed (a copy: they are never read, but a masked score still
+    multiplies its value, and 0 * NaN is NaN); else x itself. Sums as screens, per position only in the band
+    [lo, hi) where rows differ: no allocation that grows with the buffer unless a copy is needed."""
+    data = x.detach()
+    _finite(name, data[:, :lo])
+    garbage = not bool(torch.isfinite(data[:, hi:].sum()))  # an overflowing sum only costs a needless copy
+    if hi > lo:
+        valid = torch.arange(lo, hi, device=x.device) < kv_lens[:, None]  # [B, hi - lo]
+        rows = ~torch.isfinite(data[:, lo:hi].sum(dim=(2, 3)))
+        flagged = rows & valid
+        if bool(flagged.any()) and not bool(torch.isfinite(data[:, lo:hi][flagged]).all()):
+            raise _not_finite(name)
+        garbage = garbage or bool((rows & ~valid).any())
+    if not garbage:
+        return x
+    valid = torch.arange(x.shape[1], device=x.device) < kv_lens[:, None]
+    return torch.where(valid[:, :, None, None], x, 0)
+
+
+def _recurrent_domain(q, k, v, g, beta, initial_state):
+    """The linear attentions' value checks (docs/api.md "Values outside the domain"), one host read for all:
+    q, k, v, initial_state finite; g without NaN and <= 0; beta in [0, 1] (ValueError naming the argument).
+    Returns g, with -inf and every value below LOG_DECAY_MIN raised to LOG_DECAY_MIN (a new tensor; g's gradient
+    passes where it was not raised). Skipped with the other value checks (_check_values): g as given."""
+    if not _check_values():
+        return g
+    sums = {name: x for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)) if x is not None}
+    ranges = {name: x for name, x in (("g", g), ("beta", beta)) if x is not None}
+    # device-side reductions first, then one transfer: on a GPU, one synchronisation per call
+    found = torch.stack([x.detach().sum().double() for x in sums.values()]
+                        + [y.double() for x in ranges.values() for y in torch.aminmax(x.detach())]).tolist()
+    for (name, x), total in zip(sums.items(), found):
+        if not math.isfinite(total):
+            _finite(name, x)  # the exact test: a sum of finite values may overflow
+    bounds = dict(zip(ranges, zip(found[len(sums)::2], found[len(sums) + 1::2])))
+    if "beta" in bounds:
+        lo, hi = bounds["beta"]
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
+            raise ValueError(f"beta must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if g is None:
+        return g
+    lo, hi = bounds["g"]
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError("g must not hold NaN (a log decay in [-inf, 0])")
+    if hi > 0:
+        raise ValueError(f"g must be <= 0 (the log of a decay in [0, 1]), got values up to {hi:.4g}")
+    return g.clamp(min=LOG_DECAY_MIN) if lo < LOG_DECAY_MIN else g
+
+
 def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, **per_step):
     """Shared checks of the two linear-attention recurrences; returns the number of sequences N and the state
     dtype resolved."""
@@ -178,6 +253,7 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
                                        initial_state, cu_seqlens, state_dtype, g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
+    g = _recurrent_domain(q, k, v, g, None, initial_state)
     return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
                 mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
@@ -191,6 +267,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
+    g = _recurrent_domain(q, k, v, g, beta, initial_state)
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
@@ -235,6 +312,13 @@ def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
             if lo < Tq or hi > Tk:
                 raise ValueError(f"kv_lens must lie in [Tq, Tk] = [{Tq}, {Tk}] (each sequence's queries are its "
                                  f"last Tq valid positions), got values in [{lo}, {hi}]")
+    if _check_values():
+        _finite("q", q)
+        if kv_lens is None:
+            _finite("k", k)
+            _finite("v", v)
+        else:  # positions past kv_lens are never read: they may hold anything (a cache's unwritten rows)
+            k, v = _kv_buffer("k", k, kv_lens, lo, hi), _kv_buffer("v", v, kv_lens, lo, hi)
     return dict(q=q, k=k, v=v, causal=bool(causal), scale=_scale(scale, D), cu_seqlens=cu_seqlens, kv_lens=kv_lens)
 
 
@@ -243,6 +327,8 @@ def route(router_logits, top_k, renormalize=True):
     N, E = router_logits.shape
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    if _check_values():
+        _finite("router_logits", router_logits)  # NaN has no rank: top-k would pick by each backend's own rule
     return dict(router_logits=router_logits, top_k=top_k, renormalize=bool(renormalize))
 
 
@@ -280,20 +366,50 @@ def _num_experts(num_experts):
 def moe_permute(x, ids, num_experts):
     _tensor("x", x, 2)
     _num_experts(num_experts)
+    if isinstance(ids, torch.Tensor):  # before the range check reads ids on their device
+        _same_device("x", x, ids=ids)
     _ids(ids, x.shape[0], num_experts)
-    _same_device("x", x, ids=ids)
     return dict(x=x, ids=ids, num_experts=num_experts)
+
+
+def _permutation(p):
+    """A Permutation's own structure (it may be built by hand): source int [M] on offsets' device, offsets
+    [E + 1] from 0 to M, non-decreasing, and every source a distinct slot in [0, num_tokens * top_k) (values read
+    on the host, skipped with the other value checks): an index out of range would be read or written out of
+    bounds by the compiled backends."""
+    _tensor("p.source", p.source, 1, INDEX_DTYPES)
+    _same_device("p.source", p.source, **{"p.offsets": p.offsets})
+    for name in ("num_tokens", "top_k"):
+        value = getattr(p, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_tokens" else 1):
+            raise ValueError(f"p.{name} must be a {'non-negative' if name == 'num_tokens' else 'positive'} int, "
+                             f"got {value!r}")
+    M, slots = p.source.shape[0], p.num_tokens * p.top_k
+    _offsets("p.offsets", p.offsets, M, "M (p.source's length)")
+    if M > slots:
+        raise ValueError(f"p.source has {M} rows, more than the {slots} slots (num_tokens * top_k) of p")
+    if _check_values() and M:
+        lo, hi = int(p.source.min()), int(p.source.max())
+        if lo < 0 or hi >= slots:
+            raise ValueError(f"p.source must lie in [0, {slots}) (num_tokens * top_k), got values in [{lo}, {hi}]")
+        if int(torch.bincount(p.source.to(torch.int64), minlength=slots).max()) > 1:
+            raise ValueError("p.source must name each slot at most once, got a repeated slot")
 
 
 def moe_unpermute(y_sorted, p, weights):
     if not isinstance(p, Permutation):
         raise ValueError(f"p must be a kernellab.Permutation (from moe_permute), got {type(p).__name__}")
+    _permutation(p)
     _tensor("y_sorted", y_sorted, 2)
     if y_sorted.shape[0] != p.source.shape[0]:
         raise ValueError(f"y_sorted must have the {p.source.shape[0]} rows of p, got {y_sorted.shape[0]}")
     _tensor("weights", weights, 2)
     _shape("weights", weights, (p.num_tokens, p.top_k), "[N, top_k] of p")
     _same_device("y_sorted", y_sorted, weights=weights, **{"p.source": p.source})
+    if _check_values():
+        _finite("y_sorted", y_sorted)
+        # a slot with no expert is never read: its weight may hold anything
+        _finite("weights", weights.reshape(-1)[p.source.to(torch.int64)])
     return dict(y_sorted=y_sorted, p=p, weights=weights)
 
 
@@ -307,6 +423,8 @@ def grouped_gemm(x, w, offsets):
     _offsets("offsets", offsets, x.shape[0], "M (x's rows)")
     if offsets.shape[0] != w.shape[0] + 1:
         raise ValueError(f"offsets must have E + 1 = {w.shape[0] + 1} entries (E = w.shape[0]), got {offsets.shape[0]}")
+    if _check_values():
+        _finite("x", x)  # the weights are not read here: a pass over every expert per call (docs/api.md)
     return dict(x=x, w=w, offsets=offsets)
 
 
@@ -314,6 +432,9 @@ def moe(x, weights, ids, w_gate_up, w_down):
     checked = moe_shapes(x, weights, ids, w_gate_up, w_down)
     if (found := ids_range(ids)) is not None:
         check_ids_range(*found, w_gate_up.shape[0])
+    if _check_values():
+        _finite("x", x)
+        _finite("weights", torch.where(ids >= 0, weights, 0))  # a slot with no expert is never read
     return checked
 
 

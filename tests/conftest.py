@@ -21,6 +21,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on machines without one")
+    config.addinivalue_line("markers", "slow: seconds or more each; the inner loop leaves them out (-m 'not slow')")
+    config.addinivalue_line("markers", "interpreted: runs Triton kernels under TRITON_INTERPRET=1 (slow on CPU)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,7 @@ SOURCES = {
 }
 
 
-BACKENDS = family_backends("kernellab.cuda", "cuda", ("cuda",), requires=("cupy",),
+BACKENDS = family_backends("kernellab.cuda", "cuda", ("cuda",), requires=("cupy",), row_major=True,
                            dtypes=(torch.float32, torch.float16, torch.bfloat16),
                            ops=("linear_attention", "gated_delta_rule", "moe_permute", "moe_unpermute",
                                 "grouped_gemm", "moe"))

@@ -8,5 +8,5 @@ from kernellab.registry import family_backends
 # Not the fp8 ops: no kernellab/cupy/moe_fp8.py.
 OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute", "grouped_gemm",
        "moe")
-BACKENDS = family_backends("kernellab.cupy", "cupy", ("cuda",), OPS, requires=("cupy",),
+BACKENDS = family_backends("kernellab.cupy", "cupy", ("cuda",), OPS, requires=("cupy",), row_major=True,
                            dtypes=(torch.float32, torch.float16, torch.bfloat16))

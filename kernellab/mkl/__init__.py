@@ -13,9 +13,9 @@ _TORCH_BACKWARD = {op: f"kernellab.torch.moe:{op}_backward" for op in ("grouped_
 # batch's outputs).
 BACKENDS = batch_variant(
     family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"), probe=_PROBE,
-                    backward=_TORCH_BACKWARD)
+                    backward=_TORCH_BACKWARD, row_major=True)
     + family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("linear_attention", "gated_delta_rule"),
-                      requires=("numba",), probe=_PROBE,
+                      requires=("numba",), probe=_PROBE, row_major=True,
                       backward={op: BESIDE for op in ("linear_attention", "gated_delta_rule")}), {
         "gated_delta_rule": "mode 'recurrent' runs the torch backend's code: a one-token sequence alone (T = 1, no "
                             "cu_seqlens) takes its decode_step, rounded otherwise than the token loop it takes "

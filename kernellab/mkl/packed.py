@@ -11,8 +11,11 @@ import os
 import weakref
 from functools import cache
 
+import numba
 import numpy as np
 import torch
+
+from kernellab.validate import trusted_inputs
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 _int, _ptr = ctypes.c_int, ctypes.c_void_p
@@ -61,16 +64,39 @@ def packable(x, w):
             and not w.is_inference() and _library() is not None)
 
 
+@numba.njit
+def _fingerprint(words):
+    """A 64-bit fingerprint of the uint32 words [n]: the sum of a bijective mix of each word with its position
+    (so any one changed word changes it, and a moved one almost surely). One pass in vectorised 32-bit
+    arithmetic, at about the speed of reading the words."""
+    total = np.uint64(0)
+    for i in range(words.shape[0]):
+        m = (words[i] ^ (np.uint32(i) * np.uint32(0x9E3779B9))) * np.uint32(0x85EBCA6B)
+        total += np.uint64(m ^ (m >> np.uint32(16)))
+    return total
+
+
+def fingerprint(we: torch.Tensor) -> int:
+    """The content fingerprint of one expert's weight we [Nout, K] float32 (its bits, not its values)."""
+    return int(_fingerprint(we.contiguous().view(torch.int32).reshape(-1).numpy().view(np.uint32)))
+
+
 class PackedExperts:
     """MKL-packed copies of w[e] for w [E, Nout, K] (float32, CPU), each packed on its first use.
 
     MKL sizes a packed [Nout, K] weight at 2.48x its bytes; only about its own size is written, so on Linux the
-    rest is never backed by memory."""
+    rest is never backed by memory.
+
+    A pack is reused only while its expert's bits are those it was packed from: each use compares the expert's
+    content fingerprint with the pack's (a write through .data, .numpy() or DLPack bumps no version counter),
+    and repacks on a difference. Under KERNELLAB_TRUST_INPUTS=1 the fingerprint is skipped (the caller then
+    promises no such write)."""
 
     def __init__(self, w):
         self.weight = weakref.ref(w)
         self.key = (w.data_ptr(), w._version, tuple(w.shape), w.stride())
         self.packed = [None] * w.shape[0]
+        self.fingerprints = [None] * w.shape[0]
 
     def fresh_for(self, w):
         return self.weight() is w and self.key == (w.data_ptr(), w._version, tuple(w.shape), w.stride())
@@ -89,10 +115,13 @@ class PackedExperts:
         return out
 
     def packed_weight(self, e):
-        """w[e] packed (a uint8 tensor), packed now if this is its first use."""
-        if self.packed[e] is None:
-            w = self.weight()
-            self.packed[e] = self._pack(w[e] if w.stride(-1) == 1 else w[e].contiguous())
+        """w[e] packed (a uint8 tensor), packed now if this is its first use or w[e]'s bits changed since."""
+        w = self.weight()
+        we = w[e] if w.stride(-1) == 1 else w[e].contiguous()
+        check = not trusted_inputs()
+        if self.packed[e] is None or (check and self.fingerprints[e] != fingerprint(we)):
+            self.fingerprints[e] = fingerprint(we) if check else None
+            self.packed[e] = self._pack(we)
         return self.packed[e]
 
     def addresses(self, experts):

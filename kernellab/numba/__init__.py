@@ -2,5 +2,5 @@
 kernels are the `numba_cuda` backend (kernellab/numba_cuda)."""
 from kernellab.registry import family_backends
 
-BACKENDS = family_backends("kernellab.numba", "numba", ("cpu",), requires=("numba",),
+BACKENDS = family_backends("kernellab.numba", "numba", ("cpu",), requires=("numba",), row_major=True,
                            ops=("gated_delta_rule", "moe_permute", "moe_unpermute", "moe"))

@@ -22,5 +22,5 @@ class NumbaAotSpec:
 
 # computed in float32: no float64 yardstick runs
 BACKENDS = family_backends("kernellab.numba_cuda", "numba_cuda", ("cuda", "cudasim"), requires=("numba",),
-                           dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                           row_major=True, dtypes=(torch.float32, torch.float16, torch.bfloat16),
                            ops=("gated_delta_rule", "moe_permute", "moe_unpermute", "grouped_gemm"))

@@ -50,5 +50,5 @@ BACKENDS = [
             dtypes=_ZENTORCH, peer=True),
     # torch's grouped GEMM
     Backend("grouped_gemm", "torch_grouped_mm", "kernellab.peers.moe:torch_grouped_mm", ("cpu", "cuda"),
-            dtypes=_NO_FLOAT64, peer=True),
+            dtypes=_NO_FLOAT64, peer=True, row_major=True),
 ]

@@ -121,10 +121,11 @@ def store_(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """A fresh state of `shape` in dtype for a pass to update in place: a copy of initial_state (the caller's,
-    never written) or zeros."""
+    never written) or zeros. Always contiguous (row-major), whatever initial_state's strides: the compiled passes
+    (kernellab.mkl.chunked) read it through pointers."""
     if initial_state is None:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return initial_state.reshape(shape).to(dtype, copy=True)
+    return initial_state.reshape(shape).to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, reads: torch.Tensor,

@@ -78,7 +78,7 @@ def aot_spec(name, kernel, constexprs, pointers, floats=(), divisible_by_16=(), 
                    tuple(divisible_by_16))
 
 
-_TRITON = dict(places=("cuda", "interpret"), requires=("triton",),
+_TRITON = dict(places=("cuda", "interpret"), requires=("triton",), row_major=True,
                dtypes=(torch.float32, torch.float16, torch.bfloat16))
 BACKENDS = [
     Backend("linear_attention", "triton", "kernellab.triton.linear_attention:linear_attention",
