@@ -43,6 +43,7 @@ from kernellab.types import Permutation
 DIFFERENTIABLE = {
     "linear_attention": ("q", "k", "v", "g", "initial_state"),
     "gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state"),
+    "kda": ("q", "k", "v", "g", "beta", "initial_state"),
     "attention": ("q", "k", "v"),
     "route": ("router_logits",),
     "moe_permute": ("x",),
@@ -58,6 +59,7 @@ DIFFERENTIABLE = {
 OUTPUTS = {
     "linear_attention": ("o", "final_state"),
     "gated_delta_rule": ("o", "final_state"),
+    "kda": ("o", "final_state"),
     "attention": ("o",),
     "route": ("weights", "ids"),
     "moe_permute": ("x", "offsets", "source"),

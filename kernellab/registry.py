@@ -25,12 +25,13 @@ import torch
 
 from kernellab import validate
 
-OPS = ("linear_attention", "gated_delta_rule", "attention", "route", "moe_permute", "moe_unpermute",
+OPS = ("linear_attention", "gated_delta_rule", "kda", "attention", "route", "moe_permute", "moe_unpermute",
        "grouped_gemm", "moe", "grouped_gemm_fp8", "moe_fp8")
 # The expert ops on float8_e4m3fn weights with block scales (kernellab/fp8.py), a family of their own.
 FP8_OPS = ("grouped_gemm_fp8", "moe_fp8")
 # One file per op family: the module of each op inside reference/ and inside every toolchain package.
-OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "attention": "attention",
+OP_MODULE = {"linear_attention": "linear_attention", "gated_delta_rule": "gated_delta_rule", "kda": "kda",
+             "attention": "attention",
              "route": "moe", "moe_permute": "moe", "moe_unpermute": "moe", "grouped_gemm": "moe", "moe": "moe",
              "grouped_gemm_fp8": "moe_fp8", "moe_fp8": "moe_fp8"}
 TOOLCHAINS = ("kernellab.torch", "kernellab.mkl", "kernellab.triton", "kernellab.cuda", "kernellab.cupy", "kernellab.numba",

@@ -196,6 +196,20 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
 
+def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False,
+        cu_seqlens=None, mode="auto", state_dtype=None):
+    """gated_delta_rule's checks, with g [B, T, Hv, K] (a log decay per key channel) in place of [B, T, Hv]."""
+    if g is None:
+        raise ValueError("g must be a tensor [B, T, Hv, K], got None")
+    # every argument but g, checked as the gated delta rule's (beta stands in for its scalar gate), then g
+    checked = gated_delta_rule(q, k, v, beta, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                               cu_seqlens, mode, state_dtype)
+    _tensor("g", g, 4)
+    _same_device("q", q, g=g)
+    _shape("g", g, (*v.shape[:3], q.shape[3]), "[B, T, Hv, K]")
+    return checked | dict(g=g)
+
+
 def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
     """k, v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i.
     cu_seqlens int [N + 1] with B == 1: q, k, v hold N packed sequences (k and v with q's T), each attending

@@ -7,4 +7,4 @@ from kernellab.registry import FP8_OPS, OPS, family_backends
 
 BACKENDS = family_backends("kernellab.cupy", "cupy", ("cuda",), requires=("cupy",),
                            dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                           ops=tuple(op for op in OPS if op not in FP8_OPS))
+                           ops=tuple(op for op in OPS if op not in FP8_OPS + ("kda",)))

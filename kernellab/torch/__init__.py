@@ -6,7 +6,7 @@ from kernellab.registry import AUTOGRAD, BESIDE, batch_variant, family_backends
 # Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
 BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), backward={
-    "linear_attention": BESIDE, "gated_delta_rule": BESIDE, "attention": AUTOGRAD, "route": AUTOGRAD,
+    "linear_attention": BESIDE, "gated_delta_rule": BESIDE, "kda": BESIDE, "attention": AUTOGRAD, "route": AUTOGRAD,
     "moe_permute": BESIDE, "moe_unpermute": BESIDE, "grouped_gemm": BESIDE, "moe": BESIDE}), {
     "gated_delta_rule": "mode 'recurrent': a one-token sequence alone (T = 1, no cu_seqlens) runs decode_step, "
                         "whose batched ops round in the last bits otherwise than the token loop that the same "
