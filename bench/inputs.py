@@ -221,7 +221,8 @@ def moe_fp8(N=64, D=32, E=8, I=16, top_k=2, *, dtype=torch.float32, device="cpu"
 
 MAKERS = {"linear_attention": linear_attention, "gated_delta_rule": gated_delta_rule, "attention": attention,
           "route": route, "moe_permute": moe_permute, "moe_unpermute": moe_unpermute,
-          "grouped_gemm": grouped_gemm, "moe": moe, "grouped_gemm_fp8": grouped_gemm_fp8, "moe_fp8": moe_fp8}
+          "grouped_gemm": grouped_gemm, "moe": moe, "grouped_gemm_fp8": grouped_gemm_fp8, "moe_fp8": moe_fp8,
+          "kda": lambda **shape: __import__("bench.kda").kda.make_inputs(**shape)}  # its maker: bench/kda.py
 
 
 def make(op, **shape):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from bench import cost, inputs
+from bench import cost, inputs, kda
 from bench.presets import MODELS, PRESET_MAX_GB, PRESET_TOKENS, SEQ_LENS, TOKENS, scale_of, seqlens, vary
 
 CATEGORICAL_AXES = ("mode", "routing")
@@ -543,7 +543,7 @@ PRECISION = OpSpec("precision", sweep="bench.precision:sweep", backend_ops=("gat
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (
     GATED_DELTA_RULE, LINEAR_ATTENTION, ATTENTION, ROUTE, MOE_PERMUTE, MOE_UNPERMUTE, GROUPED_GEMM, MOE,
-    GROUPED_GEMM_FP8, MOE_FP8, MODEL, MOE_DISPATCH, PRECISION)}
+    GROUPED_GEMM_FP8, MOE_FP8, MODEL, MOE_DISPATCH, PRECISION, kda.spec(GATED_DELTA_RULE))}
 # Every axis of every op, in order: the CSV's shape columns.
 ALL_AXES = tuple(dict.fromkeys(axis for spec in OPS.values() for axis in spec.axes))
 # Names the sweep's command line still accepts, with the name each stands for (said when used).

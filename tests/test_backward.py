@@ -18,7 +18,7 @@ from tests.helpers import TOLERANCE, lab_backends, rel_err, to_float64, toleranc
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # many tiny ops (conftest.py)
 
 
-RECURRENT = ("linear_attention", "gated_delta_rule")
+RECURRENT = ("linear_attention", "gated_delta_rule", "kda")
 MOE_OPS = ("route", "moe_permute", "moe_unpermute", "grouped_gemm", "moe")
 
 # The forward's edge cases (tests/test_gated_delta_rule.py, tests/test_moe.py), as bench.inputs keywords plus the
@@ -241,7 +241,7 @@ def test_torch_moe_backward_host_and_device_grouping_agree(case, seed, monkeypat
         assert torch.equal(grad, on_device[name]), f"d{name} differs between host and device grouping"
 
 
-@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("op", [op for op in RECURRENT if "mkl" in registry.registered(op)])
 def test_mkl_backward_with_a_half_precision_state(op, seed):
     """state_dtype bfloat16: mkl's backward keeps its state in float32 and passes the rounding's gradient straight
     through, as torch's: the same gradients (bfloat16 initial state and final-state gradient included)."""
@@ -338,6 +338,7 @@ def test_forward_outputs_bitwise_unchanged_by_requires_grad(op, seed):
     """Every backend with a backward (and the reference): the same outputs, bit for bit, with and without inputs
     that require grad."""
     case = {"linear_attention": "packed_with_length_1", "gated_delta_rule": "packed_with_length_1",
+            "kda": "packed_with_length_1",
             "attention": "gqa", "route": "uniform"}.get(op, "dropped_slots")
     args = _make(op, case, seed)
     for backend in ["reference"] + with_backward(op):

@@ -21,10 +21,11 @@ from kernellab import registry
 from kernellab.types import Permutation
 from tests.helpers import DTYPES, assert_close, lab_backends, tolerance
 
-OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "final_state"), "attention": ("o",),
+OUTPUTS = {"linear_attention": ("o", "final_state"), "gated_delta_rule": ("o", "final_state"),
+           "kda": ("o", "final_state"), "attention": ("o",),
            "route": ("weights", "ids"), "moe_permute": ("x", "offsets", "source"), "moe_unpermute": ("y",),
            "grouped_gemm": ("y",), "moe": ("y",), "grouped_gemm_fp8": ("y",), "moe_fp8": ("y",)}
-RECURRENT = ("linear_attention", "gated_delta_rule")
+RECURRENT = ("linear_attention", "gated_delta_rule", "kda")
 
 # Each op's batch, as keywords of bench.inputs, by how the backend reaches CPU tensors: natively ("cpu"), under
 # Triton's interpreter ("interpret"), under the numba.cuda simulator ("cudasim", every thread in Python). The
@@ -40,6 +41,9 @@ SHAPES = {
         "cpu": dict(batch=dict(B=3, T=80), packed=dict(seqlens=[37, 1, 70])),
         "interpret": dict(batch=dict(B=3, T=70, K=16, V=16), packed=dict(seqlens=[37, 1, 70], K=16, V=16)),
         "cudasim": dict(batch=dict(B=3, T=5, K=8, V=8), packed=dict(seqlens=[4, 1, 6], K=8, V=8))},
+    "kda": {
+        "cpu": dict(batch=dict(B=3, T=80), packed=dict(seqlens=[37, 1, 70])),
+        "interpret": dict(batch=dict(B=3, T=70, K=16, V=16), packed=dict(seqlens=[37, 1, 70], K=16, V=16))},
     "attention": {"cpu": dict(batch=dict(B=3, T=40, Tk=48)), "interpret": dict(batch=dict(B=3, T=20, Tk=24, D=16))},
     "route": {"cpu": dict(token=dict(N=64, E=16, top_k=4)), "interpret": dict(token=dict(N=24, E=8, top_k=2))},
     "moe_permute": {"cpu": dict(token=dict(_MOE, D=64, drop=0.2)),
@@ -69,7 +73,7 @@ def _runs_on(backend):
 def _modes(op, name):
     """The modes to run: the gated delta rule's two (an API keyword), linear attention's where the backend
     takes the keyword, else the one way the backend runs (None)."""
-    if op == "gated_delta_rule" or (
+    if op in ("gated_delta_rule", "kda") or (
             op == "linear_attention" and "mode" in inspect.signature(registry.registered(op)[name].impl).parameters):
         return ("chunk", "recurrent")
     return (None,)

@@ -10,7 +10,8 @@ and S0 the state at the chunk's start (fla's chunk_kda; the gated delta rule's W
   S1 = Diag(exp(gcum_C)) S0 + (exp(gcum_C - gcum) * k)^T v_new
 The decays stay inside the pair products (D, every factor <= 1) rather than folded into q and k as exp(+-gcum),
 which overflows at strong decays (exp(-gcum) past float32's range after a few strong steps). D costs C K per
-token and value head, so chunks run in groups whose D stays under GROUP_ELEMENTS.
+token and value head, so chunks run in groups (of CHUNK_GROUP, as the gated delta rule's) whose D stays under
+GROUP_ELEMENTS.
 
 Everything is written out of place: the backward is torch's autograd through this same chunk function,
 recomputed group by group (from the states the forward pass leaves at group boundaries), so that its memory is
@@ -21,7 +22,7 @@ import math
 import torch
 
 from kernellab.torch.gated_delta_rule import CPU_CHUNK_SIZE, _chunk_inputs
-from kernellab.torch.linear_attention import (CHUNK_SIZE, LOG_DECAY_FLOOR, compute_dtype, l2norm_backward,
+from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, LOG_DECAY_FLOOR, compute_dtype, l2norm_backward,
                                             recurrent_pass)
 
 # Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^24 float32 = 64 MB.
@@ -83,9 +84,10 @@ def chunk_group(q, k, v, g, beta, state, state_dtype):
 
 
 def _groups(num_chunks, layout, Hv, K):
-    """The chunk slices computed together: as many chunks as keep D under GROUP_ELEMENTS (one at least)."""
+    """The chunk slices computed together: CHUNK_GROUP chunks (the gated delta rule's groups), fewer where D would
+    pass GROUP_ELEMENTS (one at least)."""
     per_chunk = layout.num_seqs * Hv * layout.size * layout.size * K
-    size = max(1, GROUP_ELEMENTS // per_chunk)
+    size = max(1, min(CHUNK_GROUP, GROUP_ELEMENTS // per_chunk))
     return [slice(start, start + size) for start in range(0, num_chunks, size)]
 
 
