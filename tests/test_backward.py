@@ -77,6 +77,7 @@ def _cases(op):
 OWN_BACKWARD = {"torch": registry.OPS, "mkl": RECURRENT}
 OTHER_BACKENDS_CASES = {"linear_attention": ("T_not_multiple_of_chunk", "packed_with_length_1"),
                         "gated_delta_rule": ("T_not_multiple_of_chunk", "packed_with_length_1"),
+                        "kda": ("T_not_multiple_of_chunk", "packed_with_length_1"),
                         "attention": ("gqa", "kv_cache")}
 
 
