@@ -33,7 +33,7 @@ def make_inputs(B=1, T=64, Hk=2, Hv=4, K=32, V=32, *, dtype=torch.float32, devic
     return found | dict(g=g)
 
 
-def flops(tokens: int, heads: int, K: int, V: int, mode: str = "chunk", chunk: int = cost.CHUNK) -> int:
+def kda_flops(tokens: int, heads: int, K: int, V: int, mode: str = "chunk", chunk: int = cost.CHUNK) -> int:
     """Kimi Delta Attention per token per value head: the gated delta rule's count (bench.cost) plus, in chunk
     mode, C K for the per-channel decays inside the two pair products: (beta K) K^T and Q K^T take
     q_id k_jd D_ijd over the causal half, 3 FLOPs per (i, j, d) where the gated delta rule's take 2, so
@@ -44,27 +44,28 @@ def flops(tokens: int, heads: int, K: int, V: int, mode: str = "chunk", chunk: i
     return cost.gated_delta_rule_flops(tokens, heads, K, V, mode, chunk) + tokens * heads * extra
 
 
-def backward_flops(tokens: int, heads: int, K: int, V: int, chunk: int = cost.CHUNK) -> int:
+def kda_backward_flops(tokens: int, heads: int, K: int, V: int, chunk: int = cost.CHUNK) -> int:
     """The backward: the gated delta rule's (bench.cost) plus 3 C K per token per value head for the decayed pair
     products: their recompute (C K, as in the forward) and their backward's extra factor in dq and dk and the
     per-channel gradient of D, sum over pairs of dA_ij q_id k_jd D_ijd (2 C K)."""
     return cost.gated_delta_rule_backward_flops(tokens, heads, K, V, chunk) + tokens * heads * 3 * chunk * K
 
 
-def forward_cost(found) -> tuple[int, int]:
+def kda(found) -> tuple[int, int]:
     """(FLOPs, bytes) of one call: the gated delta rule's bytes with g K times larger."""
     q, v = found["q"], found["v"]
     B, T, _, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     moved = cost._nbytes(q, found["k"], v, found["g"], found["beta"], found.get("cu_seqlens")) + cost._nbytes(v)
-    return (flops(B * T, Hv, K, V, found.get("mode", "chunk")),
+    return (kda_flops(B * T, Hv, K, V, found.get("mode", "chunk")),
             moved + cost._state_bytes(found, cost._num_seqs(found), Hv, K, V))
 
 
-def backward_cost(found) -> tuple[int, int]:
+def kda_backward(found) -> tuple[int, int]:
+    """(FLOPs, bytes) of the backward: the gated delta rule's bytes with g K times larger (bench.cost's model)."""
     q, v = found["q"], found["v"]
     B, T, _, K = q.shape
-    return (backward_flops(B * T, v.shape[2], K, v.shape[3]),
+    return (kda_backward_flops(B * T, v.shape[2], K, v.shape[3]),
             cost._recurrent_backward_bytes(found, ("q", "k", "v", "g", "beta", "initial_state")))
 
 
@@ -75,7 +76,7 @@ def spec(gated_delta_rule):
     from bench.ops import Anchor  # called by bench/ops.py once Anchor is defined there
 
     return replace(
-        gated_delta_rule, name="kda", cost=forward_cost, backward_cost=backward_cost, targets=(),
+        gated_delta_rule, name="kda", cost=kda, backward_cost=kda_backward, targets=(),
         swept_with="gated_delta_rule", versus=None,
         anchors=tuple(
             # MoonshotAI/FlashKDA, BENCHMARK_H20.md and the README's GB200 numbers (docs/anchors.md)
