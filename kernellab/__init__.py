@@ -41,6 +41,18 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                                             cu_seqlens=cu_seqlens, mode=mode, state_dtype=state_dtype, **kwargs)
 
 
+def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False,
+        cu_seqlens=None, mode="auto", state_dtype=None, backend="auto", **kwargs):
+    """Kimi Delta Attention: the gated delta rule with a decay per key channel. q, k [B, T, Hk, K];
+    v [B, T, Hv, V], Hv % Hk == 0, value head h reads key head h // (Hv // Hk); g [B, T, Hv, K] (log decay <= 0);
+    beta [B, T, Hv]; initial_state [N, Hv, K, V] in state_dtype.
+    S' = Diag(exp(g_t)) S_{t-1};  u_t = beta_t (v_t - S'^T k_t);  S_t = S' + k_t u_t^T;  o_t = scale S_t^T q_t.
+    mode and state_dtype as in gated_delta_rule. Returns (o [B, T, Hv, V], S [N, Hv, K, V] in state_dtype or None)."""
+    return get("kda", backend)(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+                               cu_seqlens=cu_seqlens, mode=mode, state_dtype=state_dtype, **kwargs)
+
+
 def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None, backend="auto", **kwargs):
     """Softmax attention with grouped KV heads. q [B, T, Hq, D]; k, v [B, T, Hkv, D]. Returns [B, T, Hq, D].
     k and v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i.

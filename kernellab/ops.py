@@ -37,6 +37,7 @@ class Op:
 # In report order (bench's tables and the report's sections follow it).
 RECORDS = (
     Op("gated_delta_rule", "gated_delta_rule", ("q", "k", "v", "g", "beta", "initial_state"), ("o", "final_state")),
+    Op("kda", "kda", ("q", "k", "v", "g", "beta", "initial_state"), ("o", "final_state")),
     Op("linear_attention", "linear_attention", ("q", "k", "v", "g", "initial_state"), ("o", "final_state")),
     Op("attention", "attention", ("q", "k", "v"), ("o",)),
     Op("route", "moe", ("router_logits",), ("weights", "ids"), constant_outputs=("ids",)),

@@ -273,6 +273,23 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                 cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
 
 
+def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False,
+        cu_seqlens=None, mode="auto", state_dtype=None):
+    """gated_delta_rule's checks, with g [B, T, Hv, K] (a log decay per key channel) in place of [B, T, Hv]."""
+    if g is None:
+        raise ValueError("g must be a tensor [B, T, Hv, K], got None")
+    if beta is None:
+        raise ValueError("beta must be a tensor [B, T, Hv], got None")
+    heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
+    _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, beta=beta)
+    _tensor("g", g, 4)
+    _same_device("q", q, g=g)
+    _shape("g", g, (*v.shape[:3], q.shape[3]), "[B, T, Hv, K]")
+    return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
+                output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
+                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
+
+
 def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):
     """k, v may be longer than q (a KV cache): query i then sits at key position Tk - Tq + i.
     cu_seqlens int [N + 1] with B == 1: q, k, v hold N packed sequences (k and v with q's T), each attending

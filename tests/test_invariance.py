@@ -34,7 +34,7 @@ def _runs_on(backend):
 def _modes(op, name):
     """The modes to run: the gated delta rule's two (an API keyword), linear attention's where the backend
     takes the keyword, else the one way the backend runs (None)."""
-    if op == "gated_delta_rule" or (
+    if op in ("gated_delta_rule", "kda") or (
             op == "linear_attention" and "mode" in inspect.signature(registry.registered(op)[name].impl).parameters):
         return ("chunk", "recurrent")
     return (None,)

@@ -17,7 +17,7 @@ from bench.ops import make
 from tests.helpers import (assert_close, assert_unchanged, check_bad_input, gpu_backends, lab_backends,
                            poisoned_allocations, snapshot, to_float64)
 
-OPS = ("linear_attention", "gated_delta_rule")
+OPS = ("linear_attention", "gated_delta_rule", "kda")
 # The backends that store their state in float32 only, and say so (the rest implement state_dtype).
 FLOAT32_STATE_ONLY = {"numba", "numba_cuda", "cupy", "transformers", "fla"}
 # Backends whose linear attention has one algorithm, chunked, for both modes: their state is rounded per chunk in

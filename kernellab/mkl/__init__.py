@@ -9,6 +9,9 @@ from kernellab.registry import BESIDE, batch_variant, family_backends
 
 _PROBE = "kernellab.mkl.packed:unavailable_reason"
 _TORCH_BACKWARD = {op: f"kernellab.torch.moe:{op}_backward" for op in ("grouped_gemm", "moe")}
+# kda's forward is mkl's own (kernellab/mkl/kda.py); its backward the torch backend's, of the same function
+_KDA = family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("kda",), requires=("numba",), probe=_PROBE,
+                       row_major=True, backward={"kda": "kernellab.torch.kda:kda_backward"})
 # Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
 BACKENDS = batch_variant(
@@ -16,7 +19,7 @@ BACKENDS = batch_variant(
                     backward=_TORCH_BACKWARD, row_major=True)
     + family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("linear_attention", "gated_delta_rule"),
                       requires=("numba",), probe=_PROBE, row_major=True,
-                      backward={op: BESIDE for op in ("linear_attention", "gated_delta_rule")}), {
+                      backward={op: BESIDE for op in ("linear_attention", "gated_delta_rule")}) + _KDA, {
         "gated_delta_rule": "mode 'recurrent' runs the torch backend's code: a one-token sequence alone (T = 1, no "
                             "cu_seqlens) takes its decode_step, rounded otherwise than the token loop it takes "
                             "packed with other sequences",

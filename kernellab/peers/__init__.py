@@ -32,6 +32,9 @@ BACKENDS = [
             requires=("fla",), dtypes=_LOW, peer=True),
     Backend("linear_attention", "fla", "kernellab.peers.linear_attention:fla_linear_attention", ("cuda",),
             requires=("fla",), dtypes=_LOW, peer=True),
+    # fla's naive Kimi Delta Attention (plain torch: CPU too), the token loop and the chunked form
+    Backend("kda", "fla", "kernellab.peers.kda:fla_kda", ("cpu", "cuda"), requires=("fla", "einops"), dtypes=_LOW,
+            peer=True, backward=AUTOGRAD),
     # quadratic attention baselines
     Backend("attention", "sdpa", "kernellab.peers.attention:sdpa_attention", ("cpu", "cuda"), peer=True,
             backward=AUTOGRAD),

@@ -84,7 +84,7 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
 def _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size, dtype):
     """The inputs in the chunk-major layout of chunk_size, in dtype: returns the ChunkLayout, q (scaled) and k
     [NC, N, Hk, C, K] (l2-normalised in the same pass as the copy, when use_qk_l2norm), v [NC, N, Hk, G, C, V],
-    g and beta [NC, N, Hk, G, C]."""
+    g and beta [NC, N, Hk, G, C] (g [B, T, Hv, K]: [NC, N, Hk, G, C, K])."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     layout = ChunkLayout.of(B, T, cu_seqlens, chunk_size, q.device)
@@ -95,7 +95,8 @@ def _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size
     else:
         qc, kc = layout.to_chunks(q, dtype).mul_(scale), layout.to_chunks(k, dtype)
     vc = layout.to_chunks(v, dtype).view(NC, N, Hk, Hv // Hk, C, V)
-    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, Hv // Hk, C) for x in (g, beta))
+    # (g [B, T, Hv, K] of Kimi Delta Attention keeps its key channels last: [NC, N, Hk, G, C, K])
+    gc, bc = (layout.to_chunks(x, dtype).view(NC, N, Hk, Hv // Hk, C, *x.shape[3:]) for x in (g, beta))
     return layout, qc, kc, vc, gc, bc
 
 

@@ -158,8 +158,8 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
 
 def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
                    initial_state: torch.Tensor | None, state_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token by token, time-major. q (already scaled), k [T, N, Hk, K]; v [T, N, Hk, G, V]; g, beta [T, N, Hk, G];
-    initial_state None or [N, Hk * G, K, V] (never written). beta None: linear attention, S = exp(g) S + k v^T;
+    """Token by token, time-major. q (already scaled), k [T, N, Hk, K]; v [T, N, Hk, G, V]; g, beta [T, N, Hk, G]
+    (or g [T, N, Hk, G, K], a decay per key channel: Kimi Delta Attention); initial_state None or [N, Hk * G, K, V] (never written). beta None: linear attention, S = exp(g) S + k v^T;
     else the delta rule, u = beta (v - S'^T k), S = S' + k u^T with S' = exp(g) S. After each token's output the
     state is stored rounded to state_dtype (store_). The state is kept as [N, Hk, K, G, V] (the G value heads of a key head side by side), so that q and k are
     never repeated. Returns o [T, N, Hk, G, V] and the final state [N, Hk, G, K, V] (a strided view)."""
@@ -173,7 +173,9 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     # Both reads of the decayed state in one matmul: o = S'^T q + (q . k) u, since S = S' + k u^T.
     reads = torch.stack([k, q], dim=-2) if beta is not None else q.unsqueeze(-2)
     qk = (q * k).sum(-1)[..., None, None]
-    gamma = decay_exp_(g.clone())[:, :, :, None, :, None]
+    gamma = decay_exp_(g.clone())
+    # one decay per value head, g [T, N, Hk, G], or (Kimi Delta Attention) one per key channel, g [T, N, Hk, G, K]
+    gamma = gamma[:, :, :, None, :, None] if gamma.ndim == 4 else gamma.transpose(-1, -2)[..., None]
     flat = state.view(N * Hk, K, G * V)
     o = torch.empty_like(v)
     for t in range(T):

@@ -289,13 +289,15 @@ def _fits_recurrent_tile(configs, named_args, **kwargs):
 def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.constexpr, HK: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ROUNDING: tl.constexpr):
+                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ROUNDING: tl.constexpr,
+                     KEY_GATE: tl.constexpr):
     """Token by token. One program per (V tile, sequence, value head) reads its state slice [BK, BV] once,
     walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV). The slice stays float32 in
     registers, rounded after each token's output to the state dtype (STATE_ROUNDING, _chunk.stored_state).
 
     q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht [N, HV, K, V] in the state
-    dtype.
+    dtype. KEY_GATE (Kimi Delta Attention, kernellab/triton/kda.py): g [B, T, HV, K], row d of the state decays
+    by exp(g_t[d]).
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -318,7 +320,10 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
         b_q = tl.load(q + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_k = tl.load(k + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_v = tl.load(v + (row * HV + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        b_g = tl.load(g + row * HV + i_h).to(tl.float32)
+        if KEY_GATE:
+            b_g = tl.load(g + (row * HV + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)[:, None]
+        else:
+            b_g = tl.load(g + row * HV + i_h).to(tl.float32)
         b_beta = tl.load(beta + row * HV + i_h).to(tl.float32)
         if USE_QK_L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
@@ -344,7 +349,7 @@ def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_f
     recurrent_kernel[grid](
         q=q, k=k, v=v, g=g, beta=beta, o=o, h0=initial_state, ht=final, cu_seqlens=cu_seqlens, scale=scale, T=T,
         HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm,
-        STATE_ROUNDING=STATE_ROUNDING[state_dtype])
+        STATE_ROUNDING=STATE_ROUNDING[state_dtype], KEY_GATE=g.ndim == 4)
     return o, final
 
 
@@ -553,7 +558,7 @@ def _aot_specs(HV, HK, K, V, dtype):
         *(aot_spec(f"gated_delta_rule.recurrent[{label},BV=32{state_label}]", recurrent_kernel,
                    dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
                         STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True,
-                        STATE_ROUNDING=STATE_ROUNDING[state_dtype]),
+                        STATE_ROUNDING=STATE_ROUNDING[state_dtype], KEY_GATE=False),
                    pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0=TRITON_DTYPE[state_dtype],
                                  ht=TRITON_DTYPE[state_dtype], cu_seqlens="i32"),
                    floats=("scale",))

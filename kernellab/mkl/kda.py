@@ -1,0 +1,122 @@
+"""Kimi Delta Attention on CPU: the gated delta rule's chunked loop of MKL calls (kernellab/mkl/chunked.py) with a
+decay per key channel. float64 inputs and the token-by-token mode run the torch backend's code.
+
+Per chunk of c tokens of one sequence and value head, with gcum [c, K] the chunk's cumulative log decay of every
+key channel, D_ijd = exp(gcum_id - gcum_jd) for j <= i and S the state at the chunk's start:
+  L_ij = beta_i sum_d k_id k_jd D_ijd (j < i),  P_ij = sum_d q_id k_jd D_ijd (j <= i)   loops, c^2 K / 2 each
+  [k~; q~] = exp(gcum) * [k; q]                 the keys and queries decayed to the chunk's rows
+  [k~ S; q~ S]                                  one GEMM: both reads of the state
+  (I + L) u = beta (v - k~ S)                   strsm
+  o = q~ S + P u                                GEMM into o's rows where they lie
+  S = Diag(exp(gcum_c)) S + (exp(gcum_c - gcum) * k)^T u
+The decays stay inside the pair products (every factor <= 1), as in kernellab/torch/kda.py. Unlike the gated delta
+rule's loop, k k^T and q k^T are not shared by the value heads of a key head: the decays are per value head.
+"""
+import numba
+import numpy as np
+import torch
+
+from kernellab.mkl.chunked import (CHUNK_SIZE, _decay, _gemm, _mkl_local_threads, _rows, _scaled_rows,
+                                   _sequences, _solve_unit_lower, _store)
+from kernellab.torch import kda as torch_kda
+from kernellab.torch.linear_attention import start_state
+from kernellab.validate import STATE_ROUNDING
+
+
+@numba.njit(fastmath=True)
+def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, scale, qk_l2norm, rounding):
+    """One sequence (rows start .. start + length) and key head hk with its value heads, chunk after chunk.
+    q, k [rows, Hk, K]; v, out [rows, Hv, V]; g [rows, Hv, K]; beta [rows, Hv]; state [Hv, K, V]: the
+    sequence's, updated in place (and _store-d with `rounding` after every chunk)."""
+    Hk, K = k.shape[1], k.shape[2]
+    Hv, V = v.shape[1], v.shape[2]
+    G = Hv // Hk
+    C = chunk
+    threads = _mkl_local_threads(1)
+    chars = np.empty(4, np.uint8)
+    ints = np.empty(6, np.int32)
+    floats = np.empty(2, np.float32)
+    R = np.empty((2 * C, K), np.float32)  # [k; q] (q scaled)
+    Rd = np.empty((2 * C, K), np.float32)  # [k~; q~]: decayed to their rows
+    X = np.empty((2 * C, V), np.float32)  # [k~ S; q~ S]
+    U = np.empty((C, V), np.float32)  # v_new
+    P = np.empty((C, C), np.float32)
+    L = np.empty((C, C), np.float32)
+    decayed_k = np.empty((C, K), np.float32)
+    gcum = np.empty((C, K), np.float32)
+    for t0 in range(start, start + length, C):
+        c = min(C, start + length - t0)
+        _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
+        _scaled_rows(R[c:], q, t0, c, hk, scale, qk_l2norm)
+        for h in range(hk * G, hk * G + G):
+            S = state[h]
+            for d in range(K):
+                total = 0.0
+                for i in range(c):
+                    total += g[t0 + i, h, d]
+                    gcum[i, d] = total
+            for i in range(c):
+                b = beta[t0 + i, h]
+                for d in range(K):
+                    gamma = _decay(gcum[i, d])
+                    Rd[i, d] = R[i, d] * gamma
+                    Rd[c + i, d] = R[c + i, d] * gamma
+                for j in range(i + 1):
+                    pq = 0.0
+                    pk = 0.0
+                    for d in range(K):
+                        decay = _decay(gcum[i, d] - gcum[j, d])
+                        pq += R[c + i, d] * R[j, d] * decay
+                        pk += R[i, d] * R[j, d] * decay
+                    P[i, j] = pq
+                    L[i, j] = b * pk
+                for j in range(i + 1, c):
+                    P[i, j] = 0.0
+            _gemm(chars, ints, floats, False, False, 2 * c, V, K, 1.0, Rd.ctypes.data, K, S.ctypes.data, V, 0.0,
+                  X.ctypes.data, V)
+            for i in range(c):
+                vi, oi, b = v[t0 + i, h], out[t0 + i, h], beta[t0 + i, h]
+                for e in range(V):
+                    oi[e] = X[c + i, e]
+                    U[i, e] = b * (vi[e] - X[i, e])
+            _solve_unit_lower(chars, ints, floats, c, V, L.ctypes.data, C, U.ctypes.data, V, False)
+            _gemm(chars, ints, floats, False, False, c, V, c, 1.0, P.ctypes.data, C, U.ctypes.data, V, 1.0,
+                  out[t0, h].ctypes.data, Hv * V)
+            for i in range(c):
+                for d in range(K):
+                    decayed_k[i, d] = R[i, d] * _decay(gcum[c - 1, d] - gcum[i, d])
+            for d in range(K):  # the state's rows decay each by its channel's chunk decay
+                last = _decay(gcum[c - 1, d])
+                for e in range(V):
+                    S[d, e] *= last
+            _gemm(chars, ints, floats, True, False, K, V, c, 1.0, decayed_k.ctypes.data, K, U.ctypes.data, V, 1.0,
+                  S.ctypes.data, V)
+            _store(S, rounding)
+    _mkl_local_threads(threads)
+
+
+@numba.njit(parallel=True)
+def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm, rounding):
+    """kernellab.mkl.chunked._run's layout with g [rows, Hv, K]: sequences and key heads in parallel."""
+    Hk = k.shape[1]
+    for job in numba.prange(starts.shape[0] * Hk):
+        n = job // Hk
+        _sequence_key_head(q, k, v, g, beta, starts[n], lengths[n], state[n], out, job % Hk, chunk, scale,
+                           qk_l2norm, rounding)
+
+
+def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode, state_dtype,
+        chunk_size=None):
+    """As kernellab.torch.kda.kda: q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv, K]; beta [B, T, Hv];
+    initial_state None or [N, Hv, K, V] in state_dtype. Returns o [B, T, Hv, V] in v's dtype and the final state
+    [N, Hv, K, V] in state_dtype or None. chunk_size: default kernellab.mkl.chunked's (16)."""
+    if mode != "chunk" or v.dtype == torch.float64:
+        return torch_kda.kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
+                             mode, state_dtype, chunk_size=chunk_size)
+    B, T, Hv, V = v.shape
+    starts, lengths = _sequences(B, T, cu_seqlens)
+    state = start_state(initial_state, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
+    out = torch.empty(B * T, Hv, V, dtype=torch.float32)
+    _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
+         out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
+    return out.view(B, T, Hv, V).to(v.dtype), state.to(state_dtype) if output_final_state else None

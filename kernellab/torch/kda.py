@@ -1,0 +1,171 @@
+"""Kimi Delta Attention in vectorised PyTorch (CPU and GPU): chunked and token by token.
+
+Chunk form, per value head and chunk, with gcum [C, K] the within-chunk cumulative log decay of every key channel
+and S0 the state at the chunk's start (fla's chunk_kda; the gated delta rule's WY form with Diag(exp(gcum))):
+  D_ij = exp(gcum_i - gcum_j) per channel for j <= i, else 0                          [C, C, K]
+  A = I + strictly_lower(beta_i sum_d k_id k_jd D_ijd)                                unit lower triangular
+  u = A^-1 (beta v),  w = A^-1 (beta exp(gcum) * k)
+  v_new = u - w S0
+  o = (exp(gcum) * q) S0 + (sum_d q_id k_jd D_ijd, j <= i) v_new
+  S1 = Diag(exp(gcum_C)) S0 + (exp(gcum_C - gcum) * k)^T v_new
+The decays stay inside the pair products (D, every factor <= 1) rather than folded into q and k as exp(+-gcum),
+which overflows at strong decays (exp(-gcum) past float32's range after a few strong steps). D costs C K per
+token and value head, so chunks run in groups (of CHUNK_GROUP, as the gated delta rule's) whose D stays under
+GROUP_ELEMENTS.
+
+Everything is written out of place: the backward is torch's autograd through this same chunk function,
+recomputed group by group (from the states the forward pass leaves at group boundaries), so that its memory is
+one group's graph, not the sequence's.
+"""
+import math
+
+import torch
+
+from kernellab.torch.gated_delta_rule import CPU_CHUNK_SIZE, _chunk_inputs
+from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, LOG_DECAY_FLOOR, compute_dtype, l2norm_backward,
+                                            recurrent_pass)
+
+# Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^24 float32 = 64 MB.
+GROUP_ELEMENTS = 2 ** 24
+
+
+def _decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp(x) for log decays x <= 0 (anything above is clamped to 0), exactly 0 below LOG_DECAY_FLOOR, out of
+    place (autograd records it): linear_attention.decay_exp_'s function."""
+    decay = log_decay.clamp(LOG_DECAY_FLOOR - 1, 0.0).exp()
+    return torch.nn.functional.threshold(decay, math.exp(LOG_DECAY_FLOOR), 0.0)
+
+
+def _flush_tiny(x: torch.Tensor) -> torch.Tensor:
+    """Entries of magnitude at most 2^-60 set to 0 (out of place: linear_attention.flush_tiny_'s function), so
+    that the matmuls on A^-1, built from many small decays, meet no subnormal products (which crawl on CPU)."""
+    return torch.nn.functional.hardshrink(x, 2.0 ** -60)
+
+
+def _stored(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """state rounded to the values it takes stored in dtype (state_dtype); autograd passes its gradient through."""
+    return state if dtype == state.dtype else state.to(dtype).to(state.dtype)
+
+
+def chunk_group(q, k, v, g, beta, state, state_dtype):
+    """One group of chunks, chunk-major: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V];
+    g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]; state [N Hk G, K, V] at the first chunk's start (or None:
+    zeros). The state after each chunk is rounded to state_dtype. Differentiable (out of place).
+    Returns o [NC, N, Hk, G, C, V] and the state after the last chunk [N Hk G, K, V]."""
+    NC, N, Hk, C, K = k.shape
+    G, V = v.shape[3], v.shape[-1]
+    M = N * Hk * G
+    gcum = g.cumsum(-2)
+    # D [NC, N, Hk, G, C, C, K]: the upper triangle's differences are > 0, clamped to exp(0), then masked
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    decay = _decay(gcum[..., :, None, :] - gcum[..., None, :, :]) * lower[..., None]
+    ke, qe = k.unsqueeze(3), q.unsqueeze(3)  # the G value heads of a key head read the same q and k
+    attn = torch.einsum("...id,...jd,...ijd->...ij", qe, ke, decay)  # j <= i
+    kk = torch.einsum("...id,...jd,...ijd->...ij", ke, ke, decay) * beta[..., None]
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    # A's diagonal is the identity (unitriangular: the solve reads the strict lower triangle only)
+    inverse = _flush_tiny(torch.linalg.solve_triangular(kk.tril(-1) + eye, eye.expand_as(kk), upper=False,
+                                                        unitriangular=True))
+    u = inverse @ (beta[..., None] * v)
+    w = inverse @ ((beta[..., None] * _decay(gcum)) * ke)
+    keys = _decay(gcum[..., -1:, :] - gcum) * ke  # [NC, N, Hk, G, C, K]
+    reads = _decay(gcum) * qe
+    last = _decay(gcum[..., -1, :])  # [NC, N, Hk, G, K]: the chunk's decay of each state row
+    if state is None:
+        state = torch.zeros(M, K, V, dtype=v.dtype, device=v.device)
+    outputs = []
+    for j in range(NC):
+        v_new = u[j].reshape(M, C, V) - torch.bmm(w[j].reshape(M, C, K), state)
+        o = torch.bmm(reads[j].reshape(M, C, K), state) + torch.bmm(attn[j].reshape(M, C, C), v_new)
+        outputs.append(o)
+        state = _stored(last[j].reshape(M, K, 1) * state
+                        + torch.bmm(keys[j].reshape(M, C, K).transpose(1, 2), v_new), state_dtype)
+    return torch.stack(outputs).view(NC, N, Hk, G, C, V), state
+
+
+def _groups(num_chunks, layout, Hv, K):
+    """The chunk slices computed together: CHUNK_GROUP chunks (the gated delta rule's groups), fewer where D would
+    pass GROUP_ELEMENTS (one at least)."""
+    per_chunk = layout.num_seqs * Hv * layout.size * layout.size * K
+    size = max(1, min(CHUNK_GROUP, GROUP_ELEMENTS // per_chunk))
+    return [slice(start, start + size) for start in range(0, num_chunks, size)]
+
+
+def _chunk_size(q, chunk_size):
+    return chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
+
+
+@torch.no_grad()
+def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode, state_dtype,
+        chunk_size=None):
+    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv, K]; beta [B, T, Hv]; initial_state None or
+    [N, Hv, K, V] in state_dtype. Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size:
+    default 32 on CPU, 64 on GPUs, as the gated delta rule's) or "recurrent" (the gated delta rule's token loop
+    with a decay per key channel).
+    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None. Computes in
+    float32 (float64 for float64 inputs); the state carried between chunks (or tokens) is rounded to
+    state_dtype."""
+    K = q.shape[3]
+    Hv, V = v.shape[2], v.shape[3]
+    dtype = compute_dtype(v)
+    size = _chunk_size(q, chunk_size) if mode == "chunk" else 1
+    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, size, dtype)
+    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+    if mode == "chunk":
+        state = None if initial_state is None else initial_state.reshape(N * Hv, K, V).to(dtype)
+        outputs = []
+        for group in _groups(NC, layout, Hv, K):
+            o, state = chunk_group(qc[group], kc[group], vc[group], gc[group], bc[group], state, state_dtype)
+            outputs.append(o)
+        o = torch.cat(outputs)
+    else:
+        o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0, :], bc[..., 0],
+                                  initial_state, state_dtype)
+    state = state.reshape(N, Hv, K, V).to(state_dtype) if output_final_state else None
+    return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state
+
+
+@torch.no_grad()
+def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
+                 state_dtype, chunk_size=None):
+    """The gradients of kda (kernellab.autograd's contract): grads {"o": [B, T, Hv, V] or None, "final_state":
+    [N, Hv, K, V] or None}; the inputs as the forward's. Whatever the forward's mode (the same function): a pass
+    over the groups of chunks keeps each group's starting state; then, last group first, the group is recomputed
+    under autograd from its state and differentiated with the gradient of its outputs and of its final state,
+    which gives the gradient of its starting state for the group before. The rounding of a stored state passes
+    its gradient straight through (as autograd through the reference's `.to(state_dtype)` does). Returns
+    {q, k [B, T, Hk, K], v [B, T, Hv, V], g [B, T, Hv, K], beta [B, T, Hv], initial_state [N, Hv, K, V] (None when
+    it is None)} in float32 (float64 for float64 inputs)."""
+    Hk, K = q.shape[2:]
+    Hv, V = v.shape[2], v.shape[3]
+    dtype = compute_dtype(v)
+    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens,
+                                               _chunk_size(q, chunk_size), dtype)
+    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+    M = N * Hv
+    groups = _groups(NC, layout, Hv, K)
+    starts = [None if initial_state is None else initial_state.reshape(M, K, V).to(dtype)]
+    for group in groups[:-1]:
+        starts.append(chunk_group(qc[group], kc[group], vc[group], gc[group], bc[group], starts[-1], state_dtype)[1])
+    do, d_final = grads["o"], grads["final_state"]
+    doc = (layout.to_chunks(do, dtype).view_as(vc) if do is not None else torch.zeros_like(vc))
+    d_state = torch.zeros(M, K, V, dtype=dtype, device=v.device) if d_final is None else \
+        d_final.reshape(M, K, V).to(dtype)
+    found = {name: torch.empty_like(x) for name, x in dict(q=qc, k=kc, v=vc, g=gc, beta=bc).items()}
+    for group, start in zip(reversed(groups), reversed(starts)):
+        leaves = [x[group].detach().requires_grad_() for x in (qc, kc, vc, gc, bc)]
+        s0 = start if start is None else start.detach().requires_grad_()
+        with torch.enable_grad():
+            o, final = chunk_group(*leaves, s0, state_dtype)
+            wrt = leaves + ([] if s0 is None else [s0])
+            parts = torch.autograd.grad((o, final), wrt, (doc[group], d_state), allow_unused=True)
+        for name, part in zip(found, parts):
+            found[name][group] = 0 if part is None else part
+        d_state = parts[5] if s0 is not None else None
+    dq, dk = layout.from_chunks(found["q"].mul_(scale), dtype), layout.from_chunks(found["k"], dtype)
+    if use_qk_l2norm:
+        dq, dk = l2norm_backward(q, dq, dtype), l2norm_backward(k, dk, dtype)
+    return dict(q=dq, k=dk, v=layout.from_chunks(found["v"].view(NC, N, Hv, C, V), dtype),
+                g=layout.from_chunks(found["g"].view(NC, N, Hv, C, K), dtype),
+                beta=layout.from_chunks(found["beta"].view(NC, N, Hv, C), dtype),
+                initial_state=None if initial_state is None else d_state.view(N, Hv, K, V))
