@@ -152,8 +152,13 @@ def _finite(name, x):
         raise _not_finite(name)
 
 
+class NotFinite(ValueError):
+    """An input holds NaN or infinite values where the op's domain has none (docs/api.md: values outside the
+    domain); a ValueError, told apart by callers for which it means that their own numbers blew up (training)."""
+
+
 def _not_finite(name):
-    return ValueError(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
+    return NotFinite(f"{name} must be finite, got NaN or infinite values (docs/api.md: values outside the domain)")
 
 
 def _kv_buffer(name, x, kv_lens, lo, hi):

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernellab.validate import NotFinite
+
 RESTART_EVERY = 16
 STREAM_TOKENS = 1 << 16
 
@@ -87,7 +89,7 @@ class Diverged(RuntimeError):
 def train(m, stream: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int = 0,
           progress: bool = True) -> list[float]:
     """AdamW steps of m (in place) on batches of the stream (train_step); returns the loss of every step.
-    Diverged at the first step whose loss is not finite."""
+    Diverged at the first step whose loss or updated parameters are not finite."""
     from tqdm import tqdm
 
     m.train()
@@ -95,16 +97,23 @@ def train(m, stream: torch.Tensor, steps: int, batch: int, seq_len: int, lr: flo
     optimizer = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    with tqdm(range(steps), desc="train", unit="step", disable=not progress) as bar:
-        for _ in bar:
-            loss, _ = train_step(m, batch_of(stream, batch, seq_len, gen).to(device), optimizer)
+    with tqdm(total=steps, desc="train", unit="step", disable=not progress) as bar:
+        for step in range(1, steps + 1):
+            try:
+                loss, _ = train_step(m, batch_of(stream, batch, seq_len, gen).to(device), optimizer)
+            except NotFinite as exc:  # finite but huge weights overflow the activations: an op refuses them
+                raise Diverged(f"activations are not finite at step {step} of {steps} (lr {lr:g}; {exc}): training "
+                               f"diverged") from None
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
-                raise Diverged(f"the loss is {losses[-1]} at step {len(losses)} of {steps} (lr {lr:g}): training "
+                raise Diverged(f"the loss is {losses[-1]} at step {step} of {steps} (lr {lr:g}): training diverged")
+            # after every update, not only the last: the next forward would refuse non-finite activations (the
+            # ops' validation) before its loss could say so; one pass over the parameters, small beside a step
+            if not all(torch.isfinite(p).all() for p in m.parameters()):
+                raise Diverged(f"parameters are not finite after step {step} of {steps} (lr {lr:g}): training "
                                f"diverged")
+            bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if not all(torch.isfinite(p).all() for p in m.parameters()):  # the last step's update, after its loss
-        raise Diverged(f"parameters are not finite after step {steps} (lr {lr:g}): training diverged")
     return losses
 
 
