@@ -316,7 +316,7 @@ def anchors_table(frame, training: bool = False) -> str:
 
 def invariance_table(frame) -> str:
     """Per backend in the CSV: deterministic (repeated calls bitwise equal) and batch-invariant, as its registry
-    declaration says (tests/test_invariance.py checks them), with the note."""
+    declaration says (tests/ops/test_invariance.py checks them), with the note."""
     body = []
     for spec in OPS.values():
         if not spec.registry or spec.name not in set(frame["op"]):
@@ -519,7 +519,7 @@ def write(out: Path, device: str) -> Path:
            "Published numbers are leads from other machines: only a side-by-side run on one machine settles a "
            "comparison.", "", anchors_table(frame), "",
            "## Determinism and batch invariance", "",
-           "As each backend declares it (kernellab/*/__init__.py) and tests/test_invariance.py checks on this machine: "
+           "As each backend declares it (kernellab/*/__init__.py) and tests/ops/test_invariance.py checks on this machine: "
            "deterministic = repeated calls give bitwise equal outputs; batch-invariant = one sequence's or token's "
            "output is bitwise the same whatever else shares its batch.", "", invariance_table(frame), "",
            "## Training: backward and forward+backward", "", *training_section(frame)]

@@ -66,7 +66,7 @@ class Backend:
     deterministic:   repeated calls on the same inputs give bitwise equal outputs.
     batch_invariant: one sequence's (or token's) output is bitwise the same whatever else shares its batch or
               its packed row; where it is not, the output still agrees within the dtype's tolerance.
-    variance_note:   why, where either of the two is False (tests/test_invariance.py and the report print it).
+    variance_note:   why, where either of the two is False (tests/ops/test_invariance.py and the report print it).
     row_major: its code reads tensors as dense row-major memory (compiled loops through pointers or NumPy views):
               kernellab.guard gives it every tensor argument, and its backward every incoming gradient,
               contiguous. False: torch ops that handle any strides (the caller's tensors pass as they are).

@@ -13,7 +13,7 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
     Value head h reads key head h // (Hv // Hk). Per value head:
       S' = Diag(exp(g_t)) S_{t-1};  u_t = beta_t (v_t - S'^T k_t);  S_t = S' + k_t u_t^T;  o_t = scale S_t^T q_t.
     The gated delta rule's reference with exp(g_t) a [K, 1] column instead of a scalar: with g equal across K the
-    two compute the same float64 operations (tests/test_kda.py checks they agree bitwise). `mode` is accepted and
+    two compute the same float64 operations (tests/ops/test_kda.py checks they agree bitwise). `mode` is accepted and
     ignored; the state is rounded to state_dtype after every token's output, as there.
     Returns o [B, T, Hv, V] in v's dtype and the final states [N, Hv, K, V] in state_dtype (or None)."""
     B, T, Hk, K = q.shape

@@ -22,15 +22,28 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on machines without one")
     config.addinivalue_line("markers", "slow: seconds or more each; the inner loop leaves them out (-m 'not slow')")
-    config.addinivalue_line("markers", "interpreted: runs Triton kernels under TRITON_INTERPRET=1 (slow on CPU)")
+    config.addinivalue_line("markers", "interpreted: runs GPU code on the CPU: Triton kernels under TRITON_INTERPRET=1, "
+                                       "numba.cuda under NUMBA_ENABLE_CUDASIM=1 (set here without a GPU)")
+
+
+# Without a GPU, a test that names one of these in its id runs their kernels through the interpreter / simulator.
+INTERPRETED = ("triton", "numba_cuda", "cudasim")
+# Folders whose tests are slow as a whole (whole models, spawned process worlds): the inner loop leaves them out.
+SLOW_FOLDERS = ("model", "distributed")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    """Markers set from where a test is and what it runs: `interpreted` (GPU code on the CPU, no GPU here),
+    `slow` (tests/model/, tests/distributed/); and the `gpu` tests skipped without a GPU."""
+    gpu = torch.cuda.is_available()
     skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
     for item in items:
-        if "gpu" in item.keywords:
+        folder = item.path.parent.name
+        if not gpu and any(name in item.nodeid.lower() for name in INTERPRETED):
+            item.add_marker(pytest.mark.interpreted)
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
+        if not gpu and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

@@ -52,7 +52,7 @@ def poisoned_allocations():
 
 def lab_backends(op, device="cpu", simulated=False):
     """Every backend of op that runs on `device` tensors here, the reference and the CPU engines' kernels
-    (kernellab.peers.ENGINE_PEERS: tests/test_cpu_peers.py) excluded. Backends that reach the CPU only through the
+    (kernellab.peers.ENGINE_PEERS: tests/toolchains/test_cpu_peers.py) excluded. Backends that reach the CPU only through the
     numba.cuda simulator are left out unless `simulated` (too slow for the full edge-case list: their own test file
     runs them at tiny sizes)."""
     from kernellab.peers import ENGINE_PEERS

@@ -117,12 +117,12 @@ class OpSpec:
                  table of its rows where it has one (default: every column that has a value, one line per row).
                  Such an op has no registry entry and runs alone.
     tolerance:   the least parity gate of this op's rows (its own rounding's floor), beside the dtype's.
-    tiny:        a shape of the sweep's axes small enough for the tests' sweeps (tests/test_bench.py).
-    gradient_cases: the edge cases of the op's gradients (tests/test_backward.py): case name -> keywords of the
+    tiny:        a shape of the sweep's axes small enough for the tests' sweeps (tests/bench/test_bench.py).
+    gradient_cases: the edge cases of the op's gradients (tests/ops/test_backward.py): case name -> keywords of the
                  maker, plus the forward's `mode` where it has one; short, the reference's autograd runs them.
     gradient_spot_checks: the two of gradient_cases that a backend whose backward is not its own (another's,
                  or a peer's autograd) runs, and the GPU's.
-    invariance:  the batches of tests/test_invariance.py: how the backend reaches CPU tensors ("cpu",
+    invariance:  the batches of tests/ops/test_invariance.py: how the backend reaches CPU tensors ("cpu",
                  "interpret", "cudasim") -> {part kind: keywords of the maker}; the part kinds: "batch" and "packed"
                  (a recurrent op's sequences, of a batch or packed), "rows" (attention's batch rows), "token"
                  (an MoE op's tokens), "expert" (grouped_gemm's expert blocks).

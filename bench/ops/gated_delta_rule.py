@@ -105,7 +105,7 @@ def gdr_presets(scale):
 _GDR_CPU_8K = dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk")
 
 
-# The gradients' edge cases (tests/test_backward.py; the forward's own in tests/test_gated_delta_rule.py): token by
+# The gradients' edge cases (tests/ops/test_backward.py; the forward's own in tests/ops/test_gated_delta_rule.py): token by
 # token ("recurrent", or "auto" for short sequences) and chunked, both forward paths meet the one backward.
 GRADIENT_CASES = {
     "T1": dict(T=1),

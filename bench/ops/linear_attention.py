@@ -141,7 +141,7 @@ def token_loop_affordable(heads, full=2**29):
 
 
 def recurrent_invariance(cudasim: bool = False) -> dict:
-    """The recurrent ops' batches (tests/test_invariance.py), initial states given: a batch of 3 sequences
+    """The recurrent ops' batches (tests/ops/test_invariance.py), initial states given: a batch of 3 sequences
     ("batch") and 3 of unequal lengths packed into one row ("packed"); lengths cross the chunks of the chunked
     backends (16 to 64 tokens). cudasim: tiny ones for the numba.cuda simulator (every thread in Python)."""
     state = dict(initial_state=True)
@@ -154,7 +154,7 @@ def recurrent_invariance(cudasim: bool = False) -> dict:
     return found
 
 
-# The gradients' edge cases (tests/test_backward.py), as the gated delta rule's without its own keywords.
+# The gradients' edge cases (tests/ops/test_backward.py), as the gated delta rule's without its own keywords.
 GRADIENT_CASES = {
     "T1": dict(T=1),
     "T1_batch2_initial_state": dict(B=2, T=1, initial_state=True),

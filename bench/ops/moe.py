@@ -239,7 +239,7 @@ def _permute_grid():
         lambda scale: dict(N=TOKENS[scale], E=(8, 64, 256, 512), D=(512, 1024, 2048, 4096)))
 
 
-# The gradients' edge cases (tests/test_backward.py; the forward's own in tests/test_moe.py), as maker keywords; the
+# The gradients' edge cases (tests/ops/test_backward.py; the forward's own in tests/ops/test_moe.py), as maker keywords; the
 # spot checks of a backend whose backward is not its own: "uniform" and "dropped_slots".
 GRADIENT_CASES = {
     "one_token": dict(N=1, E=4, top_k=2),
@@ -250,7 +250,7 @@ GRADIENT_CASES = {
     "dropped_slots": dict(N=40, E=8, top_k=3, drop=0.3, id_dtype=torch.int64),
 }
 SPOT_CHECKS = ("uniform", "dropped_slots")
-# The batches of tests/test_invariance.py: tokens alone against their rows of the batch.
+# The batches of tests/ops/test_invariance.py: tokens alone against their rows of the batch.
 MOE_BATCH = dict(N=64, E=4, top_k=2)
 MOE_BATCH_SMALL = dict(N=24, E=4, top_k=2)
 

@@ -1,7 +1,7 @@
 """cuda backends: CUDA C++ kernels (kernellab/cuda/*.cu) compiled at run time by NVRTC through CuPy, launched on
 torch tensors without copies. Declared here, imported on first use.
 
-Each .cu compiles standalone too (`nvcc -arch=sm_90 -cubin -Xptxas -v -std=c++17`, tests/test_cuda_cupy.py):
+Each .cu compiles standalone too (`nvcc -arch=sm_90 -cubin -Xptxas -v -std=c++17`, tests/toolchains/test_cuda_cupy.py):
 SOURCES lists them with the kernels whose ptxas report must show no spills.
 """
 import torch

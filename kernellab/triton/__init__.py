@@ -100,7 +100,7 @@ BACKENDS = [
     Backend("moe_fp8", "triton", "kernellab.triton.moe_fp8:moe_fp8", **_TRITON),
 ]
 
-# Batch invariance, measured under TRITON_INTERPRET=1 by tests/test_invariance.py.
+# Batch invariance, measured under TRITON_INTERPRET=1 by tests/ops/test_invariance.py.
 BACKENDS = batch_variant(BACKENDS, {
     "moe": "under TRITON_INTERPRET=1 the tile products are NumPy matmuls, which round a row by its position in the "
            "tile, and a token alone sits in another row of its expert's block than in a batch; on a GPU (not "

@@ -19,7 +19,7 @@ longer sequences. The sequence runs in pieces, each continuing from the state th
 the same computation as one call, pieces being whole chunks); the error of o is taken over the tokens since the
 last T of the grid (the second half of the sequence: the error where the sequence has got to), the state's at T.
 The yardstick: the torch backend on float64 inputs (the same rounded q, k, v), token by token with a float64
-state, batched over heads (tests/test_precision.py checks it against the reference at short T).
+state, batched over heads (tests/bench/test_precision.py checks it against the reference at short T).
 
 Memory: the bytes of one sequence's cache at Qwen3.5-35B-A3B (30 Gated DeltaNet layers' recurrent states in the
 state dtype and conv states, 10 attention layers' KV cache, bfloat16) at a few contexts, and how many sequences

@@ -46,7 +46,7 @@ CASES_DECODE = _cpu_cases(interpreted=False)
 
 @pytest.fixture(autouse=True)
 def inference():
-    """Every test here is inference: the model's forward outside generate is differentiable (tests/test_train.py
+    """Every test here is inference: the model's forward outside generate is differentiable (tests/model/test_train.py
     trains it), and backends without a backward refuse calls whose weights require grad."""
     with torch.no_grad():
         yield

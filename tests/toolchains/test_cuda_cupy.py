@@ -325,7 +325,7 @@ def test_cupy_on_gpu(op, case, extra, dtype, seed):
 def measure_gpu_targets(hbm_bytes_per_s=4.8e12):
     """The issue's GPU targets, printed: the cuda recurrent gated delta rule at decode (B = 64, Hv = 32, d = 128)
     against HBM bandwidth on the state bytes, and every custom kernel against its cupy baseline (and numba_cuda).
-    `python -m tests.test_cuda_cupy` on a GPU machine (H200 bandwidth by default)."""
+    `python -m tests.toolchains.test_cuda_cupy` on a GPU machine (H200 bandwidth by default)."""
     import os
     import statistics
 

@@ -3,7 +3,7 @@
 
 Per sequence, a batch gives the logits and greedy tokens of that sequence run alone, on every CPU backend of
 every op the model calls (the other ops on the torch backend); interpreted Triton runs the packed prefill
-only (a whole decode through the interpreter takes minutes). The parity with transformers is tests/test_model.py.
+only (a whole decode through the interpreter takes minutes). The parity with transformers is tests/model/test_model.py.
 """
 import pytest
 import torch
@@ -14,7 +14,7 @@ from model.generate import SMALL_CONFIG, write_random_checkpoint
 from model.model import OPS
 from model.sampling import Sampler, sample
 from tests.helpers import rel_err
-from tests.test_model import CASES, CASES_DECODE
+from tests.model.test_model import CASES, CASES_DECODE
 
 LOGITS_TOL = 1e-4
 VOCAB = SMALL_CONFIG["vocab_size"]
@@ -91,7 +91,7 @@ def test_decode_step_allocations_do_not_grow_with_the_kv_cache(torch_model):
 
 def test_static_cache_gives_the_tokens_of_recomputing_everything(torch_model, seed):
     """Greedy decoding with the cache = argmax of a full forward over the whole sequence at every step (what
-    the cache must reproduce; tests/test_model.py matches it to transformers' own cache)."""
+    the cache must reproduce; tests/model/test_model.py matches it to transformers' own cache)."""
     m = torch_model
     ids = torch.randint(VOCAB, (2, 20), generator=torch.Generator().manual_seed(seed))
     out = m.generate(ids, 5)

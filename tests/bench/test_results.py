@@ -16,7 +16,7 @@ import torch
 
 from bench import results, sweep, timing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CEILINGS = {"device_name": "test cpu", "threads": 1, "matmul_tflops": {"float32": 0.1}, "copy_gbps": 20.0}
 ROUTE = ["--op", "route", "--quick", "--backend", "torch", "reference", "--threads", "1", "--no-report"]
 SHAPES = [f"N={n},E=64,top_k=8,routing=uniform" for n in (1, 4, 16, 64, 256)]

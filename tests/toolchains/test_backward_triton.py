@@ -1,5 +1,5 @@
 """The Triton backward kernels (kernellab/triton: the chunked linear attentions' and the MoE ops') against the
-reference's autograd in float64, on the forward's edge cases (tests/test_backward.py's cases and checks), in float32
+reference's autograd in float64, on the forward's edge cases (tests/ops/test_backward.py's cases and checks), in float32
 and float16, with poisoned allocations (an element a kernel forgets to write is NaN). Without a GPU they run under
 TRITON_INTERPRET=1 (tests/conftest.py); on a GPU machine on CUDA tensors."""
 import pytest
@@ -8,7 +8,7 @@ import torch
 import kernellab
 from bench.ops import OPS, make
 from tests.helpers import TOLERANCE, poisoned_allocations, rel_err, to_float64
-from tests.test_backward import RECURRENT, _differentiable, _leaves, _make, _on, check_gradients
+from tests.ops.test_backward import RECURRENT, _differentiable, _leaves, _make, _on, check_gradients
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.skipif("triton" not in kernellab.backends("moe", DEVICE),

@@ -19,7 +19,7 @@ from bench import ops, sweep, timing
 from bench.ops import MODELS
 from bench.suites.moe_dispatch import parallel_model, projection, report, worlds
 from bench.suites.moe_dispatch import parts as exchange, run as dispatch_run
-from tests.test_bench import CEILINGS
+from tests.bench.test_bench import CEILINGS
 
 OP = exchange.OP
 # Tiny cases: 512 tokens per rank with 4 slots each, so that the remote share of the slots sits within a few

@@ -2,11 +2,11 @@
 
 - "numba" (CPU kernels): both gated-delta-rule modes and the MoE kernels on the edge cases that their
   structure makes risky (chunk boundaries, tail rows of the 8-row matrix-vector jobs, half-precision weights
-  converted for the active experts only). The generic suites (tests/test_*.py) also run them on every edge case.
+  converted for the active experts only). The generic suites (tests/ops/test_*.py) also run them on every edge case.
 - "numba_cuda" (numba.cuda kernels): under the simulator (NUMBA_ENABLE_CUDASIM=1, set by conftest without a GPU)
   at tiny sizes, and on a GPU (marked gpu) in every input dtype.
 
-`python -m tests.test_numba` prints the CPU timings of the issue's targets (MoE decode against the memory floor,
+`python -m tests.toolchains.test_numba` prints the CPU timings of the issue's targets (MoE decode against the memory floor,
 recurrent gated delta rule against the reference).
 """
 import csv
@@ -160,7 +160,7 @@ def test_numba_cuda_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
     result = subprocess.run([sys.executable, "-m", "profiling.static", "--only", "kernellab/numba_cuda/", "--out",
                              str(tmp_path), "--workers", "1", "--force"], capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).parent.parent, timeout=900)
+                            cwd=Path(__file__).parents[2], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     with (tmp_path / "kernels.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -1,5 +1,5 @@
 """The Triton MoE kernels (kernellab/triton/{route, moe_align, moe_permute, grouped_gemm, moe}.py) beyond the shared
-parity suite (tests/test_moe.py): tie breaking in routing, permutation across chunk boundaries, the row-bound (no
+parity suite (tests/ops/test_moe.py): tie breaking in routing, permutation across chunk boundaries, the row-bound (no
 synchronisation) path, the block-aligned layout's invariants, forced BLOCK_M of the grouped GEMM, the decode and
 prefill paths of the fused layer, and an ahead-of-time sm_90 compile of representative kernels. CPU tests run
 under TRITON_INTERPRET=1 at small shapes; GPU-marked tests check bf16 and addressing past 2^31 elements."""
@@ -25,7 +25,7 @@ MOE_MODULES = (troute, talign, tperm, tgg, tm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # (N, E, top_k, routing keywords): the MoE edge cases, at sizes that cross the interpreter's chunks of 64 slots.
 CASES = {

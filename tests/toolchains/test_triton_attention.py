@@ -28,7 +28,7 @@ from kernellab.triton import _chunk, jit_function, linear_attention as tla  # no
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(Hk=1, Hv=2, K=16, V=32)  # Hv = 2 Hk; K != V
 
 GDR_CASES = {

@@ -34,8 +34,8 @@ def exploding_moe(x, weights, ids, w_gate_up, w_down):
 def fake_backends(monkeypatch):
     """Registers two fake moe backends (wrong output, raising) in the registry's table for this test."""
     table = {op: dict(backends) for op, backends in kernellab.registry._table().items()}
-    table["moe"]["wrong"] = Backend("moe", "wrong", "tests.test_bench:wrong_moe", ("cpu",))
-    table["moe"]["exploding"] = Backend("moe", "exploding", "tests.test_bench:exploding_moe", ("cpu",))
+    table["moe"]["wrong"] = Backend("moe", "wrong", "tests.bench.test_bench:wrong_moe", ("cpu",))
+    table["moe"]["exploding"] = Backend("moe", "exploding", "tests.bench.test_bench:exploding_moe", ("cpu",))
     monkeypatch.setattr(kernellab.registry, "_table", lambda: table)
     return table
 
@@ -576,7 +576,7 @@ def test_backward_passes_are_rows_beside_the_forward(monkeypatch, op):
 
 def test_a_wrong_backward_fails_the_gradient_gate(monkeypatch, fake_backends):
     fake_backends["moe"]["zero_grads"] = Backend("moe", "zero_grads", fake_backends["moe"]["torch"].target, ("cpu",),
-                                                 backward="tests.test_bench:_wrong_backward")
+                                                 backward="tests.bench.test_bench:_wrong_backward")
     (row,) = [r for r in _tiny_sweep(monkeypatch, "moe", ["zero_grads"], passes=("backward",))]
     assert row["pass"] == "backward" and row["error"].startswith("gradient parity vs reference: rel_err")
     assert "median_ms" not in row

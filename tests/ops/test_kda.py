@@ -1,8 +1,8 @@
 """Kimi Delta Attention: parity of every kda backend with the float64 reference in both modes over the gated delta
 rule's edge cases, KDA with a gate equal across K against the gated delta rule, gradients against the reference's
 autograd in float64, and bad input. The generic checks run over kda too: gradients in float32 and float16, one
-output only, several groups of chunks (tests/test_backward.py), state_dtype (tests/test_state_dtype.py),
-determinism and batch invariance (tests/test_invariance.py).
+output only, several groups of chunks (tests/ops/test_backward.py), state_dtype (tests/ops/test_state_dtype.py),
+determinism and batch invariance (tests/ops/test_invariance.py).
 
 Shapes stay small (T <= 130, K, V in {16, 32}): Triton runs here under its interpreter."""
 import pytest
@@ -13,8 +13,8 @@ from bench.ops import make
 from kernellab import registry
 from tests.helpers import (DTYPES, GPU_DTYPES, TOLERANCE, backend_dtypes, bad_case_names, bad_packed_inputs,
                            check_bad_case, check_recurrent_op, gpu_backends, lab_backends, rel_err, to_float64)
-from tests.test_backward import check_gradients, with_backward
-from tests.test_gated_delta_rule import CASES, MODES, _bad_inputs
+from tests.ops.test_backward import check_gradients, with_backward
+from tests.ops.test_gated_delta_rule import CASES, MODES, _bad_inputs
 
 OP = "kda"
 
@@ -102,7 +102,7 @@ GRADIENT_CASES = {
 def test_gradients_in_float64(backend, case, seed):
     """Every backend's backward that takes float64 inputs against the reference's autograd (float64 gradients:
     only the algorithm differs, so the gate is tight). The float32 gradients of every backend with a backward,
-    fla's included: tests/test_backward.py."""
+    fla's included: tests/ops/test_backward.py."""
     shape = dict(GRADIENT_CASES[case])
     mode = shape.pop("mode", "auto")
     args = make(OP, dtype=torch.float64, seed=seed, **shape) | dict(mode=mode)

@@ -71,7 +71,7 @@ def _gradients(m, ids):
 
 @pytest.fixture(scope="module")
 def transformers_gradients(checkpoint, batch):
-    """transformers on its pure-torch Gated DeltaNet (tests/test_model.py explains), gradients renamed to the lab
+    """transformers on its pure-torch Gated DeltaNet (tests/model/test_model.py explains), gradients renamed to the lab
     model's parameters (experts and fused projections as the loader fuses them)."""
     from transformers import Qwen3_5MoeForCausalLM
 

@@ -401,9 +401,9 @@ def test_gpu_check_without_gpu_exits_3(monkeypatch, tmp_path, capsys):
 
 
 _JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="5">
-<testcase classname="tests.test_moe" name="test_moe_gpu[torch.bfloat16-triton]" time="0.1"/>
-<testcase classname="tests.test_moe" name="test_moe_gpu[torch.float16-triton]" time="0.1"/>
-<testcase classname="tests.test_moe" name="test_moe_gpu[torch.float32-triton]" time="0.1">{failure}</testcase>
+<testcase classname="tests.ops.test_moe" name="test_moe_gpu[torch.bfloat16-triton]" time="0.1"/>
+<testcase classname="tests.ops.test_moe" name="test_moe_gpu[torch.float16-triton]" time="0.1"/>
+<testcase classname="tests.ops.test_moe" name="test_moe_gpu[torch.float32-triton]" time="0.1">{failure}</testcase>
 <testcase classname="tests.test_gdr" name="test_gdr_gpu[bf16-cuda]" time="0.1"/>
 <testcase classname="tests.test_gdr" name="test_gdr_gpu_decode" time="0.1"><skipped message="x"/></testcase>
 </testsuite></testsuites>"""
@@ -417,7 +417,7 @@ def _fake_runner(failing_test=False, sweep_error="", timeout_step=None):
         if step.name == "parity tests":
             failure = '<failure message="relative error 3e-2 &gt; 1.5e-2"/>' if failing_test else ""
             (log.parent / "pytest.xml").write_text(_JUNIT.format(failure=failure))
-            lines = (["FAILED tests/test_moe.py::test_moe_gpu[torch.float32-triton] - AssertionError"]
+            lines = (["FAILED tests/ops/test_moe.py::test_moe_gpu[torch.float32-triton] - AssertionError"]
                      if failing_test else []) + [f"{3 if failing_test else 4} passed, {1 if failing_test else 0} "
                                                  "failed, 1 skipped in 12.34s"]
             log.write_text("\n".join(lines) + "\n")
@@ -456,7 +456,7 @@ def test_gpu_check_summary_and_exit_codes(tmp_path):
     code, summary = gpu_check.check(tmp_path / "bad", ops, 480, False, _fake_runner(failing_test=True), _MACHINE)
     text = summary.read_text()
     assert code == gpu_check.EXIT_PARITY and "PARITY FAILED" in text
-    assert "FAILED tests/test_moe.py::test_moe_gpu[torch.float32-triton]" in text and "| float32 | 0 | 1 | 0 |" in text
+    assert "FAILED tests/ops/test_moe.py::test_moe_gpu[torch.float32-triton]" in text and "| float32 | 0 | 1 | 0 |" in text
 
     code, _ = gpu_check.check(tmp_path / "sweep", ops, 480, True, _fake_runner(sweep_error="parity: 2e-1"), _MACHINE)
     assert code == gpu_check.EXIT_PARITY
@@ -530,9 +530,9 @@ def test_parity_from_the_log_when_pytest_was_killed(tmp_path):
     from bench.gpu_check import parity_by_dtype
 
     log = tmp_path / "parity_tests.log"
-    log.write_text("tests/test_moe.py::test_moe_gpu[torch.bfloat16-triton] PASSED          [  1%]\n"
-                   "tests/test_moe.py::test_moe_gpu[torch.float16-cuda] FAILED             [  2%]\n"
-                   "tests/test_numba.py::test_numba_cuda_on_gpu[dtype2] SKIPPED (x)       [  3%]\n"
+    log.write_text("tests/ops/test_moe.py::test_moe_gpu[torch.bfloat16-triton] PASSED          [  1%]\n"
+                   "tests/ops/test_moe.py::test_moe_gpu[torch.float16-cuda] FAILED             [  2%]\n"
+                   "tests/toolchains/test_numba.py::test_numba_cuda_on_gpu[dtype2] SKIPPED (x)       [  3%]\n"
                    "tests/test_gdr.py::test_gdr_gpu[fp32-triton] PASSED                   [  4%]\n")
     counts = parity_by_dtype(tmp_path / "missing.xml", log)
     assert counts["bfloat16"]["passed"] == 1 and counts["float16"]["failed"] == 1

@@ -40,7 +40,7 @@ def _reference(args, op="gated_delta_rule"):
 def test_final_state_gradient_of_a_strided_state(backend, seed):
     """Repro 1: the torch forward returns the final state with strides (8, 4, 8, 1) at Hk = 1, T <= 64; its
     gradient reached mkl's backward, which read it as row-major (off by 6.8). (triton's backward:
-    tests/test_layouts.py, interpreted.)"""
+    tests/ops/test_layouts.py, interpreted.)"""
     args = _gdr_inputs(seed)
 
     def k_grad(backend, inputs):
@@ -54,7 +54,7 @@ def test_final_state_gradient_of_a_strided_state(backend, seed):
 
 
 @pytest.mark.parametrize("op, backend", [(op, b) for op in RECURRENT for b in ("auto", *lab_backends(op))
-                                         if b != "triton"])  # triton: tests/test_layouts.py, interpreted
+                                         if b != "triton"])  # triton: tests/ops/test_layouts.py, interpreted
 def test_transposed_initial_state_and_continuation(op, backend, seed):
     """Repro 2: a transposed initial state (T = 100, the chunked path) gave mkl's output off by 1.41; continuing
     from a final state the lab itself returned, by 0.545. Both halves must give the whole sequence's output."""
