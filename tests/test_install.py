@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAB_DISTRIBUTION = "qwen35-kernel-lab"
 
@@ -33,6 +35,7 @@ def test_installed_package_imported_from_another_directory_is_the_labs(tmp_path)
     assert module == "kernellab"
 
 
+@pytest.mark.slow
 def test_transformers_qwen35_moe_imports_from_the_repository_root():
     code = ("from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as m; "
             "import kernels; assert 'site-packages' in kernels.__file__ or 'dist-packages' in kernels.__file__, "

@@ -275,7 +275,8 @@ def test_interleave_alternates_the_revisions_and_pairs_their_rows(repo, tmp_path
         < printed.index("round 2/3: A")
     assert f"  A ({v1}): " in printed and " s, 2 rows" in printed and "interleaved" in printed
 
-    written = pd.read_csv(out / f"interleaved_{v1}_vs_{v2}.csv", keep_default_na=False, na_values=[""])
+    written = pd.read_csv(out / f"interleaved_{v1}_vs_{v2}.csv", keep_default_na=False, na_values=[""],
+                          dtype={"base_commit": str, "new_commit": str})  # a hash may be all digits
     by = written.set_index("shape")
     # v1's N=1: medians 10, 12, 11 -> 11; p20 = min(p20 of the medians 10.4, median of the p20s 10) = 10;
     # p80 = max(p80 of the medians 11.6, median of the p80s 12) = 12.

@@ -99,6 +99,7 @@ def test_summary_answers_the_questions():
     assert "T=512" in precision_report.table(rows)
 
 
+@pytest.mark.slow
 def test_sweep_cli_and_report(monkeypatch, tmp_path):
     """bench.sweep --op precision runs the precision sweep (a tiny grid here), merges its rows into the CSV, and
     the report has its section: the answers, the plots, the table."""

@@ -276,6 +276,7 @@ def test_static_table_covers_every_triton_kernel(tmp_path):
     assert not missing, f"Triton kernels missing from the table: {missing}"
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_static_table_covers_every_cu_file(tmp_path):
     """Every kernellab/cuda/*.cu compiles with nvcc for sm_90 and contributes at least one kernel row."""

@@ -159,6 +159,7 @@ def test_torch_gradients_on_gpu(op, case, dtype, seed):
 
 @pytest.mark.parametrize("op, backend", [(op, backend) for op in RECURRENT + ("moe", "grouped_gemm")
                                          for backend in with_backward(op) if runs_every_case(op, backend)])
+@pytest.mark.slow
 def test_half_precision_gradients(op, backend, seed):
     """float16 inputs: gradients in float16, within the forward's float16 tolerance."""
     case = "recurrent_initial_state" if op in RECURRENT else "dropped_slots"
@@ -169,6 +170,7 @@ def test_half_precision_gradients(op, backend, seed):
                                          if runs_every_case(op, backend)])
 @pytest.mark.parametrize("case", [dict(T=70, initial_state=True), dict(seqlens=[21, 1, 70], initial_state=True),
                                   dict(T=70, gate="strong", initial_state=True)], ids=["T70", "packed", "strong_decay"])
+@pytest.mark.slow
 def test_backward_over_several_groups_of_chunks(op, backend, case, seed):
     """chunk_size 2: more than a group of chunks (torch's CHUNK_GROUP, mkl's STATE_GROUP), so the backward's
     forward pass over groups and its recompute of each group in reverse both run."""

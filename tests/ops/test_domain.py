@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 import kernellab
 from kernellab import registry
-from helpers import TOLERANCE, assert_close, lab_backends, snapshot, assert_unchanged, rel_err
+from tests.helpers import TOLERANCE, assert_close, assert_unchanged, lab_backends, rel_err, snapshot
 from kernellab.validate import LOG_DECAY_MIN
-from test_layouts import relayout
+from tests.ops.test_layouts import relayout
 
 RECURRENT = ("gated_delta_rule", "linear_attention")
 
@@ -114,7 +114,9 @@ def test_weights_written_between_calls(op, write, seed):
 # ------------------------------------------------------------------------------- values outside the domain
 
 def _every_backend(op):
-    return [b for b in kernellab.backends(op, "cpu") if b != "triton"]
+    """The CPU backends but triton (interpreted: tests/ops/test_layouts.py) and the CPU engines' kernels (their
+    dtypes are their own: tests/toolchains/test_cpu_peers.py)."""
+    return [b for b in lab_backends(op) if b != "triton"]
 
 
 OUTSIDE = [
@@ -158,6 +160,7 @@ def test_trusted_inputs_skip_the_value_checks(monkeypatch):
     kernellab.gated_delta_rule(**args, backend="torch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("op", RECURRENT)
 def test_decay_of_exactly_zero(op, mode, seed):
@@ -354,6 +357,7 @@ def test_numba_kernels_under_bounds_checking(tmp_path):
 @given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=4), N=st.integers(1, 6),
        K=st.sampled_from([4, 8, 12]), layout=st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]),
        argument=st.sampled_from(["x", "w"]), seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_grouped_gemm_properties(sizes, N, K, layout, argument, seed):
     """Every CPU backend (triton aside) against the reference over group sizes (empty groups, empty x), widths
     and one operand's layout."""

@@ -50,6 +50,7 @@ def test_the_channels_decay_apart(seed):
     assert rel_err(o, mean) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_unequal", "Hv_4Hk", "beta_near_1_no_l2norm"])
 def test_equal_gates_is_the_gated_delta_rule(case, seed):
     """g equal across K: the reference computes the gated delta rule's float64 operations (bitwise equal); every

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernellab
-from helpers import assert_close, lab_backends, snapshot, assert_unchanged, to_float64
+from tests.helpers import assert_close, lab_backends, snapshot, assert_unchanged, to_float64
 from kernellab import registry
 
 LAYOUTS = ("transposed", "sliced", "expanded")

@@ -123,6 +123,7 @@ def test_reference_rounds_the_stored_state_only():
     assert state.dtype == torch.bfloat16 and torch.equal(state, exact_state.to(torch.bfloat16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 def test_bfloat16_state_at_16k_tokens_is_measurably_worse(op, mode):

@@ -34,6 +34,7 @@ def _nvcc(source, *flags):
     return result
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_cu_compiles_for_sm90_without_spills(source, tmp_path):
