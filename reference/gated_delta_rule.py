@@ -18,6 +18,14 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     `mode` is accepted and ignored: every mode computes this recurrence. The state is rounded to state_dtype after
     every token's output (the rounding of a stored state, in isolation: all arithmetic is float64).
     Returns o [B, T, Hv, V] in v's dtype and the final states [N, Hv, K, V] in state_dtype (or None)."""
+    return delta_rule(q, k, v, g.unsqueeze(-1), beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                      cu_seqlens, state_dtype)
+
+
+def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype):
+    """The token loop of the gated delta rule and of KDA (reference/kda.py): g [B, T, Hv, 1] (a decay per head)
+    or [B, T, Hv, K] (per key channel); exp(g_t) scales the state's rows, S' = exp(g_t)[:, None] * S, the same
+    float64 operations either way."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     scale = K ** -0.5 if scale is None else scale
@@ -32,7 +40,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     for n, (b, start, end) in enumerate(sequences(B, T, cu_seqlens)):
         S = s0[n].clone() if s0 is not None else torch.zeros(Hv, K, V, dtype=torch.float64, device=q.device)
         for t in range(start, end):
-            S = g[b, t].exp()[:, None, None] * S
+            S = g[b, t].exp()[:, :, None] * S
             u = beta[b, t][:, None] * (vv[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t]))
             S = S + k[b, t][:, :, None] * u[:, None, :]
             o[b, t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
