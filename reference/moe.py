@@ -9,7 +9,8 @@ def route(router_logits, top_k, renormalize=True):
     """router_logits [N, E] -> softmax in float32 -> top_k -> (renormalize) divide by their sum.
     Returns weights float32 [N, top_k] and ids int32 [N, top_k]."""
     probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+    # equal probabilities: the lower expert first (torch.topk leaves the order of ties unspecified)
+    weights, ids = (t[:, :top_k] for t in torch.sort(probs, dim=-1, descending=True, stable=True))
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids.to(torch.int32)

@@ -12,7 +12,7 @@ def route(router_logits, top_k, renormalize):
     xp = array_module(router_logits)
     with torch_stream(router_logits.device):
         probs = softmax(xp, as_array(router_logits, xp))
-        ids = xp.argsort(-probs, axis=-1)[:, :top_k]
+        ids = xp.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # ties: the lower expert first, as the reference
         weights = xp.take_along_axis(probs, ids, axis=-1)
         if renormalize:
             weights = weights / weights.sum(axis=-1, keepdims=True)

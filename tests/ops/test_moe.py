@@ -438,3 +438,12 @@ def test_transformers_peer_holds_the_callers_weights():
     experts = _transformers_experts(args["w_gate_up"], args["w_down"])
     assert experts.gate_up_proj.data_ptr() == args["w_gate_up"].data_ptr()
     assert experts.down_proj.data_ptr() == args["w_down"].data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["reference", *lab_backends("route")])
+def test_route_breaks_ties_by_the_lower_expert(backend):
+    """Equal probabilities (exact ties, as half-precision logits give): the lower expert index comes first in every
+    backend (torch.topk leaves the order of ties unspecified: the reference and torch sort stably)."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 1.0, 0.5, 1.0], [0.0, 2.0, 1.0, 2.0, 2.0, 1.0, 0.0, 2.0]])
+    _, ids = kernellab.route(logits, 5, renormalize=False, backend=backend)
+    assert ids.tolist() == [[1, 2, 4, 0, 5], [1, 3, 4, 7, 2]]
