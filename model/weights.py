@@ -41,25 +41,32 @@ def safe_open(path, **kwargs):
         raise CheckpointError(f"{path} is not a whole safetensors file ({exc})") from None
 
 
-def check_files(folder: str | Path, cfg: ModelConfig) -> None:
-    """CheckpointError unless every safetensors file of folder opens (headers whole: safetensors checks that the
-    data covers the file) and holds the text model's tensors with the config's shapes. Reads headers only."""
-    folder = Path(folder)
-    expected = checkpoint_shapes(cfg)
-    found = {}
+def _stored_tensors(files: dict[str, Path], device: str | torch.device = "cpu"):
+    """(path, open file, stored name, transformers' name) of every tensor of files ({stored name: its file}), each
+    file opened once; CheckpointError where a file lacks a tensor the index lists."""
     by_file: dict[Path, list[str]] = {}
-    for name, path in _shard_files(folder).items():
+    for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt", device=str(device)) as f:
             stored = set(f.keys())
             for name in names:
                 if name not in stored:
                     raise CheckpointError(f"{path.name} does not hold tensor {name!r} (listed in {INDEX_FILE})")
                 target = name
                 for old, new in PREFIXES:
-                    target = new + target[len(old):] if target.startswith(old) else target
-                found[target] = (tuple(f.get_slice(name).get_shape()), path.name)
+                    if target.startswith(old):
+                        target = new + target[len(old):]
+                yield path, f, name, target
+
+
+def check_files(folder: str | Path, cfg: ModelConfig) -> None:
+    """CheckpointError unless every safetensors file of folder opens (headers whole: safetensors checks that the
+    data covers the file) and holds the text model's tensors with the config's shapes. Reads headers only."""
+    folder = Path(folder)
+    expected = checkpoint_shapes(cfg)
+    found = {target: (tuple(f.get_slice(name).get_shape()), path.name)
+             for path, f, name, target in _stored_tensors(_shard_files(folder))}
     stacked = {m.group(1) for m in map(PER_EXPERT.match, found) if m}  # per-expert tensors, fused when read
     for name, shape in expected.items():
         if name in found and found[name][0] != shape:
@@ -142,34 +149,22 @@ def read_checkpoint(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | N
     files = _shard_files(folder)
     expected = checkpoint_shapes(cfg)
     tensors, origin = {}, {}
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            stored = set(f.keys())
-            for name in names:
-                if name not in stored:
-                    raise CheckpointError(f"{path.name} does not hold tensor {name!r} (listed in {INDEX_FILE})")
-                target = name
-                for old, new in PREFIXES:
-                    if target.startswith(old):
-                        target = new + target[len(old):]
-                if IGNORED.match(target) or (layout is not None and cfg.tie_word_embeddings
-                                             and target == "lm_head.weight"):  # a tied copy: not read on ranks
-                    continue
-                if layout is None:
-                    t = f.get_tensor(name)
-                else:
-                    t = _read_shard(f, name, target, expected, cfg, layout)
-                    if t is None:
-                        continue
-                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype)
-                elif t.data_ptr() % ALIGNMENT:
-                    t = t.clone()
-                tensors[target] = t
-                origin[target] = path.name
+    for path, f, name, target in _stored_tensors(files, device):
+        if IGNORED.match(target) or (layout is not None and cfg.tie_word_embeddings
+                                     and target == "lm_head.weight"):  # a tied copy: not read on ranks
+            continue
+        if layout is None:
+            t = f.get_tensor(name)
+        else:
+            t = _read_shard(f, name, target, expected, cfg, layout)
+            if t is None:
+                continue
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        elif t.data_ptr() % ALIGNMENT:
+            t = t.clone()
+        tensors[target] = t
+        origin[target] = path.name
     _stack_experts(tensors, cfg, range(cfg.num_experts) if layout is None else layout.experts(cfg.num_experts))
     if layout is not None:  # this rank's shapes
         expected = {name: parallel.local_shape(shape, parallel.checkpoint_slice(name, cfg, layout))
