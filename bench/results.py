@@ -39,7 +39,7 @@ PEER_PREFIX = "speedup_vs_"
 # Columns of text: read as text (a commit hash like 0501666 is no int), "" where empty.
 TEXT_COLUMNS = ("op", "backend", "device", "device_name", "dtype", "shape", "preset", *CATEGORICAL_AXES,
                 "checked_against", "error", "best_peer", "bound", "commit", "torch_version", "timestamp", "peer",
-                "variant", "phase", "how", "transport", "part", "pass")
+                "variant", "phase", "how", "transport", "part", "pass", "piece")
 # Columns that hold numbers in every row that has them: a value that is no number there is a garbled row.
 NUMBER_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "repeats", "flops", "bytes", "tflops", "gbps", "peak_tflops",
                   "peak_gbps", "floor_ms", "roofline_fraction", "rel_err", "speedup_vs_reference",

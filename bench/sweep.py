@@ -633,8 +633,6 @@ def check(args, parser):
         parser.error(f"--threads {args.threads}: more than the {cores} cores this process may run on "
                      f"(os.sched_getaffinity); valid: 1 to {cores}")
     spec = OPS[args.op[0]]
-    if args.resume and not spec.registry:
-        parser.error(f"--resume: --op {spec.name} has a sweep of its own, which writes its rows at its end")
     if not spec.registry:
         args.backend = backends_of(list(spec.backend_ops), args.device, args.dtype, args.backend, parser.error)
         if args.preset and not planned(spec.name, args.device, args.quick, args.preset):
@@ -693,7 +691,7 @@ def main(argv=None) -> int:
     csv = out / results.NAME
     try:  # before the first timed call: a sweep that cannot write its rows does not start
         results.check_folder(out)
-        done = results.keys(results.read(csv)) if args.resume and csv.is_file() else set()
+        before = results.read(csv) if args.resume and csv.is_file() else None
     except (PermissionError, results.Damaged) as exc:
         parser_.error(f"--out: {exc}")
     if args.threads:
@@ -706,32 +704,44 @@ def main(argv=None) -> int:
             row["quick"] = args.quick
         return rows
 
-    if not spec.registry:
-        names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values() for n in found))
-        chosen = {"preset": args.preset} if args.preset else {}
-        rows = quick(spec.sweep.run.sweep(quick=args.quick, device=args.device, out=out, backends=names, **chosen))
-        for row in rows:  # columns these rows may leave out, filled the way every other row has them
-            for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0], ceil).items():
-                if column not in ("dtype",) and row.get(column) in (None, ""):
-                    row[column] = value
-        save_ceilings(out, ceil)
-        results.merge(csv, rows)
-    else:
-        found = plan(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget, ceil,
-                     args.shape, args.passes, done)
-        print(plan_text(found, args.device, args.dtype, args.passes, args.budget, args.quick)
-              + (f"; {len(done)} rows already in {csv} are skipped" if done else ""), flush=True)
-        save_ceilings(out, ceil)
-        rows, started = [], time.perf_counter()
-        try:
-            rows = sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
-                         args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes, done=done,
-                         on_rows=lambda new: (rows.extend(quick(new)), results.append(csv, new)))
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: the {len(rows)} rows finished are in {csv}; `python -m bench.sweep ... --resume "
-                  f"--out {out}` continues", file=sys.stderr)
-            return 130
-        print(f"took {_duration(time.perf_counter() - started)} (planned: {_duration(found['seconds'])} at least)")
+    save_ceilings(out, ceil)
+    rows, started = [], time.perf_counter()
+
+    def finished(new):  # rows as they finish, into the CSV at once: a sweep stopped later keeps them
+        rows.extend(quick(new))
+        results.append(csv, new)
+
+    try:
+        if not spec.registry:  # a sweep of its own: its pieces already in the CSV are skipped
+            done = set() if before is None or "piece" not in before else set(before["piece"].dropna()) - {""}
+            names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values()
+                                                                        for n in found))
+            chosen = {"preset": args.preset} if args.preset else {}
+
+            def filled(new):  # columns these rows may leave out, filled the way every other row has them
+                for row in new:
+                    for column, value in base_row(spec.name, row["backend"], args.device, args.dtype[0],
+                                                  ceil).items():
+                        if column not in ("dtype",) and row.get(column) in (None, ""):
+                            row[column] = value
+                finished(new)
+
+            spec.sweep.run.sweep(quick=args.quick, device=args.device, out=out, backends=names, on_rows=filled,
+                                 done=done, **chosen)
+        else:
+            done = set() if before is None else results.keys(before)
+            found = plan(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget, ceil,
+                         args.shape, args.passes, done)
+            print(plan_text(found, args.device, args.dtype, args.passes, args.budget, args.quick)
+                  + (f"; {len(done)} rows already in {csv} are skipped" if done else ""), flush=True)
+            sweep(args.op, args.device, args.dtype, args.quick, args.backend, args.preset, args.budget,
+                  args.cuda_graph, ceil=ceil, shapes=args.shape, passes=args.passes, done=done, on_rows=finished)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the {len(rows)} rows finished are in {csv}; `python -m bench.sweep ... --resume "
+              f"--out {out}` continues", file=sys.stderr)
+        return 130
+    print(f"took {_duration(time.perf_counter() - started)}"
+          + (f" (planned: {_duration(found['seconds'])} at least)" if spec.registry else ""))
     frame = results.read(csv) if csv.is_file() else None
     failed = [r for r in rows if r.get("error")]
     print(f"{len(rows)} rows ({len(failed)} with an error) -> {csv} ({0 if frame is None else len(frame)} rows in "

@@ -110,8 +110,9 @@ class OpSpec:
     anchors:     published figures (ANCHORS.md) the report puts beside this op's rows.
     flop_model:  a sentence on the FLOP model, for the report (backward_flop_model: its backward's).
     sweep:       the package of a sweep of its own (bench.suites.<name>), run instead of the registry's
-                 backends: its run.sweep(quick, device, out, backends) -> rows, with a `preset` keyword when the op
-                 has presets (its cases are then the op's own: grid and presets as above); its report.summary(rows)
+                 backends: its run.sweep(quick, device, out, backends, on_rows, done) -> rows, made in
+                 bench.suites.pieces (each piece's rows to on_rows as it finishes; the pieces in done, already in a
+                 resumed run's CSV, skipped), with a `preset` keyword when the op has presets (its cases are then the op's own: grid and presets as above); its report.summary(rows)
                  -> lines for the report (its targets: each a sentence the report makes a bullet, or a Markdown line
                  kept as it is: empty, a heading "#...", a table row "|..."), and report.table(rows) -> the Markdown
                  table of its rows where it has one (default: every column that has a value, one line per row).

@@ -247,20 +247,24 @@ def test_model_op_delegates_to_its_suite(monkeypatch, tmp_path):
     import dataclasses
     import types
 
+    from bench.suites import pieces
+
     seen = {}
 
-    def fake_sweep(quick, device, out, backends=None):
-        seen.update(quick=quick, device=device, out=out)
-        return [dict(op="model", backend="torch", device=device, dtype="float32", shape="ctx=64,phase=prefill",
-                     median_ms=3.0, p20_ms=2.9, p80_ms=3.1, phase="prefill")]
+    def fake_sweep(quick, device, out, backends=None, on_rows=None, done=frozenset()):
+        seen.update(quick=quick, device=device, out=out, done=done)
+        return pieces([("prefill", lambda: [dict(op="model", backend="torch", device=device, dtype="float32",
+                                                 shape="ctx=64,phase=prefill", median_ms=3.0, p20_ms=2.9, p80_ms=3.1,
+                                                 phase="prefill")])], on_rows, done)
 
     suite = types.SimpleNamespace(run=types.SimpleNamespace(sweep=fake_sweep))
     monkeypatch.setitem(OPS, "model", dataclasses.replace(OPS["model"], sweep=suite))
     monkeypatch.setattr(timing, "ceilings", lambda device, dtypes, budget_s=0.5: CEILINGS)
     assert sweep.main(["--op", "model", "--quick", "--out", str(tmp_path), "--no-report"]) == 0
-    assert seen == dict(quick=True, device="cpu", out=tmp_path)
+    assert seen == dict(quick=True, device="cpu", out=tmp_path, done=set())
     row = pd.read_csv(tmp_path / "results.csv").iloc[0]
     assert row["op"] == "model" and row["phase"] == "prefill" and row["device_name"] == "test cpu"
+    assert row["piece"] == "prefill"
 
 
 def test_several_ops_are_interleaved_by_sequence_length():

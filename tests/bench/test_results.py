@@ -253,3 +253,37 @@ def test_threads_beyond_the_cores_are_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert raised.value.code == 2 and f"--threads {cores + 1}: more than the {cores} cores" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_stopped_part_way_keeps_its_pieces_and_resumes(tmp_path, monkeypatch, quiet_ceilings):
+    """A sweep of its own (bench.suites) hands each piece's rows to the CSV as it finishes: stopped in its third
+    piece, the first two are kept, and --resume runs only the rest: the same rows as a run straight through."""
+    spec = sweep.OPS["precision"]
+    labels = ["error a", "error b", "memory", "decode"]
+    made = []
+
+    def fake(quick, device, out, backends, on_rows, done, stop_at=None):
+        from bench.suites import pieces
+
+        def piece(label):
+            if label == stop_at:
+                raise KeyboardInterrupt
+            made.append(label)
+            return [dict(op="precision", backend="torch", device="cpu", dtype="float32", shape=f"{label},T={t}",
+                         median_ms=random.uniform(1, 2), phase=label.split()[0]) for t in (1, 2)]
+
+        return pieces([(label, lambda label=label: piece(label)) for label in labels], on_rows, done)
+
+    args = ["--op", "precision", "--quick", "--threads", "1", "--no-report"]
+    monkeypatch.setattr(spec.sweep.run, "sweep", lambda **kw: fake(**kw, stop_at="memory"))
+    assert sweep.main([*args, "--out", str(tmp_path / "stopped")]) == 130
+    kept = results.read(tmp_path / "stopped" / "results.csv")
+    assert sorted(set(kept["piece"])) == ["error a", "error b"] and len(kept) == 4
+    made.clear()
+    monkeypatch.setattr(spec.sweep.run, "sweep", lambda **kw: fake(**kw))
+    assert sweep.main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    assert made == ["memory", "decode"]
+    assert sweep.main([*args, "--out", str(tmp_path / "straight")]) == 0
+    resumed, straight = (results.read(tmp_path / name / "results.csv") for name in ("stopped", "straight"))
+    assert results.keys(resumed) == results.keys(straight) and len(resumed) == 8
+    assert list(resumed.sort_values("shape")["piece"]) == list(straight.sort_values("shape")["piece"])

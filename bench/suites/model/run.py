@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ import kernellab
 import model
 from bench import cli, timing
 from bench.peers import llama_cpp
+from bench.suites import pieces
 from bench.suites.model.config import (BENCH_CONFIG, BUDGET_S, COST, DECODE_CONTEXTS, PREFILL_CONTEXTS,
                                        QUICK_DECODE_CONTEXTS, QUICK_PREFILL_CONTEXTS, QUICK_TRAIN_CONTEXT,
                                        TRAIN_BUDGET_S, TRAIN_CONTEXT, model_dtype, shape_label)
@@ -145,14 +147,16 @@ def describe(jobs: list[Job], device: str, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None) -> list[dict]:
+def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None, on_rows=None,
+          done=frozenset()) -> list[dict]:
     """Rows: op="model", backend, peer, device, dtype, shape, context, phase ("prefill", "decode"; "train" for
     training steps, the hybrid at TRAIN_CONTEXT tokens (QUICK_TRAIN_CONTEXT when quick), each lab backend with a
     backward and transformers; "cache" for memory-only rows; "parity" for llama.cpp's agreement with the lab
     model), median_ms, p20_ms, p80_ms, tokens_per_s, cache_bytes, variant ("hybrid", "all_attention"), params,
     backends (the backend of each op); decode rows also cache_fill ("filled", "prefilled": measure_decode) and the
     floor's columns (floor_rows), train rows forward_ms, backward_ms, optimizer_ms (measure_training). Prints the
-    plan and its estimated time first (plan, describe). Writes the PNGs into out (plot)."""
+    plan and its estimated time first (plan, describe). A piece per job (bench.suites.pieces: on_rows gets each
+    job's rows as it finishes, the labels in done are skipped). Writes the PNGs into out (plot)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = model_dtype(device)
@@ -168,7 +172,6 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
             trained.append(name)
     jobs = plan(quick, device, names, peers, trained + [p for p in peers if p == "transformers"])
     print(describe(jobs, device, quick), flush=True)
-    rows = []
     all_attention = ["full_attention"] * BENCH_CONFIG["num_hidden_layers"]
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="bench-model-") as folder:
@@ -178,12 +181,10 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
         skipped = {}
         if device == "cpu":
             skipped = llama_cpp.prepare(paths)  # GGUF conversions; a row saying why for each one not made
-            rows += [dict(op="model", backend=name, peer=True, device=device, dtype="float32", variant=variant,
-                          shape=shape_label(model.ModelConfig.from_folder(paths[variant])), error=why)
-                     for (variant, name), why in skipped.items()]
-        # One process per job: numba's thread pool, once started, slows every later torch call in its process
-        # (measured: transformers' prefill 6x slower after a numba run), so no runner follows another.
-        spawn = multiprocessing.get_context("spawn")
+        work = [("skipped peers", lambda: [
+            dict(op="model", backend=name, peer=True, device=device, dtype="float32", variant=variant,
+                 shape=shape_label(model.ModelConfig.from_folder(paths[variant])), error=why)
+            for (variant, name), why in skipped.items()])] if skipped else []
         for job in jobs:
             path = paths[job.variant]
             if job.kind == "parity":
@@ -200,13 +201,27 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
             else:
                 call = (measure_runner, path, job.variant, job.name, job.prefill, job.decode, device, dtype, budget_s,
                         threads)
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                rows += pool.submit(*call).result()
-        with torch.inference_mode():
-            floor_rows(rows, paths, device, dtype)
-            rows += memory_rows(paths, device, dtype)
+            floors = {job.variant: path} if job.kind == "measure" else {}
+            work.append((f"{job.kind} {job.name} {job.variant}", partial(_job_rows, call, floors, device, dtype)))
+        work.append(("memory", partial(memory_rows, paths, device, dtype)))
+        rows = pieces(work, on_rows, done)
     plot(rows, out)
     return rows
+
+
+def _job_rows(call, paths, device, dtype) -> list[dict]:
+    """One job's rows, made in a process of its own (numba's thread pool, once started, slows every later torch
+    call in its process (measured: transformers' prefill 6x slower after a numba run), so no runner follows
+    another), its decode rows beside their floor (floor_rows on paths: {variant: checkpoint}). The phase and context
+    join the shape: the rows' results KEY (one row per key in the CSV)."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = pool.submit(*call).result()
+    with torch.inference_mode():
+        floor_rows(rows, paths, device, dtype)
+    for row in rows:
+        row["shape"] += "".join(f",{k}={row[k]}" for k in ("phase", "context") if row.get(k) not in (None, ""))
+    return rows
+
 
 def main(argv=None):
     parser = cli.ArgumentParser(prog="python -m bench.suites.model.run", description=__doc__,

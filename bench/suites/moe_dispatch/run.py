@@ -12,8 +12,8 @@ Each world size runs as a world of its own: W processes spawned here (torch.mult
 on 127.0.0.1 (gloo on CPU, one thread each; NCCL on a GPU machine, one GPU each: a world needs W GPUs), that run
 every case of that size in turn; a world that outlives its deadline is killed and its unfinished cases get an
 error row, and a collective stuck for COLLECTIVE_TIMEOUT raises in the worker: nothing hangs. kernellab.moe in one
-process runs in a process of its own too, on the world's W x N tokens and all E experts, with min(W, cores)
-threads on CPU (the cores the W one-thread ranks occupy; at most torch's threads in the caller, so --threads 1
+process runs in a process of its own after each world, on the world's W x N tokens and all E experts, with min(W,
+cores) threads on CPU (the cores the W one-thread ranks occupy; at most torch's threads in the caller, so --threads 1
 gives it one: on a loaded machine two threads stall at their barriers).
 
 Shapes (bench/ops.py, MOE_DISPATCH): world = W ranks, N = tokens per rank, D hidden, E experts in all (E / W per
@@ -59,12 +59,14 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import kernellab
 from bench.ops import OPS
+from bench.suites import pieces
 from bench.suites.moe_dispatch.parallel_model import model_rows
 from bench.suites.moe_dispatch.parts import (CHECK_TOKENS, EXCHANGE, FIRST_TOUCH, LOCAL, OP, dtype_of, layer_affordable,
                                              one_process, run_world, transport_of)
@@ -141,10 +143,12 @@ def permute_backends(device: str) -> list[str]:
 
 
 def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None,
-          preset: str | None = None) -> list[dict]:
-    """Rows of every case of bench.ops' MOE_DISPATCH on `device` (see the module's docstring): a world per world
-    size, then kernellab.moe in one process; draws the three PNGs into out. backends: the moe backends of the layer
-    parts (default: "auto"'s choice on the device); preset: only that model's shapes."""
+          preset: str | None = None, on_rows=None, done=frozenset()) -> list[dict]:
+    """Rows of every case of bench.ops' MOE_DISPATCH on `device` (see the module's docstring), in pieces
+    (bench.suites.pieces: on_rows gets each piece's rows as it finishes, the labels in done are skipped): a world
+    per world size with kernellab.moe in one process on its cases, then the model; draws the three PNGs into out.
+    backends: the moe backends of the layer parts (default: "auto"'s choice on the device); preset: only that
+    model's shapes."""
     out = Path(out)
     dtype, transport = dtype_of(device), transport_of(device)
     runs = {op: kernellab.backends(op, device) for op in ("moe", "moe_permute")}
@@ -161,32 +165,35 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     setting = dict(dtype=dtype, budget_s=budget_s, min_repeats=3 if device == "cpu" else 10, permute=permute,
                    backends={name: name if name in runs["moe_permute"] else "auto" for name in names},
                    layer={case.key for case in layer})
-    rows, ep = [], {}
-    for world in worlds:
+
+    def world_rows(world: int) -> list[dict]:
         here = [case for case in cases if case.shape["world"] == world]
+        mine = [case for case in layer if case.shape["world"] == world]
         print(f"  {OP}: a world of {world} ({transport}), {len(here)} cases (permute: {', '.join(permute)}), "
-              f"{sum(c in layer for c in here)} with the layer ({', '.join(names)})", flush=True)
-        found = run_world(world, transport, here, setting, deadline_s)
+              f"{len(mine)} with the layer ({', '.join(names)})", flush=True)
+        found, rows, ep = run_world(world, transport, here, setting, deadline_s), [], {}
         for case in here:
             rows += _case_rows(case, found[case.key], device, dtype, transport, permute)
             for name, heads in found[case.key].get("heads", {}).items():
                 ep[(case.key, name)] = (next(r for r in rows if r["shape"] == f"{case.key},part=moe_ep"
                                              and r["backend"] == name), heads)
-    if layer:
-        print(f"  {OP}: kernellab.moe in one process, {len(layer)} cases", flush=True)
-        # the cores the W one-thread ranks occupy, at most the threads torch was given here (--threads)
-        threads = min(max(case.shape["world"] for case in layer), os.cpu_count() or 1, torch.get_num_threads())
-        keys = [(case.key, name) for case in layer for name in names]
-        single = spawn(one_process, [(layer, names, "cuda:0" if device == "cuda" else "cpu", dtype, budget_s,
-                                      threads)], keys, deadline_s, WORKER_ENV if device == "cpu" else {})
-        by_key = {case.key: case for case in layer}
-        for (key, name), found in single.items():
-            rows.append(_one_process_row(by_key[key], name, found, device, dtype, threads))
-            if (key, name) in ep and "error" not in found:
-                ep_row, ep_heads = ep[(key, name)]
-                _check(ep_row, rows[-1], ep_heads, found["heads"], dtype, device)
+        if mine:  # kernellab.moe in one process on the same tokens, on the cores the W one-thread ranks occupy
+            threads = min(world, os.cpu_count() or 1, torch.get_num_threads())
+            keys = [(case.key, name) for case in mine for name in names]
+            single = spawn(one_process, [(mine, names, "cuda:0" if device == "cuda" else "cpu", dtype, budget_s,
+                                          threads)], keys, deadline_s, WORKER_ENV if device == "cpu" else {})
+            by_key = {case.key: case for case in mine}
+            for (key, name), found in single.items():
+                rows.append(_one_process_row(by_key[key], name, found, device, dtype, threads))
+                if (key, name) in ep and "error" not in found:
+                    ep_row, ep_heads = ep[(key, name)]
+                    _check(ep_row, rows[-1], ep_heads, found["heads"], dtype, device)
+        return rows
+
+    jobs = [(f"world {world}", partial(world_rows, world)) for world in worlds]
     if preset is None:  # the small model's part: no preset's shape
-        rows += model_rows(quick, device, names[0], deadline_s)
+        jobs.append(("model", partial(model_rows, quick, device, names[0], deadline_s)))
+    rows = pieces(jobs, on_rows, done)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out)
     return rows

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,7 +51,9 @@ import kernellab
 from bench import cli, timing
 from bench.check import rel_err
 from bench.ops import make
+from bench.suites import pieces
 from bench.suites.model.floor import cache_bytes_from_shapes
+from bench.sweep import dtype_name
 from kernellab.fp8 import quantized_bytes
 from model.config import ModelConfig
 from model.weights import checkpoint_shapes
@@ -391,24 +394,23 @@ def default_backends(device: str) -> list[str]:
     return [n for n in names if n in ("torch", "cuda", "triton")] if device == "cuda" else ["torch"]
 
 
-def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None) -> list[dict]:
-    """Rows of phases "error", "memory" and "decode" (module docstring); writes the plots into out."""
+def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/cpu", backends=None, on_rows=None,
+          done=frozenset()) -> list[dict]:
+    """Rows of phases "error", "memory" and "decode" (module docstring), in pieces (bench.suites.pieces: on_rows
+    gets each piece's rows as it finishes, the labels in done are skipped); writes the plots into out."""
     from bench.suites.precision.report import plot  # report reads this module's constants: imported here
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     backends = backends or default_backends(device)
-    rows = []
-    for heads, gates, t_grid in grid(device, quick):
-        for dtype in INPUT_DTYPES:
-            rows += error_rows(heads, gates, t_grid, dtype, device, backends)
-            print(f"  precision {heads.key} {'/'.join(gates)} {dtype}: T <= {t_grid[-1]} done", flush=True)
-    rows += memory_rows(device)
-    rows += fp8_rows(device, [b for b in kernellab.backends("moe_fp8", device) if b != "reference"])
-    rows += model_rows(device, new_tokens=32 if quick else 512)
-    if device == "cuda":
-        rows += decode_rows(device, backends, (1, 8, 64, 256), budget_s=0.5)
-    else:
-        rows += decode_rows(device, backends, (1,), budget_s=0.1)
+    jobs = [(f"error {heads.key} {'/'.join(gates)} {dtype_name(dtype)}",
+             partial(error_rows, heads, gates, t_grid, dtype, device, backends))
+            for heads, gates, t_grid in grid(device, quick) for dtype in INPUT_DTYPES]
+    jobs += [("memory", partial(memory_rows, device)),
+             ("fp8", partial(fp8_rows, device, [b for b in kernellab.backends("moe_fp8", device) if b != "reference"])),
+             ("model", partial(model_rows, device, new_tokens=32 if quick else 512)),
+             ("decode", partial(decode_rows, device, backends, (1, 8, 64, 256) if device == "cuda" else (1,),
+                                budget_s=0.5 if device == "cuda" else 0.1))]
+    rows = pieces(jobs, on_rows, done)
     plot(rows, out)
     return rows
 
