@@ -9,6 +9,6 @@ BACKENDS = batch_variant(
     family_backends("kernellab.onednn", "onednn", ("cpu",), ops=("moe",), requires=("numba",),
                     probe="kernellab.onednn.moe:unavailable_reason",
                     backward={"moe": "kernellab.torch.moe:moe_backward"}, row_major=True),
-    {"moe": "CPU GEMM blocking depends on M: an expert's rows take MKL's matrix-vector kernel (up to "
-            "kernellab.onednn.moe.STREAM_ROWS rows) or oneDNN's blocked GEMM, and round a token's sums otherwise "
+    {"moe": "CPU GEMM blocking depends on M: an expert's rows take a streamed matrix-vector product "
+            "(up to kernellab.onednn.moe.STREAM_ROWS rows) or oneDNN's blocked GEMM, and round a token's sums otherwise "
             "with the other tokens routed to that expert"})

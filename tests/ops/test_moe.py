@@ -460,3 +460,12 @@ def test_route_breaks_ties_by_the_lower_expert(backend):
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 1.0, 0.5, 1.0], [0.0, 2.0, 1.0, 2.0, 2.0, 1.0, 0.0, 2.0]])
     _, ids = kernellab.route(logits, 5, renormalize=False, backend=backend)
     assert ids.tolist() == [[1, 2, 4, 0, 5], [1, 3, 4, 7, 2]]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_onednn_streamed_and_blocked_experts(rows, seed):
+    """Every token on one expert: 1 row takes onednn's streamed matrix-vector product, more its blocked GEMM; D and
+    2 I not multiples of the four weight rows the stream reads at a time (its tail)."""
+    if "onednn" not in kernellab.backends("moe"):
+        pytest.skip("needs torch built with oneDNN, as its x86 CPU builds are")
+    _check_moe("onednn", make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=30, I=7, seed=seed), seed)
