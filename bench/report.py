@@ -22,10 +22,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
 import kernellab
 from bench import plots
+from bench.check import tolerance
 from bench.peers import llama_cpp
 from bench.ops import OPS
 
@@ -340,7 +343,50 @@ def highest_ceilings(out: Path) -> dict:
     return highest
 
 
-def ceilings_section(out: Path, device: str) -> list[str]:
+def _gemm_cell(found: dict, tol: float) -> str:
+    """One GEMM's measured rate in the ceilings table, with why it does not count where it does not."""
+    if "error" in found:
+        return f"not run: {found['error']}"
+    cell = fmt_flops(found["tflops"])
+    return cell if found["rel_err"] <= tol else f"{cell} (rel err {fmt(found['rel_err'])}: not the dtype's GEMM)"
+
+
+def gemm_table(run: dict, device: str) -> str:
+    """Per dtype of a ceilings.json run: each GEMM's rate on the n^3 product (bench.timing.gemm_rates), the fastest
+    within tolerance (the matmul ceiling), the physical peak and the ceiling's share of it."""
+    matmul, peak = run["matmul"], run.get("physical_peak") or {}
+    names = list(dict.fromkeys(name for found in matmul.values() for name in found["gemms"]))
+    body = []
+    for dtype, found in matmul.items():
+        tol = tolerance(getattr(torch, dtype), device)
+        top = peak.get("tflops", {}).get(dtype)
+        body.append([dtype, fmt(found["n"])] + [_gemm_cell(found["gemms"][n], tol) if n in found["gemms"] else ""
+                                                for n in names]
+                    + [f"{fmt_flops(found['tflops'])} ({found['best']})" if found["best"] else "none",
+                       fmt_flops(top), fmt_share(found["tflops"] / top) if top else ""])
+    return _table(["dtype", "n"] + [f"`{n}`" for n in names] + ["ceiling (best)", "physical peak", "ceiling / peak"],
+                  body)
+
+
+def bandwidth_rows(run: dict, rows) -> str:
+    """The read and copy bandwidth of a ceilings.json run per working-set size, and how many of the device's rows
+    (their `bytes`) sit nearest each size in log scale: the sizes their floors were read at (bench.timing.bandwidth_at
+    interpolates between them)."""
+    table = run["bandwidth"]
+    sizes = np.log2(np.asarray(table["nbytes"], dtype=np.float64))
+    used = np.zeros(len(sizes), dtype=int)
+    nbytes = pd.to_numeric(rows["bytes"], errors="coerce") if "bytes" in rows else pd.Series(dtype=float)
+    for n in nbytes[nbytes > 0]:
+        used[np.abs(sizes - math.log2(n)).argmin()] += 1
+    body = [[fmt_bytes(n), f"{read:.1f}", f"{copy:.1f}", fmt(int(count))]
+            for n, read, copy, count in zip(table["nbytes"], table["read_gbps"], table["copy_gbps"], used)]
+    return _table(["working set", "read GB/s", "copy GB/s (read + write)", "rows nearest"], body)
+
+
+def ceilings_section(out: Path, device: str, frame=None) -> list[str]:
+    """The measured ceilings of each device of ceilings.json (its last run): the summary, then, where the run
+    recorded them, every GEMM's rate per dtype beside the physical peak and how it is obtained, and the bandwidth per
+    working-set size beside the rows (of `frame`) that used it."""
     path = out / "ceilings.json"
     if not path.exists():
         return ["No ceilings.json: run bench.sweep."]
@@ -352,9 +398,26 @@ def ceilings_section(out: Path, device: str) -> list[str]:
              ", ".join(f"{k} {fmt_flops(v)}" for k, v in run["matmul_tflops"].items()), f"{run['copy_gbps']:.1f}"]
             for name, run in last.items()]
     published, source = CEILING_ANCHORS.get(device, ("", ""))
-    return [_table(["device", "measured at", "threads", "matmul by dtype", "copy GB/s (read + write)"], rows),
-            "", f"Published for comparison: {published} ({source}). {len(runs)} runs recorded in ceilings.json; "
-            "each row of results.csv keeps the ceilings of its own run (peak_tflops, peak_gbps)."]
+    md = [_table(["device", "measured at", "threads", "matmul by dtype", "copy GB/s (read + write)"], rows),
+          "", f"Published for comparison: {published} ({source}). {len(runs)} runs recorded in ceilings.json; "
+          "each row of results.csv keeps the ceilings of its own run (peak_tflops, peak_gbps)."]
+    for name, run in last.items():
+        if "matmul" in run:
+            md += ["", f"### The GEMMs of {name}", "",
+                   "Each GEMM on the n x n x n product, interleaved round after round in one process, fastest call "
+                   "(bench.timing.gemm_rates); the matmul ceiling is the fastest within the dtype's tolerance "
+                   "against float64.", "", gemm_table(run, device)]
+        peak = run.get("physical_peak")
+        if peak:
+            per_cycle = ", ".join(f"{d} {fmt(r)}" for d, r in peak["flop_per_cycle"].items())
+            md += ["", f"Physical peak: FLOP per cycle per core ({per_cycle}) x {peak['ghz']:.3f} GHz x "
+                   f"{peak['cores']} core(s). How: {peak['how']}."]
+        if run.get("bandwidth"):
+            mine = frame[frame["device_name"] == name] if frame is not None else pd.DataFrame()
+            md += ["", f"### Bandwidth of {name}", "",
+                   "Caches flushed before each call (bench.timing.bandwidth_table); a row's floor takes the higher of "
+                   "read and copy at its own working set, interpolated in log size.", "", bandwidth_rows(run, mine)]
+    return md
 
 
 def _linear_vs_quadratic(lvq) -> list[str]:
@@ -509,10 +572,10 @@ def write(out: Path, device: str) -> Path:
                "the machine dropped after the ceilings were measured at the start of their run.", ""]
     lvq = plots.linear_vs_quadratic(forward)
     md += ["Columns: median, p20, p80 over adaptive repeats (bench.timing); FLOP/s and GB/s from the analytic "
-           "models of bench/ops/<family>.py; roofline = max(FLOPs / matmul ceiling, bytes / copy bandwidth) / time, with the "
-           "ceilings measured at the start of the run; `rel err (vs)`: relative Frobenius error against the float64 "
+           "models of bench/ops/<family>.py; roofline = max(FLOPs / matmul ceiling, bytes / bandwidth at the row's "
+           "working set) / time, with the ceilings measured at the start of the run (Measured ceilings); `rel err (vs)`: relative Frobenius error against the float64 "
            "yardstick named; `x ref`, `x best peer`: speedups on the same shape (none when a check failed).", "",
-           "## Measured ceilings", "", *ceilings_section(out, device), "",
+           "## Measured ceilings", "", *ceilings_section(out, device, frame), "",
            "## Targets", "", *targets(frame, highest_ceilings(out)),
            "## Linear versus quadratic attention", "", *_linear_vs_quadratic(lvq),
            "## Published numbers beside ours", "",

@@ -374,13 +374,14 @@ def _cpuinfo() -> dict:
             (line.split(":", 1) for line in block.splitlines() if ":" in line)}
 
 
-# fp32 FLOP per cycle per core where the flags overstate it: (vendor, family) -> [(first model, last model, name,
-# FLOP per cycle)]. Zen 4 runs AVX-512 on two 256-bit FMA pipes (2 x 8 lanes x 2); Zen 5 has two 512-bit ones.
+# The FMA units of a core where the flags overstate them: (vendor, family) -> [(first model, last model, name, FMA
+# pipes, fp32 lanes per pipe)], FLOP per cycle = pipes x lanes x 2. Zen 4 runs AVX-512 on two 256-bit FMA pipes;
+# Zen 5 has two 512-bit ones; Zen / Zen+ two 128-bit ones.
 MICROARCHITECTURES = {
-    ("AuthenticAMD", 23): [(0x00, 0x2F, "Zen / Zen+", 16), (0x30, 0xFF, "Zen 2", 32)],
-    ("AuthenticAMD", 25): [(0x00, 0x0F, "Zen 3", 32), (0x10, 0x1F, "Zen 4", 32), (0x20, 0x5F, "Zen 3", 32),
-                           (0x60, 0x7F, "Zen 4", 32), (0xA0, 0xAF, "Zen 4", 32)],
-    ("AuthenticAMD", 26): [(0x00, 0xFF, "Zen 5", 64)],
+    ("AuthenticAMD", 23): [(0x00, 0x2F, "Zen / Zen+", 2, 4), (0x30, 0xFF, "Zen 2", 2, 8)],
+    ("AuthenticAMD", 25): [(0x00, 0x0F, "Zen 3", 2, 8), (0x10, 0x1F, "Zen 4", 2, 8), (0x20, 0x5F, "Zen 3", 2, 8),
+                           (0x60, 0x7F, "Zen 4", 2, 8), (0xA0, 0xAF, "Zen 4", 2, 8)],
+    ("AuthenticAMD", 26): [(0x00, 0xFF, "Zen 5", 2, 16)],
 }
 
 
@@ -422,9 +423,11 @@ def cpu_flop_per_cycle(use_table: bool = True) -> tuple[dict, str]:
     how = f"/proc/cpuinfo flags ({isa}): 2 FMA units x {lanes} fp32 lanes x {fp32 // (2 * lanes)} FLOP"
     if use_table:
         vendor, family, model = info.get("vendor_id"), int(info.get("cpu family", -1)), int(info.get("model", -1))
-        for first, last, name, rate in MICROARCHITECTURES.get((vendor, family), []):
+        for first, last, name, pipes, width in MICROARCHITECTURES.get((vendor, family), []):
             if first <= model <= last:
-                fp32, how = rate, f"table: {vendor} family {family} model {model} is {name}, {rate} fp32 FLOP per cycle"
+                fp32 = 2 * pipes * width
+                how = (f"table: {vendor} family {family} model {model} is {name}: {pipes} FMA pipes x {width} fp32 "
+                       f"lanes x 2 FLOP")
                 break
     found = {"float32": fp32, "float64": fp32 // 2, "bfloat16": fp32, "float16": fp32}
     for half, avx, amx in (("bfloat16", "avx512_bf16", "amx_bf16"), ("float16", "avx512_fp16", "amx_fp16")):

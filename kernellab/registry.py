@@ -34,8 +34,8 @@ OPS = op_records.NAMES
 FP8_OPS = op_records.family("moe_fp8")
 # One file per op family: the module of each op inside reference/ and inside every toolchain package.
 OP_MODULE = {name: record.family for name, record in op_records.OPS.items()}
-TOOLCHAINS = ("kernellab.torch", "kernellab.mkl", "kernellab.triton", "kernellab.cuda", "kernellab.cupy", "kernellab.numba",
-              "kernellab.numba_cuda", "kernellab.peers")
+TOOLCHAINS = ("kernellab.torch", "kernellab.mkl", "kernellab.onednn", "kernellab.triton", "kernellab.cuda",
+              "kernellab.cupy", "kernellab.numba", "kernellab.numba_cuda", "kernellab.peers")
 ALL_DTYPES = validate.FLOAT_DTYPES
 
 # "auto" takes the first lab backend of this list that runs on the inputs' device. Peers never run as "auto", nor

@@ -82,7 +82,8 @@ def fingerprint(we: torch.Tensor) -> int:
 
 
 class PackedExperts:
-    """MKL-packed copies of w[e] for w [E, Nout, K] (float32, CPU), each packed on its first use.
+    """MKL-packed copies of w[e] for w [E, Nout, K] (float32, CPU), each packed on its first use (a subclass packs
+    for another GEMM by its own _pack, with the same staleness guard).
 
     MKL sizes a packed [Nout, K] weight at 2.48x its bytes; only about its own size is written, so on Linux the
     rest is never backed by memory.
@@ -142,16 +143,18 @@ class PackedExperts:
         return packed
 
 
-# id(weight tensor) -> its PackedExperts; an entry leaves with its tensor, and is replaced when the tensor's
-# version counter shows an in-place write (or its storage or shape changed).
-_CACHE: dict[int, PackedExperts] = {}
+# (kind, id(weight tensor)) -> its packs of that kind (PackedExperts or a subclass packing for another GEMM); an
+# entry leaves with its tensor, and is replaced when the tensor's version counter shows an in-place write (or its
+# storage or shape changed).
+_CACHE: dict[tuple[type, int], PackedExperts] = {}
 
 
-def packed_experts(w):
-    """The cached PackedExperts of w [E, Nout, K] float32 CPU, made (empty) on first sight."""
-    entry = _CACHE.get(id(w))
+def packed_experts(w, kind=PackedExperts):
+    """The cached `kind` (PackedExperts: MKL's packs) of w [E, Nout, K] float32 CPU, made (empty) on first sight."""
+    key = (kind, id(w))
+    entry = _CACHE.get(key)
     if entry is None or not entry.fresh_for(w):
         if entry is None:
-            weakref.finalize(w, _CACHE.pop, id(w), None)
-        entry = _CACHE[id(w)] = PackedExperts(w)
+            weakref.finalize(w, _CACHE.pop, key, None)
+        entry = _CACHE[key] = kind(w)
     return entry

@@ -652,3 +652,32 @@ def test_backward_cost_models():
     assert attention_backward_cost(att)[0] == 10 * 8 * (1 + 2 + 3 + 4)
     moe = make("moe", N=1, D=16, E=8, I=4, top_k=2)
     assert moe_backward_cost(moe)[0] == 2 * (16 * 16 * 4 + 10 * 4)
+
+
+def test_report_shows_the_ceilings_of_the_run(tmp_path):
+    """The report's ceilings come from the run's ceilings.json alone (tiny measured ones here): each GEMM's rate per
+    dtype, the best of them, a GEMM that could not run or missed the tolerance said so, the physical peak with how it
+    was obtained, and read / copy bandwidth per working-set size beside the rows whose working set sits there."""
+    ceil = timing.ceilings("cpu", [torch.float32], budget_s=0.01, gemm_n=64, bandwidth_sizes=(2**16, 2**20))
+    gemms = ceil["matmul"]["float32"]["gemms"]
+    gemms["broken"] = {"error": "RuntimeError: not here"}
+    gemms["sloppy"] = {"tflops": 1e3, "rel_err": 0.5}
+    ceil["physical_peak"] = dict(ceil["physical_peak"], how="flags say so; clock 2.000 GHz from a test")
+    sweep.save_ceilings(tmp_path, ceil)
+    rows = [dict(_row("torch", f"T={T}", 1.0, op="gated_delta_rule"), device_name=ceil["device_name"], bytes=nbytes)
+            for T, nbytes in ((1, 2**16), (2, 2**15), (3, 2**21))]
+    text = "\n".join(report.ceilings_section(tmp_path, "cpu", pd.DataFrame(rows)))
+    gemm_lines = text.split("### The GEMMs of")[1].split("###")[0]
+    best = ceil["matmul"]["float32"]["best"]
+    assert best and f"{report.fmt_flops(ceil['matmul_tflops']['float32'])} ({best})" in gemm_lines
+    for name, found in gemms.items():
+        assert f"`{name}`" in gemm_lines and ("error" in found or report.fmt_flops(found["tflops"]) in gemm_lines)
+    assert "not run: RuntimeError: not here" in gemm_lines and "(rel err 0.5: not the dtype's GEMM)" in gemm_lines
+    peak = ceil["physical_peak"]["tflops"]["float32"]
+    assert report.fmt_flops(peak) in gemm_lines and report.fmt_share(ceil["matmul_tflops"]["float32"] / peak) in gemm_lines
+    assert "How: flags say so; clock 2.000 GHz from a test." in text
+    lines = text.split("### Bandwidth of")[1].splitlines()
+    by_size = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "GB/s" not in line}
+    bandwidth = ceil["bandwidth"]
+    assert by_size["64 KiB"] == f"| 64 KiB | {bandwidth['read_gbps'][0]:.1f} | {bandwidth['copy_gbps'][0]:.1f} | 2 |"
+    assert by_size["1 MiB"].endswith(" | 1 |")

@@ -67,8 +67,9 @@ ZEN4 = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17", "cpu MHz
 
 
 @pytest.mark.parametrize("info, fp32, bf16, how", [
-    (ZEN4, 32, 64, "table: AuthenticAMD family 25 model 17 is Zen 4"),
-    (ZEN4 | {"cpu family": "26", "model": "2"}, 64, 128, "table: AuthenticAMD family 26 model 2 is Zen 5"),
+    (ZEN4, 32, 64, "table: AuthenticAMD family 25 model 17 is Zen 4: 2 FMA pipes x 8 fp32 lanes x 2 FLOP"),
+    (ZEN4 | {"cpu family": "26", "model": "2"}, 64, 128,
+     "table: AuthenticAMD family 26 model 2 is Zen 5: 2 FMA pipes x 16 fp32 lanes x 2 FLOP"),
     (ZEN4 | {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143",
              "flags": "avx avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile"}, 64, 2048, "/proc/cpuinfo flags (avx512f)"),
     (ZEN4 | {"vendor_id": "GenuineIntel", "cpu family": "6", "flags": "avx avx2 fma"}, 32, 32,

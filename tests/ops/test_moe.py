@@ -250,30 +250,43 @@ def test_torch_moe_expert_row_counts(rows, seed, monkeypatch):
                                              Nout=24, seed=seed), seed)
 
 
-@pytest.mark.skipif("mkl" not in kernellab.backends("moe"),
-                    reason="needs torch built with MKL, as its x86 CPU builds are (not ARM ones)")
-def test_mkl_packed_weights_follow_their_tensor(seed):
-    """The mkl backend packs expert weights once per weight tensor: an in-place write to them, or other tensors,
-    must be seen by the next call; the cache lets go of a tensor's packs when the tensor dies."""
+@pytest.mark.parametrize("backend", ["mkl", "onednn"])
+def test_packed_weights_follow_their_tensor(backend, seed, monkeypatch):
+    """mkl packs expert weights once per weight tensor, onednn reorders them (kernellab.mkl.packed's cache, one kind
+    each): an in-place write to them, a write no version counter sees, or other tensors, must be seen by the next
+    call; the cache lets go of a tensor's packs when the tensor dies."""
+    if backend not in kernellab.backends("moe"):
+        pytest.skip(f"needs torch built with {'MKL' if backend == 'mkl' else 'oneDNN'}, as its x86 CPU builds are")
     from kernellab.mkl import packed
+    from kernellab.onednn import moe as onednn_moe
 
+    monkeypatch.setattr(onednn_moe, "STREAM_ROWS", 0)  # every expert on the reordered copies
     args = make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
-    _check_moe("mkl", args, seed)
+    _check_moe(backend, args, seed)
     args["w_gate_up"].mul_(-0.5)
     args["w_down"][1].add_(0.25)  # through a view: one version counter for the whole tensor
-    _check_moe("mkl", args, seed)
-    _check_moe("mkl", dict(args, w_down=args["w_down"].clone()), seed)
-    gg = make("grouped_gemm", N=30, E=4, top_k=2, K=32, Nout=24, seed=seed)
-    _check_grouped_gemm("mkl", gg, seed)
-    gg["w"][2].neg_()
-    _check_grouped_gemm("mkl", gg, seed)
+    _check_moe(backend, args, seed)
+    args["w_down"].data[2].neg_()  # no version counter sees it: the experts' fingerprints do
+    _check_moe(backend, args, seed)
+    _check_moe(backend, dict(args, w_down=args["w_down"].clone()), seed)
     cached = len(packed._CACHE)
-    del gg
-    assert len(packed._CACHE) == cached - 1
+    if backend == "mkl":
+        gg = make("grouped_gemm", N=30, E=4, top_k=2, K=32, Nout=24, seed=seed)
+        _check_grouped_gemm("mkl", gg, seed)
+        gg["w"][2].neg_()
+        _check_grouped_gemm("mkl", gg, seed)
+        cached = len(packed._CACHE)
+        del gg
+        cached -= 1
+        assert len(packed._CACHE) == cached
+    else:
+        del args
+        cached -= 2  # w_gate_up's and w_down's entries
+        assert len(packed._CACHE) == cached
     with torch.inference_mode():  # inference tensors have no version counter: not packed, still right
         frozen = make("moe", N=40, E=4, top_k=2, D=32, I=16, seed=seed)
-        _check_moe("mkl", frozen, seed)
-    assert len(packed._CACHE) == cached - 1
+        _check_moe(backend, frozen, seed)
+    assert len(packed._CACHE) == cached
 
 
 @pytest.mark.skipif("mkl" not in kernellab.backends("moe"),
@@ -447,3 +460,12 @@ def test_route_breaks_ties_by_the_lower_expert(backend):
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 1.0, 0.5, 1.0], [0.0, 2.0, 1.0, 2.0, 2.0, 1.0, 0.0, 2.0]])
     _, ids = kernellab.route(logits, 5, renormalize=False, backend=backend)
     assert ids.tolist() == [[1, 2, 4, 0, 5], [1, 3, 4, 7, 2]]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_onednn_streamed_and_blocked_experts(rows, seed):
+    """Every token on one expert: 1 row takes onednn's streamed matrix-vector product, more its blocked GEMM; D and
+    2 I not multiples of the four weight rows the stream reads at a time (its tail)."""
+    if "onednn" not in kernellab.backends("moe"):
+        pytest.skip("needs torch built with oneDNN, as its x86 CPU builds are")
+    _check_moe("onednn", make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=30, I=7, seed=seed), seed)
