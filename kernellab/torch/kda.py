@@ -11,7 +11,7 @@ and S0 the state at the chunk's start (fla's chunk_kda; the gated delta rule's W
 The decays stay inside the pair products (D, every factor <= 1) rather than folded into q and k as exp(+-gcum),
 which overflows at strong decays (exp(-gcum) past float32's range after a few strong steps). D costs C K per
 token and value head, so chunks run in groups (of CHUNK_GROUP, as the gated delta rule's) whose D stays under
-GROUP_ELEMENTS.
+GROUP_ELEMENTS (within the last-level cache).
 
 Everything is written out of place: the backward is torch's autograd through this same chunk function,
 recomputed group by group (from the states the forward pass leaves at group boundaries), so that its memory is
@@ -25,14 +25,20 @@ from kernellab.torch.gated_delta_rule import CPU_CHUNK_SIZE, _chunk_inputs
 from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, LOG_DECAY_FLOOR, compute_dtype, l2norm_backward,
                                             recurrent_pass)
 
-# Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^24 float32 = 64 MB.
-GROUP_ELEMENTS = 2 ** 24
+# Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^21 float32 = 8 MB, so that D and
+# the temporaries of its elementwise passes and einsums stay in a 32 MB L3. At 2^24 (a group of 16 chunks from T = 512
+# at Hv = 4, K = 128) every pass streamed from memory: 186 ms at T = 512 against 52 at 256 (1 thread, CPU time);
+# at 2^21, 63 and 37.
+GROUP_ELEMENTS = 2 ** 21
 
 
 def _decay(log_decay: torch.Tensor) -> torch.Tensor:
-    """exp(x) for log decays x <= 0 (anything above is clamped to 0), exactly 0 below LOG_DECAY_FLOOR, out of
-    place (autograd records it): linear_attention.decay_exp_'s function."""
-    decay = log_decay.clamp(LOG_DECAY_FLOOR - 1, 0.0).exp()
+    """exp(x) for log decays x <= 0 (the caller masks any other), exactly 0 below LOG_DECAY_FLOOR, out of place
+    (autograd records it). Clamped from below only, to keep exp out of its subnormal range: a clamp at 0 (as
+    linear_attention.decay_exp_'s, which has no gradient) would put every decay of g = 0 on the clamp's boundary,
+    where its gradient is a subgradient torch does not specify (torch 2.13 passes it, 2.14.1 gave dg = 0 at
+    g = 0). The lower bound's gradient does not matter: the threshold zeroes the decay there."""
+    decay = log_decay.clamp(min=LOG_DECAY_FLOOR - 1).exp()
     return torch.nn.functional.threshold(decay, math.exp(LOG_DECAY_FLOOR), 0.0)
 
 
@@ -56,9 +62,10 @@ def chunk_group(q, k, v, g, beta, state, state_dtype):
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
     gcum = g.cumsum(-2)
-    # D [NC, N, Hk, G, C, C, K]: the upper triangle's differences are > 0, clamped to exp(0), then masked
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    decay = _decay(gcum[..., :, None, :] - gcum[..., None, :, :]) * lower[..., None]
+    # D [NC, N, Hk, G, C, C, K]: the upper triangle's differences (> 0) replaced before the exponential, which gives
+    # them 0 and no gradient
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()[..., None]
+    decay = _decay(torch.where(lower, gcum[..., :, None, :] - gcum[..., None, :, :], -math.inf))
     ke, qe = k.unsqueeze(3), q.unsqueeze(3)  # the G value heads of a key head read the same q and k
     attn = torch.einsum("...id,...jd,...ijd->...ij", qe, ke, decay)  # j <= i
     kk = torch.einsum("...id,...jd,...ijd->...ij", ke, ke, decay) * beta[..., None]
