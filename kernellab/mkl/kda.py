@@ -16,8 +16,8 @@ import numba
 import numpy as np
 import torch
 
-from kernellab.mkl.chunked import (CHUNK_SIZE, _decay, _gemm, _mkl_local_threads, _rows, _scaled_rows,
-                                   _sequences, _solve_unit_lower, _store)
+from kernellab.mkl.chunked import (CHUNK_SIZE, _blas_scratch, _decay, _gemm, _heads, _mkl_local_threads, _rows,
+                                   _scaled_rows, _sequences, _solve_unit_lower, _store)
 from kernellab.torch import kda as torch_kda
 from kernellab.torch.linear_attention import start_state
 from kernellab.validate import STATE_ROUNDING
@@ -28,14 +28,10 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
     """One sequence (rows start .. start + length) and key head hk with its value heads, chunk after chunk.
     q, k [rows, Hk, K]; v, out [rows, Hv, V]; g [rows, Hv, K]; beta [rows, Hv]; state [Hv, K, V]: the
     sequence's, updated in place (and _store-d with `rounding` after every chunk)."""
-    Hk, K = k.shape[1], k.shape[2]
-    Hv, V = v.shape[1], v.shape[2]
-    G = Hv // Hk
+    Hk, K, Hv, V, G = _heads(k, v)
     C = chunk
     threads = _mkl_local_threads(1)
-    chars = np.empty(4, np.uint8)
-    ints = np.empty(6, np.int32)
-    floats = np.empty(2, np.float32)
+    chars, ints, floats = _blas_scratch()
     R = np.empty((2 * C, K), np.float32)  # [k; q] (q scaled)
     Rd = np.empty((2 * C, K), np.float32)  # [k~; q~]: decayed to their rows
     X = np.empty((2 * C, V), np.float32)  # [k~ S; q~ S]

@@ -93,6 +93,16 @@ def _sequence(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl
         return i_n * T, T, i_n * tl.cdiv(T, BT)
 
 
+@triton.jit
+def _tiles(i_v, K, V, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+    """The offsets of a program's K columns, V tile i_v and chunk rows, and the masks of the K and V columns and of
+    the state tile [BK, BV]."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    return o_k, o_v, tl.arange(0, BT), m_k, m_v, m_k[:, None] & m_v[None, :]
+
+
 @triton.heuristics({"USE_INITIAL_STATE": given("h0"), "STORE_FINAL_STATE": given("ht"), "STORE_STATES": given("h"),
                     "IS_VARLEN": given("cu_seqlens")})
 @triton.jit(do_not_specialize=["T"])
@@ -110,11 +120,7 @@ def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scal
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // HK)
     bos, T, boh = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN, STORE_STATES)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    o_k, o_v, o_t, m_k, m_v, m_kv = _tiles(i_v, K, V, BK, BV, BT)
     strict = o_t[:, None] > o_t[None, :]
     tile = o_k[:, None] * V + o_v[None, :]
     state_offsets = i_nh * K * V + tile
@@ -212,11 +218,7 @@ def chunk_backward_kernel(q, k, v, g, beta, h, do, dht, dq, dk, dv, dg, dbeta, d
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // HK)
     bos, T, boh = _sequence(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN, True)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    o_k, o_v, o_t, m_k, m_v, m_kv = _tiles(i_v, K, V, BK, BV, BT)
     lower = o_t[:, None] >= o_t[None, :]
     strict = o_t[:, None] > o_t[None, :]
     tile = o_k[:, None] * V + o_v[None, :]
