@@ -102,7 +102,7 @@ def gdr_presets(scale):
     return [shape("Qwen3.5-35B-A3B", 1024, 1), shape("Qwen3.5-35B-A3B", 4096, 1)]
 
 
-_GDR_CPU_8K = dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk")
+GDR_CPU_8K = dict(dtype="float32", device="cpu", B=1, T=8192, seqs=1, Hk=2, Hv=4, K=128, V=128, mode="chunk")
 
 
 # The gradients' edge cases (tests/ops/test_backward.py; the forward's own in tests/ops/test_gated_delta_rule.py): token by
@@ -144,9 +144,9 @@ GATED_DELTA_RULE = OpSpec(
                "crossover", 1024),
         Target("Gated delta rule forward+backward, T = 8192, Hk = 2, Hv = 4, K = V = 128 (CPU, float32): at least 15x "
                "transformers' torch_chunk_gated_delta_rule under autograd", "peer", 15.0,
-               _GDR_CPU_8K | {"pass": "forward+backward"}, peer="transformers"),
+               GDR_CPU_8K | {"pass": "forward+backward"}, peer="transformers"),
         Target("Gated delta rule backward, same shape: at least 50% of the matmul ceiling on the backward's FLOPs",
-               "ceiling", 0.5, _GDR_CPU_8K | {"pass": "backward"})),
+               "ceiling", 0.5, GDR_CPU_8K | {"pass": "backward"})),
     anchors=(
         *[Anchor(f"GDR prefill {model} ({hk}, {hv}) x 128, {seqs} x {T // seqs}, bf16", "ms",
                  f"FlashQLA {a} / FlashInfer {b} / fla {c}", "H200", "QwenLM/FlashQLA benchmark/benchmark_results_H200.txt",

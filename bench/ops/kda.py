@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from bench.ops import Anchor, generator, nbytes
-from bench.ops.gated_delta_rule import (GATED_DELTA_RULE, gated_delta_rule_backward_flops, gated_delta_rule_flops,
-                                        gated_delta_rule_inputs)
+from bench.ops import Anchor, Target, generator, nbytes
+from bench.ops.gated_delta_rule import (GDR_CPU_8K, GATED_DELTA_RULE, gated_delta_rule_backward_flops,
+                                        gated_delta_rule_flops, gated_delta_rule_inputs)
 from bench.ops.linear_attention import (CHUNK, draw_gate, num_seqs, recurrent_backward_bytes, recurrent_invariance,
                                         state_bytes)
 
@@ -63,8 +63,23 @@ def kda_backward_cost(inputs) -> tuple[int, int]:
             recurrent_backward_bytes(inputs, ("q", "k", "v", "g", "beta", "initial_state")))
 
 
+# Issue 28's targets, at the gated delta rule's CPU shape (T = 8192, Hk = 2, Hv = 4, K = V = 128, float32, 1 thread):
+# the sweep's default CPU grid has it, so one run of both ops measures all of them (the commands: docs/api.md's KDA
+# contract). The ratio to the gated delta rule is per CPU backend (the report's "op" target on rows of one backend).
+TARGETS = (
+    *(Target(f"KDA chunked forward, T = 8192, Hk = 2, Hv = 4, K = V = 128 (CPU, float32, `{backend}`): at most 1.5x "
+             f"the gated delta rule's time on `{backend}`", "op", 1 / 1.5, GDR_CPU_8K | {"backend": backend},
+             peer="gated_delta_rule")
+      for backend in ("mkl", "torch")),
+    Target("KDA chunked forward, same shape: at least 5x fla's naive_chunk_kda", "peer", 5.0, GDR_CPU_8K,
+           peer="fla"),
+    Target("KDA forward+backward, same shape: at least 10x fla's naive_chunk_kda under autograd", "peer", 10.0,
+           GDR_CPU_8K | {"pass": "forward+backward"}, peer="fla"),
+    Target("KDA backward, same shape: at least 40% of the matmul ceiling on the backward's FLOPs", "ceiling", 0.4,
+           GDR_CPU_8K | {"pass": "backward"}))
+
 KDA = replace(
-    GATED_DELTA_RULE, name="kda", maker=kda_inputs, cost=kda_cost, backward_cost=kda_backward_cost, targets=(),
+    GATED_DELTA_RULE, name="kda", maker=kda_inputs, cost=kda_cost, backward_cost=kda_backward_cost, targets=TARGETS,
     swept_with="gated_delta_rule", versus=None, invariance=recurrent_invariance(),
     anchors=tuple(
         # MoonshotAI/FlashKDA: BENCHMARK_H20.md and its README's GB200 numbers (docs/anchors.md)

@@ -9,9 +9,9 @@ from kernellab.registry import BESIDE, batch_variant, family_backends
 
 _PROBE = "kernellab.mkl.packed:unavailable_reason"
 _TORCH_BACKWARD = {op: f"kernellab.torch.moe:{op}_backward" for op in ("grouped_gemm", "moe")}
-# kda's forward is mkl's own (kernellab/mkl/kda.py); its backward the torch backend's, of the same function
+# kda's forward and backward are mkl's own (kernellab/mkl/kda.py: the backward's products explicit, over torch's groups)
 _KDA = family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("kda",), requires=("numba",), probe=_PROBE,
-                       row_major=True, backward={"kda": "kernellab.torch.kda:kda_backward"})
+                       row_major=True, backward={"kda": "kernellab.mkl.kda:kda_backward"})
 # Batch invariance measured on CPU by tests/ops/test_invariance.py (a part of a batch alone against its part of the
 # batch's outputs).
 BACKENDS = batch_variant(

@@ -62,6 +62,18 @@ def _gemm(chars, ints, floats, transpose_a, transpose_b, m, n, k, alpha, a, lda,
 
 
 @numba.njit
+def _heads(k, v):
+    """(Hk, K, Hv, V, G = Hv // Hk) of rows k [rows, Hk, K], v [rows, Hv, V]."""
+    return k.shape[1], k.shape[2], v.shape[1], v.shape[2], v.shape[1] // k.shape[1]
+
+
+@numba.njit
+def _blas_scratch():
+    """The scratch arrays _gemm and _solve_unit_lower pass their by-pointer arguments in: chars, ints, floats."""
+    return np.empty(4, np.uint8), np.empty(6, np.int32), np.empty(2, np.float32)
+
+
+@numba.njit
 def _solve_unit_lower(chars, ints, floats, m, n, a, lda, b, ldb, transpose):
     """B [m, n] = A^-1 B (A^-T B when transpose) in place for A [m, m] unit lower triangular (only its strict
     lower triangle is read), row-major float32 pointers with row strides. The column-major strsm sees B^T and A^T
@@ -118,14 +130,10 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
                        rounding):
     """One sequence (rows start .. start + length) and key head hk with its value heads, chunk after chunk.
     state [Hv, K, V]: the sequence's, updated in place (and _store-d with `rounding` after every chunk)."""
-    Hk, K = k.shape[1], k.shape[2]
-    Hv, V = v.shape[1], v.shape[2]
-    G = Hv // Hk
+    Hk, K, Hv, V, G = _heads(k, v)
     C = chunk
     threads = _mkl_local_threads(1)
-    chars = np.empty(4, np.uint8)
-    ints = np.empty(6, np.int32)
-    floats = np.empty(2, np.float32)
+    chars, ints, floats = _blas_scratch()
     R = np.empty((2 * C, K), np.float32)  # [k; q]
     KQ_K = np.empty((2 * C, C), np.float32)  # [k k^T; q k^T]
     X = np.empty((2 * C, V), np.float32)  # [k S; q S]
@@ -294,16 +302,12 @@ def _backward_sequence_key_head(q, k, v, g, beta, do, start, length, state, d_st
     entry: the value heads add to them), dv, dg, dbeta: the gradients' rows, written for this sequence and head
     (dq, dk of the scaled, l2-normalised q and k)."""
     threads = _mkl_local_threads(1)
-    Hk, K = k.shape[1], k.shape[2]
-    Hv, V = v.shape[1], v.shape[2]
-    G = Hv // Hk
+    Hk, K, Hv, V, G = _heads(k, v)
     C = chunk
     ld = Hv * V  # the row stride of u, v, do, dv
     num_chunks = (length + C - 1) // C
     num_groups = (num_chunks + group - 1) // group
-    chars = np.empty(4, np.uint8)
-    ints = np.empty(6, np.int32)
-    floats = np.empty(2, np.float32)
+    chars, ints, floats = _blas_scratch()
     R = np.empty((2 * C, K), np.float32)  # [k; q]
     KQ_K = np.empty((2 * C, C), np.float32)  # [k k^T; q k^T]
     X = np.empty((C, V), np.float32)  # k S (the forward pass's)

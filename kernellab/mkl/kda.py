@@ -16,8 +16,8 @@ import numba
 import numpy as np
 import torch
 
-from kernellab.mkl.chunked import (CHUNK_SIZE, _decay, _gemm, _mkl_local_threads, _rows, _scaled_rows,
-                                   _sequences, _solve_unit_lower, _store)
+from kernellab.mkl.chunked import (CHUNK_SIZE, _blas_scratch, _decay, _gemm, _heads, _mkl_local_threads, _rows,
+                                   _scaled_rows, _sequences, _solve_unit_lower, _store)
 from kernellab.torch import kda as torch_kda
 from kernellab.torch.linear_attention import start_state
 from kernellab.validate import STATE_ROUNDING
@@ -28,14 +28,10 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
     """One sequence (rows start .. start + length) and key head hk with its value heads, chunk after chunk.
     q, k [rows, Hk, K]; v, out [rows, Hv, V]; g [rows, Hv, K]; beta [rows, Hv]; state [Hv, K, V]: the
     sequence's, updated in place (and _store-d with `rounding` after every chunk)."""
-    Hk, K = k.shape[1], k.shape[2]
-    Hv, V = v.shape[1], v.shape[2]
-    G = Hv // Hk
+    Hk, K, Hv, V, G = _heads(k, v)
     C = chunk
     threads = _mkl_local_threads(1)
-    chars = np.empty(4, np.uint8)
-    ints = np.empty(6, np.int32)
-    floats = np.empty(2, np.float32)
+    chars, ints, floats = _blas_scratch()
     R = np.empty((2 * C, K), np.float32)  # [k; q] (q scaled)
     Rd = np.empty((2 * C, K), np.float32)  # [k~; q~]: decayed to their rows
     X = np.empty((2 * C, V), np.float32)  # [k~ S; q~ S]
@@ -120,3 +116,81 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
     _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
          out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
     return out.view(B, T, Hv, V).to(v.dtype), state.to(state_dtype) if output_final_state else None
+
+
+# ------------------------------------------------------------------------------------------------ backward
+#
+# The chunked backward as explicit products (no autograd graph), group by group as kernellab.torch.kda.kda_backward
+# walks them (that function is the driver; this file gives it group_backward). Per group, the state-free terms of
+# every chunk at once (kernellab.torch.kda.chunk_terms), then two loops of batched MKL GEMMs (torch.bmm) over its
+# chunks, the only sequential work: forward, the state at each chunk's start S0 and v_new = u - w S0; backward, from
+# the gradient dS1 of the state at the chunk's end,
+#   dv_new = A_qk^T do + kd dS1,   dS0 = exp(gcum_C) dS1 + (gamma q)^T do - w^T dv_new      (kd = tail k).
+# The rest of the gradients for all the group's chunks at once, as the Triton backward (kernellab/triton/kda.py)
+# states them: dA_qk = lower(do v_new^T), dw = -dv_new S0^T, the WY form's backward through A^-1, the decayed pair
+# products' backward over D, and g's gradient summed per token over the rows each decay spans (no difference of
+# cumulative sums: it cancels in float32).
+
+def _reverse_cumsum(x, dim):
+    return x.flip(dim).cumsum(dim).flip(dim)
+
+
+def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
+    """kernellab.torch.kda.autograd_group_backward's contract, by explicit products: q (scaled), k
+    [NC, N, Hk, C, K]; v, do [NC, N, Hk, G, C, V]; g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]; state None or
+    [N Hk G, K, V] (the group's starting state), d_state [N Hk G, K, V] (its final state's gradient). The states
+    are rounded to state_dtype between chunks, as the forward's; the rounding passes the gradient straight through.
+    Returns (dq, dk, dv, dg, dbeta, the starting state's gradient or None when state is None)."""
+    NC, N, Hk, C, K = k.shape
+    G, V = v.shape[3], v.shape[-1]
+    M = N * Hk * G
+    t = torch_kda.chunk_terms(q, k, v, g, beta)
+    A, w, keys, reads, last = t["attn"], t["w"], t["keys"], t["reads"], t["last"]
+    S = torch.zeros(M, K, V, dtype=v.dtype) if state is None else state
+    starts, v_new = [], []
+    for j in range(NC):
+        starts.append(S)
+        v_new.append(t["u"][j].reshape(M, C, V) - torch.bmm(w[j].reshape(M, C, K), S))
+        S = torch_kda._stored(torch.baddbmm(last[j].reshape(M, K, 1) * S, keys[j].reshape(M, C, K).mT, v_new[j]),
+                              state_dtype)
+    dS, ends, dv_new = d_state, [None] * NC, [None] * NC
+    for j in reversed(range(NC)):
+        ends[j] = dS
+        dv_new[j] = torch.baddbmm(torch.bmm(A[j].reshape(M, C, C).mT, do[j].reshape(M, C, V)),
+                                  keys[j].reshape(M, C, K), dS)
+        dS = torch.baddbmm(last[j].reshape(M, K, 1) * dS, reads[j].reshape(M, C, K).mT, do[j].reshape(M, C, V))
+        dS = torch.baddbmm(dS, w[j].reshape(M, C, K).mT, dv_new[j], alpha=-1)
+    heads = (NC, N, Hk, G)
+    S0, S1_grad = torch.stack(starts).view(*heads, K, V), torch.stack(ends).view(*heads, K, V)
+    vn, dvn = torch.stack(v_new).view(*heads, C, V), torch.stack(dv_new).view(*heads, C, V)
+    ke, qe, gamma, tail, decay, inverse = t["ke"], t["qe"], t["gamma"], t["tail"], t["decay"], t["inverse"]
+    b = beta[..., None]
+    X, Y = b * gamma * ke, b * v  # w = A^-1 X, u = A^-1 Y
+    dA = (do @ vn.mT).tril()
+    d_reads = do @ S0.mT
+    d_keys = vn @ S1_grad.mT
+    dw = -(dvn @ S0.mT)
+    dY, dX = inverse.mT @ dvn, inverse.mT @ dw
+    dL = -(inverse.mT @ (dvn @ Y.mT + dw @ X.mT) @ inverse.mT).tril(-1)  # L = strictly_lower(beta kk)
+    dKK = dL * b
+    dbeta = (dL * t["kk"]).sum(-1) + (dY * v).sum(-1) + (dX * gamma * ke).sum(-1)
+    # the pair products' gradients per (i, j, d): dA_ij q_id + dKK_ij k_id, with k_jd D_ijd
+    rows = dA[..., None] * qe[..., :, None, :] + dKK[..., None] * ke[..., :, None, :]
+    decayed = decay * ke[..., None, :, :]
+    dq = d_reads * gamma + (dA[..., None] * decayed).sum(-2)
+    dk = dX * b * gamma + d_keys * tail + (dKK[..., None] * decayed).sum(-2) + (rows * decay).sum(-3)
+    # g_t: gamma_i's gradient for i >= t, tail_i's for i < t, exp(gcum_C)'s for every t, D_ij's for j < t <= i
+    spans = _reverse_cumsum(rows * decayed, -3)  # [.., t, j, d]: over i >= t
+    strict = torch.ones(C, C, dtype=torch.bool).tril(-1)[..., None]
+    through_tail = tail * ke * d_keys
+    dg = (_reverse_cumsum(X * dX + reads * d_reads, -2) + through_tail.cumsum(-2) - through_tail
+          + ((S0 * S1_grad).sum(-1) * last)[..., None, :] + torch.where(strict, spans, 0).sum(-2))
+    return dq.sum(3), dk.sum(3), dY * b, dg, dbeta, None if state is None else dS
+
+
+def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
+                 state_dtype, chunk_size=None):
+    """The gradients of kda (kernellab.autograd's contract): kernellab.torch.kda.kda_backward's groups, each by
+    group_backward's explicit products. Returns kernellab.torch.kda.kda_backward's dict."""
+    return torch_kda.kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                                  cu_seqlens, mode, state_dtype, chunk_size=chunk_size, group_backward=group_backward)

@@ -11,7 +11,7 @@ and S0 the state at the chunk's start (fla's chunk_kda; the gated delta rule's W
 The decays stay inside the pair products (D, every factor <= 1) rather than folded into q and k as exp(+-gcum),
 which overflows at strong decays (exp(-gcum) past float32's range after a few strong steps). D costs C K per
 token and value head, so chunks run in groups (of CHUNK_GROUP, as the gated delta rule's) whose D stays under
-GROUP_ELEMENTS.
+GROUP_ELEMENTS (within the last-level cache).
 
 Everything is written out of place: the backward is torch's autograd through this same chunk function,
 recomputed group by group (from the states the forward pass leaves at group boundaries), so that its memory is
@@ -25,14 +25,20 @@ from kernellab.torch.gated_delta_rule import CPU_CHUNK_SIZE, _chunk_inputs
 from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, LOG_DECAY_FLOOR, compute_dtype, l2norm_backward,
                                             recurrent_pass)
 
-# Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^24 float32 = 64 MB.
-GROUP_ELEMENTS = 2 ** 24
+# Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^21 float32 = 8 MB, so that D and
+# the temporaries of its elementwise passes and einsums stay in a 32 MB L3. At 2^24 (a group of 16 chunks from T = 512
+# at Hv = 4, K = 128) every pass streamed from memory: 186 ms at T = 512 against 52 at 256 (1 thread, CPU time);
+# at 2^21, 63 and 37.
+GROUP_ELEMENTS = 2 ** 21
 
 
 def _decay(log_decay: torch.Tensor) -> torch.Tensor:
-    """exp(x) for log decays x <= 0 (anything above is clamped to 0), exactly 0 below LOG_DECAY_FLOOR, out of
-    place (autograd records it): linear_attention.decay_exp_'s function."""
-    decay = log_decay.clamp(LOG_DECAY_FLOOR - 1, 0.0).exp()
+    """exp(x) for log decays x <= 0 (the caller masks any other), exactly 0 below LOG_DECAY_FLOOR, out of place
+    (autograd records it). Clamped from below only, to keep exp out of its subnormal range: a clamp at 0 (as
+    linear_attention.decay_exp_'s, which has no gradient) would put every decay of g = 0 on the clamp's boundary,
+    where its gradient is a subgradient torch does not specify (torch 2.13 passes it, 2.14.1 gave dg = 0 at
+    g = 0). The lower bound's gradient does not matter: the threshold zeroes the decay there."""
+    decay = log_decay.clamp(min=LOG_DECAY_FLOOR - 1).exp()
     return torch.nn.functional.threshold(decay, math.exp(LOG_DECAY_FLOOR), 0.0)
 
 
@@ -47,40 +53,63 @@ def _stored(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return state if dtype == state.dtype else state.to(dtype).to(state.dtype)
 
 
+def chunk_terms(q, k, v, g, beta):
+    """The chunks' terms that do not depend on the state, chunk-major: q (already scaled), k [NC, N, Hk, C, K];
+    v [NC, N, Hk, G, C, V]; g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]. Differentiable (out of place).
+    Returns a dict: decay D [NC, N, Hk, G, C, C, K] (0 above the diagonal), gamma = exp(gcum), tail =
+    exp(gcum_C - gcum) [.., C, K], attn (q k^T with D, j <= i) and kk (k k^T with D, j <= i) [.., C, C], the
+    WY inverse A^-1 [.., C, C], u = A^-1 (beta v), w = A^-1 (beta gamma k), keys = tail k, reads = gamma q
+    [.., C, K or V], last = exp(gcum_C) [NC, N, Hk, G, K]; ke, qe: k and q with the value heads' axis."""
+    C = k.shape[-2]
+    gcum = g.cumsum(-2)
+    # D: the upper triangle's differences (> 0) replaced before the exponential, which gives them 0 and no gradient
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()[..., None]
+    decay = _decay(torch.where(lower, gcum[..., :, None, :] - gcum[..., None, :, :], -math.inf))
+    ke, qe = k.unsqueeze(3), q.unsqueeze(3)  # the G value heads of a key head read the same q and k
+    attn = torch.einsum("...id,...jd,...ijd->...ij", qe, ke, decay)  # j <= i
+    kk = torch.einsum("...id,...jd,...ijd->...ij", ke, ke, decay)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    # A's diagonal is the identity (unitriangular: the solve reads the strict lower triangle only)
+    inverse = _flush_tiny(torch.linalg.solve_triangular((kk * beta[..., None]).tril(-1) + eye, eye.expand_as(kk),
+                                                        upper=False, unitriangular=True))
+    gamma, tail = _decay(gcum), _decay(gcum[..., -1:, :] - gcum)
+    return dict(decay=decay, gamma=gamma, tail=tail, attn=attn, kk=kk, inverse=inverse, ke=ke, qe=qe,
+                u=inverse @ (beta[..., None] * v), w=inverse @ ((beta[..., None] * gamma) * ke), keys=tail * ke,
+                reads=gamma * qe, last=_decay(gcum[..., -1, :]))
+
+
 def chunk_group(q, k, v, g, beta, state, state_dtype):
-    """One group of chunks, chunk-major: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V];
-    g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]; state [N Hk G, K, V] at the first chunk's start (or None:
-    zeros). The state after each chunk is rounded to state_dtype. Differentiable (out of place).
+    """One group of chunks, chunk-major (chunk_terms' shapes); state [N Hk G, K, V] at the first chunk's start (or
+    None: zeros). The state after each chunk is rounded to state_dtype. Differentiable (out of place).
     Returns o [NC, N, Hk, G, C, V] and the state after the last chunk [N Hk G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
-    gcum = g.cumsum(-2)
-    # D [NC, N, Hk, G, C, C, K]: the upper triangle's differences are > 0, clamped to exp(0), then masked
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    decay = _decay(gcum[..., :, None, :] - gcum[..., None, :, :]) * lower[..., None]
-    ke, qe = k.unsqueeze(3), q.unsqueeze(3)  # the G value heads of a key head read the same q and k
-    attn = torch.einsum("...id,...jd,...ijd->...ij", qe, ke, decay)  # j <= i
-    kk = torch.einsum("...id,...jd,...ijd->...ij", ke, ke, decay) * beta[..., None]
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    # A's diagonal is the identity (unitriangular: the solve reads the strict lower triangle only)
-    inverse = _flush_tiny(torch.linalg.solve_triangular(kk.tril(-1) + eye, eye.expand_as(kk), upper=False,
-                                                        unitriangular=True))
-    u = inverse @ (beta[..., None] * v)
-    w = inverse @ ((beta[..., None] * _decay(gcum)) * ke)
-    keys = _decay(gcum[..., -1:, :] - gcum) * ke  # [NC, N, Hk, G, C, K]
-    reads = _decay(gcum) * qe
-    last = _decay(gcum[..., -1, :])  # [NC, N, Hk, G, K]: the chunk's decay of each state row
+    t = chunk_terms(q, k, v, g, beta)
     if state is None:
         state = torch.zeros(M, K, V, dtype=v.dtype, device=v.device)
     outputs = []
     for j in range(NC):
-        v_new = u[j].reshape(M, C, V) - torch.bmm(w[j].reshape(M, C, K), state)
-        o = torch.bmm(reads[j].reshape(M, C, K), state) + torch.bmm(attn[j].reshape(M, C, C), v_new)
+        v_new = t["u"][j].reshape(M, C, V) - torch.bmm(t["w"][j].reshape(M, C, K), state)
+        o = torch.bmm(t["reads"][j].reshape(M, C, K), state) + torch.bmm(t["attn"][j].reshape(M, C, C), v_new)
         outputs.append(o)
-        state = _stored(last[j].reshape(M, K, 1) * state
-                        + torch.bmm(keys[j].reshape(M, C, K).transpose(1, 2), v_new), state_dtype)
+        state = _stored(t["last"][j].reshape(M, K, 1) * state
+                        + torch.bmm(t["keys"][j].reshape(M, C, K).transpose(1, 2), v_new), state_dtype)
     return torch.stack(outputs).view(NC, N, Hk, G, C, V), state
+
+
+def autograd_group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
+    """The gradients of chunk_group (its inputs as there, state None or [N Hk G, K, V]) by torch's autograd through
+    it, from do [NC, N, Hk, G, C, V] and the final state's gradient d_state [N Hk G, K, V]. Returns (dq, dk, dv,
+    dg, dbeta, the starting state's gradient or None when state is None), each as its input."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    s0 = state if state is None else state.detach().requires_grad_()
+    with torch.enable_grad():
+        o, final = chunk_group(*leaves, s0, state_dtype)
+        wrt = leaves + ([] if s0 is None else [s0])
+        parts = torch.autograd.grad((o, final), wrt, (do, d_state), allow_unused=True)
+    found = [torch.zeros_like(x) if part is None else part for x, part in zip(leaves, parts)]
+    return (*found, None if s0 is None else parts[5])
 
 
 def _groups(num_chunks, layout, Hv, K):
@@ -127,12 +156,13 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
 
 @torch.no_grad()
 def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                 state_dtype, chunk_size=None):
+                 state_dtype, chunk_size=None, group_backward=autograd_group_backward):
     """The gradients of kda (kernellab.autograd's contract): grads {"o": [B, T, Hv, V] or None, "final_state":
     [N, Hv, K, V] or None}; the inputs as the forward's. Whatever the forward's mode (the same function): a pass
     over the groups of chunks keeps each group's starting state; then, last group first, the group is recomputed
     under autograd from its state and differentiated with the gradient of its outputs and of its final state,
-    which gives the gradient of its starting state for the group before. The rounding of a stored state passes
+    which gives the gradient of its starting state for the group before (group_backward: autograd_group_backward's
+    contract; kernellab.mkl.kda passes its own). The rounding of a stored state passes
     its gradient straight through (as autograd through the reference's `.to(state_dtype)` does). Returns
     {q, k [B, T, Hk, K], v [B, T, Hv, V], g [B, T, Hv, K], beta [B, T, Hv], initial_state [N, Hv, K, V] (None when
     it is None)} in float32 (float64 for float64 inputs)."""
@@ -153,15 +183,10 @@ def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_sta
         d_final.reshape(M, K, V).to(dtype)
     found = {name: torch.empty_like(x) for name, x in dict(q=qc, k=kc, v=vc, g=gc, beta=bc).items()}
     for group, start in zip(reversed(groups), reversed(starts)):
-        leaves = [x[group].detach().requires_grad_() for x in (qc, kc, vc, gc, bc)]
-        s0 = start if start is None else start.detach().requires_grad_()
-        with torch.enable_grad():
-            o, final = chunk_group(*leaves, s0, state_dtype)
-            wrt = leaves + ([] if s0 is None else [s0])
-            parts = torch.autograd.grad((o, final), wrt, (doc[group], d_state), allow_unused=True)
+        *parts, d_state = group_backward(qc[group], kc[group], vc[group], gc[group], bc[group], start, state_dtype,
+                                         doc[group], d_state)
         for name, part in zip(found, parts):
-            found[name][group] = 0 if part is None else part
-        d_state = parts[5] if s0 is not None else None
+            found[name][group] = part
     dq, dk = layout.from_chunks(found["q"].mul_(scale), dtype), layout.from_chunks(found["k"], dtype)
     if use_qk_l2norm:
         dq, dk = l2norm_backward(q, dq, dtype), l2norm_backward(k, dk, dtype)

@@ -85,8 +85,7 @@ BACKENDS = [
             backward="kernellab.triton.linear_attention:linear_attention_backward", **_TRITON),
     Backend("gated_delta_rule", "triton", "kernellab.triton.gated_delta_rule:gated_delta_rule",
             backward="kernellab.triton.gated_delta_rule:gated_delta_rule_backward", **_TRITON),
-    # no backward yet: a call that needs gradients says so (BackendUnavailable)
-    Backend("kda", "triton", "kernellab.triton.kda:kda", **_TRITON),
+    Backend("kda", "triton", "kernellab.triton.kda:kda", backward="kernellab.triton.kda:kda_backward", **_TRITON),
     Backend("attention", "triton", "kernellab.triton.attention:attention", **_TRITON),
     Backend("route", "triton", "kernellab.triton.route:route", **_TRITON),
     Backend("moe_permute", "triton", "kernellab.triton.moe_permute:moe_permute",

@@ -97,6 +97,18 @@ GRADIENT_CASES = {
 }
 
 
+def test_torch_decay_gradient_at_g_zero():
+    """g = 0 puts every log decay of the torch backward at exactly 0: the decays' gradient there must be exp(0) = 1,
+    not a clamp's boundary subgradient (which torch leaves unspecified: torch 2.14.1 gave dg = 0 in the g_zero
+    case); below the floor, where the decay is flushed to 0, the gradient is 0."""
+    from kernellab.torch.kda import _decay
+    from kernellab.torch.linear_attention import LOG_DECAY_FLOOR
+
+    x = torch.tensor([0.0, -0.0, -1.0, LOG_DECAY_FLOOR - 2, -float("inf")], dtype=torch.float64, requires_grad=True)
+    _decay(x).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, torch.e ** -1, 0.0, 0.0], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("case", GRADIENT_CASES)
 @pytest.mark.parametrize("backend", [name for name in with_backward(OP)
                                      if torch.float64 in registry.registered(OP)[name].dtypes])

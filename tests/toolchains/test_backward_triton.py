@@ -22,8 +22,10 @@ def check(op, args, seed, **extra):
         check_gradients(op, "triton", args, seed, device=DEVICE, **extra)
 
 
+# The chunked linear attentions with a Triton backward: the recurrent family and Kimi Delta Attention.
+CHUNKED = RECURRENT + ("kda",)
 # The gradients' edge cases of each op's family file (OpSpec.gradient_cases).
-FLOAT32_CASES = [pytest.param(op, case, id=f"{op}-{case}") for op in RECURRENT for case in OPS[op].gradient_cases]
+FLOAT32_CASES = [pytest.param(op, case, id=f"{op}-{case}") for op in CHUNKED for case in OPS[op].gradient_cases]
 
 
 @pytest.mark.parametrize("op, case", FLOAT32_CASES)
@@ -31,19 +33,25 @@ def test_chunked_gradients_float32(op, case, seed):
     check(op, _make(op, case, seed), seed)
 
 
-@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("op", CHUNKED)
 @pytest.mark.parametrize("case", ["T_not_multiple_of_chunk", "packed_with_length_1", "recurrent_initial_state"])
 def test_chunked_gradients_float16(op, case, seed):
     check(op, _make(op, case, seed, torch.float16), seed)
 
 
-@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("op", CHUNKED)
 @pytest.mark.parametrize("shape", [dict(K=128, V=32, T=70, initial_state=True), dict(K=24, V=40, T=33)],
                          ids=["K128", "K24_V40"])
 def test_chunked_gradients_other_head_dims(op, shape, seed):
     """K = 128: two K tiles in the dq/dk/dw/dg kernel (g's gradient in two parts) and in the WY backward; K = 24,
     V = 40: tiles wider than the heads (masked columns)."""
     check(op, make(op, **shape, seed=seed) | dict(mode="chunk"), seed)
+
+
+def test_kda_gradients_over_two_v_tiles(seed):
+    """K = 128, V = 80: the KDA backward's V tiles are 64 wide (the state tile's budget), so two programs per value
+    head write parts of dq, dk, dg and dbeta that the host sums, the second one with masked columns."""
+    check("kda", make("kda", K=128, V=80, T=20, initial_state=True, seed=seed) | dict(mode="chunk"), seed)
 
 
 def test_linear_attention_without_gate(seed):
@@ -53,7 +61,7 @@ def test_linear_attention_without_gate(seed):
     check("linear_attention", args, seed)
 
 
-@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("op", CHUNKED)
 def test_gradient_from_the_final_state_only(op, seed):
     """The loss reads only the final state: the output's gradient is None in the backward (no gradient flows
     through o), and q's gradient is 0."""
