@@ -104,6 +104,30 @@ def kept_rows(kept: torch.Tensor, sizes: torch.Tensor, every: int) -> torch.Tens
     return kept.transpose(0, 1)[wanted]
 
 
+class Keep:
+    """The states a pass keeps on its way: after every `every`-th step (a token, or a chunk of the chunked form),
+    counted from the sequences' start, the pass calls `due()` after each step and `add(state)` when it says so;
+    `rows` gives them in the trace's order. state: the N sequences' states, N Hv K V elements in that order (any
+    strides: copied)."""
+
+    def __init__(self, every: int):
+        self.every, self.steps, self.states = every, 0, []
+
+    def due(self) -> bool:
+        self.steps += 1
+        return self.steps % self.every == 0
+
+    def add(self, state: torch.Tensor) -> None:
+        self.states.append(state.clone(memory_format=torch.contiguous_format))
+
+    def rows(self, sizes: torch.Tensor, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """The kept states [M, Hv, K, V] (kept_rows' order): sizes [N] the sequences' lengths, tokens the tokens
+        per step (1, or the chunk size), like a state [N, Hv, K, V] (for an empty result's shape)."""
+        if not self.states:
+            return like.new_zeros(0, *like.shape[1:])
+        return kept_rows(torch.stack(self.states).view(-1, *like.shape), sizes, self.every * tokens)
+
+
 def every_of(output_intermediate_states: bool, chunk_states_every: int | None) -> int | None:
     """The stride at which a call keeps states: 1 (every token), chunk_states_every, or None (no trace)."""
     return 1 if output_intermediate_states else chunk_states_every
@@ -137,6 +161,23 @@ def _zero(x, rows):
     """x with the leading-index rows where `rows` is True set to 0: in place unless x requires grad."""
     mask = rows.reshape(*rows.shape, *([1] * (x.ndim - rows.ndim)))
     return x.masked_fill(mask, 0) if x.requires_grad else x.masked_fill_(mask, 0)
+
+
+def serve(loop, backend: str, chunk: int, B: int, T: int, initial_state, output_final_state, cu_seqlens, state_dtype,
+          state_indices, output_state_indices, output_intermediate_states, chunk_states_every):
+    """A linear attention's call with its serving keywords, on a backend whose computation is loop(s0, every) ->
+    (o [B, T, H, V], final [N, H, K, V], kept [M, H, K, V] or None): s0 the initial states [N, H, K, V] (None:
+    zeros), every the stride at which it keeps the state after a sequence's token (None: none; kept in order of
+    sequence then position, kept_rows'). chunk: what chunk_states_every must be a multiple of (check_every).
+    The pool's rows are read first (Pool.read, differentiable) and written back after (Pool.write).
+    Returns (o, S) or (o, S, StateTrace), as the op."""
+    check_every(chunk_states_every, chunk, backend)
+    pool = None if state_indices is None else Pool(initial_state, state_indices, output_state_indices)
+    every = every_of(output_intermediate_states, chunk_states_every)
+    o, final, kept = loop(initial_state if pool is None else pool.read(), every)
+    return finish(o, final, kept, pool=pool, every=every, output_intermediate_states=output_intermediate_states,
+                  output_final_state=output_final_state, sizes=lengths(B, T, cu_seqlens), state_dtype=state_dtype,
+                  cu_seqlens=cu_seqlens)
 
 
 def differentiable(run, impl, arguments: dict):

@@ -6,7 +6,6 @@ inputs are float64, so that a float64 run of the reference is the yardstick of e
 """
 import torch
 
-from kernellab import serving
 from kernellab.validate import default_state_dtype
 
 
@@ -31,18 +30,3 @@ def sequences(B, T, cu_seqlens):
     bounds = cu_seqlens.tolist()
     return [(0, s, e) for s, e in zip(bounds, bounds[1:])]
 
-
-def serve(loop, B, T, v, initial_state, output_final_state, cu_seqlens, state_dtype, state_indices,
-          output_state_indices, output_intermediate_states, chunk_states_every):
-    """A linear attention's call with its serving keywords (docs/api.md "Serving keywords"), the token loop being
-    loop(s0, every) -> (o [B, T, H, V], finals [N, H, K, V] float64, kept [M, H, K, V] or None): s0 the initial
-    states (None: zeros), every the stride at which it keeps the state after a token of a sequence (None: none),
-    kept in order of sequence then position. The pool's rows are read first (differentiable) and written back
-    after (without autograd). Returns (o, S) or (o, S, StateTrace)."""
-    serving.check_every(chunk_states_every, serving.CHUNK_MULTIPLE, "reference")
-    pool = None if state_indices is None else serving.Pool(initial_state, state_indices, output_state_indices)
-    every = serving.every_of(output_intermediate_states, chunk_states_every)
-    o, finals, kept = loop(initial_state if pool is None else pool.read(), every)
-    return serving.finish(o, finals, kept, pool=pool, every=every, output_intermediate_states=output_intermediate_states,
-                          output_final_state=output_final_state, sizes=serving.lengths(B, T, cu_seqlens),
-                          state_dtype=stored_state_dtype(v, state_dtype), cu_seqlens=cu_seqlens)

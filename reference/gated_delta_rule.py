@@ -2,7 +2,7 @@
 import torch
 
 from kernellab import serving
-from reference._common import f64, sequences, serve, stored, stored_state_dtype
+from reference._common import f64, sequences, stored, stored_state_dtype
 
 
 def l2norm(x, eps=1e-6):
@@ -35,7 +35,7 @@ def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_q
                chunk_states_every=None):
     """The token loop of the gated delta rule and of KDA (reference/kda.py): g [B, T, Hv, 1] (a decay per head)
     or [B, T, Hv, K] (per key channel); exp(g_t) scales the state's rows, S' = exp(g_t)[:, None] * S, the same
-    float64 operations either way. The serving keywords through reference._common.serve."""
+    float64 operations either way. The serving keywords through kernellab.serving.serve."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     scale = K ** -0.5 if scale is None else scale
@@ -65,5 +65,6 @@ def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_q
             kept = torch.stack(kept) if kept else torch.zeros(0, Hv, K, V, dtype=torch.float64, device=q.device)
         return o.to(v.dtype), torch.stack(finals), kept if every else None
 
-    return serve(loop, B, T, v, initial_state, output_final_state, cu_seqlens, state_dtype, state_indices,
-                 output_state_indices, output_intermediate_states, chunk_states_every)
+    return serving.serve(loop, "reference", serving.CHUNK_MULTIPLE, B, T, initial_state, output_final_state,
+                         cu_seqlens, dtype, state_indices, output_state_indices, output_intermediate_states,
+                         chunk_states_every)
