@@ -42,17 +42,27 @@ def check_every(chunk_states_every: int | None, chunk: int, backend: str) -> Non
                          f"{chunk_states_every}")
 
 
-def gates(g, beta, A_log, dt_bias, beta_logits, dtype):
+def gates(g, beta, A_log, dt_bias, beta_logits, dtype, by_token=False):
     """Fused gating, in dtype (float32; float64 for float64 inputs), differentiable. A_log [Hv] and dt_bias ([Hv],
     or [Hv, K] with g [B, T, Hv, K]): g holds the raw gate input a and becomes -exp(A_log) softplus(a + dt_bias)
     (torch's softplus: beta 1, threshold 20), raised to validate.LOG_DECAY_MIN where below (as validate raises a
-    given g). beta_logits: beta becomes sigmoid(beta). Returns (g, beta), each as given when not fused."""
+    given g). beta_logits: beta becomes sigmoid(beta). Returns (g, beta), each as given when not fused.
+    by_token: one token (g[:, t]) at a time, each as a call with T = 1 computes it: torch's elementwise CPU
+    kernels round the vectorised body and the scalar tail of a tensor differently, so that a value depends on
+    its place in the tensor; a verify of T tokens so gates them bitwise as T decode calls."""
+    if by_token and (A_log is not None or beta_logits):
+        steps = [gates(g[:, t:t + 1], beta[:, t:t + 1] if beta_logits else None, A_log, dt_bias, beta_logits, dtype)
+                 for t in range(g.shape[1])]
+        return (torch.cat([step[0] for step in steps], dim=1),
+                torch.cat([step[1] for step in steps], dim=1) if beta_logits else beta)
+    # (inputs made contiguous: the same values in the same layout round the same way)
     if A_log is not None:
         decay = A_log.to(dtype).exp()
         decay = decay[:, None] if g.ndim == 4 else decay  # kda: one A_log per head, one dt_bias per key channel
-        g = (-decay * torch.nn.functional.softplus(g.to(dtype) + dt_bias.to(dtype))).clamp(min=validate.LOG_DECAY_MIN)
+        a = g.to(dtype).contiguous()
+        g = (-decay * torch.nn.functional.softplus(a + dt_bias.to(dtype))).clamp(min=validate.LOG_DECAY_MIN)
     if beta_logits:
-        beta = torch.sigmoid(beta.to(dtype))
+        beta = torch.sigmoid(beta.to(dtype).contiguous())
     return g, beta
 
 

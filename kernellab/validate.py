@@ -259,6 +259,13 @@ def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=N
     return N, resolved
 
 
+def _pooled(state_indices, output_state_indices) -> bool:
+    """Whether initial_state is a pool (state_indices given); output_state_indices without it is a ValueError."""
+    if state_indices is None and output_state_indices is not None:
+        raise ValueError("output_state_indices needs state_indices (the pool's rows read)")
+    return state_indices is not None
+
+
 def _rows(name, x, N, P):
     """x None or int [N] of rows of a pool of P: each in [-1, P) (-1: a padding slot), no row twice."""
     if x is None:
@@ -289,8 +296,6 @@ def _serving(q, v, g, N, initial_state, output_final_state, gate_shape, state_in
                              "into the pool (initial_state), and the op returns None in their place")
         _same_device("q", q, state_indices=state_indices, output_state_indices=output_state_indices)
         _rows("state_indices", state_indices, N, initial_state.shape[0])
-    elif output_state_indices is not None:
-        raise ValueError("output_state_indices needs state_indices (the pool's rows read)")
     _rows("output_state_indices", output_state_indices, N, 0 if initial_state is None else initial_state.shape[0])
     if chunk_states_every is not None and (isinstance(chunk_states_every, bool) or not isinstance(
             chunk_states_every, int) or chunk_states_every < 1):
@@ -331,7 +336,8 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
                      mode="auto", state_dtype=None, state_indices=None, output_state_indices=None,
                      output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None):
     N, state_dtype = _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
-                                       initial_state, cu_seqlens, state_dtype, state_indices is not None, g=g)
+                                       initial_state, cu_seqlens, state_dtype,
+                                       _pooled(state_indices, output_state_indices), g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
     serving, read = _serving(q, v, g, N, initial_state, output_final_state, (v.shape[2],), state_indices,
@@ -352,7 +358,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     N, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype,
-                                       state_indices is not None, g=g, beta=beta)
+                                       _pooled(state_indices, output_state_indices), g=g, beta=beta)
     serving, read = _serving(q, v, g, N, initial_state, output_final_state, (v.shape[2],), state_indices,
                              output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias,
                              beta_logits)
@@ -374,7 +380,7 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
     N, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype,
-                                       state_indices is not None, beta=beta)
+                                       _pooled(state_indices, output_state_indices), beta=beta)
     _tensor("g", g, 4)
     _same_device("q", q, g=g)
     _shape("g", g, (*v.shape[:3], q.shape[3]), "[B, T, Hv, K]")

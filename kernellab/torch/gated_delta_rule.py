@@ -121,7 +121,9 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     T, K = q.shape[1], q.shape[3]
     B, Hv, V = v.shape[0], v.shape[2], v.shape[3]
     dtype = compute_dtype(v)
-    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype)
+    # (a verify on a batch gates token by token, as its decode steps do)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype,
+                            by_token=output_intermediate_states and cu_seqlens is None)
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
     mode = "recurrent" if output_intermediate_states else mode
     sizes = serving.lengths(B, T, cu_seqlens)

@@ -114,7 +114,8 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
     T, K = q.shape[1], q.shape[3]
     B, Hv, V = v.shape[0], v.shape[2], v.shape[3]
     dtype = compute_dtype(v)
-    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype,
+                            by_token=output_intermediate_states and cu_seqlens is None)
     mode = "recurrent" if output_intermediate_states else mode
     size = _chunk_size(q, chunk_size) if mode == "chunk" else 1
 

@@ -242,7 +242,8 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(v)
-    g, _ = serving.gates(g, None, A_log, dt_bias, False, dtype)
+    g, _ = serving.gates(g, None, A_log, dt_bias, False, dtype,
+                         by_token=output_intermediate_states and cu_seqlens is None)
     if g is None:
         g = torch.zeros(B, T, H, dtype=dtype, device=q.device)
     chunk_size = chunk_size or CHUNK_SIZE
