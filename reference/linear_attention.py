@@ -2,7 +2,7 @@
 import torch
 
 from kernellab import serving
-from reference._common import f64, sequences, stored, stored_state_dtype
+from reference._common import f64, kept_states, sequences, stored, stored_state_dtype
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -37,9 +37,7 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
                 if every and (t - start + 1) % every == 0:
                     kept.append(S)
             finals.append(S)
-        if every:
-            kept = torch.stack(kept) if kept else torch.zeros(0, H, K, V, dtype=torch.float64, device=q.device)
-        return o.to(v.dtype), torch.stack(finals), kept if every else None
+        return o.to(v.dtype), torch.stack(finals), kept_states(kept, every, (H, K, V), q.device)
 
     return serving.serve(loop, "reference", serving.CHUNK_MULTIPLE, B, T, initial_state, output_final_state,
                          cu_seqlens, dtype, state_indices, output_state_indices, output_intermediate_states,

@@ -226,6 +226,16 @@ def by_segments(run, tokens: dict, B: int, T: int, cu_seqlens, every: int, initi
     return o.view(B, T, *o.shape[2:]), state, serving.kept_rows(torch.stack(kept), sizes, every)
 
 
+def serving_loop(run, tokens: dict, B: int, T: int, cu_seqlens):
+    """kernellab.serving.serve's loop(s0, every) for a compiled chunked loop run(tokens, cu_seqlens, s0) -> (o,
+    final) (by_segments'): one call, or by_segments for the states every `every` tokens."""
+    def loop(s0, every):
+        if every is None:
+            return *run(tokens, cu_seqlens, s0), None
+        return by_segments(run, tokens, B, T, cu_seqlens, every, s0)
+    return loop
+
+
 def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use_qk_l2norm=False, chunk_size=None):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv] (log decays); beta [B, T, Hv] for the gated delta rule,
     None for linear attention; initial_state None or [N, Hv, K, V] in state_dtype (float32, bfloat16 or float16:

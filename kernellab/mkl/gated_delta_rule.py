@@ -3,7 +3,7 @@ calls on the inputs where they lie). float64 inputs and the token-by-token mode 
 import torch
 
 from kernellab import serving
-from kernellab.mkl.chunked import CHUNK_SIZE, by_segments, chunked, chunked_backward
+from kernellab.mkl.chunked import CHUNK_SIZE, chunked, chunked_backward, serving_loop
 from kernellab.torch import gated_delta_rule as torch_gdr
 from kernellab.torch.linear_attention import chunk_states_multiple
 
@@ -31,12 +31,7 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     def run(tokens, bounds, s0):
         return chunked(*tokens.values(), scale, s0, bounds, state_dtype, use_qk_l2norm, chunk_size)
 
-    def loop(s0, every):
-        tokens = dict(q=q, k=k, v=v, g=g, beta=beta)
-        if every is None:
-            return *run(tokens, cu_seqlens, s0), None
-        return by_segments(run, tokens, B, T, cu_seqlens, every, s0)
-
+    loop = serving_loop(run, dict(q=q, k=k, v=v, g=g, beta=beta), B, T, cu_seqlens)
     return serving.serve(loop, "mkl", chunk_states_multiple("chunk", chunk_size or CHUNK_SIZE), B, T, initial_state,
                          output_final_state, cu_seqlens, state_dtype, state_indices, output_state_indices,
                          output_intermediate_states, chunk_states_every)

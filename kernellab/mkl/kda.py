@@ -18,7 +18,7 @@ import torch
 
 from kernellab import serving
 from kernellab.mkl.chunked import (CHUNK_SIZE, _decay, _gemm, _mkl_local_threads, _rows, _scaled_rows,
-                                   _sequences, _solve_unit_lower, _store, by_segments)
+                                   _sequences, _solve_unit_lower, _store, serving_loop)
 from kernellab.torch import kda as torch_kda
 from kernellab.torch.linear_attention import chunk_states_multiple, start_state
 from kernellab.validate import STATE_ROUNDING
@@ -129,12 +129,7 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
              out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
         return out.view(*v.shape).to(v.dtype), state.to(state_dtype)
 
-    def loop(s0, every):
-        tokens = dict(q=q, k=k, v=v, g=g, beta=beta)
-        if every is None:
-            return *run(tokens, cu_seqlens, s0), None
-        return by_segments(run, tokens, B, T, cu_seqlens, every, s0)
-
+    loop = serving_loop(run, dict(q=q, k=k, v=v, g=g, beta=beta), B, T, cu_seqlens)
     return serving.serve(loop, "mkl", chunk_states_multiple("chunk", chunk_size or CHUNK_SIZE), B, T, initial_state,
                          output_final_state, cu_seqlens, state_dtype, state_indices, output_state_indices,
                          output_intermediate_states, chunk_states_every)

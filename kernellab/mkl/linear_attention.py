@@ -3,7 +3,7 @@ inputs where they lie). float64 inputs and the token-by-token mode run the torch
 import torch
 
 from kernellab import serving
-from kernellab.mkl.chunked import CHUNK_SIZE, by_segments, chunked, chunked_backward
+from kernellab.mkl.chunked import CHUNK_SIZE, chunked, chunked_backward, serving_loop
 from kernellab.torch import linear_attention as torch_la
 
 
@@ -26,12 +26,7 @@ def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_se
     def run(tokens, bounds, s0):
         return chunked(*tokens.values(), None, scale, s0, bounds, state_dtype, chunk_size=chunk_size)
 
-    def loop(s0, every):
-        tokens = dict(q=q, k=k, v=v, g=g)
-        if every is None:
-            return *run(tokens, cu_seqlens, s0), None
-        return by_segments(run, tokens, B, T, cu_seqlens, every, s0)
-
+    loop = serving_loop(run, dict(q=q, k=k, v=v, g=g), B, T, cu_seqlens)
     return serving.serve(loop, "mkl", torch_la.chunk_states_multiple("chunk", chunk_size or CHUNK_SIZE), B, T,
                          initial_state, output_final_state, cu_seqlens, state_dtype, state_indices,
                          output_state_indices, output_intermediate_states, chunk_states_every)
