@@ -9,10 +9,11 @@ os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 from kernellab import validate
 from kernellab.ops import NAMES
 from kernellab.registry import BackendUnavailable, backends, get
-from kernellab.types import Permutation
+from kernellab.serving import commit_states
+from kernellab.types import Permutation, StateTrace
 
 # The public function of each op of kernellab/ops.py: written below, or made by _public from its check.
-__all__ = ["BackendUnavailable", "Permutation", "backends", "get", *NAMES]
+__all__ = ["BackendUnavailable", "Permutation", "StateTrace", "backends", "commit_states", "get", *NAMES]
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -22,8 +23,10 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
     S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t.  mode "chunk", "recurrent" or "auto" (a backend
     with one algorithm runs it in both). state_dtype: the dtype the state is stored in between steps (token by
     token) or chunks (float32, bfloat16, float16; None: float32, float64 for float64 inputs); the arithmetic stays
-    float32. kwargs: the backend's own keywords (a keyword it lacks is a ValueError).
-    Returns (o [B, T, H, V], S [N, H, K, V] in state_dtype or None)."""
+    float32. kwargs: the serving keywords (state_indices, output_state_indices, output_intermediate_states,
+    chunk_states_every, A_log, dt_bias: docs/api.md "Serving keywords") and the backend's own keywords (a keyword
+    it lacks is a ValueError).
+    Returns (o [B, T, H, V], S [N, H, K, V] in state_dtype or None), and a StateTrace third with a trace."""
     return get("linear_attention", backend)(q, k, v, g=g, scale=scale, initial_state=initial_state,
                                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode=mode,
                                             state_dtype=state_dtype, **kwargs)
@@ -34,8 +37,9 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     """Gated delta rule. q, k [B, T, Hk, K]; v [B, T, Hv, V], Hv % Hk == 0, value head h reads key head
     h // (Hv // Hk); g, beta [B, T, Hv]; initial_state [N, Hv, K, V] in state_dtype.
     S' = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S'^T k_t);  S_t = S' + k_t u_t^T;  o_t = scale S_t^T q_t.
-    mode "chunk" (prefill), "recurrent" (decode) or "auto". state_dtype as in linear_attention.
-    Returns (o [B, T, Hv, V], S [N, Hv, K, V] in state_dtype or None)."""
+    mode "chunk" (prefill), "recurrent" (decode) or "auto". state_dtype and kwargs as in linear_attention (the
+    serving keywords with beta_logits too).
+    Returns (o [B, T, Hv, V], S [N, Hv, K, V] in state_dtype or None), and a StateTrace third with a trace."""
     return get("gated_delta_rule", backend)(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                             output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
                                             cu_seqlens=cu_seqlens, mode=mode, state_dtype=state_dtype, **kwargs)

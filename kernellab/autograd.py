@@ -28,6 +28,11 @@ exactly as without this module. `Backend.backward` (kernellab/registry.py) says 
   from the inputs: the Function saves the inputs, never the forward's intermediates, so that forward outputs
   are bitwise those of a call without gradients.
 
+The serving keywords of the linear attentions (kernellab/serving.py) on a backend with a backward of its own:
+fused gating and the read of a pool run under autograd (gradients reach a, A_log, dt_bias, the beta logits and
+the pool rows read), the Function on the plain arguments; the write back into the pool and the trace carry no
+gradient. A backend differentiated by AUTOGRAD (the reference) does all of it in its own differentiable code.
+
 ids, offsets and cu_seqlens carry no gradient; nor do route's ids or a Permutation's offsets and source. A
 Permutation carries its gradient in its x field: moe_permute's Function returns (x, offsets, source) and the
 Permutation is rebuilt around that x, so p.x's gradient flows back to moe_permute's x.
@@ -37,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernellab import guard
+from kernellab import guard, serving
 from kernellab.ops import OPS
 from kernellab.types import Permutation
 
@@ -76,6 +81,10 @@ def apply(backend, inputs: dict, extra: dict):
     op = backend.op
     if backend.backward == AUTOGRAD:
         return backend.impl(**inputs, **extra)
+    if serving.requested(inputs):
+        # the gating and the pool's read under autograd, the backend's Function on the plain arguments
+        return serving.differentiable(lambda plain: apply(backend, plain, extra),
+                                      lambda **arguments: backend.impl(**arguments, **extra), inputs)
     names = tuple(name for name in DIFFERENTIABLE[op] if inputs.get(name) is not None)
     flat = _BackendFunction.apply(backend, inputs, extra, names, *(inputs[name] for name in names))
     return _rebuild(op, flat, inputs)

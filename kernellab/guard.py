@@ -3,7 +3,8 @@ arguments and by kernellab.autograd to the gradients that reach a backward.
 
 A backend declared `row_major=True` (kernellab.registry.Backend) reads its tensors through raw pointers or NumPy
 views as dense row-major memory (compiled loops: numba, MKL, CUDA C++, Triton's pointer arithmetic); every tensor
-it receives is then contiguous: a transposed, sliced or expanded (stride 0) tensor is copied once here, a
+it receives is then contiguous (but a pool of states, written in place: docs/api.md "Serving keywords"): a
+transposed, sliced or expanded (stride 0) tensor is copied once here, a
 contiguous one passes untouched (no copy, no cost beyond the stride check). Backends on torch's own ops (torch,
 reference, sdpa, transformers) handle strides themselves and receive the caller's tensors as they are.
 """
@@ -32,4 +33,7 @@ def layout(backend, arguments: dict) -> dict:
     every tensor contiguous when backend.row_major, else unchanged (the same dict)."""
     if not backend.row_major:
         return arguments
-    return {name: row_major(value) for name, value in arguments.items()}
+    # a pool of states (state_indices given) is written in place: it passes with its strides, never copied
+    pooled = arguments.get("state_indices") is not None
+    return {name: value if pooled and name == "initial_state" else row_major(value)
+            for name, value in arguments.items()}

@@ -23,7 +23,7 @@ from functools import cache
 
 import torch
 
-from kernellab import autograd, guard, validate
+from kernellab import autograd, guard, serving, validate
 from kernellab import ops as op_records
 from kernellab.autograd import AUTOGRAD
 from kernellab.types import BackendUnavailable
@@ -70,6 +70,11 @@ class Backend:
     row_major: its code reads tensors as dense row-major memory (compiled loops through pointers or NumPy views):
               kernellab.guard gives it every tensor argument, and its backward every incoming gradient,
               contiguous. False: torch ops that handle any strides (the caller's tensors pass as they are).
+    serving:  the serving keywords of the linear attentions it implements (kernellab/serving.py: state_indices,
+              output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias,
+              beta_logits): its implementation takes them by keyword when a call sets them (never otherwise: a
+              call without them reaches it as before); a call setting another is a ValueError naming the
+              keyword and the backend, and "auto" takes the first backend of its order that declares them all.
     backward: how the gradients of a call that needs them are computed (kernellab/autograd.py states the contract):
               None, no backward: such a call raises BackendUnavailable; AUTOGRAD ("autograd"): torch's autograd
               through the implementation as written (differentiable torch ops: the reference, SDPA);
@@ -90,6 +95,7 @@ class Backend:
     variance_note: str = ""
     backward: str | None = None
     row_major: bool = False
+    serving: frozenset[str] = frozenset()
 
     def devices(self) -> tuple[str, ...]:
         """Device types ("cpu", "cuda") of the tensors this backend runs on, on this machine now."""
@@ -182,7 +188,8 @@ def _table() -> dict[str, dict[str, Backend]]:
 
 def _reference_backends():
     # its gradients: torch's autograd through the float64 token loops, the yardstick of every backward
-    return family_backends("reference", "reference", ("cpu", "cuda"), OPS, backward={op: AUTOGRAD for op in OPS})
+    found = family_backends("reference", "reference", ("cpu", "cuda"), OPS, backward={op: AUTOGRAD for op in OPS})
+    return [replace(b, serving=serving.KEYWORDS) if b.op in serving.OPS else b for b in found]
 
 
 def _check_op(op):
@@ -213,16 +220,29 @@ def auto_backend(op: str, device: str | torch.device, dtype: torch.dtype | None 
 
 
 @cache
-def _auto(op: str, kind: str, dtype: torch.dtype | None, grad: bool = False) -> str:
+def _auto(op: str, kind: str, dtype: torch.dtype | None, grad: bool = False,
+          keywords: frozenset[str] = frozenset()) -> str:
+    """keywords: the serving keywords the call sets (the backend must declare them all)."""
     runnable = set(backends(op, kind))
     table = _table()[op]
     order = AUTO_ORDER_BY_OP.get((op, kind), AUTO_ORDER.get(kind, ("reference",)))
     for name in order:
         if name in runnable and (dtype is None or dtype in table[name].dtypes) and (
-                not grad or table[name].backward is not None):
+                not grad or table[name].backward is not None) and keywords <= table[name].serving:
             return name
-    raise BackendUnavailable(f"no backend of {op}{' with a backward' if grad else ''} runs on {kind} tensors"
+    raise BackendUnavailable(f"no backend of {op}{' with a backward' if grad else ''}"
+                             f"{f' taking {sorted(keywords)}' if keywords else ''} runs on {kind} tensors"
                              f"{'' if dtype is None else f' of {dtype}'} here")
+
+
+def check_serving(backend: Backend, keywords) -> None:
+    """ValueError naming the keyword and the backend when a call sets a serving keyword the backend lacks."""
+    missing = [name for name in keywords if name not in backend.serving]
+    if missing:
+        able = [name for name, b in registered(backend.op).items() if missing[0] in b.serving]
+        raise ValueError(f"{missing[0]}: backend {backend.name!r} of {backend.op} does not implement this serving "
+                         f"keyword{f' (nor {missing[1:]})' if len(missing) > 1 else ''}; backends that do: "
+                         f"{', '.join(able) or 'none'}")
 
 
 def reset() -> None:
@@ -307,7 +327,10 @@ def get(op: str, name: str = "auto"):
         checked = check(*args, **api)
         tensor = next(iter(checked.values()))  # every op's first argument is a tensor
         grad = torch.is_grad_enabled() and requires_grad(checked)
-        backend = fixed or _lookup(op, _auto(op, tensor.device.type, tensor.dtype, grad))
+        keywords = frozenset(serving.requested(checked))
+        backend = fixed or _lookup(op, _auto(op, tensor.device.type, tensor.dtype, grad, keywords))
+        if keywords:
+            check_serving(backend, keywords)
         if tensor.device.type not in backend.devices():
             raise BackendUnavailable(f"backend {backend.name!r} of {op} does not run on {tensor.device.type} "
                                      f"tensors here (runs on: {', '.join(backend.devices()) or 'nothing here'})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,3 +31,19 @@ class Permutation:
     @property
     def num_experts(self) -> int:
         return self.offsets.shape[0] - 1
+
+
+class StateTrace(NamedTuple):
+    """Recurrent states kept along the way by a linear attention called with output_intermediate_states=True (the
+    state after every token, packed like the tokens) or chunk_states_every=C (the states after C, 2C, ... tokens of
+    each sequence, in order of sequence then position). Not differentiable.
+
+    states:   [M, Hv, K, V] in state_dtype.
+    sequence: int64 [M], the sequence n each row belongs to (a batch row, or a sequence of cu_seqlens).
+    position: int64 [M], the number of that sequence's tokens the state has consumed (1-based: the state after
+              token position - 1).
+    """
+
+    states: torch.Tensor
+    sequence: torch.Tensor
+    position: torch.Tensor

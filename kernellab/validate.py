@@ -35,6 +35,10 @@ RECURRENT_MAX_T = 64
 # -40), so g = -inf and g = -3e38 are a decay of exactly 0 on every backend, and a chunk's float32 cumulative sum
 # of log decays never absorbs its later terms into one huge one.
 LOG_DECAY_MIN = -41.0
+# The serving keywords of the linear attentions (docs/api.md, "Serving keywords ..."; kernellab/serving.py) and
+# their defaults. A checked call carries only those it sets: a call without them is checked and run as before.
+SERVING_DEFAULTS = dict(state_indices=None, output_state_indices=None, output_intermediate_states=False,
+                        chunk_states_every=None, A_log=None, dt_bias=None, beta_logits=False)
 
 
 def auto_mode(T: int, cu_seqlens) -> str:
@@ -183,15 +187,19 @@ def _kv_buffer(name, x, kv_lens, lo, hi):
     return torch.where(valid[:, :, None, None], x, 0)
 
 
-def _recurrent_domain(q, k, v, g, beta, initial_state):
+def _recurrent_domain(q, k, v, g, beta, initial_state, raw_g=False, raw_beta=False):
     """The linear attentions' value checks (docs/api.md "Values outside the domain"), one host read for all:
-    q, k, v, initial_state finite; g without NaN and <= 0; beta in [0, 1] (ValueError naming the argument).
+    q, k, v, initial_state finite; g without NaN and <= 0; beta in [0, 1] (ValueError naming the argument); with
+    fused gating (raw_g: g is the raw gate input a; raw_beta: beta holds logits) those finite instead.
     Returns g, with -inf and every value below LOG_DECAY_MIN raised to LOG_DECAY_MIN (a new tensor; g's gradient
-    passes where it was not raised). Skipped with the other value checks (_check_values): g as given."""
+    passes where it was not raised; a raw g as given). Skipped with the other value checks (_check_values): g as
+    given."""
     if not _check_values():
         return g
-    sums = {name: x for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)) if x is not None}
-    ranges = {name: x for name, x in (("g", g), ("beta", beta)) if x is not None}
+    sums = {name: x for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state),
+                                    ("g", g if raw_g else None), ("beta", beta if raw_beta else None)) if x is not None}
+    ranges = {name: x for name, x in (("g", None if raw_g else g), ("beta", None if raw_beta else beta))
+              if x is not None}
     # device-side reductions first, then one transfer: on a GPU, one synchronisation per call
     found = torch.stack([x.detach().sum().double() for x in sums.values()]
                         + [y.double() for x in ranges.values() for y in torch.aminmax(x.detach())]).tolist()
@@ -203,7 +211,7 @@ def _recurrent_domain(q, k, v, g, beta, initial_state):
         lo, hi = bounds["beta"]
         if not (0.0 <= lo and hi <= 1.0):  # NaN fails both
             raise ValueError(f"beta must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    if g is None:
+    if g is None or raw_g:
         return g
     lo, hi = bounds["g"]
     if math.isnan(lo) or math.isnan(hi):
@@ -213,9 +221,9 @@ def _recurrent_domain(q, k, v, g, beta, initial_state):
     return g.clamp(min=LOG_DECAY_MIN) if lo < LOG_DECAY_MIN else g
 
 
-def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, **per_step):
-    """Shared checks of the two linear-attention recurrences; returns the number of sequences N and the state
-    dtype resolved."""
+def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=None, pooled=False, **per_step):
+    """Shared checks of the two linear-attention recurrences (pooled: initial_state is a pool [P, Hv, K, V] of any
+    P); returns the number of sequences N and the state dtype resolved."""
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)
@@ -242,8 +250,80 @@ def _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype=N
     else:
         N = B
     resolved = _state_dtype(state_dtype, v)
-    _state(initial_state, (N, Hv, K, V), "[N, Hv, K, V]", resolved, state_dtype is not None)
+    if pooled and isinstance(initial_state, torch.Tensor) and initial_state.ndim == 4 and initial_state.shape[0]:
+        _state(initial_state, (initial_state.shape[0], Hv, K, V), "[P, Hv, K, V] (a pool)", resolved,
+               state_dtype is not None)
+    else:
+        _state(initial_state, (N, Hv, K, V), "[P, Hv, K, V] with P >= 1 (a pool)" if pooled else "[N, Hv, K, V]",
+               resolved, state_dtype is not None)
     return N, resolved
+
+
+def _pooled(state_indices, output_state_indices) -> bool:
+    """Whether initial_state is a pool (state_indices given); output_state_indices without it is a ValueError."""
+    if state_indices is None and output_state_indices is not None:
+        raise ValueError("output_state_indices needs state_indices (the pool's rows read)")
+    return state_indices is not None
+
+
+def _rows(name, x, N, P):
+    """x None or int [N] of rows of a pool of P: each in [-1, P) (-1: a padding slot), no row twice."""
+    if x is None:
+        return
+    _tensor(name, x, 1, INDEX_DTYPES)
+    _shape(name, x, (N,), "[N] (one per sequence)")
+    if _check_values() and N:
+        host = x.tolist()
+        if not all(-1 <= row < P for row in host):
+            raise ValueError(f"{name} must lie in [-1, {P}) (rows of the pool; -1: a padding slot), got values in "
+                             f"[{min(host)}, {max(host)}]")
+        used = [row for row in host if row >= 0]
+        if len(set(used)) != len(used):
+            raise ValueError(f"{name} must not name a row of the pool twice, got duplicates in {host}")
+
+
+def _serving(q, v, g, N, initial_state, output_final_state, gate_shape, state_indices=None,
+             output_state_indices=None, output_intermediate_states=False, chunk_states_every=None, A_log=None,
+             dt_bias=None, beta_logits=False):
+    """The serving keywords' checks (docs/api.md "Serving keywords"): N sequences; gate_shape the shape of dt_bias
+    ((Hv,), or (Hv, K) for kda). Returns the keywords a call sets (those away from SERVING_DEFAULTS), normalised,
+    and the rows the call reads from the pool (None without one: for the domain checks)."""
+    if state_indices is not None:
+        if initial_state is None:
+            raise ValueError("state_indices needs initial_state, the pool [P, Hv, K, V] it indexes")
+        if output_final_state:
+            raise ValueError("output_final_state must be False with state_indices: the final states are written "
+                             "into the pool (initial_state), and the op returns None in their place")
+        _same_device("q", q, state_indices=state_indices, output_state_indices=output_state_indices)
+        _rows("state_indices", state_indices, N, initial_state.shape[0])
+    _rows("output_state_indices", output_state_indices, N, 0 if initial_state is None else initial_state.shape[0])
+    if chunk_states_every is not None and (isinstance(chunk_states_every, bool) or not isinstance(
+            chunk_states_every, int) or chunk_states_every < 1):
+        raise ValueError(f"chunk_states_every must be None or an int >= 1, got {chunk_states_every!r}")
+    if output_intermediate_states and chunk_states_every is not None:
+        raise ValueError("output_intermediate_states and chunk_states_every cannot be given together (one trace "
+                         "per call)")
+    if (A_log is None) != (dt_bias is None):
+        raise ValueError(f"{'dt_bias' if A_log is not None else 'A_log'} must be given with "
+                         f"{'A_log' if A_log is not None else 'dt_bias'} (fused gating takes both), got None")
+    if A_log is not None:
+        if g is None:
+            raise ValueError("g must hold the raw gate input a with A_log and dt_bias, got None")
+        _tensor("A_log", A_log, 1)
+        _shape("A_log", A_log, gate_shape[:1], "[Hv]")
+        _tensor("dt_bias", dt_bias, len(gate_shape))
+        _shape("dt_bias", dt_bias, gate_shape, "[Hv]" if len(gate_shape) == 1 else "[Hv, K]")
+        _same_device("q", q, A_log=A_log, dt_bias=dt_bias)
+        if _check_values():
+            _finite("A_log", A_log)
+            _finite("dt_bias", dt_bias)
+    found = dict(state_indices=state_indices, output_state_indices=output_state_indices,
+                 output_intermediate_states=bool(output_intermediate_states), chunk_states_every=chunk_states_every,
+                 A_log=A_log, dt_bias=dt_bias, beta_logits=bool(beta_logits))
+    read = None
+    if state_indices is not None and _check_values():
+        read = initial_state.index_select(0, state_indices[state_indices >= 0].long())
+    return {name: value for name, value in found.items() if value is not None and value is not False}, read
 
 
 def _mode(mode, T, cu_seqlens):
@@ -253,46 +333,85 @@ def _mode(mode, T, cu_seqlens):
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     mode="auto", state_dtype=None):
-    _, state_dtype = _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
-                                       initial_state, cu_seqlens, state_dtype, g=g)
+                     mode="auto", state_dtype=None, state_indices=None, output_state_indices=None,
+                     output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None):
+    N, state_dtype = _recurrent_inputs(q, k, v, q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1,
+                                       initial_state, cu_seqlens, state_dtype,
+                                       _pooled(state_indices, output_state_indices), g=g)
     if v.shape[2] != q.shape[2]:
         raise ValueError(f"v must have the {q.shape[2]} heads of q, got {v.shape[2]}")
-    g = _recurrent_domain(q, k, v, g, None, initial_state)
+    serving, read = _serving(q, v, g, N, initial_state, output_final_state, (v.shape[2],), state_indices,
+                             output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias)
+    g = _recurrent_domain(q, k, v, g, None, initial_state if state_indices is None else read, raw_g=A_log is not None)
     return dict(q=q, k=k, v=v, g=g, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
-                mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
+                mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype, **serving)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm=False, cu_seqlens=None, mode="auto", state_dtype=None):
+                     use_qk_l2norm=False, cu_seqlens=None, mode="auto", state_dtype=None, state_indices=None,
+                     output_state_indices=None, output_intermediate_states=False, chunk_states_every=None, A_log=None,
+                     dt_bias=None, beta_logits=False):
     if g is None:
         raise ValueError("g must be a tensor [B, T, Hv], got None")
     if beta is None:
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
-    _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, g=g, beta=beta)
-    g = _recurrent_domain(q, k, v, g, beta, initial_state)
+    N, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype,
+                                       _pooled(state_indices, output_state_indices), g=g, beta=beta)
+    serving, read = _serving(q, v, g, N, initial_state, output_final_state, (v.shape[2],), state_indices,
+                             output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias,
+                             beta_logits)
+    g = _recurrent_domain(q, k, v, g, beta, initial_state if state_indices is None else read,
+                          raw_g=A_log is not None, raw_beta=bool(beta_logits))
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
-                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
+                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype, **serving)
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False,
-        cu_seqlens=None, mode="auto", state_dtype=None):
-    """gated_delta_rule's checks, with g [B, T, Hv, K] (a log decay per key channel) in place of [B, T, Hv]."""
+        cu_seqlens=None, mode="auto", state_dtype=None, state_indices=None, output_state_indices=None,
+        output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None, beta_logits=False):
+    """gated_delta_rule's checks, with g [B, T, Hv, K] (a log decay per key channel) in place of [B, T, Hv]
+    (dt_bias [Hv, K] with fused gating)."""
     if g is None:
         raise ValueError("g must be a tensor [B, T, Hv, K], got None")
     if beta is None:
         raise ValueError("beta must be a tensor [B, T, Hv], got None")
     heads_k = q.shape[2] if isinstance(q, torch.Tensor) and q.ndim == 4 else 1
-    _, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype, beta=beta)
+    N, state_dtype = _recurrent_inputs(q, k, v, heads_k, initial_state, cu_seqlens, state_dtype,
+                                       _pooled(state_indices, output_state_indices), beta=beta)
     _tensor("g", g, 4)
     _same_device("q", q, g=g)
     _shape("g", g, (*v.shape[:3], q.shape[3]), "[B, T, Hv, K]")
+    serving, _ = _serving(q, v, g, N, initial_state, output_final_state, (v.shape[2], q.shape[3]), state_indices,
+                          output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias,
+                          beta_logits)
     return dict(q=q, k=k, v=v, g=g, beta=beta, scale=_scale(scale, q.shape[-1]), initial_state=initial_state,
                 output_final_state=bool(output_final_state), use_qk_l2norm=bool(use_qk_l2norm),
-                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype)
+                cu_seqlens=cu_seqlens, mode=_mode(mode, q.shape[1], cu_seqlens), state_dtype=state_dtype, **serving)
+
+
+def commit_states(pool, states, state_indices, cu_seqlens, accepted):
+    """kernellab.commit_states' checks: pool [P, Hv, K, V]; states [M, Hv, K, V] of pool's dtype and device;
+    state_indices int [N] in [-1, P), no row twice; cu_seqlens int [N + 1] from 0 to M, non-decreasing; accepted
+    int [N] with 0 <= accepted[n] <= cu_seqlens[n + 1] - cu_seqlens[n]."""
+    _tensor("pool", pool, 4)
+    _tensor("states", states, 4, (pool.dtype,))
+    if tuple(states.shape[1:]) != tuple(pool.shape[1:]):
+        raise ValueError(f"states must be [M, Hv, K, V] with the pool's {tuple(pool.shape[1:])}, got "
+                         f"{tuple(states.shape)}")
+    _same_device("pool", pool, states=states, state_indices=state_indices, cu_seqlens=cu_seqlens, accepted=accepted)
+    _offsets("cu_seqlens", cu_seqlens, states.shape[0], "M (states' rows)")
+    N = cu_seqlens.shape[0] - 1
+    _rows("state_indices", state_indices, N, pool.shape[0])
+    _tensor("accepted", accepted, 1, INDEX_DTYPES)
+    _shape("accepted", accepted, (N,), "[N]")
+    if _check_values():
+        room = cu_seqlens.diff()
+        if bool(((accepted < 0) | (accepted > room)).any()):
+            raise ValueError(f"accepted must lie in [0, the sequence's length] = [0, {room.tolist()}], got "
+                             f"{accepted.tolist()}")
 
 
 def attention(q, k, v, causal=True, scale=None, cu_seqlens=None, kv_lens=None):

@@ -29,3 +29,12 @@ def sequences(B, T, cu_seqlens):
         return [(b, 0, T) for b in range(B)]
     bounds = cu_seqlens.tolist()
     return [(0, s, e) for s, e in zip(bounds, bounds[1:])]
+
+
+
+def kept_states(kept, every, shape, device):
+    """A token loop's kept states (output_intermediate_states, chunk_states_every): the list stacked [M, *shape]
+    (float64), None without a trace (every None)."""
+    if not every:
+        return None
+    return torch.stack(kept) if kept else torch.zeros(0, *shape, dtype=torch.float64, device=device)

@@ -1,31 +1,44 @@
 """Scalar-gated linear attention, one token at a time."""
 import torch
 
-from reference._common import f64, sequences, stored, stored_state_dtype
+from kernellab import serving
+from reference._common import f64, kept_states, sequences, stored, stored_state_dtype
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     mode="auto", state_dtype=None):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state [N, H, K, V].
+                     mode="auto", state_dtype=None, state_indices=None, output_state_indices=None,
+                     output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None):
+    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state [N, H, K, V] (a pool [P, H, K, V]
+    with state_indices).
 
     Per head: S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t.
-    Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] in state_dtype (or None). Every mode runs
-    the token loop (the same function); the state is rounded to state_dtype after every
-    token's output."""
+    Returns o [B, T, H, V] in v's dtype and the final states [N, H, K, V] in state_dtype (or None), and a
+    StateTrace with output_intermediate_states or chunk_states_every. Every mode runs the token loop (the same
+    function); the state is rounded to state_dtype after every token's output. The serving keywords as
+    docs/api.md's (fused gating in float64)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dtype = stored_state_dtype(v, state_dtype)
-    q, k, vv, g, s0 = f64(q, k, v, g, initial_state)
-    o = torch.zeros(B, T, H, V, dtype=torch.float64, device=q.device)
-    finals = []
-    for n, (b, start, end) in enumerate(sequences(B, T, cu_seqlens)):
-        S = s0[n].clone() if s0 is not None else torch.zeros(H, K, V, dtype=torch.float64, device=q.device)
-        for t in range(start, end):
-            decay = torch.ones(H, dtype=torch.float64, device=q.device) if g is None else g[b, t].exp()
-            S = decay[:, None, None] * S + k[b, t][:, :, None] * vv[b, t][:, None, :]
-            o[b, t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
-            S = stored(S, dtype)  # the step's output reads the state before it is stored
-        finals.append(S)
-    final = torch.stack(finals).to(dtype) if output_final_state else None
-    return o.to(v.dtype), final
+    g, _ = serving.gates(g, None, A_log, dt_bias, False, torch.float64)
+    q, k, vv, g = f64(q, k, v, g)
+
+    def loop(s0, every):
+        s0 = f64(s0)[0]
+        o = torch.zeros(B, T, H, V, dtype=torch.float64, device=q.device)
+        finals, kept = [], []
+        for n, (b, start, end) in enumerate(sequences(B, T, cu_seqlens)):
+            S = s0[n].clone() if s0 is not None else torch.zeros(H, K, V, dtype=torch.float64, device=q.device)
+            for t in range(start, end):
+                decay = torch.ones(H, dtype=torch.float64, device=q.device) if g is None else g[b, t].exp()
+                S = decay[:, None, None] * S + k[b, t][:, :, None] * vv[b, t][:, None, :]
+                o[b, t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
+                S = stored(S, dtype)  # the step's output reads the state before it is stored
+                if every and (t - start + 1) % every == 0:
+                    kept.append(S)
+            finals.append(S)
+        return o.to(v.dtype), torch.stack(finals), kept_states(kept, every, (H, K, V), q.device)
+
+    return serving.serve(loop, "reference", serving.CHUNK_MULTIPLE, B, T, initial_state, output_final_state,
+                         cu_seqlens, dtype, state_indices, output_state_indices, output_intermediate_states,
+                         chunk_states_every)

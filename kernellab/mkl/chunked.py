@@ -21,6 +21,7 @@ import numba
 import numpy as np
 import torch
 
+from kernellab import serving
 from kernellab.mkl.packed import _library
 from kernellab.torch.linear_attention import LOG_DECAY_FLOOR, l2norm_backward, start_state
 from kernellab.validate import STATE_ROUNDING
@@ -208,6 +209,39 @@ def _sequences(B, T, cu_seqlens):
         return torch.arange(0, B * T, T, dtype=torch.int64), torch.full((B,), T, dtype=torch.int64)
     bounds = cu_seqlens.to(torch.int64)
     return bounds[:-1], bounds.diff()
+
+
+def by_segments(run, tokens: dict, B: int, T: int, cu_seqlens, every: int, initial_state):
+    """The states after every, 2 every, ... tokens of each sequence (chunk_states_every) from a chunked loop that
+    keeps none: run(tokens, cu_seqlens, initial_state) -> (o [1, T', H, V], final state [N, H, K, V]) called on
+    segments of `every` tokens of each sequence (packed: a sequence's piece of a segment may be empty), the state
+    passed from one to the next. every is a multiple of the chunk: the chunk boundaries, and so the outputs and
+    the final states, are those of one call (bitwise). tokens: {name: [B, T, ...]}; initial_state [N, H, K, V] or
+    None. Returns o [B, T, H, V], the final state and the kept states [M, H, K, V] (serving.kept_rows' order)."""
+    sizes = serving.lengths(B, T, cu_seqlens)
+    starts = torch.arange(B) * T if cu_seqlens is None else cu_seqlens[:-1].cpu().long()
+    flat = {name: x.reshape(1, B * T, *x.shape[2:]) for name, x in tokens.items()}
+    o, kept, state = None, [], initial_state
+    for j in range(-(-int(sizes.max()) // every)):
+        pieces = (sizes - j * every).clamp(0, every)
+        rows = torch.cat([torch.arange(start + j * every, start + j * every + piece)
+                          for start, piece in zip(starts.tolist(), pieces.tolist())])
+        bounds = torch.cat([torch.zeros(1, dtype=torch.int64), pieces.cumsum(0)])
+        part, state = run({name: x[:, rows] for name, x in flat.items()}, bounds, state)
+        o = part.new_empty(1, B * T, *part.shape[2:]) if o is None else o
+        o[:, rows] = part
+        kept.append(state)
+    return o.view(B, T, *o.shape[2:]), state, serving.kept_rows(torch.stack(kept), sizes, every)
+
+
+def serving_loop(run, tokens: dict, B: int, T: int, cu_seqlens):
+    """kernellab.serving.serve's loop(s0, every) for a compiled chunked loop run(tokens, cu_seqlens, s0) -> (o,
+    final) (by_segments'): one call, or by_segments for the states every `every` tokens."""
+    def loop(s0, every):
+        if every is None:
+            return *run(tokens, cu_seqlens, s0), None
+        return by_segments(run, tokens, B, T, cu_seqlens, every, s0)
+    return loop
 
 
 def chunked(q, k, v, g, beta, scale, initial_state, cu_seqlens, state_dtype, use_qk_l2norm=False, chunk_size=None):

@@ -16,10 +16,11 @@ import numba
 import numpy as np
 import torch
 
+from kernellab import serving
 from kernellab.mkl.chunked import (CHUNK_SIZE, _blas_scratch, _decay, _gemm, _heads, _mkl_local_threads, _rows,
-                                   _scaled_rows, _sequences, _solve_unit_lower, _store)
+                                   _scaled_rows, _sequences, _solve_unit_lower, _store, serving_loop)
 from kernellab.torch import kda as torch_kda
-from kernellab.torch.linear_attention import start_state
+from kernellab.torch.linear_attention import chunk_states_multiple, start_state
 from kernellab.validate import STATE_ROUNDING
 
 
@@ -102,26 +103,38 @@ def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm,
 
 
 def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode, state_dtype,
-        chunk_size=None):
+        chunk_size=None, state_indices=None, output_state_indices=None, output_intermediate_states=False,
+        chunk_states_every=None, A_log=None, dt_bias=None, beta_logits=False):
     """As kernellab.torch.kda.kda: q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv, K]; beta [B, T, Hv];
-    initial_state None or [N, Hv, K, V] in state_dtype. Returns o [B, T, Hv, V] in v's dtype and the final state
-    [N, Hv, K, V] in state_dtype or None. chunk_size: default kernellab.mkl.chunked's (16)."""
-    if mode != "chunk" or v.dtype == torch.float64:
+    initial_state None or [N, Hv, K, V] in state_dtype (a pool [P, Hv, K, V] with state_indices). Returns o
+    [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None, and a StateTrace with a
+    trace. chunk_size: default kernellab.mkl.chunked's (16). The serving keywords as the gated delta rule's (mkl)."""
+    if mode != "chunk" or v.dtype == torch.float64 or output_intermediate_states:
         return torch_kda.kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                             mode, state_dtype, chunk_size=chunk_size)
+                             mode, state_dtype, chunk_size, state_indices, output_state_indices,
+                             output_intermediate_states, chunk_states_every, A_log, dt_bias, beta_logits)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, torch.float32)
     B, T, Hv, V = v.shape
-    starts, lengths = _sequences(B, T, cu_seqlens)
-    state = start_state(initial_state, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
-    out = torch.empty(B * T, Hv, V, dtype=torch.float32)
-    _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
-         out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
-    return out.view(B, T, Hv, V).to(v.dtype), state.to(state_dtype) if output_final_state else None
+
+    def run(tokens, bounds, s0):
+        q, k, v, g, beta = tokens.values()
+        starts, lengths = _sequences(*v.shape[:2], bounds)
+        state = start_state(s0, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
+        out = torch.empty(v.shape[0] * v.shape[1], Hv, V, dtype=torch.float32)
+        _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
+             out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
+        return out.view(*v.shape).to(v.dtype), state.to(state_dtype)
+
+    loop = serving_loop(run, dict(q=q, k=k, v=v, g=g, beta=beta), B, T, cu_seqlens)
+    return serving.serve(loop, "mkl", chunk_states_multiple("chunk", chunk_size or CHUNK_SIZE), B, T, initial_state,
+                         output_final_state, cu_seqlens, state_dtype, state_indices, output_state_indices,
+                         output_intermediate_states, chunk_states_every)
 
 
 # ------------------------------------------------------------------------------------------------ backward
 #
-# The chunked backward as explicit products (no autograd graph), group by group as kernellab.torch.kda.kda_backward
-# walks them (that function is the driver; this file gives it group_backward). Per group, the state-free terms of
+# The chunked backward as explicit products (no autograd graph), group by group as
+# kernellab.torch.kda.chunked_backward walks them (that function is the driver; this file gives it group_backward). Per group, the state-free terms of
 # every chunk at once (kernellab.torch.kda.chunk_terms), then two loops of batched MKL GEMMs (torch.bmm) over its
 # chunks, the only sequential work: forward, the state at each chunk's start S0 and v_new = u - w S0; backward, from
 # the gradient dS1 of the state at the chunk's end,
@@ -190,7 +203,7 @@ def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
 
 def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                  state_dtype, chunk_size=None):
-    """The gradients of kda (kernellab.autograd's contract): kernellab.torch.kda.kda_backward's groups, each by
+    """The gradients of kda (kernellab.autograd's contract): kernellab.torch.kda.chunked_backward's groups, each by
     group_backward's explicit products. Returns kernellab.torch.kda.kda_backward's dict."""
-    return torch_kda.kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                  cu_seqlens, mode, state_dtype, chunk_size=chunk_size, group_backward=group_backward)
+    return torch_kda.chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state,
+                                      use_qk_l2norm, cu_seqlens, mode, state_dtype, chunk_size, group_backward)

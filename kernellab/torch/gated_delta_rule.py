@@ -15,9 +15,10 @@ All of this runs on groups of CHUNK_GROUP chunks in turn, so that a group's inte
 """
 import torch
 
-from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, ChunkLayout, chunked_backward, compute_dtype,
-                                            decay_exp_, decay_matrix, flush_tiny_, l2norm_backward, l2norm_scale,
-                                            recurrent_pass, start_state, state_pass)
+from kernellab import serving
+from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, ChunkLayout, chunk_states_multiple,
+                                            chunked_backward, compute_dtype, decay_exp_, decay_matrix, flush_tiny_,
+                                            l2norm_backward, l2norm_scale, recurrent_pass, start_state, state_pass)
 
 # On CPU the intra-chunk work (C^2 per token and head: decay matrices, triangular solve, k k^T) costs more than a
 # twice longer sequential pass: chunks of 32 measured 20% faster than 64 at T = 8192, K = V = 128 (linear
@@ -26,10 +27,12 @@ CPU_CHUNK_SIZE = 32
 
 
 def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-               initial_state: torch.Tensor | None, state_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               initial_state: torch.Tensor | None, state_dtype: torch.dtype,
+               keep: serving.Keep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-major inputs: q (already scaled), k [NC, N, Hk, C, K]; v [NC, N, Hk, G, C, V] (overwritten: it holds
     the output); g, beta [NC, N, Hk, G, C]; initial_state None or [N, Hk * G, K, V]; the state between chunks stored
-    in state_dtype. Returns o [NC, N, Hk, G, C, V] and the final state [N * Hk * G, K, V] in v's dtype."""
+    in state_dtype (and kept at chunk boundaries by keep where due). Returns o [NC, N, Hk, G, C, V] and the final
+    state [N * Hk * G, K, V] in v's dtype."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
@@ -54,7 +57,7 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     q_decayed = (q.unsqueeze(3) * gamma[..., None]).view(NC, M, C, K)
     o = v.view(NC, M, C, V)  # v is spent (u holds it): the output takes its place
     state = state_pass(keys, u, gamma[..., -1].reshape(NC, M), q_decayed, o, initial_state, state_dtype,
-                       w=w)  # u: v_new
+                       w=w, keep=keep)  # u: v_new
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), u.view(NC * M, C, V))
     return o.view(NC, N, Hk, G, C, V), state
 
@@ -102,37 +105,65 @@ def _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, chunk_size
 
 @torch.no_grad()
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     state_dtype, chunk_size=None):
+                     state_dtype, chunk_size=None, state_indices=None, output_state_indices=None,
+                     output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None,
+                     beta_logits=False):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state None or [N, Hv, K, V] in
-    state_dtype. Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size: default 32 on
-    CPU, 64 on GPUs) or "recurrent".
-    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None. Computes in
-    float32 (float64 for float64 inputs); the state carried between chunks (or tokens) is rounded to
-    state_dtype."""
+    state_dtype (a pool [P, Hv, K, V] with state_indices). Value head h reads key head h // (Hv // Hk). mode
+    "chunk" (chunks of chunk_size: default 32 on CPU, 64 on GPUs) or "recurrent".
+    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None, and a StateTrace
+    with a trace. Computes in float32 (float64 for float64 inputs); the state carried between chunks (or tokens)
+    is rounded to state_dtype. The serving keywords (docs/api.md): fused gating in float32 first; the pool's rows
+    read and written in place (kernellab.serving.Pool); states kept by the token loop or at chunk boundaries.
+    output_intermediate_states runs the token loop in either mode (the chunked form has no state per token), and
+    on a batch without cu_seqlens as decode steps one token after another, so that a verify of T draft tokens is
+    bitwise T decode calls (outputs and states)."""
     T, K = q.shape[1], q.shape[3]
-    Hv, V = v.shape[2], v.shape[3]
+    B, Hv, V = v.shape[0], v.shape[2], v.shape[3]
     dtype = compute_dtype(v)
-    if mode == "recurrent" and T == 1 and cu_seqlens is None:
-        o, state = decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype)
-        return o, state.to(state_dtype) if output_final_state else None
+    # (a verify on a batch gates token by token, as its decode steps do)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype,
+                            by_token=output_intermediate_states and cu_seqlens is None)
     chunk_size = chunk_size or (CPU_CHUNK_SIZE if q.device.type == "cpu" else CHUNK_SIZE)
-    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens,
-                                               chunk_size if mode == "chunk" else 1, dtype)
-    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
-    if mode == "chunk":
-        # Groups of chunks one after the other, each from the last one's final state: the intermediates of a
-        # group (a few MB) stay in cache instead of streaming through memory. The output overwrites vc.
-        state = initial_state
-        for start in range(0, NC, CHUNK_GROUP):
-            group = slice(start, start + CHUNK_GROUP)
-            o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state, state_dtype)
-        o = vc
-        state = state.view(N, Hv, K, V).to(state_dtype) if output_final_state else None  # the pass's own buffer
-    else:
-        o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], initial_state,
-                                  state_dtype)
-        state = state.reshape(N, Hv, K, V).to(state_dtype) if output_final_state else None
-    return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state
+    mode = "recurrent" if output_intermediate_states else mode
+    sizes = serving.lengths(B, T, cu_seqlens)
+
+    def loop(s0, every):
+        keep = None if every is None else serving.Keep(every if mode == "recurrent" else every // chunk_size)
+        if mode == "recurrent" and cu_seqlens is None and (T == 1 or output_intermediate_states):
+            # decode steps; between two, the state is stored in state_dtype as a decode call's pool row
+            outputs, state = [], s0
+            for t in range(T):
+                o, state = decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1],
+                                       scale, state, use_qk_l2norm, dtype)
+                outputs.append(o)
+                if T > 1:
+                    state = state.to(state_dtype)
+                if keep is not None and keep.due():
+                    keep.add(state)
+            o = outputs[0] if T == 1 else torch.cat(outputs, dim=1)
+            return o, state, None if keep is None else keep.rows(sizes, 1, state)
+        layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens,
+                                                   chunk_size if mode == "chunk" else 1, dtype)
+        NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+        if mode == "chunk":
+            # Groups of chunks one after the other, each from the last one's final state: the intermediates of a
+            # group (a few MB) stay in cache instead of streaming through memory. The output overwrites vc.
+            state = s0
+            for start in range(0, NC, CHUNK_GROUP):
+                group = slice(start, start + CHUNK_GROUP)
+                o, state = wy_chunked(qc[group], kc[group], vc[group], gc[group], bc[group], state, state_dtype, keep)
+            o = vc
+        else:
+            o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0], bc[..., 0], s0,
+                                      state_dtype, keep)
+        state = state.reshape(N, Hv, K, V)  # (the pass's own buffer)
+        kept = None if keep is None else keep.rows(sizes, C, state)
+        return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state, kept
+
+    return serving.serve(loop, "torch", chunk_states_multiple(mode, chunk_size), B, T, initial_state,
+                         output_final_state, cu_seqlens, state_dtype, state_indices, output_state_indices,
+                         output_intermediate_states, chunk_states_every)
 
 
 @torch.no_grad()

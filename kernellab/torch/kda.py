@@ -21,9 +21,10 @@ import math
 
 import torch
 
+from kernellab import serving
 from kernellab.torch.gated_delta_rule import CPU_CHUNK_SIZE, _chunk_inputs
-from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, LOG_DECAY_FLOOR, compute_dtype, l2norm_backward,
-                                            recurrent_pass)
+from kernellab.torch.linear_attention import (CHUNK_GROUP, CHUNK_SIZE, LOG_DECAY_FLOOR, chunk_states_multiple,
+                                            compute_dtype, l2norm_backward, recurrent_pass)
 
 # Elements of D ([chunks, sequences x value heads, C, C, K]) computed at once: 2^21 float32 = 8 MB, so that D and
 # the temporaries of its elementwise passes and einsums stay in a 32 MB L3. At 2^24 (a group of 16 chunks from T = 512
@@ -78,9 +79,10 @@ def chunk_terms(q, k, v, g, beta):
                 reads=gamma * qe, last=_decay(gcum[..., -1, :]))
 
 
-def chunk_group(q, k, v, g, beta, state, state_dtype):
+def chunk_group(q, k, v, g, beta, state, state_dtype, keep=None):
     """One group of chunks, chunk-major (chunk_terms' shapes); state [N Hk G, K, V] at the first chunk's start (or
-    None: zeros). The state after each chunk is rounded to state_dtype. Differentiable (out of place).
+    None: zeros). The state after each chunk is rounded to state_dtype (and kept by keep, a serving.Keep, where
+    due). Differentiable (out of place).
     Returns o [NC, N, Hk, G, C, V] and the state after the last chunk [N Hk G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
@@ -95,6 +97,8 @@ def chunk_group(q, k, v, g, beta, state, state_dtype):
         outputs.append(o)
         state = _stored(t["last"][j].reshape(M, K, 1) * state
                         + torch.bmm(t["keys"][j].reshape(M, C, K).transpose(1, 2), v_new), state_dtype)
+        if keep is not None and keep.due():
+            keep.add(state)
     return torch.stack(outputs).view(NC, N, Hk, G, C, V), state
 
 
@@ -126,38 +130,58 @@ def _chunk_size(q, chunk_size):
 
 @torch.no_grad()
 def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode, state_dtype,
-        chunk_size=None):
+        chunk_size=None, state_indices=None, output_state_indices=None, output_intermediate_states=False,
+        chunk_states_every=None, A_log=None, dt_bias=None, beta_logits=False):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g [B, T, Hv, K]; beta [B, T, Hv]; initial_state None or
-    [N, Hv, K, V] in state_dtype. Value head h reads key head h // (Hv // Hk). mode "chunk" (chunks of chunk_size:
-    default 32 on CPU, 64 on GPUs, as the gated delta rule's) or "recurrent" (the gated delta rule's token loop
-    with a decay per key channel).
-    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None. Computes in
-    float32 (float64 for float64 inputs); the state carried between chunks (or tokens) is rounded to
-    state_dtype."""
-    K = q.shape[3]
-    Hv, V = v.shape[2], v.shape[3]
+    [N, Hv, K, V] in state_dtype (a pool [P, Hv, K, V] with state_indices). Value head h reads key head
+    h // (Hv // Hk). mode "chunk" (chunks of chunk_size: default 32 on CPU, 64 on GPUs, as the gated delta rule's)
+    or "recurrent" (the gated delta rule's token loop with a decay per key channel).
+    Returns o [B, T, Hv, V] in v's dtype and the final state [N, Hv, K, V] in state_dtype or None, and a StateTrace
+    with a trace. Computes in float32 (float64 for float64 inputs); the state carried between chunks (or tokens)
+    is rounded to state_dtype. The serving keywords as the gated delta rule's (dt_bias [Hv, K]);
+    output_intermediate_states runs the token loop in either mode."""
+    T, K = q.shape[1], q.shape[3]
+    B, Hv, V = v.shape[0], v.shape[2], v.shape[3]
     dtype = compute_dtype(v)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype,
+                            by_token=output_intermediate_states and cu_seqlens is None)
+    mode = "recurrent" if output_intermediate_states else mode
     size = _chunk_size(q, chunk_size) if mode == "chunk" else 1
-    layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, size, dtype)
-    NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
-    if mode == "chunk":
-        state = None if initial_state is None else initial_state.reshape(N * Hv, K, V).to(dtype)
-        outputs = []
-        for group in _groups(NC, layout, Hv, K):
-            o, state = chunk_group(qc[group], kc[group], vc[group], gc[group], bc[group], state, state_dtype)
-            outputs.append(o)
-        o = torch.cat(outputs)
-    else:
-        o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0, :], bc[..., 0],
-                                  initial_state, state_dtype)
-    state = state.reshape(N, Hv, K, V).to(state_dtype) if output_final_state else None
-    return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state
+
+    def loop(s0, every):
+        keep = None if every is None else serving.Keep(every // size)
+        layout, qc, kc, vc, gc, bc = _chunk_inputs(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, size, dtype)
+        NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
+        if mode == "chunk":
+            state = None if s0 is None else s0.reshape(N * Hv, K, V).to(dtype)
+            outputs = []
+            for group in _groups(NC, layout, Hv, K):
+                o, state = chunk_group(qc[group], kc[group], vc[group], gc[group], bc[group], state, state_dtype, keep)
+                outputs.append(o)
+            o = torch.cat(outputs)
+        else:
+            o, state = recurrent_pass(qc[..., 0, :], kc[..., 0, :], vc[..., 0, :], gc[..., 0, :], bc[..., 0], s0,
+                                      state_dtype, keep)
+        state = state.reshape(N, Hv, K, V)
+        kept = None if keep is None else keep.rows(serving.lengths(B, T, cu_seqlens), C, state)
+        return layout.from_chunks(o.reshape(NC, N, Hv, C, V), v.dtype), state, kept
+
+    return serving.serve(loop, "torch", chunk_states_multiple(mode, _chunk_size(q, chunk_size)), B, T, initial_state,
+                         output_final_state, cu_seqlens, state_dtype, state_indices, output_state_indices,
+                         output_intermediate_states, chunk_states_every)
 
 
 @torch.no_grad()
 def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                 state_dtype, chunk_size=None, group_backward=autograd_group_backward):
-    """The gradients of kda (kernellab.autograd's contract): grads {"o": [B, T, Hv, V] or None, "final_state":
+                 state_dtype, chunk_size=None):
+    """The gradients of kda (kernellab.autograd's contract): chunked_backward with autograd's groups."""
+    return chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                            cu_seqlens, mode, state_dtype, chunk_size)
+
+
+def chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
+                     mode, state_dtype, chunk_size=None, group_backward=autograd_group_backward):
+    """The gradients of kda: grads {"o": [B, T, Hv, V] or None, "final_state":
     [N, Hv, K, V] or None}; the inputs as the forward's. Whatever the forward's mode (the same function): a pass
     over the groups of chunks keeps each group's starting state; then, last group first, the group is recomputed
     under autograd from its state and differentiated with the gradient of its outputs and of its final state,

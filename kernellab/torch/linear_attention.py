@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernellab import serving
+
 
 CHUNK_SIZE = 64
 CHUNK_GROUP = 32  # chunks computed together (1024 tokens at chunk 32, 2048 at chunk 64)
@@ -130,7 +132,7 @@ def start_state(initial_state: torch.Tensor | None, shape: tuple[int, ...], dtyp
 
 def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tensor, reads: torch.Tensor,
                out: torch.Tensor, initial_state: torch.Tensor | None, state_dtype: torch.dtype,
-               w: torch.Tensor | None = None) -> torch.Tensor:
+               w: torch.Tensor | None = None, keep: serving.Keep | None = None) -> torch.Tensor:
     """The sequential pass over chunks: the only state-dependent work, three matmuls per chunk at most.
 
     keys [NC, M, C, K], values [NC, M, C, V] (M = sequences x value heads); with S_j the state at the start of
@@ -138,8 +140,9 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
       w [NC, M, C, K] (the delta rule): values_j -= w_j S_j                  (values updated in place)
       out_j = reads_j S_j                                                  (reads [NC, M, C, K], out [NC, M, C, V])
       S_{j+1} = chunk_decay_j S_j + keys_j^T values_j                      (chunk_decay [NC, M])
-    S_{j+1} is stored rounded to state_dtype (store_). Returns the final state [M, K, V] in values' dtype. Two state buffers in turn: the state stays in cache, and the outputs' reads
-    of it (out) happen here rather than from a stored state per chunk."""
+    S_{j+1} is stored rounded to state_dtype (store_); keep (chunk_states_every) keeps it where due. Returns the final state [M, K, V] in values' dtype. Two state buffers in turn: the
+    state stays in cache, and the outputs' reads of it (out) happen here rather than from a stored state per
+    chunk."""
     NC, M, C, K = keys.shape
     state = start_state(initial_state, (M, K, values.shape[-1]), values.dtype, values.device)
     spare = torch.empty_like(state)
@@ -153,16 +156,20 @@ def state_pass(keys: torch.Tensor, values: torch.Tensor, chunk_decay: torch.Tens
         torch.bmm(read, state, out=out_j)
         store_(torch.mul(state, decay, out=spare).baddbmm_(keys_t, value), state_dtype)
         state, spare = spare, state
+        if keep is not None and keep.due():
+            keep.add(state)
     return state
 
 
 def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
-                   initial_state: torch.Tensor | None, state_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                   initial_state: torch.Tensor | None, state_dtype: torch.dtype,
+                   keep: serving.Keep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token, time-major. q (already scaled), k [T, N, Hk, K]; v [T, N, Hk, G, V]; g, beta [T, N, Hk, G]
     (or g [T, N, Hk, G, K], a decay per key channel: Kimi Delta Attention); initial_state None or [N, Hk * G, K, V] (never written). beta None: linear attention, S = exp(g) S + k v^T;
     else the delta rule, u = beta (v - S'^T k), S = S' + k u^T with S' = exp(g) S. After each token's output the
     state is stored rounded to state_dtype (store_). The state is kept as [N, Hk, K, G, V] (the G value heads of a key head side by side), so that q and k are
-    never repeated. Returns o [T, N, Hk, G, V] and the final state [N, Hk, G, K, V] (a strided view)."""
+    never repeated; keep (output_intermediate_states, chunk_states_every) keeps the stored state where due.
+    Returns o [T, N, Hk, G, V] and the final state [N, Hk, G, K, V] (a strided view)."""
     T, N, Hk, K = k.shape
     G, V = v.shape[-2:]
     state = torch.empty(N, Hk, K, G, V, dtype=v.dtype, device=v.device)
@@ -184,6 +191,8 @@ def recurrent_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         u = v[t] if beta is None else (v[t] - read[:, :, 0]).mul_(beta[t][..., None])
         torch.addcmul(read[:, :, -1], qk[t], u, out=o[t])
         store_(flat.baddbmm_(k[t].reshape(N * Hk, K, 1), u.reshape(N * Hk, 1, G * V)), state_dtype)
+        if keep is not None and keep.due():
+            keep.add(state.transpose(2, 3))
     return o, state.transpose(2, 3)
 
 
@@ -194,9 +203,10 @@ def l2norm_scale(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> tor
     return norm.square_().add_(1e-6).rsqrt_().mul_(scale)
 
 
-def chunked(q, k, v, g, initial_state, state_dtype):
+def chunked(q, k, v, g, initial_state, state_dtype, keep=None):
     """Chunked linear attention on chunk-major inputs: q (already scaled), k [NC, N, H, C, K]; v [NC, N, H, C, V];
-    g [NC, N, H, C]; initial_state None or [N, H, K, V]; the state between chunks stored in state_dtype.
+    g [NC, N, H, C]; initial_state None or [N, H, K, V]; the state between chunks stored in state_dtype (and kept
+    at chunk boundaries by keep, a serving.Keep, where due).
     Returns o [NC, N, H, C, V] and the final state [N * H, K, V] in v's dtype."""
     NC, N, H, C, K = k.shape
     V = v.shape[-1]
@@ -207,37 +217,58 @@ def chunked(q, k, v, g, initial_state, state_dtype):
     keys = k * decay_exp_(gcum[..., -1:] - gcum)[..., None]
     o = torch.empty(NC, M, C, V, dtype=v.dtype, device=v.device)
     state = state_pass(keys.view(NC, M, C, K), v.view(NC, M, C, V), gamma[..., -1].reshape(NC, M),
-                       (q * gamma[..., None]).view(NC, M, C, K), o, initial_state, state_dtype)
+                       (q * gamma[..., None]).view(NC, M, C, K), o, initial_state, state_dtype, keep=keep)
     o.view(NC * M, C, V).baddbmm_(attn.view(NC * M, C, C), v.view(NC * M, C, V))
     return o.view(NC, N, H, C, V), state
 
 
+def chunk_states_multiple(mode: str, chunk_size: int) -> int:
+    """What chunk_states_every must be a multiple of on the torch and mkl backends: serving.CHUNK_MULTIPLE, and the
+    chunk size in mode "chunk" (where the states are kept at chunk boundaries)."""
+    return math.lcm(serving.CHUNK_MULTIPLE, chunk_size) if mode == "chunk" else serving.CHUNK_MULTIPLE
+
+
 @torch.no_grad()
 def linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, mode, state_dtype,
-                     chunk_size=None):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V] in state_dtype.
-    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode: "chunk" or "recurrent"; chunk_size: default
-    CHUNK_SIZE. Computes in float32 (float64 for float64 inputs); the state carried between chunks (or tokens) is
-    rounded to state_dtype. Returns o [B, T, H, V] in v's dtype and the final state [N, H, K, V] in state_dtype
-    or None."""
+                     chunk_size=None, state_indices=None, output_state_indices=None, output_intermediate_states=False,
+                     chunk_states_every=None, A_log=None, dt_bias=None):
+    """q, k [B, T, H, K]; v [B, T, H, V]; g None or [B, T, H]; initial_state None or [N, H, K, V] in state_dtype
+    (a pool [P, H, K, V] with state_indices). S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale S_t^T q_t. mode:
+    "chunk" or "recurrent"; chunk_size: default CHUNK_SIZE. Computes in float32 (float64 for float64 inputs); the
+    state carried between chunks (or tokens) is rounded to state_dtype. The serving keywords (docs/api.md):
+    fused gating in float32 first; states kept by the token loop (output_intermediate_states runs it in either
+    mode: the chunked form has no state per token) or at chunk boundaries. Returns o [B, T, H, V] in v's dtype
+    and the final state [N, H, K, V] in state_dtype or None, and a StateTrace with a trace."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(v)
+    g, _ = serving.gates(g, None, A_log, dt_bias, False, dtype,
+                         by_token=output_intermediate_states and cu_seqlens is None)
     if g is None:
         g = torch.zeros(B, T, H, dtype=dtype, device=q.device)
-    C = (chunk_size or CHUNK_SIZE) if mode == "chunk" else 1
-    layout = ChunkLayout.of(B, T, cu_seqlens, C, q.device)
-    qc = layout.to_chunks(q, dtype).mul_(scale)
-    kc, vc, gc = (layout.to_chunks(x, dtype) for x in (k, v, g))
-    N = layout.num_seqs
-    if mode == "chunk":
-        o, state = chunked(qc, kc, vc, gc, initial_state, state_dtype)
-    else:
-        o, state = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0],
-                                  None, initial_state, state_dtype)
-        o = o.view(-1, N, H, 1, V)
-    final = state.reshape(N, H, K, V).to(state_dtype, copy=True) if output_final_state else None
-    return layout.from_chunks(o, v.dtype), final
+    chunk_size = chunk_size or CHUNK_SIZE
+    mode = "recurrent" if output_intermediate_states else mode
+
+    def loop(s0, every):
+        C = chunk_size if mode == "chunk" else 1
+        layout = ChunkLayout.of(B, T, cu_seqlens, C, q.device)
+        qc = layout.to_chunks(q, dtype).mul_(scale)
+        kc, vc, gc = (layout.to_chunks(x, dtype) for x in (k, v, g))
+        N = layout.num_seqs
+        keep = None if every is None else serving.Keep(every // C)
+        if mode == "chunk":
+            o, state = chunked(qc, kc, vc, gc, s0, state_dtype, keep)
+        else:
+            o, state = recurrent_pass(qc[:, :, :, 0], kc[:, :, :, 0], vc[:, :, :, None, 0], gc[:, :, :, None, 0],
+                                      None, s0, state_dtype, keep)
+            o = o.view(-1, N, H, 1, V)
+        final = state.reshape(N, H, K, V)
+        kept = None if keep is None else keep.rows(serving.lengths(B, T, cu_seqlens), C, final)
+        return layout.from_chunks(o, v.dtype), final, kept
+
+    return serving.serve(loop, "torch", chunk_states_multiple(mode, chunk_size), B, T, initial_state,
+                         output_final_state, cu_seqlens, state_dtype, state_indices, output_state_indices,
+                         output_intermediate_states, chunk_states_every)
 
 
 # ------------------------------------------------------------------------------------------------ backward

@@ -281,7 +281,7 @@ def test_the_declarations_are_the_registry_ops():
         assert set(spec.plot_axes) <= set(spec.axes) | {"heads", "dim"}, name
         assert all(set(columns) <= set(spec.axes) for columns in spec.plot_axes.values()), name
         # a sweep of its own matches its own columns (the model's phase, context, variant)
-        columns = set(spec.axes) | {"dtype", "device", "preset", "pass"} | (set() if spec.registry else
+        columns = set(spec.axes) | {"dtype", "device", "preset", "pass", "backend"} | (set() if spec.registry else
                                                                            set(report.OWN_COLUMNS))
         for target in spec.targets:
             assert target.kind in ("ceiling", "floor", "peer", "crossover", "op"), (name, target)
