@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernellab.mkl.moe import _gate_row
+from kernellab.mkl.moe import _gate_row, _scratch
 from kernellab.mkl.packed import PackedExperts, packed_experts
 from kernellab.torch import moe as torch_moe
 
@@ -86,12 +86,7 @@ def _streamed(x, y, tokens, slot_weights, experts, starts, counts, w_gate_up, w_
     token, each a few microseconds of weights)."""
     D, inter = x.shape[1], w_down.shape[2]
     rows = np.max(counts)
-    gathered = np.empty((rows, D), np.float32)
-    projected = np.empty((rows, 2 * inter), np.float32)
-    activated = np.empty((rows, inter), np.float32)
-    expert_out = np.empty((rows, D), np.float32)
-    powers = np.empty(inter, np.int32)
-    series = np.empty(inter, np.float32)
+    gathered, projected, activated, expert_out, powers, series = _scratch(rows, D, inter)
     for i in range(experts.shape[0]):
         start, n = starts[i], counts[i]
         for r in range(n):
