@@ -224,7 +224,7 @@ SEQ_LENS = {"quick": (256, 512, 1024, 2048), "cpu": (256, 512, 1024, 2048, 4096,
 # Token counts of the MoE ops' N axis; PRESET_TOKENS: those of the model presets on CPU (on a GPU, TOKENS["cuda"]).
 TOKENS = {"quick": (1, 4, 16, 64, 256, 1024), "cpu": (1, 4, 16, 64, 256, 1024, 4096),
           "cuda": (1, 4, 16, 64, 256, 1024, 4096, 16384)}
-PRESET_TOKENS = (1, 16, 256, 4096)
+PRESET_TOKENS = (1, 16, 64, 256, 512, 4096)
 # Model presets whose inputs exceed this many GB (float32 on CPU, bf16 on a GPU) are left out.
 PRESET_MAX_GB = {"cpu": 4, "cuda": 24}
 

@@ -66,6 +66,16 @@ def _gate_row(projected, activated, inter, weight, powers, series):
 
 
 @numba.njit
+def _scratch(rows, D, inter):
+    """A layer loop's buffers for experts of up to `rows` rows, I = inter: the gathered rows [rows, D], gate-up
+    products [rows, 2I], activation [rows, I], expert outputs [rows, D] (float32), and _gate_row's scratch
+    (int32 [I], float32 [I])."""
+    return (np.empty((rows, D), np.float32), np.empty((rows, 2 * inter), np.float32),
+            np.empty((rows, inter), np.float32), np.empty((rows, D), np.float32), np.empty(inter, np.int32),
+            np.empty(inter, np.float32))
+
+
+@numba.njit
 def _experts(x, y, tokens, slot_weights, bounds, experts, gate_up, down, inter):
     """y [N, D] += each expert's weighted MLP on its rows. x [N, D]; tokens int64 [M] (the rows of the slots,
     grouped by expert), slot_weights float32 [M]; expert experts[i] owns slots bounds[i] .. bounds[i + 1];
@@ -73,12 +83,7 @@ def _experts(x, y, tokens, slot_weights, bounds, experts, gate_up, down, inter):
     once per call, sized for the largest expert, and stay in cache from one expert to the next."""
     D = x.shape[1]
     rows = np.max(bounds[1:] - bounds[:-1])
-    gathered = np.empty((rows, D), np.float32)
-    projected = np.empty((rows, 2 * inter), np.float32)
-    activated = np.empty((rows, inter), np.float32)
-    expert_out = np.empty((rows, D), np.float32)
-    powers = np.empty(inter, np.int32)
-    series = np.empty(inter, np.float32)
+    gathered, projected, activated, expert_out, powers, series = _scratch(rows, D, inter)
     for i in range(experts.shape[0]):
         start, n = bounds[i], bounds[i + 1] - bounds[i]
         for r in range(n):

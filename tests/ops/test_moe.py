@@ -462,10 +462,24 @@ def test_route_breaks_ties_by_the_lower_expert(backend):
     assert ids.tolist() == [[1, 2, 4, 0, 5], [1, 3, 4, 7, 2]]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
 def test_onednn_streamed_and_blocked_experts(rows, seed):
-    """Every token on one expert: 1 row takes onednn's streamed matrix-vector product, more its blocked GEMM; D and
-    2 I not multiples of the four weight rows the stream reads at a time (its tail)."""
+    """Every token on one expert: up to STREAM_ROWS (4) rows take onednn's compiled streamed loop, more its blocked
+    GEMM; D and 2 I not multiples of the four weight rows the stream reads at a time (its tail)."""
     if "onednn" not in kernellab.backends("moe"):
         pytest.skip("needs torch built with oneDNN, as its x86 CPU builds are")
     _check_moe("onednn", make("moe", N=rows, E=2, top_k=1, routing="one_expert", D=30, I=7, seed=seed), seed)
+
+
+def test_onednn_streamed_and_blocked_experts_in_one_call(seed, monkeypatch):
+    """Experts on both sides of STREAM_ROWS in one call (the streamed loop adds into y first, the GEMMs after), and
+    slots with no expert (ids -1)."""
+    if "onednn" not in kernellab.backends("moe"):
+        pytest.skip("needs torch built with oneDNN, as its x86 CPU builds are")
+    from kernellab.onednn import moe as onednn_moe
+
+    args = make("moe", N=24, E=8, top_k=2, D=40, I=12, seed=seed, drop=0.2)
+    counts = torch.bincount(args["ids"][args["ids"] >= 0].long(), minlength=8)
+    monkeypatch.setattr(onednn_moe, "STREAM_ROWS", int(counts[counts > 0].min()))
+    assert (counts > onednn_moe.STREAM_ROWS).any() and ((counts > 0) & (counts <= onednn_moe.STREAM_ROWS)).any()
+    _check_moe("onednn", args, seed)
