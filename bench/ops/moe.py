@@ -360,7 +360,13 @@ MOE = OpSpec(
              Target("MoE layer prefill, Qwen3.5-35B shape, N = 4096 (CPU, float32): at least 80% of the matmul "
                     "ceiling", "ceiling", 0.8, _QWEN35_MOE | dict(N=4096)),
              Target("MoE layer forward+backward, Qwen3.5-35B shape, N = 4096 (CPU, float32): at least 70% of the "
-                    "matmul ceiling", "ceiling", 0.7, _QWEN35_MOE | {"N": 4096, "pass": "forward+backward"})),
+                    "matmul ceiling", "ceiling", 0.7, _QWEN35_MOE | {"N": 4096, "pass": "forward+backward"}),
+             Target("MoE layer, Qwen3.5-35B shape, N = 512 (CPU, float32): at least 70% of the host's real matmul "
+                    "ceiling", "ceiling", 0.7, _QWEN35_MOE | dict(N=512)),
+             # the fastest CPU peer measured (zentorch's fused MoE), at every N of the preset's decode-to-prefill range
+             *(Target(f"MoE layer, Qwen3.5-35B shape, N = {n} (CPU, float32): at least 1.0x AMD's zentorch "
+                      f"(its fused MoE)", "peer", 1.0, _QWEN35_MOE | dict(N=n), peer="zentorch")
+               for n in (1, 64, 512, 4096))),
     anchors=(Anchor("Liger fused MoE, Qwen3-30B-A3B shape, bf16 inference", "TFLOP/s", "523", "H100", "Liger kernel",
                     dict(preset="Qwen3-30B-A3B"), best="tflops"),
              Anchor("torch._grouped_mm full MoE forward, Qwen3-30B shape", "TFLOP/s", "242", "H100", "VeOmni PR 460",
