@@ -58,11 +58,14 @@ def plot(rows, out: Path) -> list[Path]:
             at = sorted((r for r in ledger if r["context"] == context), key=lambda r: r["B"])
             labels = [str(int(r["B"])) for r in at]
             bottom = [0.0] * len(at)
-            for column, name in PARTS:
-                heights = [r[column] / 2**30 for r in at]
+            for column, name in PARTS:  # shares: the step grows 40x from B = 1 to 256
+                heights = [r[column] / r["step_bytes"] for r in at]
                 ax.bar(labels, heights, bottom=bottom, label=name)
                 bottom = [b + h for b, h in zip(bottom, heights)]
-            ax.set(yscale="log", xlabel="batch B", ylabel="GiB per decode step",
+            for x, r in enumerate(at):
+                ax.annotate(f"{_bytes(r['step_bytes'])}\nfloor {_ms(r['floor_ms'])}", (x, 1.0), ha="center",
+                            va="bottom", fontsize=7)
+            ax.set(ylim=(0, 1.15), xlabel="batch B", ylabel="share of the step's bytes",
                    title=f"Qwen3.5-35B-A3B decode step at {context // 1024}K tokens")
             ax.title.set_fontsize(9)
         _legend_outside(axes[0][-1])

@@ -90,7 +90,7 @@ GRIDS = {True: Grid((1, 8, 64), (1, 64), (4096,), 4, (2, 4, 8), (1, 2, 4, 8), (2
 
 # Rough rates of a 2-core CPU, 1 thread per core, for the plan's estimate: state bytes moved per second by a decode
 # step, chunked prefill FLOP/s, seconds per call besides (dispatch, checks), seconds to flush the caches.
-COST = dict(state_gbps=4.0, prefill_gflops=25.0, call_s=2e-4, flush_s=0.01)
+COST = dict(state_gbps=2.0, prefill_gflops=15.0, call_s=2e-3, flush_s=0.01)
 
 
 STATE_BYTES = QWEN35.Hv * QWEN35.K * QWEN35.V * DTYPE.itemsize  # one sequence's state in one layer
