@@ -168,7 +168,32 @@ def target_lines(frame, spec, target, highest: dict, lvq) -> list[str]:
         return [f"{said}, {fmt_flops(best['tflops'])}; the best {target.peer} row `{theirs['backend']}` "
                 f"{fmt_ms(theirs['median_ms'])}, {fmt_flops(theirs['tflops'])}: **{ratio:.2f}x**: "
                 f"{'met' if ratio >= target.threshold else 'not met'}."]
+    if target.kind in ("speedup", "cost"):
+        return _same_backend_ratio(plots.measured(frame[frame["op"] == spec.name]), lab, target)
     raise ValueError(f"unknown target kind {target.kind!r} of {spec.name}")
+
+
+def _same_backend_ratio(measured, lab, target) -> list[str]:
+    """A "speedup" or "cost" target: per lab backend, the time of its fastest row (of the op's measured rows)
+    matching target.against over that of its fastest row of `lab` (those matching target.match) ("speedup",
+    >= threshold) or the inverse ("cost", <= threshold); the verdict is the best backend's."""
+    against = _lab(_select(measured, **({"pass": "forward"} | target.against)))
+    ratios = {}
+    for backend, ours in lab.groupby("backend")["median_ms"].min().items():
+        theirs = against.loc[against["backend"] == backend, "median_ms"]
+        if not theirs.empty:
+            ratios[backend] = (theirs.min() / ours if target.kind == "speedup" else ours / theirs.min(), ours,
+                               theirs.min())
+    if not ratios:
+        return [f"Not measured against {target.against} in this CSV."]
+    pick = max if target.kind == "speedup" else min
+    best = pick(ratios, key=lambda b: ratios[b][0])
+    others = "; ".join(f"`{b}` {r:.2f}x ({fmt_ms(ours)} against {fmt_ms(theirs)})"
+                       for b, (r, ours, theirs) in ratios.items() if b != best)
+    ratio, ours, theirs = ratios[best]
+    met = ratio >= target.threshold if target.kind == "speedup" else ratio <= target.threshold
+    return [f"`{best}` {fmt_ms(ours)} against {fmt_ms(theirs)} ({', '.join(f'{k}={v}' for k, v in target.against.items())})"
+            + (f" (others: {others})" if others else "") + f": **{ratio:.2f}x**: {'met' if met else 'not met'}."]
 
 
 def targets(frame, highest: dict | None = None) -> list[str]:
@@ -480,7 +505,8 @@ def training_section(frame) -> list[str]:
 
 # How each kind of target states its threshold in the scoreboard.
 GOALS = {"ceiling": lambda t: f">= {t:.0%} of the matmul ceiling", "floor": lambda t: f"<= {t:g}x the memory floor",
-         "peer": lambda t: f">= {t:g}x", "op": lambda t: f">= {t:g}x", "crossover": lambda t: f"from T <= {t:g}"}
+         "peer": lambda t: f">= {t:g}x", "op": lambda t: f">= {t:g}x", "crossover": lambda t: f"from T <= {t:g}",
+         "speedup": lambda t: f">= {t:g}x", "cost": lambda t: f"<= {t:g}x"}
 
 
 def _target_cell(frame, spec, target, highest: dict, lvq) -> str:

@@ -44,14 +44,17 @@ class Target:
     row's time over its bytes at the run's copy bandwidth <= threshold), "peer" (the peer's time over the best lab
     row's >= threshold), "crossover" (this linear op is at least as fast as the best lab softmax attention from
     T <= threshold on), "op" (the best lab row of op `peer` on the same match over this op's best lab row, in
-    time, >= threshold: the same FLOPs in another form, as the fp8 layer against the bf16 one). match: the rows it
-    reads (columns -> values)."""
+    time, >= threshold: the same FLOPs in another form, as the fp8 layer against the bf16 one), "speedup" (per lab
+    backend, its rows matching `against` over its rows matching `match`, in time, >= threshold: the same backend in
+    two ways, as pooled against gather / scatter decode), "cost" (the same ratio the other way up, <= threshold: a
+    verify call against one decode step). match: the rows it reads (columns -> values)."""
 
     title: str
     kind: str
     threshold: float
     match: dict = field(default_factory=dict)
     peer: str = ""
+    against: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -284,8 +284,8 @@ def test_the_declarations_are_the_registry_ops():
         columns = set(spec.axes) | {"dtype", "device", "preset", "pass", "backend"} | (set() if spec.registry else
                                                                            set(report.OWN_COLUMNS))
         for target in spec.targets:
-            assert target.kind in ("ceiling", "floor", "peer", "crossover", "op"), (name, target)
-            assert set(target.match) <= columns, (name, target)
+            assert target.kind in ("ceiling", "floor", "peer", "crossover", "op", "speedup", "cost"), (name, target)
+            assert set(target.match) | set(target.against) <= columns, (name, target)
             assert target.match.get("pass", "forward") in PASSES, (name, target)
         for anchor in spec.anchors:
             assert set(anchor.match) <= set(spec.axes) | {"dtype", "device", "preset", "pass"}, (name, anchor)
