@@ -1,8 +1,9 @@
 """The blocks of the Qwen3.5-MoE text decoder, as transformers defines them (modeling_qwen3_5_moe.py).
 
 Every token mixer and expert call goes through the lab's ops (`kernellab`), with the backend chosen at load:
-`ops.gated_delta_rule`, `ops.attention`, `ops.route`, `ops.moe` are `kernellab.get(op, backend)`, the callables
-behind `kernellab.gated_delta_rule(..., backend=...)` & co, looked up once instead of on every call.
+`ops.gated_delta_rule`, `ops.attention`, `ops.route`, `ops.moe` are model.model.trusted(op, backend): the
+backend's implementation, looked up once, called with every keyword in kernellab.validate's normalised form
+(kernellab.get's checked call where gradients are needed).
 Shapes: B batch, T new tokens, D hidden size. On several processes (a model.parallel.Layout) each layer holds
 this rank's heads and experts only (model/parallel.py); without one, the whole layer.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernellab.validate import LOG_DECAY_MIN, default_state_dtype
 from model.config import ModelConfig
 from model.parallel import Layout
 
@@ -188,16 +190,18 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_dim, self.Hv, self.Hv], dim=-1)
         qkv = self.causal_conv(qkv, state, step)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: exp(A_log) overflows fp16
+        # float32: exp(A_log) overflows fp16; floored at LOG_DECAY_MIN as kernellab.validate does (ops are trusted)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         cu_seqlens = None if step is None else step.cu_seqlens
         rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         # decode (one token, a state to continue) runs token by token; everything else chunked
         mode = "recurrent" if T == 1 and state is not None else "chunk"
         initial = None if state is None or step is None or step.fresh else state.recurrent[:rows]
         o, final = self.ops.gated_delta_rule(
-            q.reshape(B, T, self.Hk, self.K), k.reshape(B, T, self.Hk, self.K), v.reshape(B, T, self.Hv, self.V),
-            g, b.sigmoid(), initial_state=initial, output_final_state=state is not None, use_qk_l2norm=True,
-            cu_seqlens=cu_seqlens, mode=mode, state_dtype=self.state_dtype)
+            q=q.reshape(B, T, self.Hk, self.K), k=k.reshape(B, T, self.Hk, self.K),
+            v=v.reshape(B, T, self.Hv, self.V), g=g.clamp(min=LOG_DECAY_MIN), beta=b.sigmoid(), scale=self.K ** -0.5,
+            initial_state=initial, output_final_state=state is not None, use_qk_l2norm=True, cu_seqlens=cu_seqlens,
+            mode=mode, state_dtype=self.state_dtype or default_state_dtype(v))
         if state is not None:
             state.recurrent[:rows].copy_(final)
         o = self.norm(o, z.reshape(B, T, self.Hv, self.V))
@@ -249,10 +253,11 @@ class Attention(nn.Module):
         if state is not None:
             state.write(k, v, step)
         if state is None or step.fresh:  # nothing before these tokens: attend over them alone
-            o = self.ops.attention(q, k, v, causal=True, cu_seqlens=step.cu_seqlens)
+            o = self.ops.attention(q=q, k=k, v=v, causal=True, scale=self.Dh ** -0.5, cu_seqlens=step.cu_seqlens,
+                                   kv_lens=None)
         else:
-            o = self.ops.attention(q, state.k[:B, :step.window], state.v[:B, :step.window], causal=True,
-                                   kv_lens=step.kv_lens)
+            o = self.ops.attention(q=q, k=state.k[:B, :step.window], v=state.v[:B, :step.window], causal=True,
+                                   scale=self.Dh ** -0.5, cu_seqlens=None, kv_lens=step.kv_lens)
         o = o.reshape(B, T, self.Hq * self.Dh) * torch.sigmoid(gate.reshape(B, T, -1))
         if self.layout is None or self.layout.tp == 1:
             return self.o_proj(o)
@@ -330,13 +335,15 @@ class SparseMoe(nn.Module):
 
     def mix(self, x):
         """The layer on the rows x [n, D] -> [n, D]."""
-        weights, ids = self.ops.route(self.gate(x), self.top_k)
+        weights, ids = self.ops.route(router_logits=self.gate(x), top_k=self.top_k, renormalize=True)
         experts = self.experts
         if experts.fp8:
-            routed = self.ops.moe_fp8(x, weights, ids, experts.gate_up_proj, experts.gate_up_proj_scale,
-                                      experts.down_proj, experts.down_proj_scale)
+            routed = self.ops.moe_fp8(x=x, weights=weights, ids=ids, w_gate_up=experts.gate_up_proj,
+                                      w_gate_up_scale=experts.gate_up_proj_scale, w_down=experts.down_proj,
+                                      w_down_scale=experts.down_proj_scale)
         else:
-            routed = self.ops.moe(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+            routed = self.ops.moe(x=x, weights=weights, ids=ids, w_gate_up=experts.gate_up_proj,
+                                  w_down=experts.down_proj)
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 

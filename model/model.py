@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import kernellab
-from kernellab import registry
+from kernellab import guard, registry
 from kernellab.validate import STORED_STATE_DTYPES
 from model.config import ModelConfig
 from model import graph, parallel
@@ -40,6 +40,24 @@ def resolve_backends(backend: str | dict, device, ops: tuple[str, ...] = OPS) ->
             raise ValueError(f"backend {backend!r} is not registered for any of {ops}")
         names = {op: backend if backend in registry.registered(op) else "auto" for op in ops}
     return {op: registry.auto_backend(op, device) if name == "auto" else name for op, name in names.items()}
+
+
+def trusted(op: str, name: str):
+    """op's backend `name` for the model's own calls, every argument by keyword in the normalised form
+    kernellab.validate returns (scale a float, mode "chunk" or "recurrent", state_dtype resolved, cu_seqlens and
+    kv_lens given). Outside autograd (inference, decoding) the backend's implementation runs on them directly, in
+    the layout it reads (kernellab.guard): without validate's value checks, a reduction and a host read per tensor
+    (an attention call's read its whole KV buffers again), on tensors the model made itself from weights checked
+    at load. A call that needs gradients (training) is kernellab.get's: checked, through the backend's backward."""
+    checked, backend = kernellab.get(op, name), registry.registered(op)[name]
+
+    def call(**arguments):
+        if torch.is_grad_enabled():
+            return checked(**arguments)
+        return backend.impl(**guard.layout(backend, arguments))
+
+    call.__name__ = f"{op}[{name}, trusted]"
+    return call
 
 
 class Cache:
@@ -95,7 +113,7 @@ class Qwen35Moe(nn.Module):
         self.config = cfg
         self.backends = backends
         self.layout = layout
-        ops = SimpleNamespace(**{op: kernellab.get(op, name) for op, name in backends.items()})
+        ops = SimpleNamespace(**{op: trusted(op, name) for op, name in backends.items()})
         if layout is not None and layout.ep > 1:  # the experts of the EP group, on the moe backend chosen
             from kernellab.distributed import moe_ep
 
