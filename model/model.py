@@ -19,7 +19,7 @@ from kernellab import guard, registry
 from kernellab.validate import STORED_STATE_DTYPES
 from model.config import ModelConfig
 from model import graph, parallel
-from model.layers import DecoderLayer, RMSNorm, Step
+from model.layers import DecoderLayer, Linear, RMSNorm, Step
 from model.parallel import Layout
 from model.sampling import Sampler
 from model.weights import read_checkpoint, to_lab_state_dict
@@ -125,7 +125,7 @@ class Qwen35Moe(nn.Module):
             if layer.kind == "linear_attention":
                 layer.linear_attn.state_dtype = state_dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def rope(self, positions: torch.Tensor):
         """cos, sin [..., rotary_dim] (float32) at positions int [...] (as transformers computes them)."""
