@@ -200,8 +200,13 @@ class GatedDeltaNet(nn.Module):
         times faster on CPU than conv1d's depthwise path. Packed sequences (step.cu_seqlens) start from zero
         history each: a tap that reaches before its token's sequence is masked."""
         B, T, C = x.shape
-        weight = self.conv1d.weight[:, 0].t().contiguous()  # [kernel, C]: contiguous rows vectorise
         history = self.kernel_size - 1
+        if T == 1 and state is not None and step is not None and not step.fresh and step.cu_seqlens is None \
+                and not torch.is_grad_enabled():  # decode: one tap-weighted sum over the window, three ops
+            window = torch.cat([state.conv[:B], x.transpose(1, 2)], dim=2)  # [B, C, kernel]
+            state.conv[:B].copy_(window[:, :, 1:])
+            return F.silu(window.mul_(self.conv1d.weight[:, 0]).sum(-1)[:, None])
+        weight = self.conv1d.weight[:, 0].t().contiguous()  # [kernel, C]: contiguous rows vectorise
         packed = step is not None and step.cu_seqlens is not None
         fresh = state is None or step is None or step.fresh
         past = x.new_zeros(B, history, C) if fresh else state.conv[:B].transpose(1, 2)
