@@ -63,3 +63,9 @@ def test_gradients_take_torch_linear(one_thread, seed):
     x = torch.randn(2, layer.in_features, requires_grad=True)
     layer(x).sum().backward()
     assert rel_err(x.grad, layer.weight.sum(0).expand(2, -1)) < 1e-5 and layer._packed is None
+
+
+def test_a_wrong_width_is_refused(one_thread, seed):
+    layer = _linear(seed, False)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        layer(torch.randn(1, layer.in_features + 1))
