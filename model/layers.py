@@ -50,7 +50,8 @@ class Linear(nn.Linear):
     - more rows (prefill): oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise, as inductor calls it) on a copy of
       the weight packed once for it, ~1.2-2x MKL's sgemm on one core (float32 products and sums, relative error
       ~1e-6). The copy costs the weight's memory once more, and is remade whenever the weight is another tensor
-      or was written in place since (its version counter): never stale.
+      or was written in place since (its version counter): never stale. An inference tensor has no version
+      counter: F.linear (from_pretrained's weights never are one, even when loaded under inference_mode).
     Everything else (gradients, other dtypes or devices, several threads) is F.linear, as nn.Linear."""
 
     _packed = None  # (weight, its version when packed, the oneDNN copy)
@@ -67,6 +68,8 @@ class Linear(nn.Linear):
             _gemv(rows.numpy(), w.detach().numpy(), y.numpy())
             y = y.view(*x.shape[:-1], w.shape[0])
             return y if self.bias is None else y.add_(self.bias)
+        if w.is_inference():  # no version counter to tell a write: unpacked
+            return F.linear(x, w, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._pack(), self.bias, "none", [], "")
 
     def _pack(self):

@@ -440,7 +440,14 @@ def _folder(path) -> Path:
 
 
 def _load(path, backend, dtype, device, state_dtype, fp8_experts: bool, layout: Layout | None) -> Qwen35Moe:
-    """from_pretrained's load, of this rank's shard when a layout is given."""
+    """from_pretrained's load, of this rank's shard when a layout is given. Its tensors are never inference tensors,
+    even when it is called under torch.inference_mode: they keep version counters (Linear's packed copies see
+    writes) and can be trained."""
+    with torch.inference_mode(False):
+        return _load_weights(path, backend, dtype, device, state_dtype, fp8_experts, layout)
+
+
+def _load_weights(path, backend, dtype, device, state_dtype, fp8_experts: bool, layout: Layout | None) -> Qwen35Moe:
     path = _folder(path)
     device = torch.device(device or "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

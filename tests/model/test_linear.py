@@ -69,3 +69,13 @@ def test_a_wrong_width_is_refused(one_thread, seed):
     layer = _linear(seed, False)
     with torch.inference_mode(), pytest.raises(RuntimeError):
         layer(torch.randn(1, layer.in_features + 1))
+
+
+def test_inference_tensor_weights_are_not_packed(one_thread, seed):
+    """An inference tensor has no version counter, so no pack could tell it was written: F.linear."""
+    with torch.inference_mode():
+        layer = _linear(seed, False)
+        x = torch.randn(GEMV_ROWS + 5, layer.in_features)
+        layer(x)
+        layer.weight.mul_(-2.0)
+        assert rel_err(layer(x), x.double() @ layer.weight.double().T) < 1e-5 and layer._packed is None
