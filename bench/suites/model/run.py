@@ -201,7 +201,15 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                 call = (measure_runner, path, job.variant, job.name, job.prefill, job.decode, device, dtype, budget_s,
                         threads)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                rows += pool.submit(*call).result()
+                try:
+                    rows += pool.submit(*call).result()
+                except concurrent.futures.process.BrokenProcessPool:  # a native abort (llama.cpp's GGML_ASSERT on
+                    # the all-attention twin) ends that job's process, not the sweep: a row says so
+                    why = f"the {job.kind} process died (a native abort: its output above says why)"
+                    print(f"  {job.name:>14} {job.variant:>13}: {why}", flush=True)
+                    rows.append(dict(op="model", backend=job.name, device=device, variant=job.variant,
+                                     peer=job.name in peers, shape=shape_label(model.ModelConfig.from_folder(path)),
+                                     error=why))
         with torch.inference_mode():
             floor_rows(rows, paths, device, dtype)
             rows += memory_rows(paths, device, dtype)
