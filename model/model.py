@@ -15,11 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 import kernellab
-from kernellab import registry
+from kernellab import guard, registry
 from kernellab.validate import STORED_STATE_DTYPES
 from model.config import ModelConfig
 from model import graph, parallel
-from model.layers import DecoderLayer, RMSNorm, Step
+from model.layers import DecoderLayer, Linear, RMSNorm, Step
 from model.parallel import Layout
 from model.sampling import Sampler
 from model.weights import read_checkpoint, to_lab_state_dict
@@ -40,6 +40,24 @@ def resolve_backends(backend: str | dict, device, ops: tuple[str, ...] = OPS) ->
             raise ValueError(f"backend {backend!r} is not registered for any of {ops}")
         names = {op: backend if backend in registry.registered(op) else "auto" for op in ops}
     return {op: registry.auto_backend(op, device) if name == "auto" else name for op, name in names.items()}
+
+
+def trusted(op: str, name: str):
+    """op's backend `name` for the model's own calls, every argument by keyword in the normalised form
+    kernellab.validate returns (scale a float, mode "chunk" or "recurrent", state_dtype resolved, cu_seqlens and
+    kv_lens given). Outside autograd (inference, decoding) the backend's implementation runs on them directly, in
+    the layout it reads (kernellab.guard): without validate's value checks, a reduction and a host read per tensor
+    (an attention call's read its whole KV buffers again), on tensors the model made itself from weights checked
+    at load. A call that needs gradients (training) is kernellab.get's: checked, through the backend's backward."""
+    checked, backend = kernellab.get(op, name), registry.registered(op)[name]
+
+    def call(**arguments):
+        if torch.is_grad_enabled():
+            return checked(**arguments)
+        return backend.impl(**guard.layout(backend, arguments))
+
+    call.__name__ = f"{op}[{name}, trusted]"
+    return call
 
 
 class Cache:
@@ -95,7 +113,7 @@ class Qwen35Moe(nn.Module):
         self.config = cfg
         self.backends = backends
         self.layout = layout
-        ops = SimpleNamespace(**{op: kernellab.get(op, name) for op, name in backends.items()})
+        ops = SimpleNamespace(**{op: trusted(op, name) for op, name in backends.items()})
         if layout is not None and layout.ep > 1:  # the experts of the EP group, on the moe backend chosen
             from kernellab.distributed import moe_ep
 
@@ -107,7 +125,7 @@ class Qwen35Moe(nn.Module):
             if layer.kind == "linear_attention":
                 layer.linear_attn.state_dtype = state_dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def rope(self, positions: torch.Tensor):
         """cos, sin [..., rotary_dim] (float32) at positions int [...] (as transformers computes them)."""
@@ -422,7 +440,14 @@ def _folder(path) -> Path:
 
 
 def _load(path, backend, dtype, device, state_dtype, fp8_experts: bool, layout: Layout | None) -> Qwen35Moe:
-    """from_pretrained's load, of this rank's shard when a layout is given."""
+    """from_pretrained's load, of this rank's shard when a layout is given. Its tensors are never inference tensors,
+    even when it is called under torch.inference_mode: they keep version counters (Linear's packed copies see
+    writes) and can be trained."""
+    with torch.inference_mode(False):
+        return _load_weights(path, backend, dtype, device, state_dtype, fp8_experts, layout)
+
+
+def _load_weights(path, backend, dtype, device, state_dtype, fp8_experts: bool, layout: Layout | None) -> Qwen35Moe:
     path = _folder(path)
     device = torch.device(device or "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

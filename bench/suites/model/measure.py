@@ -129,8 +129,11 @@ def measure_runner(path, variant, name, prefill_contexts, decode_contexts, devic
             _, cache = runner.prefill(warm.to(device))
             runner.decode(warm[:, -1:].to(device), cache, WARMUP_CONTEXT)
         except Exception as exc:
+            print(f"  {name:>14} {variant:>13}: {_error(exc)}", flush=True)  # a runner that cannot start shows
             return [dict(base, error=_error(exc))]
-        base["backends"] = ";".join(f"{op}={b}" for op, b in getattr(runner.m, "backends", {}).items())
+        # a peer (llama.cpp's Runner) has no lab model, hence no backends
+        backends = getattr(getattr(runner, "m", None), "backends", {})
+        base["backends"] = ";".join(f"{op}={b}" for op, b in backends.items())
         fills = hasattr(runner, "fill")
         gen = torch.Generator().manual_seed(0)
         for context in prefill_contexts:

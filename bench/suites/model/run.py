@@ -202,20 +202,28 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                 call = (measure_runner, path, job.variant, job.name, job.prefill, job.decode, device, dtype, budget_s,
                         threads)
             floors = {job.variant: path} if job.kind == "measure" else {}
-            work.append((f"{job.kind} {job.name} {job.variant}", partial(_job_rows, call, floors, device, dtype)))
+            died = dict(op="model", backend=job.name, device=device, variant=job.variant, peer=job.name in peers,
+                        shape=shape_label(model.ModelConfig.from_folder(path)),
+                        error=f"the {job.kind} process died (a native abort: its output above says why)")
+            work.append((f"{job.kind} {job.name} {job.variant}", partial(_job_rows, call, floors, device, dtype, died)))
         work.append(("memory", partial(memory_rows, paths, device, dtype)))
         rows = pieces(work, on_rows, done)
     plot(rows, out)
     return rows
 
 
-def _job_rows(call, paths, device, dtype) -> list[dict]:
+def _job_rows(call, paths, device, dtype, died: dict) -> list[dict]:
     """One job's rows, made in a process of its own (numba's thread pool, once started, slows every later torch
     call in its process (measured: transformers' prefill 6x slower after a numba run), so no runner follows
     another), its decode rows beside their floor (floor_rows on paths: {variant: checkpoint}). The phase and context
-    join the shape: the rows' results KEY (one row per key in the CSV)."""
+    join the shape: the rows' results KEY (one row per key in the CSV). A native abort (llama.cpp's GGML_ASSERT on
+    the all-attention twin) ends that job's process, not the sweep: the row `died` says so."""
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = pool.submit(*call).result()
+        try:
+            rows = pool.submit(*call).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            print(f"  {died['backend']:>14} {died['variant']:>13}: {died['error']}", flush=True)
+            return [died]
     with torch.inference_mode():
         floor_rows(rows, paths, device, dtype)
     for row in rows:
