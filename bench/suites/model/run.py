@@ -66,10 +66,15 @@ class Job:
 
 
 def lab_backends(device: str) -> list[str]:
-    """The lab's backends of the model: every backend of the gated delta rule on the device but the slow reference
-    and the peers."""
-    registered = kernellab.registry.registered("gated_delta_rule")
-    return [n for n in kernellab.backends("gated_delta_rule", device) if n != "reference" and not registered[n].peer]
+    """The lab's backends of the model: every lab backend of one of its ops on the device but the slow reference
+    and the peers, the gated delta rule's first (a name runs every op that has it, "auto" the others: onednn is the
+    MoE layer on oneDNN beside the auto choices)."""
+    names = []
+    for op in model.model.OPS:
+        registered = kernellab.registry.registered(op)
+        names += [n for n in kernellab.backends(op, device) if n != "reference" and not registered[n].peer
+                  and n not in names]
+    return names
 
 
 def plan(quick: bool, device: str, names: list[str], peers: list[str], trained: list[str]) -> list[Job]:
