@@ -31,6 +31,29 @@ def sequences(B, T, cu_seqlens):
     return [(0, s, e) for s, e in zip(bounds, bounds[1:])]
 
 
+def token_loop(step, shape, cu_seqlens, dtype, out_dtype, device):
+    """The loop(s0, every) of kernellab.serving.serve for a recurrence one token at a time: shape (B, T, H, K, V);
+    step(S, b, t) -> (S_t, o_t) in float64 ([H, K, V], [H, V]) from the stored state S; the state rounded to dtype
+    after every token's output, kept every `every` tokens of a sequence (every None: no trace). loop returns o
+    [B, T, H, V] in out_dtype, the final states [N, H, K, V] and the kept states (kept_states)."""
+    B, T, H, K, V = shape
+
+    def loop(s0, every):
+        s0 = f64(s0)[0]
+        o = torch.zeros(B, T, H, V, dtype=torch.float64, device=device)
+        finals, kept = [], []
+        for n, (b, start, end) in enumerate(sequences(B, T, cu_seqlens)):
+            S = s0[n].clone() if s0 is not None else torch.zeros(H, K, V, dtype=torch.float64, device=device)
+            for t in range(start, end):
+                S, o[b, t] = step(S, b, t)
+                S = stored(S, dtype)  # the step's output reads the state before it is stored
+                if every and (t - start + 1) % every == 0:
+                    kept.append(S)
+            finals.append(S)
+        return o.to(out_dtype), torch.stack(finals), kept_states(kept, every, (H, K, V), device)
+
+    return loop
+
 
 def kept_states(kept, every, shape, device):
     """A token loop's kept states (output_intermediate_states, chunk_states_every): the list stacked [M, *shape]

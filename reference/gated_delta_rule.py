@@ -2,7 +2,7 @@
 import torch
 
 from kernellab import serving
-from reference._common import f64, kept_states, sequences, stored, stored_state_dtype
+from reference._common import f64, stored_state_dtype, token_loop
 
 
 def l2norm(x, eps=1e-6):
@@ -46,23 +46,13 @@ def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     key_head = torch.arange(Hv, device=q.device) // (Hv // Hk)
     q, k = q[:, :, key_head], k[:, :, key_head]  # [B, T, Hv, K]
 
-    def loop(s0, every):
-        s0 = f64(s0)[0]
-        o = torch.zeros(B, T, Hv, V, dtype=torch.float64, device=q.device)
-        finals, kept = [], []
-        for n, (b, start, end) in enumerate(sequences(B, T, cu_seqlens)):
-            S = s0[n].clone() if s0 is not None else torch.zeros(Hv, K, V, dtype=torch.float64, device=q.device)
-            for t in range(start, end):
-                S = g[b, t].exp()[:, :, None] * S
-                u = beta[b, t][:, None] * (vv[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t]))
-                S = S + k[b, t][:, :, None] * u[:, None, :]
-                o[b, t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
-                S = stored(S, dtype)  # the step's output reads the state before it is stored
-                if every and (t - start + 1) % every == 0:
-                    kept.append(S)
-            finals.append(S)
-        return o.to(v.dtype), torch.stack(finals), kept_states(kept, every, (Hv, K, V), q.device)
+    def step(S, b, t):
+        S = g[b, t].exp()[:, :, None] * S
+        u = beta[b, t][:, None] * (vv[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t]))
+        S = S + k[b, t][:, :, None] * u[:, None, :]
+        return S, scale * torch.einsum("hkv,hk->hv", S, q[b, t])
 
+    loop = token_loop(step, (B, T, Hv, K, V), cu_seqlens, dtype, v.dtype, q.device)
     return serving.serve(loop, "reference", serving.CHUNK_MULTIPLE, B, T, initial_state, output_final_state,
                          cu_seqlens, dtype, state_indices, output_state_indices, output_intermediate_states,
                          chunk_states_every)

@@ -2,7 +2,7 @@
 import torch
 
 from kernellab import serving
-from reference._common import f64, kept_states, sequences, stored, stored_state_dtype
+from reference._common import f64, stored_state_dtype, token_loop
 
 
 def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -23,22 +23,12 @@ def linear_attention(q, k, v, g=None, scale=None, initial_state=None, output_fin
     g, _ = serving.gates(g, None, A_log, dt_bias, False, torch.float64)
     q, k, vv, g = f64(q, k, v, g)
 
-    def loop(s0, every):
-        s0 = f64(s0)[0]
-        o = torch.zeros(B, T, H, V, dtype=torch.float64, device=q.device)
-        finals, kept = [], []
-        for n, (b, start, end) in enumerate(sequences(B, T, cu_seqlens)):
-            S = s0[n].clone() if s0 is not None else torch.zeros(H, K, V, dtype=torch.float64, device=q.device)
-            for t in range(start, end):
-                decay = torch.ones(H, dtype=torch.float64, device=q.device) if g is None else g[b, t].exp()
-                S = decay[:, None, None] * S + k[b, t][:, :, None] * vv[b, t][:, None, :]
-                o[b, t] = scale * torch.einsum("hkv,hk->hv", S, q[b, t])
-                S = stored(S, dtype)  # the step's output reads the state before it is stored
-                if every and (t - start + 1) % every == 0:
-                    kept.append(S)
-            finals.append(S)
-        return o.to(v.dtype), torch.stack(finals), kept_states(kept, every, (H, K, V), q.device)
+    def step(S, b, t):
+        decay = torch.ones(H, dtype=torch.float64, device=q.device) if g is None else g[b, t].exp()
+        S = decay[:, None, None] * S + k[b, t][:, :, None] * vv[b, t][:, None, :]
+        return S, scale * torch.einsum("hkv,hk->hv", S, q[b, t])
 
+    loop = token_loop(step, (B, T, H, K, V), cu_seqlens, dtype, v.dtype, q.device)
     return serving.serve(loop, "reference", serving.CHUNK_MULTIPLE, B, T, initial_state, output_final_state,
                          cu_seqlens, dtype, state_indices, output_state_indices, output_intermediate_states,
                          chunk_states_every)
