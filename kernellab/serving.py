@@ -73,21 +73,27 @@ class Pool:
     def __init__(self, pool, state_indices, output_state_indices):
         self.pool, self.indices = pool, state_indices
         self.padding = state_indices < 0
+        self.padded = bool(self.padding.any())  # (read once: without padding, read and write copy each row once)
         written = state_indices if output_state_indices is None else output_state_indices
         self.targets = torch.where(self.padding, -1, written)
 
     def read(self) -> torch.Tensor:
         """The initial states [N, Hv, K, V]: the rows indexed (index_select: row 0 stands in for a padding slot,
-        then masked to zeros). Differentiable in the pool: its gradient reaches the rows read."""
+        then zeroed in place, the only copy of the rows). Differentiable in the pool: its gradient reaches the rows
+        read. The result is the call's own (a backend may update it in place)."""
         rows = self.pool.index_select(0, self.indices.clamp(min=0))
-        return torch.where(self.padding[:, None, None, None], 0, rows)
+        return rows.masked_fill_(self.padding[:, None, None, None], 0) if self.padded else rows
 
     @torch.no_grad()
     def write(self, final: torch.Tensor) -> None:
         """pool[targets[n]] = final[n] ([N, Hv, K, V]) in place for targets[n] >= 0 (not differentiable: serving);
         other rows untouched."""
+        final = final.to(self.pool.dtype)
+        if not self.padded:  # every row written: no masked copy of the states first
+            self.pool.index_copy_(0, self.targets.long(), final)
+            return
         keep = self.targets >= 0
-        self.pool.index_copy_(0, self.targets[keep].long(), final[keep].to(self.pool.dtype))
+        self.pool.index_copy_(0, self.targets[keep].long(), final[keep])
 
 
 def lengths(B: int, T: int, cu_seqlens) -> torch.Tensor:
@@ -151,7 +157,7 @@ def finish(o, final, kept, *, pool: Pool | None, every: int | None, output_inter
     grad); the pool is written (not for output_intermediate_states: a verify call leaves it untouched).
     Returns (o, S) or (o, S, StateTrace), S None with a pool."""
     if pool is not None:
-        if bool(pool.padding.any()):
+        if pool.padded:
             tokens = pool.padding.repeat_interleave(sizes.to(pool.padding.device), output_size=o.shape[0] * o.shape[1])
             o = _zero(o, tokens.view(o.shape[0], o.shape[1]))
             if kept is not None:

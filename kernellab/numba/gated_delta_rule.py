@@ -17,7 +17,9 @@ import numba
 import numpy as np
 import torch
 
+from kernellab import serving
 from kernellab.numba._edge import as_array, compute_dtype, sequence_bounds
+from kernellab.types import StateTrace
 from kernellab.validate import check_state_dtype
 
 CHUNK = 64
@@ -43,22 +45,40 @@ def _load_qk(q, k, b, t, hk, qt, kt, use_qk_l2norm):
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
-def _recurrent_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o, scale, use_qk_l2norm):
-    """q, k [B, T, Hk, K]; v, o [B, T, Hv, V]; g, beta [B, T, Hv]; seq_* [N]; state [N, Hv, K, V] (in, out)."""
+def _recurrent_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, source, rows_in, dest, rows_out, o, trace,
+                      scale, use_qk_l2norm):
+    """q, k [B, T, Hk, K]; v, o [B, T, Hv, V]; g, beta [B, T, Hv]; seq_* [N]. Sequence n starts from
+    source[rows_in[n]] ([P, Hv, K, V]; zeros when source has no rows) and its final state goes to
+    dest[rows_out[n]] (not written for rows_out[n] < 0); rows_in[n] < 0: a padding slot, its outputs (and trace
+    rows) zeros. trace [B T, Hv, K, V] or no rows: the state after token t of batch row b into row b T + t.
+    Each job copies its head's state into a buffer of its own (K V elements: in cache), so that source and dest may
+    be the same pool: the state crosses memory once each way. Rows read by one sequence and written by another
+    must not overlap (the caller's: kernellab.numba.gated_delta_rule.overlapping)."""
     N = seq_batch.shape[0]
-    Hk, K = q.shape[2], q.shape[3]
+    T, Hk, K = q.shape[1], q.shape[2], q.shape[3]
     Hv, V = v.shape[2], v.shape[3]
     group = Hv // Hk
+    tracing = trace.shape[0] > 0
     for job in numba.prange(N * Hv):
         n = job // Hv
         h = job % Hv
         b = seq_batch[n]
-        S = state[n, h]
-        qt = np.empty(K, state.dtype)
-        kt = np.empty(K, state.dtype)
-        ks = np.empty(V, state.dtype)
-        u = np.empty(V, state.dtype)
-        out = np.empty(V, state.dtype)
+        if rows_in[n] < 0:
+            for t in range(seq_start[n], seq_end[n]):
+                o[b, t, h, :] = 0
+                if tracing:
+                    trace[b * T + t, h] = 0
+            continue
+        S = np.empty((K, V), o.dtype)
+        if source.shape[0] > 0:
+            S[:, :] = source[rows_in[n], h]
+        else:
+            S[:, :] = 0
+        qt = np.empty(K, o.dtype)
+        kt = np.empty(K, o.dtype)
+        ks = np.empty(V, o.dtype)
+        u = np.empty(V, o.dtype)
+        out = np.empty(V, o.dtype)
         for t in range(seq_start[n], seq_end[n]):
             _load_qk(q, k, b, t, h // group, qt, kt, use_qk_l2norm)
             decay = np.exp(g[b, t, h])
@@ -79,6 +99,10 @@ def _recurrent_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o,
                     out[j] += qi * s
             for j in range(V):
                 o[b, t, h, j] = scale * out[j]
+            if tracing:
+                trace[b * T + t, h] = S
+        if rows_out[n] >= 0:
+            dest[rows_out[n], h] = S
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
@@ -166,28 +190,69 @@ def _chunk_kernel(q, k, v, g, beta, seq_batch, seq_start, seq_end, state, o, sca
                         S[a, j] += c * U[jj, j]
 
 
+def overlapping(rows_in: np.ndarray, rows_out: np.ndarray) -> bool:
+    """Whether a row of the pool is read by one sequence and written by another (rows_in, rows_out int [N]; -1
+    neither): the in-place kernel must then read the rows first."""
+    reader = {row: n for n, row in enumerate(rows_in.tolist()) if row >= 0}
+    return any(reader.get(row, n) != n for n, row in enumerate(rows_out.tolist()) if row >= 0)
+
+
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, state_dtype, chunk_size=CHUNK):
-    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None.
-    Returns o [B, T, Hv, V] in v's dtype and the float32 (float64 for float64 inputs) state [N, Hv, K, V] or None.
-    mode "chunk" runs the chunked kernel (chunk size `chunk_size`, default 64), "recurrent" the token loop.
-    state_dtype: the default only (the kernels keep the state in place in the state array)."""
+                     mode, state_dtype, chunk_size=CHUNK, state_indices=None, output_state_indices=None,
+                     output_intermediate_states=False, A_log=None, dt_bias=None, beta_logits=False):
+    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] or None (a pool
+    [P, Hv, K, V] with state_indices). Returns o [B, T, Hv, V] in v's dtype and the float32 (float64 for float64
+    inputs) state [N, Hv, K, V] or None (None with a pool, written in place), and a StateTrace with
+    output_intermediate_states. mode "chunk" runs the chunked kernel (chunk size `chunk_size`, default 64),
+    "recurrent" the token loop (and every call with output_intermediate_states). state_dtype: the default only.
+    The serving keywords (docs/api.md): the token loop reads a sequence's state straight from its pool row and
+    writes the new one straight into its output row (no gather, no scatter; when output_state_indices writes a row
+    another sequence reads, the rows read are gathered first); the chunked kernel takes the pool's rows through
+    kernellab.serving.serve. Fused gating by kernellab.serving.gates in float32 before the kernels (B T Hv values:
+    torch's float32 rounding, so that a fused call is bitwise the unfused one)."""
     check_state_dtype(state_dtype, v, "numba", "gated_delta_rule")
     B, T, Hv, V = v.shape
     K = q.shape[3]
     dtype = compute_dtype(v)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, dtype,
+                            by_token=output_intermediate_states and cu_seqlens is None)
     seq_batch, seq_start, seq_end = sequence_bounds(B, T, cu_seqlens)
     N = seq_batch.shape[0]
-    if initial_state is None:
-        state = np.zeros((N, Hv, K, V), dtype=np.float64 if dtype == torch.float64 else np.float32)
+    tokens = (as_array(q, dtype), as_array(k, dtype), as_array(v, dtype), as_array(g, dtype), as_array(beta, dtype),
+              seq_batch, seq_start, seq_end)
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    if mode == "chunk" and not output_intermediate_states:
+        def loop(s0, every):
+            state = (np.zeros((N, Hv, K, V), dtype=np_dtype) if s0 is None
+                     else s0.to(dtype, copy=True).contiguous().numpy())  # the caller's state stays untouched
+            o = np.empty((B, T, Hv, V), dtype=np_dtype)
+            _chunk_kernel(*tokens, state, o, np_dtype(scale), use_qk_l2norm, int(chunk_size))
+            return torch.from_numpy(o).to(v.dtype), torch.from_numpy(state), None
+
+        return serving.serve(loop, "numba", chunk_size, B, T, initial_state, output_final_state, cu_seqlens,
+                             state_dtype, state_indices, output_state_indices, False, None)
+    no_rows = np.empty((0, Hv, K, V), dtype=np_dtype)
+    if state_indices is None:
+        source = no_rows if initial_state is None else as_array(initial_state, dtype)
+        rows_in = np.arange(N, dtype=np.int64)
+        dest = np.empty((N, Hv, K, V), dtype=np_dtype) if output_final_state else no_rows
+        rows_out = rows_in if output_final_state else np.full(N, -1, dtype=np.int64)
     else:
-        state = initial_state.to(dtype, copy=True).contiguous().numpy()  # the caller's state stays untouched
-    o = np.empty((B, T, Hv, V), dtype=state.dtype)
-    args = (as_array(q, dtype), as_array(k, dtype), as_array(v, dtype), as_array(g, dtype), as_array(beta, dtype),
-            seq_batch, seq_start, seq_end, state, o, state.dtype.type(scale), use_qk_l2norm)
-    if mode == "chunk":
-        _chunk_kernel(*args, int(chunk_size))
-    else:
-        _recurrent_kernel(*args)
-    out = torch.from_numpy(o)
-    return out.to(v.dtype), (torch.from_numpy(state) if output_final_state else None)
+        dest = initial_state.numpy()  # the pool itself, in place (in the compute dtype: check_state_dtype)
+        rows_in = state_indices.to(torch.int64).numpy()
+        written = state_indices if output_state_indices is None else output_state_indices
+        rows_out = np.where((rows_in < 0) | output_intermediate_states, -1, written.to(torch.int64).numpy())
+        source = dest
+        if output_state_indices is not None and overlapping(rows_in, rows_out):
+            # every row read before any is written: the rows read gathered first
+            source = dest[np.maximum(rows_in, 0)]
+            rows_in = np.where(rows_in < 0, -1, np.arange(N, dtype=np.int64))
+    o = np.empty((B, T, Hv, V), dtype=np_dtype)
+    trace = np.empty((B * T, Hv, K, V), dtype=np_dtype) if output_intermediate_states else no_rows
+    _recurrent_kernel(*tokens, source, rows_in, dest, rows_out, o, trace, np_dtype(scale), use_qk_l2norm)
+    out = torch.from_numpy(o).to(v.dtype)
+    final = torch.from_numpy(dest) if output_final_state else None
+    if not output_intermediate_states:
+        return out, final
+    sequence, position = serving.trace_index(serving.lengths(B, T, cu_seqlens), 1)
+    return out, final, StateTrace(torch.from_numpy(trace), sequence, position)

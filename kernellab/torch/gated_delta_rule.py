@@ -62,11 +62,12 @@ def wy_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     return o.view(NC, N, Hk, G, C, V), state
 
 
-def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
+def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype, own=False):
     """The recurrence's step for one token per sequence (decode: T = 1, no packing) on [B Hv, K, V] states, in a
     dozen batched ops: the token loop's layout changes cost more than the step itself. q, k [B, 1, Hk, K];
-    v [B, 1, Hv, V]; g, beta [B, 1, Hv]; initial_state None or [B, Hv, K, V] (never written). With S' = exp(g) S:
-    u = beta (v - S'^T k), S = S' + k u^T, o = S^T q = S'^T q + (q . k) u.
+    v [B, 1, Hv, V]; g, beta [B, 1, Hv]; initial_state None or [B, Hv, K, V] (never written, unless own: the
+    call's own rows, read from a pool, updated in place when contiguous and in dtype: one copy of the states less).
+    With S' = exp(g) S: u = beta (v - S'^T k), S = S' + k u^T, o = S^T q = S'^T q + (q . k) u.
     Returns o [B, 1, Hv, V] in v's dtype and the state [B, Hv, K, V] in dtype (unrounded: the caller stores it)."""
     B, _, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
@@ -75,7 +76,10 @@ def decode_step(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, dtype):
         kq.mul_(l2norm_scale(kq, dtype))
     kq[:, :, 1].mul_(scale)
     kq = kq.repeat_interleave(Hv // Hk, dim=1).view(B * Hv, 2, K)  # value head h reads key head h // (Hv // Hk)
-    state = start_state(initial_state, (B * Hv, K, V), dtype, v.device)
+    if own and initial_state is not None and initial_state.dtype == dtype and initial_state.is_contiguous():
+        state = initial_state.view(B * Hv, K, V)
+    else:
+        state = start_state(initial_state, (B * Hv, K, V), dtype, v.device)
     state.mul_(decay_exp_(g.reshape(B * Hv, 1, 1).to(dtype, copy=True)))
     read = torch.bmm(kq, state)  # [B Hv, 2, V]: S'^T k and S'^T q
     u = torch.sub(v.reshape(B * Hv, V), read[:, 0]).mul_(beta.reshape(B * Hv, 1))
@@ -132,10 +136,11 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
         keep = None if every is None else serving.Keep(every if mode == "recurrent" else every // chunk_size)
         if mode == "recurrent" and cu_seqlens is None and (T == 1 or output_intermediate_states):
             # decode steps; between two, the state is stored in state_dtype as a decode call's pool row
+            # (a pool's rows, read for this call (kernellab.serving.Pool.read), are updated in place)
             outputs, state = [], s0
             for t in range(T):
                 o, state = decode_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1],
-                                       scale, state, use_qk_l2norm, dtype)
+                                       scale, state, use_qk_l2norm, dtype, own=state_indices is not None)
                 outputs.append(o)
                 if T > 1:
                     state = state.to(state_dtype)

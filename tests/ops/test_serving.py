@@ -125,16 +125,29 @@ BAD_NAMES = {"a final state too": "output_final_state", "output rows alone": "ou
 
 
 @pytest.mark.parametrize("bad", BAD)
-@pytest.mark.parametrize("op, backend, mode", cases(*serving.KEYWORDS - {"A_log", "dt_bias", "beta_logits"},
-                                                    modes=("chunk",)))
+@pytest.mark.parametrize("op, backend, mode", cases("state_indices", "output_state_indices", modes=("chunk",)))
 def test_bad_indices_are_refused_with_nothing_written(op, backend, mode, bad, seed):
     args = inputs(op, 3, 8, seed)
     pool = pool_of(op, seed)
     before = pool.clone()
     name = BAD_NAMES.get(bad, "output_state_indices" if "output" in bad else "state_indices")
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name):  # (a backend lacking a keyword refuses it by name)
         call(op, backend, **args, initial_state=pool, mode=mode, **BAD[bad])
     assert torch.equal(pool, before)
+
+
+@pytest.mark.parametrize("op, backend, mode", cases("state_indices", "output_state_indices"))
+def test_output_rows_that_others_read(op, backend, mode, seed):
+    """output_state_indices writing rows that other sequences read (a rotation of the rows): every row is read
+    before any is written, so the pool ends as the plain call's final states on the gathered rows (bitwise)."""
+    args = inputs(op, 3, 9, seed)
+    pool = pool_of(op, seed)
+    indices, outputs = rows([4, 1, 0]), rows([1, 0, 4])
+    written = pool.clone()
+    call(op, backend, **args, initial_state=written, state_indices=indices, output_state_indices=outputs, mode=mode)
+    _, plain_S = call(op, backend, **args, initial_state=pool[indices.long()], output_final_state=True, mode=mode)
+    assert torch.equal(written[outputs.long()], plain_S), "a row was written before another sequence read it"
+    assert torch.equal(written[[2, 3, 5]], pool[[2, 3, 5]])
 
 
 def test_state_indices_need_a_pool(seed):
