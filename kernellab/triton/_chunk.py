@@ -173,7 +173,7 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         h0_row = state_row(h0_index, i_n, USE_H0_INDEX)
-        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv)
+        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv, USE_H0_INDEX)
     for i_t in range(tl.cdiv(T, BT)):
         tl.store(h + ((boh + i_t) * HV + i_h) * K * V + state_offsets, b_h.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + i_t * BT + o_t
@@ -201,7 +201,7 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
                 keep_state(kept, kept_offsets, i_n, i_t + 1, every, head_offsets, b_h, m_kv, HV * K * V)
     if STORE_FINAL_STATE:
         ht_row = state_row(ht_index, i_n, USE_HT_INDEX)
-        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv)
+        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv, USE_HT_INDEX)
 
 
 def chunk_state(k, v, g, states, cu_seqlens, chunk_offsets, w=None, k_scale=None, state_dtype=torch.float32):

@@ -54,16 +54,24 @@ def state_row(index, i_n, USE_INDEX: tl.constexpr):
 
 
 @triton.jit
-def load_state(h0, row, stride, offsets, mask):
-    """The float32 slice at `offsets` of state row `row` (rows `stride` elements apart); zeros for row -1."""
-    b_h = tl.load(h0 + tl.maximum(row, 0) * stride + offsets, mask=mask, other=0.).to(tl.float32)
-    return tl.where(row >= 0, b_h, 0.)
+def load_state(h0, row, stride, offsets, mask, USE_INDEX: tl.constexpr):
+    """The float32 slice at `offsets` of state row `row` (rows `stride` elements apart); zeros for row -1 (an
+    indexed row: USE_INDEX)."""
+    if USE_INDEX:
+        b_h = tl.load(h0 + tl.maximum(row, 0) * stride + offsets, mask=mask, other=0.).to(tl.float32)
+        return tl.where(row >= 0, b_h, 0.)
+    else:
+        return tl.load(h0 + row * stride + offsets, mask=mask, other=0.).to(tl.float32)
 
 
 @triton.jit
-def store_state(ht, row, stride, offsets, b_h, mask):
-    """Store the slice b_h at `offsets` of state row `row` (rows `stride` elements apart); nothing for row -1."""
-    if row >= 0:
+def store_state(ht, row, stride, offsets, b_h, mask, USE_INDEX: tl.constexpr):
+    """Store the slice b_h at `offsets` of state row `row` (rows `stride` elements apart); nothing for row -1 (an
+    indexed row: USE_INDEX)."""
+    if USE_INDEX:
+        if row >= 0:
+            tl.store(ht + row * stride + offsets, b_h.to(ht.dtype.element_ty), mask=mask)
+    else:
         tl.store(ht + row * stride + offsets, b_h.to(ht.dtype.element_ty), mask=mask)
 
 

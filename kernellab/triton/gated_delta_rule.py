@@ -316,13 +316,14 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, h0_index
     m_kv = m_k[:, None] & m_v[None, :]
     head_offsets = i_h * K * V + o_k[:, None] * V + o_v[None, :]
     h0_row = state_row(h0_index, i_n, USE_H0_INDEX)
-    if h0_row < 0:  # a padding slot
-        for t in range(T):
-            tl.store(o + ((bos + t) * HV + i_h) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
-        return
+    if USE_H0_INDEX:
+        if h0_row < 0:  # a padding slot
+            for t in range(T):
+                tl.store(o + ((bos + t) * HV + i_h) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
+            return
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv)
+        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv, USE_H0_INDEX)
     if FUSED_GATE:
         b_A_log = tl.load(A_log + i_h)
         if KEY_GATE:
@@ -358,7 +359,7 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, h0_index
             keep_state(kept, kept_offsets, i_n, t + 1, every, head_offsets, b_h, m_kv, HV * K * V)
     if STORE_FINAL_STATE:
         ht_row = state_row(ht_index, i_n, USE_HT_INDEX)
-        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv)
+        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv, USE_HT_INDEX)
 
 
 def recurrent(q, k, v, g, beta, scale, cu_seqlens, states, gating, use_qk_l2norm, state_dtype):

@@ -142,7 +142,7 @@ def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scal
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         h0_row = state_row(h0_index, i_n, USE_H0_INDEX)
-        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv)
+        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv, USE_H0_INDEX)
     for t0 in range(0, T, BT):
         rows = bos + t0 + o_t
         m_t = (t0 + o_t) < T
@@ -170,7 +170,7 @@ def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scal
                 keep_state(kept, kept_offsets, i_n, t0 // BT + 1, every, head_offsets, b_h, m_kv, HV * K * V)
     if STORE_FINAL_STATE:
         ht_row = state_row(ht_index, i_n, USE_HT_INDEX)
-        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv)
+        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv, USE_HT_INDEX)
 
 
 def _block_v(K, V):
