@@ -152,7 +152,8 @@ def every_of(output_intermediate_states: bool, chunk_states_every: int | None) -
 def finish(o, final, kept, *, pool: Pool | None, every: int | None, output_intermediate_states: bool,
            output_final_state: bool, sizes: torch.Tensor, state_dtype, cu_seqlens):
     """A serving call's result from what the backend computed: o [B, T, Hv, V]; final [N, Hv, K, V] (the final
-    states; None when neither the pool nor the caller needs them); kept [M, Hv, K, V] (kept_rows' order; None
+    states; None when neither the pool nor the caller needs them, or when the backend wrote the pool in place
+    itself); kept [M, Hv, K, V] (kept_rows' order; None
     without a trace). A padding slot's output rows and kept states are zeroed (out of place where they require
     grad); the pool is written (not for output_intermediate_states: a verify call leaves it untouched).
     Returns (o, S) or (o, S, StateTrace), S None with a pool."""
@@ -162,7 +163,7 @@ def finish(o, final, kept, *, pool: Pool | None, every: int | None, output_inter
             o = _zero(o, tokens.view(o.shape[0], o.shape[1]))
             if kept is not None:
                 kept = _zero(kept, pool.padding[trace_index(sizes // every, every)[0].to(kept.device)])
-        if not output_intermediate_states:
+        if not output_intermediate_states and final is not None:
             pool.write(final)
         final = None
     elif final is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernellab.registry import Backend, batch_variant
+from kernellab.serving import KEYWORDS
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,12 @@ _TRITON = dict(places=("cuda", "interpret"), requires=("triton",), row_major=Tru
                dtypes=(torch.float32, torch.float16, torch.bfloat16))
 BACKENDS = [
     Backend("linear_attention", "triton", "kernellab.triton.linear_attention:linear_attention",
-            backward="kernellab.triton.linear_attention:linear_attention_backward", **_TRITON),
+            backward="kernellab.triton.linear_attention:linear_attention_backward",
+            serving=KEYWORDS - {"output_intermediate_states", "beta_logits"}, **_TRITON),  # no token-by-token kernel
     Backend("gated_delta_rule", "triton", "kernellab.triton.gated_delta_rule:gated_delta_rule",
-            backward="kernellab.triton.gated_delta_rule:gated_delta_rule_backward", **_TRITON),
-    Backend("kda", "triton", "kernellab.triton.kda:kda", backward="kernellab.triton.kda:kda_backward", **_TRITON),
+            backward="kernellab.triton.gated_delta_rule:gated_delta_rule_backward", serving=KEYWORDS, **_TRITON),
+    Backend("kda", "triton", "kernellab.triton.kda:kda", backward="kernellab.triton.kda:kda_backward",
+            serving=KEYWORDS, **_TRITON),
     Backend("attention", "triton", "kernellab.triton.attention:attention", **_TRITON),
     Backend("route", "triton", "kernellab.triton.route:route", **_TRITON),
     Backend("moe_permute", "triton", "kernellab.triton.moe_permute:moe_permute",

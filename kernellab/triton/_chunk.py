@@ -19,6 +19,8 @@ import triton.language as tl
 
 from kernellab.triton import aot_spec
 from kernellab.triton._autotune import TRITON_DTYPE, autotune, dot_precision, given
+from kernellab.triton._serving import (GATE_POINTERS, STATE_POINTERS, fused_gate, keep_state, load_state, state_row,
+                                     store_state)
 from kernellab.validate import STATE_ROUNDING
 
 CHUNK = 64
@@ -64,11 +66,14 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT: tl.constexpr, IS_V
         return i_b * T, T, i_t, i_b * tl.cdiv(T, BT) + i_t
 
 
-@triton.heuristics({"IS_VARLEN": given("cu_seqlens")})
+@triton.heuristics({"IS_VARLEN": given("cu_seqlens"), "FUSED_GATE": given("A_log"), "BETA_LOGITS": given("beta")})
 @triton.jit(do_not_specialize=["T"])
-def chunk_cumsum_kernel(g, g_cum, cu_seqlens, chunk_indices, T, HV: tl.constexpr, BHV: tl.constexpr,
-                        BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """g [B, T, HV] -> g_cum float32 [B, T, HV], the cumulative sum within each chunk. Grid (chunks, B)."""
+def chunk_cumsum_kernel(g, g_cum, cu_seqlens, chunk_indices, T, A_log, dt_bias, beta, beta_out, HV: tl.constexpr,
+                        BHV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr, FUSED_GATE: tl.constexpr,
+                        BETA_LOGITS: tl.constexpr):
+    """g [B, T, HV] -> g_cum float32 [B, T, HV], the cumulative sum within each chunk. Grid (chunks, B).
+    The fused gating's prologue (_serving): FUSED_GATE, g holds the raw a, gated by A_log, dt_bias [HV] in float32
+    before the sum; BETA_LOGITS, beta_out float32 [B, T, HV] = sigmoid(beta [B, T, HV])."""
     i_t, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos, T, i_t, _ = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     if i_t < 0:
@@ -78,16 +83,26 @@ def chunk_cumsum_kernel(g, g_cum, cu_seqlens, chunk_indices, T, HV: tl.constexpr
     mask = (o_t < T)[:, None] & (o_h < HV)[None, :]
     offsets = (bos + o_t)[:, None] * HV + o_h[None, :]
     b_g = tl.load(g + offsets, mask=mask, other=0.).to(tl.float32)
+    if FUSED_GATE:
+        b_g = fused_gate(b_g, tl.load(A_log + o_h, mask=o_h < HV, other=0.)[None, :],
+                         tl.load(dt_bias + o_h, mask=o_h < HV, other=0.)[None, :])
     tl.store(g_cum + offsets, tl.cumsum(b_g, axis=0), mask=mask)
+    if BETA_LOGITS:
+        tl.store(beta_out + offsets, tl.sigmoid(tl.load(beta + offsets, mask=mask, other=0.).to(tl.float32)),
+                 mask=mask)
 
 
-def chunk_cumsum(g, cu_seqlens, chunk_indices):
-    """g [B, T, HV] (any float dtype) -> float32 [B, T, HV] cumulative sums within chunks of CHUNK tokens."""
+def chunk_cumsum(g, cu_seqlens, chunk_indices, A_log=None, dt_bias=None, beta=None):
+    """g [B, T, HV] (any float dtype) -> float32 [B, T, HV] cumulative sums within chunks of CHUNK tokens.
+    Fused gating (kernellab/triton/_serving.py): A_log, dt_bias [HV] gate the raw a in g first; beta [B, T, HV]
+    logits (or None). Returns (g_cum, sigmoid(beta) float32 [B, T, HV] or None)."""
     B, T, HV = g.shape
     g_cum = torch.empty(B, T, HV, device=g.device, dtype=torch.float32)
+    beta_out = None if beta is None else torch.empty_like(g_cum)
     chunk_cumsum_kernel[(num_chunks(B, T, cu_seqlens), B)](
-        g, g_cum, cu_seqlens, chunk_indices, T, HV=HV, BHV=triton.next_power_of_2(HV), BT=CHUNK, num_warps=4)
-    return g_cum
+        g, g_cum, cu_seqlens, chunk_indices, T, A_log, dt_bias, beta, beta_out, HV=HV, BHV=triton.next_power_of_2(HV),
+        BT=CHUNK, num_warps=4)
+    return g_cum, beta_out
 
 
 @triton.jit
@@ -113,16 +128,19 @@ def _fits_state_tile(configs, named_args, **kwargs):
 
 @triton.heuristics({"USE_W": given("w"), "USE_G": given("g"), "USE_K_SCALE": given("k_scale"),
                     "USE_INITIAL_STATE": given("h0"), "STORE_FINAL_STATE": given("ht"),
-                    "IS_VARLEN": given("cu_seqlens")})
+                    "IS_VARLEN": given("cu_seqlens"), "USE_H0_INDEX": given("h0_index"),
+                    "USE_HT_INDEX": given("ht_index"), "KEEP": given("kept")})
 @autotune(configs=[triton.Config({"BV": BV}, num_warps=num_warps, num_stages=num_stages)
                    for BV in (64, 32, 16) for num_warps in (4, 8) for num_stages in (2, 3)],
           key=["HV", "HK", "K", "V", "USE_W", "USE_G", "USE_K_SCALE"], prune=_fits_state_tile)
-@triton.jit(do_not_specialize=["T"])
-def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, HV: tl.constexpr,
-                       HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, USE_W: tl.constexpr, USE_G: tl.constexpr, USE_K_SCALE: tl.constexpr,
-                       USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                       IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, STATE_ROUNDING: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "h0_stride", "ht_stride", "every"])
+def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_offsets, T, h0_index, ht_index,
+                       h0_stride, ht_stride, kept, kept_offsets, every, HV: tl.constexpr, HK: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       USE_W: tl.constexpr, USE_G: tl.constexpr, USE_K_SCALE: tl.constexpr,
+                       USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       PRECISION: tl.constexpr, STATE_ROUNDING: tl.constexpr, USE_H0_INDEX: tl.constexpr,
+                       USE_HT_INDEX: tl.constexpr, KEEP: tl.constexpr):
     """The sequential pass over chunks. One program per (V tile, sequence, value head) keeps the state
     [BK = K padded, BV] in float32 registers and walks its sequence chunk by chunk, rounding it after every chunk
     to the state dtype (STATE_ROUNDING, stored_state).
@@ -130,7 +148,10 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
     k [B, T, HK, K]; v [B, T, HV, V] (u of the WY form when USE_W); w [B, T, HV, K]; g [B, T, HV] float32
     within-chunk cumsum; k_scale [B, T, HK] float32 (rows of k are k * k_scale); writes h [chunks, HV, K, V]
     (state at each chunk start, in k's dtype), v_new
-    [B, T, HV, V] = v - w S (when USE_W), ht [N, HV, K, V] and h0 [N, HV, K, V] in the state dtype.
+    [B, T, HV, V] = v - w S (when USE_W), ht [N, HV, K, V] from h0 [N, HV, K, V] in the state dtype.
+    The serving keywords (kernellab/triton/_serving.py): h0, ht rows h0_stride / ht_stride apart, read from row
+    h0_index[n] and written to row ht_index[n] (-1: zeros read, nothing written); kept: the state after every
+    `every`-th whole chunk.
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -147,10 +168,12 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     state_offsets = o_k[:, None] * V + o_v[None, :]
+    head_offsets = i_h * K * V + state_offsets
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh * K * V + state_offsets, mask=m_kv, other=0.).to(tl.float32)
+        h0_row = state_row(h0_index, i_n, USE_H0_INDEX)
+        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv, USE_H0_INDEX)
     for i_t in range(tl.cdiv(T, BT)):
         tl.store(h + ((boh + i_t) * HV + i_h) * K * V + state_offsets, b_h.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + i_t * BT + o_t
@@ -173,31 +196,33 @@ def chunk_state_kernel(k, v, w, g, k_scale, h, v_new, h0, ht, cu_seqlens, chunk_
         if USE_K_SCALE:
             b_v *= tl.load(k_scale + rows * HK + i_hk, mask=m_t, other=0.)[:, None]
         b_h = stored_state(tl.dot(tl.trans(b_k), b_v.to(b_k.dtype), b_h, input_precision=PRECISION), STATE_ROUNDING)
+        if KEEP:
+            if (i_t + 1) * BT <= T:  # whole chunks only
+                keep_state(kept, kept_offsets, i_n, i_t + 1, every, head_offsets, b_h, m_kv, HV * K * V)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh * K * V + state_offsets, b_h.to(ht.dtype.element_ty), mask=m_kv)
+        ht_row = state_row(ht_index, i_n, USE_HT_INDEX)
+        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv, USE_HT_INDEX)
 
 
-def chunk_state(k, v, g, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=None, k_scale=None,
-                state_dtype=torch.float32):
+def chunk_state(k, v, g, states, cu_seqlens, chunk_offsets, w=None, k_scale=None, state_dtype=torch.float32):
     """k [B, T, HK, K]; v [B, T, HV, V]; g None or float32 [B, T, HV] (within-chunk cumsum); w None or
     [B, T, HV, K] (gated delta rule: v is then u of the WY form and v_new = v - w S is returned); k_scale None or
-    float32 [B, T, HK], the inverse norms of k's rows; initial_state None or [N, HV, K, V] in state_dtype (the
-    state is rounded to it after every chunk).
-    Returns h [chunks, HV, K, V] in k's dtype, v_new [B, T, HV, V] or None, final state [N, HV, K, V] in
-    state_dtype or None.
+    float32 [B, T, HK], the inverse norms of k's rows; states: the initial and final states (and those kept),
+    _serving.state_arguments(..., step=CHUNK).kernel, in state_dtype (the state is rounded to it after every
+    chunk). Returns h [chunks, HV, K, V] in k's dtype and v_new [B, T, HV, V] or None; the states go where
+    `states` says.
     """
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     h = k.new_empty(B * num_chunks(B, T, cu_seqlens), HV, K, V)  # B = 1 when packed
     v_new = torch.empty_like(v) if w is not None else None
-    final = k.new_empty(N, HV, K, V, dtype=state_dtype) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
     chunk_state_kernel[grid](
-        k=k, v=v, w=w, g=g, k_scale=k_scale, h=h, v_new=v_new, h0=initial_state, ht=final, cu_seqlens=cu_seqlens,
-        chunk_offsets=chunk_offsets, T=T, HV=HV, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
+        k=k, v=v, w=w, g=g, k_scale=k_scale, h=h, v_new=v_new, cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
+        T=T, **states, HV=HV, HK=HK, K=K, V=V, BT=CHUNK, BK=triton.next_power_of_2(K),
         PRECISION=dot_precision(k.dtype), STATE_ROUNDING=STATE_ROUNDING[state_dtype])
-    return h, v_new, final
+    return h, v_new
 
 
 @triton.heuristics({"USE_G": given("g"), "USE_QK_SCALE": given("q_scale"), "IS_VARLEN": given("cu_seqlens")})
@@ -276,16 +301,27 @@ def aot_specs(prefix, HV, HK, K, V, dtype, use_w, use_g, use_qk_scale):
     label = f"K={K},V={V},HV={HV},HK={HK},{dt}"
     common = dict(HV=HV, HK=HK, K=K, V=V, BT=CHUNK, IS_VARLEN=False, PRECISION=dot_precision(dtype))
     packing = dict(cu_seqlens="i32", chunk_indices="i32")
+    cumsum = dict(g="fp32", g_cum="fp32", beta="fp32", beta_out="fp32", **packing, **GATE_POINTERS)
+    state = dict(k=dt, v=dt, w=dt, g="fp32", k_scale="fp32", h=dt, v_new=dt, h0="fp32", ht="fp32", cu_seqlens="i32",
+                 chunk_offsets="i32", **STATE_POINTERS)
+    state_constexprs = dict(common, BK=triton.next_power_of_2(K), BV=16, USE_W=use_w, USE_G=use_g,
+                            USE_K_SCALE=use_qk_scale, USE_INITIAL_STATE=True, STATE_ROUNDING=0)
     return [
         aot_spec(f"{prefix}chunk_cumsum[HV={HV}]", chunk_cumsum_kernel,
-                 dict(HV=HV, BHV=triton.next_power_of_2(HV), BT=CHUNK, IS_VARLEN=False),
-                 pointers=dict(g="fp32", g_cum="fp32", **packing)),
+                 dict(HV=HV, BHV=triton.next_power_of_2(HV), BT=CHUNK, IS_VARLEN=False, FUSED_GATE=False,
+                      BETA_LOGITS=False), pointers=cumsum),
+        # serving: the gating fused into the cumsum (a, A_log, dt_bias; beta's logits with the delta rule's beta)
+        aot_spec(f"{prefix}chunk_cumsum[HV={HV},fused gate]", chunk_cumsum_kernel,
+                 dict(HV=HV, BHV=triton.next_power_of_2(HV), BT=CHUNK, IS_VARLEN=True, FUSED_GATE=True,
+                      BETA_LOGITS=use_w), pointers=cumsum),
         aot_spec(f"{prefix}chunk_state[{label},BV=16]", chunk_state_kernel,
-                 dict(common, BK=triton.next_power_of_2(K), BV=16, USE_W=use_w, USE_G=use_g, USE_K_SCALE=use_qk_scale,
-                      USE_INITIAL_STATE=True, STORE_FINAL_STATE=True, STATE_ROUNDING=0),
-                 pointers=dict(k=dt, v=dt, w=dt, g="fp32", k_scale="fp32", h=dt, v_new=dt, h0="fp32", ht="fp32",
-                               cu_seqlens="i32", chunk_offsets="i32"),
-                 num_warps=4, num_stages=2),
+                 dict(state_constexprs, STORE_FINAL_STATE=True, USE_H0_INDEX=False, USE_HT_INDEX=False, KEEP=False),
+                 pointers=state, num_warps=4, num_stages=2),
+        # serving: a pool's rows read and written in place, the states kept every few chunks (a prefix cache)
+        aot_spec(f"{prefix}chunk_state[{label},BV=16,pool,chunk states]", chunk_state_kernel,
+                 dict(state_constexprs, IS_VARLEN=True, STORE_FINAL_STATE=True, USE_H0_INDEX=True, USE_HT_INDEX=True,
+                      KEEP=True),
+                 pointers=state, num_warps=4, num_stages=2),
         aot_spec(f"{prefix}chunk_output[{label},BK=32,BV=64,w8]", chunk_output_kernel,
                  dict(common, BK=32, BV=64, USE_G=use_g, USE_QK_SCALE=use_qk_scale),
                  pointers=dict(q=dt, k=dt, v=dt, h=dt, g="fp32", q_scale="fp32", k_scale="fp32", o=dt, **packing),

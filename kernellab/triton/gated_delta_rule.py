@@ -23,6 +23,8 @@ from kernellab.triton._autotune import TRITON_DTYPE, autotune, dot_precision, gi
 from kernellab.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, _pair_decay_gradient, aot_specs, chunk_cumsum,
                                    chunk_dh, chunk_dqkwg, chunk_dv, chunk_output, chunk_state, dqkwg_block_k,
                                    num_chunks, prepare_chunk_layout, stored_state)
+from kernellab.triton._serving import (GATE_POINTERS, STATE_POINTERS, fused_gate, gate_arguments, keep_state,
+                                     load_state, state_arguments, state_row, store_state)
 from kernellab.validate import STATE_ROUNDING
 
 L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
@@ -241,14 +243,17 @@ def chunk_wy_kernel(k, v, beta, g, k_scale, A, w, u, cu_seqlens, chunk_indices, 
                  mask=m_t[:, None] & (o_k < K)[None, :])
 
 
-def _wy_state(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, layout, state_dtype):
-    """The chunked forward up to the output: g's within-chunk cumsum, the inverse norms (use_qk_l2norm), the WY
-    inverse A, w, u, and the state pass (h, v_new, the final state; the state stored between chunks in
-    state_dtype). Shared by the forward and the backward (which recomputes them from the inputs)."""
+def _wy_state(q, k, v, g, beta, states, use_qk_l2norm, cu_seqlens, layout, state_dtype, A_log=None, dt_bias=None,
+              BETA_LOGITS=False):
+    """The chunked forward up to the output: g's within-chunk cumsum (fused gating first: A_log, dt_bias, beta
+    logits), the inverse norms (use_qk_l2norm), the WY inverse A, w, u, and the state pass (h, v_new; the states
+    where `states`, _serving.state_arguments(...).kernel, says; stored between chunks in state_dtype). Shared by
+    the forward and the backward (which recomputes them from the inputs)."""
     B, T, HK, K = k.shape
     HV = v.shape[2]
     chunk_indices, chunk_offsets = layout if cu_seqlens is not None else (None, None)
-    g_cum = chunk_cumsum(g, cu_seqlens, chunk_indices)
+    g_cum, beta_sigmoid = chunk_cumsum(g, cu_seqlens, chunk_indices, A_log, dt_bias, beta if BETA_LOGITS else None)
+    beta = beta if beta_sigmoid is None else beta_sigmoid
     q_scale, k_scale = (inverse_norms(q), inverse_norms(k)) if use_qk_l2norm else (None, None)
     grid = (num_chunks(B, T, cu_seqlens), B * HV)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, HV=HV, HK=HK, K=K, BT=CHUNK,
@@ -258,19 +263,10 @@ def _wy_state(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm
     w = k.new_empty(B, T, HV, K)
     u = torch.empty_like(v)
     chunk_wy_kernel[grid](k=k, v=v, beta=beta, g=g_cum, k_scale=k_scale, A=A, w=w, u=u, V=v.shape[3], **common)
-    h, v_new, final = chunk_state(k, u, g_cum, initial_state, output_final_state, cu_seqlens, chunk_offsets, w=w,
-                                  k_scale=k_scale, state_dtype=state_dtype)
-    return dict(g_cum=g_cum, q_scale=q_scale, k_scale=k_scale, A=A, w=w, h=h, v_new=v_new, final=final,
+    h, v_new = chunk_state(k, u, g_cum, states, cu_seqlens, chunk_offsets, w=w, k_scale=k_scale,
+                           state_dtype=state_dtype)
+    return dict(g_cum=g_cum, q_scale=q_scale, k_scale=k_scale, A=A, w=w, h=h, v_new=v_new,
                 chunk_indices=chunk_indices, chunk_offsets=chunk_offsets)
-
-
-def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                            layout, state_dtype):
-    f = _wy_state(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, layout,
-                  state_dtype)
-    o = chunk_output(q, k, f["v_new"], f["h"], f["g_cum"], scale, cu_seqlens, f["chunk_indices"],
-                     q_scale=f["q_scale"], k_scale=f["k_scale"])
-    return o, f["final"]
 
 
 def _fits_recurrent_tile(configs, named_args, **kwargs):
@@ -281,23 +277,30 @@ def _fits_recurrent_tile(configs, named_args, **kwargs):
 
 
 @triton.heuristics({"USE_INITIAL_STATE": given("h0"), "STORE_FINAL_STATE": given("ht"),
-                    "IS_VARLEN": given("cu_seqlens")})
+                    "IS_VARLEN": given("cu_seqlens"), "USE_H0_INDEX": given("h0_index"),
+                    "USE_HT_INDEX": given("ht_index"), "KEEP": given("kept"), "FUSED_GATE": given("A_log")})
 @autotune(configs=[triton.Config({"BV": BV}, num_warps=num_warps)
                    for BV in (32, 16, 8, 64) for num_warps in (4, 2, 8)],
           key=["HV", "HK", "K", "V"], prune=_fits_recurrent_tile)
-@triton.jit(do_not_specialize=["T"])
-def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.constexpr, HK: tl.constexpr,
-                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                     USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ROUNDING: tl.constexpr,
-                     KEY_GATE: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "h0_stride", "ht_stride", "every"])
+def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, h0_index, ht_index, h0_stride, ht_stride,
+                     kept, kept_offsets, every, A_log, dt_bias, HV: tl.constexpr, HK: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                     STORE_FINAL_STATE: tl.constexpr, USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     STATE_ROUNDING: tl.constexpr, KEY_GATE: tl.constexpr, USE_H0_INDEX: tl.constexpr,
+                     USE_HT_INDEX: tl.constexpr, KEEP: tl.constexpr, FUSED_GATE: tl.constexpr,
+                     BETA_LOGITS: tl.constexpr):
     """Token by token. One program per (V tile, sequence, value head) reads its state slice [BK, BV] once,
     walks the sequence's tokens, and writes the slice once. Grid (cdiv(V, BV), N * HV). The slice stays float32 in
     registers, rounded after each token's output to the state dtype (STATE_ROUNDING, _chunk.stored_state).
 
-    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht [N, HV, K, V] in the state
-    dtype. KEY_GATE (Kimi Delta Attention, kernellab/triton/kda.py): g [B, T, HV, K], row d of the state decays
-    by exp(g_t[d]).
+    q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; o [B, T, HV, V]; h0, ht in the state dtype (rows
+    [HV, K, V] h0_stride / ht_stride elements apart). KEY_GATE (Kimi Delta Attention, kernellab/triton/kda.py):
+    g [B, T, HV, K], row d of the state decays by exp(g_t[d]).
+    The serving keywords (kernellab/triton/_serving.py): h0_index, ht_index int32 [N] the pool rows read and
+    written in place (a program whose row is -1 writes zeros to its outputs and touches no state); kept: the state
+    after every `every`-th token; FUSED_GATE: g holds the raw a and A_log [HV], dt_bias [HV] ([HV, K] with KEY_GATE)
+    gate it in float32; BETA_LOGITS: beta holds logits (sigmoid in float32).
     """
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -311,20 +314,38 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    state_offsets = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    head_offsets = i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    h0_row = state_row(h0_index, i_n, USE_H0_INDEX)
+    if USE_H0_INDEX:
+        if h0_row < 0:  # a padding slot
+            for t in range(T):
+                tl.store(o + ((bos + t) * HV + i_h) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
+            return
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.).to(tl.float32)
+        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv, USE_H0_INDEX)
+    if FUSED_GATE:
+        b_A_log = tl.load(A_log + i_h)
+        if KEY_GATE:
+            b_dt_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.)
+        else:
+            b_dt_bias = tl.load(dt_bias + i_h)
     for t in range(T):
         row = bos + t
         b_q = tl.load(q + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_k = tl.load(k + (row * HK + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_v = tl.load(v + (row * HV + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
         if KEY_GATE:
-            b_g = tl.load(g + (row * HV + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)[:, None]
+            b_g = tl.load(g + (row * HV + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         else:
             b_g = tl.load(g + row * HV + i_h).to(tl.float32)
+        if FUSED_GATE:
+            b_g = fused_gate(b_g, b_A_log, b_dt_bias)
+        if KEY_GATE:
+            b_g = b_g[:, None]
         b_beta = tl.load(beta + row * HV + i_h).to(tl.float32)
+        if BETA_LOGITS:
+            b_beta = tl.sigmoid(b_beta)
         if USE_QK_L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2NORM_EPS)
@@ -334,42 +355,64 @@ def recurrent_kernel(q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, T, HV: tl.c
         b_o = tl.sum(b_h * b_q[:, None], 0) * scale
         tl.store(o + (row * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
         b_h = stored_state(b_h, STATE_ROUNDING)  # after the output: the state as carried to the next token
+        if KEEP:
+            keep_state(kept, kept_offsets, i_n, t + 1, every, head_offsets, b_h, m_kv, HV * K * V)
     if STORE_FINAL_STATE:
-        tl.store(ht + state_offsets, b_h.to(ht.dtype.element_ty), mask=m_kv)
+        ht_row = state_row(ht_index, i_n, USE_HT_INDEX)
+        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv, USE_HT_INDEX)
 
 
-def _recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                                cu_seqlens, state_dtype):
+def recurrent(q, k, v, g, beta, scale, cu_seqlens, states, gating, use_qk_l2norm, state_dtype):
+    """The recurrent kernel's launch (gated delta rule, and kda with g [B, T, HV, K]): q, k [B, T, HK, K]; v
+    [B, T, HV, V]; states: _serving.state_arguments(...).kernel; gating: _serving.gate_arguments(...).
+    Returns o [B, T, HV, V]; the states go where `states` says."""
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = torch.empty_like(v)
-    final = k.new_empty(N, HV, K, V, dtype=state_dtype) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * HV)  # noqa: E731
     recurrent_kernel[grid](
-        q=q, k=k, v=v, g=g, beta=beta, o=o, h0=initial_state, ht=final, cu_seqlens=cu_seqlens, scale=scale, T=T,
+        q=q, k=k, v=v, g=g, beta=beta, o=o, cu_seqlens=cu_seqlens, scale=scale, T=T, **states, **gating,
         HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), USE_QK_L2NORM=use_qk_l2norm,
         STATE_ROUNDING=STATE_ROUNDING[state_dtype], KEY_GATE=g.ndim == 4)
-    return o, final
+    return o
 
 
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
-                     state_dtype, chunk_layout=None):
+                     state_dtype, chunk_layout=None, state_indices=None, output_state_indices=None,
+                     output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None,
+                     beta_logits=False):
     """q, k [B, T, HK, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state None or [N, HV, K, V] (in
-    state_dtype when given); cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent". chunk_layout:
-    optional precomputed `_chunk.prepare_chunk_layout(cu_seqlens, T)` (chunked mode), to share between layers.
-    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None). The state is rounded
-    to state_dtype after every token (recurrent) or chunk (chunk); the arithmetic is float32.
+    state_dtype when given; a pool [P, HV, K, V] with state_indices); cu_seqlens None or int [N + 1] (B = 1); mode
+    "chunk" or "recurrent". chunk_layout: optional precomputed `_chunk.prepare_chunk_layout(cu_seqlens, T)`
+    (chunked mode), to share between layers.
+    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None), and a StateTrace
+    with a trace. The state is rounded to state_dtype after every token (recurrent) or chunk (chunk); the
+    arithmetic is float32. The serving keywords (docs/api.md) in the kernels (kernellab/triton/_serving.py): the
+    pool's rows read and written in place, the states kept on the way (output_intermediate_states runs the
+    recurrent kernel in either mode), fused gating in float32.
     """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    h0 = None if initial_state is None else initial_state.to(state_dtype).contiguous()
+    B, T, HK, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    mode = "recurrent" if output_intermediate_states else mode
+    states = state_arguments(initial_state, output_final_state, state_dtype, N, HV, K, V, B, T, cu_seqlens, v,
+                             step=1 if mode == "recurrent" else CHUNK, state_indices=state_indices,
+                             output_state_indices=output_state_indices,
+                             output_intermediate_states=output_intermediate_states,
+                             chunk_states_every=chunk_states_every)
+    gating = gate_arguments(A_log, dt_bias, beta_logits)
     if mode == "recurrent":
-        return _recurrent_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm,
-                                           cu_seqlens, state_dtype)
-    if cu_seqlens is not None and chunk_layout is None:
-        chunk_layout = prepare_chunk_layout(cu_seqlens, q.shape[1])
-    return _chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm, cu_seqlens,
-                                   chunk_layout, state_dtype)
+        o = recurrent(q, k, v, g, beta, scale, cu_seqlens, states.kernel, gating, use_qk_l2norm, state_dtype)
+    else:
+        if cu_seqlens is not None and chunk_layout is None:
+            chunk_layout = prepare_chunk_layout(cu_seqlens, T)
+        f = _wy_state(q, k, v, g, beta, states.kernel, use_qk_l2norm, cu_seqlens, chunk_layout, state_dtype,
+                      **gating)
+        o = chunk_output(q, k, f["v_new"], f["h"], f["g_cum"], scale, cu_seqlens, f["chunk_indices"],
+                         q_scale=f["q_scale"], k_scale=f["k_scale"])
+    return states.finish(o, output_intermediate_states, output_final_state, state_dtype, cu_seqlens)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -507,10 +550,12 @@ def gated_delta_rule_backward(grads, q, k, v, g, beta, scale, initial_state, out
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     if cu_seqlens is not None and chunk_layout is None:
         chunk_layout = prepare_chunk_layout(cu_seqlens, T)
-    f = _wy_state(q, k, v, g, beta, h0, False, use_qk_l2norm, cu_seqlens, chunk_layout, torch.float32)
+    states = state_arguments(h0, False, torch.float32, N, HV, K, V, B, T, cu_seqlens, v)
+    f = _wy_state(q, k, v, g, beta, states.kernel, use_qk_l2norm, cu_seqlens, chunk_layout, torch.float32)
     do = torch.zeros_like(v) if grads["o"] is None else grads["o"].contiguous()
     scales = dict(q_scale=f["q_scale"], k_scale=f["k_scale"])
     dv = chunk_dv(q, k, f["g_cum"], do, scale, cu_seqlens, f["chunk_indices"], **scales)
@@ -556,14 +601,34 @@ def _aot_specs(HV, HK, K, V, dtype):
                  pointers=dict(dx="fp32", x=dt, r="fp32", out="fp32")),
         # the decode kernel with a float32 and a bfloat16 state (rounded every token, half the state's bytes)
         *(aot_spec(f"gated_delta_rule.recurrent[{label},BV=32{state_label}]", recurrent_kernel,
-                   dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
-                        STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True,
-                        STATE_ROUNDING=STATE_ROUNDING[state_dtype], KEY_GATE=False),
-                   pointers=dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0=TRITON_DTYPE[state_dtype],
-                                 ht=TRITON_DTYPE[state_dtype], cu_seqlens="i32"),
-                   floats=("scale",))
+                   recurrent_constexprs(HV, HK, K, V, state_dtype, pool=False, keep=False, fused=False),
+                   pointers=recurrent_pointers(dt, state_dtype), floats=("scale",))
           for state_dtype, state_label in ((torch.float32, ""), (torch.bfloat16, ",state=bf16"))),
+        # serving: decode on a pool in place with fused gating; a verify keeping every token's state (no write)
+        aot_spec(f"gated_delta_rule.recurrent[{label},BV=32,pool,fused gate]", recurrent_kernel,
+                 recurrent_constexprs(HV, HK, K, V, torch.float32, pool=True, keep=False, fused=True),
+                 pointers=recurrent_pointers(dt, torch.float32), floats=("scale",)),
+        aot_spec(f"gated_delta_rule.recurrent[{label},BV=32,pool,verify,fused gate]", recurrent_kernel,
+                 dict(recurrent_constexprs(HV, HK, K, V, torch.float32, pool=True, keep=True, fused=True),
+                      STORE_FINAL_STATE=False, USE_HT_INDEX=False),
+                 pointers=recurrent_pointers(dt, torch.float32), floats=("scale",)),
     ]
+
+
+def recurrent_constexprs(HV, HK, K, V, state_dtype, pool, keep, fused, key_gate=False):
+    """The recurrent kernel's constexprs at BV = 32 for the static table: pool (state_indices in place), keep (the
+    state after every token kept), fused (gating and beta's logits in the kernel)."""
+    return dict(HV=HV, HK=HK, K=K, V=V, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True,
+                STORE_FINAL_STATE=True, USE_QK_L2NORM=True, IS_VARLEN=True, STATE_ROUNDING=STATE_ROUNDING[state_dtype],
+                KEY_GATE=key_gate, USE_H0_INDEX=pool, USE_HT_INDEX=pool, KEEP=keep, FUSED_GATE=fused,
+                BETA_LOGITS=fused)
+
+
+def recurrent_pointers(dt, state_dtype):
+    """The recurrent kernel's pointer types for the static table: inputs in dt, states in state_dtype."""
+    state = TRITON_DTYPE[state_dtype]
+    return dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0=state, ht=state, cu_seqlens="i32",
+                **STATE_POINTERS | dict(kept=state), **GATE_POINTERS)
 
 
 # Qwen3.5-35B-A3B (HK 16, HV 32) and Qwen3.5-397B-A17B (HK 16, HV 64) at TP1, K = V = 128, bf16.

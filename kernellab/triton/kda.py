@@ -22,8 +22,10 @@ import triton.language as tl
 from kernellab.triton import aot_spec
 from kernellab.triton._autotune import TRITON_DTYPE, dot_precision, given
 from kernellab.triton._chunk import STATE_TILE, num_chunks, prepare_chunk_layout, stored_state
-from kernellab.triton.gated_delta_rule import (L2NORM_EPS, _recurrent_gated_delta_rule, inverse_norms, qk_gradient,
-                                             recurrent_kernel)
+from kernellab.triton._serving import (GATE_POINTERS, STATE_POINTERS, fused_gate, gate_arguments, keep_state,
+                                     load_state, state_arguments, state_row, store_state)
+from kernellab.triton.gated_delta_rule import (L2NORM_EPS, inverse_norms, qk_gradient, recurrent, recurrent_constexprs,
+                                             recurrent_kernel, recurrent_pointers)
 from kernellab.validate import STATE_ROUNDING
 
 CHUNK = 16  # tl.dot's least size; the C^2 K pair products grow with it
@@ -63,9 +65,12 @@ def _unit_lower_inverse(b_L, o_t, BT: tl.constexpr):
 
 @triton.jit
 def _load_chunk(q, k, v, g, beta, rows, m_t, o_k, o_v, i_h, i_hk, scale, HV: tl.constexpr, HK: tl.constexpr,
-                K: tl.constexpr, V: tl.constexpr, USE_QK_L2NORM: tl.constexpr):
+                K: tl.constexpr, V: tl.constexpr, USE_QK_L2NORM: tl.constexpr, A_log, dt_bias,
+                FUSED_GATE: tl.constexpr, BETA_LOGITS: tl.constexpr):
     """One chunk's rows in float32: q (l2-normalised on request, then scaled), k (normalised on request) [BT, BK],
-    v [BT, BV], g's within-chunk cumulative sum [BT, BK] and beta [BT]; rows past the sequence's end (m_t false) 0."""
+    v [BT, BV], g's within-chunk cumulative sum [BT, BK] and beta [BT]; rows past the sequence's end (m_t false) 0.
+    FUSED_GATE: g holds the raw a, gated by A_log [HV] and dt_bias [HV, K] before the sum; BETA_LOGITS: beta holds
+    logits (kernellab/triton/_serving.py)."""
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     b_q = tl.load(q + (rows[:, None] * HK + i_hk) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
     b_k = tl.load(k + (rows[:, None] * HK + i_hk) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
@@ -76,6 +81,11 @@ def _load_chunk(q, k, v, g, beta, rows, m_t, o_k, o_v, i_h, i_hk, scale, HV: tl.
                   other=0.).to(tl.float32)
     b_g = tl.load(g + (rows[:, None] * HV + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
     b_beta = tl.load(beta + rows * HV + i_h, mask=m_t, other=0.).to(tl.float32)
+    if FUSED_GATE:  # rows past the end stay 0: they must not decay the state
+        b_g = tl.where(m_tk, fused_gate(b_g, tl.load(A_log + i_h),
+                                        tl.load(dt_bias + i_h * K + o_k, mask=o_k < K, other=0.)[None, :]), 0.)
+    if BETA_LOGITS:
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.)
     return b_q * scale, b_k, b_v, tl.cumsum(b_g, 0), b_beta
 
 
@@ -104,18 +114,23 @@ def _tiles(i_v, K, V, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.heuristics({"USE_INITIAL_STATE": given("h0"), "STORE_FINAL_STATE": given("ht"), "STORE_STATES": given("h"),
-                    "IS_VARLEN": given("cu_seqlens")})
-@triton.jit(do_not_specialize=["T"])
-def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scale, T, HV: tl.constexpr,
-                 HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 BT: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                 STORE_STATES: tl.constexpr, USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 STATE_ROUNDING: tl.constexpr, PRECISION: tl.constexpr):
+                    "IS_VARLEN": given("cu_seqlens"), "USE_H0_INDEX": given("h0_index"),
+                    "USE_HT_INDEX": given("ht_index"), "KEEP": given("kept"), "FUSED_GATE": given("A_log")})
+@triton.jit(do_not_specialize=["T", "h0_stride", "ht_stride", "every"])
+def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scale, T, h0_index, ht_index, h0_stride,
+                 ht_stride, kept, kept_offsets, every, A_log, dt_bias, HV: tl.constexpr, HK: tl.constexpr,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                 USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_STATES: tl.constexpr,
+                 USE_QK_L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ROUNDING: tl.constexpr,
+                 PRECISION: tl.constexpr, USE_H0_INDEX: tl.constexpr, USE_HT_INDEX: tl.constexpr,
+                 KEEP: tl.constexpr, FUSED_GATE: tl.constexpr, BETA_LOGITS: tl.constexpr):
     """Chunk by chunk. Grid (cdiv(V, BV), N * HV). q, k [B, T, HK, K]; v, o [B, T, HV, V]; g [B, T, HV, K];
     beta [B, T, HV]; h0, ht [N, HV, K, V] in the state dtype; h (STORE_STATES, for the backward) float32
     [chunks, HV, K, V]: the state at each chunk's start, chunk_offsets int32 [N + 1] its sequences' first chunks
     (packed). Rows past a sequence's end load as k = v = 0, g = beta = 0: they leave the state as it is and their
-    outputs are not stored."""
+    outputs are not stored. The serving keywords (kernellab/triton/_serving.py): h0, ht rows h0_stride / ht_stride
+    apart, read from row h0_index[n] and written to row ht_index[n] (-1: zeros read, nothing written); kept: the
+    state after every `every`-th whole chunk; FUSED_GATE, BETA_LOGITS: _load_chunk's."""
     i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // HK)
@@ -123,17 +138,18 @@ def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scal
     o_k, o_v, o_t, m_k, m_v, m_kv = _tiles(i_v, K, V, BK, BV, BT)
     strict = o_t[:, None] > o_t[None, :]
     tile = o_k[:, None] * V + o_v[None, :]
-    state_offsets = i_nh * K * V + tile
+    head_offsets = i_h * K * V + tile
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + state_offsets, mask=m_kv, other=0.).to(tl.float32)
+        h0_row = state_row(h0_index, i_n, USE_H0_INDEX)
+        b_h += load_state(h0, h0_row, h0_stride, head_offsets, m_kv, USE_H0_INDEX)
     for t0 in range(0, T, BT):
         rows = bos + t0 + o_t
         m_t = (t0 + o_t) < T
         if STORE_STATES:
             tl.store(h + ((boh + t0 // BT) * HV + i_h) * K * V + tile, b_h, mask=m_kv)
         b_q, b_k, b_v, b_gc, b_beta = _load_chunk(q, k, v, g, beta, rows, m_t, o_k, o_v, i_h, i_hk, scale, HV, HK,
-                                                   K, V, USE_QK_L2NORM)
+                                                   K, V, USE_QK_L2NORM, A_log, dt_bias, FUSED_GATE, BETA_LOGITS)
         b_Aqk, b_Akk = _pair_products(b_q, b_k, b_gc, o_t, BT)
         b_T = _unit_lower_inverse(tl.where(strict, b_Akk * b_beta[:, None], 0.), o_t, BT)
         b_gamma = tl.exp(b_gc)
@@ -149,8 +165,12 @@ def chunk_kernel(q, k, v, g, beta, o, h0, ht, h, cu_seqlens, chunk_offsets, scal
         b_kd = b_k * tl.exp(tl.minimum(b_glast[None, :] - b_gc, 0.))
         b_h = b_h * tl.exp(b_glast)[:, None]
         b_h = stored_state(tl.dot(tl.trans(b_kd), b_vn, b_h, input_precision=PRECISION), STATE_ROUNDING)
+        if KEEP:
+            if t0 + BT <= T:  # whole chunks only
+                keep_state(kept, kept_offsets, i_n, t0 // BT + 1, every, head_offsets, b_h, m_kv, HV * K * V)
     if STORE_FINAL_STATE:
-        tl.store(ht + state_offsets, b_h.to(ht.dtype.element_ty), mask=m_kv)
+        ht_row = state_row(ht_index, i_n, USE_HT_INDEX)
+        store_state(ht, ht_row, ht_stride, head_offsets, b_h, m_kv, USE_HT_INDEX)
 
 
 def _block_v(K, V):
@@ -159,32 +179,49 @@ def _block_v(K, V):
     return max(16, min(triton.next_power_of_2(V), STATE_TILE // BK))
 
 
-def _chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype,
-               states=None, chunk_offsets=None):
-    """The chunked forward; states (the backward's recompute): None, or float32 [chunks, HV, K, V] to receive the
-    state at each chunk's start (chunk_offsets: the packed sequences' first chunks, _chunk.prepare_chunk_layout's)."""
+def _chunk_kda(q, k, v, g, beta, scale, states, gating, use_qk_l2norm, cu_seqlens, state_dtype, chunk_states=None,
+               chunk_offsets=None):
+    """The chunked forward: states, gating: _serving.state_arguments(..., step=CHUNK).kernel and
+    _serving.gate_arguments(...); chunk_states (the backward's recompute): None, or float32 [chunks, HV, K, V] to
+    receive the state at each chunk's start (chunk_offsets: the packed sequences' first chunks,
+    _chunk.prepare_chunk_layout's). Returns o [B, T, HV, V]."""
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = torch.empty_like(v)
-    final = k.new_empty(N, HV, K, V, dtype=state_dtype) if output_final_state else None
     BV = _block_v(K, V)
     chunk_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, v, g, beta, o, initial_state, final, states, cu_seqlens, chunk_offsets, scale, T, HV=HV, HK=HK, K=K,
-        V=V, BK=_block_k(K), BV=BV, BT=CHUNK, USE_QK_L2NORM=use_qk_l2norm,
+        q, k, v, g, beta, o, h=chunk_states, cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, scale=scale, T=T,
+        **states, **gating, HV=HV, HK=HK, K=K, V=V, BK=_block_k(K), BV=BV, BT=CHUNK, USE_QK_L2NORM=use_qk_l2norm,
         STATE_ROUNDING=STATE_ROUNDING[state_dtype], PRECISION=dot_precision(q.dtype), num_warps=CHUNK_WARPS)
-    return o, final
+    return o
 
 
-def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode, state_dtype):
+def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode, state_dtype,
+        state_indices=None, output_state_indices=None, output_intermediate_states=False, chunk_states_every=None,
+        A_log=None, dt_bias=None, beta_logits=False):
     """q, k [B, T, HK, K]; v [B, T, HV, V]; g [B, T, HV, K]; beta [B, T, HV]; initial_state None or [N, HV, K, V]
-    (in state_dtype when given); cu_seqlens None or int [N + 1] (B = 1); mode "chunk" or "recurrent".
-    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None). The state is rounded
-    to state_dtype after every chunk (chunk) or token (recurrent); the arithmetic is float32."""
+    (in state_dtype when given; a pool [P, HV, K, V] with state_indices); cu_seqlens None or int [N + 1] (B = 1);
+    mode "chunk" or "recurrent".
+    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None), and a StateTrace with
+    a trace. The state is rounded to state_dtype after every chunk (chunk) or token (recurrent); the arithmetic is
+    float32. The serving keywords as the gated delta rule's (dt_bias [HV, K]), in the kernels."""
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    h0 = None if initial_state is None else initial_state.to(state_dtype).contiguous()
-    run = _chunk_kda if mode == "chunk" else _recurrent_gated_delta_rule
-    return run(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype)
+    B, T, HK, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    mode = "recurrent" if output_intermediate_states else mode
+    states = state_arguments(initial_state, output_final_state, state_dtype, N, HV, K, V, B, T, cu_seqlens, v,
+                             step=1 if mode == "recurrent" else CHUNK, state_indices=state_indices,
+                             output_state_indices=output_state_indices,
+                             output_intermediate_states=output_intermediate_states,
+                             chunk_states_every=chunk_states_every)
+    gating = gate_arguments(A_log, dt_bias, beta_logits)
+    if mode == "chunk":
+        o = _chunk_kda(q, k, v, g, beta, scale, states.kernel, gating, use_qk_l2norm, cu_seqlens, state_dtype)
+    else:
+        o = recurrent(q, k, v, g, beta, scale, cu_seqlens, states.kernel, gating, use_qk_l2norm, state_dtype)
+    return states.finish(o, output_intermediate_states, output_final_state, state_dtype, cu_seqlens)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -231,7 +268,7 @@ def chunk_backward_kernel(q, k, v, g, beta, h, do, dht, dq, dk, dv, dg, dbeta, d
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_q, b_k, b_v, b_gc, b_beta = _load_chunk(q, k, v, g, beta, rows, m_t, o_k, o_v, i_h, i_hk, scale, HV, HK,
-                                                   K, V, USE_QK_L2NORM)
+                                                   K, V, USE_QK_L2NORM, None, None, False, False)
         b_do = tl.load(do + (rows[:, None] * HV + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         b_h = tl.load(h + ((boh + i_t) * HV + i_h) * K * V + tile, mask=m_kv, other=0.)
         # the chunk's forward
@@ -306,10 +343,12 @@ def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_sta
     B, T, HK, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    h0 = None if initial_state is None else initial_state.to(state_dtype).contiguous()
     chunk_offsets = None if cu_seqlens is None else prepare_chunk_layout(cu_seqlens, T, CHUNK)[1]
     states = torch.empty(B * num_chunks(B, T, cu_seqlens, CHUNK), HV, K, V, device=q.device, dtype=torch.float32)
-    _chunk_kda(q, k, v, g, beta, scale, h0, False, use_qk_l2norm, cu_seqlens, state_dtype, states, chunk_offsets)
+    forward = state_arguments(initial_state, False, state_dtype, N, HV, K, V, B, T, cu_seqlens, v)
+    h0 = forward.kernel["h0"]
+    _chunk_kda(q, k, v, g, beta, scale, forward.kernel, gate_arguments(None, None, False), use_qk_l2norm, cu_seqlens,
+               state_dtype, states, chunk_offsets)
     do = torch.zeros_like(v) if grads["o"] is None else grads["o"].contiguous()
     dht = None if grads["final_state"] is None else grads["final_state"].to(torch.float32).contiguous()
     BV = _block_v(K, V)
@@ -342,21 +381,32 @@ def _aot_specs(HV, HK, K, V, dtype):
                                     dk="fp32", dv="fp32", dg="fp32", dbeta="fp32", dh0="fp32", cu_seqlens="i32",
                                     chunk_offsets="i32"),
                       floats=("scale",), num_warps=CHUNK_WARPS)]
+    chunk_constexprs = dict(common, BV=_block_v(K, V), BT=CHUNK, USE_INITIAL_STATE=True, STORE_FINAL_STATE=True,
+                            STORE_STATES=False, PRECISION=dot_precision(dtype))
+    serving = dict(USE_H0_INDEX=False, USE_HT_INDEX=False, KEEP=False, FUSED_GATE=False, BETA_LOGITS=False)
     for state_dtype, state_label in ((torch.float32, ""), (torch.bfloat16, ",state=bf16")):
         pointers = dict(q=dt, k=dt, v=dt, g="fp32", beta="fp32", o=dt, h0=TRITON_DTYPE[state_dtype],
-                        ht=TRITON_DTYPE[state_dtype], h="fp32", cu_seqlens="i32", chunk_offsets="i32")
-        rounding = STATE_ROUNDING[state_dtype]
+                        ht=TRITON_DTYPE[state_dtype], h="fp32", cu_seqlens="i32", chunk_offsets="i32",
+                        **STATE_POINTERS | dict(kept=TRITON_DTYPE[state_dtype]), **GATE_POINTERS)
         specs += [
             aot_spec(f"kda.chunk[{label},BT={CHUNK},BV={_block_v(K, V)}{state_label}]", chunk_kernel,
-                     dict(common, BV=_block_v(K, V), BT=CHUNK, USE_INITIAL_STATE=True, STORE_FINAL_STATE=True,
-                          STORE_STATES=False, STATE_ROUNDING=rounding, PRECISION=dot_precision(dtype)),
+                     dict(chunk_constexprs, STATE_ROUNDING=STATE_ROUNDING[state_dtype], **serving),
                      pointers=pointers, floats=("scale",), num_warps=CHUNK_WARPS),
             aot_spec(f"kda.recurrent[{label},BV=32{state_label}]", recurrent_kernel,
-                     dict(common, BK=triton.next_power_of_2(K), BV=32, USE_INITIAL_STATE=True, STORE_FINAL_STATE=True,
-                          STATE_ROUNDING=rounding, KEY_GATE=True),
-                     pointers={name: pointers[name] for name in ("q", "k", "v", "g", "beta", "o", "h0", "ht",
-                                                                 "cu_seqlens")},
-                     floats=("scale",))]
+                     recurrent_constexprs(HV, HK, K, V, state_dtype, pool=False, keep=False, fused=False,
+                                          key_gate=True),
+                     pointers=recurrent_pointers(dt, state_dtype), floats=("scale",))]
+    # serving: a pool in place, chunk states (a prefix cache) and fused gating in the chunked kernel; decode on a
+    # pool with fused gating
+    specs += [
+        aot_spec(f"kda.chunk[{label},BT={CHUNK},BV={_block_v(K, V)},pool,chunk states,fused gate]", chunk_kernel,
+                 dict(chunk_constexprs, STATE_ROUNDING=0, USE_H0_INDEX=True, USE_HT_INDEX=True, KEEP=True,
+                      FUSED_GATE=True, BETA_LOGITS=True),
+                 pointers=pointers | dict(h0="fp32", ht="fp32", kept="fp32"), floats=("scale",),
+                 num_warps=CHUNK_WARPS),
+        aot_spec(f"kda.recurrent[{label},BV=32,pool,fused gate]", recurrent_kernel,
+                 recurrent_constexprs(HV, HK, K, V, torch.float32, pool=True, keep=False, fused=True, key_gate=True),
+                 pointers=recurrent_pointers(dt, torch.float32), floats=("scale",))]
     return specs
 
 

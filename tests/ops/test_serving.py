@@ -20,6 +20,9 @@ MODES = ("chunk", "recurrent")
 K = 16
 P = 6  # pool rows
 TOL = 2e-5  # float32 against the float64 reference (relative)
+# Backends that gate in their kernels (exp, log and sigmoid of the kernel's math, not torch's): the fused call
+# matches the unfused one on torch's gates within a few float32 ulps of g, not bitwise.
+KERNEL_GATING = ("triton", "cuda")
 
 
 def declaring(op, *keywords):
@@ -247,7 +250,8 @@ def test_chunk_states_are_the_recurrent_states_there(op, backend, mode, packed, 
 @pytest.mark.parametrize("op, backend, mode", cases("A_log", "dt_bias"))
 def test_fused_gating_equals_unfused(op, backend, mode, seed):
     """g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(logits) inside the backend: the unfused call on
-    the same backend with g and beta computed so in float32 (bitwise), and the reference's within tolerance."""
+    the same backend with g and beta computed so in float32 (bitwise; within 1e-6 where the kernel gates,
+    KERNEL_GATING), and the reference's within tolerance."""
     args = inputs(op, 2, 70, seed, fused=True)
     if op != "linear_attention" and "beta_logits" not in registry.registered(op)[backend].serving:
         pytest.skip(f"{backend} of {op} takes no beta_logits")
@@ -260,7 +264,10 @@ def test_fused_gating_equals_unfused(op, backend, mode, seed):
     if "beta" in plain:
         plain["beta"] = torch.sigmoid(args["beta"].to(dtype))
     o, S = call(op, backend, **plain, output_final_state=True, mode=mode)
-    assert torch.equal(fused_o, o) and torch.equal(fused_S, S)
+    if backend in KERNEL_GATING:
+        assert rel_err(fused_o, o) < 1e-6 and rel_err(fused_S, S) < 1e-6, f"seed={seed}"
+    else:
+        assert torch.equal(fused_o, o) and torch.equal(fused_S, S)
     ref_o, ref_S = call(op, "reference", **{n: x.double() if isinstance(x, torch.Tensor) else x
                                             for n, x in args.items()}, output_final_state=True)
     assert rel_err(fused_o, ref_o) < TOL and rel_err(fused_S, ref_S) < TOL, f"seed={seed}"
