@@ -251,14 +251,14 @@ class Qwen35Moe(nn.Module):
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  cuda_graph: bool = False, max_batch: int | None = None, prefix_cache=False, speculative: int = 0,
-                 draft: str = "ngram"):
+                 draft: str = "ngram", stats: dict | None = None):
         """Decode: one prefill (packed when the prompts' lengths differ), then one token at a time per sequence.
 
         input_ids: a tensor [B, T] -> a tensor [B, T + max_new_tokens] (a row that stops at EOS is padded with
         eos_token_id after it); or a list of 1-D token sequences of any lengths -> a list of 1-D int64 tensors,
         each prompt followed by its new tokens (EOS included). max_new_tokens: an int, or one per sequence.
         Greedy unless temperature > 0 (then top_k, top_p and seed apply: model.sampling.sample). max_batch,
-        prefix_cache, speculative, draft: as stream's."""
+        prefix_cache, speculative, draft, stats: as stream's."""
         tensor_in = isinstance(input_ids, torch.Tensor)
         if tensor_in and input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T] or a list of 1-D sequences, got shape "
@@ -266,7 +266,7 @@ class Qwen35Moe(nn.Module):
         prompts = list(input_ids)
         new = [[] for _ in prompts]
         for index, token in self.stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
-                                        cuda_graph, max_batch, prefix_cache, speculative, draft):
+                                        cuda_graph, max_batch, prefix_cache, speculative, draft, stats):
             new[index].append(token)
         device = self.embed_tokens.weight.device
         out = [torch.cat([torch.as_tensor(p, dtype=torch.int64).to(device), torch.tensor(n, dtype=torch.int64,
@@ -281,7 +281,8 @@ class Qwen35Moe(nn.Module):
     @torch.inference_mode()
     def stream(self, prompts, max_new_tokens, eos_token_id=None, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, cuda_graph: bool = False,
-               max_batch: int | None = None, prefix_cache=False, speculative: int = 0, draft: str = "ngram"):
+               max_batch: int | None = None, prefix_cache=False, speculative: int = 0, draft: str = "ngram",
+               stats: dict | None = None):
         """Yields (sequence index, token id) as each new token is chosen, for a batch of prompts of any lengths
         (a list of 1-D token sequences): a prefill, then decode steps on the sequences still going. A sequence
         stops after its own max_new_tokens (an int, or one per prompt) or at eos_token_id (an int or a list);
@@ -297,7 +298,9 @@ class Qwen35Moe(nn.Module):
         the states at the last chunk boundary inside the shared prefix and that prefix's keys and values, and
         prefills the rest. speculative: T > 0 drafts up to T tokens per sequence and step (draft "ngram": prompt
         lookup, model.sampling.draft_ngram), verifies them in one call and keeps the longest prefix that greedy
-        decoding gives, plus the token after it (greedy only). Each gives plain greedy decoding's tokens."""
+        decoding gives, plus the token after it (greedy only). Each gives plain greedy decoding's tokens.
+        stats: a dict that receives counts: steps (model calls after the prefills), drafted and accepted (draft
+        tokens), prefilled (prompt tokens prefilled) and reused (prompt tokens a prefix cache hit saved)."""
         serving = (max_batch, prefix_cache, speculative, draft)
         if self.layout is None:
             checked = self._check_stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
@@ -325,17 +328,19 @@ class Qwen35Moe(nn.Module):
         free, active = list(range(width)), []  # active: [sequence index, slot, the token to feed next]
         made = [0] * len(prompts)
         context = {i: prompts[i].tolist() for i in waiting} if speculative else None  # the drafts' source
+        counts = {} if stats is None else stats
+        counts.update(dict.fromkeys(("steps", "drafted", "accepted", "prefilled", "reused"), 0))
         while waiting or active:
             chosen = []  # (row of active, its new tokens)
             if active:
                 chosen = list(enumerate(self._next_tokens(cache, active, sampler, pooled, decode, speculative,
-                                                          budgets, made, context)))
+                                                          budgets, made, context, counts)))
             if waiting and free:
                 joining = []
                 while waiting and free:
                     joining.append([waiting.popleft(), free.pop(0), None])
                 logits = self._admit(cache, [prompts[i] for i, _, _ in joining], [s for _, s, _ in joining],
-                                     pooled, prefix)
+                                     pooled, prefix, counts)
                 chosen += [(len(active) + r, [t]) for r, t in enumerate(self._sample(sampler, logits).tolist())]
                 active += joining
             going = []
@@ -371,18 +376,22 @@ class Qwen35Moe(nn.Module):
         """Whether the gated_delta_rule backend reads and writes a state pool in place (state_indices)."""
         return "state_indices" in registry.registered("gated_delta_rule")[self.backends["gated_delta_rule"]].serving
 
-    def _admit(self, cache: Cache, prompts: list[torch.Tensor], slots: list[int], pooled: bool, prefix):
+    def _admit(self, cache: Cache, prompts: list[torch.Tensor], slots: list[int], pooled: bool, prefix, counts):
         """Prefill prompts into these cache slots (emptied first): logits [N, vocab] of each one's last token."""
-        if not pooled:
-            return self.prefill_logits(prompts, cache)
-        cache.reset(slots)
-        if prefix is None:
-            cache.use(slots)
-            return self.prefill_logits(prompts, cache)
-        return torch.cat([prefix.prefill(self, cache, p, s) for p, s in zip(prompts, slots)])
+        counts["prefilled"] += sum(map(len, prompts))
+        if pooled:
+            cache.reset(slots)
+        if prefix is not None:
+            reused = prefix.hits
+            logits = torch.cat([prefix.prefill(self, cache, p, s) for p, s in zip(prompts, slots)])
+            counts["reused"] += prefix.hits - reused
+            counts["prefilled"] -= prefix.hits - reused
+            return logits
+        cache.use(slots if pooled else None)
+        return self.prefill_logits(prompts, cache)
 
     def _next_tokens(self, cache: Cache, active: list, sampler, pooled: bool, decode, speculative: int, budgets,
-                     made, context) -> list[list[int]]:
+                     made, context, counts) -> list[list[int]]:
         """One step of the active sequences (active: [index, slot, token to feed]): the new tokens of each. A decode
         step gives one per sequence. With speculative T, drafts of up to T tokens (no more than a sequence may
         still make, less one) are fed after the token, verified in one call (the pool untouched), and each
@@ -392,6 +401,7 @@ class Qwen35Moe(nn.Module):
         drafts = [draft_ngram(context[i], min(speculative, budgets[i] - made[i] - 1)) for i, _, _ in active] \
             if speculative else []
         longest = max(map(len, drafts), default=0)
+        counts["steps"] += 1
         device = self.embed_tokens.weight.device
         if longest == 0:
             cache.use([slot for _, slot, _ in active] if pooled else None)
@@ -410,6 +420,8 @@ class Qwen35Moe(nn.Module):
                 n += 1
             kept.append(g[:n + 1])
         cache.commit([len(k) for k in kept])
+        counts["drafted"] += sum(map(len, drafts))
+        counts["accepted"] += sum(len(k) - 1 for k in kept)
         return kept
 
     def _check_stream(self, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed, cuda_graph,
