@@ -43,7 +43,8 @@ def speculative_row(m, new_tokens: int, repeats: int, backend: str, device: str)
     spec_s, spec = _best(lambda: m.generate([prompt], new_tokens, speculative=SPECULATIVE, stats=stats), repeats)
     return dict(part="model", case="speculative", backend=backend, device=device,
                 shape=f"prompt {len(prompt)}, new {new_tokens}, T {SPECULATIVE}", baseline_s=plain_s,
-                serving_s=spec_s,                baseline_tokens_per_s=new_tokens / plain_s, serving_tokens_per_s=new_tokens / spec_s,
+                serving_s=spec_s, baseline_tokens_per_s=new_tokens / plain_s,
+                serving_tokens_per_s=new_tokens / spec_s,
                 speedup=plain_s / spec_s, target=TARGETS["speculative"],
                 met=plain_s / spec_s >= TARGETS["speculative"],
                 identical=torch.equal(plain[0], spec[0]), drafted=stats["drafted"], accepted=stats["accepted"],
