@@ -5,6 +5,8 @@
     python -m model.generate --prompt "a" --prompt "longer prompt"  # a batch of prompts of different lengths
     python -m model.generate --prompt-ids "1 2 3" --new-tokens 8      # token ids in, token ids out
     python -m model.generate --prompt-len 64 --new-tokens 32 --batch 2  # random prompts: tokens/s only
+    python -m model.generate --prompt-ids "1 2 3 1 2 3 1 2" --speculative 4   # prompt-lookup drafts, verified
+    python -m model.generate --prompt "a b" --prompt "a c" --prefix-cache --max-batch 1  # a pool, a prefix cache
     torchrun --nproc-per-node 2 -m model.generate --tp 2 --ep 2 --prompt "Return the"  # on 2 processes
 
 On several processes (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous), --tp splits the token
@@ -101,6 +103,14 @@ def _parser():
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step as a CUDA graph (GPU)")
+    parser.add_argument("--max-batch", type=cli.positive_int, default=None,
+                        help="decode at most this many prompts at once; the others join as slots free (state pool)")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="prompts sharing a prefix prefill it once (states at 64-token boundaries, its KV)")
+    parser.add_argument("--speculative", type=cli.nonnegative_int, default=0,
+                        help="draft up to this many tokens per step and verify them in one call (greedy)")
+    parser.add_argument("--draft", default="ngram", choices=("ngram",),
+                        help="the speculative draft: ngram (prompt lookup, the default)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="torch CPU threads (on a busy machine 1 avoids oversubscription)")
     parser.add_argument("--tp", type=cli.positive_int, default=1,
@@ -135,6 +145,10 @@ def _check(parser, args) -> str:
         parser.error("--prompt-ids: give prompts as text (--prompt) or as token ids, not both")
     if args.checkpoint and args.prompt and not (args.checkpoint / "tokenizer.json").is_file():
         parser.error(f"--prompt: no tokenizer.json in {args.checkpoint} to encode text with (give --prompt-ids)")
+    if args.speculative and args.temperature:
+        parser.error("--speculative: verifies drafts against greedy decoding; give --temperature 0")
+    if args.cuda_graph and (args.speculative or args.prefix_cache or args.max_batch):
+        parser.error("--cuda-graph: the pool's flags (--max-batch, --prefix-cache, --speculative) run without it")
     if args.temperature == 0 and (args.top_k or args.top_p):
         parser.error("--top-k/--top-p: they filter sampling; give a --temperature > 0 (0 is greedy)")
     device = cli.check_device(parser, "--device", args.device) or "cpu"
@@ -208,7 +222,8 @@ def main(argv=None):
         print(f"checkpoint {path}; backends {m.backends}; dtype {m.embed_tokens.weight.dtype}; device {device}"
               f"{split}", file=sys.stderr if prompts else sys.stdout)
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        cuda_graph=args.cuda_graph)
+                        cuda_graph=args.cuda_graph, max_batch=args.max_batch, prefix_cache=args.prefix_cache,
+                        speculative=args.speculative, draft=args.draft)
         if prompts:
             eos = None if args.ignore_eos or tokenizer is None else tokenizer.eos_token_ids
             _generate_text(m, tokenizer, prompts, args.new_tokens, eos, sampling, as_text=bool(args.prompt))
@@ -255,7 +270,8 @@ def _generate_text(m, tokenizer, prompts, new_tokens, eos, sampling, as_text):
     new = [[] for _ in prompts]
     start = time.perf_counter()
     first = None
-    for index, token in m.stream([torch.tensor(p) for p in prompts], new_tokens, eos, **sampling):
+    stats = {}
+    for index, token in m.stream([torch.tensor(p) for p in prompts], new_tokens, eos, stats=stats, **sampling):
         first = first or time.perf_counter()
         new[index].append(token)
         if single:
@@ -273,6 +289,9 @@ def _generate_text(m, tokenizer, prompts, new_tokens, eos, sampling, as_text):
         # the first token's wait includes the backends' first-call compilation (numba, Triton)
         print(f"-- {made} new tokens; the first after {first - start:.2f} s (prefill of {sum(map(len, prompts))} "
               f"tokens){rate}", file=sys.stderr)
+        if sampling["speculative"] or sampling["prefix_cache"]:
+            print(f"-- {stats['steps']} decode calls, {stats['accepted']} of {stats['drafted']} draft tokens "
+                  f"accepted; {stats['reused']} prompt tokens from the prefix cache", file=sys.stderr)
 
 
 def _generate_random(m, tokenizer, args, sampling):

@@ -121,6 +121,11 @@ class Step:
     kv_lens:     None (no cache, or a fresh one), or int32 [B]: each row's tokens once these are written.
     window:      keys read from the KV buffers (the longest row's, or the whole buffer for static shapes).
     fresh:       the cache holds no token of these rows yet: attention runs over the new tokens alone.
+    slots:       None (the call's rows are cache rows 0..B-1), or int32 [B] (N packed): the cache's pool rows
+                 they are (Cache.use); first_slot: the first of them when they are consecutive (a view of KV).
+    record:      with slots: None; "verify" (the Gated DeltaNet states after every token, the pool and conv
+                 states left for Cache.commit); an int C (the states every C tokens, for a prefix cache).
+    kept:        with record: one Recorded per Gated DeltaNet layer, in layer order.
     """
 
     rope: tuple
@@ -130,6 +135,18 @@ class Step:
     kv_lens: torch.Tensor | None = None
     window: int = 0
     fresh: bool = True
+    slots: torch.Tensor | None = None
+    first_slot: int | None = None
+    record: str | int | None = None
+    kept: list | None = None
+
+    def kv(self, buffer: torch.Tensor, B: int) -> torch.Tensor:
+        """The first `window` positions of the call's B rows of a KV buffer [P, max_len, Hkv, Dh]: a view of rows
+        0..B-1 or of consecutive slots, else a gather of the slots' rows (kernellab.attention takes no row index)."""
+        if self.slots is None or self.first_slot is not None:
+            start = self.first_slot or 0
+            return buffer[start:start + B, :self.window]
+        return buffer[self.slots, :self.window]
 
 
 @dataclass
@@ -139,6 +156,17 @@ class LinearAttentionState:
 
     conv: torch.Tensor
     recurrent: torch.Tensor
+
+
+@dataclass
+class Recorded:
+    """What a recording call (Step.record) keeps of one Gated DeltaNet layer: its state, the conv window
+    [B, kernel - 1 + T, C] (previous inputs, then the call's: the conv state after t tokens is window[:, t:t +
+    kernel - 1]) and the op's StateTrace."""
+
+    state: LinearAttentionState
+    window: torch.Tensor
+    trace: object = None
 
 
 @dataclass
@@ -156,9 +184,9 @@ class KVState:
             self.v.index_put_((step.rows, step.positions[0]), v[0])
             return
         B = k.shape[0]
-        rows = torch.arange(B, device=k.device)[:, None]
-        self.k[:B].index_put_((rows, step.positions), k)
-        self.v[:B].index_put_((rows, step.positions), v)
+        rows = (torch.arange(B, device=k.device) if step.slots is None else step.slots.long())[:, None]
+        self.k.index_put_((rows, step.positions), k)
+        self.v.index_put_((rows, step.positions), v)
 
 
 class GatedDeltaNet(nn.Module):
@@ -205,14 +233,14 @@ class GatedDeltaNet(nn.Module):
         B, T, C = x.shape
         history = self.kernel_size - 1
         if T == 1 and state is not None and step is not None and not step.fresh and step.cu_seqlens is None \
-                and not torch.is_grad_enabled():  # decode: one tap-weighted sum over the window, three ops
+                and step.slots is None and step.record is None and not torch.is_grad_enabled():  # decode: one tap-weighted sum over the window, three ops
             window = torch.cat([state.conv[:B], x.transpose(1, 2)], dim=2)  # [B, C, kernel]
             state.conv[:B].copy_(window[:, :, 1:])
             return F.silu(window.mul_(self.conv1d.weight[:, 0]).sum(-1)[:, None])
         weight = self.conv1d.weight[:, 0].t().contiguous()  # [kernel, C]: contiguous rows vectorise
         packed = step is not None and step.cu_seqlens is not None
         fresh = state is None or step is None or step.fresh
-        past = x.new_zeros(B, history, C) if fresh else state.conv[:B].transpose(1, 2)
+        past = x.new_zeros(B, history, C) if fresh else _rows(state.conv, B, step).transpose(1, 2)
         window = torch.cat([past, x], dim=1)  # [B, history + T, C]: the previous inputs stand in for zero padding
         if state is not None:
             self._save_conv(state, window, step)
@@ -238,14 +266,18 @@ class GatedDeltaNet(nn.Module):
     def _save_conv(self, state: LinearAttentionState, window, step: Step | None):
         """state.conv rows <- the last kernel - 1 inputs of each sequence (zero before a packed one's start)."""
         history = self.kernel_size - 1
+        if step is not None and step.record is not None:
+            step.kept.append(Recorded(state, window))
+            if step.record == "verify":  # the conv states of the accepted tokens: Cache.commit
+                return
         if step is None or step.cu_seqlens is None:
             B, T = window.shape[0], window.shape[1] - history
-            state.conv[:B].copy_(window[:, T:].transpose(1, 2))
+            _write_rows(state.conv, window[:, T:].transpose(1, 2), step)
             return
         cu = step.cu_seqlens.to(torch.int64)
         index = cu[1:, None] + torch.arange(history, device=cu.device)  # [N, history] into the window
         taken = window[0][index] * (index >= cu[:-1, None] + history)[..., None]  # [N, history, C]
-        state.conv[:cu.shape[0] - 1].copy_(taken.transpose(1, 2))
+        _write_rows(state.conv, taken.transpose(1, 2), step)
 
     def forward(self, x, step: Step | None = None, state: LinearAttentionState | None = None):
         B, T, _ = x.shape
@@ -258,17 +290,52 @@ class GatedDeltaNet(nn.Module):
         rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         # decode (one token, a state to continue) runs token by token; everything else chunked
         mode = "recurrent" if T == 1 and state is not None else "chunk"
-        initial = None if state is None or step is None or step.fresh else state.recurrent[:rows]
-        o, final = self.ops.gated_delta_rule(
-            q=q.reshape(B, T, self.Hk, self.K), k=k.reshape(B, T, self.Hk, self.K),
-            v=v.reshape(B, T, self.Hv, self.V), g=g.clamp(min=LOG_DECAY_MIN), beta=b.sigmoid(), scale=self.K ** -0.5,
-            initial_state=initial, output_final_state=state is not None, use_qk_l2norm=True, cu_seqlens=cu_seqlens,
-            mode=mode, state_dtype=self.state_dtype or default_state_dtype(v))
-        if state is not None:
-            state.recurrent[:rows].copy_(final)
+        q, k, v = q.reshape(B, T, self.Hk, self.K), k.reshape(B, T, self.Hk, self.K), v.reshape(B, T, self.Hv, self.V)
+        g, beta = g.clamp(min=LOG_DECAY_MIN), b.sigmoid()
+        if step is not None and step.slots is not None:
+            o = self._pooled(q, k, v, g, beta, state, step, mode)
+        else:
+            initial = None if state is None or step is None or step.fresh else state.recurrent[:rows]
+            o, final = self.ops.gated_delta_rule(
+                q=q, k=k, v=v, g=g, beta=beta, scale=self.K ** -0.5, initial_state=initial,
+                output_final_state=state is not None, use_qk_l2norm=True, cu_seqlens=cu_seqlens, mode=mode,
+                state_dtype=self.state_dtype or default_state_dtype(v))
+            if state is not None:
+                state.recurrent[:rows].copy_(final)
         o = self.norm(o, z.reshape(B, T, self.Hv, self.V))
         out = self.out_proj(o.reshape(B, T, self.value_dim))
         return out if self.layout is None else self.layout.reduce(out)
+
+
+    def _pooled(self, q, k, v, g, beta, state: LinearAttentionState, step: Step, mode: str):
+        """The gated delta rule on the pool: each sequence reads its slot's state and writes its final one back in
+        place (state_indices); no other row is read or copied. A verify (record "verify") runs the token loop,
+        leaves the pool as it was and keeps the state after every token; record C keeps those every C tokens."""
+        record = {} if step.record is None else {"output_intermediate_states": True} if step.record == "verify" \
+            else {"chunk_states_every": step.record}
+        if step.record == "verify":
+            mode = "recurrent"  # the token loop of a decode step: a verify of T tokens is T decode steps
+        out = self.ops.gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=self.K ** -0.5,
+                                        initial_state=state.recurrent, output_final_state=False, use_qk_l2norm=True,
+                                        cu_seqlens=step.cu_seqlens, mode=mode,
+                                        state_dtype=self.state_dtype or default_state_dtype(v),
+                                        state_indices=step.slots, **record)
+        if record:
+            step.kept[-1].trace = out[2]
+        return out[0]
+
+
+def _rows(buffer: torch.Tensor, B: int, step: Step | None) -> torch.Tensor:
+    """The call's B rows of a cache buffer [P, ...]: rows 0..B-1, or the step's slots."""
+    return buffer[:B] if step is None or step.slots is None else buffer[step.slots]
+
+
+def _write_rows(buffer: torch.Tensor, rows: torch.Tensor, step: Step | None) -> None:
+    """buffer's rows of the call (0..B-1, or the step's slots) <- rows [B, ...], in place."""
+    if step is None or step.slots is None:
+        buffer[:rows.shape[0]].copy_(rows)
+    else:
+        buffer.index_copy_(0, step.slots.long(), rows.to(buffer.dtype))
 
 
 def rotate_half(x):
@@ -318,7 +385,7 @@ class Attention(nn.Module):
             o = self.ops.attention(q=q, k=k, v=v, causal=True, scale=self.Dh ** -0.5, cu_seqlens=step.cu_seqlens,
                                    kv_lens=None)
         else:
-            o = self.ops.attention(q=q, k=state.k[:B, :step.window], v=state.v[:B, :step.window], causal=True,
+            o = self.ops.attention(q=q, k=step.kv(state.k, B), v=step.kv(state.v, B), causal=True,
                                    scale=self.Dh ** -0.5, cu_seqlens=None, kv_lens=step.kv_lens)
         o = o.reshape(B, T, self.Hq * self.Dh) * torch.sigmoid(gate.reshape(B, T, -1))
         if self.layout is None or self.layout.tp == 1:

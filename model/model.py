@@ -4,6 +4,7 @@ and decoding of batches of prompts of any lengths (greedy, or sampled: model/sam
 split over several by tensor and expert parallelism (model/parallel.py)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -17,11 +18,12 @@ from torch import nn
 import kernellab
 from kernellab import guard, registry
 from kernellab.validate import STORED_STATE_DTYPES
+from model.cache import PrefixCache
 from model.config import ModelConfig
 from model import graph, parallel
-from model.layers import DecoderLayer, Linear, RMSNorm, Step
+from model.layers import DecoderLayer, LinearAttentionState, Linear, RMSNorm, Step
 from model.parallel import Layout
-from model.sampling import Sampler
+from model.sampling import Sampler, draft_ngram
 from model.weights import read_checkpoint, to_lab_state_dict
 
 OPS = ("gated_delta_rule", "attention", "route", "moe")
@@ -75,6 +77,52 @@ class Cache:
         self.host_lengths = [0] * lengths.shape[0]
         self.max_len = max_len
         self.static = False
+        self.slots, self.host_slots, self.record, self.kept = None, None, None, []
+
+    def use(self, slots: list[int] | None, record: str | int | None = None) -> None:
+        """The pool rows that the next forward calls' rows (or packed sequences) are: a list of distinct rows, or
+        None (rows 0..B-1). record (with slots): None; "verify" (a verify of draft tokens: the pool's states and
+        lengths stay until commit); an int C (the Gated DeltaNet states every C tokens, for a prefix cache). What
+        a recording call keeps is in `kept` (model.layers.Recorded, one per Gated DeltaNet layer)."""
+        if slots is None and record is not None:
+            raise ValueError(f"record {record!r} needs slots")
+        self.host_slots = None if slots is None else list(slots)
+        self.slots = None if slots is None else torch.tensor(slots, dtype=torch.int32, device=self.lengths.device)
+        self.record, self.kept = record, []
+
+    def reset(self, slots: list[int]) -> None:
+        """Empty these pool rows (a request joins): their lengths, conv and recurrent states zero; nothing else
+        written (their old keys and values lie beyond length 0, never read)."""
+        index = torch.tensor(slots, device=self.lengths.device)
+        for s in self.states:
+            if isinstance(s, LinearAttentionState):
+                s.conv.index_fill_(0, index, 0)
+                s.recurrent.index_fill_(0, index, 0)
+        self.lengths.index_fill_(0, index, 0)
+        for r in slots:
+            self.host_lengths[r] = 0
+
+    def commit(self, accepted: list[int]) -> None:
+        """After a verify call (use(slots, "verify")) of T tokens per row: row b keeps its first accepted[b] >= 1
+        tokens: its recurrent states become those after them (kernellab.commit_states), its conv states the last
+        kernel - 1 inputs before them, its length grows by accepted[b] (the keys and values after it are then
+        past its length: overwritten by the next call, never read). Rollback is the choice of index."""
+        if self.record != "verify" or len(accepted) != len(self.host_slots):
+            raise ValueError(f"commit: needs a verify call's {len(self.host_slots or [])} rows, got {accepted!r}")
+        device = self.lengths.device
+        counts = torch.tensor(accepted, device=device)
+        for kept in self.kept:
+            window, conv = kept.window, kept.state.conv
+            B, T = window.shape[0], window.shape[1] - conv.shape[-1]
+            kernellab.commit_states(kept.state.recurrent, kept.trace.states, self.slots,
+                                    torch.arange(0, B * T + 1, T, device=device), counts)
+            taps = counts[:, None] + torch.arange(conv.shape[-1], device=device)  # [B, kernel - 1]
+            taken = window[torch.arange(B, device=device)[:, None], taps]  # [B, kernel - 1, C]
+            conv.index_copy_(0, self.slots.long(), taken.transpose(1, 2))
+        self.lengths.index_add_(0, self.slots, counts.to(self.lengths.dtype))
+        for r, n in zip(self.host_slots, accepted):
+            self.host_lengths[r] += n
+        self.kept = []
 
     @property
     def position(self) -> int:
@@ -164,26 +212,34 @@ class Qwen35Moe(nn.Module):
     def _step(self, B: int, T: int, cache: Cache | None, cu_seqlens: torch.Tensor | None) -> Step:
         device = self.embed_tokens.weight.device
         arange = torch.arange(T, device=device)
+        pool = {} if cache is None or cache.slots is None else dict(
+            slots=cache.slots, record=cache.record, kept=cache.kept,
+            first_slot=cache.host_slots[0] if cache.host_slots == list(range(cache.host_slots[0],
+                                                                               cache.host_slots[0] + B)) else None)
         if cu_seqlens is not None:
             lengths = _check_packed(cu_seqlens, B, T, cache)
             cu = cu_seqlens.to(device=device, dtype=torch.int32)
             rows = torch.searchsorted(cu[1:], arange, right=True)  # the sequence of each token
             positions = (arange - cu[rows])[None]
-            return Step(self.rope(positions), cu, positions, rows, fresh=True,
+            return Step(self.rope(positions), cu, positions, rows if not pool else cache.slots.long()[rows],
+                        fresh=True, **pool,
                         kv_lens=None if cache is None else torch.tensor(lengths, dtype=torch.int32, device=device))
         if cache is None:
             return Step(self.rope(arange[None]), positions=arange[None])
+        rows = _rows(cache, B)
+        if pool and len(rows) != B:
+            raise ValueError(f"input_ids has {B} rows, the cache's slots {len(rows)}")
         if B > len(cache.host_lengths):
             raise ValueError(f"input_ids has {B} rows, the cache {len(cache.host_lengths)}")
-        longest = max(cache.host_lengths[:B])
+        longest = max(cache.host_lengths[r] for r in rows)
         if longest + T > cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions per row; {T} more tokens after "
                              f"{longest} would need {longest + T}")
-        lengths = cache.lengths[:B]
+        lengths = cache.lengths[:B] if not pool else cache.lengths[cache.slots]
         positions = lengths[:, None] + arange
         fresh = not cache.static and longest == 0
         return Step(self.rope(positions), positions=positions, kv_lens=lengths + T, fresh=fresh,
-                    window=cache.max_len if cache.static else longest + T)
+                    window=cache.max_len if cache.static else longest + T, **pool)
 
     def hidden_states(self, input_ids, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None):
         """input_ids [B, T] -> final-norm hidden states [B, T, D]; continues and advances `cache` when given (each
@@ -212,13 +268,15 @@ class Qwen35Moe(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, eos_token_id=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, max_batch: int | None = None, prefix_cache=False, speculative: int = 0,
+                 draft: str = "ngram", stats: dict | None = None):
         """Decode: one prefill (packed when the prompts' lengths differ), then one token at a time per sequence.
 
         input_ids: a tensor [B, T] -> a tensor [B, T + max_new_tokens] (a row that stops at EOS is padded with
         eos_token_id after it); or a list of 1-D token sequences of any lengths -> a list of 1-D int64 tensors,
         each prompt followed by its new tokens (EOS included). max_new_tokens: an int, or one per sequence.
-        Greedy unless temperature > 0 (then top_k, top_p and seed apply: model.sampling.sample)."""
+        Greedy unless temperature > 0 (then top_k, top_p and seed apply: model.sampling.sample). max_batch,
+        prefix_cache, speculative, draft, stats: as stream's."""
         tensor_in = isinstance(input_ids, torch.Tensor)
         if tensor_in and input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T] or a list of 1-D sequences, got shape "
@@ -226,7 +284,7 @@ class Qwen35Moe(nn.Module):
         prompts = list(input_ids)
         new = [[] for _ in prompts]
         for index, token in self.stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
-                                        cuda_graph):
+                                        cuda_graph, max_batch, prefix_cache, speculative, draft, stats):
             new[index].append(token)
         device = self.embed_tokens.weight.device
         out = [torch.cat([torch.as_tensor(p, dtype=torch.int64).to(device), torch.tensor(n, dtype=torch.int64,
@@ -240,53 +298,155 @@ class Qwen35Moe(nn.Module):
 
     @torch.inference_mode()
     def stream(self, prompts, max_new_tokens, eos_token_id=None, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, cuda_graph: bool = False):
+               top_p: float | None = None, seed: int | None = None, cuda_graph: bool = False,
+               max_batch: int | None = None, prefix_cache=False, speculative: int = 0, draft: str = "ngram",
+               stats: dict | None = None):
         """Yields (sequence index, token id) as each new token is chosen, for a batch of prompts of any lengths
-        (a list of 1-D token sequences): one prefill, then decode steps on the sequences still going. A sequence
+        (a list of 1-D token sequences): a prefill, then decode steps on the sequences still going. A sequence
         stops after its own max_new_tokens (an int, or one per prompt) or at eos_token_id (an int or a list);
-        the others go on in a batch without it. cuda_graph: the decode step replays a CUDA graph (model.graph)."""
+        the others go on in a batch without it. cuda_graph: the decode step replays a CUDA graph (model.graph).
+
+        Requests live in a state pool (Cache.use): each sequence holds a slot (its rows of the conv, recurrent and
+        KV buffers) from its prefill to its last token; the gated delta rule reads and writes the slots in place
+        (state_indices), a sequence that stops frees its slot and no other row moves. (Without a gated_delta_rule
+        backend that takes state_indices, or with cuda_graph, the sequences still going move to rows 0..n-1:
+        Cache.keep.) max_batch: at most this many sequences decode at once; the others wait and join the running
+        batch as slots free (None: all at once). prefix_cache: True (the model's own model.cache.PrefixCache,
+        kept across calls: m.prefixes) or a PrefixCache: a prompt whose prefix was prefilled before starts from
+        the states at the last chunk boundary inside the shared prefix and that prefix's keys and values, and
+        prefills the rest. speculative: T > 0 drafts up to T tokens per sequence and step (draft "ngram": prompt
+        lookup, model.sampling.draft_ngram), verifies them in one call and keeps the longest prefix that greedy
+        decoding gives, plus the token after it (greedy only). Each gives plain greedy decoding's tokens.
+        stats: a dict that receives counts: steps (model calls after the prefills), drafted and accepted (draft
+        tokens), prefilled (prompt tokens prefilled) and reused (prompt tokens a prefix cache hit saved)."""
+        serving = (max_batch, prefix_cache, speculative, draft)
         if self.layout is None:
-            prompts, budgets, stops, sampler = self._check_stream(prompts, max_new_tokens, eos_token_id, temperature,
-                                                                  top_k, top_p, seed, cuda_graph)
+            checked = self._check_stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
+                                         cuda_graph, *serving)
         else:  # every rank checks its arguments, then all raise if one rank's are bad or differ
             checked, error = None, None
             try:
                 checked = self._check_stream(prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed,
-                                             cuda_graph)
+                                             cuda_graph, *serving)
             except ValueError as e:
                 error = e
             agreed = {} if checked is None else {"prompts": parallel.fingerprint(checked[0]),
                                                  "max_new_tokens": checked[1], "eos_token_id": sorted(checked[2]),
-                                                 "sampling": (temperature, top_k, top_p, seed)}
+                                                 "sampling": (temperature, top_k, top_p, seed),
+                                                 "serving": (max_batch, bool(prefix_cache), speculative, draft)}
             parallel.raise_together(error, agreed)
-            prompts, budgets, stops, sampler = checked
-        longest = max(len(p) + n for p, n in zip(prompts, budgets))
-        active = [i for i in range(len(prompts)) if budgets[i] > 0]
-        if not active:
+        prompts, budgets, stops, sampler, prefix = checked
+        waiting = collections.deque(i for i in range(len(prompts)) if budgets[i] > 0)
+        if not waiting:
             return
-        cache = self.new_cache(len(active), longest)
-        logits = self.prefill_logits([prompts[i] for i in active], cache)
+        width = len(waiting) if max_batch is None else min(max_batch, len(waiting))
+        cache = self.new_cache(width, max(len(prompts[i]) + budgets[i] for i in waiting))
+        pooled = not cuda_graph and self._pool_backend()
         decode = graph.DecodeGraph(self, cache) if cuda_graph else None
+        free, active = list(range(width)), []  # active: [sequence index, slot, the token to feed next]
         made = [0] * len(prompts)
-        while True:
-            tokens = sampler(logits)  # [rows]
-            if self.layout is not None:  # the ranks' logits agree; rank 0's tokens make sure their decisions do
-                dist.broadcast(tokens, src=0)
+        context = {i: prompts[i].tolist() for i in waiting} if speculative else None  # the drafts' source
+        counts = {} if stats is None else stats
+        counts.update(dict.fromkeys(("steps", "drafted", "accepted", "prefilled", "reused"), 0))
+        while waiting or active:
+            chosen = []  # (row of active, its new tokens)
+            if active:
+                chosen = list(enumerate(self._next_tokens(cache, active, sampler, pooled, decode, speculative,
+                                                          budgets, made, context, counts)))
+            if waiting and free:
+                joining = []
+                while waiting and free:
+                    joining.append([waiting.popleft(), free.pop(0), None])
+                logits = self._admit(cache, [prompts[i] for i, _, _ in joining], [s for _, s, _ in joining],
+                                     pooled, prefix, counts)
+                chosen += [(len(active) + r, [t]) for r, t in enumerate(self._sample(sampler, logits).tolist())]
+                active += joining
             going = []
-            for row, (index, token) in enumerate(zip(active, tokens.tolist())):
-                made[index] += 1
-                yield index, token
-                if made[index] < budgets[index] and token not in stops:
+            for row, tokens in chosen:
+                index = active[row][0]
+                for token in tokens:
+                    made[index] += 1
+                    yield index, token
+                    if made[index] == budgets[index] or token in stops:
+                        free.append(active[row][1])
+                        break
+                else:
+                    active[row][2] = tokens[-1]
+                    if context is not None:
+                        context[index] += tokens
                     going.append(row)
-            if not going:
-                return
-            if len(going) < len(active):
+            if not pooled and len(going) < len(active):
                 cache.keep(going)
-                active, tokens = [active[r] for r in going], tokens[going]
-            logits = decode(tokens) if decode else self.lm_head(self.hidden_states(tokens[:, None], cache)[:, -1])
+                active = [[active[r][0], n, active[r][2]] for n, r in enumerate(going)]
+            else:
+                active = [active[r] for r in going]
+            free.sort()
 
-    def _check_stream(self, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed, cuda_graph):
-        """stream's arguments checked: (prompts, budgets, stop ids, Sampler); ValueError naming the bad one."""
+    def _sample(self, sampler, logits):
+        """Tokens [n] from logits [n, vocab]; with a layout, rank 0's (the ranks' logits agree; its tokens make sure
+        their decisions do)."""
+        tokens = sampler(logits)
+        if self.layout is not None:
+            dist.broadcast(tokens, src=0)
+        return tokens
+
+    def _pool_backend(self) -> bool:
+        """Whether the gated_delta_rule backend reads and writes a state pool in place (state_indices)."""
+        return "state_indices" in registry.registered("gated_delta_rule")[self.backends["gated_delta_rule"]].serving
+
+    def _admit(self, cache: Cache, prompts: list[torch.Tensor], slots: list[int], pooled: bool, prefix, counts):
+        """Prefill prompts into these cache slots (emptied first): logits [N, vocab] of each one's last token."""
+        counts["prefilled"] += sum(map(len, prompts))
+        if pooled:
+            cache.reset(slots)
+        if prefix is not None:
+            reused = prefix.hits
+            logits = torch.cat([prefix.prefill(self, cache, p, s) for p, s in zip(prompts, slots)])
+            counts["reused"] += prefix.hits - reused
+            counts["prefilled"] -= prefix.hits - reused
+            return logits
+        cache.use(slots if pooled else None)
+        return self.prefill_logits(prompts, cache)
+
+    def _next_tokens(self, cache: Cache, active: list, sampler, pooled: bool, decode, speculative: int, budgets,
+                     made, context, counts) -> list[list[int]]:
+        """One step of the active sequences (active: [index, slot, token to feed]): the new tokens of each. A decode
+        step gives one per sequence. With speculative T, drafts of up to T tokens (no more than a sequence may
+        still make, less one) are fed after the token, verified in one call (the pool untouched), and each
+        sequence keeps the tokens greedy decoding gives up to its first rejected draft: its states, conv states
+        and length then commit to that many tokens (Cache.commit)."""
+        feed = [token for _, _, token in active]
+        drafts = [draft_ngram(context[i], min(speculative, budgets[i] - made[i] - 1)) for i, _, _ in active] \
+            if speculative else []
+        longest = max(map(len, drafts), default=0)
+        counts["steps"] += 1
+        device = self.embed_tokens.weight.device
+        if longest == 0:
+            cache.use([slot for _, slot, _ in active] if pooled else None)
+            tokens = torch.tensor(feed, device=device)
+            logits = decode(tokens) if decode else self.lm_head(self.hidden_states(tokens[:, None], cache)[:, -1])
+            return [[t] for t in self._sample(sampler, logits).tolist()]
+        # rows with shorter drafts are padded with their token: any draft is verified, the padding rarely kept
+        ids = torch.tensor([[t, *d, *[t] * (longest - len(d))] for t, d in zip(feed, drafts)], device=device)
+        cache.use([slot for _, slot, _ in active], record="verify")
+        logits = self.lm_head(self.hidden_states(ids, cache))  # [B, longest + 1, vocab]
+        greedy = self._sample(sampler, logits.flatten(0, 1)).view(len(active), -1).tolist()
+        kept = []
+        for g, d in zip(greedy, drafts):
+            n = 0
+            while n < len(d) and d[n] == g[n]:
+                n += 1
+            kept.append(g[:n + 1])
+        cache.commit([len(k) for k in kept])
+        counts["drafted"] += sum(map(len, drafts))
+        counts["accepted"] += sum(len(k) - 1 for k in kept)
+        return kept
+
+    def _check_stream(self, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, seed, cuda_graph,
+                      max_batch=None, prefix_cache=False, speculative=0, draft="ngram"):
+        """stream's arguments checked: (prompts, budgets, stop ids, Sampler, PrefixCache or None); ValueError naming
+        the bad one."""
+        prefix = self._check_serving(cuda_graph, temperature, max_batch, prefix_cache, speculative, draft)
         prompts = _check_prompts(prompts, self.config.vocab_size)
         budgets = _check_budgets(max_new_tokens, len(prompts))
         stops = _check_eos(eos_token_id, self.config.vocab_size)
@@ -300,7 +460,36 @@ class Qwen35Moe(nn.Module):
             raise ValueError(f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens "
                              f"{budgets[worst]} it needs {longest} positions, more than the model's "
                              f"max_position_embeddings {self.config.max_position_embeddings}")
-        return prompts, budgets, stops, sampler
+        return prompts, budgets, stops, sampler, prefix
+
+    def _check_serving(self, cuda_graph, temperature, max_batch, prefix_cache, speculative, draft):
+        """The pool's, prefix cache's and speculative decoding's arguments: the PrefixCache to use (or None)."""
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
+        if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
+            raise ValueError(f"speculative must be an int >= 0 (draft tokens per step; 0: off), got {speculative!r}")
+        if draft != "ngram":
+            raise ValueError(f"draft: the drafts known are 'ngram' (prompt lookup), got {draft!r}")
+        if not isinstance(prefix_cache, (bool, PrefixCache)):
+            raise ValueError(f"prefix_cache must be a bool or a model.cache.PrefixCache, got {prefix_cache!r}")
+        if speculative and temperature != 0:
+            raise ValueError(f"speculative: verifies drafts against greedy decoding (temperature 0), got temperature "
+                             f"{temperature}")
+        backend = registry.registered("gated_delta_rule")[self.backends["gated_delta_rule"]]
+        for keyword, value, needs in (("max_batch", max_batch, "state_indices"),
+                                      ("prefix_cache", prefix_cache, "chunk_states_every"),
+                                      ("speculative", speculative, "output_intermediate_states")):
+            if value is not None and value is not False and value != 0:
+                if cuda_graph:
+                    raise ValueError(f"{keyword}: runs on the state pool, not with cuda_graph")
+                if needs not in backend.serving:
+                    raise ValueError(f"{keyword}: needs a gated_delta_rule backend that takes {needs} (reference, "
+                                     f"torch, mkl); the model runs {backend.name!r}")
+        if prefix_cache is True:
+            if getattr(self, "prefixes", None) is None:
+                self.prefixes = PrefixCache()
+            return self.prefixes
+        return prefix_cache or None
 
     @torch.inference_mode()
     def prefill_logits(self, prompts: list[torch.Tensor], cache: Cache) -> torch.Tensor:
@@ -314,18 +503,35 @@ class Qwen35Moe(nn.Module):
         return self.lm_head(hidden[0, cu[1:] - 1])
 
 
+def _rows(cache: Cache, count: int) -> list[int]:
+    """The cache rows of a call's `count` rows (or packed sequences): its slots, or rows 0..count-1."""
+    return list(range(count)) if cache.slots is None else cache.host_slots
+
+
 def _advance(cache: Cache, step: Step, B: int, T: int) -> None:
+    if step.record == "verify":  # the lengths grow by the tokens accepted: Cache.commit
+        return
     if step.cu_seqlens is not None:
         counts = step.kv_lens.tolist()
-        cache.lengths[:len(counts)] = step.kv_lens
-        cache.host_lengths[:len(counts)] = counts
+        rows = _rows(cache, len(counts))
+        if step.slots is None:
+            cache.lengths[:len(counts)] = step.kv_lens
+        else:
+            cache.lengths.index_copy_(0, step.slots.long(), step.kv_lens)
+        for r, n in zip(rows, counts):
+            cache.host_lengths[r] = n
         return
-    cache.lengths[:B] += T
-    cache.host_lengths[:B] = [n + T for n in cache.host_lengths[:B]]
+    if step.slots is None:
+        cache.lengths[:B] += T
+    else:
+        cache.lengths.index_add_(0, step.slots, torch.full_like(step.slots, T, dtype=cache.lengths.dtype))
+    for r in _rows(cache, B):
+        cache.host_lengths[r] += T
 
 
 def _check_packed(cu_seqlens, B: int, T: int, cache: Cache | None) -> list[int]:
-    """The sequences' lengths; ValueError unless cu_seqlens packs T tokens (B = 1) into empty cache rows."""
+    """The sequences' lengths; ValueError unless cu_seqlens packs T tokens (B = 1) into empty cache rows (0..N-1,
+    or the cache's slots)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32,
                                                                                                       torch.int64):
         raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor [N + 1]")
@@ -338,9 +544,12 @@ def _check_packed(cu_seqlens, B: int, T: int, cache: Cache | None) -> list[int]:
     if cache is not None:
         if len(lengths) > len(cache.host_lengths):
             raise ValueError(f"cu_seqlens holds {len(lengths)} sequences, the cache {len(cache.host_lengths)} rows")
-        if any(cache.host_lengths[:len(lengths)]):
-            raise ValueError("cu_seqlens: packed sequences go into empty cache rows (a prefill), but rows "
-                             f"0..{len(lengths) - 1} hold {cache.host_lengths[:len(lengths)]} tokens")
+        if cache.slots is not None and len(cache.host_slots) != len(lengths):
+            raise ValueError(f"cu_seqlens holds {len(lengths)} sequences, the cache's slots {len(cache.host_slots)}")
+        held = [cache.host_lengths[r] for r in _rows(cache, len(lengths))]
+        if any(held):
+            raise ValueError(f"cu_seqlens: packed sequences go into empty cache rows (a prefill), but rows "
+                             f"{_rows(cache, len(lengths))} hold {held} tokens")
         if max(lengths) > cache.max_len:
             raise ValueError(f"cu_seqlens: a sequence of {max(lengths)} tokens, the cache holds {cache.max_len}")
     return lengths

@@ -53,3 +53,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [n, vocab] -> token ids int64 [n]."""
         return sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+
+def draft_ngram(tokens: list[int], count: int, longest: int = 3, shortest: int = 1) -> list[int]:
+    """A prompt-lookup draft (vLLM's n-gram speculation): the up to `count` tokens that followed the latest earlier
+    occurrence of the last n tokens of `tokens` (prompt and output so far), n from `longest` down to `shortest`;
+    [] when none occurs before."""
+    if count <= 0:
+        return []
+    size = len(tokens)
+    for n in range(min(longest, size - 1), shortest - 1, -1):
+        suffix = tokens[size - n:]
+        for start in range(size - n - 1, -1, -1):
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + count]
+    return []
