@@ -11,7 +11,14 @@ SERVING = OpSpec(
                     "CPU float32)", "cost", 1.5, dict(phase="verify", T=4), against=dict(phase="steps", k=1)),
              Target("Pooled decode (state_indices, in place) at batch 64 at least 1.3x gather / scatter decode "
                     "(index_select, call, index_copy_)", "speedup", 1.3, dict(phase="pooled", B=64),
-                    against=dict(phase="gather", B=64))))
+                    against=dict(phase="gather", B=64)),
+             # the model part (bench/suites/serving/model_part.py): the small random checkpoint, 1 thread
+             Target("Speculative decoding with the prompt-lookup draft on a repetitive prompt: at least 1.5x the "
+                    "tokens/s of plain greedy decoding, identical output (the model)", "speedup", 1.5,
+                    dict(phase="speculative"), against=dict(phase="plain_decode")),
+             Target("A second request sharing a 2K-token prefix prefills at least 5x faster than the first (the "
+                    "model, model.cache.PrefixCache)", "speedup", 5.0, dict(phase="prefill_hit"),
+                    against=dict(phase="prefill_first"))))
 
 
 SPECS = (SERVING,)

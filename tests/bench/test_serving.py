@@ -80,9 +80,10 @@ def tiny(monkeypatch):
     monkeypatch.setattr(serving, "bandwidth", lambda device, nbytes, budget_s: (10.0, 20.0))  # not measured here
 
 
-def test_the_sweep_makes_every_part_and_resumes(tiny, tmp_path, capsys):
+def test_the_sweep_makes_every_part_and_resumes(tiny, tmp_path, capsys, monkeypatch):
     """Every part's rows, keys told apart (bench.suites.pieces refuses repeats), the plan printed first; a resumed
-    run skips the pieces done; the plots drawn."""
+    run skips the pieces done; the plots drawn. (The model part left out: the next tests.)"""
+    monkeypatch.setattr(serving.importlib.util, "find_spec", lambda name: None)
     rows = serving.sweep(quick=True, out=tmp_path, backends=["torch"])
     printed = capsys.readouterr().out
     assert printed.startswith("serving sweep on cpu") and "model_part does not exist" in printed
@@ -114,6 +115,18 @@ def test_the_model_part_runs_where_its_module_exists(tiny, tmp_path, monkeypatch
     assert any(line.startswith("model part") for line in serving_report.summary(rows))
 
 
+def test_the_model_part_decodes_as_plain_decoding():
+    """The model part on the small checkpoint (quick sizes): speculative decoding and a prefix-cache hit, each beside
+    its baseline, with outputs equal to plain decoding (no error row), drafts accepted and a prefix reused."""
+    from bench.suites.serving import model_part
+
+    rows = model_part.model_rows(True, "cpu", "torch")
+    assert [r["phase"] for r in rows] == ["plain_decode", "speculative", "prefill_first", "prefill_hit"]
+    assert not [r for r in rows if r.get("error")] and all(r["median_ms"] > 0 for r in rows)
+    assert rows[1]["accepted"] > 0 and rows[3]["reused"] > 0
+    assert len({r["shape"] for r in rows}) == 4
+
+
 def test_targets_read_a_backend_against_itself():
     """The speedup and cost targets: each backend's rows against its own, the best backend's verdict."""
     spec = OPS["serving"]
@@ -123,7 +136,7 @@ def test_targets_read_a_backend_against_itself():
             dict(phase="verify", T=4, median_ms=3.0, backend="torch"), dict(phase="steps", k=1, median_ms=1.0,
                                                                            backend="torch")]
     frame = pd.DataFrame([dict(r, op="serving", peer=False, error="", **{"pass": "forward"}) for r in rows])
-    verify, pooled = spec.targets
+    verify, pooled = spec.targets[:2]
     said = " ".join(report.target_lines(frame, spec, pooled, {}, None))
     assert "**1.50x**" in said and said.endswith("met.") and "not met" not in said and "`mkl` 1.10x" in said
     said = " ".join(report.target_lines(frame, spec, verify, {}, None))

@@ -18,7 +18,6 @@ from model.generate import write_random_checkpoint
 
 VOCAB = 32
 SPECULATIVE = 4  # draft tokens per step
-TARGETS = {"speculative": 1.5, "prefix_cache": 5.0}  # speedups the issue asks for
 
 
 def _checkpoint(folder):
@@ -35,25 +34,31 @@ def _best(fn, repeats: int):
     return best, out
 
 
-def speculative_row(m, new_tokens: int, repeats: int, backend: str, device: str) -> dict:
-    """Plain greedy decoding against speculative decoding (SPECULATIVE draft tokens) of one repetitive prompt."""
+def _row(phase: str, shape: str, seconds: float, backend: str, device: str, tokens: int, **more) -> dict:
+    """One timed row of the model part: its phase in the shape (one results KEY per row), the best time."""
+    return dict(op="serving", part="model", phase=phase, backend=backend, device=device, dtype="float32",
+                shape=f"{shape},phase={phase}", median_ms=seconds * 1e3, p20_ms=seconds * 1e3, p80_ms=seconds * 1e3,
+                repeats=1, tokens_per_s=tokens / seconds, **more)
+
+
+def speculative_rows(m, new_tokens: int, repeats: int, backend: str, device: str) -> list[dict]:
+    """Plain greedy decoding ("plain_decode") and speculative decoding ("speculative", SPECULATIVE draft tokens) of
+    one repetitive prompt; the speculative row is an error row when its tokens differ from plain decoding's."""
     prompt = torch.arange(8).repeat(4) % VOCAB
     plain_s, plain = _best(lambda: m.generate([prompt], new_tokens), repeats)
     stats = {}
     spec_s, spec = _best(lambda: m.generate([prompt], new_tokens, speculative=SPECULATIVE, stats=stats), repeats)
-    return dict(part="model", case="speculative", backend=backend, device=device,
-                shape=f"prompt {len(prompt)}, new {new_tokens}, T {SPECULATIVE}", baseline_s=plain_s,
-                serving_s=spec_s, baseline_tokens_per_s=new_tokens / plain_s,
-                serving_tokens_per_s=new_tokens / spec_s,
-                speedup=plain_s / spec_s, target=TARGETS["speculative"],
-                met=plain_s / spec_s >= TARGETS["speculative"],
-                identical=torch.equal(plain[0], spec[0]), drafted=stats["drafted"], accepted=stats["accepted"],
-                steps=stats["steps"])
+    shape = f"prompt={len(prompt)},new={new_tokens},T={SPECULATIVE}"
+    differs = {} if torch.equal(plain[0], spec[0]) else {"error": "speculative output differs from plain decoding"}
+    return [_row("plain_decode", shape, plain_s, backend, device, new_tokens),
+            _row("speculative", shape, spec_s, backend, device, new_tokens, drafted=stats["drafted"],
+                 accepted=stats["accepted"], steps=stats["steps"], **differs)]
 
 
-def prefix_row(m, prefix: int, suffix: int, repeats: int, backend: str, device: str) -> dict:
-    """The prefill of a first request (prefix + suffix tokens) against a second sharing its prefix (a cache hit
-    at the last 64-token boundary inside it): the time to the first token of each."""
+def prefix_rows(m, prefix: int, suffix: int, repeats: int, backend: str, device: str) -> list[dict]:
+    """The prefill of a first request (prefix + suffix tokens: "prefill_first") against a second sharing its prefix
+    ("prefill_hit": a cache hit at the last 64-token boundary inside it): the time to the first token of each; the
+    hit is an error row when its token differs from the same prompt's without the cache."""
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(VOCAB, (prefix,), generator=gen)
     first, second = (torch.cat([shared, torch.randint(VOCAB, (suffix,), generator=gen)]) for _ in range(2))
@@ -68,11 +73,11 @@ def prefix_row(m, prefix: int, suffix: int, repeats: int, backend: str, device: 
         hit = m.generate([second], 1, prefix_cache=cache, stats=stats)
         second_s = min(second_s, time.perf_counter() - start)
         same = same and torch.equal(hit[0], m.generate([second], 1)[0])
-    return dict(part="model", case="prefix_cache", backend=backend, device=device,
-                shape=f"prefix {prefix}, suffix {suffix}", baseline_s=first_s, serving_s=second_s,
-                speedup=first_s / second_s, target=TARGETS["prefix_cache"],
-                met=first_s / second_s >= TARGETS["prefix_cache"],
-                identical=same, reused=stats["reused"], prefilled=stats["prefilled"])
+    shape = f"prefix={prefix},suffix={suffix}"
+    differs = {} if same else {"error": "the prefix-cached output differs from a prefill of the whole prompt"}
+    return [_row("prefill_first", shape, first_s, backend, device, prefix + suffix),
+            _row("prefill_hit", shape, second_s, backend, device, prefix + suffix, reused=stats["reused"],
+                 prefilled=stats["prefilled"], **differs)]
 
 
 def model_rows(quick: bool, device: str = "cpu", backend: str = "torch", folder=None) -> list[dict]:
@@ -85,8 +90,8 @@ def model_rows(quick: bool, device: str = "cpu", backend: str = "torch", folder=
         m = model.from_pretrained(_checkpoint(folder or f"{tmp}/ckpt"), backend=backend, device=device)
         repeats = 1 if quick else 3
         m.generate([torch.arange(8)], 4, speculative=2)  # warm-up: first calls of the backends
-        return [speculative_row(m, 48 if quick else 256, repeats, backend, device),
-                prefix_row(m, 256 if quick else 2048, 32 if quick else 64, repeats, backend, device)]
+        return (speculative_rows(m, 48 if quick else 256, repeats, backend, device)
+                + prefix_rows(m, 256 if quick else 2048, 32 if quick else 64, repeats, backend, device))
 
 
 if __name__ == "__main__":

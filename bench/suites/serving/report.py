@@ -192,8 +192,8 @@ def summary(rows) -> list[str]:
     lines += _ledger_lines(rows)
     for r in rows:
         if r.get("phase") not in OWN_PHASES:  # the model part's rows (model_part.py)
-            measured = {k: r[k] for k in ("median_ms", "tokens_per_s") if isinstance(r.get(k), float)
-                        and not math.isnan(r[k])}
+            measured = {k: r[k] for k in ("median_ms", "tokens_per_s", "accepted", "drafted", "reused")
+                        if isinstance(r.get(k), (int, float)) and not math.isnan(r[k])}
             lines.append(f"model part, {r.get('shape')} [{r.get('backend')}]: "
                          + (r["error"] if r.get("error") else ", ".join(f"{k} {v:.4g}" for k, v in measured.items())))
     return lines
