@@ -18,6 +18,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // kept in float registers or shared memory but stored as T (state_dtype).
 template <typename T> __device__ __forceinline__ float stored(float x) { return to_float(from_float<T>(x)); }
 
+// torch's softplus (beta 1, threshold 20) in float: log1p(e^x), x itself above 20.
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) x += __shfl_xor_sync(0xffffffffu, x, lane_mask);

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernellab import serving
 from kernellab.cuda._runtime import cdiv, ctype, module, on_torch_stream, ptr
+from kernellab.validate import LOG_DECAY_MIN
 
 SOURCE = "gated_delta_rule.cu"
 HEAD_DIMS = (16, 32, 64, 128, 256)  # K of the recurrent instantiations (other K are zero-padded up)
@@ -38,25 +40,33 @@ def _pad_last(x, size):
     return x if x is None or x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
-def _recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype):
+def _recurrent(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, state_dtype, states, gating):
+    """The launch of gdr_recurrent: q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv] (raw a and beta logits
+    as `gating` says); states: serving.StateArguments.kernel (the initial, final and kept states, each row
+    [Hv, K, V] in state_dtype where it lies: a pool is read and written in place); gating: A_log, dt_bias [Hv]
+    (None: g as given) and beta_logits. Returns o [B, T, Hv, V] in v's dtype."""
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     Kp = _padded_dim(K, HEAD_DIMS)
-    q, k = (_pad_last(t, Kp).contiguous() for t in (q, k))
-    h0 = None if initial_state is None else F.pad(initial_state.to(state_dtype), (0, 0, 0, Kp - K)).contiguous()
-    ht = torch.empty(N, Hv, Kp, V, dtype=state_dtype, device=v.device) if output_final_state else None
+    q, k = (_pad_last(t, Kp).contiguous() for t in (q, k))  # the state's rows past K stay zero
     o = torch.empty(B, T, Hv, V, dtype=v.dtype, device=v.device)
     v = v.contiguous()
     g, beta = (t.to(torch.float32).contiguous() for t in (g, beta))
+    A_log, dt_bias = (None if t is None else t.to(torch.float32).contiguous()
+                      for t in (gating["A_log"], gating["dt_bias"]))
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
     kernel = module(SOURCE, NAMES).get_function(
         f"gdr_recurrent<{ctype(v.dtype)}, {ctype(state_dtype)}, {Kp}, {BV}, {SPLIT}>")
     with on_torch_stream(v.device):
         kernel((cdiv(V, BV), Hv, N), (BV, SPLIT), (
-            ptr(q), ptr(k), ptr(v), ptr(g), ptr(beta), ptr(h0), ptr(ht), ptr(o), ptr(cu), np.int32(T),
-            np.int32(Hk), np.int32(Hv), np.int32(V), np.float32(scale), np.int32(use_qk_l2norm)))
-    return o, (None if ht is None else ht[:, :, :K].contiguous())
+            ptr(q), ptr(k), ptr(v), ptr(g), ptr(beta), ptr(A_log), ptr(dt_bias), ptr(states["h0"]),
+            ptr(states["h0_index"]), np.int64(states["h0_stride"]), ptr(states["ht"]), ptr(states["ht_index"]),
+            np.int64(states["ht_stride"]), ptr(states["kept"]), ptr(states["kept_offsets"]),
+            np.int32(states["every"]), ptr(o), ptr(cu), np.int32(T), np.int32(Hk), np.int32(Hv), np.int32(V),
+            np.int32(K), np.float32(scale), np.float32(LOG_DECAY_MIN), np.int32(use_qk_l2norm),
+            np.int32(gating["beta_logits"])))
+    return o
 
 
 def chunk_state_pass(k, w, u, gcum, h0, state_dtype):
@@ -136,10 +146,58 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
     return out.reshape(B, T, Hv, V), (final if output_final_state else None)
 
 
+def _chunk_states(h, final, every, sizes):
+    """The states after every `every` tokens (a multiple of CHUNK) from the chunked pass: h [N, Hv, nC, K, V] the
+    states entering each chunk, final [N, Hv, K, V]; sizes [N] the sequences' lengths. Returns [M, Hv, K, V] in
+    serving.kept_rows' order."""
+    after = torch.cat([h[:, :, 1:], final[:, :, None]], dim=2)  # after[:, :, c]: the state after chunk c
+    kept = after[:, :, every // CHUNK - 1::every // CHUNK].movedim(2, 0)  # [J, N, Hv, K, V]
+    return serving.kept_rows(kept, sizes, every)
+
+
 def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, state_dtype):
+                     mode, state_dtype, state_indices=None, output_state_indices=None,
+                     output_intermediate_states=False, chunk_states_every=None, A_log=None, dt_bias=None,
+                     beta_logits=False, state_pass=chunk_state_pass):
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g, beta [B, T, Hv]; initial_state [N, Hv, K, V] in state_dtype or None
-    (K <= 256, chunk mode K <= 128). Returns o [B, T, Hv, V] in v's dtype and the final state in state_dtype (or
-    None)."""
-    args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, state_dtype)
-    return chunk_gated_delta_rule(*args) if mode == "chunk" else _recurrent(*args)
+    (a pool [P, Hv, K, V] with state_indices) (K <= 256, chunk mode K <= 128). Returns o [B, T, Hv, V] in v's dtype
+    and the final state in state_dtype (or None), and a StateTrace with a trace.
+    The serving keywords (docs/api.md): the recurrent kernel reads the pool's rows where they lie (int32
+    state_indices, -1 a padding slot) and writes the final states back in place (through a buffer and
+    serving.Pool.write with output_state_indices), stores the states it keeps (every token for
+    output_intermediate_states, which runs it in either mode; every chunk_states_every tokens) and gates in
+    float32. The chunked mode goes through serving.serve: the pool gathered and scattered, the gates computed by
+    torch in float32, the chunk states taken from the state pass (`state_pass`, the kernel's launcher: tests give
+    a torch model of it to check this host side without a GPU)."""
+    serving.check_every(chunk_states_every, CHUNK, "cuda")
+    if mode == "recurrent" or output_intermediate_states:
+        B, T, _, K = q.shape
+        Hv, V = v.shape[2], v.shape[3]
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        states = serving.state_arguments(initial_state, output_final_state, state_dtype, N, Hv, K, V, B, T,
+                                         cu_seqlens, v, state_indices=state_indices,
+                                         output_state_indices=output_state_indices,
+                                         output_intermediate_states=output_intermediate_states,
+                                         chunk_states_every=chunk_states_every, backend="cuda")
+        gating = dict(A_log=A_log, dt_bias=dt_bias, beta_logits=beta_logits)
+        o = _recurrent(q, k, v, g, beta, scale, use_qk_l2norm, cu_seqlens, state_dtype, states.kernel, gating)
+        return states.finish(o, output_intermediate_states, output_final_state, state_dtype, cu_seqlens)
+    g, beta = serving.gates(g, beta, A_log, dt_bias, beta_logits, torch.float32)
+    B, T = v.shape[:2]
+    sizes = serving.lengths(B, T, cu_seqlens)
+
+    def loop(s0, every):
+        kept = []
+
+        def keeping(*args):  # the state pass, keeping its chunk states on the way
+            h, v_new, final = state_pass(*args)
+            if every is not None:
+                kept.append(_chunk_states(h, final, every, sizes))
+            return h, v_new, final
+
+        o, final = chunk_gated_delta_rule(q, k, v, g, beta, scale, s0, True, use_qk_l2norm, cu_seqlens,
+                                          state_dtype, state_pass=keeping)
+        return o, final, (kept[0] if kept else None)
+
+    return serving.serve(loop, "cuda", CHUNK, B, T, initial_state, output_final_state, cu_seqlens, state_dtype,
+                         state_indices, output_state_indices, output_intermediate_states, chunk_states_every)

@@ -149,6 +149,76 @@ def test_cuda_linear_attention_host_side_on_cpu(case, dtype, state_dtype, seed):
     assert_close(s, ref_s, torch.float32, "linear attention final state", seed, s_tol)
 
 
+def _serving_call(K, seed, device, *, mode, verify, fused, out_rows):
+    """A packed gated delta rule call on a pool with the serving keywords: sequences of 130, 1, 64 tokens and a
+    padding slot (-1), pool [5, 2, K, 16] float32; verify (the state after every token, the pool left as is) or
+    chunk_states_every=64; fused gating (raw a, A_log, dt_bias, beta logits); out_rows: output_state_indices
+    overlapping the rows read. Returns the arguments (float32, on device)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [130, 1, 64, 7]
+    T, V, Hv = sum(lengths), 16, 2
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    k = randn(1, T, 1, K)
+    args = dict(q=randn(1, T, 1, K), k=k / k.norm(dim=-1, keepdim=True), v=randn(1, T, Hv, V),
+                initial_state=randn(5, Hv, K, V), cu_seqlens=torch.tensor([0, 130, 131, 195, 202]),
+                state_indices=torch.tensor([3, 0, -1, 1], dtype=torch.int32), mode=mode)
+    if fused:
+        args |= dict(g=randn(1, T, Hv), A_log=randn(Hv) * 0.5, dt_bias=randn(Hv), beta=randn(1, T, Hv),
+                     beta_logits=True)
+    else:
+        args |= dict(g=-torch.rand(1, T, Hv, generator=gen, dtype=torch.float64) * 0.5,
+                     beta=torch.rand(1, T, Hv, generator=gen, dtype=torch.float64))
+    if verify:
+        args["output_intermediate_states"] = True
+    else:
+        args["chunk_states_every"] = 128
+    if out_rows:
+        args["output_state_indices"] = torch.tensor([0, 4, -1, 3], dtype=torch.int32)
+    return {name: (x.to(device, torch.float32) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                   else x.to(device) if isinstance(x, torch.Tensor) else x) for name, x in args.items()}
+
+
+def _check_serving(call, args, seed, tol):
+    """call(**args) against the reference in float64: outputs, the trace, the pool (written rows, untouched rows
+    bitwise)."""
+    ref_args = {name: (x.cpu().double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x.cpu() if isinstance(x, torch.Tensor) else x) for name, x in args.items()}
+    o_ref, _, trace_ref = kernellab.gated_delta_rule(**ref_args, backend="reference")
+    before = args["initial_state"].clone()
+    o, s, trace = call(**args)
+    assert s is None
+    assert_close(o.cpu(), o_ref, torch.float32, "o", seed, tol=tol)
+    assert_close(trace.states.cpu(), trace_ref.states, torch.float32, "trace", seed, tol=tol)
+    assert torch.equal(trace.sequence.cpu(), trace_ref.sequence) and torch.equal(trace.position.cpu(),
+                                                                                 trace_ref.position)
+    pool, pool_ref = args["initial_state"].cpu(), ref_args["initial_state"]
+    written = set() if args.get("output_intermediate_states") else {
+        int(r) for r in args.get("output_state_indices", args["state_indices"]) if r >= 0}
+    for row in range(pool.shape[0]):
+        if row in written:
+            assert_close(pool[row], pool_ref[row], torch.float32, f"pool row {row}", seed, tol=tol)
+        else:
+            assert torch.equal(pool[row], before[row].cpu()), f"pool row {row} changed"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("out_rows", [False, True])
+def test_cuda_chunk_serving_host_side_on_cpu(fused, out_rows, seed):
+    """The chunked mode's serving keywords (serving.serve around the host side) with the torch model of the
+    state pass: pool with a padding slot, chunk states every 128 tokens, fused gating."""
+    from kernellab.cuda.gated_delta_rule import gated_delta_rule
+
+    args = _serving_call(16, seed, "cpu", mode="chunk", verify=False, fused=fused, out_rows=out_rows)
+
+    def call(q, k, v, g, beta, **rest):
+        return gated_delta_rule(q, k, v, g, beta, K ** -0.5, rest.pop("initial_state"), False, False,
+                                rest.pop("cu_seqlens"), rest.pop("mode"), torch.float32,
+                                state_pass=_torch_state_pass, **rest)
+
+    K = args["q"].shape[-1]
+    _check_serving(call, args, seed, TOLERANCE[torch.float32])
+
+
 # ---- GPU parity (skipped without a CUDA GPU) ----
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_BACKENDS = [name for name in ("cuda", "cupy") if name in registry.registered("moe_permute")]
@@ -185,6 +255,23 @@ def test_gated_delta_rule_on_gpu(backend, dtype, case, mode, seed):
     assert_close(s, ref_s, torch.float32, f"{backend} {mode} state", seed, tol=max(tol, TOLERANCE[torch.float32]))
     if before is not None:
         assert torch.equal(args["initial_state"], before), "the caller's initial state was written"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [24, 128])
+@pytest.mark.parametrize("mode, verify", [("recurrent", False), ("recurrent", True), ("chunk", False),
+                                          ("chunk", True)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("out_rows", [False, True])
+@pytest.mark.parametrize("backend", [name for name in _names("gated_delta_rule")
+                                     if registry.registered("gated_delta_rule")[name].serving])
+def test_gated_delta_rule_serving_on_gpu(backend, K, mode, verify, fused, out_rows, seed):
+    """The serving keywords on the GPU kernels against the float64 reference: a pool read and written in place
+    (a padding slot, output_state_indices overlapping the rows read, rows not indexed bitwise untouched), the
+    verify trace (the pool left as is) or the chunk states, fused gating."""
+    args = _serving_call(K, seed, "cuda", mode=mode, verify=verify, fused=fused, out_rows=out_rows)
+    tol = TOLERANCE_TF32 if mode == "chunk" and not verify else TOLERANCE[torch.float32]
+    _check_serving(lambda **a: kernellab.gated_delta_rule(**a, backend=backend), args, seed, tol)
 
 
 @pytest.mark.gpu
