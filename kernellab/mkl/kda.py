@@ -12,22 +12,71 @@ key channel, D_ijd = exp(gcum_id - gcum_jd) for j <= i and S the state at the ch
 The decays stay inside the pair products (every factor <= 1), as in kernellab/torch/kda.py. Unlike the gated delta
 rule's loop, k k^T and q k^T are not shared by the value heads of a key head: the decays are per value head.
 """
+import math
+
 import numba
 import numpy as np
 import torch
 
 from kernellab import serving
-from kernellab.mkl.chunked import (CHUNK_SIZE, _blas_scratch, _decay, _gemm, _heads, _mkl_local_threads, _rows,
+from kernellab.mkl.chunked import (CHUNK_SIZE, _blas_scratch, _gemm, _heads, _mkl_local_threads, _rows,
                                    _scaled_rows, _sequences, _solve_unit_lower, _store, serving_loop)
 from kernellab.torch import kda as torch_kda
-from kernellab.torch.linear_attention import chunk_states_multiple, start_state
+from kernellab.torch.linear_attention import LOG_DECAY_FLOOR, chunk_states_multiple, start_state
 from kernellab.validate import STATE_ROUNDING
+
+_FLOOR_DECAY = np.float32(math.exp(LOG_DECAY_FLOOR))
+
+
+@numba.njit
+def _flushed(x):
+    """x (a product of decays) as a decay past LOG_DECAY_FLOOR: 0 below exp(LOG_DECAY_FLOOR), as _decay gives."""
+    return x if x >= _FLOOR_DECAY else 0.0
 
 
 @numba.njit(fastmath=True)
-def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, scale, qk_l2norm, rounding):
+def _chunk_decays(a, t0, c, h, gamma, tail):
+    """gamma [c, K] = exp(gcum) and tail [c, K] = exp(gcum_c - gcum) of the chunk at rows t0 .. t0 + c and value
+    head h, as running products of a = exp(g) [rows, Hv, K] (flushed at the floor: no subnormals)."""
+    K = a.shape[2]
+    for d in range(K):
+        gamma[0, d] = a[t0, h, d]
+        tail[c - 1, d] = 1.0
+    for i in range(1, c):
+        for d in range(K):
+            gamma[i, d] = _flushed(gamma[i - 1, d] * a[t0 + i, h, d])
+            tail[c - 1 - i, d] = _flushed(tail[c - i, d] * a[t0 + c - i, h, d])
+
+
+@numba.njit(fastmath=True)
+def _pair_products(a, t0, c, h, left, right, keys, pairs, run):
+    """pairs[i, j] = sum_d left_id keys_jd D_ijd for j <= i (0 above), right likewise into pairs[c + i, j], with
+    D_ijd = exp(gcum_id - gcum_jd) = prod_{j < t <= i} a_td (a = exp(g) [rows, Hv, K], the chunk's rows t0 ..
+    t0 + c, value head h): a running product over j from i down, one multiply per pair and channel, no exp.
+    left, right, keys [c, K]; pairs [2 C, C]; run [K] scratch."""
+    K = a.shape[2]
+    for i in range(c):
+        for d in range(K):
+            run[d] = 1.0
+        for j in range(i, -1, -1):
+            x = 0.0
+            y = 0.0
+            for d in range(K):
+                decayed = keys[j, d] * run[d]
+                x += left[i, d] * decayed
+                y += right[i, d] * decayed
+                run[d] = _flushed(run[d] * a[t0 + j, h, d])
+            pairs[i, j] = x
+            pairs[c + i, j] = y
+        for j in range(i + 1, c):
+            pairs[i, j] = 0.0
+            pairs[c + i, j] = 0.0
+
+
+@numba.njit(fastmath=True)
+def _sequence_key_head(q, k, v, a, beta, start, length, state, out, hk, chunk, scale, qk_l2norm, rounding):
     """One sequence (rows start .. start + length) and key head hk with its value heads, chunk after chunk.
-    q, k [rows, Hk, K]; v, out [rows, Hv, V]; g [rows, Hv, K]; beta [rows, Hv]; state [Hv, K, V]: the
+    q, k [rows, Hk, K]; v, out [rows, Hv, V]; a = exp(g) [rows, Hv, K]; beta [rows, Hv]; state [Hv, K, V]: the
     sequence's, updated in place (and _store-d with `rounding` after every chunk)."""
     Hk, K, Hv, V, G = _heads(k, v)
     C = chunk
@@ -37,38 +86,27 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
     Rd = np.empty((2 * C, K), np.float32)  # [k~; q~]: decayed to their rows
     X = np.empty((2 * C, V), np.float32)  # [k~ S; q~ S]
     U = np.empty((C, V), np.float32)  # v_new
-    P = np.empty((C, C), np.float32)
-    L = np.empty((C, C), np.float32)
+    KQ_K = np.empty((2 * C, C), np.float32)  # [k k^T; q k^T] with D
     decayed_k = np.empty((C, K), np.float32)
-    gcum = np.empty((C, K), np.float32)
+    gamma = np.empty((C, K), np.float32)
+    tail = np.empty((C, K), np.float32)
+    run = np.empty(K, np.float32)
     for t0 in range(start, start + length, C):
         c = min(C, start + length - t0)
         _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
         _scaled_rows(R[c:], q, t0, c, hk, scale, qk_l2norm)
         for h in range(hk * G, hk * G + G):
             S = state[h]
-            for d in range(K):
-                total = 0.0
-                for i in range(c):
-                    total += g[t0 + i, h, d]
-                    gcum[i, d] = total
+            _chunk_decays(a, t0, c, h, gamma, tail)
+            _pair_products(a, t0, c, h, R, R[c:], R, KQ_K, run)
             for i in range(c):
                 b = beta[t0 + i, h]
                 for d in range(K):
-                    gamma = _decay(gcum[i, d])
-                    Rd[i, d] = R[i, d] * gamma
-                    Rd[c + i, d] = R[c + i, d] * gamma
-                for j in range(i + 1):
-                    pq = 0.0
-                    pk = 0.0
-                    for d in range(K):
-                        decay = _decay(gcum[i, d] - gcum[j, d])
-                        pq += R[c + i, d] * R[j, d] * decay
-                        pk += R[i, d] * R[j, d] * decay
-                    P[i, j] = pq
-                    L[i, j] = b * pk
-                for j in range(i + 1, c):
-                    P[i, j] = 0.0
+                    Rd[i, d] = R[i, d] * gamma[i, d]
+                    Rd[c + i, d] = R[c + i, d] * gamma[i, d]
+                    decayed_k[i, d] = R[i, d] * tail[i, d]
+                for j in range(i):
+                    KQ_K[i, j] *= b
             _gemm(chars, ints, floats, False, False, 2 * c, V, K, 1.0, Rd.ctypes.data, K, S.ctypes.data, V, 0.0,
                   X.ctypes.data, V)
             for i in range(c):
@@ -76,14 +114,11 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
                 for e in range(V):
                     oi[e] = X[c + i, e]
                     U[i, e] = b * (vi[e] - X[i, e])
-            _solve_unit_lower(chars, ints, floats, c, V, L.ctypes.data, C, U.ctypes.data, V, False)
-            _gemm(chars, ints, floats, False, False, c, V, c, 1.0, P.ctypes.data, C, U.ctypes.data, V, 1.0,
+            _solve_unit_lower(chars, ints, floats, c, V, KQ_K.ctypes.data, C, U.ctypes.data, V, False)
+            _gemm(chars, ints, floats, False, False, c, V, c, 1.0, KQ_K[c:].ctypes.data, C, U.ctypes.data, V, 1.0,
                   out[t0, h].ctypes.data, Hv * V)
-            for i in range(c):
-                for d in range(K):
-                    decayed_k[i, d] = R[i, d] * _decay(gcum[c - 1, d] - gcum[i, d])
             for d in range(K):  # the state's rows decay each by its channel's chunk decay
-                last = _decay(gcum[c - 1, d])
+                last = gamma[c - 1, d]
                 for e in range(V):
                     S[d, e] *= last
             _gemm(chars, ints, floats, True, False, K, V, c, 1.0, decayed_k.ctypes.data, K, U.ctypes.data, V, 1.0,
@@ -93,12 +128,12 @@ def _sequence_key_head(q, k, v, g, beta, start, length, state, out, hk, chunk, s
 
 
 @numba.njit(parallel=True)
-def _run(q, k, v, g, beta, starts, lengths, state, out, chunk, scale, qk_l2norm, rounding):
-    """kernellab.mkl.chunked._run's layout with g [rows, Hv, K]: sequences and key heads in parallel."""
+def _run(q, k, v, a, beta, starts, lengths, state, out, chunk, scale, qk_l2norm, rounding):
+    """kernellab.mkl.chunked._run's layout with a = exp(g) [rows, Hv, K]: sequences and key heads in parallel."""
     Hk = k.shape[1]
     for job in numba.prange(starts.shape[0] * Hk):
         n = job // Hk
-        _sequence_key_head(q, k, v, g, beta, starts[n], lengths[n], state[n], out, job % Hk, chunk, scale,
+        _sequence_key_head(q, k, v, a, beta, starts[n], lengths[n], state[n], out, job % Hk, chunk, scale,
                            qk_l2norm, rounding)
 
 
@@ -121,7 +156,7 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
         starts, lengths = _sequences(*v.shape[:2], bounds)
         state = start_state(s0, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
         out = torch.empty(v.shape[0] * v.shape[1], Hv, V, dtype=torch.float32)
-        _run(_rows(q), _rows(k), _rows(v), _rows(g), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
+        _run(_rows(q), _rows(k), _rows(v), _rows(torch_kda._decay(g.float())), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
              out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
         return out.view(*v.shape).to(v.dtype), state.to(state_dtype)
 
