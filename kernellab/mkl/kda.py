@@ -26,21 +26,26 @@ from kernellab.torch.linear_attention import LOG_DECAY_FLOOR, chunk_states_multi
 from kernellab.validate import STATE_ROUNDING
 
 _FLOOR_DECAY = np.float32(math.exp(LOG_DECAY_FLOOR))
+# Rows of a chunk whose pairs with the keys before them are one GEMM (_pair_products): 4 of a chunk of 16 leave
+# 28 of its 136 pairs to the per-pair products.
+_PAIR_BLOCK = 4
+_ZERO = np.float32(0.0)  # float32 sums and selects: the loops vectorise on float32 lanes
 
 
 @numba.njit
 def _flushed(x):
     """x (a product of decays) as a decay past LOG_DECAY_FLOOR: 0 below exp(LOG_DECAY_FLOOR), as _decay gives."""
-    return x if x >= _FLOOR_DECAY else 0.0
+    return x if x >= _FLOOR_DECAY else _ZERO
 
 
 @numba.njit(fastmath=True)
 def _chunk_decays(a, t0, c, h, gamma, tail):
     """gamma [c, K] = exp(gcum) and tail [c, K] = exp(gcum_c - gcum) of the chunk at rows t0 .. t0 + c and value
-    head h, as running products of a = exp(g) [rows, Hv, K] (flushed at the floor: no subnormals)."""
+    head h, as running products of a = exp(g) [rows, Hv, K] (g clamped at LOG_DECAY_FLOOR - 1: no subnormals),
+    each flushed at the floor."""
     K = a.shape[2]
     for d in range(K):
-        gamma[0, d] = a[t0, h, d]
+        gamma[0, d] = _flushed(a[t0, h, d])
         tail[c - 1, d] = 1.0
     for i in range(1, c):
         for d in range(K):
@@ -49,28 +54,65 @@ def _chunk_decays(a, t0, c, h, gamma, tail):
 
 
 @numba.njit(fastmath=True)
-def _pair_products(a, t0, c, h, left, right, keys, pairs, run):
+def _pair_products(blas, a, t0, c, h, left, right, keys, pairs, scratch):
     """pairs[i, j] = sum_d left_id keys_jd D_ijd for j <= i (0 above), right likewise into pairs[c + i, j], with
     D_ijd = exp(gcum_id - gcum_jd) = prod_{j < t <= i} a_td (a = exp(g) [rows, Hv, K], the chunk's rows t0 ..
-    t0 + c, value head h): a running product over j from i down, one multiply per pair and channel, no exp.
-    left, right, keys [c, K]; pairs [2 C, C]; run [K] scratch."""
+    t0 + c, value head h): running products, no exp. Rows in blocks of _PAIR_BLOCK from r: D_ijd = D_ijd' D_rjd
+    with D_ird' over r < t <= i (every factor <= 1), so the pairs j <= r are one GEMM [2 n, K] x [K, r + 1] of
+    the decayed rows and keys; the pairs r < j <= i (a triangle of the block) run the products per pair.
+    left, right, keys [c, K]; pairs [2 C, C]; blas: _blas_scratch(); scratch: _pair_scratch(C, K)."""
+    chars, ints, floats = blas
+    decayed_keys, rows, block, run = scratch
     K = a.shape[2]
     for i in range(c):
-        for d in range(K):
-            run[d] = 1.0
-        for j in range(i, -1, -1):
-            x = 0.0
-            y = 0.0
-            for d in range(K):
-                decayed = keys[j, d] * run[d]
-                x += left[i, d] * decayed
-                y += right[i, d] * decayed
-                run[d] = _flushed(run[d] * a[t0 + j, h, d])
-            pairs[i, j] = x
-            pairs[c + i, j] = y
         for j in range(i + 1, c):
             pairs[i, j] = 0.0
             pairs[c + i, j] = 0.0
+    for r in range(0, c, _PAIR_BLOCK):
+        n = min(_PAIR_BLOCK, c - r)
+        if r > 0:  # the block's rows decayed back to r, the keys j <= r forward to r
+            for d in range(K):
+                run[d] = 1.0
+            for m in range(n):
+                for d in range(K):
+                    if m > 0:
+                        run[d] = _flushed(run[d] * a[t0 + r + m, h, d])
+                    rows[m, d] = left[r + m, d] * run[d]
+                    rows[n + m, d] = right[r + m, d] * run[d]
+            for d in range(K):
+                run[d] = 1.0
+            for j in range(r, -1, -1):
+                for d in range(K):
+                    decayed_keys[j, d] = keys[j, d] * run[d]
+                    run[d] = _flushed(run[d] * a[t0 + j, h, d])
+            _gemm(chars, ints, floats, False, True, 2 * n, r + 1, K, 1.0, rows.ctypes.data, K,
+                  decayed_keys.ctypes.data, K, 0.0, block.ctypes.data, block.shape[1])
+            for m in range(n):
+                for j in range(r + 1):
+                    pairs[r + m, j] = block[m, j]
+                    pairs[c + r + m, j] = block[n + m, j]
+        low = r + 1 if r > 0 else 0
+        for i in range(r, r + n):
+            for d in range(K):
+                run[d] = 1.0
+            for j in range(i, low - 1, -1):
+                x = _ZERO
+                y = _ZERO
+                for d in range(K):
+                    decayed = keys[j, d] * run[d]
+                    x += left[i, d] * decayed
+                    y += right[i, d] * decayed
+                    run[d] = _flushed(run[d] * a[t0 + j, h, d])
+                pairs[i, j] = x
+                pairs[c + i, j] = y
+
+
+@numba.njit
+def _pair_scratch(C, K):
+    """_pair_products' scratch: decayed keys [C, K], decayed rows [2 _PAIR_BLOCK, K], the GEMM's block
+    [2 _PAIR_BLOCK, C], a running product [K]."""
+    return (np.empty((C, K), np.float32), np.empty((2 * _PAIR_BLOCK, K), np.float32),
+            np.empty((2 * _PAIR_BLOCK, C), np.float32), np.empty(K, np.float32))
 
 
 @numba.njit(fastmath=True)
@@ -90,7 +132,7 @@ def _sequence_key_head(q, k, v, a, beta, start, length, state, out, hk, chunk, s
     decayed_k = np.empty((C, K), np.float32)
     gamma = np.empty((C, K), np.float32)
     tail = np.empty((C, K), np.float32)
-    run = np.empty(K, np.float32)
+    scratch = _pair_scratch(C, K)
     for t0 in range(start, start + length, C):
         c = min(C, start + length - t0)
         _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
@@ -98,7 +140,7 @@ def _sequence_key_head(q, k, v, a, beta, start, length, state, out, hk, chunk, s
         for h in range(hk * G, hk * G + G):
             S = state[h]
             _chunk_decays(a, t0, c, h, gamma, tail)
-            _pair_products(a, t0, c, h, R, R[c:], R, KQ_K, run)
+            _pair_products((chars, ints, floats), a, t0, c, h, R, R[c:], R, KQ_K, scratch)
             for i in range(c):
                 b = beta[t0 + i, h]
                 for d in range(K):
@@ -156,7 +198,7 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
         starts, lengths = _sequences(*v.shape[:2], bounds)
         state = start_state(s0, (starts.shape[0], Hv, k.shape[-1], V), torch.float32, "cpu")
         out = torch.empty(v.shape[0] * v.shape[1], Hv, V, dtype=torch.float32)
-        _run(_rows(q), _rows(k), _rows(v), _rows(torch_kda._decay(g.float())), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
+        _run(_rows(q), _rows(k), _rows(v), _rows(g.clamp(min=LOG_DECAY_FLOOR - 1).exp_()), _rows(beta), starts.numpy(), lengths.numpy(), state.numpy(),
              out.numpy(), chunk_size or CHUNK_SIZE, scale, use_qk_l2norm, STATE_ROUNDING[state_dtype])
         return out.view(*v.shape).to(v.dtype), state.to(state_dtype)
 
