@@ -1,16 +1,20 @@
 """Kimi Delta Attention on CPU: the gated delta rule's chunked loop of MKL calls (kernellab/mkl/chunked.py) with a
 decay per key channel. float64 inputs and the token-by-token mode run the torch backend's code.
 
-Per chunk of c tokens of one sequence and value head, with gcum [c, K] the chunk's cumulative log decay of every
-key channel, D_ijd = exp(gcum_id - gcum_jd) for j <= i and S the state at the chunk's start:
-  L_ij = beta_i sum_d k_id k_jd D_ijd (j < i),  P_ij = sum_d q_id k_jd D_ijd (j <= i)   loops, c^2 K / 2 each
+Per chunk of c tokens of one sequence and value head, with a = exp(g), gcum [c, K] the chunk's cumulative log decay
+of every key channel, D_ijd = exp(gcum_id - gcum_jd) = prod_{j < t <= i} a_td for j <= i and S the state at the
+chunk's start:
+  L_ij = beta_i sum_d k_id k_jd D_ijd (j < i),  P_ij = sum_d q_id k_jd D_ijd (j <= i)      _pair_products
   [k~; q~] = exp(gcum) * [k; q]                 the keys and queries decayed to the chunk's rows
   [k~ S; q~ S]                                  one GEMM: both reads of the state
   (I + L) u = beta (v - k~ S)                   strsm
   o = q~ S + P u                                GEMM into o's rows where they lie
   S = Diag(exp(gcum_c)) S + (exp(gcum_c - gcum) * k)^T u
-The decays stay inside the pair products (every factor <= 1), as in kernellab/torch/kda.py. Unlike the gated delta
-rule's loop, k k^T and q k^T are not shared by the value heads of a key head: the decays are per value head.
+Every decay is a running product of a (flushed at the floor), never exp(+gcum): every factor <= 1, as in
+kernellab/torch/kda.py, and one exp per token, channel and value head (torch's, vectorised) instead of one per pair.
+The pair products factor through the first row r of a block of rows (D_ijd = D_ird D_rjd for j <= r <= i), so
+most of them are a GEMM. Unlike the gated delta rule's loop, k k^T and q k^T are not shared by the value heads of
+a key head: the decays are per value head.
 """
 import math
 
