@@ -207,7 +207,8 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                 call = (measure_runner, path, job.variant, job.name, job.prefill, job.decode, device, dtype, budget_s,
                         threads)
             floors = {job.variant: path} if job.kind == "measure" else {}
-            died = dict(op="model", backend=job.name, device=device, variant=job.variant, peer=job.name in peers,
+            died = dict(op="model", backend=job.name, device=device, dtype=str(dtype).removeprefix("torch."),
+                        variant=job.variant, peer=job.name in peers,
                         shape=shape_label(model.ModelConfig.from_folder(path)),
                         error=f"the {job.kind} process died (a native abort: its output above says why)")
             work.append((f"{job.kind} {job.name} {job.variant}", partial(_job_rows, call, floors, device, dtype, died)))

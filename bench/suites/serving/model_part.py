@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import kernellab
 import model
 from model.cache import PrefixCache
 from model.generate import write_random_checkpoint
@@ -83,15 +84,28 @@ def prefix_rows(m, prefix: int, suffix: int, repeats: int, backend: str, device:
 def model_rows(quick: bool, device: str = "cpu", backend: str = "torch", folder=None) -> list[dict]:
     """The model rows: speculative decoding and prefix caching on the small random checkpoint (vocabulary 32).
     quick: tiny sizes (a smoke run: 48 new tokens, a 256-token prefix, one repeat); else 256 new tokens and a
-    2048-token prefix, best of 3."""
+    2048-token prefix, best of 3. A part whose keyword the backend's gated delta rule lacks is an error row saying
+    so (numba keeps no chunk states: no prefix cache)."""
     import tempfile
 
+    takes = kernellab.registry.registered("gated_delta_rule")[backend].serving
     with tempfile.TemporaryDirectory() as tmp:
         m = model.from_pretrained(_checkpoint(folder or f"{tmp}/ckpt"), backend=backend, device=device)
-        repeats = 1 if quick else 3
-        m.generate([torch.arange(8)], 4, speculative=2)  # warm-up: first calls of the backends
-        return (speculative_rows(m, 48 if quick else 256, repeats, backend, device)
-                + prefix_rows(m, 256 if quick else 2048, 32 if quick else 64, repeats, backend, device))
+        repeats, rows = 1 if quick else 3, []
+        # warm-up: first calls of the backends
+        m.generate([torch.arange(8)], 4, speculative=2 if "output_intermediate_states" in takes else None)
+        for keyword, phase, shape, make in (
+                ("output_intermediate_states", "speculative", f"prompt=32,new={48 if quick else 256},T={SPECULATIVE}",
+                 lambda: speculative_rows(m, 48 if quick else 256, repeats, backend, device)),
+                ("chunk_states_every", "prefill_hit", f"prefix={256 if quick else 2048},suffix={32 if quick else 64}",
+                 lambda: prefix_rows(m, 256 if quick else 2048, 32 if quick else 64, repeats, backend, device))):
+            if keyword in takes:
+                rows += make()
+            else:
+                rows.append(dict(op="serving", part="model", phase=phase, backend=backend, device=device,
+                                 dtype="float32", shape=f"{shape},phase={phase}",
+                                 error=f"the {backend} gated delta rule takes no {keyword}"))
+        return rows
 
 
 if __name__ == "__main__":
