@@ -192,8 +192,8 @@ def chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final
     over the groups of chunks keeps each group's starting state; then, last group first, the group is recomputed
     under autograd from its state and differentiated with the gradient of its outputs and of its final state,
     which gives the gradient of its starting state for the group before (group_backward: autograd_group_backward's
-    contract; kernellab.mkl.kda passes its own, and its pair products, chunk_terms' pairs, for the first pass). The rounding of a stored state passes
-    its gradient straight through (as autograd through the reference's `.to(state_dtype)` does). Returns
+    contract; kernellab.mkl.kda passes its own, and pairs, chunk_terms', for the first pass). The rounding of a stored
+    state passes its gradient straight through (as autograd through the reference's `.to(state_dtype)` does). Returns
     {q, k [B, T, Hk, K], v [B, T, Hv, V], g [B, T, Hv, K], beta [B, T, Hv], initial_state [N, Hv, K, V] (None when
     it is None)} in float32 (float64 for float64 inputs)."""
     Hk, K = q.shape[2:]
