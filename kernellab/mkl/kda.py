@@ -215,18 +215,103 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
 # ------------------------------------------------------------------------------------------------ backward
 #
 # The chunked backward as explicit products (no autograd graph), group by group as
-# kernellab.torch.kda.chunked_backward walks them (that function is the driver; this file gives it group_backward). Per group, the state-free terms of
-# every chunk at once (kernellab.torch.kda.chunk_terms), then two loops of batched MKL GEMMs (torch.bmm) over its
-# chunks, the only sequential work: forward, the state at each chunk's start S0 and v_new = u - w S0; backward, from
-# the gradient dS1 of the state at the chunk's end,
+# kernellab.torch.kda.chunked_backward walks them (that function is the driver; this file gives it group_backward
+# and the pair products of its first pass). Per group, the state-free terms of every chunk at once
+# (kernellab.torch.kda.chunk_terms, its pair products by _pair_terms), then two loops of batched MKL GEMMs
+# (torch.bmm) over its chunks, the only sequential work: forward, the state at each chunk's start S0 and v_new =
+# u - w S0; backward, from the gradient dS1 of the state at the chunk's end,
 #   dv_new = A_qk^T do + kd dS1,   dS0 = exp(gcum_C) dS1 + (gamma q)^T do - w^T dv_new      (kd = tail k).
 # The rest of the gradients for all the group's chunks at once, as the Triton backward (kernellab/triton/kda.py)
-# states them: dA_qk = lower(do v_new^T), dw = -dv_new S0^T, the WY form's backward through A^-1, the decayed pair
-# products' backward over D, and g's gradient summed per token over the rows each decay spans (no difference of
-# cumulative sums: it cancels in float32).
+# states them: dA_qk = lower(do v_new^T), dw = -dv_new S0^T, the WY form's backward through A^-1, and the decayed
+# pair products' backward (_pair_gradients: per pair, with D as running products of a = exp(g), never a
+# [C, C, K] tensor), g's gradient summed per token over the pairs each decay spans (no difference of cumulative
+# sums: it cancels in float32).
 
 def _reverse_cumsum(x, dim):
     return x.flip(dim).cumsum(dim).flip(dim)
+
+
+def _token_decays(g):
+    """a = exp(g) [NC N Hk G, C, K] from g [NC, N, Hk, G, C, K], clamped as the forward's (no subnormals)."""
+    return g.clamp(min=LOG_DECAY_FLOOR - 1).exp().reshape(-1, *g.shape[-2:]).contiguous()
+
+
+def _key_rows(x):
+    """q or k [NC, N, Hk, C, K] as [NC N Hk, C, K], contiguous."""
+    return x.reshape(-1, *x.shape[-2:]).contiguous()
+
+
+@numba.njit(parallel=True, fastmath=True)
+def _pair_terms_loop(q, k, a, attn, kk):
+    """attn_ij = sum_d q_id k_jd D_ijd and kk_ij likewise with k_i, j <= i (0 above), D_ijd = prod_{j < t <= i}
+    a_td as a running product (flushed at the floor), per chunk and value head: q, k [L, C, K] (chunks x sequences
+    x key heads); a [L G, C, K]; attn, kk [L G, C, C]."""
+    M, C, K = a.shape
+    G = M // q.shape[0]
+    for m in numba.prange(M):
+        x = m // G
+        run = np.empty(K, a.dtype)
+        for i in range(C):
+            run[:] = 1.0
+            for j in range(i, -1, -1):
+                s = attn[m, i, j] * 0  # the inputs' dtype
+                t = s
+                for d in range(K):
+                    decayed = k[x, j, d] * run[d]
+                    s += q[x, i, d] * decayed
+                    t += k[x, i, d] * decayed
+                    run[d] = _flushed(run[d] * a[m, j, d])
+                attn[m, i, j] = s
+                kk[m, i, j] = t
+            for j in range(i + 1, C):
+                attn[m, i, j] = 0.0
+                kk[m, i, j] = 0.0
+
+
+def _pair_terms(q, k, g):
+    """chunk_terms' pairs: attn and kk [NC, N, Hk, G, C, C] for q, k [NC, N, Hk, C, K], g [NC, N, Hk, G, C, K]."""
+    C = k.shape[-2]
+    attn = torch.empty(*g.shape[:-1], C, dtype=k.dtype)
+    kk = torch.empty_like(attn)
+    _pair_terms_loop(_key_rows(q).numpy(), _key_rows(k).numpy(), _token_decays(g).numpy(),
+                     attn.view(-1, C, C).numpy(), kk.view(-1, C, C).numpy())
+    return attn, kk
+
+
+@numba.njit(parallel=True, fastmath=True)
+def _pair_gradients(q, k, a, dA, dKK, dq, dk, dg):
+    """The gradients of attn and kk (_pair_terms_loop's, their shapes) from dA, dKK [L G, C, C] (0 above the
+    diagonal), per value head: dq, dk, dg [L G, C, K] (overwritten). Per pair j <= i and channel d, with R_ijd =
+    dA_ij q_id + dKK_ij k_id: dq_i += dA_ij k_j D_ij, dk_i += dKK_ij k_j D_ij, dk_j += R_ij D_ij, and
+    dg_t += R_ij k_j D_ij for j < t <= i, as prefix sums over j per row i (no differences)."""
+    M, C, K = a.shape
+    G = M // q.shape[0]
+    for m in numba.prange(M):
+        x = m // G
+        run = np.empty(K, a.dtype)
+        acc = np.empty(K, a.dtype)
+        spans = np.empty((C, K), a.dtype)
+        dq[m] = 0.0
+        dk[m] = 0.0
+        dg[m] = 0.0
+        for i in range(C):
+            run[:] = 1.0
+            for j in range(i, -1, -1):
+                da, dkk = dA[m, i, j], dKK[m, i, j]
+                for d in range(K):
+                    decay = run[d]
+                    decayed = k[x, j, d] * decay
+                    row = da * q[x, i, d] + dkk * k[x, i, d]
+                    dq[m, i, d] += da * decayed
+                    dk[m, i, d] += dkk * decayed
+                    dk[m, j, d] += row * decay
+                    spans[j, d] = row * decayed
+                    run[d] = _flushed(decay * a[m, j, d])
+            acc[:] = 0.0
+            for j in range(i):
+                for d in range(K):
+                    acc[d] += spans[j, d]
+                    dg[m, j + 1, d] += acc[d]
 
 
 def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
@@ -238,7 +323,7 @@ def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
-    t = torch_kda.chunk_terms(q, k, v, g, beta)
+    t = torch_kda.chunk_terms(q, k, v, g, beta, _pair_terms)
     A, w, keys, reads, last = t["attn"], t["w"], t["keys"], t["reads"], t["last"]
     S = torch.zeros(M, K, V, dtype=v.dtype) if state is None else state
     starts, v_new = [], []
@@ -257,7 +342,7 @@ def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
     heads = (NC, N, Hk, G)
     S0, S1_grad = torch.stack(starts).view(*heads, K, V), torch.stack(ends).view(*heads, K, V)
     vn, dvn = torch.stack(v_new).view(*heads, C, V), torch.stack(dv_new).view(*heads, C, V)
-    ke, qe, gamma, tail, decay, inverse = t["ke"], t["qe"], t["gamma"], t["tail"], t["decay"], t["inverse"]
+    ke, gamma, tail, inverse = t["ke"], t["gamma"], t["tail"], t["inverse"]
     b = beta[..., None]
     X, Y = b * gamma * ke, b * v  # w = A^-1 X, u = A^-1 Y
     dA = (do @ vn.mT).tril()
@@ -268,17 +353,16 @@ def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
     dL = -(inverse.mT @ (dvn @ Y.mT + dw @ X.mT) @ inverse.mT).tril(-1)  # L = strictly_lower(beta kk)
     dKK = dL * b
     dbeta = (dL * t["kk"]).sum(-1) + (dY * v).sum(-1) + (dX * gamma * ke).sum(-1)
-    # the pair products' gradients per (i, j, d): dA_ij q_id + dKK_ij k_id, with k_jd D_ijd
-    rows = dA[..., None] * qe[..., :, None, :] + dKK[..., None] * ke[..., :, None, :]
-    decayed = decay * ke[..., None, :, :]
-    dq = d_reads * gamma + (dA[..., None] * decayed).sum(-2)
-    dk = dX * b * gamma + d_keys * tail + (dKK[..., None] * decayed).sum(-2) + (rows * decay).sum(-3)
+    dq_pairs, dk_pairs, dg_pairs = (torch.empty(*heads, C, K, dtype=k.dtype) for _ in range(3))
+    _pair_gradients(_key_rows(q).numpy(), _key_rows(k).numpy(), _token_decays(g).numpy(),
+                    dA.reshape(-1, C, C).contiguous().numpy(), dKK.reshape(-1, C, C).contiguous().numpy(),
+                    dq_pairs.view(-1, C, K).numpy(), dk_pairs.view(-1, C, K).numpy(), dg_pairs.view(-1, C, K).numpy())
+    dq = d_reads * gamma + dq_pairs
+    dk = dX * b * gamma + d_keys * tail + dk_pairs
     # g_t: gamma_i's gradient for i >= t, tail_i's for i < t, exp(gcum_C)'s for every t, D_ij's for j < t <= i
-    spans = _reverse_cumsum(rows * decayed, -3)  # [.., t, j, d]: over i >= t
-    strict = torch.ones(C, C, dtype=torch.bool).tril(-1)[..., None]
     through_tail = tail * ke * d_keys
     dg = (_reverse_cumsum(X * dX + reads * d_reads, -2) + through_tail.cumsum(-2) - through_tail
-          + ((S0 * S1_grad).sum(-1) * last)[..., None, :] + torch.where(strict, spans, 0).sum(-2))
+          + ((S0 * S1_grad).sum(-1) * last)[..., None, :] + dg_pairs)
     return dq.sum(3), dk.sum(3), dY * b, dg, dbeta, None if state is None else dS
 
 
@@ -287,4 +371,5 @@ def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_sta
     """The gradients of kda (kernellab.autograd's contract): kernellab.torch.kda.chunked_backward's groups, each by
     group_backward's explicit products. Returns kernellab.torch.kda.kda_backward's dict."""
     return torch_kda.chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state,
-                                      use_qk_l2norm, cu_seqlens, mode, state_dtype, chunk_size, group_backward)
+                                      use_qk_l2norm, cu_seqlens, mode, state_dtype, chunk_size, group_backward,
+                                      _pair_terms)
