@@ -36,13 +36,16 @@ CATEGORICAL_AXES = ("mode", "routing")
 PASSES = ("forward", "backward", "forward+backward")
 
 
+FASTEST_PEER = "fastest peer"  # Target.peer of a "peer" target against whichever peer is fastest on its rows
+
+
 @dataclass(frozen=True)
 class Target:
     """A published or issued target the report computes from the rows, its heading saying the target.
 
     kind: "ceiling" (best lab row's FLOP/s over the matmul ceiling of its run >= threshold), "floor" (best lab
     row's time over its bytes at the run's copy bandwidth <= threshold), "peer" (the peer's time over the best lab
-    row's >= threshold), "crossover" (this linear op is at least as fast as the best lab softmax attention from
+    row's >= threshold; peer FASTEST_PEER: the fastest peer row on those rows), "crossover" (this linear op is at least as fast as the best lab softmax attention from
     T <= threshold on), "op" (the best lab row of op `peer` on the same match over this op's best lab row, in
     time, >= threshold: the same FLOPs in another form, as the fp8 layer against the bf16 one), "speedup" (per lab
     backend, its rows matching `against` over its rows matching `match`, in time, >= threshold: the same backend in

