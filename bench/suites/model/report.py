@@ -101,7 +101,8 @@ def plot(rows, out: Path):
         ax.plot(*zip(*pts), VARIANT_STYLE[variant][-1], color=colors[backend], label=f"{backend}, {variant}")
     floors = _series(rows, "decode", "floor_ms")
     for variant, style in VARIANT_STYLE.items():
-        pts = next((v for (b, var), v in floors.items() if var == variant), None)
+        # the floor is the checkpoint's (any backend's rows give it): the series over the most contexts
+        pts = max((v for (b, var), v in floors.items() if var == variant), key=len, default=None)
         if pts:
             ax.plot(*zip(*pts), style[:-1], color="black", label=f"floor, {variant}")
     ax.set(xscale="log", yscale="log", ylabel="ms per decode step (batch 1)",
@@ -109,8 +110,8 @@ def plot(rows, out: Path):
     parts = {"weights": "C7", "experts": "C2", "states": "C4", "kv": "C3"}
     top = 0
     for ax, variant in zip(axes[1:], VARIANT_STYLE):
-        by_part = {part: dict(next((v for (b, var), v in _series(rows, "decode", f"{part}_bytes").items()
-                                    if var == variant), [])) for part in parts}
+        by_part = {part: dict(max((v for (b, var), v in _series(rows, "decode", f"{part}_bytes").items()
+                                   if var == variant), key=len, default=[])) for part in parts}
         contexts = sorted(by_part["weights"])
         if contexts:
             ax.stackplot(contexts, *[[by_part[part][c] / 2**20 for c in contexts] for part in parts],
