@@ -304,6 +304,30 @@ def test_gradients_through_fused_gating_and_a_pool(op, backend, mode, seed):
     assert not found[backend]["pool"][[0, 2, 3, 5]].any(), "a pool row not read got a gradient"
 
 
+@pytest.mark.parametrize("op, backend, mode", [
+    (op, name, mode) for op, name, mode in cases("state_indices", "A_log", "dt_bias") if name != "reference"
+    and registry.registered(op)[name].backward is not None and torch.float64 not in registry.registered(op)[name].dtypes])
+def test_float32_gradients_through_fused_gating_and_a_pool(op, backend, mode, seed):
+    """The same for the backends without float64 (triton): float32 inputs, the reference's float64 autograd on the
+    same values as the yardstick, float32's gradient tolerance."""
+    args = inputs(op, 2, 40, seed, fused=True)
+    if "beta_logits" in args and "beta_logits" not in registry.registered(op)[backend].serving:
+        pytest.skip(f"{backend} of {op} takes no beta_logits")
+    pool, indices = pool_of(op, seed), rows([4, 1])
+    weight = torch.randn(2, 40, 2, K, generator=torch.Generator().manual_seed(seed + 2))
+    found = {}
+    for name, dtype in ((backend, torch.float32), ("reference", torch.float64)):
+        leaves = {n: x.to(dtype).clone().requires_grad_() for n, x in args.items() if isinstance(x, torch.Tensor)}
+        leaf_pool = pool.to(dtype).clone().requires_grad_()
+        o, _ = call(op, name, **(args | leaves), initial_state=leaf_pool, state_indices=indices, mode=mode)
+        (o * weight.to(dtype)).sum().backward()
+        found[name] = {n: x.grad for n, x in leaves.items()} | {"pool": leaf_pool.grad}
+    for n, ref in found["reference"].items():
+        got = found[backend][n]
+        assert got is not None and rel_err(got.double(), ref) < 1e-4, f"the gradient of {n}: seed={seed}"
+    assert not found[backend]["pool"][[0, 2, 3, 5]].any(), "a pool row not read got a gradient"
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_a_backend_lacking_a_keyword_refuses_it_by_name(op, seed):
     """The registry refuses a serving keyword that a backend does not declare (ValueError naming both), on every
