@@ -85,3 +85,23 @@ def gate_arguments(A_log, dt_bias, beta_logits):
     fused = A_log is not None
     return dict(A_log=A_log.contiguous() if fused else None, dt_bias=dt_bias.contiguous() if fused else None,
                 BETA_LOGITS=bool(beta_logits))
+
+
+def prepare(q, k, v, g, beta, initial_state, output_final_state, state_dtype, cu_seqlens, mode, chunk,
+            state_indices=None, output_state_indices=None, output_intermediate_states=False, chunk_states_every=None,
+            A_log=None, dt_bias=None, beta_logits=False):
+    """The start the delta rules' entry points share: q, k, v, g, beta contiguous; the mode (a verify,
+    output_intermediate_states, runs the recurrent kernel in either mode); the state arguments (kept every token in
+    recurrent mode, every `chunk` tokens in chunk mode) and the gating arguments. Returns ((q, k, v, g, beta), mode,
+    states, gating)."""
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    B, T, _, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    mode = "recurrent" if output_intermediate_states else mode
+    states = state_arguments(initial_state, output_final_state, state_dtype, N, HV, K, V, B, T, cu_seqlens, v,
+                             step=1 if mode == "recurrent" else chunk, state_indices=state_indices,
+                             output_state_indices=output_state_indices,
+                             output_intermediate_states=output_intermediate_states,
+                             chunk_states_every=chunk_states_every)
+    return (q, k, v, g, beta), mode, states, gate_arguments(A_log, dt_bias, beta_logits)

@@ -23,8 +23,8 @@ from kernellab.triton._autotune import TRITON_DTYPE, autotune, dot_precision, gi
 from kernellab.triton._chunk import (CHUNK, STATE_TILE, _chunk_bounds, _pair_decay_gradient, aot_specs, chunk_cumsum,
                                    chunk_dh, chunk_dqkwg, chunk_dv, chunk_output, chunk_state, dqkwg_block_k,
                                    num_chunks, prepare_chunk_layout, stored_state)
-from kernellab.triton._serving import (GATE_POINTERS, STATE_POINTERS, fused_gate, gate_arguments, keep_state,
-                                     load_state, state_arguments, state_row, store_state)
+from kernellab.triton._serving import (GATE_POINTERS, STATE_POINTERS, fused_gate, keep_state, load_state, prepare,
+                                     state_arguments, state_row, store_state)
 from kernellab.validate import STATE_ROUNDING
 
 L2NORM_EPS = tl.constexpr(1e-6)  # use_qk_l2norm: x / sqrt(sum(x^2) + 1e-6), as fla and transformers
@@ -392,17 +392,10 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
     pool's rows read and written in place, the states kept on the way (output_intermediate_states runs the
     recurrent kernel in either mode), fused gating in float32.
     """
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    B, T, HK, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    mode = "recurrent" if output_intermediate_states else mode
-    states = state_arguments(initial_state, output_final_state, state_dtype, N, HV, K, V, B, T, cu_seqlens, v,
-                             step=1 if mode == "recurrent" else CHUNK, state_indices=state_indices,
-                             output_state_indices=output_state_indices,
-                             output_intermediate_states=output_intermediate_states,
-                             chunk_states_every=chunk_states_every)
-    gating = gate_arguments(A_log, dt_bias, beta_logits)
+    (q, k, v, g, beta), mode, states, gating = prepare(
+        q, k, v, g, beta, initial_state, output_final_state, state_dtype, cu_seqlens, mode, CHUNK, state_indices,
+        output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias, beta_logits)
+    T = q.shape[1]
     if mode == "recurrent":
         o = recurrent(q, k, v, g, beta, scale, cu_seqlens, states.kernel, gating, use_qk_l2norm, state_dtype)
     else:

@@ -23,7 +23,7 @@ from kernellab.triton import aot_spec
 from kernellab.triton._autotune import TRITON_DTYPE, dot_precision, given
 from kernellab.triton._chunk import STATE_TILE, num_chunks, prepare_chunk_layout, stored_state
 from kernellab.triton._serving import (GATE_POINTERS, STATE_POINTERS, fused_gate, gate_arguments, keep_state,
-                                     load_state, state_arguments, state_row, store_state)
+                                     load_state, prepare, state_arguments, state_row, store_state)
 from kernellab.triton.gated_delta_rule import (L2NORM_EPS, inverse_norms, qk_gradient, recurrent, recurrent_constexprs,
                                              recurrent_kernel, recurrent_pointers)
 from kernellab.validate import STATE_ROUNDING
@@ -206,17 +206,9 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
     Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] in state_dtype or None), and a StateTrace with
     a trace. The state is rounded to state_dtype after every chunk (chunk) or token (recurrent); the arithmetic is
     float32. The serving keywords as the gated delta rule's (dt_bias [HV, K]), in the kernels."""
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    B, T, HK, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    mode = "recurrent" if output_intermediate_states else mode
-    states = state_arguments(initial_state, output_final_state, state_dtype, N, HV, K, V, B, T, cu_seqlens, v,
-                             step=1 if mode == "recurrent" else CHUNK, state_indices=state_indices,
-                             output_state_indices=output_state_indices,
-                             output_intermediate_states=output_intermediate_states,
-                             chunk_states_every=chunk_states_every)
-    gating = gate_arguments(A_log, dt_bias, beta_logits)
+    (q, k, v, g, beta), mode, states, gating = prepare(
+        q, k, v, g, beta, initial_state, output_final_state, state_dtype, cu_seqlens, mode, CHUNK, state_indices,
+        output_state_indices, output_intermediate_states, chunk_states_every, A_log, dt_bias, beta_logits)
     if mode == "chunk":
         o = _chunk_kda(q, k, v, g, beta, scale, states.kernel, gating, use_qk_l2norm, cu_seqlens, state_dtype)
     else:
