@@ -216,7 +216,7 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
 #
 # The chunked backward as explicit products (no autograd graph), group by group as
 # kernellab.torch.kda.chunked_backward walks them (that function is the driver; this file gives it group_backward
-# and the pair products of its first pass). Per group, the state-free terms of every chunk at once
+# and the states of its first pass: group_state). Per group, the state-free terms of every chunk at once
 # (kernellab.torch.kda.chunk_terms, its pair products by _pair_terms), then two loops of batched MKL GEMMs
 # (torch.bmm) over its chunks, the only sequential work: forward, the state at each chunk's start S0 and v_new =
 # u - w S0; backward, from the gradient dS1 of the state at the chunk's end,
@@ -366,10 +366,31 @@ def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
     return dq.sum(3), dk.sum(3), dY * b, dg, dbeta, None if state is None else dS
 
 
+def group_state(q, k, v, g, beta, state, state_dtype):
+    """The state after a group of chunks (kernellab.torch.kda.chunk_group's inputs and final state, state None or
+    [N Hk G, K, V]): float32 by the forward's loop (_run, each sequence's chunks as its rows; q already scaled),
+    float64 by chunk_group with _pair_terms."""
+    if v.dtype != torch.float32:
+        return torch_kda.chunk_group(q, k, v, g, beta, state, state_dtype, pairs=_pair_terms)[1]
+    NC, N, Hk, C, K = k.shape
+    G, V = v.shape[3], v.shape[-1]
+    # [NC, N, Hk(, G), C, ...] -> the rows [N NC C, Hk or Hv, ...] of N sequences of NC C tokens
+    keys = [x.permute(1, 0, 3, 2, 4).reshape(-1, Hk, K) for x in (q, k)]
+    heads = [x.permute(1, 0, 4, 2, 3, *range(5, x.dim())).reshape(N * NC * C, Hk * G, *x.shape[5:])
+             for x in (v, g, beta)]
+    rows = [x.contiguous().numpy() for x in keys + heads]
+    a = _token_decays(torch.from_numpy(rows[3]))  # exp(g) [rows, Hv, K], clamped as the forward's
+    S = (torch.zeros(N * Hk * G, K, V) if state is None else state.clone()).view(N, Hk * G, K, V)
+    starts, lengths = torch.arange(0, N * NC * C, NC * C), torch.full((N,), NC * C)
+    _run(rows[0], rows[1], rows[2], a.view(-1, Hk * G, K).numpy(), rows[4], starts.numpy(), lengths.numpy(),
+         S.numpy(), np.empty_like(rows[2]), C, 1.0, False, STATE_ROUNDING[state_dtype])
+    return S.view(-1, K, V)
+
+
 def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                  state_dtype, chunk_size=None):
     """The gradients of kda (kernellab.autograd's contract): kernellab.torch.kda.chunked_backward's groups, each by
     group_backward's explicit products. Returns kernellab.torch.kda.kda_backward's dict."""
     return torch_kda.chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state,
                                       use_qk_l2norm, cu_seqlens, mode, state_dtype, chunk_size, group_backward,
-                                      _pair_terms)
+                                      group_state)

@@ -186,13 +186,14 @@ def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_sta
 
 
 def chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, state_dtype, chunk_size=None, group_backward=autograd_group_backward, pairs=None):
+                     mode, state_dtype, chunk_size=None, group_backward=autograd_group_backward, group_state=None):
     """The gradients of kda: grads {"o": [B, T, Hv, V] or None, "final_state":
     [N, Hv, K, V] or None}; the inputs as the forward's. Whatever the forward's mode (the same function): a pass
     over the groups of chunks keeps each group's starting state; then, last group first, the group is recomputed
     under autograd from its state and differentiated with the gradient of its outputs and of its final state,
     which gives the gradient of its starting state for the group before (group_backward: autograd_group_backward's
-    contract; kernellab.mkl.kda passes its own, and pairs, chunk_terms', for the first pass). The rounding of a stored
+    contract; kernellab.mkl.kda passes its own, and group_state for the first pass: a function of chunk_group's
+    inputs (q .. state_dtype) giving its final state, chunk_group's by default). The rounding of a stored
     state passes its gradient straight through (as autograd through the reference's `.to(state_dtype)` does). Returns
     {q, k [B, T, Hk, K], v [B, T, Hv, V], g [B, T, Hv, K], beta [B, T, Hv], initial_state [N, Hv, K, V] (None when
     it is None)} in float32 (float64 for float64 inputs)."""
@@ -204,10 +205,10 @@ def chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final
     NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
     M = N * Hv
     groups = _groups(NC, layout, Hv, K)
+    group_state = group_state or (lambda *inputs: chunk_group(*inputs)[1])
     starts = [None if initial_state is None else initial_state.reshape(M, K, V).to(dtype)]
     for group in groups[:-1]:
-        starts.append(chunk_group(qc[group], kc[group], vc[group], gc[group], bc[group], starts[-1], state_dtype,
-                                  pairs=pairs)[1])
+        starts.append(group_state(qc[group], kc[group], vc[group], gc[group], bc[group], starts[-1], state_dtype))
     do, d_final = grads["o"], grads["final_state"]
     doc = (layout.to_chunks(do, dtype).view_as(vc) if do is not None else torch.zeros_like(vc))
     d_state = torch.zeros(M, K, V, dtype=dtype, device=v.device) if d_final is None else \
