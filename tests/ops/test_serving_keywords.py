@@ -35,6 +35,13 @@ def cases(*keywords, modes=MODES):
     return [(op, name, mode) for op in OPS for name in declaring(op, *keywords) for mode in modes]
 
 
+def gated(found):
+    """The cases of `found` whose backend fuses all of its op's gating: A_log and dt_bias, and beta_logits where the
+    op has a beta (every op but linear_attention)."""
+    return [(op, name, mode) for op, name, mode in found
+            if op == "linear_attention" or "beta_logits" in registry.registered(op)[name].serving]
+
+
 def inputs(op, B, T, seed, dtype=torch.float32, fused=False, cu_seqlens=None):
     """q, k [B, T, Hk, K]; v [B, T, Hv, K] (Hv = 2 Hk but for linear attention); g [B, T, Hv] ([B, T, Hv, K] for
     kda), beta [B, T, Hv]; fused: g the raw gate input a and beta logits, with A_log [Hv] and dt_bias ([Hv], or
@@ -247,14 +254,12 @@ def test_chunk_states_are_the_recurrent_states_there(op, backend, mode, packed, 
     assert rel_err(trace.states, ref.states[at]) < TOL, f"seed={seed}"
 
 
-@pytest.mark.parametrize("op, backend, mode", cases("A_log", "dt_bias"))
+@pytest.mark.parametrize("op, backend, mode", gated(cases("A_log", "dt_bias")))
 def test_fused_gating_equals_unfused(op, backend, mode, seed):
     """g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(logits) inside the backend: the unfused call on
     the same backend with g and beta computed so in float32 (bitwise; within 1e-6 where the kernel gates,
     KERNEL_GATING), and the reference's within tolerance."""
     args = inputs(op, 2, 70, seed, fused=True)
-    if op != "linear_attention" and "beta_logits" not in registry.registered(op)[backend].serving:
-        pytest.skip(f"{backend} of {op} takes no beta_logits")
     fused_o, fused_S = call(op, backend, **args, output_final_state=True, mode=mode)
     plain = {name: x for name, x in args.items() if name not in ("A_log", "dt_bias", "beta_logits")}
     dtype = torch.float64 if backend == "reference" else torch.float32  # the reference gates in float64
@@ -279,13 +284,11 @@ def _grad_backends(*keywords):
             and torch.float64 in registry.registered(op)[name].dtypes]
 
 
-@pytest.mark.parametrize("op, backend, mode", _grad_backends("state_indices", "A_log", "dt_bias"))
+@pytest.mark.parametrize("op, backend, mode", gated(_grad_backends("state_indices", "A_log", "dt_bias")))
 def test_gradients_through_fused_gating_and_a_pool(op, backend, mode, seed):
     """Gradients of a pooled, fused-gating call (float64) against the reference's autograd: q, k, v, a, A_log,
     dt_bias, the beta logits and the pool (its rows read only); the pool's write carries none."""
     args = inputs(op, 3, 70, seed, dtype=torch.float64, fused=True)
-    if "beta_logits" in args and "beta_logits" not in registry.registered(op)[backend].serving:
-        pytest.skip(f"{backend} of {op} takes no beta_logits")
     pool = pool_of(op, seed, torch.float64)
     indices = rows([4, -1, 1])
     weight = torch.randn(3, 70, 2, K, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
@@ -305,14 +308,12 @@ def test_gradients_through_fused_gating_and_a_pool(op, backend, mode, seed):
 
 
 @pytest.mark.parametrize("op, backend, mode", [
-    (op, name, mode) for op, name, mode in cases("state_indices", "A_log", "dt_bias") if name != "reference"
+    (op, name, mode) for op, name, mode in gated(cases("state_indices", "A_log", "dt_bias")) if name != "reference"
     and registry.registered(op)[name].backward is not None and torch.float64 not in registry.registered(op)[name].dtypes])
 def test_float32_gradients_through_fused_gating_and_a_pool(op, backend, mode, seed):
     """The same for the backends without float64 (triton): float32 inputs, the reference's float64 autograd on the
     same values as the yardstick, float32's gradient tolerance."""
     args = inputs(op, 2, 40, seed, fused=True)
-    if "beta_logits" in args and "beta_logits" not in registry.registered(op)[backend].serving:
-        pytest.skip(f"{backend} of {op} takes no beta_logits")
     pool, indices = pool_of(op, seed), rows([4, 1])
     weight = torch.randn(2, 40, 2, K, generator=torch.Generator().manual_seed(seed + 2))
     found = {}
