@@ -12,7 +12,7 @@ from kernellab.serving import KEYWORDS
 
 _PROBE = "kernellab.mkl.packed:unavailable_reason"
 _TORCH_BACKWARD = {op: f"kernellab.torch.moe:{op}_backward" for op in ("grouped_gemm", "moe")}
-# kda's forward and backward are mkl's own (kernellab/mkl/kda.py: the backward's products explicit, over torch's groups)
+# kda's forward and backward are mkl's own (kernellab/mkl/kda.py: the gated delta rule's loops, decays per channel)
 _KDA = family_backends("kernellab.mkl", "mkl", ("cpu",), ops=("kda",), requires=("numba",), probe=_PROBE,
                        row_major=True, backward={"kda": "kernellab.mkl.kda:kda_backward"}, serving=KEYWORDS)
 # Batch invariance measured on CPU by tests/ops/test_invariance.py (a part of a batch alone against its part of the

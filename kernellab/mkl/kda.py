@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from kernellab import serving
-from kernellab.mkl.chunked import (CHUNK_SIZE, _blas_scratch, _gemm, _heads, _mkl_local_threads, _rows,
-                                   _scaled_rows, _sequences, _solve_unit_lower, _store, serving_loop)
+from kernellab.mkl.chunked import (BACKWARD_CHUNK_SIZE, CHUNK_SIZE, STATE_GROUP, _blas_scratch, _copy_states, _gemm,
+                                   _heads, _mkl_local_threads, _rows, _scaled_rows, _sequences, _solve_unit_lower,
+                                   _store, serving_loop)
 from kernellab.torch import kda as torch_kda
-from kernellab.torch.linear_attention import LOG_DECAY_FLOOR, chunk_states_multiple, start_state
+from kernellab.torch.linear_attention import LOG_DECAY_FLOOR, chunk_states_multiple, l2norm_backward, start_state
 from kernellab.validate import STATE_ROUNDING
 
 _FLOOR_DECAY = np.float32(math.exp(LOG_DECAY_FLOOR))
@@ -214,183 +215,330 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
 
 # ------------------------------------------------------------------------------------------------ backward
 #
-# The chunked backward as explicit products (no autograd graph), group by group as
-# kernellab.torch.kda.chunked_backward walks them (that function is the driver; this file gives it group_backward
-# and the states of its first pass: group_state). Per group, the state-free terms of every chunk at once
-# (kernellab.torch.kda.chunk_terms, its pair products by _pair_terms), then two loops of batched MKL GEMMs
-# (torch.bmm) over its chunks, the only sequential work: forward, the state at each chunk's start S0 and v_new =
-# u - w S0; backward, from the gradient dS1 of the state at the chunk's end,
-#   dv_new = A_qk^T do + kd dS1,   dS0 = exp(gcum_C) dS1 + (gamma q)^T do - w^T dv_new      (kd = tail k).
-# The rest of the gradients for all the group's chunks at once, as the Triton backward (kernellab/triton/kda.py)
-# states them: dA_qk = lower(do v_new^T), dw = -dv_new S0^T, the WY form's backward through A^-1, and the decayed
-# pair products' backward (_pair_gradients: per pair, with D as running products of a = exp(g), never a
-# [C, C, K] tensor), g's gradient summed per token over the pairs each decay spans (no difference of cumulative
-# sums: it cancels in float32).
-
-def _reverse_cumsum(x, dim):
-    return x.flip(dim).cumsum(dim).flip(dim)
+# The gated delta rule's backward loop (kernellab/mkl/chunked.py: _backward_sequence_key_head, its comment) with
+# the decays per key channel. Per chunk and value head, with W = [do; Y] (Y = A^-T dv_new):
+#   dv_new = Kd dS1 + P^T do            dKd = v_new dS1^T            dS0 = Diag(gamma_C) dS1 + [gamma q; -beta gamma k]^T W
+#   W S0^T = [do S0^T; Y S0^T]          W v_new^T = [dP; -dL]
+# and the pair products' backward (_pair_gradients) per value head: their decays are its own. The forward pass
+# keeps v_new, the pair products of every chunk and the state at every STATE_GROUP chunks' start; the groups in
+# reverse recompute their states from them (one GEMM a chunk).
 
 
-def _token_decays(g):
-    """a = exp(g) [NC N Hk G, C, K] from g [NC, N, Hk, G, C, K], clamped as the forward's (no subnormals)."""
-    return g.clamp(min=LOG_DECAY_FLOOR - 1).exp().reshape(-1, *g.shape[-2:]).contiguous()
-
-
-def _key_rows(x):
-    """q or k [NC, N, Hk, C, K] as [NC N Hk, C, K], contiguous."""
-    return x.reshape(-1, *x.shape[-2:]).contiguous()
-
-
-@numba.njit(parallel=True, fastmath=True)
-def _pair_terms_loop(q, k, a, attn, kk):
-    """attn_ij = sum_d q_id k_jd D_ijd and kk_ij likewise with k_i, j <= i (0 above), D_ijd = prod_{j < t <= i}
-    a_td as a running product (flushed at the floor), per chunk and value head: q, k [L, C, K] (chunks x sequences
-    x key heads); a [L G, C, K]; attn, kk [L G, C, C]."""
-    M, C, K = a.shape
-    G = M // q.shape[0]
-    for m in numba.prange(M):
-        x = m // G
-        run = np.empty(K, a.dtype)
-        for i in range(C):
-            run[:] = 1.0
-            for j in range(i, -1, -1):
-                s = attn[m, i, j] * 0  # the inputs' dtype
-                t = s
-                for d in range(K):
-                    decayed = k[x, j, d] * run[d]
-                    s += q[x, i, d] * decayed
-                    t += k[x, i, d] * decayed
-                    run[d] = _flushed(run[d] * a[m, j, d])
-                attn[m, i, j] = s
-                kk[m, i, j] = t
-            for j in range(i + 1, C):
-                attn[m, i, j] = 0.0
-                kk[m, i, j] = 0.0
-
-
-def _pair_terms(q, k, g):
-    """chunk_terms' pairs: attn and kk [NC, N, Hk, G, C, C] for q, k [NC, N, Hk, C, K], g [NC, N, Hk, G, C, K]."""
-    C = k.shape[-2]
-    attn = torch.empty(*g.shape[:-1], C, dtype=k.dtype)
-    kk = torch.empty_like(attn)
-    _pair_terms_loop(_key_rows(q).numpy(), _key_rows(k).numpy(), _token_decays(g).numpy(),
-                     attn.view(-1, C, C).numpy(), kk.view(-1, C, C).numpy())
-    return attn, kk
-
-
-@numba.njit(parallel=True, fastmath=True)
-def _pair_gradients(q, k, a, dA, dKK, dq, dk, dg):
-    """The gradients of attn and kk (_pair_terms_loop's, their shapes) from dA, dKK [L G, C, C] (0 above the
-    diagonal), per value head: dq, dk, dg [L G, C, K] (overwritten). Per pair j <= i and channel d, with R_ijd =
-    dA_ij q_id + dKK_ij k_id: dq_i += dA_ij k_j D_ij, dk_i += dKK_ij k_j D_ij, dk_j += R_ij D_ij, and
-    dg_t += R_ij k_j D_ij for j < t <= i, as prefix sums over j per row i (no differences)."""
-    M, C, K = a.shape
-    G = M // q.shape[0]
-    for m in numba.prange(M):
-        x = m // G
-        run = np.empty(K, a.dtype)
-        acc = np.empty(K, a.dtype)
-        spans = np.empty((C, K), a.dtype)
-        dq[m] = 0.0
-        dk[m] = 0.0
-        dg[m] = 0.0
-        for i in range(C):
-            run[:] = 1.0
-            for j in range(i, -1, -1):
-                da, dkk = dA[m, i, j], dKK[m, i, j]
+@numba.njit(fastmath=True)
+def _pair_gradients(blas, a, t0, c, h, left, right, keys, dpairs, dleft, dright, dkeys, dg, scratch):
+    """The backward of _pair_products (its arguments; pairs[i, j] = sum_d left_id keys_jd D_ijd and
+    pairs[c + i, j] the same with right) from dpairs [2 C, C] (read at j <= i): adds to dleft, dright, dkeys and
+    dg [C, K] (g's gradient through D: sum over the pairs j < t <= i of the pair's term per channel, P_ijd =
+    (dpairs_ij left_id + dpairs_(c+i)j right_id) keys_jd D_ijd). The blocks of _pair_products: with D_ij =
+    D_ir D_rj, the pairs j <= r of a block are two GEMMs, Z = M Kd (M: the block's rows of dpairs, Kd the keys
+    decayed to r) for dleft and dright, M^T [left; right]_decayed for dkeys; their terms of dg come from the same
+    products (sum over i of P_ijd = that GEMM's row j times Kd_j; sum over j <= r = Z_i times the decayed row i).
+    The triangle r < j <= i of a block runs per pair. scratch: _pair_gradient_scratch(C, K)."""
+    chars, ints, floats = blas
+    decayed_keys, key_decay, rows, row_decay, M, Z, Wk, spans, run, acc = scratch
+    K = a.shape[2]
+    for r in range(0, c, _PAIR_BLOCK):
+        n = min(_PAIR_BLOCK, c - r)
+        for d in range(K):
+            run[d] = 1.0
+        for m in range(n):
+            for d in range(K):
+                if m > 0:
+                    run[d] = _flushed(run[d] * a[t0 + r + m, h, d])
+                row_decay[m, d] = run[d]
+                rows[m, d] = left[r + m, d] * run[d]
+                rows[n + m, d] = right[r + m, d] * run[d]
+        for d in range(K):
+            run[d] = 1.0
+        for j in range(r, -1, -1):
+            for d in range(K):
+                key_decay[j, d] = run[d]
+                decayed_keys[j, d] = keys[j, d] * run[d]
+                run[d] = _flushed(run[d] * a[t0 + j, h, d])
+        for m in range(n):
+            for j in range(r + 1):
+                M[m, j] = dpairs[r + m, j]
+                M[n + m, j] = dpairs[c + r + m, j]
+        C = M.shape[1]
+        _gemm(chars, ints, floats, False, False, 2 * n, K, r + 1, 1.0, M.ctypes.data, C, decayed_keys.ctypes.data,
+              K, 0.0, Z.ctypes.data, K)
+        _gemm(chars, ints, floats, True, False, r + 1, K, 2 * n, 1.0, M.ctypes.data, C, rows.ctypes.data, K, 0.0,
+              Wk.ctypes.data, K)
+        for d in range(K):
+            acc[d] = 0.0
+        for m in range(n - 1, -1, -1):
+            for d in range(K):
+                dleft[r + m, d] += Z[m, d] * row_decay[m, d]
+                dright[r + m, d] += Z[n + m, d] * row_decay[m, d]
+                if m > 0:  # the pairs j <= r of rows i >= t span t in (r, i]
+                    acc[d] += rows[m, d] * Z[m, d] + rows[n + m, d] * Z[n + m, d]
+                    dg[r + m, d] += acc[d]
+        for d in range(K):
+            acc[d] = 0.0
+        for j in range(r + 1):
+            for d in range(K):
+                dkeys[j, d] += Wk[j, d] * key_decay[j, d]
+                if j < r:  # the pairs of key j span t in (j, r] (and on to each row: above)
+                    acc[d] += Wk[j, d] * decayed_keys[j, d]
+                    dg[j + 1, d] += acc[d]
+        for i in range(r + 1, r + n):
+            for d in range(K):
+                run[d] = 1.0
+            dl_row, dr_row = dpairs[i], dpairs[c + i]
+            for j in range(i, r, -1):
+                dl, dr = dl_row[j], dr_row[j]
                 for d in range(K):
                     decay = run[d]
-                    decayed = k[x, j, d] * decay
-                    row = da * q[x, i, d] + dkk * k[x, i, d]
-                    dq[m, i, d] += da * decayed
-                    dk[m, i, d] += dkk * decayed
-                    dk[m, j, d] += row * decay
-                    spans[j, d] = row * decayed
-                    run[d] = _flushed(decay * a[m, j, d])
-            acc[:] = 0.0
-            for j in range(i):
+                    decayed = keys[j, d] * decay
+                    term = dl * left[i, d] + dr * right[i, d]
+                    dleft[i, d] += dl * decayed
+                    dright[i, d] += dr * decayed
+                    dkeys[j, d] += term * decay
+                    spans[j - r, d] = term * decayed
+                    run[d] = _flushed(decay * a[t0 + j, h, d])
+            for d in range(K):
+                acc[d] = 0.0
+            for j in range(r + 1, i):
                 for d in range(K):
-                    acc[d] += spans[j, d]
-                    dg[m, j + 1, d] += acc[d]
+                    acc[d] += spans[j - r, d]
+                    dg[j + 1, d] += acc[d]
 
 
-def group_backward(q, k, v, g, beta, state, state_dtype, do, d_state):
-    """kernellab.torch.kda.autograd_group_backward's contract, by explicit products: q (scaled), k
-    [NC, N, Hk, C, K]; v, do [NC, N, Hk, G, C, V]; g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]; state None or
-    [N Hk G, K, V] (the group's starting state), d_state [N Hk G, K, V] (its final state's gradient). The states
-    are rounded to state_dtype between chunks, as the forward's; the rounding passes the gradient straight through.
-    Returns (dq, dk, dv, dg, dbeta, the starting state's gradient or None when state is None)."""
-    NC, N, Hk, C, K = k.shape
-    G, V = v.shape[3], v.shape[-1]
-    M = N * Hk * G
-    t = torch_kda.chunk_terms(q, k, v, g, beta, _pair_terms)
-    A, w, keys, reads, last = t["attn"], t["w"], t["keys"], t["reads"], t["last"]
-    S = torch.zeros(M, K, V, dtype=v.dtype) if state is None else state
-    starts, v_new = [], []
-    for j in range(NC):
-        starts.append(S)
-        v_new.append(t["u"][j].reshape(M, C, V) - torch.bmm(w[j].reshape(M, C, K), S))
-        S = torch_kda._stored(torch.baddbmm(last[j].reshape(M, K, 1) * S, keys[j].reshape(M, C, K).mT, v_new[j]),
-                              state_dtype)
-    dS, ends, dv_new = d_state, [None] * NC, [None] * NC
-    for j in reversed(range(NC)):
-        ends[j] = dS
-        dv_new[j] = torch.baddbmm(torch.bmm(A[j].reshape(M, C, C).mT, do[j].reshape(M, C, V)),
-                                  keys[j].reshape(M, C, K), dS)
-        dS = torch.baddbmm(last[j].reshape(M, K, 1) * dS, reads[j].reshape(M, C, K).mT, do[j].reshape(M, C, V))
-        dS = torch.baddbmm(dS, w[j].reshape(M, C, K).mT, dv_new[j], alpha=-1)
-    heads = (NC, N, Hk, G)
-    S0, S1_grad = torch.stack(starts).view(*heads, K, V), torch.stack(ends).view(*heads, K, V)
-    vn, dvn = torch.stack(v_new).view(*heads, C, V), torch.stack(dv_new).view(*heads, C, V)
-    ke, gamma, tail, inverse = t["ke"], t["gamma"], t["tail"], t["inverse"]
-    b = beta[..., None]
-    X, Y = b * gamma * ke, b * v  # w = A^-1 X, u = A^-1 Y
-    dA = (do @ vn.mT).tril()
-    d_reads = do @ S0.mT
-    d_keys = vn @ S1_grad.mT
-    dw = -(dvn @ S0.mT)
-    dY, dX = inverse.mT @ dvn, inverse.mT @ dw
-    dL = -(inverse.mT @ (dvn @ Y.mT + dw @ X.mT) @ inverse.mT).tril(-1)  # L = strictly_lower(beta kk)
-    dKK = dL * b
-    dbeta = (dL * t["kk"]).sum(-1) + (dY * v).sum(-1) + (dX * gamma * ke).sum(-1)
-    dq_pairs, dk_pairs, dg_pairs = (torch.empty(*heads, C, K, dtype=k.dtype) for _ in range(3))
-    _pair_gradients(_key_rows(q).numpy(), _key_rows(k).numpy(), _token_decays(g).numpy(),
-                    dA.reshape(-1, C, C).contiguous().numpy(), dKK.reshape(-1, C, C).contiguous().numpy(),
-                    dq_pairs.view(-1, C, K).numpy(), dk_pairs.view(-1, C, K).numpy(), dg_pairs.view(-1, C, K).numpy())
-    dq = d_reads * gamma + dq_pairs
-    dk = dX * b * gamma + d_keys * tail + dk_pairs
-    # g_t: gamma_i's gradient for i >= t, tail_i's for i < t, exp(gcum_C)'s for every t, D_ij's for j < t <= i
-    through_tail = tail * ke * d_keys
-    dg = (_reverse_cumsum(X * dX + reads * d_reads, -2) + through_tail.cumsum(-2) - through_tail
-          + ((S0 * S1_grad).sum(-1) * last)[..., None, :] + dg_pairs)
-    return dq.sum(3), dk.sum(3), dY * b, dg, dbeta, None if state is None else dS
+@numba.njit
+def _pair_gradient_scratch(C, K):
+    """_pair_gradients' scratch: the decayed keys and their decays [C, K], the block's decayed rows [2 _PAIR_BLOCK,
+    K] and decays [_PAIR_BLOCK, K], its rows of dpairs [2 _PAIR_BLOCK, C], the GEMMs' products [2 _PAIR_BLOCK, K]
+    and [C, K], the triangle's terms [_PAIR_BLOCK, K], two vectors [K]."""
+    return (np.empty((C, K), np.float32), np.empty((C, K), np.float32), np.empty((2 * _PAIR_BLOCK, K), np.float32),
+            np.empty((_PAIR_BLOCK, K), np.float32), np.empty((2 * _PAIR_BLOCK, C), np.float32),
+            np.empty((2 * _PAIR_BLOCK, K), np.float32), np.empty((C, K), np.float32),
+            np.empty((_PAIR_BLOCK, K), np.float32), np.empty(K, np.float32), np.empty(K, np.float32))
 
 
-def group_state(q, k, v, g, beta, state, state_dtype):
-    """The state after a group of chunks (kernellab.torch.kda.chunk_group's inputs and final state, state None or
-    [N Hk G, K, V]): float32 by the forward's loop (_run, each sequence's chunks as its rows; q already scaled),
-    float64 by chunk_group with _pair_terms."""
-    if v.dtype != torch.float32:
-        return torch_kda.chunk_group(q, k, v, g, beta, state, state_dtype, pairs=_pair_terms)[1]
-    NC, N, Hk, C, K = k.shape
-    G, V = v.shape[3], v.shape[-1]
-    # [NC, N, Hk(, G), C, ...] -> the rows [N NC C, Hk or Hv, ...] of N sequences of NC C tokens
-    keys = [x.permute(1, 0, 3, 2, 4).reshape(-1, Hk, K) for x in (q, k)]
-    heads = [x.permute(1, 0, 4, 2, 3, *range(5, x.dim())).reshape(N * NC * C, Hk * G, *x.shape[5:])
-             for x in (v, g, beta)]
-    rows = [x.contiguous().numpy() for x in keys + heads]
-    a = _token_decays(torch.from_numpy(rows[3]))  # exp(g) [rows, Hv, K], clamped as the forward's
-    S = (torch.zeros(N * Hk * G, K, V) if state is None else state.clone()).view(N, Hk * G, K, V)
-    starts, lengths = torch.arange(0, N * NC * C, NC * C), torch.full((N,), NC * C)
-    _run(rows[0], rows[1], rows[2], a.view(-1, Hk * G, K).numpy(), rows[4], starts.numpy(), lengths.numpy(),
-         S.numpy(), np.empty_like(rows[2]), C, 1.0, False, STATE_ROUNDING[state_dtype])
-    return S.view(-1, K, V)
+@numba.njit(fastmath=True)
+def _advance(chars, ints, floats, R, tail, last, u, S, t0, c, h, rounding):
+    """S = Diag(last) S + (tail k)^T v_new in place (R[:c] the chunk's keys, u's rows t0 .. t0 + c of head h its
+    v_new), rounded as the forward's."""
+    K, V, ld = S.shape[0], S.shape[1], u.shape[1] * u.shape[2]
+    decayed_k = np.empty((c, K), np.float32)
+    for i in range(c):
+        for d in range(K):
+            decayed_k[i, d] = R[i, d] * tail[i, d]
+    for d in range(K):
+        for e in range(V):
+            S[d, e] *= last[d]
+    _gemm(chars, ints, floats, True, False, K, V, c, 1.0, decayed_k.ctypes.data, K, u[t0, h].ctypes.data, ld, 1.0,
+          S.ctypes.data, V)
+    _store(S, rounding)
+
+
+@numba.njit(fastmath=True)
+def _backward_sequence_key_head(q, k, v, a, beta, do, start, length, state, d_state, u, dq, dk, dv, dg, dbeta, hk,
+                                chunk, group, scale, qk_l2norm, rounding):
+    """The gradients of one sequence (rows start .. start + length) and key head hk with its value heads (the
+    layout of kernellab.mkl.chunked's, a = exp(g) [rows, Hv, K], dg [rows, Hv, K]). state [Hv, K, V]: the
+    sequence's initial state (overwritten); d_state: its final state's gradient, replaced by its initial
+    state's; u [rows, Hv, V]: v_new's buffer. dq, dk (zeros on entry: the value heads add to them) of the scaled,
+    l2-normalised q and k."""
+    threads = _mkl_local_threads(1)
+    Hk, K, Hv, V, G = _heads(k, v)
+    C = chunk
+    ld = Hv * V  # the row stride of u, v, do, dv
+    num_chunks = (length + C - 1) // C
+    num_groups = (num_chunks + group - 1) // group
+    blas = _blas_scratch()
+    chars, ints, floats = blas
+    R = np.empty((2 * C, K), np.float32)  # [k; q]
+    pairs = np.empty((num_chunks, G, 2 * C, C), np.float32)  # [k k^T; q k^T] with D, every chunk's
+    L = np.empty((C, C), np.float32)  # the WY matrix's strict lower triangle
+    X = np.empty((C, V), np.float32)  # (gamma k) S (the forward pass's)
+    W = np.empty((2 * C, V), np.float32)  # [do; Y]
+    R2 = np.empty((2 * C, K), np.float32)  # [gamma q; -beta gamma k]
+    WS = np.empty((2 * C, K), np.float32)  # W S^T
+    WU = np.empty((2 * C, C), np.float32)  # W v_new^T
+    dP = np.empty((2 * C, C), np.float32)  # [dKK; dQK]
+    decayed_k = np.empty((C, K), np.float32)
+    d_decayed_k = np.empty((C, K), np.float32)
+    dleft = np.empty((C, K), np.float32)  # the pair products' gradients: of k as rows, q as rows, k as keys
+    dright = np.empty((C, K), np.float32)
+    dkeys = np.empty((C, K), np.float32)
+    dgp = np.empty((C, K), np.float32)  # and of g through their decays
+    suffix = np.empty((C, K), np.float32)
+    gamma = np.empty((C, K), np.float32)
+    tail = np.empty((C, K), np.float32)
+    whole = np.empty(K, np.float32)
+    running = np.empty(K, np.float32)
+    scratch = _pair_scratch(C, K)
+    gradient_scratch = _pair_gradient_scratch(C, K)
+    checkpoints = np.empty((num_groups, G, K, V), np.float32)
+    states = np.empty((group, G, K, V), np.float32)
+    heads = state[hk * G:hk * G + G]
+    d_heads = d_state[hk * G:hk * G + G]
+    # the forward pass: v_new into u, the pair products, the state at every group's start
+    for n in range(num_chunks):
+        t0 = start + n * C
+        c = min(C, start + length - t0)
+        if n % group == 0:
+            _copy_states(checkpoints[n // group], heads)
+        _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
+        _scaled_rows(R[c:], q, t0, c, hk, scale, qk_l2norm)
+        for hi in range(G):
+            h = hk * G + hi
+            S = heads[hi]
+            _chunk_decays(a, t0, c, h, gamma, tail)
+            _pair_products(blas, a, t0, c, h, R, R[c:], R, pairs[n, hi], scratch)
+            for i in range(c):
+                b = beta[t0 + i, h]
+                for d in range(K):
+                    decayed_k[i, d] = R[i, d] * gamma[i, d]
+                for j in range(i):
+                    L[i, j] = b * pairs[n, hi, i, j]
+            _gemm(chars, ints, floats, False, False, c, V, K, 1.0, decayed_k.ctypes.data, K, S.ctypes.data, V, 0.0,
+                  X.ctypes.data, V)
+            for i in range(c):
+                vi, ui, b = v[t0 + i, h], u[t0 + i, h], beta[t0 + i, h]
+                for e in range(V):
+                    ui[e] = b * (vi[e] - X[i, e])
+            _solve_unit_lower(chars, ints, floats, c, V, L.ctypes.data, C, u[t0, h].ctypes.data, ld, False)
+            _advance(chars, ints, floats, R, tail, gamma[c - 1], u, S, t0, c, h, rounding)
+    # the groups in reverse: their states recomputed from v_new, then the reverse pass over their chunks
+    for grp in range(num_groups - 1, -1, -1):
+        first = grp * group
+        last = min(num_chunks, first + group)
+        _copy_states(states[0], checkpoints[grp])
+        for n in range(first, last - 1):
+            t0 = start + n * C
+            c = min(C, start + length - t0)
+            _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
+            _copy_states(states[n - first + 1], states[n - first])
+            for hi in range(G):
+                _chunk_decays(a, t0, c, hk * G + hi, gamma, tail)
+                _advance(chars, ints, floats, R, tail, gamma[c - 1], u, states[n - first + 1, hi], t0, c,
+                         hk * G + hi, rounding)
+        for n in range(last - 1, first - 1, -1):
+            t0 = start + n * C
+            c = min(C, start + length - t0)
+            _scaled_rows(R, k, t0, c, hk, 1.0, qk_l2norm)
+            _scaled_rows(R[c:], q, t0, c, hk, scale, qk_l2norm)
+            for hi in range(G):
+                h = hk * G + hi
+                S, dS, KQ_K = states[n - first, hi], d_heads[hi], pairs[n, hi]
+                _chunk_decays(a, t0, c, h, gamma, tail)
+                for i in range(c):
+                    b = beta[t0 + i, h]
+                    for j in range(i):
+                        L[i, j] = b * KQ_K[i, j]
+                    for d in range(K):
+                        decayed_k[i, d] = R[i, d] * tail[i, d]
+                        R2[i, d] = gamma[i, d] * R[c + i, d]
+                        R2[c + i, d] = -b * gamma[i, d] * R[i, d]
+                    for e in range(V):
+                        W[i, e] = do[t0 + i, h, e]
+                # dv_new = Kd dS1 + P^T do into W[c:], and dKd = v_new dS1^T, while dS holds dS1
+                _gemm(chars, ints, floats, False, False, c, V, K, 1.0, decayed_k.ctypes.data, K, dS.ctypes.data, V,
+                      0.0, W[c:].ctypes.data, V)
+                _gemm(chars, ints, floats, True, False, c, V, c, 1.0, KQ_K[c:].ctypes.data, C, W.ctypes.data, V,
+                      1.0, W[c:].ctypes.data, V)
+                _gemm(chars, ints, floats, False, True, c, K, V, 1.0, u[t0, h].ctypes.data, ld, dS.ctypes.data, V,
+                      0.0, d_decayed_k.ctypes.data, K)
+                for d in range(K):
+                    total = _ZERO
+                    for e in range(V):
+                        total += dS[d, e] * S[d, e]
+                    whole[d] = total * gamma[c - 1, d]
+                    for e in range(V):
+                        dS[d, e] *= gamma[c - 1, d]
+                _solve_unit_lower(chars, ints, floats, c, V, L.ctypes.data, C, W[c:].ctypes.data, V, True)
+                for i in range(c):
+                    b = beta[t0 + i, h]
+                    for e in range(V):
+                        dv[t0 + i, h, e] = b * W[c + i, e]
+                # dS0 = Diag(gamma_C) dS1 + [gamma q; -beta gamma k]^T [do; Y], in place
+                _gemm(chars, ints, floats, True, False, K, V, 2 * c, 1.0, R2.ctypes.data, K, W.ctypes.data, V,
+                      1.0, dS.ctypes.data, V)
+                _gemm(chars, ints, floats, False, True, 2 * c, K, V, 1.0, W.ctypes.data, V, S.ctypes.data, V,
+                      0.0, WS.ctypes.data, K)
+                _gemm(chars, ints, floats, False, True, 2 * c, c, V, 1.0, W.ctypes.data, V,
+                      u[t0, h].ctypes.data, ld, 0.0, WU.ctypes.data, C)
+                for i in range(c):
+                    b = beta[t0 + i, h]
+                    dqi, dki, vi = dq[t0 + i, hk], dk[t0 + i, hk], v[t0 + i, h]
+                    db = _ZERO
+                    for e in range(V):
+                        db += W[c + i, e] * vi[e]
+                    for d in range(K):
+                        ys = WS[c + i, d]
+                        dqi[d] += gamma[i, d] * WS[i, d]
+                        dki[d] += tail[i, d] * d_decayed_k[i, d] - b * gamma[i, d] * ys
+                        db -= gamma[i, d] * R[i, d] * ys
+                        # gamma_i's gradient times gamma_i; tail_i's times tail_i
+                        suffix[i, d] = gamma[i, d] * (R[c + i, d] * WS[i, d] - b * R[i, d] * ys)
+                        dgp[i, d] = _ZERO
+                        dleft[i, d] = _ZERO
+                        dright[i, d] = _ZERO
+                        dkeys[i, d] = _ZERO
+                    for j in range(i):
+                        dL = -WU[c + i, j]
+                        db += dL * KQ_K[i, j]
+                        dP[i, j] = b * dL
+                        dP[c + i, j] = WU[i, j]
+                    dP[i, i] = _ZERO  # k k^T's diagonal is not in L
+                    dP[c + i, i] = WU[i, i]
+                    dbeta[t0 + i, h] = db
+                _pair_gradients(blas, a, t0, c, h, R, R[c:], R, dP, dleft, dright, dkeys, dgp, gradient_scratch)
+                # dg_t: gamma_i's for i >= t, tail_i's for i < t, D_ij's for j < t <= i, gamma_C's for every t
+                for i in range(c - 2, -1, -1):
+                    for d in range(K):
+                        suffix[i, d] += suffix[i + 1, d]
+                for d in range(K):
+                    running[d] = _ZERO
+                for t in range(c):
+                    dqi, dki, dgt = dq[t0 + t, hk], dk[t0 + t, hk], dg[t0 + t, h]
+                    for d in range(K):
+                        dqi[d] += dright[t, d]
+                        dki[d] += dleft[t, d] + dkeys[t, d]
+                        dgt[d] = whole[d] + suffix[t, d] + running[d] + dgp[t, d]
+                        running[d] += tail[t, d] * R[t, d] * d_decayed_k[t, d]
+    _mkl_local_threads(threads)
+
+
+@numba.njit(parallel=True)
+def _run_backward(q, k, v, a, beta, do, starts, lengths, state, d_state, u, dq, dk, dv, dg, dbeta, chunk, group,
+                  scale, qk_l2norm, rounding):
+    """_backward_sequence_key_head for every sequence and key head, in parallel on numba's threads."""
+    Hk = k.shape[1]
+    for job in numba.prange(starts.shape[0] * Hk):
+        n = job // Hk
+        _backward_sequence_key_head(q, k, v, a, beta, do, starts[n], lengths[n], state[n], d_state[n], u, dq, dk,
+                                    dv, dg, dbeta, job % Hk, chunk, group, scale, qk_l2norm, rounding)
 
 
 def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                  state_dtype, chunk_size=None):
-    """The gradients of kda (kernellab.autograd's contract): kernellab.torch.kda.chunked_backward's groups, each by
-    group_backward's explicit products. Returns kernellab.torch.kda.kda_backward's dict."""
-    return torch_kda.chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state,
-                                      use_qk_l2norm, cu_seqlens, mode, state_dtype, chunk_size, group_backward,
-                                      group_state)
+    """The gradients of kda (kernellab.autograd's contract; whatever the forward's mode: the same function):
+    grads {"o": [B, T, Hv, V] or None, "final_state": [N, Hv, K, V] or None}. float32 by _run_backward (chunks of
+    chunk_size, default BACKWARD_CHUNK_SIZE), float64 by the torch backend's. Returns kernellab.torch.kda.kda_backward's
+    dict."""
+    if v.dtype == torch.float64:
+        return torch_kda.kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state,
+                                      use_qk_l2norm, cu_seqlens, mode, state_dtype, chunk_size)
+    B, T, Hv, V = v.shape
+    Hk, K = k.shape[2:]
+    starts, lengths = _sequences(B, T, cu_seqlens)
+    shape = (starts.shape[0], Hv, K, V)
+    state = start_state(initial_state, shape, torch.float32, "cpu")
+    d_state = start_state(grads["final_state"], shape, torch.float32, "cpu")
+    v_rows = _rows(v)
+    do_rows = _rows(grads["o"]) if grads["o"] is not None else np.zeros_like(v_rows)
+    dq, dk = (torch.zeros(B * T, Hk, K) for _ in range(2))
+    dv, dg, dbeta = torch.empty(B * T, Hv, V), torch.empty(B * T, Hv, K), torch.empty(B * T, Hv)
+    a = g.to(torch.float32).clamp(min=LOG_DECAY_FLOOR - 1).exp_()  # the forward's decays
+    _run_backward(_rows(q), _rows(k), v_rows, _rows(a), _rows(beta), do_rows, starts.numpy(), lengths.numpy(),
+                  state.numpy(), d_state.numpy(), np.empty_like(v_rows), dq.numpy(), dk.numpy(), dv.numpy(),
+                  dg.numpy(), dbeta.numpy(), chunk_size or BACKWARD_CHUNK_SIZE, STATE_GROUP, scale, use_qk_l2norm,
+                  STATE_ROUNDING[state_dtype])
+    dq, dk = dq.view(B, T, Hk, K).mul_(scale), dk.view(B, T, Hk, K)
+    if use_qk_l2norm:
+        dq, dk = l2norm_backward(q, dq, torch.float32), l2norm_backward(k, dk, torch.float32)
+    return dict(q=dq, k=dk, v=dv.view(B, T, Hv, V), g=dg.view(B, T, Hv, K), beta=dbeta.view(B, T, Hv),
+                initial_state=None if initial_state is None else d_state)

@@ -54,46 +54,40 @@ def _stored(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return state if dtype == state.dtype else state.to(dtype).to(state.dtype)
 
 
-def chunk_terms(q, k, v, g, beta, pairs=None):
+def chunk_terms(q, k, v, g, beta):
     """The chunks' terms that do not depend on the state, chunk-major: q (already scaled), k [NC, N, Hk, C, K];
-    v [NC, N, Hk, G, C, V]; g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]. Differentiable (out of place) when
-    pairs is None. pairs: None (D and the pair products here) or a function (q, k, g) -> (attn, kk) that gives
-    them without D (kernellab.mkl.kda's).
-    Returns a dict: decay D [NC, N, Hk, G, C, C, K] (0 above the diagonal; only when pairs is None), gamma =
+    v [NC, N, Hk, G, C, V]; g [NC, N, Hk, G, C, K]; beta [NC, N, Hk, G, C]. Differentiable (out of place).
+    Returns a dict: decay D [NC, N, Hk, G, C, C, K] (0 above the diagonal), gamma =
     exp(gcum), tail = exp(gcum_C - gcum) [.., C, K], attn (q k^T with D, j <= i) and kk (k k^T with D, j <= i)
     [.., C, C], the WY inverse A^-1 [.., C, C], u = A^-1 (beta v), w = A^-1 (beta gamma k), keys = tail k, reads =
     gamma q [.., C, K or V], last = exp(gcum_C) [NC, N, Hk, G, K]; ke, qe: k and q with the value heads' axis."""
     C = k.shape[-2]
     gcum = g.cumsum(-2)
     ke, qe = k.unsqueeze(3), q.unsqueeze(3)  # the G value heads of a key head read the same q and k
-    terms = {}
-    if pairs is None:
-        # D: the upper triangle's differences (> 0) replaced before the exponential: 0 and no gradient there
-        lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()[..., None]
-        terms["decay"] = decay = _decay(torch.where(lower, gcum[..., :, None, :] - gcum[..., None, :, :], -math.inf))
-        attn = torch.einsum("...id,...jd,...ijd->...ij", qe, ke, decay)  # j <= i
-        kk = torch.einsum("...id,...jd,...ijd->...ij", ke, ke, decay)
-    else:
-        attn, kk = pairs(q, k, g)
+    # D: the upper triangle's differences (> 0) replaced before the exponential: 0 and no gradient there
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()[..., None]
+    decay = _decay(torch.where(lower, gcum[..., :, None, :] - gcum[..., None, :, :], -math.inf))
+    attn = torch.einsum("...id,...jd,...ijd->...ij", qe, ke, decay)  # j <= i
+    kk = torch.einsum("...id,...jd,...ijd->...ij", ke, ke, decay)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     # A's diagonal is the identity (unitriangular: the solve reads the strict lower triangle only)
     inverse = _flush_tiny(torch.linalg.solve_triangular((kk * beta[..., None]).tril(-1) + eye, eye.expand_as(kk),
                                                         upper=False, unitriangular=True))
     gamma, tail = _decay(gcum), _decay(gcum[..., -1:, :] - gcum)
-    return dict(terms, gamma=gamma, tail=tail, attn=attn, kk=kk, inverse=inverse, ke=ke, qe=qe,
+    return dict(decay=decay, gamma=gamma, tail=tail, attn=attn, kk=kk, inverse=inverse, ke=ke, qe=qe,
                 u=inverse @ (beta[..., None] * v), w=inverse @ ((beta[..., None] * gamma) * ke), keys=tail * ke,
                 reads=gamma * qe, last=_decay(gcum[..., -1, :]))
 
 
-def chunk_group(q, k, v, g, beta, state, state_dtype, keep=None, pairs=None):
+def chunk_group(q, k, v, g, beta, state, state_dtype, keep=None):
     """One group of chunks, chunk-major (chunk_terms' shapes); state [N Hk G, K, V] at the first chunk's start (or
     None: zeros). The state after each chunk is rounded to state_dtype (and kept by keep, a serving.Keep, where
-    due). Differentiable (out of place) when pairs (chunk_terms') is None.
+    due). Differentiable (out of place).
     Returns o [NC, N, Hk, G, C, V] and the state after the last chunk [N Hk G, K, V]."""
     NC, N, Hk, C, K = k.shape
     G, V = v.shape[3], v.shape[-1]
     M = N * Hk * G
-    t = chunk_terms(q, k, v, g, beta, pairs)
+    t = chunk_terms(q, k, v, g, beta)
     if state is None:
         state = torch.zeros(M, K, V, dtype=v.dtype, device=v.device)
     outputs = []
@@ -180,23 +174,14 @@ def kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
 @torch.no_grad()
 def kda_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, mode,
                  state_dtype, chunk_size=None):
-    """The gradients of kda (kernellab.autograd's contract): chunked_backward with autograd's groups."""
-    return chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            cu_seqlens, mode, state_dtype, chunk_size)
-
-
-def chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
-                     mode, state_dtype, chunk_size=None, group_backward=autograd_group_backward, group_state=None):
-    """The gradients of kda: grads {"o": [B, T, Hv, V] or None, "final_state":
+    """The gradients of kda (kernellab.autograd's contract): grads {"o": [B, T, Hv, V] or None, "final_state":
     [N, Hv, K, V] or None}; the inputs as the forward's. Whatever the forward's mode (the same function): a pass
     over the groups of chunks keeps each group's starting state; then, last group first, the group is recomputed
-    under autograd from its state and differentiated with the gradient of its outputs and of its final state,
-    which gives the gradient of its starting state for the group before (group_backward: autograd_group_backward's
-    contract; kernellab.mkl.kda passes its own, and group_state for the first pass: a function of chunk_group's
-    inputs (q .. state_dtype) giving its final state, chunk_group's by default). The rounding of a stored
-    state passes its gradient straight through (as autograd through the reference's `.to(state_dtype)` does). Returns
-    {q, k [B, T, Hk, K], v [B, T, Hv, V], g [B, T, Hv, K], beta [B, T, Hv], initial_state [N, Hv, K, V] (None when
-    it is None)} in float32 (float64 for float64 inputs)."""
+    under autograd from its state and differentiated with the gradient of its outputs and of its final state
+    (autograd_group_backward), which gives the gradient of its starting state for the group before. The rounding of
+    a stored state passes its gradient straight through (as autograd through the reference's `.to(state_dtype)`
+    does). Returns {q, k [B, T, Hk, K], v [B, T, Hv, V], g [B, T, Hv, K], beta [B, T, Hv], initial_state
+    [N, Hv, K, V] (None when it is None)} in float32 (float64 for float64 inputs)."""
     Hk, K = q.shape[2:]
     Hv, V = v.shape[2], v.shape[3]
     dtype = compute_dtype(v)
@@ -205,18 +190,17 @@ def chunked_backward(grads, q, k, v, g, beta, scale, initial_state, output_final
     NC, N, C = layout.num_chunks, layout.num_seqs, layout.size
     M = N * Hv
     groups = _groups(NC, layout, Hv, K)
-    group_state = group_state or (lambda *inputs: chunk_group(*inputs)[1])
     starts = [None if initial_state is None else initial_state.reshape(M, K, V).to(dtype)]
     for group in groups[:-1]:
-        starts.append(group_state(qc[group], kc[group], vc[group], gc[group], bc[group], starts[-1], state_dtype))
+        starts.append(chunk_group(qc[group], kc[group], vc[group], gc[group], bc[group], starts[-1], state_dtype)[1])
     do, d_final = grads["o"], grads["final_state"]
     doc = (layout.to_chunks(do, dtype).view_as(vc) if do is not None else torch.zeros_like(vc))
     d_state = torch.zeros(M, K, V, dtype=dtype, device=v.device) if d_final is None else \
         d_final.reshape(M, K, V).to(dtype)
     found = {name: torch.empty_like(x) for name, x in dict(q=qc, k=kc, v=vc, g=gc, beta=bc).items()}
     for group, start in zip(reversed(groups), reversed(starts)):
-        *parts, d_state = group_backward(qc[group], kc[group], vc[group], gc[group], bc[group], start, state_dtype,
-                                         doc[group], d_state)
+        *parts, d_state = autograd_group_backward(qc[group], kc[group], vc[group], gc[group], bc[group], start,
+                                                  state_dtype, doc[group], d_state)
         for name, part in zip(found, parts):
             found[name][group] = part
     dq, dk = layout.from_chunks(found["q"].mul_(scale), dtype), layout.from_chunks(found["k"], dtype)
