@@ -59,6 +59,30 @@ def _chunk_decays(a, t0, c, h, gamma, tail):
 
 
 @numba.njit(fastmath=True)
+def _decayed_block(a, t0, h, r, n, left, right, keys, rows, row_decay, decayed_keys, key_decay, run):
+    """A block of _PAIR_BLOCK rows from r of the pair products (_pair_products): rows [2 n, K] = [left; right]
+    decayed back to r by row_decay [n, K] (prod over r < t <= i of a_t), decayed_keys [r + 1, K] = keys forward to
+    r by key_decay (prod over j < t <= r), running products of a = exp(g) [rows, Hv, K] flushed at the floor."""
+    K = a.shape[2]
+    for d in range(K):
+        run[d] = 1.0
+    for m in range(n):
+        for d in range(K):
+            if m > 0:
+                run[d] = _flushed(run[d] * a[t0 + r + m, h, d])
+            row_decay[m, d] = run[d]
+            rows[m, d] = left[r + m, d] * run[d]
+            rows[n + m, d] = right[r + m, d] * run[d]
+    for d in range(K):
+        run[d] = 1.0
+    for j in range(r, -1, -1):
+        for d in range(K):
+            key_decay[j, d] = run[d]
+            decayed_keys[j, d] = keys[j, d] * run[d]
+            run[d] = _flushed(run[d] * a[t0 + j, h, d])
+
+
+@numba.njit(fastmath=True)
 def _pair_products(blas, a, t0, c, h, left, right, keys, pairs, scratch):
     """pairs[i, j] = sum_d left_id keys_jd D_ijd for j <= i (0 above), right likewise into pairs[c + i, j], with
     D_ijd = exp(gcum_id - gcum_jd) = prod_{j < t <= i} a_td (a = exp(g) [rows, Hv, K], the chunk's rows t0 ..
@@ -67,7 +91,7 @@ def _pair_products(blas, a, t0, c, h, left, right, keys, pairs, scratch):
     the decayed rows and keys; the pairs r < j <= i (a triangle of the block) run the products per pair.
     left, right, keys [c, K]; pairs [2 C, C]; blas: _blas_scratch(); scratch: _pair_scratch(C, K)."""
     chars, ints, floats = blas
-    decayed_keys, rows, block, run = scratch
+    decayed_keys, key_decay, rows, row_decay, block, run = scratch
     K = a.shape[2]
     for i in range(c):
         for j in range(i + 1, c):
@@ -76,20 +100,7 @@ def _pair_products(blas, a, t0, c, h, left, right, keys, pairs, scratch):
     for r in range(0, c, _PAIR_BLOCK):
         n = min(_PAIR_BLOCK, c - r)
         if r > 0:  # the block's rows decayed back to r, the keys j <= r forward to r
-            for d in range(K):
-                run[d] = 1.0
-            for m in range(n):
-                for d in range(K):
-                    if m > 0:
-                        run[d] = _flushed(run[d] * a[t0 + r + m, h, d])
-                    rows[m, d] = left[r + m, d] * run[d]
-                    rows[n + m, d] = right[r + m, d] * run[d]
-            for d in range(K):
-                run[d] = 1.0
-            for j in range(r, -1, -1):
-                for d in range(K):
-                    decayed_keys[j, d] = keys[j, d] * run[d]
-                    run[d] = _flushed(run[d] * a[t0 + j, h, d])
+            _decayed_block(a, t0, h, r, n, left, right, keys, rows, row_decay, decayed_keys, key_decay, run)
             _gemm(chars, ints, floats, False, True, 2 * n, r + 1, K, 1.0, rows.ctypes.data, K,
                   decayed_keys.ctypes.data, K, 0.0, block.ctypes.data, block.shape[1])
             for m in range(n):
@@ -114,10 +125,12 @@ def _pair_products(blas, a, t0, c, h, left, right, keys, pairs, scratch):
 
 @numba.njit
 def _pair_scratch(C, K):
-    """_pair_products' scratch: decayed keys [C, K], decayed rows [2 _PAIR_BLOCK, K], the GEMM's block
-    [2 _PAIR_BLOCK, C], a running product [K]."""
-    return (np.empty((C, K), np.float32), np.empty((2 * _PAIR_BLOCK, K), np.float32),
-            np.empty((2 * _PAIR_BLOCK, C), np.float32), np.empty(K, np.float32))
+    """_pair_products' scratch: _decayed_block's decayed keys and their decays [C, K], decayed rows
+    [2 _PAIR_BLOCK, K] and their decays [_PAIR_BLOCK, K], the GEMM's block [2 _PAIR_BLOCK, C], a running product
+    [K]."""
+    return (np.empty((C, K), np.float32), np.empty((C, K), np.float32), np.empty((2 * _PAIR_BLOCK, K), np.float32),
+            np.empty((_PAIR_BLOCK, K), np.float32), np.empty((2 * _PAIR_BLOCK, C), np.float32),
+            np.empty(K, np.float32))
 
 
 @numba.njit(fastmath=True)
@@ -235,26 +248,11 @@ def _pair_gradients(blas, a, t0, c, h, left, right, keys, dpairs, dleft, dright,
     products (sum over i of P_ijd = that GEMM's row j times Kd_j; sum over j <= r = Z_i times the decayed row i).
     The triangle r < j <= i of a block runs per pair. scratch: _pair_gradient_scratch(C, K)."""
     chars, ints, floats = blas
-    decayed_keys, key_decay, rows, row_decay, M, Z, Wk, spans, run, acc = scratch
+    (decayed_keys, key_decay, rows, row_decay, M, run), (Z, Wk, spans, acc) = scratch
     K = a.shape[2]
     for r in range(0, c, _PAIR_BLOCK):
         n = min(_PAIR_BLOCK, c - r)
-        for d in range(K):
-            run[d] = 1.0
-        for m in range(n):
-            for d in range(K):
-                if m > 0:
-                    run[d] = _flushed(run[d] * a[t0 + r + m, h, d])
-                row_decay[m, d] = run[d]
-                rows[m, d] = left[r + m, d] * run[d]
-                rows[n + m, d] = right[r + m, d] * run[d]
-        for d in range(K):
-            run[d] = 1.0
-        for j in range(r, -1, -1):
-            for d in range(K):
-                key_decay[j, d] = run[d]
-                decayed_keys[j, d] = keys[j, d] * run[d]
-                run[d] = _flushed(run[d] * a[t0 + j, h, d])
+        _decayed_block(a, t0, h, r, n, left, right, keys, rows, row_decay, decayed_keys, key_decay, run)
         for m in range(n):
             for j in range(r + 1):
                 M[m, j] = dpairs[r + m, j]
@@ -306,13 +304,10 @@ def _pair_gradients(blas, a, t0, c, h, left, right, keys, dpairs, dleft, dright,
 
 @numba.njit
 def _pair_gradient_scratch(C, K):
-    """_pair_gradients' scratch: the decayed keys and their decays [C, K], the block's decayed rows [2 _PAIR_BLOCK,
-    K] and decays [_PAIR_BLOCK, K], its rows of dpairs [2 _PAIR_BLOCK, C], the GEMMs' products [2 _PAIR_BLOCK, K]
-    and [C, K], the triangle's terms [_PAIR_BLOCK, K], two vectors [K]."""
-    return (np.empty((C, K), np.float32), np.empty((C, K), np.float32), np.empty((2 * _PAIR_BLOCK, K), np.float32),
-            np.empty((_PAIR_BLOCK, K), np.float32), np.empty((2 * _PAIR_BLOCK, C), np.float32),
-            np.empty((2 * _PAIR_BLOCK, K), np.float32), np.empty((C, K), np.float32),
-            np.empty((_PAIR_BLOCK, K), np.float32), np.empty(K, np.float32), np.empty(K, np.float32))
+    """_pair_gradients' scratch: _pair_scratch(C, K) (its block: the block's rows of dpairs), the GEMMs' products
+    [2 _PAIR_BLOCK, K] and [C, K], the triangle's terms [_PAIR_BLOCK, K], a vector [K]."""
+    return (_pair_scratch(C, K), (np.empty((2 * _PAIR_BLOCK, K), np.float32), np.empty((C, K), np.float32),
+                                  np.empty((_PAIR_BLOCK, K), np.float32), np.empty(K, np.float32)))
 
 
 @numba.njit(fastmath=True)
