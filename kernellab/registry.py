@@ -46,9 +46,10 @@ AUTO_ORDER = {
 }
 # Ops where measurement says another order wins on a device: {(op, device type): order}. On CPU mkl's chunked
 # linear attentions (one compiled loop of MKL calls, no layout copies) take about half torch's time at long
-# sequences (reports/cpu); mkl falls back on torch's code for everything else.
+# sequences, KDA's 14x torch's forward at T = 8192 (reports/cpu); mkl falls back on torch's
+# code for everything else.
 AUTO_ORDER_BY_OP: dict[tuple[str, str], tuple[str, ...]] = {
-    (op, "cpu"): ("mkl", "torch", "numba", "reference") for op in ("linear_attention", "gated_delta_rule")}
+    (op, "cpu"): ("mkl", "torch", "numba", "reference") for op in ("linear_attention", "gated_delta_rule", "kda")}
 
 
 @dataclass(frozen=True)
