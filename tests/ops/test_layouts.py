@@ -67,6 +67,14 @@ def _la(seed, cu=False):
     return args
 
 
+def _kda(seed, cu=False):
+    args = _gdr(seed, cu=cu)
+    K = args["q"].shape[-1]
+    gen = torch.Generator().manual_seed(seed + 1)
+    args["g"] = F.logsigmoid(torch.randn(*args["g"].shape, K, generator=gen))  # a decay per key channel
+    return args
+
+
 def _attention(seed):
     gen = torch.Generator().manual_seed(seed)
     return dict(q=torch.randn(2, 3, 4, 8, generator=gen), k=torch.randn(2, 9, 2, 8, generator=gen),
@@ -116,6 +124,8 @@ def _route(seed):
 SAMPLES = {
     "gated_delta_rule": (_gdr, ("q", "k", "v", "g", "beta", "initial_state")),
     "gated_delta_rule/cu_seqlens": (lambda s: _gdr(s, cu=True), ("q", "v", "g", "initial_state", "cu_seqlens")),
+    "kda": (_kda, ("q", "k", "v", "g", "beta", "initial_state")),
+    "kda/cu_seqlens": (lambda s: _kda(s, cu=True), ("k", "g", "beta", "initial_state", "cu_seqlens")),
     "linear_attention": (_la, ("q", "k", "v", "g", "initial_state")),
     "linear_attention/cu_seqlens": (lambda s: _la(s, cu=True), ("k", "v", "initial_state", "cu_seqlens")),
     "attention": (_attention, ("q", "k", "v", "kv_lens")),
@@ -127,7 +137,8 @@ SAMPLES = {
 }
 STRUCTURAL = ("cu_seqlens", "kv_lens", "ids", "offsets", "p.source")
 # the differentiable outputs whose incoming gradients are relayouted, per op with a backward here
-GRADIENT_OUTPUTS = {"gated_delta_rule": ("o", "final_state"), "linear_attention": ("o", "final_state"),
+GRADIENT_OUTPUTS = {"gated_delta_rule": ("o", "final_state"), "kda": ("o", "final_state"),
+                    "linear_attention": ("o", "final_state"),
                     "grouped_gemm": ("y",), "moe": ("y",)}
 
 

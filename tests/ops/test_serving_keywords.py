@@ -14,6 +14,7 @@ import torch
 import kernellab
 from kernellab import registry, serving
 from tests.helpers import lab_backends, rel_err
+from tests.ops.test_layouts import relayout
 
 OPS = serving.OPS
 MODES = ("chunk", "recurrent")
@@ -115,6 +116,22 @@ def test_pool_is_gather_then_scatter(op, backend, mode, packed, seed):
         ref_pool = pool.clone()
         ref_o, _ = call(op, "reference", **args, initial_state=ref_pool, state_indices=indices, **extra)
         assert rel_err(o, ref_o) < TOL and rel_err(written, ref_pool) < TOL, f"seed={seed}"
+
+
+
+@pytest.mark.parametrize("how", ["transposed", "sliced"])
+@pytest.mark.parametrize("op, backend, mode", cases("state_indices"))
+def test_a_strided_pool_is_read_and_written_through_its_view(op, backend, mode, how, seed):
+    """A pool in another memory layout (column-major, or every other element of a NaN-poisoned buffer: a read or a
+    write outside the view shows) is read and written in place through the view, as the reference does a
+    contiguous one (issue 24's silent wrong results came from layouts)."""
+    args = inputs(op, 2, 21, seed)
+    pool, indices = pool_of(op, seed), rows([4, 1])
+    written = relayout(pool, how)
+    o, _ = call(op, backend, **args, initial_state=written, state_indices=indices, mode=mode)
+    ref_pool = pool.clone()
+    ref_o, _ = call(op, "reference", **args, initial_state=ref_pool, state_indices=indices)
+    assert rel_err(o, ref_o) < TOL and rel_err(written, ref_pool) < TOL, f"seed={seed}"
 
 
 BAD = {
