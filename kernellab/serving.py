@@ -79,6 +79,7 @@ class Pool:
         self.padded = bool(self.padding.any())  # (read once: without padding, read and write copy each row once)
         written = state_indices if output_state_indices is None else output_state_indices
         self.targets = torch.where(self.padding, -1, written)
+        self.skips = bool((self.targets < 0).any())  # a padding slot, or -1 in output_state_indices
 
     def read(self) -> torch.Tensor:
         """The initial states [N, Hv, K, V]: the rows indexed (index_select: row 0 stands in for a padding slot,
@@ -92,7 +93,7 @@ class Pool:
         """pool[targets[n]] = final[n] ([N, Hv, K, V]) in place for targets[n] >= 0 (not differentiable: serving);
         other rows untouched."""
         final = final.to(self.pool.dtype)
-        if not self.padded:  # every row written: no masked copy of the states first
+        if not self.skips:  # every row written: no masked copy of the states first
             self.pool.index_copy_(0, self.targets.long(), final)
             return
         keep = self.targets >= 0

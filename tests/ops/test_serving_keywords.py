@@ -119,6 +119,20 @@ def test_pool_is_gather_then_scatter(op, backend, mode, packed, seed):
 
 
 
+@pytest.mark.parametrize("op, backend, mode", cases("state_indices", "output_state_indices"))
+def test_an_output_row_of_minus_one_is_not_written(op, backend, mode, seed):
+    """-1 in output_state_indices with no padding slot in state_indices: that sequence's final state is not
+    written, the others are, as the reference writes them (a -1 there reached index_copy_ and raised)."""
+    args = inputs(op, 2, 9, seed)
+    pool = pool_of(op, seed)
+    written, ref_pool = pool.clone(), pool.clone()
+    extra = dict(state_indices=rows([0, 1]), output_state_indices=rows([2, -1]))
+    o, _ = call(op, backend, **args, initial_state=written, mode=mode, **extra)
+    ref_o, _ = call(op, "reference", **args, initial_state=ref_pool, **extra)
+    untouched = [0, 1, 3, 4, 5]
+    assert torch.equal(written[untouched], pool[untouched]), "a row not written changed"
+    assert rel_err(o, ref_o) < TOL and rel_err(written, ref_pool) < TOL, f"seed={seed}"
+
 @pytest.mark.parametrize("how", ["transposed", "sliced"])
 @pytest.mark.parametrize("op, backend, mode", cases("state_indices"))
 def test_a_strided_pool_is_read_and_written_through_its_view(op, backend, mode, how, seed):
