@@ -340,7 +340,8 @@ class Qwen35Moe(nn.Module):
         if not waiting:
             return
         width = len(waiting) if max_batch is None else min(max_batch, len(waiting))
-        cache = self.new_cache(width, max(len(prompts[i]) + budgets[i] for i in waiting))
+        # + speculative: a row padded to another's longer draft feeds up to that many positions past its budget
+        cache = self.new_cache(width, max(len(prompts[i]) + budgets[i] for i in waiting) + speculative)
         pooled = not cuda_graph and self._pool_backend()
         decode = graph.DecodeGraph(self, cache) if cuda_graph else None
         free, active = list(range(width)), []  # active: [sequence index, slot, the token to feed next]

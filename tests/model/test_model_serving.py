@@ -138,6 +138,16 @@ def test_speculative_decoding_with_rejected_drafts(m, seed):
            stopped, f"EOS {eos}")
 
 
+def test_speculative_decoding_beside_a_row_at_its_budget(m, seed, monkeypatch):
+    """A long prompt near its budget beside a short one that drafts: the row at its budget is padded to the other's
+    draft past its own positions (the cache must hold them); the tokens are plain decoding's. The draft proposes
+    on every step (its tokens mostly rejected) so that the padding happens."""
+    monkeypatch.setattr(model.model, "draft_ngram", lambda tokens, count, **kwargs: [tokens[-1]] * max(count, 0))
+    prompts = _random(seed, 50, 5)
+    budgets = [6, 20]
+    plain = [_plain(m, p, n) for p, n in zip(prompts, budgets)]
+    _check(m.generate(prompts, budgets, speculative=4), plain, "a row at its budget")
+
 def test_draft_ngram():
     assert draft_ngram([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # after the latest earlier 1 2 3
     assert draft_ngram([5, 1, 2, 6, 1, 2], 2) == [6, 1]
