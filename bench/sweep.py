@@ -713,7 +713,9 @@ def main(argv=None) -> int:
 
     try:
         if not spec.registry:  # a sweep of its own: its pieces already in the CSV are skipped
-            done = set() if before is None or "piece" not in before else set(before["piece"].dropna()) - {""}
+            # (this op's: pieces of other ops may share a label in the folder's CSV)
+            done = set() if before is None or "piece" not in before else \
+                set(before.loc[before["op"] == spec.name, "piece"].dropna()) - {""}
             names = None if args.backend is None else list(dict.fromkeys(n for found in args.backend.values()
                                                                         for n in found))
             chosen = {"preset": args.preset} if args.preset else {}

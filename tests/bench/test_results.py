@@ -284,10 +284,15 @@ def test_a_suite_stopped_part_way_keeps_its_pieces_and_resumes(tmp_path, monkeyp
     kept = results.read(tmp_path / "stopped" / "results.csv")
     assert sorted(set(kept["piece"])) == ["error a", "error b"] and len(kept) == 4
     made.clear()
+    # another op's piece of the same label in the folder (the model sweep's "memory"): not this op's, so not done
+    results.append(tmp_path / "stopped" / "results.csv",
+                   [dict(op="model", backend="torch", device="cpu", dtype="float32", shape="memory,T=1",
+                         median_ms=1.0, piece="memory")])
     monkeypatch.setattr(spec.sweep.run, "sweep", lambda **kw: fake(**kw))
     assert sweep.main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
     assert made == ["memory", "decode"]
     assert sweep.main([*args, "--out", str(tmp_path / "straight")]) == 0
     resumed, straight = (results.read(tmp_path / name / "results.csv") for name in ("stopped", "straight"))
+    resumed = resumed[resumed["op"] == "precision"]
     assert results.keys(resumed) == results.keys(straight) and len(resumed) == 8
     assert list(resumed.sort_values("shape")["piece"]) == list(straight.sort_values("shape")["piece"])
