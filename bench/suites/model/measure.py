@@ -118,8 +118,8 @@ def measure_runner(path, variant, name, prefill_contexts, decode_contexts, devic
                 peer=name == "transformers" or name in llama_cpp.RUNNERS)
     rows = []
 
-    def failed(context, exc) -> None:  # a failing context must not lose the others' rows
-        rows.append(dict(base, context=context, error=_error(exc)))
+    def failed(phase, context, exc) -> None:  # a failing context must not lose the others' rows
+        rows.append(dict(base, phase=phase, context=context, error=_error(exc)))
         print(f"  {name:>14} {variant:>13} T={context:>6}: {rows[-1]['error']}", flush=True)
 
     with torch.inference_mode(), transformers_torch_path():
@@ -130,7 +130,7 @@ def measure_runner(path, variant, name, prefill_contexts, decode_contexts, devic
             runner.decode(warm[:, -1:].to(device), cache, WARMUP_CONTEXT)
         except Exception as exc:
             print(f"  {name:>14} {variant:>13}: {_error(exc)}", flush=True)  # a runner that cannot start shows
-            return [dict(base, error=_error(exc))]
+            return [dict(base, phase="start", error=_error(exc))]
         # a peer (llama.cpp's Runner) has no lab model, hence no backends
         backends = getattr(getattr(runner, "m", None), "backends", {})
         base["backends"] = ";".join(f"{op}={b}" for op, b in backends.items())
@@ -145,7 +145,7 @@ def measure_runner(path, variant, name, prefill_contexts, decode_contexts, devic
                     rows.append(dict(base, **measure_decode(runner, cache, ids[:, -1:], context, device, budget_s / 4,
                                                             "prefilled")))
             except Exception as exc:
-                failed(context, exc)
+                failed("prefill", context, exc)
                 break
             print(f"  {name:>14} {variant:>13} T={context:>6}: prefill {row['tokens_per_s']:8.1f} tok/s", flush=True)
         token = torch.randint(cfg.vocab_size, (1, 1), generator=gen).to(device)
@@ -153,7 +153,7 @@ def measure_runner(path, variant, name, prefill_contexts, decode_contexts, devic
             try:
                 row = measure_decode(runner, runner.fill(context), token, context, device, budget_s / 4, "filled")
             except Exception as exc:
-                failed(context, exc)
+                failed("decode", context, exc)
                 break
             rows.append(dict(base, **row))
             print(f"  {name:>14} {variant:>13} T={context:>6}: decode {row['tokens_per_s']:7.2f} tok/s on a filled "
@@ -204,7 +204,7 @@ def measure_training(path, variant, name, context, device, dtype, budget_s, thre
                 samples.clear()
             t = timing.time_call(step, device, budget_s, warmup=0, flush_cache=False)
         except Exception as exc:
-            return [dict(base, error=_error(exc))]
+            return [dict(base, phase="start", error=_error(exc))]
     row = dict(base, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats, threads=t.threads,
                tokens_per_s=context / (t.median_ms / 1e3),
                **{f"{part}_ms": statistics.median(samples) for part, samples in parts.items()})

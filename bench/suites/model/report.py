@@ -178,10 +178,10 @@ def summary(rows) -> list[str]:
     lines = [f"decode steps timed on caches filled to each context ({filled[0]} to {filled[-1]} tokens) from a short "
              f"real prefill's states, keys and values (model.cache.fill), not after a prefill of the context; "
              f"llama.cpp's (its cache cannot be filled from outside) after its prefills"] if filled else []
-    longest = max((int(r["context"]) for r in rows if r.get("phase") == "prefill"), default=None)
+    longest = max((int(r["context"]) for r in _measured(rows, "prefill")), default=None)
     for phase in ("prefill", "decode"):
-        at = {r["backend"]: r["tokens_per_s"] for r in rows
-              if r.get("phase") == phase and r["context"] == longest and r["variant"] == "hybrid"}
+        at = {r["backend"]: r["tokens_per_s"] for r in _measured(rows, phase)
+              if r["context"] == longest and r["variant"] == "hybrid"}
         for backend, tps in at.items():
             if backend != "transformers" and "transformers" in at:
                 lines.append(f"{phase} at {longest}: {backend} {tps:.1f} tok/s = {tps / at['transformers']:.2f}x "

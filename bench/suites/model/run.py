@@ -207,14 +207,16 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                 call = (measure_runner, path, job.variant, job.name, job.prefill, job.decode, device, dtype, budget_s,
                         threads)
             floors = {job.variant: path} if job.kind == "measure" else {}
+            # its phase in the shape: a measure and a train job of one backend that both die are two rows
             died = dict(op="model", backend=job.name, device=device, dtype=str(dtype).removeprefix("torch."),
-                        variant=job.variant, peer=job.name in peers,
-                        shape=shape_label(model.ModelConfig.from_folder(path)),
+                        variant=job.variant, peer=job.name in peers, phase=job.kind,
+                        shape=f"{shape_label(model.ModelConfig.from_folder(path))},phase={job.kind}",
                         error=f"the {job.kind} process died (a native abort: its output above says why)")
             work.append((f"{job.kind} {job.name} {job.variant}", partial(_job_rows, call, floors, device, dtype, died)))
         work.append(("memory", partial(memory_rows, paths, device, dtype)))
         rows = pieces(work, on_rows, done)
-    plot(rows, out)
+    if not done:  # resumed: these rows are part of the run's; bench.report plots them all from its CSV
+        plot(rows, out)
     return rows
 
 

@@ -195,5 +195,6 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
         jobs.append(("model", partial(model_rows, quick, device, names[0], deadline_s)))
     rows = pieces(jobs, on_rows, done)
     out.mkdir(parents=True, exist_ok=True)
-    plot(rows, out)
+    if not done:  # resumed: these rows are part of the run's; bench.report plots them all from its CSV
+        plot(rows, out)
     return rows

@@ -411,7 +411,8 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
              ("decode", partial(decode_rows, device, backends, (1, 8, 64, 256) if device == "cuda" else (1,),
                                 budget_s=0.5 if device == "cuda" else 0.1))]
     rows = pieces(jobs, on_rows, done)
-    plot(rows, out)
+    if not done:  # resumed: these rows are part of the run's; bench.report plots them all from its CSV
+        plot(rows, out)
     return rows
 
 

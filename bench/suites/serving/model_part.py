@@ -93,7 +93,7 @@ def model_rows(quick: bool, device: str = "cpu", backend: str = "torch", folder=
         m = model.from_pretrained(_checkpoint(folder or f"{tmp}/ckpt"), backend=backend, device=device)
         repeats, rows = 1 if quick else 3, []
         # warm-up: first calls of the backends
-        m.generate([torch.arange(8)], 4, speculative=2 if "output_intermediate_states" in takes else None)
+        m.generate([torch.arange(8)], 4, speculative=2 if "output_intermediate_states" in takes else 0)
         for keyword, phase, shape, make in (
                 ("output_intermediate_states", "speculative", f"prompt=32,new={48 if quick else 256},T={SPECULATIVE}",
                  lambda: speculative_rows(m, 48 if quick else 256, repeats, backend, device)),

@@ -389,5 +389,6 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     makers |= {f"prefix T={T}": partial(prefix_rows, device, backends, T, grid.every, budget) for T in grid.prefixes}
     makers |= {f"model {backend}": partial(model_rows, quick, device, backend) for backend in backends}
     rows = pieces([(label, makers[label]) for label, *_ in jobs], on_rows, done)
-    plot(rows, out)
+    if not done:  # resumed: these rows are part of the run's; bench.report plots them all from its CSV
+        plot(rows, out)
     return rows
