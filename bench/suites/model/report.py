@@ -268,11 +268,13 @@ def _peer_summary(rows) -> list[str]:
                              f"({theirs['tokens_per_s']:.1f} tok/s, same threads)")
     for r in rows:
         if r.get("phase") == "parity":
-            rel = r.get("rel_err")  # vLLM's parity compares tokens only (NaN where the CSV merged both)
-            logits = f"prompt logits within {rel:.1e} of the lab's; " if rel is not None and rel == rel else ""
+            rel, top = r.get("rel_err"), r.get("argmax_agree")  # llama.cpp's, vLLM's engine's (NaN: the other's)
+            said = (f"prompt logits within {rel:.1e} of the lab's; " if rel is not None and rel == rel else "") + (
+                f"top token after each prompt position as the lab's bf16 at {top:.0%} (the lab's bf16 as its float32: "
+                f"{r['argmax_agree_lab']:.0%}); " if top is not None and top == top else "")
             lines.append(f"{r['backend']} ({r['variant']}): " + (r["error"] if r.get("error") else
-                         logits + "greedy tokens " + ("identical" if r["tokens_equal"] else
-                                                      f"differ {r['divergence']}")))
+                         said + "greedy tokens " + ("identical" if r["tokens_equal"] else
+                                                    f"differ {r['divergence']}")))
         elif r.get("error") and r["backend"] in (*llama_cpp.RUNNERS, vllm_engine.NAME) and r.get("phase") is None:
             lines.append(f"{r['backend']} ({r['variant']}) skipped: {r['error']}")
     return lines
