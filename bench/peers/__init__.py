@@ -1,1 +1,2 @@
-"""Outside implementations as bench peers: llama.cpp (llama_cpp.py), transformers (transformers.py)."""
+"""Outside implementations as bench peers: llama.cpp (llama_cpp.py), vLLM's CPU engine (vllm_engine.py, its own venv),
+transformers (transformers.py)."""

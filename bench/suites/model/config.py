@@ -39,9 +39,10 @@ BUDGET_S = {True: 0.5, False: 2.0}  # a prefill's timing budget by quick; a deco
 # The plan's time model, bench checkpoint, 1 thread (the rows of reports/cpu/intel-xeon: prefill about 0.9 ms per
 # token for the hybrid, the twin's 6 more attention layers 1.1 s more at 2K, a decode step 25-45 ms); a GPU's are
 # guesses 100x smaller. Seconds per prefill token, per squared token per full-attention layer, per decode step, and
-# per runner's process (start, imports, load, warm-up).
-COST = {"cpu": dict(token_s=9e-4, attention_s=4e-8, step_s=0.04, process_s=10.0),
-        "cuda": dict(token_s=9e-6, attention_s=4e-10, step_s=4e-4, process_s=20.0)}
+# per runner's process (start, imports, load, warm-up); engine_s: vLLM's engine's start on top (its processes,
+# torch.compile of the model, its warm-up; CPU only).
+COST = {"cpu": dict(token_s=9e-4, attention_s=4e-8, step_s=0.04, process_s=10.0, engine_s=120.0),
+        "cuda": dict(token_s=9e-6, attention_s=4e-10, step_s=4e-4, process_s=20.0, engine_s=0.0)}
 
 
 def shape_label(cfg) -> str:

@@ -1,4 +1,4 @@
-"""One runner (a lab backend, transformers, llama.cpp) timed in a process of its own: prefill, decode, training."""
+"""One runner (a lab backend, transformers, llama.cpp, vLLM's engine) timed in a process of its own: prefill, decode, training."""
 from __future__ import annotations
 
 import statistics
@@ -8,7 +8,7 @@ import torch
 
 import model
 from bench import timing
-from bench.peers import llama_cpp
+from bench.peers import llama_cpp, vllm_engine
 from bench.peers.transformers import Transformers, transformers_torch_path
 from bench.suites.model.config import MAX_DECODE_STEPS, TRAIN_LR, WARMUP_CONTEXT, _params, shape_label
 from bench.suites.model.floor import cache_bytes_from_shapes
@@ -94,13 +94,16 @@ def _error(exc) -> str:
 
 
 def make_runner(path, name, device, dtype, longest: int):
-    """The runner called `name`: "transformers", a llama.cpp GGUF ("llama.cpp-f32", "llama.cpp-q8_0") with room
-    for `longest` tokens and the decode steps, or a lab backend. Those with a fill(context) method decode on caches
-    filled to each context; llama.cpp's cannot be filled from outside: it decodes after its prefills."""
+    """The runner called `name`: "transformers", a llama.cpp GGUF ("llama.cpp-f32", "llama.cpp-q8_0") or vLLM's
+    engine (bf16) with room for `longest` tokens and the decode steps, or a lab backend. Those with a fill(context)
+    method decode on caches filled to each context; llama.cpp's and vLLM's cannot be filled from outside: they decode
+    after their prefills."""
     if name == "transformers":
         return Transformers(path, device, dtype)
     if name in llama_cpp.RUNNERS:
         return llama_cpp.Runner(path, llama_cpp.RUNNERS[name], torch.get_num_threads(), longest + MAX_DECODE_STEPS)
+    if name == vllm_engine.NAME:
+        return vllm_engine.Runner(path, torch.get_num_threads(), longest + MAX_DECODE_STEPS)
     return Lab(path, name, device, dtype)
 
 
@@ -108,14 +111,14 @@ def measure_runner(path, variant, name, prefill_contexts, decode_contexts, devic
                    threads) -> list[dict]:
     """One runner on one checkpoint, after an untimed prefill and decode at WARMUP_CONTEXT: a prefill row at each
     of prefill_contexts, then a decode row at each of decode_contexts on a cache filled to it (Lab.fill,
-    Transformers.fill); a runner without fill (llama.cpp) decodes after each of its prefills instead. The decode
+    Transformers.fill); a runner without fill (llama.cpp, vLLM's engine) decodes after each of its prefills instead. The decode
     steps get a quarter of `budget_s`. Runs in a process of its own (see sweep), with `threads` torch (and
     llama.cpp) threads."""
     torch.set_num_threads(threads)
     cfg = model.ModelConfig.from_folder(path)
     base = dict(op="model", backend=name, device=device, dtype=str(dtype).removeprefix("torch."),
                 shape=shape_label(cfg), variant=variant, params=_params(path),
-                peer=name == "transformers" or name in llama_cpp.RUNNERS)
+                peer=name in ("transformers", vllm_engine.NAME) or name in llama_cpp.RUNNERS)
     rows = []
 
     def failed(phase, context, exc) -> None:  # a failing context must not lose the others' rows

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from bench.ops import OPS
-from bench.peers import llama_cpp
+from bench.peers import llama_cpp, vllm_engine
 from bench.suites.model.config import MEMORY_CONTEXTS
 from model.train import STEP_PARTS
 
@@ -13,19 +13,26 @@ from model.train import STEP_PARTS
 VARIANT_STYLE = {"hybrid": "-o", "all_attention": "--s"}
 
 
+def _name(row) -> str:
+    """The runner of a row in the plots: its backend, "torch bf16" for a lab backend's bf16 rows on CPU (beside
+    vLLM's engine; the CPU sweep's own rows are float32)."""
+    bf16 = not _peer(row) and row.get("device") == "cpu" and row.get("dtype") == "bfloat16"
+    return row["backend"] + (" bf16" if bf16 else "")
+
+
 def _series(rows, phase, key="tokens_per_s"):
-    """{(backend, variant): [(context, value)]} of the measured rows of a phase."""
+    """{(runner, variant): [(context, value)]} of the measured rows of a phase (runner: _name)."""
     found = {}
     for r in rows:
         if r.get("phase") == phase and not r.get("error") and r.get(key) is not None:
-            found.setdefault((r["backend"], r["variant"]), []).append((int(r["context"]), r[key]))
+            found.setdefault((_name(r), r["variant"]), []).append((int(r["context"]), r[key]))
     return {k: sorted(v) for k, v in sorted(found.items())}
 
 
 def _colors(rows):
     import matplotlib.pyplot as plt
 
-    names = sorted({r["backend"] for r in rows if r.get("phase") in ("prefill", "decode", "train")})
+    names = sorted({_name(r) for r in rows if r.get("phase") in ("prefill", "decode", "train")})
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
 
@@ -180,8 +187,9 @@ def summary(rows) -> list[str]:
              f"llama.cpp's (its cache cannot be filled from outside) after its prefills"] if filled else []
     longest = max((int(r["context"]) for r in _measured(rows, "prefill")), default=None)
     for phase in ("prefill", "decode"):
-        at = {r["backend"]: r["tokens_per_s"] for r in _measured(rows, phase)
-              if r["context"] == longest and r["variant"] == "hybrid"}
+        hybrid = [r for r in _measured(rows, phase) if r["context"] == longest and r["variant"] == "hybrid"]
+        dtype = next((r.get("dtype") for r in hybrid if r["backend"] == "transformers"), None)
+        at = {r["backend"]: r["tokens_per_s"] for r in hybrid if r.get("dtype") == dtype}  # transformers' dtype
         for backend, tps in at.items():
             if backend != "transformers" and "transformers" in at:
                 lines.append(f"{phase} at {longest}: {backend} {tps:.1f} tok/s = {tps / at['transformers']:.2f}x "
@@ -192,7 +200,7 @@ def summary(rows) -> list[str]:
             lines.append(f"{phase} at {longest}: transformers spends {share:.0%} of its time in dense projections "
                          f"(nn.Linear), the same GEMMs in any implementation: at most {1 / share:.1f}x faster "
                          f"while they run as fast")
-    lines += _floor_summary(rows) + _llama_summary(rows) + _train_summary(rows)
+    lines += _floor_summary(rows) + _peer_summary(rows) + _train_summary(rows)
     for shape in ("bench config", "Qwen3.5-35B-A3B"):
         mem = {r["variant"]: r["cache_bytes"] for r in rows
                if r.get("phase") == "cache" and r["context"] == 32768 and r["shape"] == shape}
@@ -242,26 +250,32 @@ def _floor_summary(rows) -> list[str]:
     return lines
 
 
-def _llama_summary(rows) -> list[str]:
-    """The lab's fastest backend against llama.cpp (F32) at 2K: decode and prefill tokens/s; the parity rows."""
+def _peer_summary(rows) -> list[str]:
+    """The lab's fastest backend against llama.cpp (F32; the lab's rows of the sweep's dtype) and vLLM's engine (the
+    lab's bf16 rows) at 2K: prefill and decode tokens/s; the parity rows; the peers skipped."""
     lines = []
-    for phase in ("prefill", "decode"):
-        measured = [r for r in _measured(rows, phase) if r["variant"] == "hybrid"]
-        context = _at_most(measured, 2048)
-        at = [r for r in measured if int(r["context"]) == context]
-        theirs = next((r for r in at if r["backend"] == "llama.cpp-f32"), None)
-        ours = [r for r in at if not _peer(r)]
-        if theirs and ours:
-            best = max(ours, key=lambda r: r["tokens_per_s"])
-            lines.append(f"{phase} at {context}: {best['backend']} {best['tokens_per_s']:.1f} tok/s = "
-                         f"{best['tokens_per_s'] / theirs['tokens_per_s']:.2f}x llama.cpp F32 "
-                         f"({theirs['tokens_per_s']:.1f} tok/s, same threads)")
+    for peer, label, bf16 in (("llama.cpp-f32", "llama.cpp F32", False), (vllm_engine.NAME, "vLLM's engine bf16", True)):
+        for phase in ("prefill", "decode"):
+            measured = [r for r in _measured(rows, phase) if r["variant"] == "hybrid"]
+            context = _at_most(measured, 2048)
+            at = [r for r in measured if int(r["context"]) == context]
+            theirs = next((r for r in at if r["backend"] == peer), None)
+            ours = [r for r in at if not _peer(r) and (_name(r) != r["backend"]) == bf16]
+            if theirs and ours:
+                best = max(ours, key=lambda r: r["tokens_per_s"])
+                lines.append(f"{phase} at {context}: {_name(best)} {best['tokens_per_s']:.1f} tok/s = "
+                             f"{best['tokens_per_s'] / theirs['tokens_per_s']:.2f}x {label} "
+                             f"({theirs['tokens_per_s']:.1f} tok/s, same threads)")
     for r in rows:
         if r.get("phase") == "parity":
+            rel, top = r.get("rel_err"), r.get("argmax_agree")  # llama.cpp's, vLLM's engine's (NaN: the other's)
+            said = (f"prompt logits within {rel:.1e} of the lab's; " if rel is not None and rel == rel else "") + (
+                f"top token after each prompt position as the lab's bf16 at {top:.0%} (the lab's bf16 as its float32: "
+                f"{r['argmax_agree_lab']:.0%}); " if top is not None and top == top else "")
             lines.append(f"{r['backend']} ({r['variant']}): " + (r["error"] if r.get("error") else
-                         f"prompt logits within {r['rel_err']:.1e} of the lab's; greedy tokens "
-                         + ("identical" if r["tokens_equal"] else f"differ {r['divergence']}")))
-        elif r.get("error") and r["backend"] in llama_cpp.RUNNERS and r.get("phase") is None:
+                         said + "greedy tokens " + ("identical" if r["tokens_equal"] else
+                                                    f"differ {r['divergence']}")))
+        elif r.get("error") and r["backend"] in (*llama_cpp.RUNNERS, vllm_engine.NAME) and r.get("phase") is None:
             lines.append(f"{r['backend']} ({r['variant']}) skipped: {r['error']}")
     return lines
 

@@ -8,7 +8,9 @@ set of that size. Cache memory against context; training tokens/s (model.train.t
 AdamW step, each part timed) on 2K-token sequences for each backend with a backward. On CPU in the same run,
 transformers' own Qwen3_5MoeForCausalLM (prefill, decode on its cache filled the same way, training) and llama.cpp
 (bench/peers/llama_cpp.py, when llama-cpp-python is installed: its cache cannot be filled from outside, so it
-decodes after each of its prefills) on the same checkpoint.
+decodes after each of its prefills) on the same checkpoint; vLLM's CPU engine in bf16 (bench/peers/vllm_engine.py,
+when its environment exists: the hybrid's prefill contexts, decoding after each prefill like llama.cpp) beside the
+lab's backends in bf16 at the same contexts (decode on filled caches), and its greedy tokens against the lab's.
 
     python -m bench.sweep --op model [--quick]     # rows merged into results.csv, the report's model section
     python -m bench.suites.model.run [--quick] [--device cpu] [--out runs/NAME] [--threads 1] [--backend torch]
@@ -37,7 +39,7 @@ import torch
 import kernellab
 import model
 from bench import cli, timing
-from bench.peers import llama_cpp
+from bench.peers import llama_cpp, vllm_engine
 from bench.suites import pieces
 from bench.suites.model.config import (BENCH_CONFIG, BUDGET_S, COST, DECODE_CONTEXTS, PREFILL_CONTEXTS,
                                        QUICK_DECODE_CONTEXTS, QUICK_PREFILL_CONTEXTS, QUICK_TRAIN_CONTEXT,
@@ -55,7 +57,8 @@ VARIANTS = ("hybrid", "all_attention")
 @dataclass(frozen=True)
 class Job:
     """One process of the sweep: runner `name` on checkpoint `variant`; kind "measure" (prefill rows at `prefill`,
-    decode rows at `decode`), "train" (steps on `train` tokens) or "parity" (llama.cpp against the lab model)."""
+    decode rows at `decode`), "train" (steps on `train` tokens) or "parity" (llama.cpp or vLLM's engine against the
+    lab model); dtype: the model's ("bfloat16" for the comparison with vLLM's engine on CPU), None: the sweep's."""
 
     kind: str
     variant: str
@@ -63,6 +66,7 @@ class Job:
     prefill: tuple[int, ...] = ()
     decode: tuple[int, ...] = ()
     train: int = 0
+    dtype: str | None = None
 
 
 def lab_backends(device: str) -> list[str]:
@@ -81,18 +85,25 @@ def plan(quick: bool, device: str, names: list[str], peers: list[str], trained: 
     """The sweep's processes in order. Every runner (lab backends `names`, then `peers`) on each variant: prefill at
     the prefill contexts (the all-attention twin's by the first lab backend only: the rest run the same SDPA) and
     decode at the decode contexts on filled caches (llama.cpp: after its prefills); llama.cpp's parity per variant;
-    training on the hybrid for `trained` (lab backends with a backward, and transformers)."""
+    with vLLM's engine in `peers`, the bf16 comparison on the hybrid: each lab backend in bf16 at the prefill
+    contexts (prefill, and decode on caches filled to them), the engine's prefills (decoding after each) and its
+    parity; training on the hybrid for `trained` (lab backends with a backward, and transformers)."""
     scale = torch.device(device).type
     prefill = QUICK_PREFILL_CONTEXTS if quick else PREFILL_CONTEXTS[scale]
     decode = QUICK_DECODE_CONTEXTS if quick else DECODE_CONTEXTS[scale]
     jobs, first = [], names[0] if names else None  # the twin's prefill: the first lab backend's alone
+    float32_peers = [name for name in peers if name != vllm_engine.NAME]
     for variant in VARIANTS:
-        for name in names + peers:
+        for name in names + float32_peers:
             once = variant == "hybrid" or name in peers or name == first
             jobs.append(Job("measure", variant, name, prefill if once else (),
                             () if name in llama_cpp.RUNNERS else decode))
         if llama_cpp.RUNNERS.keys() & set(peers):
             jobs.append(Job("parity", variant, "llama.cpp"))
+    if vllm_engine.NAME in peers:
+        jobs += [Job("measure", "hybrid", name, prefill, prefill, dtype="bfloat16") for name in names]
+        jobs += [Job("measure", "hybrid", vllm_engine.NAME, prefill, dtype="bfloat16"),
+                 Job("parity", "hybrid", vllm_engine.NAME, dtype="bfloat16")]
     jobs += [Job("train", "hybrid", name, train=QUICK_TRAIN_CONTEXT if quick else TRAIN_CONTEXT) for name in trained]
     return jobs
 
@@ -118,13 +129,15 @@ def estimate_s(job: Job, device: str, quick: bool) -> float:
     seconds = cost["process_s"] + sum(_timer_s(prefill_s(T), budget, extra) for T in job.prefill)
     seconds += sum(prefill_s(min(T, SAMPLE_TOKENS)) + _timer_s(cost["step_s"], budget / 4, 1 + extra)
                    for T in job.decode)
-    if job.name in llama_cpp.RUNNERS:  # decodes after each prefill
+    if job.name in (*llama_cpp.RUNNERS, vllm_engine.NAME):  # decodes after each prefill
         seconds += sum(_timer_s(cost["step_s"], budget / 4, 1) for T in job.prefill)
+    if job.name == vllm_engine.NAME:  # the engine's start: its own imports, compilation and warm-up
+        seconds += cost["engine_s"]
     if job.kind == "train":  # forward, backward (about twice the forward) and the optimizer: about 3 prefills
         step = 3 * prefill_s(job.train)
         seconds += _timer_s(step, budget if quick else TRAIN_BUDGET_S, 1)
     if job.kind == "parity":
-        seconds += prefill_s(llama_cpp.PARITY_PROMPT) + llama_cpp.PARITY_NEW * cost["step_s"]
+        seconds += prefill_s(llama_cpp.PARITY_PROMPT) + llama_cpp.PARITY_NEW * cost["step_s"]  # vllm_engine's alike
     return seconds
 
 
@@ -148,7 +161,8 @@ def describe(jobs: list[Job], device: str, quick: bool) -> str:
             what = f"training steps on {job.train} tokens"
         else:
             what = "parity with the lab model"
-        lines.append(f"  {job.name:>14} {job.variant:>13}: {what} (~{estimate_s(job, device, quick):.0f} s)")
+        lines.append(f"  {job.name:>14} {job.variant:>13}{' ' + job.dtype if job.dtype else ''}: {what} "
+                     f"(~{estimate_s(job, device, quick):.0f} s)")
     return "\n".join(lines)
 
 
@@ -157,18 +171,20 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     """Rows: op="model", backend, peer, device, dtype, shape, context, phase ("prefill", "decode"; "train" for
     training steps, the hybrid at TRAIN_CONTEXT tokens (QUICK_TRAIN_CONTEXT when quick), each lab backend with a
     backward and transformers; "cache" for memory-only rows; "parity" for llama.cpp's agreement with the lab
-    model), median_ms, p20_ms, p80_ms, tokens_per_s, cache_bytes, variant ("hybrid", "all_attention"), params,
+    model or vLLM's engine's), median_ms, p20_ms, p80_ms, tokens_per_s, cache_bytes, variant ("hybrid", "all_attention"), params,
     backends (the backend of each op); decode rows also cache_fill ("filled", "prefilled": measure_decode) and the
     floor's columns (floor_rows), train rows forward_ms, backward_ms, optimizer_ms (measure_training). Prints the
     plan and its estimated time first (plan, describe). A piece per job (bench.suites.pieces: on_rows gets each
     job's rows as it finishes, the labels in done are skipped). Writes the PNGs into out (plot)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = model_dtype(device)
     budget_s = BUDGET_S[quick]
     names = backends or lab_backends(device)
     peers = ["transformers", *(llama_cpp.RUNNERS if llama_cpp.unavailable() is None else ())] \
         if device == "cpu" else []
+    no_engine = vllm_engine.unavailable() if device == "cpu" else None  # a CPU build: no row on a GPU
+    if device == "cpu" and no_engine is None:
+        peers.append(vllm_engine.NAME)
     trained = []
     for name in names:  # training: each lab backend with a backward (model.train.training_backends), transformers
         if problem := backward_problem(name, device):
@@ -186,13 +202,21 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
         skipped = {}
         if device == "cpu":
             skipped = llama_cpp.prepare(paths)  # GGUF conversions; a row saying why for each one not made
+        if no_engine:
+            print(f"  {vllm_engine.NAME:>14} {'hybrid':>13}: skipped: {no_engine}", flush=True)
+            skipped["hybrid", vllm_engine.NAME] = no_engine
         work = [("skipped peers", lambda: [
-            dict(op="model", backend=name, peer=True, device=device, dtype="float32", variant=variant,
+            dict(op="model", backend=name, peer=True, device=device, variant=variant,
+                 dtype="bfloat16" if name == vllm_engine.NAME else "float32",
                  shape=shape_label(model.ModelConfig.from_folder(paths[variant])), error=why)
             for (variant, name), why in skipped.items()])] if skipped else []
         for job in jobs:
             path = paths[job.variant]
-            if job.kind == "parity":
+            dtype = getattr(torch, job.dtype) if job.dtype else model_dtype(device)
+            if job.kind == "parity" and job.name == vllm_engine.NAME:
+                call = (vllm_engine.parity_rows, path, job.variant, shape_label(model.ModelConfig.from_folder(path)),
+                        threads)
+            elif job.kind == "parity":
                 found = [n for n in llama_cpp.RUNNERS if (job.variant, n) not in skipped]
                 call = (llama_cpp.parity_rows, path, job.variant, shape_label(model.ModelConfig.from_folder(path)),
                         found, threads)
@@ -212,8 +236,9 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
                         variant=job.variant, peer=job.name in peers, phase=job.kind,
                         shape=f"{shape_label(model.ModelConfig.from_folder(path))},phase={job.kind}",
                         error=f"the {job.kind} process died (a native abort: its output above says why)")
-            work.append((f"{job.kind} {job.name} {job.variant}", partial(_job_rows, call, floors, device, dtype, died)))
-        work.append(("memory", partial(memory_rows, paths, device, dtype)))
+            work.append((f"{job.kind} {job.name} {job.variant}{' ' + job.dtype if job.dtype else ''}",
+                         partial(_job_rows, call, floors, device, dtype, died)))
+        work.append(("memory", partial(memory_rows, paths, device, model_dtype(device))))
         rows = pieces(work, on_rows, done)
     if not done:  # resumed: these rows are part of the run's; bench.report plots them all from its CSV
         plot(rows, out)
