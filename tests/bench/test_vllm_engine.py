@@ -38,13 +38,13 @@ def test_without_the_engine_the_sweep_says_why(monkeypatch, tmp_path):
 
 
 def test_plan_of_the_bf16_comparison():
-    """With the engine: the hybrid only, every lab backend in bf16 at the prefill contexts (prefill, and decode on
+    """With the engine: the hybrid only, every lab backend in bf16 at BF16_CONTEXTS (prefill, and decode on
     caches filled to them), the engine's prefills there (decoding after each) and its parity; the float32 jobs as
     before; the engine's start in the estimate."""
     names = ["torch", "mkl"]
     jobs = run.plan(False, "cpu", names, ["transformers", vllm_engine.NAME], names)
     bf16 = [j for j in jobs if j.dtype]
-    prefill = config.PREFILL_CONTEXTS["cpu"]
+    prefill = config.BF16_CONTEXTS
     assert bf16 == [run.Job("measure", "hybrid", n, prefill, prefill, dtype="bfloat16") for n in names] + [
         run.Job("measure", "hybrid", vllm_engine.NAME, prefill, dtype="bfloat16"),
         run.Job("parity", "hybrid", vllm_engine.NAME, dtype="bfloat16")]
@@ -53,7 +53,7 @@ def test_plan_of_the_bf16_comparison():
         engine = run.estimate_s(bf16[-2], "cpu", False)
         text = run.describe(jobs, "cpu", False)
     assert engine > config.COST["cpu"]["engine_s"]
-    assert f"{vllm_engine.NAME:>14} {'hybrid':>13} bfloat16: prefill 512, 2K, 8K; decode after each prefill" in text
+    assert f"{vllm_engine.NAME:>14} {'hybrid':>13} bfloat16: prefill 2K; decode after each prefill" in text
 
 
 def test_report_compares_the_lab_in_bf16_with_the_engine(tmp_path):

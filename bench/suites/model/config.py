@@ -22,6 +22,7 @@ BENCH_CONFIG = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_a
 DECODE_CONTEXTS = {"cpu": (512, 1024, 2048, 4096, 8192, 16384, 32768),
                    "cuda": (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)}
 PREFILL_CONTEXTS = {"cpu": (512, 2048, 8192), "cuda": (2048, 8192, 32768)}
+BF16_CONTEXTS = (2048,)  # the bf16 comparison with vLLM's engine (CPU): its targets' context
 QUICK_DECODE_CONTEXTS = (128, 512)
 QUICK_PREFILL_CONTEXTS = (128,)
 MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
