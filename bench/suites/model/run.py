@@ -173,9 +173,9 @@ def sweep(quick: bool = False, device: str = "cpu", out: str | Path = "reports/c
     training steps, the hybrid at TRAIN_CONTEXT tokens (QUICK_TRAIN_CONTEXT when quick), each lab backend with a
     backward and transformers; "cache" for memory-only rows; "parity" for llama.cpp's agreement with the lab
     model or vLLM's engine's), median_ms, p20_ms, p80_ms, tokens_per_s, cache_bytes, variant ("hybrid",
-    "all_attention"), params, backends (the backend of each op); decode rows also cache_fill ("filled", "prefilled": measure_decode) and the
-    floor's columns (floor_rows), train rows forward_ms, backward_ms, optimizer_ms (measure_training). Prints the
-    plan and its estimated time first (plan, describe). A piece per job (bench.suites.pieces: on_rows gets each
+    "all_attention"), params, backends (the backend of each op); decode rows also cache_fill ("filled",
+    "prefilled": measure_decode) and the floor's columns (floor_rows), train rows forward_ms, backward_ms,
+    optimizer_ms (measure_training). Prints the plan and its estimated time first (plan, describe). A piece per job (bench.suites.pieces: on_rows gets each
     job's rows as it finishes, the labels in done are skipped). Writes the PNGs into out (plot)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
