@@ -49,12 +49,13 @@ class Linear(nn.Linear):
     - up to GEMV_ROWS rows (decode): _gemv on the weight itself;
     - more rows (prefill): oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise, as inductor calls it) on a copy of
       the weight packed once for it, ~1.2-2x MKL's sgemm on one core (float32 products and sums, relative error
-      ~1e-6). The copy costs the weight's memory once more, and is remade whenever the weight is another tensor
-      or was written in place since (its version counter): never stale. An inference tensor has no version
+      ~1e-6). The copy costs the weight's memory once more, and is remade whenever the weight is another tensor,
+      was written in place since (its version counter) or holds other storage (`weight.data = ...`, as
+      Module.to / half / float assign, keeps the Parameter and its version): never stale. An inference tensor has no version
       counter: F.linear (from_pretrained's weights never are one, even when loaded under inference_mode).
     Everything else (gradients, other dtypes or devices, several threads) is F.linear, as nn.Linear."""
 
-    _packed = None  # (weight, its version when packed, the oneDNN copy)
+    _packed = None  # (weight, its version when packed, its data then, the oneDNN copy)
 
     def forward(self, x):
         w = self.weight
@@ -74,9 +75,11 @@ class Linear(nn.Linear):
 
     def _pack(self):
         w = self.weight
-        if self._packed is None or self._packed[0] is not w or self._packed[1] != w._version:
-            self._packed = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-        return self._packed[2]
+        # the storage packed is held (w.detach()), so that no new storage can take its address
+        if self._packed is None or self._packed[0] is not w or self._packed[1] != w._version or \
+                self._packed[2].data_ptr() != w.data_ptr():
+            self._packed = (w, w._version, w.detach(), torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+        return self._packed[3]
 
 
 def rms(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,6 +56,12 @@ def test_packed_weight_follows_writes_and_new_tensors(one_thread, seed):
     layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # another tensor (load_state_dict(assign=True))
     with torch.inference_mode():
         assert rel_err(layer(x), x.double() @ layer.weight.double().T) < 1e-5
+    layer.weight.data = torch.randn_like(layer.weight)  # new storage, same Parameter and version (Module.to)
+    with torch.inference_mode():
+        assert rel_err(layer(x), x.double() @ layer.weight.double().T) < 1e-5
+    layer.half().float()
+    with torch.inference_mode():
+        assert rel_err(layer(x), x.double() @ layer.weight.double().T) < 1e-5
 
 
 def test_gradients_take_torch_linear(one_thread, seed):
