@@ -195,7 +195,7 @@ def combined(old: pd.DataFrame | None, rows: list[dict]) -> pd.DataFrame:
     """old's rows with those of rows' keys replaced by rows, speedups recomputed, ordered."""
     new = with_pass(pd.DataFrame(rows))
     if len(new) and (missing := [c for c in KEY if c not in new or new[c].isna().any()]):
-        bad = next(r for r in rows if any(r.get(c) is None for c in missing))
+        bad = next((r for r in rows if any(pd.isna(r.get(c)) for c in missing)), rows[0])  # None or NaN
         raise ValueError(f"a row without its key column(s) {missing} (results.KEY) cannot be written: {bad}")
     if old is not None:
         replaced = keys(new)
