@@ -545,12 +545,24 @@ def test_model_plan_prefills_the_twin_once_and_fits_the_budget(capsys):
 
 
 def test_llama_cpp_says_why_it_skips(monkeypatch, tmp_path):
+    """Without llama-cpp-python, every runner of every checkpoint; and never the all-attention twin (llama.cpp
+    aborts loading a qwen35moe checkpoint without linear-attention layers)."""
     from bench.peers import llama_cpp
+    from model.generate import write_random_checkpoint
 
+    layers = 4
+    paths = {"hybrid": write_random_checkpoint(tmp_path / "hybrid", seed=0, tokenizer=False, vocab_size=64,
+                                               num_hidden_layers=layers),
+             "all_attention": write_random_checkpoint(tmp_path / "twin", seed=0, tokenizer=False, vocab_size=64,
+                                                      num_hidden_layers=layers,
+                                                      layer_types=["full_attention"] * layers)}
     monkeypatch.setattr(llama_cpp.importlib.util, "find_spec", lambda name: None)
-    skipped = llama_cpp.prepare({"hybrid": tmp_path})
-    assert set(skipped) == {("hybrid", name) for name in llama_cpp.RUNNERS}
-    assert all("llama-cpp-python is not installed" in why for why in skipped.values())
+    skipped = llama_cpp.prepare(paths)
+    assert set(skipped) == {(variant, name) for variant in paths for name in llama_cpp.RUNNERS}
+    assert all("llama-cpp-python is not installed" in why for (variant, _), why in skipped.items()
+               if variant == "hybrid")
+    assert all("without linear-attention layers" in why for (variant, _), why in skipped.items()
+               if variant == "all_attention")
 
 
 # ------------------------------------------------------------------------------------------- backward passes
