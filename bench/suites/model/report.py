@@ -33,7 +33,9 @@ def _colors(rows):
     import matplotlib.pyplot as plt
 
     names = sorted({_name(r) for r in rows if r.get("phase") in ("prefill", "decode", "train")})
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # tab20 past the default cycle's ten: a runner per colour (the bf16 rows make more than ten)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(names) <= 10 else \
+        [plt.get_cmap("tab20")(i) for i in range(20)]
     return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
 
 
