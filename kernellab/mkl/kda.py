@@ -311,11 +311,10 @@ def _pair_gradient_scratch(C, K):
 
 
 @numba.njit(fastmath=True)
-def _advance(chars, ints, floats, R, tail, last, u, S, t0, c, h, rounding):
+def _advance(chars, ints, floats, R, tail, last, u, S, t0, c, h, rounding, decayed_k):
     """S = Diag(last) S + (tail k)^T v_new in place (R[:c] the chunk's keys, u's rows t0 .. t0 + c of head h its
-    v_new), rounded as the forward's."""
+    v_new), rounded as the forward's. decayed_k [C, K]: scratch (the caller's: no allocation per chunk)."""
     K, V, ld = S.shape[0], S.shape[1], u.shape[1] * u.shape[2]
-    decayed_k = np.empty((c, K), np.float32)
     for i in range(c):
         for d in range(K):
             decayed_k[i, d] = R[i, d] * tail[i, d]
@@ -395,7 +394,7 @@ def _backward_sequence_key_head(q, k, v, a, beta, do, start, length, state, d_st
                 for e in range(V):
                     ui[e] = b * (vi[e] - X[i, e])
             _solve_unit_lower(chars, ints, floats, c, V, L.ctypes.data, C, u[t0, h].ctypes.data, ld, False)
-            _advance(chars, ints, floats, R, tail, gamma[c - 1], u, S, t0, c, h, rounding)
+            _advance(chars, ints, floats, R, tail, gamma[c - 1], u, S, t0, c, h, rounding, decayed_k)
     # the groups in reverse: their states recomputed from v_new, then the reverse pass over their chunks
     for grp in range(num_groups - 1, -1, -1):
         first = grp * group
@@ -409,7 +408,7 @@ def _backward_sequence_key_head(q, k, v, a, beta, do, start, length, state, d_st
             for hi in range(G):
                 _chunk_decays(a, t0, c, hk * G + hi, gamma, tail)
                 _advance(chars, ints, floats, R, tail, gamma[c - 1], u, states[n - first + 1, hi], t0, c,
-                         hk * G + hi, rounding)
+                         hk * G + hi, rounding, decayed_k)
         for n in range(last - 1, first - 1, -1):
             t0 = start + n * C
             c = min(C, start + length - t0)
